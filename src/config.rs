@@ -1,0 +1,131 @@
+//! Validated engine configuration. Every knob has the name vLLM gives it where vLLM has one.
+use crate::error::{Error, Result};
+use crate::kv::BlockHashAlgo;
+use std::path::PathBuf;
+
+/// How the waiting queue is ordered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SchedulingPolicy {
+    /// First come, first served.
+    #[default]
+    Fcfs,
+    /// Lower `priority` value first, then arrival order; preemption picks the lowest priority.
+    Priority,
+}
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Most sequences in one step's batch.
+    pub max_num_seqs: usize,
+    /// Token budget of one step (prefill chunks + decodes).
+    pub max_num_batched_tokens: usize,
+    /// Split long prompts into chunks that fit the token budget, mixed with decodes.
+    pub enable_chunked_prefill: bool,
+    pub policy: SchedulingPolicy,
+    /// Most requests waiting before `add_request` refuses with `QueueFull` (None: unbounded).
+    pub max_waiting_requests: Option<usize>,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            max_num_seqs: 256,
+            max_num_batched_tokens: 2048,
+            enable_chunked_prefill: true,
+            policy: SchedulingPolicy::Fcfs,
+            max_waiting_requests: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct CacheConfig {
+    /// Tokens per KV block.
+    pub block_size: usize,
+    /// Number of KV blocks; None sizes the pool from `kv_cache_memory_bytes`.
+    pub num_blocks: Option<usize>,
+    /// Memory given to the KV cache when `num_blocks` is None.
+    pub kv_cache_memory_bytes: usize,
+    pub enable_prefix_caching: bool,
+    pub block_hash_algo: BlockHashAlgo,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            num_blocks: None,
+            kv_cache_memory_bytes: 2 << 30,
+            enable_prefix_caching: true,
+            block_hash_algo: BlockHashAlgo::default(),
+        }
+    }
+}
+
+/// Which backend runs the model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeviceKind {
+    #[default]
+    Cpu,
+}
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// A local Hugging Face model directory.
+    pub model: PathBuf,
+    /// Longest sequence (prompt + output); None takes the model's `max_position_embeddings`.
+    pub max_model_len: Option<usize>,
+    pub device: DeviceKind,
+    pub scheduler: SchedulerConfig,
+    pub cache: CacheConfig,
+    /// Worker threads for the CPU backend (None: rayon's default, one per core).
+    pub num_threads: Option<usize>,
+}
+
+impl EngineConfig {
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        Self {
+            model: model.into(),
+            max_model_len: None,
+            device: DeviceKind::Cpu,
+            scheduler: SchedulerConfig::default(),
+            cache: CacheConfig::default(),
+            num_threads: None,
+        }
+    }
+
+    /// Checks every field that can be checked without the model.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field, reason: &str| {
+            Err(Error::Config {
+                field,
+                reason: reason.to_string(),
+            })
+        };
+        if self.cache.block_size == 0 || !self.cache.block_size.is_power_of_two() {
+            return bad("block_size", "must be a power of two");
+        }
+        if self.cache.num_blocks == Some(0) {
+            return bad("num_blocks", "must be at least 1");
+        }
+        if self.scheduler.max_num_seqs == 0 {
+            return bad("max_num_seqs", "must be at least 1");
+        }
+        if self.scheduler.max_num_batched_tokens == 0 {
+            return bad("max_num_batched_tokens", "must be at least 1");
+        }
+        if self.max_model_len == Some(0) {
+            return bad("max_model_len", "must be at least 1");
+        }
+        if let Some(len) = self.max_model_len {
+            if !self.scheduler.enable_chunked_prefill && self.scheduler.max_num_batched_tokens < len
+            {
+                return bad(
+                    "max_num_batched_tokens",
+                    "must be >= max_model_len when chunked prefill is off",
+                );
+            }
+        }
+        Ok(())
+    }
+}

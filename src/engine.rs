@@ -1,0 +1,4 @@
+//! STUB (being written).
+pub struct Engine;
+pub struct EngineCore;
+pub struct RequestOutput;

@@ -1,0 +1,39 @@
+//! The crate error: one variant per module error, each with structured fields.
+use crate::kv::KvError;
+use crate::model::ModelError;
+use crate::sampling::SamplingError;
+use crate::tokenizer::TokenizerError;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error(transparent)]
+    Kv(#[from] KvError),
+    #[error(transparent)]
+    Backend(#[from] crate::backend::BackendError),
+    #[error("invalid configuration: {field}: {reason}")]
+    Config { field: &'static str, reason: String },
+    #[error("prompt is {prompt_len} tokens; with max_tokens the request needs up to {needed} but max_model_len is {max_model_len}")]
+    PromptTooLong {
+        prompt_len: usize,
+        needed: usize,
+        max_model_len: usize,
+    },
+    #[error("prompt is empty")]
+    EmptyPrompt,
+    #[error("token id {token} is outside the vocabulary (size {vocab_size})")]
+    TokenOutOfVocab { token: u32, vocab_size: usize },
+    #[error("request id {0} is already in use")]
+    DuplicateRequest(String),
+    #[error("the engine has shut down")]
+    EngineStopped,
+    #[error("the waiting queue is full ({limit} requests)")]
+    QueueFull { limit: usize },
+}
