@@ -32,6 +32,8 @@ pub enum Error {
     TokenOutOfVocab { token: u32, vocab_size: usize },
     #[error("request id {0} is already in use")]
     DuplicateRequest(String),
+    #[error("the engine step running this request failed: {0}")]
+    StepFailed(String),
     #[error("the engine has shut down")]
     EngineStopped,
     #[error("the waiting queue is full ({limit} requests)")]

@@ -20,7 +20,7 @@ pub mod scheduler;
 pub mod tokenizer;
 
 pub use config::{CacheConfig, EngineConfig, SchedulerConfig};
-pub use engine::{Engine, EngineCore, RequestOutput};
+pub use engine::{CompletedRequest, Engine, EngineCore, Prompt, RequestHandle, RequestOutput};
 pub use error::{Error, Result};
 pub use request::{FinishReason, RequestId, TokenId};
 pub use sampling::SamplingParams;

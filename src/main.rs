@@ -1,1 +1,191 @@
-fn main() {}
+//! The `llmd` command line.
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use llmd::engine::Prompt;
+use llmd::tokenizer::ChatMessage;
+use llmd::{Engine, EngineConfig, SamplingParams};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "llmd", version, about = "Native LLM inference engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate text for one prompt and print it as it streams.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+struct EngineArgs {
+    /// Hugging Face model directory (default: the first complete model in ../shared/models).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    #[arg(long, default_value_t = 256)]
+    max_num_seqs: usize,
+    #[arg(long, default_value_t = 2048)]
+    max_num_batched_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// KV-cache blocks (default: sized from --kv-cache-memory-gb).
+    #[arg(long)]
+    num_gpu_blocks_override: Option<usize>,
+    #[arg(long, default_value_t = 2.0)]
+    kv_cache_memory_gb: f64,
+    #[arg(long)]
+    no_enable_prefix_caching: bool,
+    /// Block hash for prefix caching: xxh3_64 or sha256_cbor_64bit.
+    #[arg(long, default_value = "xxh3_64")]
+    prefix_caching_hash_algo: String,
+    #[arg(long)]
+    threads: Option<usize>,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[arg(long)]
+    prompt: String,
+    /// Treat the prompt as a user message and apply the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+/// The first complete shared model, as the default for a fresh checkout.
+fn default_model() -> Result<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models");
+    for name in ["smollm2-135m-instruct", "stories260K"] {
+        let dir = root.join(name);
+        let index = dir.join("model.safetensors.index.json");
+        let complete = if index.exists() {
+            let text = std::fs::read_to_string(&index)?;
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            v["weight_map"]
+                .as_object()
+                .is_some_and(|m| m.values().all(|f| f.as_str().is_some_and(|f| dir.join(f).exists())))
+        } else {
+            dir.join("model.safetensors").exists()
+        };
+        if complete {
+            return Ok(dir);
+        }
+    }
+    bail!("no --model given and no complete model in {}", root.display())
+}
+
+fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => default_model()?,
+    };
+    let mut c = EngineConfig::new(model);
+    c.max_model_len = a.max_model_len;
+    c.scheduler.max_num_seqs = a.max_num_seqs;
+    c.scheduler.max_num_batched_tokens = a.max_num_batched_tokens;
+    c.cache.block_size = a.block_size;
+    c.cache.num_blocks = a.num_gpu_blocks_override;
+    c.cache.kv_cache_memory_bytes = (a.kv_cache_memory_gb * (1u64 << 30) as f64) as usize;
+    c.cache.enable_prefix_caching = !a.no_enable_prefix_caching;
+    c.cache.block_hash_algo = a.prefix_caching_hash_algo.parse()?;
+    c.num_threads = a.threads;
+    Ok(c)
+}
+
+fn load_engine(config: EngineConfig) -> Result<Engine> {
+    let bar = ProgressBar::new(0).with_style(
+        ProgressStyle::with_template("loading weights {bar:40} {bytes}/{total_bytes} {elapsed}")
+            .context("progress template")?,
+    );
+    let name = config.model.display().to_string();
+    let engine = Engine::with_progress(config, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    })
+    .with_context(|| format!("loading {name}"))?;
+    bar.finish_and_clear();
+    Ok(engine)
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let engine = load_engine(engine_config(&a.engine)?)?;
+    let prompt = if a.chat {
+        Prompt::Chat(vec![ChatMessage {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        }])
+    } else {
+        Prompt::Text(a.prompt.clone())
+    };
+    let params = SamplingParams {
+        temperature: a.temperature,
+        top_p: a.top_p,
+        top_k: a.top_k,
+        min_p: a.min_p,
+        seed: a.seed,
+        repetition_penalty: a.repetition_penalty,
+        max_tokens: Some(a.max_tokens),
+        stop: a.stop.clone(),
+        ..SamplingParams::default()
+    };
+    let start = std::time::Instant::now();
+    let mut handle = engine.add_request(prompt, params)?;
+    let mut out = std::io::stdout().lock();
+    if !a.chat {
+        write!(out, "{}", a.prompt)?;
+    }
+    let mut n = 0;
+    let mut reason = None;
+    while let Some(delta) = handle.next_blocking() {
+        let d = delta?;
+        n += d.new_token_ids.len();
+        write!(out, "{}", d.new_text)?;
+        out.flush()?;
+        reason = d.finish_reason;
+    }
+    writeln!(out)?;
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "[{n} tokens in {secs:.2}s, {:.1} tok/s, finish: {}]",
+        n as f64 / secs,
+        reason.map_or("none", |r| r.as_str())
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Generate(a) => generate(a),
+    }
+}

@@ -71,6 +71,10 @@ pub struct SampledToken {
     pub top_logprobs: Vec<(TokenId, f32)>,
 }
 
+pub fn mask_tokens(_logits: &mut [f32], _ids: &[TokenId]) {
+    todo!()
+}
+
 pub struct SequenceSampler {}
 
 impl SequenceSampler {

@@ -1,7 +1,277 @@
-//! STUB (being written).
+//! The `Backend` trait: the small set of device operations the model forward needs.
+//!
+//! The model is written once over this trait; a device (CPU now, CUDA next) only adds an
+//! implementation. Work is split the way FlashInfer splits attention: once per step the engine
+//! builds a host-side [`BatchPlan`] (token ids, positions, slot mapping, block tables) and the
+//! backend turns it into a [`Backend::Step`] (uploading it where needed); every per-layer op then
+//! takes that step object, so per-layer calls carry no host data and can be graph-captured.
+//!
+//! Layout conventions (row-major everywhere):
+//! - activations `[num_tokens, width]`;
+//! - a fused `qkv` row is `[num_heads + 2 * num_kv_heads, head_dim]`: query heads, then keys,
+//!   then values;
+//! - the K and V caches of one layer are each `[num_blocks, block_size, num_kv_heads, head_dim]`;
+//!   token `t` of a sequence lives at slot `block_table[t / block_size] * block_size +
+//!   t % block_size`.
+//! - In a batch, the decode sequences (one query token each) come first, then the prefill
+//!   (chunk) sequences.
 pub mod cpu;
+
+use crate::request::TokenId;
+
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("backend: {0}")]
-    Other(String),
+    #[error("out of {device} memory allocating {bytes} bytes for {what}")]
+    OutOfMemory {
+        device: &'static str,
+        what: &'static str,
+        bytes: usize,
+    },
+    #[error("device {requested} is not available: {reason}")]
+    DeviceUnavailable { requested: String, reason: String },
+    #[error("{op}: expected {expected}, got {got}")]
+    Shape {
+        op: &'static str,
+        expected: String,
+        got: String,
+    },
+}
+
+pub type BackendResult<T> = std::result::Result<T, BackendError>;
+
+/// Element type of a host tensor handed to the backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HostDType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl HostDType {
+    pub fn size(self) -> usize {
+        match self {
+            HostDType::F32 => 4,
+            HostDType::F16 | HostDType::BF16 => 2,
+        }
+    }
+}
+
+/// A tensor in host memory (often a view into a memory-mapped safetensors file), little endian.
+#[derive(Clone, Copy, Debug)]
+pub struct HostTensor<'a> {
+    pub dtype: HostDType,
+    pub shape: &'a [usize],
+    pub data: &'a [u8],
+}
+
+impl HostTensor<'_> {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Decodes the elements to f32 (exact for f16/bf16).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self.dtype {
+            HostDType::F32 => self
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            HostDType::F16 => self
+                .data
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            HostDType::BF16 => self
+                .data
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+        }
+    }
+}
+
+/// Head geometry of one attention layer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttnDims {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Softmax scale, normally `1 / sqrt(head_dim)`.
+    pub scale: f32,
+    /// Attend only to the last `window` positions (Mistral-style sliding window).
+    pub sliding_window: Option<usize>,
+}
+
+impl AttnDims {
+    /// Width of a fused qkv row.
+    pub fn qkv_width(&self) -> usize {
+        (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+    }
+    /// Width of the attention output row.
+    pub fn q_width(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+    pub fn kv_width(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+}
+
+/// Geometry of the paged KV cache of one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCacheDims {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl KvCacheDims {
+    /// Elements in one of K or V: `num_blocks * block_size * num_kv_heads * head_dim`.
+    pub fn numel(&self) -> usize {
+        self.num_blocks * self.block_size * self.num_kv_heads * self.head_dim
+    }
+}
+
+/// One sequence's slice of the step's token batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SeqPlan {
+    /// First row of this sequence in the token batch.
+    pub query_start: usize,
+    /// Tokens computed this step (1 for decode).
+    pub query_len: usize,
+    /// Tokens in the context once this step is done (cached prefix + this step's tokens);
+    /// the query tokens are positions `context_len - query_len .. context_len`.
+    pub context_len: usize,
+}
+
+/// Host-side description of one forward step, built by the engine.
+#[derive(Clone, Debug, Default)]
+pub struct BatchPlan {
+    /// `[num_tokens]`
+    pub token_ids: Vec<TokenId>,
+    /// `[num_tokens]` absolute position of each token.
+    pub positions: Vec<u32>,
+    /// `[num_tokens]` cache slot (block * block_size + offset) the token's K/V is written to.
+    pub slot_mapping: Vec<u32>,
+    /// `[num_seqs]`, decodes first.
+    pub seqs: Vec<SeqPlan>,
+    /// How many of `seqs` (from the front) are decodes with `query_len == 1`.
+    pub num_decode_seqs: usize,
+    /// `[num_seqs, max_blocks_per_seq]` padded with 0.
+    pub block_tables: Vec<u32>,
+    pub max_blocks_per_seq: usize,
+    /// Rows of the batch whose logits are wanted (the last token of each sequence that samples).
+    pub logits_indices: Vec<u32>,
+}
+
+impl BatchPlan {
+    pub fn num_tokens(&self) -> usize {
+        self.token_ids.len()
+    }
+    /// Rows belonging to decode sequences (they are the first rows of the batch).
+    pub fn num_decode_tokens(&self) -> usize {
+        self.num_decode_seqs
+    }
+    pub fn block_table(&self, seq: usize) -> &[u32] {
+        let w = self.max_blocks_per_seq;
+        &self.block_tables[seq * w..(seq + 1) * w]
+    }
+}
+
+/// The operations of one device. Buffers are allocated once with a capacity and reused every
+/// step; ops take the number of rows they work on.
+pub trait Backend: Send + Sync + 'static {
+    /// Activations in the device's compute dtype.
+    type Buffer: Send;
+    /// A parameter tensor resident on the device.
+    type Weight: Send + Sync;
+    /// One layer's K and V block storage.
+    type KvCache: Send;
+    /// A [`BatchPlan`] made ready for the device.
+    type Step;
+
+    fn name(&self) -> &'static str;
+
+    // ---- memory ----
+    /// A buffer of `len` elements.
+    fn alloc(&self, len: usize) -> BackendResult<Self::Buffer>;
+    /// Uploads a parameter, converting to the device's weight dtype.
+    fn load_weight(&self, t: HostTensor<'_>) -> BackendResult<Self::Weight>;
+    /// Concatenates tensors of equal row width along rows (fused qkv / gate_up projections).
+    fn load_weight_rows(&self, parts: &[HostTensor<'_>]) -> BackendResult<Self::Weight>;
+    fn alloc_kv_cache(&self, dims: KvCacheDims) -> BackendResult<Self::KvCache>;
+    /// Copies the first `out.len()` elements of `buf` to the host as f32.
+    fn to_host(&self, buf: &Self::Buffer, out: &mut [f32]) -> BackendResult<()>;
+    /// Prepares the step's metadata (uploads it on devices with their own memory).
+    fn prepare_step(&self, plan: &BatchPlan) -> BackendResult<Self::Step>;
+
+    // ---- ops ----
+    /// `out[t] = table[token_ids[t]]`, table `[vocab, hidden]`.
+    fn embedding(&self, table: &Self::Weight, step: &Self::Step, out: &mut Self::Buffer);
+    /// `out[m, n] = x[m, k] · w[n, k]ᵀ (+ bias[n])`. Must be batch invariant: row `i` of the
+    /// result does not depend on `m` or on the other rows.
+    fn matmul(
+        &self,
+        x: &Self::Buffer,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+        out: &mut Self::Buffer,
+        m: usize,
+    );
+    /// `out[r] = x[r] / rms(x[r]) * weight` for `rows` rows.
+    fn rms_norm(
+        &self,
+        x: &Self::Buffer,
+        weight: &Self::Weight,
+        eps: f32,
+        out: &mut Self::Buffer,
+        rows: usize,
+    );
+    /// Fused `residual += x; out = rms_norm(residual)`.
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Buffer,
+        x: &Self::Buffer,
+        weight: &Self::Weight,
+        eps: f32,
+        out: &mut Self::Buffer,
+        rows: usize,
+    );
+    /// Rotates the query and key heads of `qkv` in place (neox/HF "rotate_half" layout) using
+    /// `cos_sin`: `[max_positions, head_dim]` with cos in the first half of a row and sin in the
+    /// second.
+    fn rope(&self, qkv: &mut Self::Buffer, cos_sin: &Self::Weight, step: &Self::Step, dims: AttnDims);
+    /// `out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]`.
+    fn silu_mul(&self, gate_up: &Self::Buffer, out: &mut Self::Buffer, rows: usize, inter: usize);
+    /// Writes each token's K and V (from `qkv`) into its cache slot.
+    fn write_kv(
+        &self,
+        qkv: &Self::Buffer,
+        cache: &mut Self::KvCache,
+        step: &Self::Step,
+        dims: AttnDims,
+    );
+    /// Attention of the decode sequences' single query token over their cached context.
+    /// Writes rows `0..num_decode_tokens` of `out` (`[num_tokens, num_heads * head_dim]`).
+    fn paged_attention_decode(
+        &self,
+        qkv: &Self::Buffer,
+        cache: &Self::KvCache,
+        step: &Self::Step,
+        dims: AttnDims,
+        out: &mut Self::Buffer,
+    );
+    /// Causal attention of the prefill chunks over cached prefix + chunk. Writes the rows of
+    /// the prefill sequences.
+    fn paged_attention_prefill(
+        &self,
+        qkv: &Self::Buffer,
+        cache: &Self::KvCache,
+        step: &Self::Step,
+        dims: AttnDims,
+        out: &mut Self::Buffer,
+    );
+    /// `out[i] = x[step.logits_indices[i]]` (row width `width`).
+    fn gather_rows(&self, x: &Self::Buffer, step: &Self::Step, width: usize, out: &mut Self::Buffer);
 }

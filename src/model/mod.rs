@@ -1,6 +1,56 @@
-//! STUB (being written).
+//! Models: Hugging Face configuration and weights, and the transformer forward.
+//!
+//! [`llama::Model`] is the one forward (Llama, Mistral, Qwen2, SmolLM), generic over the
+//! [`Backend`](crate::backend::Backend); [`ModelRunner`] erases the backend type for the engine.
+pub mod config;
+pub mod llama;
+pub mod weights;
+
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use llama::{Model, ModelLimits};
+pub use weights::WeightFiles;
+
+use crate::backend::{BackendError, BatchPlan};
+use std::path::PathBuf;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("model: {0}")]
-    Other(String),
+    #[error("reading {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config.json is not valid: {reason}")]
+    ConfigParse { reason: String },
+    #[error("config.json field {field}: {reason}")]
+    ConfigField { field: &'static str, reason: String },
+    #[error("unknown architecture {architectures:?} (model_type {model_type:?}); supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM")]
+    UnknownArchitecture {
+        architectures: Vec<String>,
+        model_type: Option<String>,
+    },
+    #[error("no model.safetensors or model.safetensors.index.json in {dir}")]
+    MissingWeights { dir: PathBuf },
+    #[error("corrupt weight file {path}: {reason}")]
+    CorruptWeights { path: PathBuf, reason: String },
+    #[error("tensor {name} is missing from the checkpoint")]
+    MissingTensor { name: String },
+    #[error("tensor {name} has shape {got:?}, expected {expected:?}")]
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        got: Vec<usize>,
+    },
+    #[error("tensor {name} has unsupported dtype {dtype} (f32, f16, bf16 are supported)")]
+    TensorDType { name: String, dtype: String },
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// A loaded model on some backend, as the engine sees it.
+pub trait ModelRunner: Send {
+    fn config(&self) -> &ModelConfig;
+    fn backend_name(&self) -> &'static str;
+    /// Runs one step. `logits` receives `[plan.logits_indices.len(), vocab_size]`.
+    fn execute(&mut self, plan: &BatchPlan, logits: &mut Vec<f32>) -> Result<(), ModelError>;
 }

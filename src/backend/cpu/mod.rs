@@ -1,2 +1,308 @@
-//! CPU backend.
+//! The CPU backend: f32 compute over rayon, weights converted to f32 at load.
+//!
+//! Why our own kernels rather than candle-core tensors: the engine needs batch-invariant results
+//! (a request's tokens must not depend on what it was batched with — see `gemm`), ops that write
+//! into buffers reused across steps (no allocation per op), and attention that reads K/V through
+//! block tables in place. These functions are also the reference the CUDA kernels are tested
+//! against, so each is written to be plainly readable.
+pub mod attention;
 pub mod gemm;
+
+use super::{
+    AttnDims, Backend, BackendError, BackendResult, BatchPlan, HostTensor, KvCacheDims,
+};
+use rayon::prelude::*;
+
+/// Rows handed to one rayon task by the row-wise ops.
+const ROWS_PER_TASK: usize = 8;
+
+#[derive(Debug, Default)]
+pub struct CpuBackend;
+
+/// One layer's K and V, each `[num_blocks, block_size, num_kv_heads, head_dim]`.
+pub struct CpuKvCache {
+    pub dims: KvCacheDims,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// A parameter: f32 data and its shape.
+pub struct CpuWeight {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+fn try_vec(len: usize, what: &'static str) -> BackendResult<Vec<f32>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len)
+        .map_err(|_| BackendError::OutOfMemory {
+            device: "cpu",
+            what,
+            bytes: len * 4,
+        })?;
+    v.resize(len, 0.0);
+    Ok(v)
+}
+
+impl Backend for CpuBackend {
+    type Buffer = Vec<f32>;
+    type Weight = CpuWeight;
+    type KvCache = CpuKvCache;
+    type Step = BatchPlan;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn alloc(&self, len: usize) -> BackendResult<Vec<f32>> {
+        try_vec(len, "activation buffer")
+    }
+
+    fn load_weight(&self, t: HostTensor<'_>) -> BackendResult<CpuWeight> {
+        Ok(CpuWeight {
+            shape: t.shape.to_vec(),
+            data: t.to_f32(),
+        })
+    }
+
+    fn load_weight_rows(&self, parts: &[HostTensor<'_>]) -> BackendResult<CpuWeight> {
+        let width: usize = parts.first().map_or(1, |p| p.shape[1..].iter().product());
+        let mut rows = 0;
+        let mut data = Vec::new();
+        for p in parts {
+            let w: usize = p.shape[1..].iter().product();
+            if w != width {
+                return Err(BackendError::Shape {
+                    op: "load_weight_rows",
+                    expected: format!("row width {width}"),
+                    got: format!("{:?}", p.shape),
+                });
+            }
+            rows += p.shape[0];
+            data.extend(p.to_f32());
+        }
+        let mut shape = vec![rows];
+        if let Some(p) = parts.first() {
+            shape.extend_from_slice(&p.shape[1..]);
+        }
+        Ok(CpuWeight { shape, data })
+    }
+
+    fn alloc_kv_cache(&self, dims: KvCacheDims) -> BackendResult<CpuKvCache> {
+        Ok(CpuKvCache {
+            dims,
+            k: try_vec(dims.numel(), "K cache")?,
+            v: try_vec(dims.numel(), "V cache")?,
+        })
+    }
+
+    fn to_host(&self, buf: &Vec<f32>, out: &mut [f32]) -> BackendResult<()> {
+        let n = out.len();
+        out.copy_from_slice(&buf[..n]);
+        Ok(())
+    }
+
+    fn prepare_step(&self, plan: &BatchPlan) -> BackendResult<BatchPlan> {
+        Ok(plan.clone())
+    }
+
+    fn embedding(&self, table: &CpuWeight, step: &BatchPlan, out: &mut Vec<f32>) {
+        let hidden = table.shape[1];
+        out[..step.num_tokens() * hidden]
+            .par_chunks_mut(hidden)
+            .zip(step.token_ids.par_iter())
+            .for_each(|(row, &id)| {
+                let id = id as usize;
+                row.copy_from_slice(&table.data[id * hidden..(id + 1) * hidden]);
+            });
+    }
+
+    fn matmul(
+        &self,
+        x: &Vec<f32>,
+        w: &CpuWeight,
+        bias: Option<&CpuWeight>,
+        out: &mut Vec<f32>,
+        m: usize,
+    ) {
+        let (n, k) = (w.shape[0], w.shape[1]);
+        let out = &mut out[..m * n];
+        gemm::matmul_nt(&x[..m * k], &w.data, out, m, k, n);
+        if let Some(b) = bias {
+            out.par_chunks_mut(n).for_each(|row| {
+                for (o, b) in row.iter_mut().zip(&b.data) {
+                    *o += b;
+                }
+            });
+        }
+    }
+
+    fn rms_norm(&self, x: &Vec<f32>, weight: &CpuWeight, eps: f32, out: &mut Vec<f32>, rows: usize) {
+        let d = weight.data.len();
+        out[..rows * d]
+            .par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(x[..rows * d].par_chunks(d * ROWS_PER_TASK))
+            .for_each(|(o, x)| {
+                for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
+                    rms_norm_row(x, &weight.data, eps, o);
+                }
+            });
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut Vec<f32>,
+        x: &Vec<f32>,
+        weight: &CpuWeight,
+        eps: f32,
+        out: &mut Vec<f32>,
+        rows: usize,
+    ) {
+        let d = weight.data.len();
+        out[..rows * d]
+            .par_chunks_mut(d * ROWS_PER_TASK)
+            .zip(residual[..rows * d].par_chunks_mut(d * ROWS_PER_TASK))
+            .zip(x[..rows * d].par_chunks(d * ROWS_PER_TASK))
+            .for_each(|((o, r), x)| {
+                for ((o, r), x) in o.chunks_mut(d).zip(r.chunks_mut(d)).zip(x.chunks(d)) {
+                    for (r, x) in r.iter_mut().zip(x) {
+                        *r += x;
+                    }
+                    rms_norm_row(r, &weight.data, eps, o);
+                }
+            });
+    }
+
+    fn rope(&self, qkv: &mut Vec<f32>, cos_sin: &CpuWeight, step: &BatchPlan, dims: AttnDims) {
+        let width = dims.qkv_width();
+        let hd = dims.head_dim;
+        let rotated_heads = dims.num_heads + dims.num_kv_heads;
+        qkv[..step.num_tokens() * width]
+            .par_chunks_mut(width)
+            .zip(step.positions.par_iter())
+            .for_each(|(row, &pos)| {
+                let table = &cos_sin.data[pos as usize * hd..(pos as usize + 1) * hd];
+                let (cos, sin) = table.split_at(hd / 2);
+                for head in row[..rotated_heads * hd].chunks_mut(hd) {
+                    rope_head(head, cos, sin);
+                }
+            });
+    }
+
+    fn silu_mul(&self, gate_up: &Vec<f32>, out: &mut Vec<f32>, rows: usize, inter: usize) {
+        out[..rows * inter]
+            .par_chunks_mut(inter)
+            .zip(gate_up[..rows * 2 * inter].par_chunks(2 * inter))
+            .for_each(|(o, gu)| {
+                let (g, u) = gu.split_at(inter);
+                for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+                    *o = silu(*g) * u;
+                }
+            });
+    }
+
+    fn write_kv(&self, qkv: &Vec<f32>, cache: &mut CpuKvCache, step: &BatchPlan, dims: AttnDims) {
+        attention::write_kv(qkv, cache, &step.slot_mapping, dims);
+    }
+
+    fn paged_attention_decode(
+        &self,
+        qkv: &Vec<f32>,
+        cache: &CpuKvCache,
+        step: &BatchPlan,
+        dims: AttnDims,
+        out: &mut Vec<f32>,
+    ) {
+        attention::paged_attention(qkv, cache, step, 0..step.num_decode_seqs, dims, out);
+    }
+
+    fn paged_attention_prefill(
+        &self,
+        qkv: &Vec<f32>,
+        cache: &CpuKvCache,
+        step: &BatchPlan,
+        dims: AttnDims,
+        out: &mut Vec<f32>,
+    ) {
+        let seqs = step.num_decode_seqs..step.seqs.len();
+        attention::paged_attention(qkv, cache, step, seqs, dims, out);
+    }
+
+    fn gather_rows(&self, x: &Vec<f32>, step: &BatchPlan, width: usize, out: &mut Vec<f32>) {
+        for (i, &r) in step.logits_indices.iter().enumerate() {
+            let r = r as usize;
+            out[i * width..(i + 1) * width].copy_from_slice(&x[r * width..(r + 1) * width]);
+        }
+    }
+}
+
+/// RMSNorm of one row, accumulated in f64 for a reference-grade result.
+pub fn rms_norm_row(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let ss: f64 = x.iter().map(|&v| (v as f64) * (v as f64)).sum();
+    let inv = 1.0 / ((ss / x.len() as f64) as f32 + eps).sqrt();
+    for ((o, &x), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = x * inv * w;
+    }
+}
+
+/// HF "rotate_half" rotary embedding of one head: pairs are (i, i + head_dim/2).
+pub fn rope_head(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = head.len() / 2;
+    let (a, b) = head.split_at_mut(half);
+    for i in 0..half {
+        let (x1, x2) = (a[i], b[i]);
+        a[i] = x1 * cos[i] - x2 * sin[i];
+        b[i] = x2 * cos[i] + x1 * sin[i];
+    }
+}
+
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_matches_hand_computed() {
+        // x = [3, 4]: mean square 12.5, rms = 3.5355; weights [1, 2].
+        let mut out = [0.0; 2];
+        rms_norm_row(&[3.0, 4.0], &[1.0, 2.0], 0.0, &mut out);
+        assert!((out[0] - 0.848_528_1).abs() < 1e-6);
+        assert!((out[1] - 2.262_741_7).abs() < 1e-6);
+    }
+
+    #[test]
+    fn rope_rotates_pairs_half_apart() {
+        // head_dim 4: pairs (0,2) and (1,3); rotate the first pair by 90° and leave the second.
+        let mut h = [1.0, 5.0, 0.0, 7.0];
+        rope_head(&mut h, &[0.0, 1.0], &[1.0, 0.0]);
+        assert_eq!(h, [0.0, 5.0, 1.0, 7.0]);
+    }
+
+    #[test]
+    fn silu_values() {
+        assert_eq!(silu(0.0), 0.0);
+        assert!((silu(1.0) - 0.731_058_6).abs() < 1e-6);
+        assert!((silu(-2.0) + 0.238_405_8).abs() < 1e-6);
+    }
+
+    #[test]
+    fn add_rms_norm_updates_residual_then_normalizes() {
+        let b = CpuBackend;
+        let w = CpuWeight {
+            shape: vec![2],
+            data: vec![1.0, 1.0],
+        };
+        let mut residual = vec![1.0, 2.0, 0.5, 0.5];
+        let x = vec![2.0, 2.0, -0.5, 1.5];
+        let mut out = vec![0.0; 4];
+        b.add_rms_norm(&mut residual, &x, &w, 0.0, &mut out, 2);
+        assert_eq!(residual, vec![3.0, 4.0, 0.0, 2.0]);
+        let mut expect = [0.0; 2];
+        rms_norm_row(&[3.0, 4.0], &[1.0, 1.0], 0.0, &mut expect);
+        assert_eq!(&out[..2], &expect);
+        assert!((out[2] - 0.0).abs() < 1e-7 && (out[3] - 2.0f32.sqrt()).abs() < 1e-6);
+    }
+}

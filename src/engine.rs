@@ -1,4 +1,0 @@
-//! STUB (being written).
-pub struct Engine;
-pub struct EngineCore;
-pub struct RequestOutput;

@@ -1,0 +1,391 @@
+//! The engine: validates and admits requests, runs scheduler → model → sampler steps, and
+//! reports each request's progress.
+//!
+//! [`EngineCore`] is the synchronous step loop (used directly by tests that control arrival
+//! steps); [`Engine`] runs it on its own thread behind a channel, with streaming
+//! [`RequestHandle`]s and a blocking [`Engine::generate`].
+//!
+//! Invariant: every request that leaves — finished, aborted, or failed — is removed from the
+//! scheduler, which frees its KV blocks in the same call.
+mod handle;
+mod output;
+
+pub use handle::{CompletedRequest, Engine, EngineStats, RequestHandle};
+pub use output::{RequestOutput, TokenLogprob};
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{BatchPlan, SeqPlan};
+use crate::config::{DeviceKind, EngineConfig};
+use crate::error::{Error, Result};
+use crate::kv::KvCacheManager;
+use crate::model::{Model, ModelConfig, ModelLimits, ModelRunner};
+use crate::request::{FinishReason, RequestId, TokenId};
+use crate::sampling::{mask_tokens, SamplingParams};
+use crate::scheduler::{Request, Scheduler, SchedulerOutput};
+use crate::tokenizer::{ChatMessage, Tokenizer};
+use output::OutputState;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// What to generate from.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    /// Text, tokenized with the model's special tokens (BOS) added.
+    Text(String),
+    /// Token ids, used as they are.
+    Tokens(Vec<TokenId>),
+    /// Chat messages, rendered with the model's chat template (generation prompt added).
+    Chat(Vec<ChatMessage>),
+}
+
+impl From<&str> for Prompt {
+    fn from(s: &str) -> Self {
+        Prompt::Text(s.to_string())
+    }
+}
+
+/// Limits derived from the config and the model, shared with the front end for validation.
+#[derive(Clone, Debug)]
+pub struct EngineLimits {
+    pub max_model_len: usize,
+    pub vocab_size: usize,
+    pub max_waiting_requests: Option<usize>,
+    pub num_blocks: usize,
+    pub block_size: usize,
+}
+
+/// The synchronous engine: one `step()` runs one batch.
+pub struct EngineCore {
+    model: Box<dyn ModelRunner>,
+    tokenizer: Arc<Tokenizer>,
+    scheduler: Scheduler,
+    states: HashMap<RequestId, OutputState>,
+    limits: EngineLimits,
+    eos_token_ids: Vec<TokenId>,
+    /// Host logits of the last step `[rows, vocab]`.
+    logits: Vec<f32>,
+    counters: Counters,
+}
+
+/// Monotonic totals since start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub steps: u64,
+    /// Prompt tokens actually computed (prefix-cache hits excluded, recomputes included).
+    pub prompt_tokens_computed: u64,
+    /// Prompt tokens of admitted requests.
+    pub prompt_tokens: u64,
+    pub generation_tokens: u64,
+    pub finished_requests: u64,
+}
+
+impl EngineCore {
+    pub fn new(config: EngineConfig) -> Result<Self> {
+        Self::with_progress(config, &mut |_, _| {})
+    }
+
+    /// Loads the model, calling `progress(done_bytes, total_bytes)` while weights load.
+    pub fn with_progress(
+        config: EngineConfig,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self> {
+        config.validate()?;
+        if let Some(n) = config.num_threads {
+            // Fails only when the global pool already exists, which is then used as it is.
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+        }
+        let model_cfg = ModelConfig::from_dir(&config.model)?;
+        let tokenizer = Arc::new(Tokenizer::from_dir(&config.model)?);
+        let max_model_len = match config.max_model_len {
+            None => model_cfg.max_position_embeddings,
+            Some(n) if n <= model_cfg.max_position_embeddings => n,
+            Some(n) => {
+                return Err(Error::Config {
+                    field: "max_model_len",
+                    reason: format!(
+                        "{n} exceeds the model's max_position_embeddings {}",
+                        model_cfg.max_position_embeddings
+                    ),
+                })
+            }
+        };
+        let block_size = config.cache.block_size;
+        // f32 K and V for every layer.
+        let bytes_per_block = model_cfg.num_hidden_layers
+            * 2
+            * block_size
+            * model_cfg.num_key_value_heads
+            * model_cfg.head_dim
+            * 4;
+        let num_blocks = config
+            .cache
+            .num_blocks
+            .unwrap_or(config.cache.kv_cache_memory_bytes / bytes_per_block);
+        if num_blocks * block_size < max_model_len {
+            return Err(Error::Config {
+                field: "num_blocks",
+                reason: format!(
+                    "{num_blocks} blocks of {block_size} tokens cannot hold one sequence of max_model_len {max_model_len}; add KV memory or lower max_model_len"
+                ),
+            });
+        }
+        let sched_cfg = config.scheduler.clone();
+        let limits = ModelLimits {
+            max_tokens: sched_cfg.max_num_batched_tokens,
+            max_logit_rows: sched_cfg.max_num_seqs,
+            max_positions: max_model_len,
+            num_blocks,
+            block_size,
+        };
+        let model: Box<dyn ModelRunner> = match config.device {
+            DeviceKind::Cpu => Box::new(Model::load(
+                CpuBackend,
+                &config.model,
+                model_cfg.clone(),
+                limits,
+                progress,
+            )?),
+        };
+        let mut eos_token_ids = tokenizer.eos_token_ids().to_vec();
+        for id in &model_cfg.eos_token_ids {
+            if !eos_token_ids.contains(id) {
+                eos_token_ids.push(*id);
+            }
+        }
+        let kv = KvCacheManager::new(
+            num_blocks,
+            block_size,
+            config.cache.enable_prefix_caching,
+            config.cache.block_hash_algo,
+        );
+        Ok(Self {
+            model,
+            tokenizer,
+            scheduler: Scheduler::new(sched_cfg.clone(), kv),
+            states: HashMap::new(),
+            limits: EngineLimits {
+                max_model_len,
+                vocab_size: model_cfg.vocab_size,
+                max_waiting_requests: sched_cfg.max_waiting_requests,
+                num_blocks,
+                block_size,
+            },
+            eos_token_ids,
+            logits: Vec::new(),
+            counters: Counters::default(),
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    pub fn model_config(&self) -> &ModelConfig {
+        self.model.config()
+    }
+
+    pub fn limits(&self) -> &EngineLimits {
+        &self.limits
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+
+    pub fn num_free_blocks(&self) -> usize {
+        self.scheduler.kv().num_free_blocks()
+    }
+
+    pub fn has_unfinished_requests(&self) -> bool {
+        self.scheduler.has_unfinished()
+    }
+
+    /// Turns a prompt into checked token ids.
+    pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<TokenId>> {
+        let ids = match prompt {
+            Prompt::Text(t) => self.tokenizer.encode(t, true)?,
+            Prompt::Tokens(ids) => ids.clone(),
+            Prompt::Chat(msgs) => {
+                let text = self.tokenizer.apply_chat_template(msgs, true)?;
+                // The template writes its own special tokens.
+                self.tokenizer.encode(&text, false)?
+            }
+        };
+        if ids.is_empty() {
+            return Err(Error::EmptyPrompt);
+        }
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.limits.vocab_size) {
+            return Err(Error::TokenOutOfVocab {
+                token: bad,
+                vocab_size: self.limits.vocab_size,
+            });
+        }
+        Ok(ids)
+    }
+
+    /// Validates and queues a request.
+    pub fn add_request(
+        &mut self,
+        id: RequestId,
+        prompt: &Prompt,
+        params: SamplingParams,
+        priority: i32,
+    ) -> Result<()> {
+        params.validate()?;
+        if self.scheduler.contains(&id) {
+            return Err(Error::DuplicateRequest(id.0));
+        }
+        if let Some(limit) = self.limits.max_waiting_requests {
+            if self.scheduler.num_waiting() >= limit {
+                return Err(Error::QueueFull { limit });
+            }
+        }
+        let ids = self.tokenize(prompt)?;
+        let needed = ids.len() + params.max_tokens.unwrap_or(1);
+        if needed > self.limits.max_model_len {
+            return Err(Error::PromptTooLong {
+                prompt_len: ids.len(),
+                needed,
+                max_model_len: self.limits.max_model_len,
+            });
+        }
+        self.counters.prompt_tokens += ids.len() as u64;
+        self.states
+            .insert(id.clone(), OutputState::new(params, &ids));
+        self.scheduler
+            .add_request(Request::new(id, ids, priority, Vec::new()));
+        Ok(())
+    }
+
+    /// Stops a request and frees its blocks at once. Returns false for unknown ids.
+    pub fn abort_request(&mut self, id: &RequestId) -> bool {
+        self.states.remove(id);
+        if self.scheduler.finish(id, FinishReason::Abort).is_some() {
+            self.counters.finished_requests += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Runs one step. Returns the progress of every request that sampled a token (and of those
+    /// it finished). On a model error every request of the step is aborted and the error
+    /// returned.
+    pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
+        let sched = self.scheduler.schedule();
+        if sched.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.counters.steps += 1;
+        let plan = self.build_plan(&sched);
+        if let Err(e) = self.model.execute(&plan, &mut self.logits) {
+            for s in &sched.seqs {
+                self.abort_request(&s.id);
+            }
+            return Err(e.into());
+        }
+        for s in &sched.seqs {
+            if let Some(r) = self.scheduler.request(&s.id) {
+                let end = (s.num_computed_tokens + s.num_new_tokens).min(r.prompt_len);
+                self.counters.prompt_tokens_computed +=
+                    end.saturating_sub(s.num_computed_tokens) as u64;
+            }
+        }
+        let vocab = self.limits.vocab_size;
+        let mut outputs = Vec::new();
+        for (row, s) in sched.seqs.iter().filter(|s| s.samples).enumerate() {
+            let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
+            let Some(state) = self.states.get_mut(&s.id) else {
+                continue;
+            };
+            if state.num_output_tokens < state.params.min_tokens {
+                mask_tokens(logits, &state.params.stop_token_ids);
+                if !state.params.ignore_eos {
+                    mask_tokens(logits, &self.eos_token_ids);
+                }
+            }
+            let sampled = state.sampler.sample(logits);
+            let token = sampled.token;
+            self.scheduler.append_token(&s.id, token);
+            self.counters.generation_tokens += 1;
+            let (len, cached) = self
+                .scheduler
+                .request(&s.id)
+                .map(|r| (r.tokens.len(), r.num_cached_tokens.unwrap_or(0)))
+                .unwrap_or_default();
+            let out = state.on_token(
+                &s.id,
+                &self.tokenizer,
+                sampled,
+                &self.eos_token_ids,
+                len >= self.limits.max_model_len,
+                cached,
+            );
+            let out = match out {
+                Ok(o) => o,
+                Err(e) => {
+                    self.abort_request(&s.id);
+                    return Err(e.into());
+                }
+            };
+            if let Some(reason) = out.finish_reason {
+                self.states.remove(&s.id);
+                self.scheduler.finish(&s.id, reason);
+                self.counters.finished_requests += 1;
+            }
+            outputs.push(out);
+        }
+        Ok(outputs)
+    }
+
+    /// Lays out the step's tokens (decodes first, as scheduled) with positions, cache slots and
+    /// block tables.
+    fn build_plan(&self, sched: &SchedulerOutput) -> BatchPlan {
+        let bs = self.limits.block_size;
+        let mut plan = BatchPlan {
+            max_blocks_per_seq: sched
+                .seqs
+                .iter()
+                .map(|s| (s.num_computed_tokens + s.num_new_tokens).div_ceil(bs))
+                .max()
+                .unwrap_or(0),
+            ..Default::default()
+        };
+        for s in &sched.seqs {
+            let req = self
+                .scheduler
+                .request(&s.id)
+                .expect("scheduled request exists");
+            let table = self.scheduler.block_table(&s.id);
+            let start = plan.token_ids.len();
+            for pos in s.num_computed_tokens..s.num_computed_tokens + s.num_new_tokens {
+                plan.token_ids.push(req.tokens[pos]);
+                plan.positions.push(pos as u32);
+                plan.slot_mapping
+                    .push(table[pos / bs].0 * bs as u32 + (pos % bs) as u32);
+            }
+            let context_len = s.num_computed_tokens + s.num_new_tokens;
+            if s.num_new_tokens == 1 && plan.seqs.len() == plan.num_decode_seqs && s.num_computed_tokens >= req.prompt_len {
+                plan.num_decode_seqs += 1;
+            }
+            plan.seqs.push(SeqPlan {
+                query_start: start,
+                query_len: s.num_new_tokens,
+                context_len,
+            });
+            let row_start = plan.block_tables.len();
+            plan.block_tables
+                .extend(table[..context_len.div_ceil(bs)].iter().map(|b| b.0));
+            plan.block_tables
+                .resize(row_start + plan.max_blocks_per_seq, 0);
+            if s.samples {
+                plan.logits_indices.push((start + s.num_new_tokens - 1) as u32);
+            }
+        }
+        plan
+    }
+}

@@ -1,0 +1,382 @@
+//! `config.json` of a Hugging Face checkpoint, parsed into a validated [`ModelConfig`].
+//!
+//! Supported: `LlamaForCausalLM` (Llama 2, Llama 3.x with `rope_scaling` type `llama3`,
+//! SmolLM/SmolLM2), `MistralForCausalLM` (optional sliding window) and `Qwen2ForCausalLM`
+//! (q/k/v bias). All are the same decoder with pre-RMSNorm, rotary embeddings (HF
+//! "rotate_half" layout), grouped-query attention and a SiLU-gated MLP.
+use super::ModelError;
+use serde::Deserialize;
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+    Mistral,
+    Qwen2,
+}
+
+impl Architecture {
+    fn from_hf(name: &str) -> Option<Self> {
+        match name {
+            "LlamaForCausalLM" => Some(Self::Llama),
+            "MistralForCausalLM" => Some(Self::Mistral),
+            "Qwen2ForCausalLM" => Some(Self::Qwen2),
+            _ => None,
+        }
+    }
+}
+
+/// Rotary frequency scaling.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum RopeScaling {
+    /// Llama 3.1's piecewise scaling of the inverse frequencies.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_max_position_embeddings: usize,
+    },
+    /// Positions divided by `factor`.
+    Linear { factor: f32 },
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    pub architecture: Architecture,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f32,
+    pub rope_theta: f32,
+    pub rope_scaling: Option<RopeScaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections carry a bias (Qwen2, or Llama with `attention_bias`).
+    pub qkv_bias: bool,
+    /// o_proj carries a bias (Llama with `attention_bias`).
+    pub o_bias: bool,
+    pub sliding_window: Option<usize>,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(u32),
+    Many(Vec<u32>),
+}
+
+#[derive(Deserialize)]
+struct RawRopeScaling {
+    #[serde(alias = "type")]
+    rope_type: Option<String>,
+    factor: Option<f32>,
+    low_freq_factor: Option<f32>,
+    high_freq_factor: Option<f32>,
+    original_max_position_embeddings: Option<usize>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    architectures: Option<Vec<String>>,
+    model_type: Option<String>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: Option<usize>,
+    rms_norm_eps: Option<f32>,
+    rope_theta: Option<f32>,
+    rope_scaling: Option<RawRopeScaling>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    hidden_act: Option<String>,
+    bos_token_id: Option<u32>,
+    eos_token_id: Option<OneOrMany>,
+}
+
+fn need<T>(v: Option<T>, field: &'static str) -> Result<T, ModelError> {
+    v.ok_or(ModelError::ConfigField {
+        field,
+        reason: "missing".into(),
+    })
+}
+
+impl ModelConfig {
+    pub fn from_dir(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| ModelError::Io {
+            path: path.clone(),
+            source: e,
+        })?;
+        Self::from_json(&text)
+    }
+
+    pub fn from_json(text: &str) -> Result<Self, ModelError> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|e| ModelError::ConfigParse {
+            reason: e.to_string(),
+        })?;
+        let names = raw.architectures.clone().unwrap_or_default();
+        let architecture = names
+            .iter()
+            .find_map(|n| Architecture::from_hf(n))
+            .ok_or_else(|| ModelError::UnknownArchitecture {
+                architectures: names.clone(),
+                model_type: raw.model_type.clone(),
+            })?;
+        if let Some(act) = &raw.hidden_act {
+            if act != "silu" {
+                return Err(ModelError::ConfigField {
+                    field: "hidden_act",
+                    reason: format!("{act:?} is not supported (only silu)"),
+                });
+            }
+        }
+        let hidden_size = need(raw.hidden_size, "hidden_size")?;
+        let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads")?;
+        let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
+        let head_dim = raw
+            .head_dim
+            .unwrap_or(hidden_size / num_attention_heads.max(1));
+        let rope_scaling = match raw.rope_scaling {
+            None => None,
+            Some(r) => match r.rope_type.as_deref() {
+                Some("llama3") => Some(RopeScaling::Llama3 {
+                    factor: need(r.factor, "rope_scaling.factor")?,
+                    low_freq_factor: need(r.low_freq_factor, "rope_scaling.low_freq_factor")?,
+                    high_freq_factor: need(r.high_freq_factor, "rope_scaling.high_freq_factor")?,
+                    original_max_position_embeddings: need(
+                        r.original_max_position_embeddings,
+                        "rope_scaling.original_max_position_embeddings",
+                    )?,
+                }),
+                Some("linear") => Some(RopeScaling::Linear {
+                    factor: need(r.factor, "rope_scaling.factor")?,
+                }),
+                Some("default") => None,
+                other => {
+                    return Err(ModelError::ConfigField {
+                        field: "rope_scaling",
+                        reason: format!("type {other:?} is not supported (llama3, linear)"),
+                    })
+                }
+            },
+        };
+        let sliding_window = match architecture {
+            Architecture::Mistral => raw.sliding_window,
+            Architecture::Qwen2 if raw.use_sliding_window == Some(true) => raw.sliding_window,
+            _ => None,
+        };
+        let attention_bias = raw.attention_bias.unwrap_or(false);
+        let cfg = ModelConfig {
+            architecture,
+            hidden_size,
+            intermediate_size: need(raw.intermediate_size, "intermediate_size")?,
+            num_hidden_layers: need(raw.num_hidden_layers, "num_hidden_layers")?,
+            num_attention_heads,
+            num_key_value_heads,
+            head_dim,
+            vocab_size: need(raw.vocab_size, "vocab_size")?,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            qkv_bias: architecture == Architecture::Qwen2 || attention_bias,
+            o_bias: architecture == Architecture::Llama && attention_bias,
+            sliding_window,
+            bos_token_id: raw.bos_token_id,
+            eos_token_ids: match raw.eos_token_id {
+                None => vec![],
+                Some(OneOrMany::One(id)) => vec![id],
+                Some(OneOrMany::Many(ids)) => ids,
+            },
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ModelError> {
+        let bad = |field, reason: String| Err(ModelError::ConfigField { field, reason });
+        for (field, v) in [
+            ("hidden_size", self.hidden_size),
+            ("intermediate_size", self.intermediate_size),
+            ("num_hidden_layers", self.num_hidden_layers),
+            ("num_attention_heads", self.num_attention_heads),
+            ("num_key_value_heads", self.num_key_value_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("max_position_embeddings", self.max_position_embeddings),
+        ] {
+            if v == 0 {
+                return bad(field, "must be positive".into());
+            }
+        }
+        if self.num_attention_heads % self.num_key_value_heads != 0 {
+            return bad(
+                "num_key_value_heads",
+                format!(
+                    "{} does not divide num_attention_heads {}",
+                    self.num_key_value_heads, self.num_attention_heads
+                ),
+            );
+        }
+        if self.head_dim % 2 != 0 {
+            return bad("head_dim", format!("{} is odd; rotary needs pairs", self.head_dim));
+        }
+        Ok(())
+    }
+
+    /// Inverse rotary frequencies `[head_dim / 2]`, with `rope_scaling` applied.
+    pub fn rope_inv_freq(&self) -> Vec<f32> {
+        let d = self.head_dim;
+        let base: Vec<f32> = (0..d / 2)
+            .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f32 / d as f32))
+            .collect();
+        match self.rope_scaling {
+            None => base,
+            Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            }) => {
+                let old = original_max_position_embeddings as f32;
+                let low_wavelen = old / low_freq_factor;
+                let high_wavelen = old / high_freq_factor;
+                base.iter()
+                    .map(|&f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Rotary table `[max_positions, head_dim]`: cos of each frequency in the first half of a
+    /// row, sin in the second.
+    pub fn rope_table(&self, max_positions: usize) -> Vec<f32> {
+        let inv = self.rope_inv_freq();
+        let half = inv.len();
+        let mut t = vec![0f32; max_positions * 2 * half];
+        for p in 0..max_positions {
+            let row = &mut t[p * 2 * half..(p + 1) * 2 * half];
+            for (i, f) in inv.iter().enumerate() {
+                // Angles in f64 so long positions keep precision; stored as f32 like HF's.
+                let a = p as f64 * *f as f64;
+                row[i] = a.cos() as f32;
+                row[half + i] = a.sin() as f32;
+            }
+        }
+        t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SMOLLM2: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":576,
+      "intermediate_size":1536,"num_hidden_layers":30,"num_attention_heads":9,
+      "num_key_value_heads":3,"head_dim":64,"vocab_size":49152,"rms_norm_eps":1e-05,
+      "rope_theta":100000.0,"rope_scaling":null,"max_position_embeddings":8192,
+      "tie_word_embeddings":true,"hidden_act":"silu","bos_token_id":1,"eos_token_id":2}"#;
+
+    #[test]
+    fn parses_smollm2() {
+        let c = ModelConfig::from_json(SMOLLM2).unwrap();
+        assert_eq!(c.architecture, Architecture::Llama);
+        assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (9, 3, 64));
+        assert!(c.tie_word_embeddings && !c.qkv_bias);
+        assert_eq!(c.eos_token_ids, vec![2]);
+    }
+
+    #[test]
+    fn unknown_architecture_is_named() {
+        let j = SMOLLM2.replace("LlamaForCausalLM", "GPTNeoXForCausalLM");
+        match ModelConfig::from_json(&j) {
+            Err(ModelError::UnknownArchitecture { architectures, .. }) => {
+                assert_eq!(architectures, vec!["GPTNeoXForCausalLM".to_string()])
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let j = SMOLLM2.replace("\"num_key_value_heads\":3", "\"num_key_value_heads\":4");
+        assert!(matches!(
+            ModelConfig::from_json(&j),
+            Err(ModelError::ConfigField { field: "num_key_value_heads", .. })
+        ));
+        let j = SMOLLM2.replace("\"hidden_size\":576,", "");
+        assert!(matches!(
+            ModelConfig::from_json(&j),
+            Err(ModelError::ConfigField { field: "hidden_size", .. })
+        ));
+        let j = SMOLLM2.replace("\"rope_scaling\":null", "\"rope_scaling\":{\"type\":\"yarn\",\"factor\":4.0}");
+        assert!(matches!(
+            ModelConfig::from_json(&j),
+            Err(ModelError::ConfigField { field: "rope_scaling", .. })
+        ));
+        assert!(matches!(
+            ModelConfig::from_json("{not json"),
+            Err(ModelError::ConfigParse { .. })
+        ));
+    }
+
+    #[test]
+    fn llama3_scaling_matches_reference_formula() {
+        // Llama 3.1 8B values: theta 500000, head_dim 128, factor 8, low 1, high 4, orig 8192.
+        let j = SMOLLM2
+            .replace("\"head_dim\":64", "\"head_dim\":128")
+            .replace("\"rope_theta\":100000.0", "\"rope_theta\":500000.0")
+            .replace(
+                "\"rope_scaling\":null",
+                r#""rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+            );
+        let c = ModelConfig::from_json(&j).unwrap();
+        let f = c.rope_inv_freq();
+        // High frequencies (short wavelengths) unchanged, the lowest divided by the factor.
+        assert_eq!(f[0], 1.0);
+        let base_last = 1.0 / 500000f32.powf(126.0 / 128.0);
+        assert!((f[63] - base_last / 8.0).abs() < 1e-12);
+        // A middle frequency in the smooth band: wavelen between 2048 and 8192.
+        let i = 40;
+        let base = 1.0 / 500000f32.powf((2 * i) as f32 / 128.0);
+        let wl = 2.0 * std::f32::consts::PI / base;
+        assert!(wl > 2048.0 && wl < 8192.0, "pick a band index: {wl}");
+        let s = (8192.0 / wl - 1.0) / 3.0;
+        assert!((f[i] - ((1.0 - s) * base / 8.0 + s * base)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn rope_table_layout() {
+        let c = ModelConfig::from_json(SMOLLM2).unwrap();
+        let t = c.rope_table(3);
+        assert_eq!(t.len(), 3 * 64);
+        assert_eq!(t[0], 1.0); // cos(0)
+        assert_eq!(t[32], 0.0); // sin(0)
+        assert!((t[64] - 1f32.cos()).abs() < 1e-7 && (t[64 + 32] - 1f32.sin()).abs() < 1e-7);
+    }
+}

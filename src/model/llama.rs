@@ -1,0 +1,294 @@
+//! The decoder forward shared by Llama, Mistral, Qwen2 and SmolLM, written once over
+//! [`Backend`].
+//!
+//! Per layer: `x = rms_norm(h)`, fused `qkv = x·Wqkvᵀ (+b)`, rotary on q and k, K/V written to
+//! the paged cache, paged attention (decode rows, then prefill rows), `h += attn·Woᵀ`,
+//! `x = rms_norm(h)`, `h += down(silu(gate(x)) * up(x))`. The residual add is fused into the
+//! next norm. Only the rows in `plan.logits_indices` go through the final norm's output to the
+//! LM head.
+//!
+//! q/k/v and gate/up weights are concatenated at load time so each is one matmul.
+use super::{ModelConfig, ModelError, ModelRunner, WeightFiles};
+use crate::backend::{AttnDims, Backend, BatchPlan, KvCacheDims};
+use std::path::Path;
+
+/// Sizes the engine commits to, which fix the workspace and cache allocations.
+#[derive(Clone, Copy, Debug)]
+pub struct ModelLimits {
+    /// Most tokens in one step (`max_num_batched_tokens`).
+    pub max_tokens: usize,
+    /// Most rows needing logits in one step (`max_num_seqs`).
+    pub max_logit_rows: usize,
+    /// Longest position + 1 (`max_model_len`), the size of the rotary table.
+    pub max_positions: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+}
+
+struct Layer<B: Backend> {
+    input_norm: B::Weight,
+    /// `[(heads + 2 * kv_heads) * head_dim, hidden]`
+    qkv: B::Weight,
+    qkv_bias: Option<B::Weight>,
+    /// `[hidden, heads * head_dim]`
+    o: B::Weight,
+    o_bias: Option<B::Weight>,
+    post_norm: B::Weight,
+    /// `[2 * intermediate, hidden]`: gate rows then up rows.
+    gate_up: B::Weight,
+    /// `[hidden, intermediate]`
+    down: B::Weight,
+    kv_cache: B::KvCache,
+}
+
+/// Buffers reused every step, sized for `ModelLimits`.
+struct Workspace<B: Backend> {
+    /// `[max_tokens, hidden]`
+    residual: B::Buffer,
+    /// `[max_tokens, hidden]`
+    normed: B::Buffer,
+    /// `[max_tokens, qkv_width]`
+    qkv: B::Buffer,
+    /// `[max_tokens, heads * head_dim]`
+    attn: B::Buffer,
+    /// `[max_tokens, hidden]` output of o_proj and down_proj
+    proj: B::Buffer,
+    /// `[max_tokens, 2 * intermediate]`
+    gate_up: B::Buffer,
+    /// `[max_tokens, intermediate]`
+    act: B::Buffer,
+    /// `[max_logit_rows, hidden]`
+    gathered: B::Buffer,
+    /// `[max_logit_rows, vocab]`
+    logits: B::Buffer,
+}
+
+pub struct Model<B: Backend> {
+    backend: B,
+    config: ModelConfig,
+    limits: ModelLimits,
+    dims: AttnDims,
+    /// `[vocab, hidden]`
+    embed: B::Weight,
+    /// `[vocab, hidden]`; None when tied to `embed`.
+    lm_head: Option<B::Weight>,
+    final_norm: B::Weight,
+    /// `[max_positions, head_dim]` cos | sin
+    cos_sin: B::Weight,
+    layers: Vec<Layer<B>>,
+    ws: Workspace<B>,
+}
+
+impl<B: Backend> Model<B> {
+    /// Loads the checkpoint in `dir` onto `backend`. `progress(done_bytes, total_bytes)` is
+    /// called as tensors are loaded.
+    pub fn load(
+        backend: B,
+        dir: &Path,
+        config: ModelConfig,
+        limits: ModelLimits,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self, ModelError> {
+        let files = WeightFiles::open(dir)?;
+        let c = &config;
+        let (h, hd, nh, nkv, inter, vocab) = (
+            c.hidden_size,
+            c.head_dim,
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.intermediate_size,
+            c.vocab_size,
+        );
+        let mut ld = Loader {
+            total: files.total_bytes(),
+            files: &files,
+            backend: &backend,
+            done: 0,
+            progress,
+        };
+        let embed = ld.one("model.embed_tokens.weight", &[vocab, h])?;
+        let lm_head = if c.tie_word_embeddings && !files.contains("lm_head.weight") {
+            None
+        } else {
+            Some(ld.one("lm_head.weight", &[vocab, h])?)
+        };
+        let final_norm = ld.one("model.norm.weight", &[h])?;
+        let kv_dims = KvCacheDims {
+            num_blocks: limits.num_blocks,
+            block_size: limits.block_size,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        };
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for l in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let attn = format!("{p}.self_attn");
+            let qkv_bias = if c.qkv_bias {
+                Some(ld.rows(&[
+                    (format!("{attn}.q_proj.bias"), vec![nh * hd]),
+                    (format!("{attn}.k_proj.bias"), vec![nkv * hd]),
+                    (format!("{attn}.v_proj.bias"), vec![nkv * hd]),
+                ])?)
+            } else {
+                None
+            };
+            layers.push(Layer {
+                input_norm: ld.one(&format!("{p}.input_layernorm.weight"), &[h])?,
+                qkv: ld.rows(&[
+                    (format!("{attn}.q_proj.weight"), vec![nh * hd, h]),
+                    (format!("{attn}.k_proj.weight"), vec![nkv * hd, h]),
+                    (format!("{attn}.v_proj.weight"), vec![nkv * hd, h]),
+                ])?,
+                qkv_bias,
+                o: ld.one(&format!("{attn}.o_proj.weight"), &[h, nh * hd])?,
+                o_bias: if c.o_bias {
+                    Some(ld.one(&format!("{attn}.o_proj.bias"), &[h])?)
+                } else {
+                    None
+                },
+                post_norm: ld.one(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                gate_up: ld.rows(&[
+                    (format!("{p}.mlp.gate_proj.weight"), vec![inter, h]),
+                    (format!("{p}.mlp.up_proj.weight"), vec![inter, h]),
+                ])?,
+                down: ld.one(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
+                kv_cache: backend.alloc_kv_cache(kv_dims)?,
+            });
+        }
+        let table = config.rope_table(limits.max_positions);
+        let table_shape = [limits.max_positions, hd];
+        let cos_sin = backend.load_weight(crate::backend::HostTensor {
+            dtype: crate::backend::HostDType::F32,
+            shape: &table_shape,
+            data: bytemuck::cast_slice(&table),
+        })?;
+        let dims = AttnDims {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            sliding_window: c.sliding_window,
+        };
+        let t = limits.max_tokens;
+        let r = limits.max_logit_rows;
+        let ws = Workspace {
+            residual: backend.alloc(t * h)?,
+            normed: backend.alloc(t * h)?,
+            qkv: backend.alloc(t * dims.qkv_width())?,
+            attn: backend.alloc(t * dims.q_width())?,
+            proj: backend.alloc(t * h)?,
+            gate_up: backend.alloc(t * 2 * inter)?,
+            act: backend.alloc(t * inter)?,
+            gathered: backend.alloc(r * h)?,
+            logits: backend.alloc(r * vocab)?,
+        };
+        Ok(Self {
+            backend,
+            config,
+            limits,
+            dims,
+            embed,
+            lm_head,
+            final_norm,
+            cos_sin,
+            layers,
+            ws,
+        })
+    }
+
+    pub fn limits(&self) -> ModelLimits {
+        self.limits
+    }
+
+    /// One forward step; fills `logits` with `[plan.logits_indices.len(), vocab]`.
+    pub fn forward(&mut self, plan: &BatchPlan, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+        let n = plan.num_tokens();
+        let rows = plan.logits_indices.len();
+        if n == 0 || n > self.limits.max_tokens || rows > self.limits.max_logit_rows {
+            return Err(ModelError::Backend(crate::backend::BackendError::Shape {
+                op: "forward",
+                expected: format!(
+                    "1..={} tokens and <= {} logit rows",
+                    self.limits.max_tokens, self.limits.max_logit_rows
+                ),
+                got: format!("{n} tokens, {rows} logit rows"),
+            }));
+        }
+        let b = &self.backend;
+        let c = &self.config;
+        let eps = c.rms_norm_eps;
+        let ws = &mut self.ws;
+        let step = b.prepare_step(plan)?;
+        b.embedding(&self.embed, &step, &mut ws.residual);
+        if let Some(first) = self.layers.first() {
+            b.rms_norm(&ws.residual, &first.input_norm, eps, &mut ws.normed, n);
+        }
+        for i in 0..self.layers.len() {
+            let (done, rest) = self.layers.split_at_mut(i + 1);
+            let layer = &mut done[i];
+            // The residual add after the MLP is fused with the next layer's input norm.
+            let next_norm = rest.first().map_or(&self.final_norm, |l| &l.input_norm);
+            b.matmul(&ws.normed, &layer.qkv, layer.qkv_bias.as_ref(), &mut ws.qkv, n);
+            b.rope(&mut ws.qkv, &self.cos_sin, &step, self.dims);
+            b.write_kv(&ws.qkv, &mut layer.kv_cache, &step, self.dims);
+            b.paged_attention_decode(&ws.qkv, &layer.kv_cache, &step, self.dims, &mut ws.attn);
+            b.paged_attention_prefill(&ws.qkv, &layer.kv_cache, &step, self.dims, &mut ws.attn);
+            b.matmul(&ws.attn, &layer.o, layer.o_bias.as_ref(), &mut ws.proj, n);
+            b.add_rms_norm(&mut ws.residual, &ws.proj, &layer.post_norm, eps, &mut ws.normed, n);
+            b.matmul(&ws.normed, &layer.gate_up, None, &mut ws.gate_up, n);
+            b.silu_mul(&ws.gate_up, &mut ws.act, n, c.intermediate_size);
+            b.matmul(&ws.act, &layer.down, None, &mut ws.proj, n);
+            b.add_rms_norm(&mut ws.residual, &ws.proj, next_norm, eps, &mut ws.normed, n);
+        }
+        b.gather_rows(&ws.normed, &step, c.hidden_size, &mut ws.gathered);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        b.matmul(&ws.gathered, head, None, &mut ws.logits, rows);
+        logits.resize(rows * c.vocab_size, 0.0);
+        b.to_host(&ws.logits, logits)?;
+        Ok(())
+    }
+}
+
+/// Loads tensors by name onto the backend, reporting progress in bytes.
+struct Loader<'a, B: Backend> {
+    files: &'a WeightFiles,
+    backend: &'a B,
+    done: usize,
+    total: usize,
+    progress: &'a mut dyn FnMut(usize, usize),
+}
+
+impl<B: Backend> Loader<'_, B> {
+    fn one(&mut self, name: &str, shape: &[usize]) -> Result<B::Weight, ModelError> {
+        let t = self.files.get_checked(name, shape)?;
+        self.tick(t.data.len());
+        Ok(self.backend.load_weight(t)?)
+    }
+
+    /// Several tensors concatenated along rows into one weight.
+    fn rows(&mut self, parts: &[(String, Vec<usize>)]) -> Result<B::Weight, ModelError> {
+        let ts = parts
+            .iter()
+            .map(|(n, s)| self.files.get_checked(n, s))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.tick(ts.iter().map(|t| t.data.len()).sum());
+        Ok(self.backend.load_weight_rows(&ts)?)
+    }
+
+    fn tick(&mut self, bytes: usize) {
+        self.done += bytes;
+        (self.progress)(self.done.min(self.total), self.total);
+    }
+}
+
+impl<B: Backend> ModelRunner for Model<B> {
+    fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+    fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+    fn execute(&mut self, plan: &BatchPlan, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+        self.forward(plan, logits)
+    }
+}

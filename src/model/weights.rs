@@ -1,0 +1,180 @@
+//! Memory-mapped safetensors checkpoints: one `model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`.
+//!
+//! Every file's header is validated when opened (size, JSON, offsets covering exactly the file),
+//! so a truncated or corrupt file is an error before any weight is used. Tensors are looked up by
+//! name with an expected shape; a missing tensor, a wrong shape or an unsupported dtype is a typed
+//! error naming the tensor.
+use super::ModelError;
+use crate::backend::{HostDType, HostTensor};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    /// Bytes before the data section: the 8-byte length and the JSON header.
+    data_start: usize,
+}
+
+struct Entry {
+    shard: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    range: (usize, usize),
+}
+
+pub struct WeightFiles {
+    shards: Vec<Shard>,
+    tensors: HashMap<String, Entry>,
+}
+
+impl WeightFiles {
+    /// Opens and validates every safetensors file of the checkpoint in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|e| ModelError::Io {
+                path: index.clone(),
+                source: e,
+            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::CorruptWeights {
+                    path: index.clone(),
+                    reason: e.to_string(),
+                })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| ModelError::CorruptWeights {
+                    path: index.clone(),
+                    reason: "no weight_map object".into(),
+                })?;
+            let mut names: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect();
+            names.sort();
+            names.dedup();
+            names.into_iter().map(|n| dir.join(n)).collect()
+        } else if dir.join("model.safetensors").exists() {
+            vec![dir.join("model.safetensors")]
+        } else {
+            return Err(ModelError::MissingWeights {
+                dir: dir.to_path_buf(),
+            });
+        };
+        let mut shards = Vec::with_capacity(files.len());
+        let mut tensors = HashMap::new();
+        for path in files {
+            let file = File::open(&path).map_err(|e| ModelError::Io {
+                path: path.clone(),
+                source: e,
+            })?;
+            // SAFETY: the file is opened read-only and never written through this mapping; a
+            // concurrent truncation by another process is outside what we can defend against.
+            let mmap = unsafe { Mmap::map(&file) }.map_err(|e| ModelError::Io {
+                path: path.clone(),
+                source: e,
+            })?;
+            let (header, meta) =
+                SafeTensors::read_metadata(&mmap).map_err(|e| ModelError::CorruptWeights {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            for (name, info) in meta.tensors() {
+                tensors.insert(
+                    name,
+                    Entry {
+                        shard: shards.len(),
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        range: info.data_offsets,
+                    },
+                );
+            }
+            shards.push(Shard {
+                path,
+                mmap,
+                data_start: 8 + header,
+            });
+        }
+        Ok(Self { shards, tensors })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.tensors.contains_key(name)
+    }
+
+    /// Total bytes of tensor data across shards (for progress reporting).
+    pub fn total_bytes(&self) -> usize {
+        self.tensors.values().map(|e| e.range.1 - e.range.0).sum()
+    }
+
+    /// The tensor `name`, which must have shape `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<HostTensor<'_>, ModelError> {
+        let e = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                name: name.to_string(),
+            })?;
+        if e.shape != shape {
+            return Err(ModelError::TensorShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                got: e.shape.clone(),
+            });
+        }
+        let dtype = match e.dtype {
+            Dtype::F32 => HostDType::F32,
+            Dtype::F16 => HostDType::F16,
+            Dtype::BF16 => HostDType::BF16,
+            other => {
+                return Err(ModelError::TensorDType {
+                    name: name.to_string(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        let shard = &self.shards[e.shard];
+        let data = &shard.mmap[shard.data_start + e.range.0..shard.data_start + e.range.1];
+        Ok(HostTensor {
+            dtype,
+            shape: &e.shape,
+            data,
+        })
+    }
+
+    /// Like [`get`](Self::get), also rejecting NaN/Inf values: a bit-flipped weight file is
+    /// reported instead of producing wrong tokens.
+    pub fn get_checked(&self, name: &str, shape: &[usize]) -> Result<HostTensor<'_>, ModelError> {
+        let t = self.get(name, shape)?;
+        let finite = match t.dtype {
+            HostDType::F32 => t
+                .data
+                .chunks_exact(4)
+                .all(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+            // An f16/bf16 is non-finite when its exponent bits are all ones.
+            HostDType::F16 => t
+                .data
+                .chunks_exact(2)
+                .all(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7c00 != 0x7c00),
+            HostDType::BF16 => t
+                .data
+                .chunks_exact(2)
+                .all(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 != 0x7f80),
+        };
+        if !finite {
+            let shard = &self.shards[self.tensors[name].shard];
+            return Err(ModelError::CorruptWeights {
+                path: shard.path.clone(),
+                reason: format!("tensor {name} contains NaN or infinite values"),
+            });
+        }
+        Ok(t)
+    }
+}
