@@ -1,0 +1,286 @@
+//! Shared support for llmd's integration tests: tiny random-weight Hugging Face checkpoints,
+//! a candle-transformers oracle, access to the real models in `shared/models`, and helpers that
+//! damage checkpoints for bad-input tests.
+//!
+//! Used as `mod common;` from each file under `tests/`; every test file uses a subset, hence the
+//! blanket `dead_code` allowance below.
+//!
+//! Invariants the tests rely on:
+//! - A [`TinyModelSpec`] fully determines the bytes written: weights come from a fixed RNG seeded
+//!   by `(spec.seed, tensor name)`, so the same spec gives identical weights whether written as
+//!   one file or as shards, in any dtype (up to that dtype's rounding), and with one tensor
+//!   dropped or misshapen the others are unchanged.
+//! - Written checkpoints follow the layout transformers writes for the architecture: tensor
+//!   names, `config.json` keys, `model.safetensors.index.json`.
+//! - The oracle always runs candle on CPU in f32, whatever dtype is on disk.
+#![allow(dead_code, unused_imports)]
+
+mod corrupt;
+mod oracle;
+mod tiny_model;
+mod tiny_tokenizer;
+
+pub use corrupt::{
+    corrupt_header, truncate_file, write_model_with_wrong_shape, write_model_without_tensor,
+};
+pub use oracle::{
+    argmax, candle_greedy, candle_greedy_with_margins, candle_logits_all_positions,
+    candle_logits_last, clear_margin_prompt, max_abs_diff, top1_margin,
+};
+pub use tiny_model::{
+    random_prompt, tensor_names, tiny_model_dir, tiny_model_weights, write_tiny_model, TensorData,
+};
+pub use tiny_tokenizer::load_tokenizer;
+
+use std::path::{Path, PathBuf};
+
+/// The model families the engine must support, as they appear on the Hugging Face hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Arch {
+    /// Llama 2 style: `LlamaForCausalLM`, rope_theta 1e4, untied `lm_head`.
+    Llama,
+    /// Llama 3.1 style: rope_theta 5e5 and `rope_scaling` of type "llama3"; eos is a list.
+    Llama3,
+    /// `MistralForCausalLM` with `sliding_window: null`.
+    Mistral,
+    /// `Qwen2ForCausalLM`: biases on q/k/v projections, tied embeddings, no BOS added.
+    Qwen2,
+    /// SmolLM/SmolLM2: a `LlamaForCausalLM` with tied embeddings.
+    SmolLm,
+}
+
+impl Arch {
+    pub const ALL: [Arch; 5] = [
+        Arch::Llama,
+        Arch::Llama3,
+        Arch::Mistral,
+        Arch::Qwen2,
+        Arch::SmolLm,
+    ];
+
+    /// The single entry of `architectures` in config.json.
+    pub fn hf_architecture(self) -> &'static str {
+        match self {
+            Arch::Llama | Arch::Llama3 | Arch::SmolLm => "LlamaForCausalLM",
+            Arch::Mistral => "MistralForCausalLM",
+            Arch::Qwen2 => "Qwen2ForCausalLM",
+        }
+    }
+
+    /// `model_type` in config.json.
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Arch::Llama | Arch::Llama3 | Arch::SmolLm => "llama",
+            Arch::Mistral => "mistral",
+            Arch::Qwen2 => "qwen2",
+        }
+    }
+
+    /// Whether `lm_head.weight` is absent and the output projection reuses the embedding.
+    pub fn tie_word_embeddings(self) -> bool {
+        matches!(self, Arch::Qwen2 | Arch::SmolLm)
+    }
+
+    /// Whether q/k/v projections carry a bias (`*.bias` tensors).
+    pub fn qkv_bias(self) -> bool {
+        matches!(self, Arch::Qwen2)
+    }
+
+    /// Whether the tokenizer prepends BOS on `encode(text, add_special_tokens = true)`.
+    pub fn adds_bos(self) -> bool {
+        !matches!(self, Arch::Qwen2)
+    }
+}
+
+/// Storage dtype of the weights on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    BF16,
+    F16,
+}
+
+impl DType {
+    pub const ALL: [DType; 3] = [DType::F32, DType::BF16, DType::F16];
+
+    /// `torch_dtype` in config.json.
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            DType::F32 => "float32",
+            DType::BF16 => "bfloat16",
+            DType::F16 => "float16",
+        }
+    }
+
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 | DType::F16 => 2,
+        }
+    }
+}
+
+/// Token ids shared by every tiny model's tokenizer and config.
+pub const UNK_ID: u32 = 0;
+pub const BOS_ID: u32 = 1;
+pub const EOS_ID: u32 = 2;
+/// Second end-of-sequence id; only Llama3 models list it in `eos_token_id`.
+pub const EOT_ID: u32 = 3;
+/// Ids below this are special tokens; random prompts avoid them.
+pub const FIRST_ORDINARY_ID: u32 = 4;
+
+/// Shape and seed of a generated test model. `head_dim = hidden / heads`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TinyModelSpec {
+    pub arch: Arch,
+    pub dtype: DType,
+    pub hidden: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub intermediate: usize,
+    /// Rows of the embedding and of the tokenizer; at least 260 (4 specials + 256 bytes).
+    pub vocab: usize,
+    pub max_pos: usize,
+    /// Write 3 shards plus `model.safetensors.index.json` instead of one `model.safetensors`.
+    pub sharded: bool,
+    pub seed: u64,
+}
+
+impl TinyModelSpec {
+    /// Small defaults: hidden 64, 2 layers, 4 query heads over 2 KV heads (GQA), head_dim 16,
+    /// intermediate 128, vocab 384, 512 positions, f32, single file.
+    pub fn new(arch: Arch) -> Self {
+        TinyModelSpec {
+            arch,
+            dtype: DType::F32,
+            hidden: 64,
+            layers: 2,
+            heads: 4,
+            kv_heads: 2,
+            intermediate: 128,
+            vocab: 384,
+            max_pos: 512,
+            sharded: false,
+            seed: 0x11_4d,
+        }
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+
+    pub fn rope_theta(&self) -> f64 {
+        match self.arch {
+            Arch::Llama => 10_000.0,
+            Arch::Llama3 => 500_000.0,
+            Arch::SmolLm => 100_000.0,
+            Arch::Mistral | Arch::Qwen2 => 1_000_000.0,
+        }
+    }
+
+    pub fn rms_norm_eps(&self) -> f64 {
+        match self.arch {
+            Arch::Qwen2 => 1e-6,
+            _ => 1e-5,
+        }
+    }
+
+    /// Panics with a readable message when the spec cannot describe a valid model.
+    pub fn validate(&self) {
+        assert!(
+            self.heads > 0 && self.hidden % self.heads == 0,
+            "hidden {} must be a multiple of heads {}",
+            self.hidden,
+            self.heads
+        );
+        assert!(
+            self.head_dim() % 2 == 0,
+            "head_dim {} must be even for RoPE",
+            self.head_dim()
+        );
+        assert!(
+            self.kv_heads > 0 && self.heads % self.kv_heads == 0,
+            "heads {} must be a multiple of kv_heads {}",
+            self.heads,
+            self.kv_heads
+        );
+        assert!(
+            self.layers > 0 && self.intermediate > 0,
+            "need layers and intermediate"
+        );
+        assert!(
+            self.vocab >= tiny_tokenizer::MIN_VOCAB,
+            "vocab {} below the tokenizer's minimum {}",
+            self.vocab,
+            tiny_tokenizer::MIN_VOCAB
+        );
+    }
+}
+
+/// The directory of shared real models: `$LLMD_SHARED_MODELS` when set, else `shared/models` in
+/// the nearest ancestor of the repository's parent that has one — `../shared/models` for the
+/// main checkout and for CI (which clones shared/ beside the repository), and the same folder
+/// for git worktrees nested one level deeper.
+pub fn shared_models_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("LLMD_SHARED_MODELS") {
+        return PathBuf::from(dir);
+    }
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let default = manifest.join("../shared/models");
+    manifest
+        .ancestors()
+        .skip(1)
+        .map(|a| a.join("shared/models"))
+        .find(|d| d.is_dir())
+        .unwrap_or(default)
+}
+
+/// `shared/models/NAME` (see [`shared_models_dir`]) if it is complete: `config.json` present and
+/// either `model.safetensors` or every shard named in `model.safetensors.index.json`. Otherwise
+/// prints why the caller should skip and returns `None`; tests never download.
+pub fn shared_model(name: &str) -> Option<PathBuf> {
+    let dir = shared_models_dir().join(name);
+    match missing_parts(&dir) {
+        None => Some(dir),
+        Some(why) => {
+            eprintln!(
+                "skipping: model {name} incomplete/absent ({why}) at {}",
+                dir.display()
+            );
+            None
+        }
+    }
+}
+
+/// Why `dir` is not a complete checkpoint, or `None` when it is.
+fn missing_parts(dir: &Path) -> Option<String> {
+    if !dir.join("config.json").is_file() {
+        return Some("no config.json".to_string());
+    }
+    if dir.join("model.safetensors").is_file() {
+        return None;
+    }
+    let index_path = dir.join("model.safetensors.index.json");
+    let Ok(text) = std::fs::read_to_string(&index_path) else {
+        return Some("neither model.safetensors nor model.safetensors.index.json".to_string());
+    };
+    let Ok(index) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Some("model.safetensors.index.json is not JSON".to_string());
+    };
+    let Some(map) = index["weight_map"].as_object() else {
+        return Some("index has no weight_map".to_string());
+    };
+    let mut absent: Vec<&str> = map
+        .values()
+        .filter_map(|f| f.as_str())
+        .filter(|f| !dir.join(f).is_file())
+        .collect();
+    absent.sort_unstable();
+    absent.dedup();
+    if absent.is_empty() {
+        None
+    } else {
+        Some(format!("missing shard(s) {}", absent.join(", ")))
+    }
+}

@@ -1,0 +1,233 @@
+//! The reference implementation: candle-transformers 0.11 on CPU in f32, over the same
+//! checkpoint directory the engine reads.
+//!
+//! candle's models return only the last position's logits, so per-position logits come from
+//! feeding the prompt one token at a time through candle's KV cache; the self-check tests show
+//! that this agrees with a single full-prompt forward. Dispatch is on config.json's
+//! `architectures`: Llama (incl. SmolLM and Llama 3 rope scaling) → `models::llama`, Mistral →
+//! `models::mistral`, Qwen2 → `models::qwen2::ModelForCausalLM`.
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::{llama, mistral, qwen2};
+use std::fmt::Display;
+use std::path::{Path, PathBuf};
+
+fn ok<T, E: Display>(r: Result<T, E>, what: impl Display) -> T {
+    r.unwrap_or_else(|e| panic!("candle oracle: {what}: {e}"))
+}
+
+enum Oracle {
+    Llama {
+        model: llama::Llama,
+        config: llama::Config,
+        cache: llama::Cache,
+    },
+    Mistral(mistral::Model),
+    Qwen2(qwen2::ModelForCausalLM),
+}
+
+/// The safetensors files of a checkpoint: the index's shards, or `model.safetensors`.
+fn weight_files(dir: &Path) -> Vec<PathBuf> {
+    let index_path = dir.join("model.safetensors.index.json");
+    if !index_path.is_file() {
+        return vec![dir.join("model.safetensors")];
+    }
+    let text = ok(std::fs::read_to_string(&index_path), index_path.display());
+    let index: serde_json::Value = ok(serde_json::from_str(&text), index_path.display());
+    let map = index["weight_map"]
+        .as_object()
+        .unwrap_or_else(|| panic!("{}: no weight_map", index_path.display()));
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|f| f.as_str())
+        .map(|f| dir.join(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    files
+}
+
+impl Oracle {
+    fn load(dir: &Path) -> Self {
+        let config_path = dir.join("config.json");
+        let text = ok(std::fs::read_to_string(&config_path), config_path.display());
+        let config: serde_json::Value = ok(serde_json::from_str(&text), config_path.display());
+        let arch = config["architectures"][0].as_str().unwrap_or("<missing>");
+        let files = weight_files(dir);
+        let device = Device::Cpu;
+        // SAFETY: the checkpoint files are written by the test (or are read-only shared models)
+        // and nothing modifies them while this VarBuilder maps them.
+        let vb = ok(
+            unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, &device) },
+            format!("mmap weights of {}", dir.display()),
+        );
+        match arch {
+            "LlamaForCausalLM" => {
+                let raw: llama::LlamaConfig = ok(serde_json::from_value(config), "llama config");
+                let config = raw.into_config(false);
+                let model = ok(llama::Llama::load(vb, &config), "load llama");
+                let cache = ok(
+                    llama::Cache::new(true, DType::F32, &config, &device),
+                    "llama cache",
+                );
+                Oracle::Llama {
+                    model,
+                    config,
+                    cache,
+                }
+            }
+            "MistralForCausalLM" => {
+                let config: mistral::Config = ok(serde_json::from_value(config), "mistral config");
+                Oracle::Mistral(ok(mistral::Model::new(&config, vb), "load mistral"))
+            }
+            "Qwen2ForCausalLM" => {
+                let config: qwen2::Config = ok(serde_json::from_value(config), "qwen2 config");
+                Oracle::Qwen2(ok(qwen2::ModelForCausalLM::new(&config, vb), "load qwen2"))
+            }
+            other => panic!("candle oracle: unsupported architecture {other:?}"),
+        }
+    }
+
+    /// Runs `tokens` at positions `pos..pos + tokens.len()` after whatever is cached, and
+    /// returns the last position's logits `[vocab]`.
+    fn forward(&mut self, tokens: &[u32], pos: usize) -> Vec<f32> {
+        let input = ok(Tensor::new(tokens, &Device::Cpu), "input tensor");
+        let input = ok(input.unsqueeze(0), "input batch dim");
+        let logits = match self {
+            Oracle::Llama { model, cache, .. } => model.forward(&input, pos, cache),
+            Oracle::Mistral(model) => model.forward(&input, pos),
+            Oracle::Qwen2(model) => model.forward(&input, pos),
+        };
+        let logits = ok(logits, "forward");
+        let flat = ok(logits.flatten_all(), "flatten logits");
+        ok(flat.to_vec1::<f32>(), "logits to vec")
+    }
+
+    fn clear_cache(&mut self) {
+        match self {
+            Oracle::Llama { config, cache, .. } => {
+                *cache = ok(
+                    llama::Cache::new(true, DType::F32, config, &Device::Cpu),
+                    "llama cache",
+                );
+            }
+            Oracle::Mistral(model) => model.clear_kv_cache(),
+            Oracle::Qwen2(model) => model.clear_kv_cache(),
+        }
+    }
+}
+
+/// Logits `[tokens.len()][vocab]`: row `i` is the next-token distribution after `tokens[..=i]`.
+pub fn candle_logits_all_positions(dir: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let mut oracle = Oracle::load(dir);
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(pos, &t)| oracle.forward(&[t], pos))
+        .collect()
+}
+
+/// Logits `[vocab]` after the whole of `tokens`, from one full-prompt forward (causal mask).
+pub fn candle_logits_last(dir: &Path, tokens: &[u32]) -> Vec<f32> {
+    assert!(!tokens.is_empty(), "candle_logits_last needs a token");
+    let mut oracle = Oracle::load(dir);
+    oracle.clear_cache();
+    oracle.forward(tokens, 0)
+}
+
+/// Greedy continuation of `prompt` by `n` tokens (ties → lowest id). Does not stop at EOS:
+/// callers compare fixed-length continuations.
+pub fn candle_greedy(dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
+    candle_greedy_with_margins(dir, prompt, n).0
+}
+
+/// As [`candle_greedy`], also returning each step's top-1 minus top-2 logit: where that margin is
+/// below a tolerance, two correct implementations may legitimately pick different tokens.
+pub fn candle_greedy_with_margins(dir: &Path, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
+    assert!(!prompt.is_empty(), "candle_greedy needs a non-empty prompt");
+    let mut oracle = Oracle::load(dir);
+    let mut logits = oracle.forward(prompt, 0);
+    let (mut out, mut margins) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for step in 0..n {
+        let next = argmax(&logits);
+        out.push(next);
+        margins.push(top1_margin(&logits));
+        if step + 1 < n {
+            logits = oracle.forward(&[next], prompt.len() + step);
+        }
+    }
+    (out, margins)
+}
+
+/// A prompt of `len` tokens (BOS, then ordinary ids, as [`random_prompt`] draws them from
+/// seeds 0, 1, 2, ...) whose `n`-token candle greedy continuation has every top-1 margin at least
+/// `min_margin`, so an engine agreeing with candle to within `min_margin / 2` must reproduce it
+/// exactly. Panics after 32 seeds.
+///
+/// [`random_prompt`]: super::random_prompt
+pub fn clear_margin_prompt(dir: &Path, len: usize, n: usize, min_margin: f32) -> Vec<u32> {
+    let vocab = config_vocab(dir);
+    for seed in 0..32 {
+        let prompt = super::random_prompt(vocab, len, seed);
+        let (_, margins) = candle_greedy_with_margins(dir, &prompt, n);
+        if margins.iter().all(|&m| m >= min_margin) {
+            return prompt;
+        }
+    }
+    panic!(
+        "no prompt among 32 seeds keeps every greedy margin >= {min_margin} in {}",
+        dir.display()
+    )
+}
+
+fn config_vocab(dir: &Path) -> usize {
+    let path = dir.join("config.json");
+    let text = ok(std::fs::read_to_string(&path), path.display());
+    let config: serde_json::Value = ok(serde_json::from_str(&text), path.display());
+    config["vocab_size"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{}: no vocab_size", path.display())) as usize
+}
+
+/// Index of the largest value; the lowest index among equals. NaN wins only if all are NaN.
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] || logits[best].is_nan() {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Largest value minus the second largest (0 when fewer than two values).
+pub fn top1_margin(logits: &[f32]) -> f32 {
+    let (mut first, mut second) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &v in logits {
+        if v > first {
+            second = first;
+            first = v;
+        } else if v > second {
+            second = v;
+        }
+    }
+    if second.is_finite() {
+        first - second
+    } else {
+        0.0
+    }
+}
+
+/// max |a[i] - b[i]|; panics on length mismatch, and NaN anywhere gives NaN (so `<= tol` fails).
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "max_abs_diff: lengths differ");
+    a.iter().zip(b).fold(0.0f32, |m, (x, y)| {
+        let d = (x - y).abs();
+        if d.is_nan() || m.is_nan() {
+            f32::NAN
+        } else {
+            m.max(d)
+        }
+    })
+}
