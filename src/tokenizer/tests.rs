@@ -1,0 +1,329 @@
+//! Tests against the real tokenizer files of the two shared models, plus synthetic model
+//! directories for the configuration variants those two do not cover.
+use super::*;
+
+const MODELS: &str = "/work/shared/models";
+
+/// The shared model's tokenizer, or `None` (with a note) on a machine without the models.
+fn shared(name: &str) -> Option<Tokenizer> {
+    let dir = Path::new(MODELS).join(name);
+    if !dir.join("tokenizer.json").is_file() {
+        eprintln!("skipping: {} is not available", dir.display());
+        return None;
+    }
+    Some(Tokenizer::from_dir(&dir).expect("shared tokenizer loads"))
+}
+
+fn user(content: &str) -> ChatMessage {
+    ChatMessage {
+        role: "user".into(),
+        content: content.into(),
+    }
+}
+
+/// A model directory with stories260K's tokenizer.json and the given side files.
+fn synthetic_dir(config: Option<&str>, generation: Option<&str>) -> Option<tempfile::TempDir> {
+    let src = Path::new(MODELS).join("stories260K/tokenizer.json");
+    if !src.is_file() {
+        eprintln!("skipping: {} is not available", src.display());
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::copy(&src, dir.path().join("tokenizer.json")).expect("copy tokenizer.json");
+    if let Some(c) = config {
+        std::fs::write(dir.path().join("tokenizer_config.json"), c).expect("write config");
+    }
+    if let Some(g) = generation {
+        std::fs::write(dir.path().join("generation_config.json"), g).expect("write config");
+    }
+    Some(dir)
+}
+
+const UNICODE_TEXT: &str = "Once upon a time, héllo wörld 🦀 日本語! The crab said \"ça va?\" \
+    and ate 3 ½ apples — then 🦀🦀 wrote 東京タワー, naïve café, Ω≈ç√∫ and went home.";
+
+#[test]
+fn stories260k_special_tokens_and_exactly_one_bos() {
+    let Some(tok) = shared("stories260K") else {
+        return;
+    };
+    assert_eq!(tok.vocab_size(), 512);
+    assert_eq!(tok.bos_token_id(), Some(1));
+    assert_eq!(tok.eos_token_ids(), &[2]);
+    assert_eq!(tok.token_to_id("</s>"), Some(2));
+    let with = tok.encode("Once upon a time", true).unwrap();
+    let without = tok.encode("Once upon a time", false).unwrap();
+    assert_eq!(with[0], 1);
+    assert_eq!(with.iter().filter(|&&t| t == 1).count(), 1);
+    assert_eq!(&with[1..], &without[..]);
+    assert!(!without.contains(&1));
+    assert!(!tok.has_chat_template());
+    assert!(matches!(
+        tok.apply_chat_template(&[user("Hi")], true),
+        Err(TokenizerError::NoChatTemplate)
+    ));
+}
+
+#[test]
+fn encode_decode_round_trip_on_both_models() {
+    for name in ["stories260K", "smollm2-135m-instruct"] {
+        let Some(tok) = shared(name) else { return };
+        let ids = tok.encode(UNICODE_TEXT, false).unwrap();
+        assert_eq!(tok.decode(&ids, true).unwrap(), UNICODE_TEXT, "{name}");
+        let ids = tok.encode(UNICODE_TEXT, true).unwrap();
+        assert_eq!(tok.decode(&ids, true).unwrap(), UNICODE_TEXT, "{name}");
+    }
+}
+
+#[test]
+fn smollm2_has_no_bos_and_eos_from_both_configs() {
+    let Some(tok) = shared("smollm2-135m-instruct") else {
+        return;
+    };
+    assert_eq!(tok.vocab_size(), 49152);
+    assert_eq!(tok.bos_token_id(), Some(1));
+    assert_eq!(tok.eos_token_ids(), &[2]);
+    // No add_bos_token and a ByteLevel post-processor: nothing is added.
+    assert_eq!(
+        tok.encode("Hello", true).unwrap(),
+        tok.encode("Hello", false).unwrap()
+    );
+    assert_eq!(
+        tok.decode(&[1, 2], false).unwrap(),
+        "<|im_start|><|im_end|>"
+    );
+    assert_eq!(tok.decode(&[1, 2], true).unwrap(), "");
+}
+
+#[test]
+fn smollm2_chat_template_renders_exactly() {
+    let Some(tok) = shared("smollm2-135m-instruct") else {
+        return;
+    };
+    assert!(tok.has_chat_template());
+    // Hand-derived from the template in tokenizer_config.json: a default system turn is
+    // inserted when the first message is not a system message.
+    let system = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by \
+                  Hugging Face<|im_end|>\n";
+    assert_eq!(
+        tok.apply_chat_template(&[user("Hi")], true).unwrap(),
+        format!("{system}<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    );
+    assert_eq!(
+        tok.apply_chat_template(&[user("Hi")], false).unwrap(),
+        format!("{system}<|im_start|>user\nHi<|im_end|>\n")
+    );
+    let own_system = ChatMessage {
+        role: "system".into(),
+        content: "Be brief.".into(),
+    };
+    assert_eq!(
+        tok.apply_chat_template(&[own_system, user("Hi")], true)
+            .unwrap(),
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n\
+         <|im_start|>assistant\n"
+    );
+}
+
+#[test]
+fn template_features_raise_exception_and_config_variants() {
+    let template =
+        "{% if messages|length == 0 %}{{ raise_exception('need at least one message') }}\
+        {% endif %}{{ bos_token }}\n{% for m in messages %}\n  {% if m.content.startswith('!') %}\
+        [cmd]{% endif %}{{ m.content.strip() }}{{ eos_token }}\n{% endfor %}\n\
+        {% if add_generation_prompt %}>{% endif %}";
+    let config = serde_json::json!({
+        "add_bos_token": true,
+        "bos_token": {"content": "<s>", "lstrip": false},
+        "eos_token": "</s>",
+        "chat_template": [
+            {"name": "tool_use", "template": "tools!"},
+            {"name": "default", "template": template},
+        ],
+    });
+    let Some(dir) = synthetic_dir(
+        Some(&config.to_string()),
+        Some(r#"{"eos_token_id": [0, 2, 0]}"#),
+    ) else {
+        return;
+    };
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    // generation_config's ids first, then the tokenizer's EOS, without duplicates.
+    assert_eq!(tok.eos_token_ids(), &[0, 2]);
+    assert_eq!(tok.bos_token_id(), Some(1));
+    // trim_blocks drops the newline after each block tag (not after `{{ bos_token }}`),
+    // lstrip_blocks the indentation before one; pycompat supplies .strip(), .startswith().
+    let rendered = tok
+        .apply_chat_template(&[user("  hi "), user("!go")], true)
+        .unwrap();
+    assert_eq!(rendered, "<s>\nhi</s>\n[cmd]!go</s>\n>");
+    match tok.apply_chat_template(&[], true) {
+        Err(TokenizerError::TemplateException { message }) => {
+            assert_eq!(message, "need at least one message")
+        }
+        other => panic!("expected TemplateException, got {other:?}"),
+    }
+}
+
+#[test]
+fn broken_template_fails_only_when_applied() {
+    let config = r#"{"chat_template": "{% for m in messages %}{{ m.content }"}"#;
+    let Some(dir) = synthetic_dir(Some(config), None) else {
+        return;
+    };
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    assert!(tok.has_chat_template());
+    assert!(matches!(
+        tok.apply_chat_template(&[user("Hi")], true),
+        Err(TokenizerError::Template { .. })
+    ));
+    let undefined_call = r#"{"chat_template": "{{ no_such_function() }}"}"#;
+    let Some(dir) = synthetic_dir(Some(undefined_call), None) else {
+        return;
+    };
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    assert!(matches!(
+        tok.apply_chat_template(&[user("Hi")], true),
+        Err(TokenizerError::Template { .. })
+    ));
+}
+
+#[test]
+fn bos_is_prepended_only_without_a_post_processor() {
+    let src = Path::new(MODELS).join("stories260K/tokenizer.json");
+    let Ok(json) = std::fs::read_to_string(&src) else {
+        eprintln!("skipping: {} is not available", src.display());
+        return;
+    };
+    let mut parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
+    parsed["post_processor"] = serde_json::Value::Null;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), parsed.to_string()).unwrap();
+    let config = |add: bool| format!(r#"{{"add_bos_token": {add}, "bos_token": "<s>"}}"#);
+    std::fs::write(dir.path().join("tokenizer_config.json"), config(true)).unwrap();
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    let plain = tok.encode("Once upon", false).unwrap();
+    let ids = tok.encode("Once upon", true).unwrap();
+    assert_eq!(ids[0], 1);
+    assert_eq!(&ids[1..], &plain[..]);
+    // Text that already starts with BOS does not get a second one.
+    let ids = tok.encode("<s>Once upon", true).unwrap();
+    assert_eq!(ids.iter().take_while(|&&t| t == 1).count(), 1);
+    std::fs::write(dir.path().join("tokenizer_config.json"), config(false)).unwrap();
+    let tok = Tokenizer::from_dir(dir.path()).unwrap();
+    assert_eq!(tok.encode("Once upon", true).unwrap(), plain);
+}
+
+#[test]
+fn missing_and_malformed_files_are_reported_with_their_path() {
+    let dir = tempfile::tempdir().unwrap();
+    match Tokenizer::from_dir(dir.path()) {
+        Err(TokenizerError::MissingFile { path }) => {
+            assert_eq!(path, dir.path().join("tokenizer.json"))
+        }
+        other => panic!("expected MissingFile, got {:?}", other.err()),
+    }
+    std::fs::write(dir.path().join("tokenizer.json"), "{ not json").unwrap();
+    match Tokenizer::from_dir(dir.path()) {
+        Err(TokenizerError::Parse { path, .. }) => {
+            assert_eq!(path, dir.path().join("tokenizer.json"))
+        }
+        other => panic!("expected Parse, got {:?}", other.err()),
+    }
+    let Some(dir) = synthetic_dir(Some("[1, 2"), None) else {
+        return;
+    };
+    match Tokenizer::from_dir(dir.path()) {
+        Err(TokenizerError::Parse { path, .. }) => {
+            assert_eq!(path, dir.path().join("tokenizer_config.json"))
+        }
+        other => panic!("expected Parse, got {:?}", other.err()),
+    }
+}
+
+/// Streams `output` through a detokenizer and checks every push for split characters.
+fn stream(tok: &Tokenizer, prompt: &[TokenId], output: &[TokenId], skip: bool) -> String {
+    let mut detok = IncrementalDetokenizer::new(prompt, skip);
+    let mut streamed = String::new();
+    for &t in output {
+        let piece = detok.push(tok, t).unwrap();
+        assert!(
+            !piece.contains(char::REPLACEMENT_CHARACTER),
+            "split char in {piece:?}"
+        );
+        streamed.push_str(&piece);
+    }
+    streamed.push_str(&detok.flush(tok).unwrap());
+    assert_eq!(streamed, detok.output_text());
+    streamed
+}
+
+#[test]
+fn incremental_detokenization_equals_full_decode() {
+    for name in ["stories260K", "smollm2-135m-instruct"] {
+        let Some(tok) = shared(name) else { return };
+        let long = UNICODE_TEXT.repeat(3);
+        let ids = tok.encode(&long, false).unwrap();
+        assert!(ids.len() > 100);
+        assert_eq!(
+            stream(&tok, &[], &ids, true),
+            tok.decode(&ids, true).unwrap(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
+fn incremental_detokenization_after_a_prompt_keeps_the_leading_space() {
+    for name in ["stories260K", "smollm2-135m-instruct"] {
+        let Some(tok) = shared(name) else { return };
+        let prompt_text = "Once upon a time";
+        let full = tok
+            .encode(
+                &format!("{prompt_text} there was a 🦀 named 日本語 Bob."),
+                true,
+            )
+            .unwrap();
+        let prompt_len = tok.encode(prompt_text, true).unwrap().len();
+        let (prompt, output) = full.split_at(prompt_len);
+        let full_text = tok.decode(&full, true).unwrap();
+        let prompt_decoded = tok.decode(prompt, true).unwrap();
+        let expected = full_text.strip_prefix(prompt_decoded.as_str()).unwrap();
+        assert!(expected.starts_with(" there"), "{name}: {expected:?}");
+        assert_eq!(stream(&tok, prompt, output, true), expected, "{name}");
+    }
+}
+
+#[test]
+fn incremental_detokenization_respects_skip_special_tokens() {
+    let Some(tok) = shared("smollm2-135m-instruct") else {
+        return;
+    };
+    let mut output = tok.encode("Hi there", false).unwrap();
+    output.push(2);
+    assert_eq!(stream(&tok, &[1], &output, true), "Hi there");
+    assert_eq!(stream(&tok, &[1], &output, false), "Hi there<|im_end|>");
+}
+
+#[test]
+fn flush_emits_a_trailing_incomplete_character() {
+    let Some(tok) = shared("stories260K") else {
+        return;
+    };
+    // Stories260K spells 🦀 with four byte-fallback tokens; stop after two of them.
+    let ids = tok.encode("a🦀", false).unwrap();
+    let cut = &ids[..ids.len() - 2];
+    let mut detok = IncrementalDetokenizer::new(&[], true);
+    let pushed: String = cut.iter().map(|&t| detok.push(&tok, t).unwrap()).collect();
+    assert_eq!(pushed, "a");
+    let rest = detok.flush(&tok).unwrap();
+    assert!(rest.contains(char::REPLACEMENT_CHARACTER), "{rest:?}");
+    assert_eq!(detok.output_text(), tok.decode(cut, true).unwrap());
+}
+
+#[test]
+fn tokenizer_is_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tokenizer>();
+    assert_send_sync::<IncrementalDetokenizer>();
+}
