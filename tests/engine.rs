@@ -226,12 +226,16 @@ fn threaded_engine_streams_and_generates() {
         .unwrap();
     assert_eq!(outs.len(), 2);
     let tok = engine.tokenizer().clone();
-    for o in &outs {
+    for (o, text) in outs.iter().zip(["Once upon a time", "Lily saw a dog"]) {
         assert!(!o.token_ids.is_empty());
-        // Streamed text deltas join to the detokenized tokens (no stop strings here).
+        // Streamed text deltas join to the detokenized continuation of the prompt (no stop
+        // strings here): decode(prompt + output) minus decode(prompt), as vLLM streams it.
+        let prompt = tok.encode(text, true).unwrap();
         let eos = tok.eos_token_ids();
         let visible: Vec<u32> = o.token_ids.iter().copied().filter(|t| !eos.contains(t)).collect();
-        assert_eq!(o.text, tok.decode(&visible, true).unwrap());
+        let full = tok.decode(&[prompt.clone(), visible].concat(), true).unwrap();
+        let head = tok.decode(&prompt, true).unwrap();
+        assert_eq!(Some(o.text.as_str()), full.strip_prefix(head.as_str()));
     }
     // Same prompt on the synchronous core gives the same tokens.
     let mut core = EngineCore::new(cfg).unwrap();

@@ -104,7 +104,7 @@ fn check_model(dir: &Path, prompt: &[u32], label: &str) {
 fn stories260k_matches_candle() {
     let Some(dir) = common::shared_model("stories260K") else { return };
     let tok = llmd::tokenizer::Tokenizer::from_dir(&dir).unwrap();
-    let text = "Once upon a time, there was a little girl named Lily. She loved to play outside in the sunshine with her dog. One day";
+    let text = "Once upon a time, there was a little girl named Lily. She loved to play outside in the sunshine with her dog. One day, Lily and her mom went to the park. They saw a big tree with red apples and a small bird";
     let prompt = tok.encode(text, true).unwrap();
     assert!(prompt.len() >= 64, "prompt has {} tokens", prompt.len());
     check_model(&dir, &prompt, "stories260K");

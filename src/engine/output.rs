@@ -97,6 +97,10 @@ impl OutputState {
         {
             finish = Some(FinishReason::Length);
         }
+        if finish.is_some() {
+            // Text held back for a possibly incomplete character is final now.
+            self.detok.flush(tok)?;
+        }
         Ok(self.emit(id, token, sampled, finish, None, num_cached_tokens))
     }
 
