@@ -362,7 +362,7 @@ mod tests {
         let base_last = 1.0 / 500000f32.powf(126.0 / 128.0);
         assert!((f[63] - base_last / 8.0).abs() < 1e-12);
         // A middle frequency in the smooth band: wavelen between 2048 and 8192.
-        let i = 40;
+        let i = 32;
         let base = 1.0 / 500000f32.powf((2 * i) as f32 / 128.0);
         let wl = 2.0 * std::f32::consts::PI / base;
         assert!(wl > 2048.0 && wl < 8192.0, "pick a band index: {wl}");

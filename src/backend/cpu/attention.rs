@@ -213,9 +213,9 @@ mod tests {
     /// Chunked prefill on a cached prefix, with scattered blocks and GQA, against dense attention.
     #[test]
     fn paged_matches_dense_for_gqa_chunks_and_decode() {
-        for (h, kvh, hd, bs) in [(4, 1, 8, 4), (8, 2, 16, 16), (4, 4, 4, 2)] {
+        for (h, kvh, hd, bs) in [(4usize, 1usize, 8usize, 4usize), (8, 2, 16, 16), (4, 4, 4, 2)] {
             let d = dims(h, kvh, hd);
-            let total = 23;
+            let total: usize = 23;
             let cached = 9;
             let mut seed = 7u64;
             let rnd = |n: usize, seed: &mut u64| (0..n).map(|_| lcg(seed)).collect::<Vec<f32>>();
