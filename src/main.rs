@@ -41,9 +41,12 @@ struct EngineArgs {
     kv_cache_memory_gb: f64,
     #[arg(long)]
     no_enable_prefix_caching: bool,
-    /// Block hash for prefix caching: xxh3_64 or sha256_cbor_64bit.
+    /// Block hash for prefix caching: xxh3_64 or sha256_cbor (vLLM/llm-d compatible).
     #[arg(long, default_value = "xxh3_64")]
     prefix_caching_hash_algo: String,
+    /// Root seed of the block-hash chain (default: $PYTHONHASHSEED, else "0").
+    #[arg(long)]
+    prefix_caching_hash_seed: Option<String>,
     #[arg(long)]
     threads: Option<usize>,
 }
@@ -112,6 +115,9 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
     c.cache.kv_cache_memory_bytes = (a.kv_cache_memory_gb * (1u64 << 30) as f64) as usize;
     c.cache.enable_prefix_caching = !a.no_enable_prefix_caching;
     c.cache.block_hash_algo = a.prefix_caching_hash_algo.parse()?;
+    if let Some(seed) = &a.prefix_caching_hash_seed {
+        c.cache.block_hash_seed = seed.clone();
+    }
     c.num_threads = a.threads;
     Ok(c)
 }

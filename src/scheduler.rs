@@ -332,7 +332,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::BlockHashAlgo;
+    use crate::kv::{BlockHashAlgo, BlockHasher};
 
     fn sched(blocks: usize, budget: usize, max_seqs: usize) -> Scheduler {
         let config = SchedulerConfig {
@@ -340,7 +340,7 @@ mod tests {
             max_num_batched_tokens: budget,
             ..Default::default()
         };
-        Scheduler::new(config, KvCacheManager::new(blocks, 4, true, BlockHashAlgo::Xxh3_64))
+        Scheduler::new(config, KvCacheManager::new(blocks, 4, true, BlockHasher::new(BlockHashAlgo::Xxh3, "0")))
     }
 
     fn req(id: &str, len: usize, base: u32) -> Request {
@@ -425,7 +425,7 @@ mod tests {
             policy: SchedulingPolicy::Priority,
             ..Default::default()
         };
-        let mut s = Scheduler::new(config, KvCacheManager::new(16, 4, true, BlockHashAlgo::Xxh3_64));
+        let mut s = Scheduler::new(config, KvCacheManager::new(16, 4, true, BlockHasher::new(BlockHashAlgo::Xxh3, "0")));
         let mut low = req("low", 3, 0);
         low.priority = 5;
         let mut high = req("high", 3, 10);

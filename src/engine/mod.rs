@@ -17,7 +17,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{BatchPlan, SeqPlan};
 use crate::config::{DeviceKind, EngineConfig};
 use crate::error::{Error, Result};
-use crate::kv::KvCacheManager;
+use crate::kv::{BlockHasher, KvCacheManager};
 use crate::model::{Model, ModelConfig, ModelLimits, ModelRunner};
 use crate::request::{FinishReason, RequestId, TokenId};
 use crate::sampling::{mask_tokens, SamplingParams};
@@ -156,7 +156,7 @@ impl EngineCore {
             num_blocks,
             block_size,
             config.cache.enable_prefix_caching,
-            config.cache.block_hash_algo,
+            BlockHasher::new(config.cache.block_hash_algo, &config.cache.block_hash_seed),
         );
         Ok(Self {
             model,
