@@ -88,9 +88,10 @@ fn default_model() -> Result<PathBuf> {
         let complete = if index.exists() {
             let text = std::fs::read_to_string(&index)?;
             let v: serde_json::Value = serde_json::from_str(&text)?;
-            v["weight_map"]
-                .as_object()
-                .is_some_and(|m| m.values().all(|f| f.as_str().is_some_and(|f| dir.join(f).exists())))
+            v["weight_map"].as_object().is_some_and(|m| {
+                m.values()
+                    .all(|f| f.as_str().is_some_and(|f| dir.join(f).exists()))
+            })
         } else {
             dir.join("model.safetensors").exists()
         };
@@ -98,7 +99,10 @@ fn default_model() -> Result<PathBuf> {
             return Ok(dir);
         }
     }
-    bail!("no --model given and no complete model in {}", root.display())
+    bail!(
+        "no --model given and no complete model in {}",
+        root.display()
+    )
 }
 
 fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {

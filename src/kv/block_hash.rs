@@ -100,7 +100,12 @@ impl BlockHasher {
     }
 
     /// The hash of one full block given its parent's (None for the first block).
-    pub fn hash(&self, parent: Option<&BlockHash>, tokens: &[TokenId], extra: &[String]) -> BlockHash {
+    pub fn hash(
+        &self,
+        parent: Option<&BlockHash>,
+        tokens: &[TokenId],
+        extra: &[String],
+    ) -> BlockHash {
         let parent = parent.unwrap_or(&self.root);
         match self.algo {
             BlockHashAlgo::Sha256Cbor => {
@@ -138,7 +143,12 @@ impl BlockHasher {
     }
 
     /// Chained hashes of every full block of `tokens` (a partial last block is not hashed).
-    pub fn hash_blocks(&self, tokens: &[TokenId], block_size: usize, extra: &[String]) -> Vec<BlockHash> {
+    pub fn hash_blocks(
+        &self,
+        tokens: &[TokenId],
+        block_size: usize,
+        extra: &[String],
+    ) -> Vec<BlockHash> {
         let mut out: Vec<BlockHash> = Vec::with_capacity(tokens.len() / block_size);
         for chunk in tokens.chunks_exact(block_size) {
             let h = self.hash(out.last(), chunk, extra);
@@ -277,8 +287,17 @@ mod tests {
 
     #[test]
     fn names_parse() {
-        assert_eq!("xxh3_64".parse::<BlockHashAlgo>().unwrap(), BlockHashAlgo::Xxh3);
-        assert_eq!("sha256_cbor".parse::<BlockHashAlgo>().unwrap(), BlockHashAlgo::Sha256Cbor);
-        assert!(matches!("md5".parse::<BlockHashAlgo>(), Err(KvError::UnknownHashAlgo(_))));
+        assert_eq!(
+            "xxh3_64".parse::<BlockHashAlgo>().unwrap(),
+            BlockHashAlgo::Xxh3
+        );
+        assert_eq!(
+            "sha256_cbor".parse::<BlockHashAlgo>().unwrap(),
+            BlockHashAlgo::Sha256Cbor
+        );
+        assert!(matches!(
+            "md5".parse::<BlockHashAlgo>(),
+            Err(KvError::UnknownHashAlgo(_))
+        ));
     }
 }

@@ -191,7 +191,11 @@ mod tests {
         assert_eq!(a, vec![BlockId(0), BlockId(1), BlockId(2)]);
         assert_eq!(p.num_free_blocks(), 1);
         assert!(p.allocate(2).is_none());
-        assert_eq!(p.num_free_blocks(), 1, "a failed allocation changes nothing");
+        assert_eq!(
+            p.num_free_blocks(),
+            1,
+            "a failed allocation changes nothing"
+        );
         p.free(a);
         assert_eq!(p.num_free_blocks(), 4);
         assert_eq!(p.usage(), 0.0);
@@ -212,7 +216,11 @@ mod tests {
         assert_eq!(p.num_free_blocks(), 2);
         let got = p.allocate(1).unwrap();
         assert_eq!(got, vec![BlockId(2)], "least recently freed goes first");
-        assert_eq!(p.get_cached_block(&h(2)), None, "evicted hash no longer hits");
+        assert_eq!(
+            p.get_cached_block(&h(2)),
+            None,
+            "evicted hash no longer hits"
+        );
         assert_eq!(p.get_cached_block(&h(1)), Some(BlockId(1)));
         p.free([BlockId(0), BlockId(2)]);
         assert_eq!(p.num_free_blocks(), 3);

@@ -27,7 +27,12 @@ pub struct KvCacheManager {
 }
 
 impl KvCacheManager {
-    pub fn new(num_blocks: usize, block_size: usize, enable_caching: bool, hasher: BlockHasher) -> Self {
+    pub fn new(
+        num_blocks: usize,
+        block_size: usize,
+        enable_caching: bool,
+        hasher: BlockHasher,
+    ) -> Self {
         Self {
             pool: BlockPool::new(num_blocks, enable_caching),
             block_size,
@@ -155,7 +160,12 @@ mod tests {
     use crate::kv::BlockHashAlgo;
 
     fn mgr(blocks: usize, caching: bool) -> KvCacheManager {
-        KvCacheManager::new(blocks, 16, caching, BlockHasher::new(BlockHashAlgo::Xxh3, "0"))
+        KvCacheManager::new(
+            blocks,
+            16,
+            caching,
+            BlockHasher::new(BlockHashAlgo::Xxh3, "0"),
+        )
     }
 
     fn toks(n: usize, base: u32) -> Vec<u32> {
@@ -194,12 +204,26 @@ mod tests {
         let t = toks(48, 0);
         admit(&mut m, "a", &t);
         let hit = admit(&mut m, "b", &t);
-        assert_eq!(hit.num_computed_tokens, 32, "3 full blocks, only 2 reusable");
+        assert_eq!(
+            hit.num_computed_tokens, 32,
+            "3 full blocks, only 2 reusable"
+        );
         // Live sharing: the two requests reference the same first blocks.
-        assert_eq!(m.block_table(&"a".into())[..2], m.block_table(&"b".into())[..2]);
-        assert_eq!(m.num_free_blocks(), 16 - 4, "a's 3 blocks + b's own third block");
+        assert_eq!(
+            m.block_table(&"a".into())[..2],
+            m.block_table(&"b".into())[..2]
+        );
+        assert_eq!(
+            m.num_free_blocks(),
+            16 - 4,
+            "a's 3 blocks + b's own third block"
+        );
         m.free(&"a".into());
-        assert_eq!(m.num_free_blocks(), 16 - 3, "b keeps the 2 shared blocks and its own");
+        assert_eq!(
+            m.num_free_blocks(),
+            16 - 3,
+            "b keeps the 2 shared blocks and its own"
+        );
         m.free(&"b".into());
         assert_eq!(m.num_free_blocks(), 16);
     }
@@ -242,12 +266,20 @@ mod tests {
         // A different 64-token request needs all 4 blocks: the cached ones are evicted.
         admit(&mut m, "b", &toks(64, 700));
         m.free(&"b".into());
-        assert_eq!(m.get_computed_blocks(&"c".into(), &t, &[]).num_computed_tokens, 0);
+        assert_eq!(
+            m.get_computed_blocks(&"c".into(), &t, &[])
+                .num_computed_tokens,
+            0
+        );
 
         let mut off = mgr(4, false);
         admit(&mut off, "a", &t);
         off.free(&"a".into());
-        assert_eq!(off.get_computed_blocks(&"b".into(), &t, &[]).num_computed_tokens, 0);
+        assert_eq!(
+            off.get_computed_blocks(&"b".into(), &t, &[])
+                .num_computed_tokens,
+            0
+        );
     }
 
     #[test]
@@ -258,7 +290,15 @@ mod tests {
         let lora = vec!["lora-1".to_string()];
         assert!(m.allocate_slots(&r, &t, 0, 40, &Default::default(), &lora));
         m.free(&r);
-        assert_eq!(m.get_computed_blocks(&"b".into(), &t, &[]).num_computed_tokens, 0);
-        assert_eq!(m.get_computed_blocks(&"b".into(), &t, &lora).num_computed_tokens, 32);
+        assert_eq!(
+            m.get_computed_blocks(&"b".into(), &t, &[])
+                .num_computed_tokens,
+            0
+        );
+        assert_eq!(
+            m.get_computed_blocks(&"b".into(), &t, &lora)
+                .num_computed_tokens,
+            32
+        );
     }
 }
