@@ -81,12 +81,13 @@ fn build_vocab(size: usize) -> (Vec<String>, Vec<String>) {
             current = merged;
         }
     }
-    assert_eq!(
-        tokens.len(),
-        size,
-        "tiny tokenizer can build at most {} ids",
-        tokens.len()
-    );
+    // Large vocabularies (benchmark models of a real model's shape) run out of merges: the
+    // remaining ids are vocabulary entries no merge produces, which still decode.
+    let mut pad = 0;
+    while tokens.len() < size {
+        tokens.push(format!("<pad_{pad}>"));
+        pad += 1;
+    }
     (tokens, merges)
 }
 
