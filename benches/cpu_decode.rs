@@ -6,7 +6,9 @@
 //!
 //! Models: the shared real models that are complete, plus a random-weight model with
 //! SmolLM2-135M's exact shape (so the figure is meaningful while that checkpoint is incomplete).
-//! Run: `cargo bench --bench cpu_decode` (LLMD_BENCH_GEN, LLMD_BENCH_PROMPT override lengths).
+//! Each figure is the best of LLMD_BENCH_REPEAT runs (default 3), for both engines alike.
+//! Run: `cargo bench --bench cpu_decode` (LLMD_BENCH_GEN, LLMD_BENCH_PROMPT override lengths;
+//! LLMD_BENCH_MODELS=a,b limits the models by name prefix).
 #[path = "../tests/common/mod.rs"]
 mod common;
 
@@ -112,15 +114,24 @@ fn candle_decode(dir: &Path, ps: &[Vec<u32>], gen: usize) -> f64 {
 
 fn main() {
     let prompt_len = env_usize("LLMD_BENCH_PROMPT", 32);
-    let gen = env_usize("LLMD_BENCH_GEN", 64);
+    let gen = env_usize("LLMD_BENCH_GEN", 128);
+    let repeat = env_usize("LLMD_BENCH_REPEAT", 3);
+    let wanted: Vec<String> = std::env::var("LLMD_BENCH_MODELS")
+        .map(|v| v.split(',').map(str::to_string).collect())
+        .unwrap_or_default();
+    let selected =
+        |name: &str| wanted.is_empty() || wanted.iter().any(|w| name.starts_with(w.as_str()));
     let mut models: Vec<(String, std::path::PathBuf)> = Vec::new();
     for name in ["stories260K", "smollm2-135m-instruct"] {
+        if !selected(name) {
+            continue;
+        }
         if let Some(dir) = common::shared_model(name) {
             models.push((name.to_string(), dir));
         }
     }
     let tmp = tempfile::tempdir().unwrap();
-    if common::shared_model("smollm2-135m-instruct").is_none() {
+    if selected("random") && common::shared_model("smollm2-135m-instruct").is_none() {
         let mut spec = common::TinyModelSpec::new(common::Arch::SmolLm);
         spec.hidden = 576;
         spec.layers = 30;
@@ -137,7 +148,7 @@ fn main() {
         ));
     }
     println!(
-        "CPU decode, prompt {prompt_len} tokens, {gen} generated, threads {}",
+        "CPU decode, prompt {prompt_len} tokens, {gen} generated, best of {repeat}, threads {}",
         rayon::current_num_threads()
     );
     println!(
@@ -153,8 +164,9 @@ fn main() {
         };
         for batch in [1, 16] {
             let ps = prompts(batch, prompt_len, vocab);
-            let ours = llmd_decode(dir, &ps, gen);
-            let theirs = candle_decode(dir, &ps, gen);
+            let best = |f: &dyn Fn() -> f64| (0..repeat).map(|_| f()).fold(0.0, f64::max);
+            let ours = best(&|| llmd_decode(dir, &ps, gen));
+            let theirs = best(&|| candle_decode(dir, &ps, gen));
             println!(
                 "{name:<36} {batch:>5} {ours:>12.1} {theirs:>12.1} {:>7.2}x",
                 ours / theirs

@@ -65,6 +65,9 @@ pub struct EngineCore {
     /// Host logits of the last step `[rows, vocab]`.
     logits: Vec<f32>,
     counters: Counters,
+    /// Threads of the CPU work. The whole forward runs inside the pool, so each op's parallel
+    /// loop starts on a worker instead of paying a cross-thread hand-off per op.
+    pool: rayon::ThreadPool,
 }
 
 /// Monotonic totals since start.
@@ -90,12 +93,14 @@ impl EngineCore {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self> {
         config.validate()?;
-        if let Some(n) = config.num_threads {
-            // Fails only when the global pool already exists, which is then used as it is.
-            let _ = rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build_global();
-        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(config.num_threads.unwrap_or(0))
+            .thread_name(|i| format!("llmd-cpu-{i}"))
+            .build()
+            .map_err(|e| Error::Config {
+                field: "num_threads",
+                reason: e.to_string(),
+            })?;
         let model_cfg = ModelConfig::from_dir(&config.model)?;
         let tokenizer = Arc::new(Tokenizer::from_dir(&config.model)?);
         let max_model_len = match config.max_model_len {
@@ -175,6 +180,7 @@ impl EngineCore {
             eos_token_ids,
             logits: Vec::new(),
             counters: Counters::default(),
+            pool,
         })
     }
 
@@ -284,7 +290,8 @@ impl EngineCore {
         }
         self.counters.steps += 1;
         let plan = self.build_plan(&sched);
-        if let Err(e) = self.model.execute(&plan, &mut self.logits) {
+        let (model, logits) = (&mut self.model, &mut self.logits);
+        if let Err(e) = self.pool.install(|| model.execute(&plan, logits)) {
             for s in &sched.seqs {
                 self.abort_request(&s.id);
             }
