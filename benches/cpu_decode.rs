@@ -8,7 +8,6 @@
 //! SmolLM2-135M's exact shape (so the figure is meaningful while that checkpoint is incomplete).
 //! Run: `cargo bench --bench cpu_decode` (LLMD_BENCH_GEN, LLMD_BENCH_PROMPT override lengths).
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 
 use candle_core::{DType as CDType, Device, Tensor};
@@ -31,7 +30,9 @@ fn prompts(batch: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
         .map(|_| {
             (0..len)
                 .map(|_| {
-                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    s = s
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     // Skip the first ids (special tokens).
                     (3 + (s >> 33) % (vocab as u64 - 3)) as u32
                 })
@@ -54,8 +55,13 @@ fn llmd_decode(dir: &Path, ps: &[Vec<u32>], gen: usize) -> f64 {
         ..SamplingParams::greedy()
     };
     for (i, p) in ps.iter().enumerate() {
-        core.add_request(RequestId(format!("b{i}")), &Prompt::Tokens(p.clone()), params.clone(), 0)
-            .unwrap();
+        core.add_request(
+            RequestId(format!("b{i}")),
+            &Prompt::Tokens(p.clone()),
+            params.clone(),
+            0,
+        )
+        .unwrap();
     }
     // Prefill: every prompt fits the budget, so one step samples every first token.
     let first = core.step().unwrap();
@@ -96,7 +102,11 @@ fn candle_decode(dir: &Path, ps: &[Vec<u32>], gen: usize) -> f64 {
         logits = model.forward(&next, n + i, &mut cache).unwrap();
     }
     // Make sure the last step's work is done.
-    let _ = logits.argmax(candle_core::D::Minus1).unwrap().to_vec1::<u32>().unwrap();
+    let _ = logits
+        .argmax(candle_core::D::Minus1)
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
     (b * (gen - 1)) as f64 / start.elapsed().as_secs_f64()
 }
 
@@ -121,7 +131,10 @@ fn main() {
         spec.max_pos = 2048;
         spec.dtype = common::DType::BF16;
         common::write_tiny_model(tmp.path(), &spec);
-        models.push(("random SmolLM2-135M shape (bf16)".into(), tmp.path().to_path_buf()));
+        models.push((
+            "random SmolLM2-135M shape (bf16)".into(),
+            tmp.path().to_path_buf(),
+        ));
     }
     println!(
         "CPU decode, prompt {prompt_len} tokens, {gen} generated, threads {}",

@@ -48,6 +48,9 @@ pub struct CacheConfig {
     pub kv_cache_memory_bytes: usize,
     pub enable_prefix_caching: bool,
     pub block_hash_algo: BlockHashAlgo,
+    /// Root of the block-hash chain (vLLM's `PYTHONHASHSEED`): workers and routers that share
+    /// cached blocks must agree on it.
+    pub block_hash_seed: String,
 }
 
 impl Default for CacheConfig {
@@ -58,6 +61,7 @@ impl Default for CacheConfig {
             kv_cache_memory_bytes: 2 << 30,
             enable_prefix_caching: true,
             block_hash_algo: BlockHashAlgo::default(),
+            block_hash_seed: std::env::var("PYTHONHASHSEED").unwrap_or_else(|_| "0".into()),
         }
     }
 }

@@ -52,9 +52,12 @@ struct EngineArgs {
     kv_cache_memory_gb: f64,
     #[arg(long)]
     no_enable_prefix_caching: bool,
-    /// Block hash for prefix caching: xxh3_64 or sha256_cbor_64bit.
+    /// Block hash for prefix caching: xxh3_64 or sha256_cbor (vLLM/llm-d compatible).
     #[arg(long, default_value = "xxh3_64")]
     prefix_caching_hash_algo: String,
+    /// Root seed of the block-hash chain (default: $PYTHONHASHSEED, else "0").
+    #[arg(long)]
+    prefix_caching_hash_seed: Option<String>,
     #[arg(long)]
     threads: Option<usize>,
     #[arg(long, value_enum, default_value_t = Device::Cpu)]
@@ -121,9 +124,10 @@ fn default_model() -> Result<PathBuf> {
         let complete = if index.exists() {
             let text = std::fs::read_to_string(&index)?;
             let v: serde_json::Value = serde_json::from_str(&text)?;
-            v["weight_map"]
-                .as_object()
-                .is_some_and(|m| m.values().all(|f| f.as_str().is_some_and(|f| dir.join(f).exists())))
+            v["weight_map"].as_object().is_some_and(|m| {
+                m.values()
+                    .all(|f| f.as_str().is_some_and(|f| dir.join(f).exists()))
+            })
         } else {
             dir.join("model.safetensors").exists()
         };
@@ -131,7 +135,10 @@ fn default_model() -> Result<PathBuf> {
             return Ok(dir);
         }
     }
-    bail!("no --model given and no complete model in {}", root.display())
+    bail!(
+        "no --model given and no complete model in {}",
+        root.display()
+    )
 }
 
 fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
@@ -148,6 +155,9 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
     c.cache.kv_cache_memory_bytes = (a.kv_cache_memory_gb * (1u64 << 30) as f64) as usize;
     c.cache.enable_prefix_caching = !a.no_enable_prefix_caching;
     c.cache.block_hash_algo = a.prefix_caching_hash_algo.parse()?;
+    if let Some(seed) = &a.prefix_caching_hash_seed {
+        c.cache.block_hash_seed = seed.clone();
+    }
     c.num_threads = a.threads;
     c.device = match a.device {
         Device::Cpu => llmd::config::DeviceKind::Cpu,

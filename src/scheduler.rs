@@ -38,7 +38,12 @@ pub struct Request {
 }
 
 impl Request {
-    pub fn new(id: RequestId, prompt: Vec<TokenId>, priority: i32, extra_keys: Vec<String>) -> Self {
+    pub fn new(
+        id: RequestId,
+        prompt: Vec<TokenId>,
+        priority: i32,
+        extra_keys: Vec<String>,
+    ) -> Self {
         Self {
             id,
             prompt_len: prompt.len(),
@@ -180,7 +185,10 @@ impl Scheduler {
             let id = self.running[i].clone();
             let (remaining, computed) = {
                 let r = &self.requests[&id];
-                (r.tokens.len() - r.num_computed_tokens, r.num_computed_tokens)
+                (
+                    r.tokens.len() - r.num_computed_tokens,
+                    r.num_computed_tokens,
+                )
             };
             let num_new = remaining.min(budget);
             if num_new == 0 {
@@ -190,10 +198,14 @@ impl Scheduler {
             let mut scheduled = false;
             loop {
                 let r = &self.requests[&id];
-                if self
-                    .kv
-                    .allocate_slots(&id, &r.tokens, computed, num_new, &Default::default(), &r.extra_keys)
-                {
+                if self.kv.allocate_slots(
+                    &id,
+                    &r.tokens,
+                    computed,
+                    num_new,
+                    &Default::default(),
+                    &r.extra_keys,
+                ) {
                     scheduled = true;
                     break;
                 }
@@ -239,7 +251,9 @@ impl Scheduler {
 
         if preempted.is_empty() {
             while budget > 0 && self.running.len() < self.config.max_num_seqs {
-                let Some(pos) = self.next_waiting() else { break };
+                let Some(pos) = self.next_waiting() else {
+                    break;
+                };
                 let id = self.waiting[pos].clone();
                 let r = &self.requests[&id];
                 let hit = if r.num_computed_tokens == 0 {
@@ -271,7 +285,7 @@ impl Scheduler {
                     num_new_tokens: num_new,
                     samples: computed + num_new == r.tokens.len(),
                 };
-                    r.num_computed_tokens = computed + num_new;
+                r.num_computed_tokens = computed + num_new;
                 budget -= num_new;
                 self.running.push(id);
                 prefills.push(seq);
@@ -328,11 +342,10 @@ impl Scheduler {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kv::BlockHashAlgo;
+    use crate::kv::{BlockHashAlgo, BlockHasher};
 
     fn sched(blocks: usize, budget: usize, max_seqs: usize) -> Scheduler {
         let config = SchedulerConfig {
@@ -340,11 +353,19 @@ mod tests {
             max_num_batched_tokens: budget,
             ..Default::default()
         };
-        Scheduler::new(config, KvCacheManager::new(blocks, 4, true, BlockHashAlgo::Xxh3_64))
+        Scheduler::new(
+            config,
+            KvCacheManager::new(blocks, 4, true, BlockHasher::new(BlockHashAlgo::Xxh3, "0")),
+        )
     }
 
     fn req(id: &str, len: usize, base: u32) -> Request {
-        Request::new(id.into(), (0..len as u32).map(|t| t + base).collect(), 0, vec![])
+        Request::new(
+            id.into(),
+            (0..len as u32).map(|t| t + base).collect(),
+            0,
+            vec![],
+        )
     }
 
     /// Runs a step as the engine would: sampling requests get a token.
@@ -405,7 +426,10 @@ mod tests {
         step(&mut s); // 8 tokens, blocks full
         let o = step(&mut s);
         assert_eq!(o.preempted, vec![RequestId::from("b")]);
-        assert_eq!(s.request(&"b".into()).unwrap().status, RequestStatus::Preempted);
+        assert_eq!(
+            s.request(&"b".into()).unwrap().status,
+            RequestStatus::Preempted
+        );
         assert_eq!(s.num_running(), 1);
         // After a finishes, b resumes and recomputes all its 9 tokens (some from the cache).
         s.finish(&"a".into(), FinishReason::Stop);
@@ -425,7 +449,10 @@ mod tests {
             policy: SchedulingPolicy::Priority,
             ..Default::default()
         };
-        let mut s = Scheduler::new(config, KvCacheManager::new(16, 4, true, BlockHashAlgo::Xxh3_64));
+        let mut s = Scheduler::new(
+            config,
+            KvCacheManager::new(16, 4, true, BlockHasher::new(BlockHashAlgo::Xxh3, "0")),
+        );
         let mut low = req("low", 3, 0);
         low.priority = 5;
         let mut high = req("high", 3, 10);

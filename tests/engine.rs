@@ -82,8 +82,13 @@ fn staggered_matches_solo(seeded: bool, num_blocks: Option<usize>, expect_preemp
         // Request i arrives at step 3*i.
         while next < ps.len() && step >= 3 * next {
             let id = RequestId(format!("r{next}"));
-            core.add_request(id, &Prompt::Tokens(ps[next].clone()), params(next, seeded), 0)
-                .unwrap();
+            core.add_request(
+                id,
+                &Prompt::Tokens(ps[next].clone()),
+                params(next, seeded),
+                0,
+            )
+            .unwrap();
             next += 1;
         }
         collect(core.step().unwrap(), &mut out);
@@ -91,7 +96,10 @@ fn staggered_matches_solo(seeded: bool, num_blocks: Option<usize>, expect_preemp
     }
     for (i, want) in solo.iter().enumerate() {
         let got = &out[&RequestId(format!("r{i}"))];
-        assert_eq!(got, want, "request {i} (seeded={seeded}) differs when batched");
+        assert_eq!(
+            got, want,
+            "request {i} (seeded={seeded}) differs when batched"
+        );
     }
     assert_eq!(
         core.scheduler().num_preemptions() > 0,
@@ -124,7 +132,8 @@ fn prefix_cache_computes_only_new_tokens() {
     let Some(cfg) = config(None) else { return };
     let mut core = EngineCore::new(cfg.clone()).unwrap();
     let tok = core.tokenizer().clone();
-    let text = "Once upon a time, there was a little girl named Lily. She loved to play outside. ".repeat(12);
+    let text = "Once upon a time, there was a little girl named Lily. She loved to play outside. "
+        .repeat(12);
     let ids = tok.encode(&text, true).unwrap();
     assert!(ids.len() >= 230, "prompt text too short: {}", ids.len());
     let prefix = &ids[..200];
@@ -148,7 +157,10 @@ fn prefix_cache_computes_only_new_tokens() {
     let mut cold_core = EngineCore::new(cold_cfg).unwrap();
     let cold = run_alone(&mut cold_core, &b, p);
     assert_eq!(warm, cold);
-    assert_eq!(cold_core.counters().prompt_tokens_computed as usize, b.len());
+    assert_eq!(
+        cold_core.counters().prompt_tokens_computed as usize,
+        b.len()
+    );
     assert_eq!(core.num_free_blocks(), 128);
 }
 
@@ -157,8 +169,13 @@ fn abort_frees_blocks_immediately() {
     let Some(cfg) = config(None) else { return };
     let mut core = EngineCore::new(cfg).unwrap();
     let ps = prompts(core.tokenizer());
-    core.add_request("x".into(), &Prompt::Tokens(ps[7].clone()), params(0, false), 0)
-        .unwrap();
+    core.add_request(
+        "x".into(),
+        &Prompt::Tokens(ps[7].clone()),
+        params(0, false),
+        0,
+    )
+    .unwrap();
     core.step().unwrap();
     assert!(core.num_free_blocks() < 128);
     assert!(core.abort_request(&"x".into()));
@@ -175,7 +192,11 @@ fn bad_requests_get_typed_errors() {
     let long = Prompt::Tokens(vec![5; 300]);
     assert!(matches!(
         core.add_request("a".into(), &long, g(), 0),
-        Err(Error::PromptTooLong { prompt_len: 300, max_model_len: 256, .. })
+        Err(Error::PromptTooLong {
+            prompt_len: 300,
+            max_model_len: 256,
+            ..
+        })
     ));
     let fits_but_not_with_output = Prompt::Tokens(vec![5; 250]);
     let p = SamplingParams {
@@ -192,7 +213,10 @@ fn bad_requests_get_typed_errors() {
     ));
     assert!(matches!(
         core.add_request("a".into(), &Prompt::Tokens(vec![1, 512]), g(), 0),
-        Err(Error::TokenOutOfVocab { token: 512, vocab_size: 512 })
+        Err(Error::TokenOutOfVocab {
+            token: 512,
+            vocab_size: 512
+        })
     ));
     let bad = SamplingParams {
         top_p: 0.0,
@@ -232,8 +256,15 @@ fn threaded_engine_streams_and_generates() {
         // strings here): decode(prompt + output) minus decode(prompt), as vLLM streams it.
         let prompt = tok.encode(text, true).unwrap();
         let eos = tok.eos_token_ids();
-        let visible: Vec<u32> = o.token_ids.iter().copied().filter(|t| !eos.contains(t)).collect();
-        let full = tok.decode(&[prompt.clone(), visible].concat(), true).unwrap();
+        let visible: Vec<u32> = o
+            .token_ids
+            .iter()
+            .copied()
+            .filter(|t| !eos.contains(t))
+            .collect();
+        let full = tok
+            .decode(&[prompt.clone(), visible].concat(), true)
+            .unwrap();
         let head = tok.decode(&prompt, true).unwrap();
         assert_eq!(Some(o.text.as_str()), full.strip_prefix(head.as_str()));
     }

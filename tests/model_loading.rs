@@ -59,7 +59,10 @@ fn corrupt_header_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     tiny(dir.path());
     common::corrupt_header(&dir.path().join("model.safetensors"));
-    assert!(matches!(model_err(dir.path()), ModelError::CorruptWeights { .. }));
+    assert!(matches!(
+        model_err(dir.path()),
+        ModelError::CorruptWeights { .. }
+    ));
 }
 
 #[test]
@@ -122,7 +125,10 @@ fn missing_files_are_reported() {
     let dir = tempfile::tempdir().unwrap();
     tiny(dir.path());
     std::fs::remove_file(dir.path().join("model.safetensors")).unwrap();
-    assert!(matches!(model_err(dir.path()), ModelError::MissingWeights { .. }));
+    assert!(matches!(
+        model_err(dir.path()),
+        ModelError::MissingWeights { .. }
+    ));
     std::fs::remove_file(dir.path().join("config.json")).unwrap();
     assert!(matches!(model_err(dir.path()), ModelError::Io { .. }));
 }
@@ -154,6 +160,9 @@ fn max_model_len_beyond_the_model_is_rejected() {
     c.max_model_len = Some(spec.max_pos + 1);
     assert!(matches!(
         EngineCore::new(c),
-        Err(Error::Config { field: "max_model_len", .. })
+        Err(Error::Config {
+            field: "max_model_len",
+            ..
+        })
     ));
 }

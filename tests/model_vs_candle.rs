@@ -46,10 +46,7 @@ fn llmd_logits_all_positions(dir: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
     };
     let mut logits = Vec::new();
     model.forward(&plan, &mut logits).unwrap();
-    logits
-        .chunks(cfg.vocab_size)
-        .map(|c| c.to_vec())
-        .collect()
+    logits.chunks(cfg.vocab_size).map(|c| c.to_vec()).collect()
 }
 
 fn llmd_greedy(dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
@@ -77,7 +74,9 @@ fn prompt_for(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
     let mut s = seed;
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) % vocab as u64) as u32
         })
         .collect()
@@ -93,7 +92,10 @@ fn check_model(dir: &Path, prompt: &[u32], label: &str) {
         assert!(d <= 1e-3, "{label}: position {p}: max |diff| {d}");
         worst = worst.max(d);
     }
-    eprintln!("{label}: max |logit diff| over {} positions: {worst:e}", prompt.len());
+    eprintln!(
+        "{label}: max |logit diff| over {} positions: {worst:e}",
+        prompt.len()
+    );
     let n = 64;
     let ours = llmd_greedy(dir, prompt, n);
     let theirs = common::candle_greedy(dir, prompt, n);
@@ -102,7 +104,9 @@ fn check_model(dir: &Path, prompt: &[u32], label: &str) {
 
 #[test]
 fn stories260k_matches_candle() {
-    let Some(dir) = common::shared_model("stories260K") else { return };
+    let Some(dir) = common::shared_model("stories260K") else {
+        return;
+    };
     let tok = llmd::tokenizer::Tokenizer::from_dir(&dir).unwrap();
     let text = "Once upon a time, there was a little girl named Lily. She loved to play outside in the sunshine with her dog. One day, Lily and her mom went to the park. They saw a big tree with red apples and a small bird";
     let prompt = tok.encode(text, true).unwrap();
@@ -112,7 +116,9 @@ fn stories260k_matches_candle() {
 
 #[test]
 fn smollm2_matches_candle() {
-    let Some(dir) = common::shared_model("smollm2-135m-instruct") else { return };
+    let Some(dir) = common::shared_model("smollm2-135m-instruct") else {
+        return;
+    };
     let tok = llmd::tokenizer::Tokenizer::from_dir(&dir).unwrap();
     let text = "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable metal type, oil-based inks and a screw press adapted from wine making. Within fifty years printers worked in more than two hundred cities";
     let prompt = tok.encode(text, true).unwrap();

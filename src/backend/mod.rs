@@ -241,7 +241,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Rotates the query and key heads of `qkv` in place (neox/HF "rotate_half" layout) using
     /// `cos_sin`: `[max_positions, head_dim]` with cos in the first half of a row and sin in the
     /// second.
-    fn rope(&self, qkv: &mut Self::Buffer, cos_sin: &Self::Weight, step: &Self::Step, dims: AttnDims);
+    fn rope(
+        &self,
+        qkv: &mut Self::Buffer,
+        cos_sin: &Self::Weight,
+        step: &Self::Step,
+        dims: AttnDims,
+    );
     /// `out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]`.
     fn silu_mul(&self, gate_up: &Self::Buffer, out: &mut Self::Buffer, rows: usize, inter: usize);
     /// Writes each token's K and V (from `qkv`) into its cache slot.
@@ -273,5 +279,11 @@ pub trait Backend: Send + Sync + 'static {
         out: &mut Self::Buffer,
     );
     /// `out[i] = x[step.logits_indices[i]]` (row width `width`).
-    fn gather_rows(&self, x: &Self::Buffer, step: &Self::Step, width: usize, out: &mut Self::Buffer);
+    fn gather_rows(
+        &self,
+        x: &Self::Buffer,
+        step: &Self::Step,
+        width: usize,
+        out: &mut Self::Buffer,
+    );
 }

@@ -122,7 +122,10 @@ impl Engine {
     /// Queues a request under a fresh id. Validation errors (bad parameters, prompt too long,
     /// queue full) arrive as the first item of the handle.
     pub fn add_request(&self, prompt: Prompt, params: SamplingParams) -> Result<RequestHandle> {
-        let id = RequestId(format!("req-{}", self.next_id.fetch_add(1, Ordering::Relaxed)));
+        let id = RequestId(format!(
+            "req-{}",
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        ));
         self.add_request_with_id(id, prompt, params, 0)
     }
 

@@ -17,7 +17,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{BatchPlan, SeqPlan};
 use crate::config::{DeviceKind, EngineConfig};
 use crate::error::{Error, Result};
-use crate::kv::KvCacheManager;
+use crate::kv::{BlockHasher, KvCacheManager};
 use crate::model::{Model, ModelConfig, ModelLimits, ModelRunner};
 use crate::request::{FinishReason, RequestId, TokenId};
 use crate::sampling::{mask_tokens, SamplingParams};
@@ -92,7 +92,9 @@ impl EngineCore {
         config.validate()?;
         if let Some(n) = config.num_threads {
             // Fails only when the global pool already exists, which is then used as it is.
-            let _ = rayon::ThreadPoolBuilder::new().num_threads(n).build_global();
+            let _ = rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build_global();
         }
         let model_cfg = ModelConfig::from_dir(&config.model)?;
         let tokenizer = Arc::new(Tokenizer::from_dir(&config.model)?);
@@ -156,7 +158,7 @@ impl EngineCore {
             num_blocks,
             block_size,
             config.cache.enable_prefix_caching,
-            config.cache.block_hash_algo,
+            BlockHasher::new(config.cache.block_hash_algo, &config.cache.block_hash_seed),
         );
         Ok(Self {
             model,
@@ -369,7 +371,10 @@ impl EngineCore {
                     .push(table[pos / bs].0 * bs as u32 + (pos % bs) as u32);
             }
             let context_len = s.num_computed_tokens + s.num_new_tokens;
-            if s.num_new_tokens == 1 && plan.seqs.len() == plan.num_decode_seqs && s.num_computed_tokens >= req.prompt_len {
+            if s.num_new_tokens == 1
+                && plan.seqs.len() == plan.num_decode_seqs
+                && s.num_computed_tokens >= req.prompt_len
+            {
                 plan.num_decode_seqs += 1;
             }
             plan.seqs.push(SeqPlan {
@@ -383,7 +388,8 @@ impl EngineCore {
             plan.block_tables
                 .resize(row_start + plan.max_blocks_per_seq, 0);
             if s.samples {
-                plan.logits_indices.push((start + s.num_new_tokens - 1) as u32);
+                plan.logits_indices
+                    .push((start + s.num_new_tokens - 1) as u32);
             }
         }
         plan

@@ -89,7 +89,14 @@ impl OutputState {
                 self.stops.check(self.detok.output_text(), before)
             {
                 finish = Some(FinishReason::Stop);
-                return Ok(self.emit(id, token, sampled, finish, Some(truncate_to), num_cached_tokens));
+                return Ok(self.emit(
+                    id,
+                    token,
+                    sampled,
+                    finish,
+                    Some(truncate_to),
+                    num_cached_tokens,
+                ));
             }
         }
         if finish.is_none()

@@ -1,62 +1,304 @@
-//! STUB (helper A implements).
-use super::{BlockHashAlgo, BlockId, PrefixCacheStats};
+//! Per-request KV cache management on top of the [`BlockPool`]: which prefix of a prompt is
+//! already cached, and blocks for the tokens a step will compute.
+//!
+//! Block tables are append-only while a request lives. A request's full blocks are hashed once
+//! (hashes kept per request, extended as blocks fill) and offered to the cache as soon as the
+//! step that fills them is scheduled.
+use super::{BlockHash, BlockHasher, BlockId, BlockPool, PrefixCacheStats};
 use crate::request::{RequestId, TokenId};
+use std::collections::HashMap;
 
+/// Cached prefix blocks found for a new request, and the tokens they cover.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ComputedBlocks {
     pub blocks: Vec<BlockId>,
     pub num_computed_tokens: usize,
 }
 
-pub struct KvCacheManager {}
+pub struct KvCacheManager {
+    pool: BlockPool,
+    block_size: usize,
+    enable_caching: bool,
+    hasher: BlockHasher,
+    tables: HashMap<RequestId, Vec<BlockId>>,
+    /// Hashes of each request's full blocks, in order.
+    hashes: HashMap<RequestId, Vec<BlockHash>>,
+    stats: PrefixCacheStats,
+}
 
 impl KvCacheManager {
     pub fn new(
-        _num_blocks: usize,
-        _block_size: usize,
-        _enable_caching: bool,
-        _algo: BlockHashAlgo,
+        num_blocks: usize,
+        block_size: usize,
+        enable_caching: bool,
+        hasher: BlockHasher,
     ) -> Self {
-        todo!()
+        Self {
+            pool: BlockPool::new(num_blocks, enable_caching),
+            block_size,
+            enable_caching,
+            hasher,
+            tables: HashMap::new(),
+            hashes: HashMap::new(),
+            stats: PrefixCacheStats::default(),
+        }
     }
+
     pub fn block_size(&self) -> usize {
-        todo!()
+        self.block_size
     }
+
+    /// Longest cached prefix of `tokens` in full blocks, leaving at least one token to compute
+    /// (the last prompt token must run to produce logits). Takes no references. Counts a query
+    /// of `tokens.len()` tokens and a hit of the tokens found.
     pub fn get_computed_blocks(
         &mut self,
         _req: &RequestId,
-        _tokens: &[TokenId],
-        _extra_keys: &[String],
+        tokens: &[TokenId],
+        extra_keys: &[String],
     ) -> ComputedBlocks {
-        todo!()
+        let mut out = ComputedBlocks::default();
+        if !self.enable_caching || tokens.is_empty() {
+            return out;
+        }
+        let max_blocks = (tokens.len() - 1) / self.block_size;
+        let mut parent: Option<BlockHash> = None;
+        for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
+            let h = self.hasher.hash(parent.as_ref(), chunk, extra_keys);
+            match self.pool.get_cached_block(&h) {
+                Some(b) => out.blocks.push(b),
+                None => break,
+            }
+            parent = Some(h);
+        }
+        out.num_computed_tokens = out.blocks.len() * self.block_size;
+        self.stats.queries += tokens.len() as u64;
+        self.stats.hits += out.num_computed_tokens as u64;
+        out
     }
+
+    /// Makes room for tokens `[0, num_computed_tokens + num_new_tokens)` of `req`. `new_computed`
+    /// are cache hits for a request with no blocks yet (already counted in
+    /// `num_computed_tokens`). Returns false, changing nothing, when the pool is short.
     pub fn allocate_slots(
         &mut self,
-        _req: &RequestId,
-        _tokens: &[TokenId],
-        _num_computed_tokens: usize,
-        _num_new_tokens: usize,
-        _new_computed: &ComputedBlocks,
-        _extra_keys: &[String],
+        req: &RequestId,
+        tokens: &[TokenId],
+        num_computed_tokens: usize,
+        num_new_tokens: usize,
+        new_computed: &ComputedBlocks,
+        extra_keys: &[String],
     ) -> bool {
-        todo!()
+        let total = num_computed_tokens + num_new_tokens;
+        let have = self.tables.get(req).map_or(0, Vec::len) + new_computed.blocks.len();
+        let need = total.div_ceil(self.block_size).saturating_sub(have);
+        // Hits sitting in the free queue stop being free once touched.
+        let hits_from_free = new_computed
+            .blocks
+            .iter()
+            .filter(|b| self.pool.ref_count(**b) == 0)
+            .count();
+        if need + hits_from_free > self.pool.num_free_blocks() {
+            return false;
+        }
+        self.pool.touch(&new_computed.blocks);
+        let fresh = self.pool.allocate(need).expect("free blocks were counted");
+        let table = self.tables.entry(req.clone()).or_default();
+        table.extend_from_slice(&new_computed.blocks);
+        table.extend(fresh);
+        if self.enable_caching {
+            let hashes = self.hashes.entry(req.clone()).or_default();
+            let full = total.min(tokens.len()) / self.block_size;
+            while hashes.len() < full {
+                let i = hashes.len();
+                let chunk = &tokens[i * self.block_size..(i + 1) * self.block_size];
+                let h = self.hasher.hash(hashes.last(), chunk, extra_keys);
+                hashes.push(h);
+                self.pool.cache_block(table[i], h);
+            }
+        }
+        true
     }
-    pub fn free(&mut self, _req: &RequestId) {
-        todo!()
+
+    /// Releases the request's blocks, tail first; unknown ids are ignored.
+    pub fn free(&mut self, req: &RequestId) {
+        self.hashes.remove(req);
+        if let Some(table) = self.tables.remove(req) {
+            self.pool.free(table.into_iter().rev());
+        }
     }
-    pub fn block_table(&self, _req: &RequestId) -> &[BlockId] {
-        todo!()
+
+    pub fn block_table(&self, req: &RequestId) -> &[BlockId] {
+        self.tables.get(req).map_or(&[], Vec::as_slice)
     }
+
+    /// The chained hashes of the request's full blocks so far.
+    pub fn block_hashes(&self, req: &RequestId) -> &[BlockHash] {
+        self.hashes.get(req).map_or(&[], Vec::as_slice)
+    }
+
     pub fn num_free_blocks(&self) -> usize {
-        todo!()
+        self.pool.num_free_blocks()
     }
+
     pub fn num_total_blocks(&self) -> usize {
-        todo!()
+        self.pool.num_total_blocks()
     }
+
     pub fn usage(&self) -> f32 {
-        todo!()
+        self.pool.usage()
     }
+
     pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
-        todo!()
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::BlockHashAlgo;
+
+    fn mgr(blocks: usize, caching: bool) -> KvCacheManager {
+        KvCacheManager::new(
+            blocks,
+            16,
+            caching,
+            BlockHasher::new(BlockHashAlgo::Xxh3, "0"),
+        )
+    }
+
+    fn toks(n: usize, base: u32) -> Vec<u32> {
+        (0..n as u32).map(|t| t + base).collect()
+    }
+
+    fn admit(m: &mut KvCacheManager, id: &str, tokens: &[u32]) -> ComputedBlocks {
+        let r = RequestId::from(id);
+        let hit = m.get_computed_blocks(&r, tokens, &[]);
+        let n = tokens.len() - hit.num_computed_tokens;
+        assert!(m.allocate_slots(&r, tokens, hit.num_computed_tokens, n, &hit, &[]));
+        hit
+    }
+
+    #[test]
+    fn shared_200_token_prefix_hits_12_blocks() {
+        let mut m = mgr(64, true);
+        let prefix = toks(200, 1000);
+        let a = [prefix.clone(), toks(30, 1)].concat();
+        let b = [prefix, toks(25, 500)].concat();
+        assert_eq!(admit(&mut m, "a", &a).num_computed_tokens, 0);
+        m.free(&"a".into());
+        let hit = admit(&mut m, "b", &b);
+        assert_eq!(hit.blocks.len(), 12);
+        assert_eq!(hit.num_computed_tokens, 192);
+        assert_eq!(&m.block_table(&"b".into())[..12], hit.blocks.as_slice());
+        let s = m.prefix_cache_stats();
+        assert_eq!((s.queries, s.hits), ((a.len() + b.len()) as u64, 192));
+        m.free(&"b".into());
+        assert_eq!(m.num_free_blocks(), 64);
+    }
+
+    #[test]
+    fn exact_block_multiple_leaves_one_token_to_compute() {
+        let mut m = mgr(16, true);
+        let t = toks(48, 0);
+        admit(&mut m, "a", &t);
+        let hit = admit(&mut m, "b", &t);
+        assert_eq!(
+            hit.num_computed_tokens, 32,
+            "3 full blocks, only 2 reusable"
+        );
+        // Live sharing: the two requests reference the same first blocks.
+        assert_eq!(
+            m.block_table(&"a".into())[..2],
+            m.block_table(&"b".into())[..2]
+        );
+        assert_eq!(
+            m.num_free_blocks(),
+            16 - 4,
+            "a's 3 blocks + b's own third block"
+        );
+        m.free(&"a".into());
+        assert_eq!(
+            m.num_free_blocks(),
+            16 - 3,
+            "b keeps the 2 shared blocks and its own"
+        );
+        m.free(&"b".into());
+        assert_eq!(m.num_free_blocks(), 16);
+    }
+
+    #[test]
+    fn out_of_blocks_changes_nothing() {
+        let mut m = mgr(2, true);
+        let r = RequestId::from("a");
+        assert!(!m.allocate_slots(&r, &toks(40, 0), 0, 40, &Default::default(), &[]));
+        assert_eq!(m.num_free_blocks(), 2);
+        assert!(m.block_table(&r).is_empty());
+    }
+
+    #[test]
+    fn decode_fills_and_caches_blocks() {
+        let mut m = mgr(8, true);
+        let r = RequestId::from("a");
+        let mut t = toks(15, 0);
+        assert!(m.allocate_slots(&r, &t, 0, 15, &Default::default(), &[]));
+        assert!(m.block_hashes(&r).is_empty());
+        t.push(99);
+        assert!(m.allocate_slots(&r, &t, 15, 1, &Default::default(), &[]));
+        assert_eq!(m.block_hashes(&r).len(), 1, "the 16th token fills block 0");
+        assert_eq!(m.block_table(&r).len(), 1);
+        t.push(100);
+        assert!(m.allocate_slots(&r, &t, 16, 1, &Default::default(), &[]));
+        assert_eq!(m.block_table(&r).len(), 2);
+        m.free(&r);
+        // A new request with the same 17 tokens finds block 0.
+        let hit = m.get_computed_blocks(&"b".into(), &t, &[]);
+        assert_eq!(hit.num_computed_tokens, 16);
+    }
+
+    #[test]
+    fn eviction_drops_hits_and_caching_can_be_off() {
+        let mut m = mgr(4, true);
+        let t = toks(33, 0);
+        admit(&mut m, "a", &t); // 3 blocks, 2 cached
+        m.free(&"a".into());
+        // A different 64-token request needs all 4 blocks: the cached ones are evicted.
+        admit(&mut m, "b", &toks(64, 700));
+        m.free(&"b".into());
+        assert_eq!(
+            m.get_computed_blocks(&"c".into(), &t, &[])
+                .num_computed_tokens,
+            0
+        );
+
+        let mut off = mgr(4, false);
+        admit(&mut off, "a", &t);
+        off.free(&"a".into());
+        assert_eq!(
+            off.get_computed_blocks(&"b".into(), &t, &[])
+                .num_computed_tokens,
+            0
+        );
+    }
+
+    #[test]
+    fn extra_keys_separate_caches() {
+        let mut m = mgr(8, true);
+        let t = toks(40, 0);
+        let r = RequestId::from("a");
+        let lora = vec!["lora-1".to_string()];
+        assert!(m.allocate_slots(&r, &t, 0, 40, &Default::default(), &lora));
+        m.free(&r);
+        assert_eq!(
+            m.get_computed_blocks(&"b".into(), &t, &[])
+                .num_computed_tokens,
+            0
+        );
+        assert_eq!(
+            m.get_computed_blocks(&"b".into(), &t, &lora)
+                .num_computed_tokens,
+            32
+        );
     }
 }

@@ -5,7 +5,7 @@ pub mod block_hash;
 pub mod block_pool;
 pub mod kv_cache_manager;
 
-pub use block_hash::{hash_block, BlockHash, BlockHashAlgo};
+pub use block_hash::{BlockHash, BlockHashAlgo, BlockHasher};
 pub use block_pool::{BlockPool, PrefixCacheStats};
 pub use kv_cache_manager::{ComputedBlocks, KvCacheManager};
 
@@ -16,6 +16,6 @@ pub struct BlockId(pub u32);
 
 #[derive(Debug, thiserror::Error)]
 pub enum KvError {
-    #[error("unknown block hash algorithm {0:?} (expected xxh3_64 or sha256_cbor_64bit)")]
+    #[error("unknown block hash algorithm {0:?} (expected xxh3_64 or sha256_cbor)")]
     UnknownHashAlgo(String),
 }

@@ -232,7 +232,10 @@ impl ModelConfig {
             );
         }
         if self.head_dim % 2 != 0 {
-            return bad("head_dim", format!("{} is odd; rotary needs pairs", self.head_dim));
+            return bad(
+                "head_dim",
+                format!("{} is odd; rotary needs pairs", self.head_dim),
+            );
         }
         Ok(())
     }
@@ -306,7 +309,10 @@ mod tests {
     fn parses_smollm2() {
         let c = ModelConfig::from_json(SMOLLM2).unwrap();
         assert_eq!(c.architecture, Architecture::Llama);
-        assert_eq!((c.num_attention_heads, c.num_key_value_heads, c.head_dim), (9, 3, 64));
+        assert_eq!(
+            (c.num_attention_heads, c.num_key_value_heads, c.head_dim),
+            (9, 3, 64)
+        );
         assert!(c.tie_word_embeddings && !c.qkv_bias);
         assert_eq!(c.eos_token_ids, vec![2]);
     }
@@ -327,17 +333,29 @@ mod tests {
         let j = SMOLLM2.replace("\"num_key_value_heads\":3", "\"num_key_value_heads\":4");
         assert!(matches!(
             ModelConfig::from_json(&j),
-            Err(ModelError::ConfigField { field: "num_key_value_heads", .. })
+            Err(ModelError::ConfigField {
+                field: "num_key_value_heads",
+                ..
+            })
         ));
         let j = SMOLLM2.replace("\"hidden_size\":576,", "");
         assert!(matches!(
             ModelConfig::from_json(&j),
-            Err(ModelError::ConfigField { field: "hidden_size", .. })
+            Err(ModelError::ConfigField {
+                field: "hidden_size",
+                ..
+            })
         ));
-        let j = SMOLLM2.replace("\"rope_scaling\":null", "\"rope_scaling\":{\"type\":\"yarn\",\"factor\":4.0}");
+        let j = SMOLLM2.replace(
+            "\"rope_scaling\":null",
+            "\"rope_scaling\":{\"type\":\"yarn\",\"factor\":4.0}",
+        );
         assert!(matches!(
             ModelConfig::from_json(&j),
-            Err(ModelError::ConfigField { field: "rope_scaling", .. })
+            Err(ModelError::ConfigField {
+                field: "rope_scaling",
+                ..
+            })
         ));
         assert!(matches!(
             ModelConfig::from_json("{not json"),

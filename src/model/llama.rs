@@ -228,17 +228,37 @@ impl<B: Backend> Model<B> {
             let layer = &mut done[i];
             // The residual add after the MLP is fused with the next layer's input norm.
             let next_norm = rest.first().map_or(&self.final_norm, |l| &l.input_norm);
-            b.matmul(&ws.normed, &layer.qkv, layer.qkv_bias.as_ref(), &mut ws.qkv, n);
+            b.matmul(
+                &ws.normed,
+                &layer.qkv,
+                layer.qkv_bias.as_ref(),
+                &mut ws.qkv,
+                n,
+            );
             b.rope(&mut ws.qkv, &self.cos_sin, &step, self.dims);
             b.write_kv(&ws.qkv, &mut layer.kv_cache, &step, self.dims);
             b.paged_attention_decode(&ws.qkv, &layer.kv_cache, &step, self.dims, &mut ws.attn);
             b.paged_attention_prefill(&ws.qkv, &layer.kv_cache, &step, self.dims, &mut ws.attn);
             b.matmul(&ws.attn, &layer.o, layer.o_bias.as_ref(), &mut ws.proj, n);
-            b.add_rms_norm(&mut ws.residual, &ws.proj, &layer.post_norm, eps, &mut ws.normed, n);
+            b.add_rms_norm(
+                &mut ws.residual,
+                &ws.proj,
+                &layer.post_norm,
+                eps,
+                &mut ws.normed,
+                n,
+            );
             b.matmul(&ws.normed, &layer.gate_up, None, &mut ws.gate_up, n);
             b.silu_mul(&ws.gate_up, &mut ws.act, n, c.intermediate_size);
             b.matmul(&ws.act, &layer.down, None, &mut ws.proj, n);
-            b.add_rms_norm(&mut ws.residual, &ws.proj, next_norm, eps, &mut ws.normed, n);
+            b.add_rms_norm(
+                &mut ws.residual,
+                &ws.proj,
+                next_norm,
+                eps,
+                &mut ws.normed,
+                n,
+            );
         }
         b.gather_rows(&ws.normed, &step, c.hidden_size, &mut ws.gathered);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);

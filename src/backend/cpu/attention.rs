@@ -138,12 +138,20 @@ mod tests {
     }
 
     fn lcg(seed: &mut u64) -> f32 {
-        *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
 
     /// Dense causal attention over contiguous K/V for one sequence: the independent reference.
-    fn dense(q: &[Vec<f32>], k: &[Vec<f32>], v: &[Vec<f32>], d: AttnDims, start: usize) -> Vec<f32> {
+    fn dense(
+        q: &[Vec<f32>],
+        k: &[Vec<f32>],
+        v: &[Vec<f32>],
+        d: AttnDims,
+        start: usize,
+    ) -> Vec<f32> {
         let hd = d.head_dim;
         let group = d.num_heads / d.num_kv_heads;
         let mut out = vec![];
@@ -163,7 +171,9 @@ mod tests {
                 let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
                 let z: f64 = e.iter().sum();
                 for x in 0..hd {
-                    let o: f64 = (0..=pos).map(|t| e[t] / z * v[t][kvh * hd + x] as f64).sum();
+                    let o: f64 = (0..=pos)
+                        .map(|t| e[t] / z * v[t][kvh * hd + x] as f64)
+                        .sum();
                     out.push(o as f32);
                 }
             }
@@ -213,7 +223,11 @@ mod tests {
     /// Chunked prefill on a cached prefix, with scattered blocks and GQA, against dense attention.
     #[test]
     fn paged_matches_dense_for_gqa_chunks_and_decode() {
-        for (h, kvh, hd, bs) in [(4usize, 1usize, 8usize, 4usize), (8, 2, 16, 16), (4, 4, 4, 2)] {
+        for (h, kvh, hd, bs) in [
+            (4usize, 1usize, 8usize, 4usize),
+            (8, 2, 16, 16),
+            (4, 4, 4, 2),
+        ] {
             let d = dims(h, kvh, hd);
             let total: usize = 23;
             let cached = 9;

@@ -21,7 +21,10 @@ const X_TILE: usize = 64;
 
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ`, all row-major.
 pub fn matmul_nt(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
-    assert!(x.len() >= m * k && w.len() >= n * k && out.len() >= m * n, "matmul_nt: buffers too small for m={m} k={k} n={n}");
+    assert!(
+        x.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
+        "matmul_nt: buffers too small for m={m} k={k} n={n}"
+    );
     if m == 0 || n == 0 {
         return;
     }
@@ -77,7 +80,8 @@ fn kernel() -> Kernel {
     static K: OnceLock<Kernel> = OnceLock::new();
     *K.get_or_init(|| {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
             return dots_avx2_entry;
         }
         dots_portable
@@ -155,7 +159,11 @@ unsafe fn dots_avx2(x: &[f32], w: &[f32], k: usize, rows: usize, out: &mut [f32;
             let mut a = _mm256_setzero_ps();
             let mut t = 0;
             while t < body {
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(t)), _mm256_loadu_ps(wp.add(r * k + t)), a);
+                a = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(xp.add(t)),
+                    _mm256_loadu_ps(wp.add(r * k + t)),
+                    a,
+                );
                 t += 8;
             }
             let mut s = reduce8(store(a));
@@ -174,7 +182,9 @@ mod tests {
     fn rand_vec(n: usize, seed: &mut u64) -> Vec<f32> {
         (0..n)
             .map(|_| {
-                *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
             })
             .collect()
@@ -184,7 +194,9 @@ mod tests {
         let mut o = vec![0f64; m * n];
         for i in 0..m {
             for j in 0..n {
-                o[i * n + j] = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
+                o[i * n + j] = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                    .sum();
             }
         }
         o
@@ -193,7 +205,14 @@ mod tests {
     #[test]
     fn matches_f64_reference_on_odd_shapes() {
         let mut seed = 1;
-        for (m, k, n) in [(1, 64, 192), (3, 61, 37), (16, 576, 67), (37, 13, 5), (70, 200, 9), (1, 7, 1)] {
+        for (m, k, n) in [
+            (1, 64, 192),
+            (3, 61, 37),
+            (16, 576, 67),
+            (37, 13, 5),
+            (70, 200, 9),
+            (1, 7, 1),
+        ] {
             let x = rand_vec(m * k, &mut seed);
             let w = rand_vec(n * k, &mut seed);
             let mut out = vec![0f32; m * n];
@@ -210,7 +229,14 @@ mod tests {
     fn hand_computed() {
         // x = [[1, 2], [3, 4]], w = [[1, 0], [0, 1], [1, 1]] → x·wᵀ = [[1, 2, 3], [3, 4, 7]]
         let mut out = [0f32; 6];
-        matmul_nt(&[1.0, 2.0, 3.0, 4.0], &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &mut out, 2, 2, 3);
+        matmul_nt(
+            &[1.0, 2.0, 3.0, 4.0],
+            &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0],
+            &mut out,
+            2,
+            2,
+            3,
+        );
         assert_eq!(out, [1.0, 2.0, 3.0, 3.0, 4.0, 7.0]);
     }
 
@@ -225,15 +251,24 @@ mod tests {
         for i in [0, 1, 63, 64, 149] {
             let mut one = vec![0f32; n];
             matmul_nt(&x[i * k..(i + 1) * k], &w, &mut one, 1, k, n);
-            let row: Vec<u32> = full[i * n..(i + 1) * n].iter().map(|v| v.to_bits()).collect();
+            let row: Vec<u32> = full[i * n..(i + 1) * n]
+                .iter()
+                .map(|v| v.to_bits())
+                .collect();
             let alone: Vec<u32> = one.iter().map(|v| v.to_bits()).collect();
             assert_eq!(row, alone, "row {i} differs alone vs batched");
         }
         for threads in [1, 2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
             let mut o = vec![0f32; m * n];
             pool.install(|| matmul_nt(&x, &w, &mut o, m, k, n));
-            assert!(o.iter().zip(&full).all(|(a, b)| a.to_bits() == b.to_bits()), "{threads} threads");
+            assert!(
+                o.iter().zip(&full).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{threads} threads"
+            );
         }
     }
 }

@@ -8,9 +8,7 @@
 pub mod attention;
 pub mod gemm;
 
-use super::{
-    AttnDims, Backend, BackendError, BackendResult, BatchPlan, HostTensor, KvCacheDims,
-};
+use super::{AttnDims, Backend, BackendError, BackendResult, BatchPlan, HostTensor, KvCacheDims};
 use rayon::prelude::*;
 
 /// Rows handed to one rayon task by the row-wise ops.
@@ -137,7 +135,14 @@ impl Backend for CpuBackend {
         }
     }
 
-    fn rms_norm(&self, x: &Vec<f32>, weight: &CpuWeight, eps: f32, out: &mut Vec<f32>, rows: usize) {
+    fn rms_norm(
+        &self,
+        x: &Vec<f32>,
+        weight: &CpuWeight,
+        eps: f32,
+        out: &mut Vec<f32>,
+        rows: usize,
+    ) {
         let d = weight.data.len();
         out[..rows * d]
             .par_chunks_mut(d * ROWS_PER_TASK)
