@@ -1,4 +1,7 @@
-//! The `llmd` command line.
+//! The `llmd` command line: `generate` for one prompt, `serve` for the OpenAI-compatible HTTP
+//! worker.
+mod server;
+
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -19,6 +22,14 @@ struct Cli {
 enum Command {
     /// Generate text for one prompt and print it as it streams.
     Generate(GenerateArgs),
+    /// Serve the OpenAI-compatible HTTP API (completions, chat, models, health, metrics).
+    Serve(ServeArgs),
+}
+
+/// Which device runs the model.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Device {
+    Cpu,
 }
 
 #[derive(Args)]
@@ -49,6 +60,31 @@ struct EngineArgs {
     prefix_caching_hash_seed: Option<String>,
     #[arg(long)]
     threads: Option<usize>,
+    #[arg(long, value_enum, default_value_t = Device::Cpu)]
+    device: Device,
+    /// Most requests waiting for a batch slot before new ones are refused with 429
+    /// (default: unbounded).
+    #[arg(long)]
+    max_waiting_requests: Option<usize>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    engine: EngineArgs,
+    #[arg(long, default_value = "0.0.0.0")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Require `Authorization: Bearer <key>` on /v1/* routes.
+    #[arg(long)]
+    api_key: Option<String>,
+    /// The model name in the API (default: the --model argument).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Seconds in-flight requests may run after SIGTERM/SIGINT before they are aborted.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_timeout: f64,
 }
 
 #[derive(Args)]
@@ -123,6 +159,10 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
         c.cache.block_hash_seed = seed.clone();
     }
     c.num_threads = a.threads;
+    c.device = match a.device {
+        Device::Cpu => llmd::config::DeviceKind::Cpu,
+    };
+    c.scheduler.max_waiting_requests = a.max_waiting_requests;
     Ok(c)
 }
 
@@ -187,6 +227,28 @@ fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn serve(a: ServeArgs) -> Result<()> {
+    let config = engine_config(&a.engine)?;
+    let model_path = config.model.display().to_string();
+    if !(a.shutdown_timeout.is_finite() && a.shutdown_timeout >= 0.0) {
+        bail!("--shutdown-timeout must be a non-negative number of seconds");
+    }
+    let cfg = server::ServerConfig {
+        host: a.host,
+        port: a.port,
+        api_key: a.api_key,
+        served_model_name: a.served_model_name.unwrap_or_else(|| model_path.clone()),
+        model_path,
+        shutdown_timeout: std::time::Duration::from_secs_f64(a.shutdown_timeout),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("llmd-http")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(server::serve(cfg, move || load_engine(config)))
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -194,8 +256,10 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match Cli::parse().command {
         Command::Generate(a) => generate(a),
+        Command::Serve(a) => serve(a),
     }
 }

@@ -1,0 +1,328 @@
+//! Prometheus metrics under vLLM's names, so llm-d's endpoint picker and vLLM dashboards read
+//! llmd unchanged, plus a few `llmd:` extras (KV pool block counts).
+//!
+//! Gauges and engine counters are read from [`EngineStats`] at scrape time; per-request
+//! histograms are recorded here by a [`RequestTracker`], one per engine request, which records
+//! exactly once: when the request finishes, or when it is dropped unfinished (client gone,
+//! counted as `abort`). The text format is written by hand: it is small and fixed.
+use llmd::engine::EngineStats;
+use llmd::{FinishReason, RequestOutput};
+use std::fmt::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// vLLM's buckets, so dashboards built for vLLM bin our values the same way.
+const TTFT_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+    20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+];
+const TPOT_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+    40.0, 80.0,
+];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+    240.0, 480.0, 960.0, 1920.0, 7680.0,
+];
+
+/// A cumulative Prometheus histogram.
+#[derive(Clone, Debug)]
+struct Histogram {
+    bounds: &'static [f64],
+    /// `[bounds.len()]`: observations `<= bounds[i]` (not yet cumulative).
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: vec![0; bounds.len()],
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    fn observe(&mut self, v: f64) {
+        if let Some(i) = self.bounds.iter().position(|&b| v <= b) {
+            self.counts[i] += 1;
+        }
+        self.sum += v;
+        self.count += 1;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cum = 0;
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            cum += c;
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b:?}\"}} {cum}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {:?}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
+    }
+}
+
+/// Request-level observations.
+struct Recorded {
+    ttft: Histogram,
+    itl: Histogram,
+    tpot: Histogram,
+    e2e: Histogram,
+    prompt_tokens: Histogram,
+    generation_tokens: Histogram,
+    /// Finished requests by reason: stop, length, abort.
+    success: [u64; 3],
+}
+
+pub struct Metrics {
+    /// Label set for every series: `model_name="...",engine="0"`.
+    labels: String,
+    recorded: Mutex<Recorded>,
+}
+
+/// 1, 2, 5, 10, 20, 50, ... up to `max` (vLLM's `build_1_2_5_buckets`).
+fn buckets_1_2_5(max: usize) -> &'static [f64] {
+    let mut v = Vec::new();
+    let mut exp = 1.0;
+    'outer: loop {
+        for m in [1.0, 2.0, 5.0] {
+            let b = m * exp;
+            if b > max as f64 {
+                break 'outer;
+            }
+            v.push(b);
+        }
+        exp *= 10.0;
+    }
+    // Leaked once per process: the bucket layout is fixed for the server's life.
+    Box::leak(v.into_boxed_slice())
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    pub fn new(model_name: &str, max_model_len: usize) -> Self {
+        let tokens = buckets_1_2_5(max_model_len);
+        Self {
+            labels: format!("model_name=\"{}\",engine=\"0\"", escape_label(model_name)),
+            recorded: Mutex::new(Recorded {
+                ttft: Histogram::new(TTFT_BUCKETS),
+                itl: Histogram::new(TPOT_BUCKETS),
+                tpot: Histogram::new(TPOT_BUCKETS),
+                e2e: Histogram::new(LATENCY_BUCKETS),
+                prompt_tokens: Histogram::new(tokens),
+                generation_tokens: Histogram::new(tokens),
+                success: [0; 3],
+            }),
+        }
+    }
+
+    fn with<R>(&self, f: impl FnOnce(&mut Recorded) -> R) -> Option<R> {
+        self.recorded.lock().ok().map(|mut g| f(&mut g))
+    }
+
+    /// The exposition text: gauges and counters from `stats`, then the histograms.
+    pub fn render(&self, stats: &EngineStats) -> String {
+        let l = &self.labels;
+        let mut out = String::new();
+        let mut scalar = |name: &str, kind: &str, help: &str, value: String| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{l}}} {value}"
+            );
+        };
+        let c = &stats.counters;
+        scalar("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", stats.num_running.to_string());
+        scalar("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", stats.num_waiting.to_string());
+        scalar("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", format!("{:?}", stats.kv_usage));
+        scalar("vllm:gpu_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage. DEPRECATED: use vllm:kv_cache_usage_perc.", format!("{:?}", stats.kv_usage));
+        scalar("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried tokens.", stats.prefix_cache.queries.to_string());
+        scalar("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.", stats.prefix_cache.hits.to_string());
+        scalar("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions from the engine.", stats.num_preemptions.to_string());
+        scalar("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", c.prompt_tokens.to_string());
+        scalar("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", c.generation_tokens.to_string());
+        scalar("llmd:kv_free_blocks", "gauge", "Free KV-cache blocks (evictable cached blocks included).", stats.num_free_blocks.to_string());
+        scalar("llmd:kv_total_blocks", "gauge", "KV-cache blocks in the pool.", stats.num_total_blocks.to_string());
+        scalar("llmd:prompt_tokens_computed_total", "counter", "Prompt tokens actually computed (prefix-cache hits excluded, recomputation included).", c.prompt_tokens_computed.to_string());
+        scalar("llmd:engine_steps_total", "counter", "Engine steps run.", c.steps.to_string());
+        let Some(r) = self.with(|r| {
+            let mut text = String::new();
+            let _ = writeln!(
+                text,
+                "# HELP vllm:request_success_total Count of successfully processed requests.\n# TYPE vllm:request_success_total counter"
+            );
+            for (reason, n) in ["stop", "length", "abort"].iter().zip(r.success) {
+                let _ = writeln!(
+                    text,
+                    "vllm:request_success_total{{{l},finished_reason=\"{reason}\"}} {n}"
+                );
+            }
+            r.ttft.render(&mut text, "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", l);
+            r.itl.render(&mut text, "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", l);
+            r.tpot.render(&mut text, "vllm:time_per_output_token_seconds", "Histogram of time per output token in seconds (per request: decode time over output tokens after the first).", l);
+            r.e2e.render(&mut text, "vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", l);
+            r.prompt_tokens.render(&mut text, "vllm:request_prompt_tokens", "Number of prefill tokens processed.", l);
+            r.generation_tokens.render(&mut text, "vllm:request_generation_tokens", "Number of generation tokens processed.", l);
+            text
+        }) else {
+            return out;
+        };
+        out.push_str(&r);
+        out
+    }
+}
+
+/// Times one engine request and records it into [`Metrics`] once, with one log line.
+pub struct RequestTracker {
+    metrics: Arc<Metrics>,
+    id: String,
+    arrival: Instant,
+    first: Option<Instant>,
+    last: Option<Instant>,
+    prompt_tokens: usize,
+    output_tokens: usize,
+    /// Gaps between consecutive tokens, recorded at finish (batched into one lock).
+    gaps: Vec<f64>,
+    done: bool,
+}
+
+impl RequestTracker {
+    pub fn new(metrics: Arc<Metrics>, id: String, arrival: Instant, prompt_tokens: usize) -> Self {
+        Self {
+            metrics,
+            id,
+            arrival,
+            first: None,
+            last: None,
+            prompt_tokens,
+            output_tokens: 0,
+            gaps: Vec::new(),
+            done: false,
+        }
+    }
+
+    pub fn on_output(&mut self, o: &RequestOutput) {
+        let now = Instant::now();
+        if self.first.is_none() {
+            self.first = Some(now);
+        } else if let Some(last) = self.last {
+            self.gaps.push((now - last).as_secs_f64());
+        }
+        self.last = Some(now);
+        self.output_tokens = o.num_output_tokens;
+        if let Some(reason) = o.finish_reason {
+            self.finish(reason);
+        }
+    }
+
+    /// Forgets the request without recording it: it was refused before it ever ran.
+    pub fn discard(&mut self) {
+        self.done = true;
+    }
+
+    /// Records the request (at most once).
+    pub fn finish(&mut self, reason: FinishReason) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let now = Instant::now();
+        let e2e = (now - self.arrival).as_secs_f64();
+        let ttft = self.first.map(|f| (f - self.arrival).as_secs_f64());
+        let tpot = match (self.first, self.last) {
+            (Some(f), Some(l)) if self.output_tokens > 1 => {
+                Some((l - f).as_secs_f64() / (self.output_tokens - 1) as f64)
+            }
+            _ => None,
+        };
+        let slot = match reason {
+            FinishReason::Stop => 0,
+            FinishReason::Length => 1,
+            FinishReason::Abort => 2,
+        };
+        let gaps = std::mem::take(&mut self.gaps);
+        self.metrics.with(|r| {
+            r.success[slot] += 1;
+            r.e2e.observe(e2e);
+            r.prompt_tokens.observe(self.prompt_tokens as f64);
+            r.generation_tokens.observe(self.output_tokens as f64);
+            if let Some(t) = ttft {
+                r.ttft.observe(t);
+            }
+            if let Some(t) = tpot {
+                r.tpot.observe(t);
+            }
+            for g in gaps {
+                r.itl.observe(g);
+            }
+        });
+        tracing::info!(
+            request_id = %self.id,
+            prompt_tokens = self.prompt_tokens,
+            output_tokens = self.output_tokens,
+            ttft_ms = ttft.map_or(-1.0, |t| t * 1e3),
+            latency_ms = e2e * 1e3,
+            finish_reason = reason.as_str(),
+            "request finished"
+        );
+    }
+}
+
+impl Drop for RequestTracker {
+    /// A request dropped before finishing was aborted (the client went away or another
+    /// choice of the same request failed).
+    fn drop(&mut self) {
+        self.finish(FinishReason::Abort);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_is_cumulative() {
+        let mut h = Histogram::new(&[0.1, 1.0]);
+        for v in [0.05, 0.5, 0.7, 3.0] {
+            h.observe(v);
+        }
+        let mut s = String::new();
+        h.render(&mut s, "x", "help", "a=\"b\"");
+        assert!(s.contains("x_bucket{a=\"b\",le=\"0.1\"} 1\n"), "{s}");
+        assert!(s.contains("x_bucket{a=\"b\",le=\"1.0\"} 3\n"), "{s}");
+        assert!(s.contains("x_bucket{a=\"b\",le=\"+Inf\"} 4\n"), "{s}");
+        assert!(s.contains("x_count{a=\"b\"} 4\n"), "{s}");
+        assert!(s.contains("x_sum{a=\"b\"} 4.25\n"), "{s}");
+    }
+
+    #[test]
+    fn buckets_follow_1_2_5() {
+        assert_eq!(buckets_1_2_5(100), &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]);
+        assert_eq!(buckets_1_2_5(512), &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0]);
+    }
+
+    #[test]
+    fn tracker_records_once_and_dropped_counts_as_abort() {
+        let m = Arc::new(Metrics::new("m\"x", 512));
+        {
+            let mut t = RequestTracker::new(m.clone(), "a".into(), Instant::now(), 3);
+            t.finish(FinishReason::Length);
+            t.finish(FinishReason::Stop);
+        }
+        drop(RequestTracker::new(m.clone(), "b".into(), Instant::now(), 3));
+        let text = m.render(&EngineStats::default());
+        assert!(text.contains(r#"model_name="m\"x""#), "{text}");
+        assert!(text.contains("finished_reason=\"length\"} 1\n"), "{text}");
+        assert!(text.contains("finished_reason=\"stop\"} 0\n"), "{text}");
+        assert!(text.contains("finished_reason=\"abort\"} 1\n"), "{text}");
+        assert!(text.contains("vllm:e2e_request_latency_seconds_count{model_name=\"m\\\"x\",engine=\"0\"} 2\n"), "{text}");
+        assert!(text.contains("vllm:num_requests_running{"), "{text}");
+    }
+}

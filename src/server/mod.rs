@@ -1,0 +1,344 @@
+//! `llmd serve`: an OpenAI-compatible HTTP worker, as vLLM's API server is inside llm-d.
+//!
+//! Life of the process:
+//! 1. bind the port, then load the weights on their own thread; `/health` answers 503 until the
+//!    engine is up (a Kubernetes readiness probe), API routes answer 503 too;
+//! 2. serve `/v1/completions`, `/v1/chat/completions`, `/v1/models`, `/health`, `/metrics`;
+//! 3. on SIGTERM/SIGINT stop accepting, report 503 on `/health`, let in-flight requests finish
+//!    within the shutdown deadline, then drop what is left — which aborts those requests.
+//!
+//! Invariant: the engine is only reachable through [`AppState::ready`], so no handler runs a
+//! request before the model is loaded.
+mod chat;
+mod completions;
+mod error;
+mod logprobs;
+mod metrics;
+mod openai;
+mod stream;
+
+use error::{ApiError, ErrorKind};
+use metrics::Metrics;
+
+use anyhow::{bail, Context};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use llmd::Engine;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Largest request body: token-id prompts near a long context run to a few MB of JSON.
+const MAX_BODY_BYTES: usize = 32 << 20;
+
+/// What `llmd serve` was asked for, besides the engine's own configuration.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// When set, `/v1/*` requires `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    /// The name clients put in `model` and see in `/v1/models`.
+    pub served_model_name: String,
+    /// The model directory, reported as the model's `root`; also accepted as its name.
+    pub model_path: String,
+    /// How long in-flight requests may run after SIGTERM/SIGINT.
+    pub shutdown_timeout: Duration,
+}
+
+/// The loaded engine and what exists only once it does.
+pub struct Ready {
+    pub engine: Engine,
+    pub metrics: Arc<Metrics>,
+}
+
+pub struct AppState {
+    pub model_name: String,
+    model_path: String,
+    api_key: Option<String>,
+    created: u64,
+    ready: OnceLock<Ready>,
+    shutting_down: AtomicBool,
+    /// Per-process random prefix of response ids, so ids from restarts do not collide.
+    id_prefix: u64,
+    next_id: AtomicU64,
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl AppState {
+    fn new(cfg: &ServerConfig) -> Self {
+        Self {
+            model_name: cfg.served_model_name.clone(),
+            model_path: cfg.model_path.clone(),
+            api_key: cfg.api_key.clone(),
+            created: unix_now(),
+            ready: OnceLock::new(),
+            shutting_down: AtomicBool::new(false),
+            id_prefix: std::collections::hash_map::RandomState::new().hash_one(unix_now()),
+            next_id: AtomicU64::new(0),
+        }
+    }
+
+    /// The engine, or 503 while the model is loading.
+    pub fn ready(&self) -> Result<&Ready, ApiError> {
+        self.ready.get().ok_or_else(|| {
+            ApiError::new(ErrorKind::Unavailable, "the model is still loading")
+                .with_code("model_loading")
+        })
+    }
+
+    /// Accepts no `model`, the served name, or the model path.
+    pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            None => Ok(()),
+            Some(m) if m == self.model_name || m == self.model_path => Ok(()),
+            Some(m) => Err(ApiError::invalid("model", format!("The model `{m}` does not exist."))
+                .with_code("model_not_found")),
+        }
+    }
+
+    /// A fresh response id, e.g. `cmpl-<16 hex><8 hex>`.
+    pub fn next_id(&self, kind: &str) -> String {
+        let n = self.next_id.fetch_add(1, Ordering::Relaxed);
+        format!("{kind}-{:016x}{n:08x}", self.id_prefix)
+    }
+}
+
+fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/v1/completions", post(completions::completions))
+        .route("/v1/chat/completions", post(chat::chat_completions))
+        .route("/v1/models", get(models))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+    Router::new()
+        .merge(api)
+        .route("/health", get(health))
+        .route("/metrics", get(metrics_text))
+        .fallback(error::not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Compares in time independent of where the strings first differ.
+fn same_secret(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a
+            .bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &state.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| same_secret(g.trim(), key)) {
+            return ApiError::new(
+                ErrorKind::Authentication,
+                "missing or invalid API key: send `Authorization: Bearer <key>`",
+            )
+            .with_code("invalid_api_key")
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// 200 once the engine is up and the server is not draining; 503 otherwise.
+async fn health(State(state): State<Arc<AppState>>) -> Result<StatusCode, ApiError> {
+    state.ready()?;
+    if state.shutting_down.load(Ordering::Relaxed) {
+        return Err(ApiError::new(ErrorKind::Unavailable, "shutting down").with_code("shutting_down"));
+    }
+    Ok(StatusCode::OK)
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let ready = state.ready()?;
+    Ok(axum::Json(serde_json::json!({
+        "object": "list",
+        "data": [{
+            "id": state.model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "llmd",
+            "root": state.model_path,
+            "parent": null,
+            "max_model_len": ready.engine.limits().max_model_len,
+        }],
+    }))
+    .into_response())
+}
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
+    let ready = state.ready()?;
+    let text = ready.metrics.render(&ready.engine.stats());
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        text,
+    )
+        .into_response())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+/// Runs the server until a signal; `load` builds the engine on its own thread (it may take
+/// minutes and shows its own progress).
+pub async fn serve<L>(cfg: ServerConfig, load: L) -> anyhow::Result<()>
+where
+    L: FnOnce() -> anyhow::Result<Engine> + Send + 'static,
+{
+    let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
+        .await
+        .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, model = %cfg.served_model_name, "listening; loading the model");
+    let state = Arc::new(AppState::new(&cfg));
+    let (drain_tx, mut drain_rx) = tokio::sync::watch::channel(false);
+    let app = router(state.clone());
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = drain_rx.wait_for(|&d| d).await;
+            })
+            .await
+    });
+    let (load_tx, load_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("llmd-load".into())
+        .spawn(move || {
+            let _ = load_tx.send(load());
+        })
+        .context("spawning the loader thread")?;
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+
+    tokio::select! {
+        loaded = load_rx => {
+            let engine = match loaded {
+                Ok(Ok(engine)) => engine,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => bail!("the loader thread died"),
+            };
+            let limits = engine.limits().clone();
+            if !engine.tokenizer().has_chat_template() {
+                tracing::warn!("the model has no chat template: chat requests are rendered as the message contents, one per line");
+            }
+            let metrics = Arc::new(Metrics::new(&state.model_name, limits.max_model_len));
+            if state.ready.set(Ready { engine, metrics }).is_err() {
+                bail!("the engine was set twice");
+            }
+            tracing::info!(
+                %addr,
+                max_model_len = limits.max_model_len,
+                kv_blocks = limits.num_blocks,
+                block_size = limits.block_size,
+                "ready"
+            );
+        }
+        () = &mut signal => {
+            tracing::info!("signal received while loading; exiting");
+            return Ok(());
+        }
+        r = &mut server => {
+            r.context("server task")?.context("server")?;
+            bail!("the server stopped while the model was loading");
+        }
+    }
+
+    tokio::select! {
+        () = &mut signal => {}
+        r = &mut server => {
+            r.context("server task")?.context("server")?;
+            return Ok(());
+        }
+    }
+    let in_flight = state
+        .ready
+        .get()
+        .map(|r| r.engine.stats())
+        .map_or(0, |s| s.num_running + s.num_waiting);
+    tracing::info!(
+        in_flight,
+        deadline_s = cfg.shutdown_timeout.as_secs_f64(),
+        "shutting down: no new connections, draining in-flight requests"
+    );
+    state.shutting_down.store(true, Ordering::Relaxed);
+    let _ = drain_tx.send(true);
+    match tokio::time::timeout(cfg.shutdown_timeout, &mut server).await {
+        Ok(r) => {
+            r.context("server task")?.context("server")?;
+            tracing::info!("drained; bye");
+        }
+        Err(_) => {
+            // Dropping the connections drops their request handles, which aborts them.
+            server.abort();
+            tracing::warn!("shutdown deadline passed; aborting the requests still running");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_compare_exactly() {
+        assert!(same_secret("abc", "abc"));
+        assert!(!same_secret("abc", "abd"));
+        assert!(!same_secret("abc", "abcd"));
+        assert!(!same_secret("", "a"));
+    }
+
+    #[test]
+    fn model_names_and_ids() {
+        let s = AppState::new(&ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 0,
+            api_key: None,
+            served_model_name: "m".into(),
+            model_path: "/x/m".into(),
+            shutdown_timeout: Duration::from_secs(1),
+        });
+        assert!(s.check_model(None).is_ok());
+        assert!(s.check_model(Some("m")).is_ok());
+        assert!(s.check_model(Some("/x/m")).is_ok());
+        let e = s.check_model(Some("gpt-4")).unwrap_err();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(e.code, Some("model_not_found"));
+        assert_ne!(s.next_id("cmpl"), s.next_id("cmpl"));
+        assert!(s.ready().is_err());
+    }
+}

@@ -1,0 +1,214 @@
+//! Running one API request's engine requests (one per choice) and turning their deltas into a
+//! joined result or an SSE stream.
+//!
+//! Lifetimes carry the cancellation: every [`RequestHandle`] lives inside the stream that reads
+//! it, and the stream lives inside the response body (streaming) or the handler future
+//! (non-streaming). When a client disconnects, hyper drops the body or the future, which drops
+//! the handles, which aborts their requests and frees their KV blocks.
+//!
+//! Submission waits for each request's first item before answering, so engine-side refusals
+//! (queue full, invalid parameters) become proper HTTP errors instead of errors inside an
+//! already-started 200 stream.
+use super::error::ApiError;
+use super::metrics::{Metrics, RequestTracker};
+use super::openai::Usage;
+use axum::response::sse::{Event, Sse};
+use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
+use llmd::engine::TokenLogprob;
+use llmd::{Engine, FinishReason, Prompt, RequestId, RequestOutput, SamplingParams, TokenId};
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// One engine request of an API request: choice `index` of the response.
+pub struct ChoiceRequest {
+    pub index: usize,
+    pub prompt: Vec<TokenId>,
+    pub params: SamplingParams,
+}
+
+type Item = (usize, llmd::Result<RequestOutput>);
+
+/// The running engine requests of one API request.
+pub struct Generation {
+    merged: SelectAll<BoxStream<'static, Item>>,
+    pub num_choices: usize,
+}
+
+struct ChoiceState {
+    index: usize,
+    first: Option<llmd::Result<RequestOutput>>,
+    handle: llmd::RequestHandle,
+    tracker: RequestTracker,
+}
+
+/// Queues every choice (engine ids `<base_id>-<index>`) and waits until each is accepted.
+pub async fn submit(
+    engine: &Engine,
+    metrics: &Arc<Metrics>,
+    base_id: &str,
+    choices: Vec<ChoiceRequest>,
+) -> Result<Generation, ApiError> {
+    let arrival = Instant::now();
+    let mut states = Vec::with_capacity(choices.len());
+    for c in choices {
+        let id = format!("{base_id}-{}", c.index);
+        let tracker = RequestTracker::new(metrics.clone(), id.clone(), arrival, c.prompt.len());
+        let handle =
+            engine.add_request_with_id(RequestId(id), Prompt::Tokens(c.prompt), c.params, 0)?;
+        states.push(ChoiceState {
+            index: c.index,
+            first: None,
+            handle,
+            tracker,
+        });
+    }
+    for s in &mut states {
+        match s.handle.next().await {
+            Some(Ok(o)) => s.first = Some(Ok(o)),
+            Some(Err(e)) => {
+                // Refused: nothing ran, so nothing is recorded; dropping `states` aborts the
+                // choices already accepted.
+                for s in &mut states {
+                    s.tracker.discard();
+                }
+                return Err(e.into());
+            }
+            None => {
+                return Err(llmd::Error::StepFailed("request ended without output".into()).into())
+            }
+        }
+    }
+    let num_choices = states.len();
+    let merged = stream::select_all(states.into_iter().map(choice_stream));
+    Ok(Generation {
+        merged,
+        num_choices,
+    })
+}
+
+fn choice_stream(s: ChoiceState) -> BoxStream<'static, Item> {
+    stream::unfold(s, |mut s| async move {
+        let item = match s.first.take() {
+            Some(first) => first,
+            None => s.handle.next().await?,
+        };
+        match &item {
+            Ok(o) => s.tracker.on_output(o),
+            Err(_) => s.tracker.finish(FinishReason::Abort),
+        }
+        Some(((s.index, item), s))
+    })
+    .boxed()
+}
+
+/// One choice's joined output.
+#[derive(Clone, Debug, Default)]
+pub struct Collected {
+    pub text: String,
+    pub logprobs: Vec<TokenLogprob>,
+    /// Byte offset in `text` where each token's text starts (for completions' `text_offset`).
+    pub text_offsets: Vec<usize>,
+    pub finish_reason: Option<FinishReason>,
+    pub num_output_tokens: usize,
+}
+
+impl Generation {
+    /// Runs every choice to the end; results indexed by choice.
+    pub async fn collect(mut self) -> Result<Vec<Collected>, ApiError> {
+        let mut out = vec![Collected::default(); self.num_choices];
+        while let Some((index, item)) = self.merged.next().await {
+            let o = item?;
+            let Some(c) = out.get_mut(index) else {
+                continue;
+            };
+            for _ in &o.logprobs {
+                c.text_offsets.push(c.text.len());
+            }
+            c.text.push_str(&o.new_text);
+            c.logprobs.extend(o.logprobs);
+            c.num_output_tokens = o.num_output_tokens;
+            if o.finish_reason.is_some() {
+                c.finish_reason = o.finish_reason;
+            }
+        }
+        Ok(out)
+    }
+
+    /// An SSE response: `format`'s chunks, an optional usage chunk, then `data: [DONE]`.
+    pub fn into_sse<F: ChunkFormat>(
+        self,
+        format: F,
+        prompt_tokens: usize,
+        include_usage: bool,
+    ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+        let mut pending = VecDeque::new();
+        let mut format = format;
+        format.start(self.num_choices, &mut pending);
+        let state = SseState {
+            output_tokens: vec![0; self.num_choices],
+            merged: self.merged,
+            format,
+            pending,
+            prompt_tokens,
+            include_usage,
+            done: false,
+        };
+        Sse::new(stream::unfold(state, |mut st| async move {
+            loop {
+                if let Some(data) = st.pending.pop_front() {
+                    return Some((Ok(Event::default().data(data)), st));
+                }
+                if st.done {
+                    return None;
+                }
+                match st.merged.next().await {
+                    Some((index, Ok(o))) => {
+                        if let Some(n) = st.output_tokens.get_mut(index) {
+                            *n = o.num_output_tokens;
+                        }
+                        st.format.on_output(index, o, &mut st.pending);
+                    }
+                    Some((_, Err(e))) => {
+                        st.pending.push_back(ApiError::from(e).body_json());
+                        st.pending.push_back("[DONE]".into());
+                        st.done = true;
+                    }
+                    None => {
+                        if st.include_usage {
+                            let usage =
+                                Usage::new(st.prompt_tokens, st.output_tokens.iter().sum());
+                            st.pending.push_back(st.format.usage_chunk(usage));
+                        }
+                        st.pending.push_back("[DONE]".into());
+                        st.done = true;
+                    }
+                }
+            }
+        }))
+    }
+}
+
+struct SseState<F> {
+    merged: SelectAll<BoxStream<'static, Item>>,
+    format: F,
+    /// `data:` payloads ready to send.
+    pending: VecDeque<String>,
+    /// Latest output-token count per choice.
+    output_tokens: Vec<usize>,
+    prompt_tokens: usize,
+    include_usage: bool,
+    done: bool,
+}
+
+/// How an endpoint writes its stream chunks (JSON strings, without the `data: ` framing).
+pub trait ChunkFormat: Send + 'static {
+    /// Chunks sent before any token (chat's role deltas).
+    fn start(&mut self, _num_choices: usize, _out: &mut VecDeque<String>) {}
+    /// Chunks for one delta of choice `index`; may write none (text held back by stop-string
+    /// matching, with nothing else to report).
+    fn on_output(&mut self, index: usize, o: RequestOutput, out: &mut VecDeque<String>);
+    /// The final chunk carrying usage and no choices.
+    fn usage_chunk(&self, usage: Usage) -> String;
+}

@@ -1,0 +1,603 @@
+//! `llmd serve` end to end: the built binary on a loopback port with the real stories260K
+//! model, driven over real sockets. Each test starts its own server (port 0, address read from
+//! the log), so tests run in parallel without sharing engine state.
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+fn model_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/stories260K")
+}
+
+/// A running `llmd serve`, killed on drop.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    /// Starts the server and waits until `/health` is 200.
+    async fn start(extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_llmd"))
+            .arg("serve")
+            .arg("--model")
+            .arg(model_dir())
+            .args(["--host", "127.0.0.1", "--port", "0", "--kv-cache-memory-gb", "0.02"])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning llmd serve");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let (tx, rx) = mpsc::channel();
+        // Keeps draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[llmd] {line}");
+                if let Some(i) = line.find("addr=") {
+                    let addr: String = line[i + 5..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace())
+                        .collect();
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr);
+                    }
+                }
+            }
+        });
+        let addr = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the server logged no listening address");
+        let server = Server {
+            child,
+            base: format!("http://{addr}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = reqwest::get(server.url("/health")).await {
+                if r.status() == 200 {
+                    break;
+                }
+                assert_eq!(r.status(), 503, "health while loading");
+            }
+            assert!(Instant::now() < deadline, "server not ready in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        server
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = reqwest::Client::new()
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request");
+        let status = r.status().as_u16();
+        let text = r.text().await.expect("body");
+        let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+        (status, v)
+    }
+
+    /// One metric sample, e.g. `metric(&text, "llmd:kv_free_blocks")`.
+    async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics body")
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of the first sample of `name` whose labels contain `label` ("" for any).
+fn sample(text: &str, name: &str, label: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') && rest.contains(label))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no sample {name} {label} in:\n{text}"))
+}
+
+/// `data:` payloads of an SSE body.
+fn sse_events(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|e| e.trim().strip_prefix("data:"))
+        .map(|d| d.trim().to_string())
+        .collect()
+}
+
+fn assert_error(status: u16, body: &Value, want_status: u16, want_type: &str) {
+    assert_eq!(status, want_status, "{body}");
+    let e = &body["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert_eq!(e["type"], want_type, "{body}");
+    assert!(e.get("param").is_some() && e.get("code").is_some(), "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_openai_errors() {
+    let s = Server::start(&["--api-key", "sekrit", "--max-model-len", "128"]).await;
+    let client = reqwest::Client::new();
+    let send = |path: &str, body: &str, key: Option<&str>| {
+        let mut r = client
+            .post(s.url(path))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(k) = key {
+            r = r.bearer_auth(k);
+        }
+        async move {
+            let r = r.send().await.expect("request");
+            let status = r.status().as_u16();
+            let text = r.text().await.expect("body");
+            let v: Value =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+            (status, v)
+        }
+    };
+    let ok = r#"{"prompt":"Once upon a time","max_tokens":4}"#;
+
+    // Authentication.
+    let (st, b) = send("/v1/completions", ok, None).await;
+    assert_error(st, &b, 401, "authentication_error");
+    assert_eq!(b["error"]["code"], "invalid_api_key");
+    let (st, b) = send("/v1/completions", ok, Some("wrong")).await;
+    assert_error(st, &b, 401, "authentication_error");
+    let r = client.get(s.url("/v1/models")).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let (st, b) = send("/v1/completions", ok, Some("sekrit")).await;
+    assert_eq!(st, 200, "{b}");
+    // Health and metrics stay open to probes and scrapers.
+    assert_eq!(reqwest::get(s.url("/health")).await.unwrap().status(), 200);
+    assert_eq!(reqwest::get(s.url("/metrics")).await.unwrap().status(), 200);
+
+    let key = Some("sekrit");
+    let cases: &[(&str, &str, Option<&str>)] = &[
+        // Malformed JSON, missing fields, wrong types.
+        ("/v1/completions", r#"{"prompt": "x", "#, None),
+        ("/v1/completions", "", None),
+        ("/v1/completions", r#"{"max_tokens": 3}"#, None),
+        ("/v1/completions", r#"{"prompt":"x","temperature":"hot"}"#, None),
+        ("/v1/completions", r#"{"prompt":"x","max_tokens":-1}"#, None),
+        ("/v1/chat/completions", r#"{"model":"x"}"#, None),
+        ("/v1/chat/completions", r#"{"messages":"hi"}"#, None),
+        // Unknown model.
+        ("/v1/completions", r#"{"model":"gpt-4","prompt":"x"}"#, Some("model")),
+        ("/v1/chat/completions", r#"{"model":"gpt-4","messages":[{"role":"user","content":"x"}]}"#, Some("model")),
+        // Invalid parameters.
+        ("/v1/completions", r#"{"prompt":"x","top_p":2}"#, Some("top_p")),
+        ("/v1/completions", r#"{"prompt":"x","temperature":-1}"#, Some("temperature")),
+        ("/v1/completions", r#"{"prompt":"x","n":0}"#, Some("n")),
+        ("/v1/completions", r#"{"prompt":"x","max_tokens":0}"#, Some("max_tokens")),
+        ("/v1/completions", r#"{"prompt":"x","logprobs":50}"#, Some("logprobs")),
+        ("/v1/completions", r#"{"prompt":"x","top_k":-5}"#, Some("top_k")),
+        ("/v1/completions", r#"{"prompt":"x","min_p":3}"#, Some("min_p")),
+        ("/v1/completions", r#"{"prompt":"x","presence_penalty":9}"#, Some("presence_penalty")),
+        ("/v1/completions", r#"{"prompt":"x","stop":[""]}"#, Some("stop")),
+        ("/v1/completions", r#"{"prompt":"x","min_tokens":9,"max_tokens":2}"#, Some("min_tokens")),
+        ("/v1/completions", r#"{"prompt":[]}"#, Some("prompt")),
+        ("/v1/completions", r#"{"prompt":[1,2,99999]}"#, Some("prompt")),
+        ("/v1/completions", r#"{"prompt":"x","echo":true}"#, Some("echo")),
+        ("/v1/chat/completions", r#"{"messages":[]}"#, Some("messages")),
+        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"x"}],"top_logprobs":3}"#, Some("top_logprobs")),
+        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21}"#, Some("top_logprobs")),
+        // Longer than the context (128): as text, as token ids, and through max_tokens.
+        ("/v1/completions", r#"{"prompt":"x","max_tokens":200}"#, Some("prompt")),
+    ];
+    for (path, body, param) in cases {
+        let (st, b) = send(path, body, key).await;
+        assert_error(st, &b, 400, "invalid_request_error");
+        if let Some(p) = param {
+            assert_eq!(b["error"]["param"], *p, "{body} -> {b}");
+        }
+    }
+    let long_ids: Vec<u32> = (0..200).map(|i| 3 + i % 400).collect();
+    let (st, b) = send(
+        "/v1/completions",
+        &json!({"prompt": long_ids, "max_tokens": 1}).to_string(),
+        key,
+    )
+    .await;
+    assert_error(st, &b, 400, "invalid_request_error");
+    assert_eq!(b["error"]["code"], "context_length_exceeded");
+    let long_text = "Once upon a time there was a little girl. ".repeat(40);
+    let (st, b) = send(
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "user", "content": long_text}], "stream": true}).to_string(),
+        key,
+    )
+    .await;
+    assert_error(st, &b, 400, "invalid_request_error");
+    assert_eq!(b["error"]["param"], "messages");
+
+    // Unknown routes are JSON 404s too.
+    let r = client.get(s.url("/v2/nothing")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let b: Value = r.json().await.unwrap();
+    assert_eq!(b["error"]["type"], "not_found_error");
+
+    // The server is still healthy and serving after all of that.
+    let (st, b) = send("/v1/completions", ok, key).await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["usage"]["completion_tokens"], 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_is_429() {
+    // With no room in the waiting queue every request is refused: the engine's QueueFull
+    // reaches the client as 429, before any stream starts.
+    let s = Server::start(&["--max-waiting-requests", "0"]).await;
+    for stream in [false, true] {
+        let (st, b) = s
+            .post(
+                "/v1/completions",
+                &json!({"prompt": "Once upon a time", "max_tokens": 4, "stream": stream}),
+            )
+            .await;
+        assert_error(st, &b, 429, "rate_limit_exceeded");
+        assert_eq!(b["error"]["code"], "queue_full");
+    }
+    let m = s.metrics().await;
+    assert_eq!(sample(&m, "vllm:num_requests_waiting", ""), 0.0);
+    assert_eq!(sample(&m, "llmd:kv_free_blocks", ""), sample(&m, "llmd:kv_total_blocks", ""));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn greedy_http_equals_engine() {
+    let s = Server::start(&["--served-model-name", "stories"]).await;
+    let prompts = ["Once upon a time", "The little dog", "Lily and Ben went to the park"];
+    let mut cfg = llmd::EngineConfig::new(model_dir());
+    cfg.cache.num_blocks = Some(512);
+    let engine = llmd::Engine::new(cfg).expect("engine");
+    let params = llmd::SamplingParams {
+        max_tokens: Some(40),
+        ..llmd::SamplingParams::greedy()
+    };
+    let direct = engine
+        .generate(prompts.iter().map(|&p| p.into()).collect(), &params)
+        .expect("generate");
+    for (p, d) in prompts.iter().zip(&direct) {
+        let body = json!({"model": "stories", "prompt": p, "max_tokens": 40, "temperature": 0});
+        let (st, b) = s.post("/v1/completions", &body).await;
+        assert_eq!(st, 200, "{b}");
+        assert_eq!(b["object"], "text_completion");
+        assert_eq!(b["model"], "stories");
+        assert_eq!(b["choices"][0]["text"], d.text.as_str(), "prompt {p:?}");
+        assert_eq!(b["choices"][0]["finish_reason"], d.finish_reason.as_str());
+        assert_eq!(b["usage"]["completion_tokens"], d.token_ids.len());
+        assert_eq!(b["usage"]["prompt_tokens"], d.num_prompt_tokens);
+        assert_eq!(b["usage"]["total_tokens"], d.num_prompt_tokens + d.token_ids.len());
+
+        // The same prompt as token ids, and streamed: the same text.
+        let ids = engine.tokenizer().encode(p, true).unwrap();
+        let (_, b) = s
+            .post("/v1/completions", &json!({"prompt": ids, "max_tokens": 40, "temperature": 0}))
+            .await;
+        assert_eq!(b["choices"][0]["text"], d.text.as_str());
+        let r = reqwest::Client::new()
+            .post(s.url("/v1/completions"))
+            .json(&json!({"prompt": p, "max_tokens": 40, "temperature": 0, "stream": true,
+                          "stream_options": {"include_usage": true}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        let events = sse_events(&r.text().await.unwrap());
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+        let chunks: Vec<Value> = events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let text: String = chunks
+            .iter()
+            .filter_map(|c| c["choices"].get(0).and_then(|ch| ch["text"].as_str()))
+            .collect();
+        assert_eq!(text, d.text);
+        let usage = &chunks.last().unwrap()["usage"];
+        assert_eq!(usage["completion_tokens"], d.token_ids.len());
+        assert_eq!(chunks.last().unwrap()["choices"], json!([]));
+    }
+
+    // A list of prompts gives one choice per prompt, in order.
+    let (st, b) = s
+        .post("/v1/completions", &json!({"prompt": prompts, "max_tokens": 40, "temperature": 0}))
+        .await;
+    assert_eq!(st, 200, "{b}");
+    for (i, d) in direct.iter().enumerate() {
+        assert_eq!(b["choices"][i]["index"], i);
+        assert_eq!(b["choices"][i]["text"], d.text.as_str());
+    }
+
+    // /v1/models and the metrics reflect the traffic.
+    let r: Value = reqwest::get(s.url("/v1/models")).await.unwrap().json().await.unwrap();
+    assert_eq!(r["data"][0]["id"], "stories");
+    assert_eq!(r["data"][0]["max_model_len"], 512);
+    let m = s.metrics().await;
+    for name in [
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+        "vllm:gpu_cache_usage_perc",
+        "vllm:prefix_cache_queries_total",
+        "vllm:prefix_cache_hits_total",
+        "vllm:num_preemptions_total",
+        "llmd:kv_free_blocks",
+        "llmd:kv_total_blocks",
+    ] {
+        sample(&m, name, "model_name=\"stories\"");
+    }
+    assert!(sample(&m, "vllm:prompt_tokens_total", "") > 0.0);
+    assert!(sample(&m, "vllm:generation_tokens_total", "") >= 40.0 * 12.0);
+    assert_eq!(sample(&m, "vllm:e2e_request_latency_seconds_count", ""), 12.0);
+    assert_eq!(sample(&m, "vllm:time_to_first_token_seconds_count", ""), 12.0);
+    assert!(sample(&m, "vllm:inter_token_latency_seconds_count", "") > 0.0);
+    assert!(sample(&m, "vllm:time_per_output_token_seconds_count", "") > 0.0);
+    let finished = sample(&m, "vllm:request_success_total", "finished_reason=\"stop\"")
+        + sample(&m, "vllm:request_success_total", "finished_reason=\"length\"");
+    assert_eq!(finished, 12.0);
+    assert_eq!(sample(&m, "vllm:request_success_total", "finished_reason=\"abort\""), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chat_n_seed_and_logprobs() {
+    let s = Server::start(&[]).await;
+    let msgs = json!([{"role": "user", "content": "Once upon a time"}]);
+    let body = json!({"messages": msgs, "n": 3, "seed": 11, "temperature": 1.0, "max_tokens": 24,
+                      "logprobs": true, "top_logprobs": 2});
+    let (st, a) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(st, 200, "{a}");
+    let (_, b) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(a["object"], "chat.completion");
+    let texts: Vec<&str> = (0..3)
+        .map(|i| a["choices"][i]["message"]["content"].as_str().unwrap())
+        .collect();
+    for i in 0..3 {
+        assert_eq!(a["choices"][i]["message"]["role"], "assistant");
+        assert_eq!(a["choices"][i]["message"]["content"], b["choices"][i]["message"]["content"]);
+        let content = a["choices"][i]["logprobs"]["content"].as_array().unwrap();
+        assert!(!content.is_empty());
+        for t in content {
+            assert!(t["logprob"].as_f64().unwrap() <= 0.0);
+            assert_eq!(t["top_logprobs"].as_array().unwrap().len(), 2);
+        }
+    }
+    assert!(texts[0] != texts[1] || texts[1] != texts[2], "seed+i choices all equal: {texts:?}");
+    assert_eq!(
+        a["usage"]["completion_tokens"].as_u64().unwrap(),
+        (0..3)
+            .map(|i| a["choices"][i]["logprobs"]["content"].as_array().unwrap().len() as u64)
+            .sum::<u64>()
+    );
+
+    // Completions logprobs: the legacy shape, one entry per token.
+    let (st, c) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "Once upon a time", "max_tokens": 8, "logprobs": 3,
+                    "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
+    assert_eq!(st, 200, "{c}");
+    let lp = &c["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 8);
+    assert_eq!(lp["token_logprobs"].as_array().unwrap().len(), 8);
+    assert_eq!(lp["text_offset"].as_array().unwrap().len(), 8);
+    for top in lp["top_logprobs"].as_array().unwrap() {
+        assert!(!top.as_object().unwrap().is_empty());
+    }
+    assert_eq!(c["usage"]["completion_tokens"], 8);
+
+    // Stop strings cut the text; min_tokens and ignore_eos are honoured.
+    let (_, free) = s
+        .post("/v1/completions", &json!({"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}))
+        .await;
+    let free = free["choices"][0]["text"].as_str().unwrap().to_string();
+    let stop: String = free.chars().skip(6).take(4).collect();
+    let (_, cut) = s
+        .post("/v1/completions", &json!({"prompt": "Once upon a time", "max_tokens": 40,
+                                          "temperature": 0, "stop": stop}))
+        .await;
+    let cut_text = cut["choices"][0]["text"].as_str().unwrap();
+    assert_eq!(cut["choices"][0]["finish_reason"], "stop");
+    assert!(free.starts_with(cut_text) && !cut_text.contains(&stop), "{free:?} / {cut_text:?} / {stop:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_stream_aborts_and_frees_blocks() {
+    let s = Server::start(&["--num-gpu-blocks-override", "256"]).await;
+    let m = s.metrics().await;
+    let total = sample(&m, "llmd:kv_total_blocks", "");
+    assert_eq!(sample(&m, "llmd:kv_free_blocks", ""), total);
+    let client = reqwest::Client::new();
+    let mut r = client
+        .post(s.url("/v1/completions"))
+        .json(&json!({"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": true,
+                      "temperature": 1.0, "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let first = r.chunk().await.unwrap().expect("a first chunk");
+    assert!(String::from_utf8_lossy(&first).contains("data:"));
+    drop(r);
+    drop(client);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = s.metrics().await;
+        let idle = sample(&m, "vllm:num_requests_running", "") == 0.0
+            && sample(&m, "vllm:num_requests_waiting", "") == 0.0
+            && sample(&m, "llmd:kv_free_blocks", "") == total
+            && sample(&m, "vllm:e2e_request_latency_seconds_count", "") == 1.0;
+        if idle {
+            let aborted = sample(&m, "vllm:request_success_total", "finished_reason=\"abort\"");
+            let generated = sample(&m, "vllm:generation_tokens_total", "");
+            // Either the abort reached the engine before the request could finish, or (on a
+            // machine fast enough to finish 480 tokens first) it finished: both free the pool,
+            // but only the first exercises the abort path, which is the common case.
+            assert!(aborted == 1.0 || generated == 480.0, "{m}");
+            if aborted == 1.0 {
+                assert!(generated < 480.0, "{m}");
+            }
+            break;
+        }
+        assert!(Instant::now() < deadline, "pool not freed after disconnect:\n{m}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_hundred_concurrent_streams() {
+    let s = Server::start(&[]).await;
+    let client = reqwest::Client::new();
+    let prompts = ["Once upon a time", "The cat", "Tom had a red ball", "One day"];
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let client = client.clone();
+            let url = s.url(if i % 2 == 0 { "/v1/completions" } else { "/v1/chat/completions" });
+            let max_tokens = 8 + i % 24;
+            let p = prompts[i % prompts.len()];
+            let body = if i % 2 == 0 {
+                json!({"prompt": p, "max_tokens": max_tokens, "ignore_eos": true, "stream": true,
+                       "stream_options": {"include_usage": true}})
+            } else {
+                json!({"messages": [{"role": "user", "content": p}], "max_tokens": max_tokens,
+                       "ignore_eos": true, "stream": true, "stream_options": {"include_usage": true}})
+            };
+            tokio::spawn(async move {
+                let r = client.post(url).json(&body).send().await.expect("send");
+                assert_eq!(r.status(), 200);
+                let events = sse_events(&r.text().await.expect("body"));
+                assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{events:?}");
+                let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+                assert_eq!(usage["usage"]["completion_tokens"], max_tokens, "{usage}");
+                let finish = events[..events.len() - 2].iter().rev().find_map(|e| {
+                    let v: Value = serde_json::from_str(e).unwrap();
+                    v["choices"][0]["finish_reason"].as_str().map(str::to_string)
+                });
+                assert_eq!(finish.as_deref(), Some("length"));
+            })
+        })
+        .collect();
+    let all = futures_util::future::join_all(tasks);
+    let results = tokio::time::timeout(Duration::from_secs(300), all)
+        .await
+        .expect("200 streams did not finish in time");
+    for r in results {
+        r.expect("a stream task failed");
+    }
+    let m = s.metrics().await;
+    assert_eq!(sample(&m, "vllm:e2e_request_latency_seconds_count", ""), 200.0);
+    assert_eq!(sample(&m, "vllm:request_success_total", "finished_reason=\"length\""), 200.0);
+    let expected: usize = (0..200).map(|i| 8 + i % 24).sum();
+    assert_eq!(sample(&m, "vllm:generation_tokens_total", ""), expected as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_and_exits_zero() {
+    let mut s = Server::start(&["--shutdown-timeout", "20"]).await;
+    let mut r = reqwest::Client::new()
+        .post(s.url("/v1/completions"))
+        .json(&json!({"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": true,
+                      "stream": true, "stream_options": {"include_usage": true}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let mut body = String::from_utf8_lossy(&r.chunk().await.unwrap().unwrap()).to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &s.pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    // The in-flight stream still runs to its end.
+    while let Some(c) = r.chunk().await.expect("stream cut during drain") {
+        body.push_str(&String::from_utf8_lossy(&c));
+    }
+    let events = sse_events(&body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let usage: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(usage["usage"]["completion_tokens"], 300);
+    let status = tokio::task::block_in_place(|| s.wait_exit(Duration::from_secs(20)))
+        .expect("server did not exit within the deadline");
+    assert!(status.success(), "exit status {status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_deadline_aborts_stuck_requests() {
+    // A deadline of 0 s: in-flight requests are dropped at once and the process still exits 0.
+    let mut s = Server::start(&["--shutdown-timeout", "0"]).await;
+    let mut r = reqwest::Client::new()
+        .post(s.url("/v1/completions"))
+        .json(&json!({"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": true,
+                      "stream": true}))
+        .send()
+        .await
+        .unwrap();
+    r.chunk().await.unwrap().unwrap();
+    Command::new("kill")
+        .args(["-TERM", &s.pid().to_string()])
+        .status()
+        .expect("kill");
+    let status = tokio::task::block_in_place(|| s.wait_exit(Duration::from_secs(10)))
+        .expect("server did not exit after its 0 s deadline");
+    assert!(status.success(), "exit status {status}");
+}
+
+#[test]
+fn openai_python_client() {
+    let probe = Command::new("python3")
+        .args(["-c", "import openai, pytest"])
+        .output();
+    match probe {
+        Ok(o) if o.status.success() => {}
+        _ => panic!(
+            "the openai client test needs Python 3 with the `openai` and `pytest` modules: \
+             run `python3 -m pip install openai pytest`"
+        ),
+    }
+    let status = Command::new("python3")
+        .args(["-m", "pytest", "-q", "tests/openai_client.py"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("LLMD_BIN", env!("CARGO_BIN_EXE_llmd"))
+        .env("LLMD_MODEL", model_dir())
+        .status()
+        .expect("running pytest");
+    assert!(status.success(), "pytest tests/openai_client.py failed: {status}");
+}
