@@ -8,6 +8,7 @@
 //! - [`scheduler`]: continuous batching with chunked prefill and preemption.
 //! - [`sampling`] and [`tokenizer`]: turning logits into tokens and tokens into text.
 //! - [`engine`]: the loop tying them together, with a streaming Rust API.
+//! - [`server`]: `llmd serve`, the OpenAI-compatible HTTP worker with vLLM-named metrics.
 pub mod backend;
 pub mod config;
 pub mod engine;
@@ -17,6 +18,7 @@ pub mod model;
 pub mod request;
 pub mod sampling;
 pub mod scheduler;
+pub mod server;
 pub mod tokenizer;
 
 pub use config::{CacheConfig, EngineConfig, SchedulerConfig};

@@ -1,7 +1,5 @@
 //! The `llmd` command line: `generate` for one prompt, `serve` for the OpenAI-compatible HTTP
 //! worker.
-mod server;
-
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -233,7 +231,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     if !(a.shutdown_timeout.is_finite() && a.shutdown_timeout >= 0.0) {
         bail!("--shutdown-timeout must be a non-negative number of seconds");
     }
-    let cfg = server::ServerConfig {
+    let cfg = llmd::server::ServerConfig {
         host: a.host,
         port: a.port,
         api_key: a.api_key,
@@ -246,7 +244,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         .thread_name("llmd-http")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(server::serve(cfg, move || load_engine(config)))
+    runtime.block_on(llmd::server::serve(cfg, move || load_engine(config)))
 }
 
 fn main() -> Result<()> {

@@ -148,7 +148,7 @@ def test_stop_strings(client):
 
 
 def test_seeded_sampling_reproducible(client):
-    kw = dict(temperature=1.0, top_p=0.95, max_tokens=32, ignore_eos=True)
+    kw = dict(temperature=1.0, top_p=0.95, max_tokens=32, extra_body={"ignore_eos": True})
     a = greedy_completion(client, seed=1234, **kw).choices[0].text
     b = greedy_completion(client, seed=1234, **kw).choices[0].text
     assert a == b

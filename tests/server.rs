@@ -25,7 +25,14 @@ impl Server {
             .arg("serve")
             .arg("--model")
             .arg(model_dir())
-            .args(["--host", "127.0.0.1", "--port", "0", "--kv-cache-memory-gb", "0.02"])
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--kv-cache-memory-gb",
+                "0.02",
+            ])
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
@@ -145,9 +152,15 @@ fn sse_events(body: &str) -> Vec<String> {
 fn assert_error(status: u16, body: &Value, want_status: u16, want_type: &str) {
     assert_eq!(status, want_status, "{body}");
     let e = &body["error"];
-    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     assert_eq!(e["type"], want_type, "{body}");
-    assert!(e.get("param").is_some() && e.get("code").is_some(), "{body}");
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "{body}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -193,32 +206,104 @@ async fn bad_requests_get_openai_errors() {
         ("/v1/completions", r#"{"prompt": "x", "#, None),
         ("/v1/completions", "", None),
         ("/v1/completions", r#"{"max_tokens": 3}"#, None),
-        ("/v1/completions", r#"{"prompt":"x","temperature":"hot"}"#, None),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","temperature":"hot"}"#,
+            None,
+        ),
         ("/v1/completions", r#"{"prompt":"x","max_tokens":-1}"#, None),
         ("/v1/chat/completions", r#"{"model":"x"}"#, None),
         ("/v1/chat/completions", r#"{"messages":"hi"}"#, None),
         // Unknown model.
-        ("/v1/completions", r#"{"model":"gpt-4","prompt":"x"}"#, Some("model")),
-        ("/v1/chat/completions", r#"{"model":"gpt-4","messages":[{"role":"user","content":"x"}]}"#, Some("model")),
+        (
+            "/v1/completions",
+            r#"{"model":"gpt-4","prompt":"x"}"#,
+            Some("model"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"gpt-4","messages":[{"role":"user","content":"x"}]}"#,
+            Some("model"),
+        ),
         // Invalid parameters.
-        ("/v1/completions", r#"{"prompt":"x","top_p":2}"#, Some("top_p")),
-        ("/v1/completions", r#"{"prompt":"x","temperature":-1}"#, Some("temperature")),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","top_p":2}"#,
+            Some("top_p"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","temperature":-1}"#,
+            Some("temperature"),
+        ),
         ("/v1/completions", r#"{"prompt":"x","n":0}"#, Some("n")),
-        ("/v1/completions", r#"{"prompt":"x","max_tokens":0}"#, Some("max_tokens")),
-        ("/v1/completions", r#"{"prompt":"x","logprobs":50}"#, Some("logprobs")),
-        ("/v1/completions", r#"{"prompt":"x","top_k":-5}"#, Some("top_k")),
-        ("/v1/completions", r#"{"prompt":"x","min_p":3}"#, Some("min_p")),
-        ("/v1/completions", r#"{"prompt":"x","presence_penalty":9}"#, Some("presence_penalty")),
-        ("/v1/completions", r#"{"prompt":"x","stop":[""]}"#, Some("stop")),
-        ("/v1/completions", r#"{"prompt":"x","min_tokens":9,"max_tokens":2}"#, Some("min_tokens")),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","max_tokens":0}"#,
+            Some("max_tokens"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","logprobs":50}"#,
+            Some("logprobs"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","top_k":-5}"#,
+            Some("top_k"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","min_p":3}"#,
+            Some("min_p"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","presence_penalty":9}"#,
+            Some("presence_penalty"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","stop":[""]}"#,
+            Some("stop"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","min_tokens":9,"max_tokens":2}"#,
+            Some("min_tokens"),
+        ),
         ("/v1/completions", r#"{"prompt":[]}"#, Some("prompt")),
-        ("/v1/completions", r#"{"prompt":[1,2,99999]}"#, Some("prompt")),
-        ("/v1/completions", r#"{"prompt":"x","echo":true}"#, Some("echo")),
-        ("/v1/chat/completions", r#"{"messages":[]}"#, Some("messages")),
-        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"x"}],"top_logprobs":3}"#, Some("top_logprobs")),
-        ("/v1/chat/completions", r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21}"#, Some("top_logprobs")),
+        (
+            "/v1/completions",
+            r#"{"prompt":[1,2,99999]}"#,
+            Some("prompt"),
+        ),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","echo":true}"#,
+            Some("echo"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[]}"#,
+            Some("messages"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"x"}],"top_logprobs":3}"#,
+            Some("top_logprobs"),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages":[{"role":"user","content":"x"}],"logprobs":true,"top_logprobs":21}"#,
+            Some("top_logprobs"),
+        ),
         // Longer than the context (128): as text, as token ids, and through max_tokens.
-        ("/v1/completions", r#"{"prompt":"x","max_tokens":200}"#, Some("prompt")),
+        (
+            "/v1/completions",
+            r#"{"prompt":"x","max_tokens":200}"#,
+            Some("prompt"),
+        ),
     ];
     for (path, body, param) in cases {
         let (st, b) = send(path, body, key).await;
@@ -275,13 +360,20 @@ async fn full_queue_is_429() {
     }
     let m = s.metrics().await;
     assert_eq!(sample(&m, "vllm:num_requests_waiting", ""), 0.0);
-    assert_eq!(sample(&m, "llmd:kv_free_blocks", ""), sample(&m, "llmd:kv_total_blocks", ""));
+    assert_eq!(
+        sample(&m, "llmd:kv_free_blocks", ""),
+        sample(&m, "llmd:kv_total_blocks", "")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_http_equals_engine() {
     let s = Server::start(&["--served-model-name", "stories"]).await;
-    let prompts = ["Once upon a time", "The little dog", "Lily and Ben went to the park"];
+    let prompts = [
+        "Once upon a time",
+        "The little dog",
+        "Lily and Ben went to the park",
+    ];
     let mut cfg = llmd::EngineConfig::new(model_dir());
     cfg.cache.num_blocks = Some(512);
     let engine = llmd::Engine::new(cfg).expect("engine");
@@ -289,9 +381,11 @@ async fn greedy_http_equals_engine() {
         max_tokens: Some(40),
         ..llmd::SamplingParams::greedy()
     };
-    let direct = engine
-        .generate(prompts.iter().map(|&p| p.into()).collect(), &params)
-        .expect("generate");
+    // `generate` blocks; inside the test's runtime it must say so.
+    let direct = tokio::task::block_in_place(|| {
+        engine.generate(prompts.iter().map(|&p| p.into()).collect(), &params)
+    })
+    .expect("generate");
     for (p, d) in prompts.iter().zip(&direct) {
         let body = json!({"model": "stories", "prompt": p, "max_tokens": 40, "temperature": 0});
         let (st, b) = s.post("/v1/completions", &body).await;
@@ -302,23 +396,34 @@ async fn greedy_http_equals_engine() {
         assert_eq!(b["choices"][0]["finish_reason"], d.finish_reason.as_str());
         assert_eq!(b["usage"]["completion_tokens"], d.token_ids.len());
         assert_eq!(b["usage"]["prompt_tokens"], d.num_prompt_tokens);
-        assert_eq!(b["usage"]["total_tokens"], d.num_prompt_tokens + d.token_ids.len());
+        assert_eq!(
+            b["usage"]["total_tokens"],
+            d.num_prompt_tokens + d.token_ids.len()
+        );
 
         // The same prompt as token ids, and streamed: the same text.
         let ids = engine.tokenizer().encode(p, true).unwrap();
         let (_, b) = s
-            .post("/v1/completions", &json!({"prompt": ids, "max_tokens": 40, "temperature": 0}))
+            .post(
+                "/v1/completions",
+                &json!({"prompt": ids, "max_tokens": 40, "temperature": 0}),
+            )
             .await;
         assert_eq!(b["choices"][0]["text"], d.text.as_str());
         let r = reqwest::Client::new()
             .post(s.url("/v1/completions"))
-            .json(&json!({"prompt": p, "max_tokens": 40, "temperature": 0, "stream": true,
-                          "stream_options": {"include_usage": true}}))
+            .json(
+                &json!({"prompt": p, "max_tokens": 40, "temperature": 0, "stream": true,
+                          "stream_options": {"include_usage": true}}),
+            )
             .send()
             .await
             .unwrap();
         assert_eq!(r.status(), 200);
-        assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+        assert!(r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
         let events = sse_events(&r.text().await.unwrap());
         assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
         let chunks: Vec<Value> = events[..events.len() - 1]
@@ -337,7 +442,10 @@ async fn greedy_http_equals_engine() {
 
     // A list of prompts gives one choice per prompt, in order.
     let (st, b) = s
-        .post("/v1/completions", &json!({"prompt": prompts, "max_tokens": 40, "temperature": 0}))
+        .post(
+            "/v1/completions",
+            &json!({"prompt": prompts, "max_tokens": 40, "temperature": 0}),
+        )
         .await;
     assert_eq!(st, 200, "{b}");
     for (i, d) in direct.iter().enumerate() {
@@ -346,7 +454,12 @@ async fn greedy_http_equals_engine() {
     }
 
     // /v1/models and the metrics reflect the traffic.
-    let r: Value = reqwest::get(s.url("/v1/models")).await.unwrap().json().await.unwrap();
+    let r: Value = reqwest::get(s.url("/v1/models"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(r["data"][0]["id"], "stories");
     assert_eq!(r["data"][0]["max_model_len"], 512);
     let m = s.metrics().await;
@@ -365,14 +478,31 @@ async fn greedy_http_equals_engine() {
     }
     assert!(sample(&m, "vllm:prompt_tokens_total", "") > 0.0);
     assert!(sample(&m, "vllm:generation_tokens_total", "") >= 40.0 * 12.0);
-    assert_eq!(sample(&m, "vllm:e2e_request_latency_seconds_count", ""), 12.0);
-    assert_eq!(sample(&m, "vllm:time_to_first_token_seconds_count", ""), 12.0);
+    assert_eq!(
+        sample(&m, "vllm:e2e_request_latency_seconds_count", ""),
+        12.0
+    );
+    assert_eq!(
+        sample(&m, "vllm:time_to_first_token_seconds_count", ""),
+        12.0
+    );
     assert!(sample(&m, "vllm:inter_token_latency_seconds_count", "") > 0.0);
     assert!(sample(&m, "vllm:time_per_output_token_seconds_count", "") > 0.0);
     let finished = sample(&m, "vllm:request_success_total", "finished_reason=\"stop\"")
-        + sample(&m, "vllm:request_success_total", "finished_reason=\"length\"");
+        + sample(
+            &m,
+            "vllm:request_success_total",
+            "finished_reason=\"length\"",
+        );
     assert_eq!(finished, 12.0);
-    assert_eq!(sample(&m, "vllm:request_success_total", "finished_reason=\"abort\""), 0.0);
+    assert_eq!(
+        sample(
+            &m,
+            "vllm:request_success_total",
+            "finished_reason=\"abort\""
+        ),
+        0.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -390,7 +520,10 @@ async fn chat_n_seed_and_logprobs() {
         .collect();
     for i in 0..3 {
         assert_eq!(a["choices"][i]["message"]["role"], "assistant");
-        assert_eq!(a["choices"][i]["message"]["content"], b["choices"][i]["message"]["content"]);
+        assert_eq!(
+            a["choices"][i]["message"]["content"],
+            b["choices"][i]["message"]["content"]
+        );
         let content = a["choices"][i]["logprobs"]["content"].as_array().unwrap();
         assert!(!content.is_empty());
         for t in content {
@@ -398,11 +531,17 @@ async fn chat_n_seed_and_logprobs() {
             assert_eq!(t["top_logprobs"].as_array().unwrap().len(), 2);
         }
     }
-    assert!(texts[0] != texts[1] || texts[1] != texts[2], "seed+i choices all equal: {texts:?}");
+    assert!(
+        texts[0] != texts[1] || texts[1] != texts[2],
+        "seed+i choices all equal: {texts:?}"
+    );
     assert_eq!(
         a["usage"]["completion_tokens"].as_u64().unwrap(),
         (0..3)
-            .map(|i| a["choices"][i]["logprobs"]["content"].as_array().unwrap().len() as u64)
+            .map(|i| a["choices"][i]["logprobs"]["content"]
+                .as_array()
+                .unwrap()
+                .len() as u64)
             .sum::<u64>()
     );
 
@@ -426,17 +565,26 @@ async fn chat_n_seed_and_logprobs() {
 
     // Stop strings cut the text; min_tokens and ignore_eos are honoured.
     let (_, free) = s
-        .post("/v1/completions", &json!({"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}))
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "Once upon a time", "max_tokens": 40, "temperature": 0}),
+        )
         .await;
     let free = free["choices"][0]["text"].as_str().unwrap().to_string();
     let stop: String = free.chars().skip(6).take(4).collect();
     let (_, cut) = s
-        .post("/v1/completions", &json!({"prompt": "Once upon a time", "max_tokens": 40,
-                                          "temperature": 0, "stop": stop}))
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "Once upon a time", "max_tokens": 40,
+                                          "temperature": 0, "stop": stop}),
+        )
         .await;
     let cut_text = cut["choices"][0]["text"].as_str().unwrap();
     assert_eq!(cut["choices"][0]["finish_reason"], "stop");
-    assert!(free.starts_with(cut_text) && !cut_text.contains(&stop), "{free:?} / {cut_text:?} / {stop:?}");
+    assert!(
+        free.starts_with(cut_text) && !cut_text.contains(&stop),
+        "{free:?} / {cut_text:?} / {stop:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,8 +596,10 @@ async fn dropped_stream_aborts_and_frees_blocks() {
     let client = reqwest::Client::new();
     let mut r = client
         .post(s.url("/v1/completions"))
-        .json(&json!({"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": true,
-                      "temperature": 1.0, "stream": true}))
+        .json(
+            &json!({"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": true,
+                      "temperature": 1.0, "stream": true}),
+        )
         .send()
         .await
         .unwrap();
@@ -466,7 +616,11 @@ async fn dropped_stream_aborts_and_frees_blocks() {
             && sample(&m, "llmd:kv_free_blocks", "") == total
             && sample(&m, "vllm:e2e_request_latency_seconds_count", "") == 1.0;
         if idle {
-            let aborted = sample(&m, "vllm:request_success_total", "finished_reason=\"abort\"");
+            let aborted = sample(
+                &m,
+                "vllm:request_success_total",
+                "finished_reason=\"abort\"",
+            );
             let generated = sample(&m, "vllm:generation_tokens_total", "");
             // Either the abort reached the engine before the request could finish, or (on a
             // machine fast enough to finish 480 tokens first) it finished: both free the pool,
@@ -477,7 +631,10 @@ async fn dropped_stream_aborts_and_frees_blocks() {
             }
             break;
         }
-        assert!(Instant::now() < deadline, "pool not freed after disconnect:\n{m}");
+        assert!(
+            Instant::now() < deadline,
+            "pool not freed after disconnect:\n{m}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -486,7 +643,12 @@ async fn dropped_stream_aborts_and_frees_blocks() {
 async fn two_hundred_concurrent_streams() {
     let s = Server::start(&[]).await;
     let client = reqwest::Client::new();
-    let prompts = ["Once upon a time", "The cat", "Tom had a red ball", "One day"];
+    let prompts = [
+        "Once upon a time",
+        "The cat",
+        "Tom had a red ball",
+        "One day",
+    ];
     let tasks: Vec<_> = (0..200)
         .map(|i| {
             let client = client.clone();
@@ -523,10 +685,23 @@ async fn two_hundred_concurrent_streams() {
         r.expect("a stream task failed");
     }
     let m = s.metrics().await;
-    assert_eq!(sample(&m, "vllm:e2e_request_latency_seconds_count", ""), 200.0);
-    assert_eq!(sample(&m, "vllm:request_success_total", "finished_reason=\"length\""), 200.0);
+    assert_eq!(
+        sample(&m, "vllm:e2e_request_latency_seconds_count", ""),
+        200.0
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "vllm:request_success_total",
+            "finished_reason=\"length\""
+        ),
+        200.0
+    );
     let expected: usize = (0..200).map(|i| 8 + i % 24).sum();
-    assert_eq!(sample(&m, "vllm:generation_tokens_total", ""), expected as f64);
+    assert_eq!(
+        sample(&m, "vllm:generation_tokens_total", ""),
+        expected as f64
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -534,8 +709,10 @@ async fn sigterm_drains_in_flight_and_exits_zero() {
     let mut s = Server::start(&["--shutdown-timeout", "20"]).await;
     let mut r = reqwest::Client::new()
         .post(s.url("/v1/completions"))
-        .json(&json!({"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": true,
-                      "stream": true, "stream_options": {"include_usage": true}}))
+        .json(
+            &json!({"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": true,
+                      "stream": true, "stream_options": {"include_usage": true}}),
+        )
         .send()
         .await
         .unwrap();
@@ -565,8 +742,10 @@ async fn shutdown_deadline_aborts_stuck_requests() {
     let mut s = Server::start(&["--shutdown-timeout", "0"]).await;
     let mut r = reqwest::Client::new()
         .post(s.url("/v1/completions"))
-        .json(&json!({"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": true,
-                      "stream": true}))
+        .json(
+            &json!({"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": true,
+                      "stream": true}),
+        )
         .send()
         .await
         .unwrap();
@@ -599,5 +778,8 @@ fn openai_python_client() {
         .env("LLMD_MODEL", model_dir())
         .status()
         .expect("running pytest");
-    assert!(status.success(), "pytest tests/openai_client.py failed: {status}");
+    assert!(
+        status.success(),
+        "pytest tests/openai_client.py failed: {status}"
+    );
 }

@@ -159,6 +159,8 @@ impl Engine {
     }
 
     /// Runs every prompt to completion with the same parameters; outputs in prompt order.
+    /// Blocks the calling thread: from async code, call it inside `spawn_blocking` or
+    /// `block_in_place` (or stream with [`RequestHandle::next`] instead).
     pub fn generate(
         &self,
         prompts: Vec<Prompt>,
@@ -195,7 +197,8 @@ impl RequestHandle {
         item
     }
 
-    /// The next delta, waiting for it; None once the request has ended.
+    /// The next delta, waiting for it; None once the request has ended. Blocks the thread, so
+    /// it must not run on an async runtime's worker (use [`RequestHandle::next`] there).
     pub fn next_blocking(&mut self) -> Option<Result<RequestOutput>> {
         if self.done {
             return None;

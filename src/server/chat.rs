@@ -12,11 +12,11 @@ use super::openai::{
 };
 use super::stream::{submit, ChoiceRequest, ChunkFormat};
 use super::{unix_now, AppState};
+use crate::sampling::MAX_LOGPROBS;
+use crate::tokenizer::{ChatMessage, Tokenizer};
+use crate::{RequestOutput, TokenId};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use llmd::sampling::MAX_LOGPROBS;
-use llmd::tokenizer::{ChatMessage, Tokenizer};
-use llmd::{RequestOutput, TokenId};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -132,7 +132,9 @@ fn render(tok: &Tokenizer, messages: &[ChatMessageIn]) -> Result<Vec<TokenId>, A
                             (kind, _) => {
                                 return Err(ApiError::invalid(
                                     &format!("messages[{i}].content"),
-                                    format!("content part type {kind:?} is not supported (text only)"),
+                                    format!(
+                                        "content part type {kind:?} is not supported (text only)"
+                                    ),
                                 ))
                             }
                         }
@@ -159,7 +161,10 @@ fn render(tok: &Tokenizer, messages: &[ChatMessageIn]) -> Result<Vec<TokenId>, A
         .encode(&text, add_special)
         .map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     if ids.is_empty() {
-        return Err(ApiError::invalid("messages", "the rendered prompt is empty"));
+        return Err(ApiError::invalid(
+            "messages",
+            "the rendered prompt is empty",
+        ));
     }
     Ok(ids)
 }

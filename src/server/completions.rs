@@ -11,10 +11,10 @@ use super::openai::{
 };
 use super::stream::{submit, ChoiceRequest, ChunkFormat};
 use super::{unix_now, AppState};
+use crate::tokenizer::Tokenizer;
+use crate::{RequestOutput, TokenId};
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use llmd::tokenizer::Tokenizer;
-use llmd::{RequestOutput, TokenId};
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -35,7 +35,10 @@ pub async fn completions(
     }
     let n = check_n(req.n)?;
     if req.best_of.is_some_and(|b| b != n) {
-        return Err(ApiError::invalid("best_of", "best_of other than n is not supported"));
+        return Err(ApiError::invalid(
+            "best_of",
+            "best_of other than n is not supported",
+        ));
     }
     let base = sampling_params(&req.sampling, req.logprobs)?;
     let tok = ready.engine.tokenizer().clone();
@@ -119,7 +122,10 @@ fn tokenize_prompts(tok: &Tokenizer, prompt: PromptField) -> Result<Vec<Vec<Toke
         PromptField::TokenLists(lists) => lists,
     };
     if prompts.is_empty() {
-        return Err(ApiError::invalid("prompt", "prompt must not be an empty list"));
+        return Err(ApiError::invalid(
+            "prompt",
+            "prompt must not be an empty list",
+        ));
     }
     if prompts.iter().any(Vec::is_empty) {
         return Err(ApiError::invalid("prompt", "prompt must not be empty"));

@@ -136,10 +136,10 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<llmd::Error> for ApiError {
-    fn from(e: llmd::Error) -> Self {
-        use llmd::sampling::SamplingError;
-        use llmd::Error as E;
+impl From<crate::Error> for ApiError {
+    fn from(e: crate::Error) -> Self {
+        use crate::sampling::SamplingError;
+        use crate::Error as E;
         let message = e.to_string();
         match e {
             E::Sampling(SamplingError::InvalidParam { param, .. }) => {
@@ -150,7 +150,9 @@ impl From<llmd::Error> for ApiError {
             E::TokenOutOfVocab { .. } => ApiError::invalid("prompt", message),
             E::Tokenizer(_) => ApiError::new(ErrorKind::InvalidRequest, message),
             E::DuplicateRequest(_) => ApiError::new(ErrorKind::InvalidRequest, message),
-            E::QueueFull { .. } => ApiError::new(ErrorKind::RateLimit, message).with_code("queue_full"),
+            E::QueueFull { .. } => {
+                ApiError::new(ErrorKind::RateLimit, message).with_code("queue_full")
+            }
             E::EngineStopped => ApiError::new(ErrorKind::Unavailable, message),
             _ => ApiError::new(ErrorKind::Server, message),
         }
@@ -176,11 +178,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         let mut de = serde_json::Deserializer::from_slice(&bytes);
         let parsed: Result<T, _> = parse_one(&mut de);
         parsed.map(ApiJson).map_err(|e| {
-            ApiError::new(
-                ErrorKind::InvalidRequest,
-                format!("invalid JSON body: {e}"),
-            )
-            .with_code("invalid_json")
+            ApiError::new(ErrorKind::InvalidRequest, format!("invalid JSON body: {e}"))
+                .with_code("invalid_json")
         })
     }
 }
@@ -216,9 +215,9 @@ mod tests {
 
     #[test]
     fn engine_errors_map_to_statuses() {
-        let full: ApiError = llmd::Error::QueueFull { limit: 3 }.into();
+        let full: ApiError = crate::Error::QueueFull { limit: 3 }.into();
         assert_eq!(full.status(), StatusCode::TOO_MANY_REQUESTS);
-        let long: ApiError = llmd::Error::PromptTooLong {
+        let long: ApiError = crate::Error::PromptTooLong {
             prompt_len: 10,
             needed: 20,
             max_model_len: 15,
@@ -226,13 +225,13 @@ mod tests {
         .into();
         assert_eq!(long.status(), StatusCode::BAD_REQUEST);
         assert_eq!(long.param.as_deref(), Some("prompt"));
-        let bad: ApiError = llmd::Error::Sampling(llmd::sampling::SamplingError::InvalidParam {
+        let bad: ApiError = crate::Error::Sampling(crate::sampling::SamplingError::InvalidParam {
             param: "top_p",
             reason: "x".into(),
         })
         .into();
         assert_eq!(bad.param.as_deref(), Some("top_p"));
-        let stopped: ApiError = llmd::Error::StepFailed("boom".into()).into();
+        let stopped: ApiError = crate::Error::StepFailed("boom".into()).into();
         assert_eq!(stopped.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
 }

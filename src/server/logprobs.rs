@@ -1,9 +1,11 @@
 //! Engine logprobs in OpenAI's two shapes: completions' legacy parallel lists and chat's
 //! per-token objects. Token strings are each token decoded alone, special tokens kept.
-use super::openai::{finite_logprob, ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob};
-use llmd::engine::TokenLogprob;
-use llmd::tokenizer::Tokenizer;
-use llmd::TokenId;
+use super::openai::{
+    finite_logprob, ChatLogprobs, ChatTokenLogprob, CompletionLogprobs, TopLogprob,
+};
+use crate::engine::TokenLogprob;
+use crate::tokenizer::Tokenizer;
+use crate::TokenId;
 
 fn token_str(tok: &Tokenizer, id: TokenId) -> String {
     tok.decode(&[id], false).unwrap_or_default()

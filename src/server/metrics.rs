@@ -5,8 +5,8 @@
 //! histograms are recorded here by a [`RequestTracker`], one per engine request, which records
 //! exactly once: when the request finishes, or when it is dropped unfinished (client gone,
 //! counted as `abort`). The text format is written by hand: it is small and fixed.
-use llmd::engine::EngineStats;
-use llmd::{FinishReason, RequestOutput};
+use crate::engine::EngineStats;
+use crate::{FinishReason, RequestOutput};
 use std::fmt::Write;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -21,8 +21,8 @@ const TPOT_BUCKETS: &[f64] = &[
     40.0, 80.0,
 ];
 const LATENCY_BUCKETS: &[f64] = &[
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-    240.0, 480.0, 960.0, 1920.0, 7680.0,
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+    480.0, 960.0, 1920.0, 7680.0,
 ];
 
 /// A cumulative Prometheus histogram.
@@ -140,19 +140,84 @@ impl Metrics {
             );
         };
         let c = &stats.counters;
-        scalar("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", stats.num_running.to_string());
-        scalar("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", stats.num_waiting.to_string());
-        scalar("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.", format!("{:?}", stats.kv_usage));
-        scalar("vllm:gpu_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage. DEPRECATED: use vllm:kv_cache_usage_perc.", format!("{:?}", stats.kv_usage));
-        scalar("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried tokens.", stats.prefix_cache.queries.to_string());
-        scalar("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.", stats.prefix_cache.hits.to_string());
-        scalar("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions from the engine.", stats.num_preemptions.to_string());
-        scalar("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", c.prompt_tokens.to_string());
-        scalar("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", c.generation_tokens.to_string());
-        scalar("llmd:kv_free_blocks", "gauge", "Free KV-cache blocks (evictable cached blocks included).", stats.num_free_blocks.to_string());
-        scalar("llmd:kv_total_blocks", "gauge", "KV-cache blocks in the pool.", stats.num_total_blocks.to_string());
-        scalar("llmd:prompt_tokens_computed_total", "counter", "Prompt tokens actually computed (prefix-cache hits excluded, recomputation included).", c.prompt_tokens_computed.to_string());
-        scalar("llmd:engine_steps_total", "counter", "Engine steps run.", c.steps.to_string());
+        scalar(
+            "vllm:num_requests_running",
+            "gauge",
+            "Number of requests in model execution batches.",
+            stats.num_running.to_string(),
+        );
+        scalar(
+            "vllm:num_requests_waiting",
+            "gauge",
+            "Number of requests waiting to be processed.",
+            stats.num_waiting.to_string(),
+        );
+        scalar(
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            format!("{:?}", stats.kv_usage),
+        );
+        scalar(
+            "vllm:gpu_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage. DEPRECATED: use vllm:kv_cache_usage_perc.",
+            format!("{:?}", stats.kv_usage),
+        );
+        scalar(
+            "vllm:prefix_cache_queries_total",
+            "counter",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            stats.prefix_cache.queries.to_string(),
+        );
+        scalar(
+            "vllm:prefix_cache_hits_total",
+            "counter",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            stats.prefix_cache.hits.to_string(),
+        );
+        scalar(
+            "vllm:num_preemptions_total",
+            "counter",
+            "Cumulative number of preemptions from the engine.",
+            stats.num_preemptions.to_string(),
+        );
+        scalar(
+            "vllm:prompt_tokens_total",
+            "counter",
+            "Number of prefill tokens processed.",
+            c.prompt_tokens.to_string(),
+        );
+        scalar(
+            "vllm:generation_tokens_total",
+            "counter",
+            "Number of generation tokens processed.",
+            c.generation_tokens.to_string(),
+        );
+        scalar(
+            "llmd:kv_free_blocks",
+            "gauge",
+            "Free KV-cache blocks (evictable cached blocks included).",
+            stats.num_free_blocks.to_string(),
+        );
+        scalar(
+            "llmd:kv_total_blocks",
+            "gauge",
+            "KV-cache blocks in the pool.",
+            stats.num_total_blocks.to_string(),
+        );
+        scalar(
+            "llmd:prompt_tokens_computed_total",
+            "counter",
+            "Prompt tokens actually computed (prefix-cache hits excluded, recomputation included).",
+            c.prompt_tokens_computed.to_string(),
+        );
+        scalar(
+            "llmd:engine_steps_total",
+            "counter",
+            "Engine steps run.",
+            c.steps.to_string(),
+        );
         let Some(r) = self.with(|r| {
             let mut text = String::new();
             let _ = writeln!(
@@ -304,8 +369,14 @@ mod tests {
 
     #[test]
     fn buckets_follow_1_2_5() {
-        assert_eq!(buckets_1_2_5(100), &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]);
-        assert_eq!(buckets_1_2_5(512), &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0]);
+        assert_eq!(
+            buckets_1_2_5(100),
+            &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]
+        );
+        assert_eq!(
+            buckets_1_2_5(512),
+            &[1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0]
+        );
     }
 
     #[test]
@@ -316,13 +387,23 @@ mod tests {
             t.finish(FinishReason::Length);
             t.finish(FinishReason::Stop);
         }
-        drop(RequestTracker::new(m.clone(), "b".into(), Instant::now(), 3));
+        drop(RequestTracker::new(
+            m.clone(),
+            "b".into(),
+            Instant::now(),
+            3,
+        ));
         let text = m.render(&EngineStats::default());
         assert!(text.contains(r#"model_name="m\"x""#), "{text}");
         assert!(text.contains("finished_reason=\"length\"} 1\n"), "{text}");
         assert!(text.contains("finished_reason=\"stop\"} 0\n"), "{text}");
         assert!(text.contains("finished_reason=\"abort\"} 1\n"), "{text}");
-        assert!(text.contains("vllm:e2e_request_latency_seconds_count{model_name=\"m\\\"x\",engine=\"0\"} 2\n"), "{text}");
+        assert!(
+            text.contains(
+                "vllm:e2e_request_latency_seconds_count{model_name=\"m\\\"x\",engine=\"0\"} 2\n"
+            ),
+            "{text}"
+        );
         assert!(text.contains("vllm:num_requests_running{"), "{text}");
     }
 }

@@ -11,15 +11,16 @@
 //! request before the model is loaded.
 mod chat;
 mod completions;
-mod error;
+pub mod error;
 mod logprobs;
-mod metrics;
-mod openai;
+pub mod metrics;
+pub mod openai;
 mod stream;
 
 use error::{ApiError, ErrorKind};
 use metrics::Metrics;
 
+use crate::Engine;
 use anyhow::{bail, Context};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, StatusCode};
@@ -27,7 +28,6 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use llmd::Engine;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -102,8 +102,10 @@ impl AppState {
         match model {
             None => Ok(()),
             Some(m) if m == self.model_name || m == self.model_path => Ok(()),
-            Some(m) => Err(ApiError::invalid("model", format!("The model `{m}` does not exist."))
-                .with_code("model_not_found")),
+            Some(m) => Err(
+                ApiError::invalid("model", format!("The model `{m}` does not exist."))
+                    .with_code("model_not_found"),
+            ),
         }
     }
 
@@ -119,7 +121,10 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/v1/completions", post(completions::completions))
         .route("/v1/chat/completions", post(chat::chat_completions))
         .route("/v1/models", get(models))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
     Router::new()
         .merge(api)
         .route("/health", get(health))
@@ -132,8 +137,7 @@ fn router(state: Arc<AppState>) -> Router {
 /// Compares in time independent of where the strings first differ.
 fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len()
-        && a
-            .bytes()
+        && a.bytes()
             .zip(b.bytes())
             .fold(0u8, |acc, (x, y)| acc | (x ^ y))
             == 0
@@ -162,7 +166,9 @@ async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next:
 async fn health(State(state): State<Arc<AppState>>) -> Result<StatusCode, ApiError> {
     state.ready()?;
     if state.shutting_down.load(Ordering::Relaxed) {
-        return Err(ApiError::new(ErrorKind::Unavailable, "shutting down").with_code("shutting_down"));
+        return Err(
+            ApiError::new(ErrorKind::Unavailable, "shutting down").with_code("shutting_down")
+        );
     }
     Ok(StatusCode::OK)
 }
@@ -188,7 +194,10 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Result<Response, Ap
     let ready = state.ready()?;
     let text = ready.metrics.render(&ready.engine.stats());
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     )
         .into_response())

@@ -6,7 +6,7 @@
 //! client can get wrong is reported as a 400 naming the field; the engine's own validation
 //! (`SamplingParams::validate`) runs here too, so no bad request reaches the engine.
 use super::error::ApiError;
-use llmd::{SamplingParams, TokenId};
+use crate::{SamplingParams, TokenId};
 use serde::{Deserialize, Serialize};
 
 /// Most choices one request may ask for.
@@ -126,7 +126,10 @@ pub fn check_n(n: Option<usize>) -> Result<usize, ApiError> {
 
 /// Builds and validates the engine's parameters. `max_tokens` is set later, once the prompt
 /// length is known (see [`resolve_max_tokens`]).
-pub fn sampling_params(f: &SamplingFields, logprobs: Option<usize>) -> Result<SamplingParams, ApiError> {
+pub fn sampling_params(
+    f: &SamplingFields,
+    logprobs: Option<usize>,
+) -> Result<SamplingParams, ApiError> {
     let top_k = match f.top_k {
         None | Some(-1) | Some(0) => 0,
         Some(k) if k > 0 => usize::try_from(k).unwrap_or(usize::MAX),
@@ -160,7 +163,7 @@ pub fn sampling_params(f: &SamplingFields, logprobs: Option<usize>) -> Result<Sa
         include_stop_str_in_output: f.include_stop_str_in_output.unwrap_or(false),
         skip_special_tokens: f.skip_special_tokens.unwrap_or(true),
     };
-    p.validate().map_err(llmd::Error::from)?;
+    p.validate().map_err(crate::Error::from)?;
     Ok(p)
 }
 
@@ -177,7 +180,10 @@ pub fn resolve_max_tokens(
     let room = max_model_len.saturating_sub(prompt_len);
     let max_tokens = requested.or(default).unwrap_or(room);
     if max_tokens == 0 && requested.is_some() {
-        return Err(ApiError::invalid("max_tokens", "max_tokens must be at least 1"));
+        return Err(ApiError::invalid(
+            "max_tokens",
+            "max_tokens must be at least 1",
+        ));
     }
     if prompt_len + max_tokens > max_model_len || room == 0 {
         return Err(ApiError::invalid(
@@ -357,12 +363,25 @@ mod tests {
 
     #[test]
     fn max_tokens_resolution() {
-        assert_eq!(resolve_max_tokens(Some(5), Some(16), 10, 100, "prompt").unwrap(), 5);
-        assert_eq!(resolve_max_tokens(None, Some(16), 10, 100, "prompt").unwrap(), 16);
-        assert_eq!(resolve_max_tokens(None, None, 10, 100, "prompt").unwrap(), 90);
+        assert_eq!(
+            resolve_max_tokens(Some(5), Some(16), 10, 100, "prompt").unwrap(),
+            5
+        );
+        assert_eq!(
+            resolve_max_tokens(None, Some(16), 10, 100, "prompt").unwrap(),
+            16
+        );
+        assert_eq!(
+            resolve_max_tokens(None, None, 10, 100, "prompt").unwrap(),
+            90
+        );
         let e = resolve_max_tokens(Some(95), None, 10, 100, "messages").unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages"));
-        assert!(e.message.contains("maximum context length is 100"), "{}", e.message);
+        assert!(
+            e.message.contains("maximum context length is 100"),
+            "{}",
+            e.message
+        );
         assert!(resolve_max_tokens(None, None, 100, 100, "prompt").is_err());
         assert!(resolve_max_tokens(Some(0), None, 1, 100, "prompt").is_err());
     }

@@ -12,10 +12,10 @@
 use super::error::ApiError;
 use super::metrics::{Metrics, RequestTracker};
 use super::openai::Usage;
+use crate::engine::TokenLogprob;
+use crate::{Engine, FinishReason, Prompt, RequestId, RequestOutput, SamplingParams, TokenId};
 use axum::response::sse::{Event, Sse};
 use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
-use llmd::engine::TokenLogprob;
-use llmd::{Engine, FinishReason, Prompt, RequestId, RequestOutput, SamplingParams, TokenId};
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -28,7 +28,7 @@ pub struct ChoiceRequest {
     pub params: SamplingParams,
 }
 
-type Item = (usize, llmd::Result<RequestOutput>);
+type Item = (usize, crate::Result<RequestOutput>);
 
 /// The running engine requests of one API request.
 pub struct Generation {
@@ -38,8 +38,8 @@ pub struct Generation {
 
 struct ChoiceState {
     index: usize,
-    first: Option<llmd::Result<RequestOutput>>,
-    handle: llmd::RequestHandle,
+    first: Option<crate::Result<RequestOutput>>,
+    handle: crate::RequestHandle,
     tracker: RequestTracker,
 }
 
@@ -76,7 +76,7 @@ pub async fn submit(
                 return Err(e.into());
             }
             None => {
-                return Err(llmd::Error::StepFailed("request ended without output".into()).into())
+                return Err(crate::Error::StepFailed("request ended without output".into()).into())
             }
         }
     }
@@ -177,8 +177,7 @@ impl Generation {
                     }
                     None => {
                         if st.include_usage {
-                            let usage =
-                                Usage::new(st.prompt_tokens, st.output_tokens.iter().sum());
+                            let usage = Usage::new(st.prompt_tokens, st.output_tokens.iter().sum());
                             st.pending.push_back(st.format.usage_chunk(usage));
                         }
                         st.pending.push_back("[DONE]".into());
