@@ -27,6 +27,7 @@ use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -236,6 +237,13 @@ where
     let state = Arc::new(AppState::new(&cfg));
     let (drain_tx, mut drain_rx) = tokio::sync::watch::channel(false);
     let app = router(state.clone());
+    // Streams send one small SSE event per token: without TCP_NODELAY, Nagle's algorithm holds
+    // each one back until the client's delayed ACK (~40 ms), which would set the token pace.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        }
+    });
     let mut server = tokio::spawn(async move {
         axum::serve(listener, app)
             .with_graceful_shutdown(async move {
