@@ -32,9 +32,10 @@ enum Device {
 
 #[derive(Args)]
 struct EngineArgs {
-    /// Hugging Face model directory (default: the first complete model in ../shared/models).
+    /// Hugging Face model directory or hub id `owner/name` (fetched into the Hugging Face
+    /// cache when online; default: the first complete model in ../shared/models).
     #[arg(long)]
-    model: Option<PathBuf>,
+    model: Option<String>,
     #[arg(long)]
     max_model_len: Option<usize>,
     #[arg(long, default_value_t = 256)]
@@ -141,7 +142,7 @@ fn default_model() -> Result<PathBuf> {
 
 fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
     let model = match &a.model {
-        Some(m) => m.clone(),
+        Some(m) => llmd::model::hub::resolve_model(m)?,
         None => default_model()?,
     };
     let mut c = EngineConfig::new(model);
@@ -228,6 +229,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
 fn serve(a: ServeArgs) -> Result<()> {
     let config = engine_config(&a.engine)?;
     let model_path = config.model.display().to_string();
+    // vLLM names the model as it was asked for: the hub id or the directory given.
+    let default_name = a.engine.model.clone().unwrap_or_else(|| model_path.clone());
     if !(a.shutdown_timeout.is_finite() && a.shutdown_timeout >= 0.0) {
         bail!("--shutdown-timeout must be a non-negative number of seconds");
     }
@@ -235,7 +238,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         host: a.host,
         port: a.port,
         api_key: a.api_key,
-        served_model_name: a.served_model_name.unwrap_or_else(|| model_path.clone()),
+        served_model_name: a.served_model_name.unwrap_or(default_name),
         model_path,
         shutdown_timeout: std::time::Duration::from_secs_f64(a.shutdown_timeout),
     };

@@ -318,7 +318,11 @@ fn run_loop(mut core: EngineCore, rx: mpsc::Receiver<Command>, stats: Arc<Mutex<
             open
         });
         if core.has_unfinished_requests() {
-            match core.step() {
+            let result = core.step();
+            // Stats before outputs: a client that has its last token and then reads the stats
+            // (e.g. scrapes /metrics) must find that token counted.
+            publish(&core, &stats);
+            match result {
                 Ok(outputs) => {
                     for o in outputs {
                         let finished = o.finished();
@@ -346,6 +350,7 @@ fn run_loop(mut core: EngineCore, rx: mpsc::Receiver<Command>, stats: Arc<Mutex<
                 }
             }
         }
+        // Again after the sends: aborts of closed handles changed the pool.
         publish(&core, &stats);
     }
 }

@@ -3,6 +3,7 @@
 //! [`llama::Model`] is the one forward (Llama, Mistral, Qwen2, SmolLM), generic over the
 //! [`Backend`](crate::backend::Backend); [`ModelRunner`] erases the backend type for the engine.
 pub mod config;
+pub mod hub;
 pub mod llama;
 pub mod weights;
 
@@ -43,6 +44,8 @@ pub enum ModelError {
     },
     #[error("tensor {name} has unsupported dtype {dtype} (f32, f16, bf16 are supported)")]
     TensorDType { name: String, dtype: String },
+    #[error("model {model:?}: {reason}")]
+    Hub { model: String, reason: String },
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
