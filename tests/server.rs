@@ -483,6 +483,10 @@ async fn greedy_http_equals_engine() {
     ] {
         sample(&m, name, "model_name=\"stories\"");
     }
+    assert_eq!(
+        sample(&m, "vllm:cache_config_info", "block_size=\"16\""),
+        1.0
+    );
     assert!(sample(&m, "vllm:prompt_tokens_total", "") > 0.0);
     // 12 requests: each prompt as text, as ids and streamed, then all three as a list.
     let generated: usize = direct.iter().map(|d| d.token_ids.len()).sum::<usize>() * 4;

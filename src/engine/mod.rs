@@ -52,6 +52,9 @@ pub struct EngineLimits {
     pub max_waiting_requests: Option<usize>,
     pub num_blocks: usize,
     pub block_size: usize,
+    pub enable_prefix_caching: bool,
+    /// The block hash scheme's name (`xxh3_64`, `sha256_cbor_64bit`).
+    pub block_hash_algo: &'static str,
 }
 
 /// The synchronous engine: one `step()` runs one batch.
@@ -176,6 +179,8 @@ impl EngineCore {
                 max_waiting_requests: sched_cfg.max_waiting_requests,
                 num_blocks,
                 block_size,
+                enable_prefix_caching: config.cache.enable_prefix_caching,
+                block_hash_algo: config.cache.block_hash_algo.as_str(),
             },
             eos_token_ids,
             logits: Vec::new(),

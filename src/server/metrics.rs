@@ -5,7 +5,7 @@
 //! histograms are recorded here by a [`RequestTracker`], one per engine request, which records
 //! exactly once: when the request finishes, or when it is dropped unfinished (client gone,
 //! counted as `abort`). The text format is written by hand: it is small and fixed.
-use crate::engine::EngineStats;
+use crate::engine::{EngineLimits, EngineStats};
 use crate::{FinishReason, RequestOutput};
 use std::fmt::Write;
 use std::sync::{Arc, Mutex};
@@ -81,6 +81,10 @@ struct Recorded {
 pub struct Metrics {
     /// Label set for every series: `model_name="...",engine="0"`.
     labels: String,
+    /// `vllm:cache_config_info`'s labels: the KV cache's fixed configuration.
+    cache_info: String,
+    /// Start time (Unix seconds), the value of `vllm:lora_requests_info` as in vLLM.
+    started: f64,
     recorded: Mutex<Recorded>,
 }
 
@@ -109,10 +113,21 @@ fn escape_label(v: &str) -> String {
 }
 
 impl Metrics {
-    pub fn new(model_name: &str, max_model_len: usize) -> Self {
-        let tokens = buckets_1_2_5(max_model_len);
+    pub fn new(model_name: &str, limits: &EngineLimits) -> Self {
+        let tokens = buckets_1_2_5(limits.max_model_len);
+        let python_bool = |b: bool| if b { "True" } else { "False" };
         Self {
             labels: format!("model_name=\"{}\",engine=\"0\"", escape_label(model_name)),
+            cache_info: format!(
+                "block_size=\"{}\",num_gpu_blocks=\"{}\",enable_prefix_caching=\"{}\",prefix_caching_hash_algo=\"{}\",cache_dtype=\"auto\"",
+                limits.block_size,
+                limits.num_blocks,
+                python_bool(limits.enable_prefix_caching),
+                limits.block_hash_algo,
+            ),
+            started: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
             recorded: Mutex::new(Recorded {
                 ttft: Histogram::new(TTFT_BUCKETS),
                 itl: Histogram::new(TPOT_BUCKETS),
@@ -133,6 +148,18 @@ impl Metrics {
     pub fn render(&self, stats: &EngineStats) -> String {
         let l = &self.labels;
         let mut out = String::new();
+        // What llm-d's endpoint picker reads besides the load gauges: the cache layout (block
+        // size, for prefix-aware routing) and the LoRA adapters (none here).
+        let _ = writeln!(
+            out,
+            "# HELP vllm:cache_config_info Information of the LLMEngine CacheConfig\n# TYPE vllm:cache_config_info gauge\nvllm:cache_config_info{{{}}} 1.0",
+            self.cache_info
+        );
+        let _ = writeln!(
+            out,
+            "# HELP vllm:lora_requests_info Running stats on lora requests.\n# TYPE vllm:lora_requests_info gauge\nvllm:lora_requests_info{{max_lora=\"0\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"}} {:?}",
+            self.started
+        );
         let mut scalar = |name: &str, kind: &str, help: &str, value: String| {
             let _ = writeln!(
                 out,
@@ -381,7 +408,16 @@ mod tests {
 
     #[test]
     fn tracker_records_once_and_dropped_counts_as_abort() {
-        let m = Arc::new(Metrics::new("m\"x", 512));
+        let limits = EngineLimits {
+            max_model_len: 512,
+            vocab_size: 100,
+            max_waiting_requests: None,
+            num_blocks: 64,
+            block_size: 16,
+            enable_prefix_caching: true,
+            block_hash_algo: "sha256_cbor_64bit",
+        };
+        let m = Arc::new(Metrics::new("m\"x", &limits));
         {
             let mut t = RequestTracker::new(m.clone(), "a".into(), Instant::now(), 3);
             t.finish(FinishReason::Length);
@@ -405,5 +441,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("vllm:num_requests_running{"), "{text}");
+        assert!(text.contains("vllm:cache_config_info{block_size=\"16\",num_gpu_blocks=\"64\",enable_prefix_caching=\"True\",prefix_caching_hash_algo=\"sha256_cbor_64bit\""), "{text}");
+        assert!(
+            text.contains("vllm:lora_requests_info{max_lora=\"0\""),
+            "{text}"
+        );
     }
 }

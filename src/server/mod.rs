@@ -272,7 +272,7 @@ where
             if !engine.tokenizer().has_chat_template() {
                 tracing::warn!("the model has no chat template: chat requests are rendered as the message contents, one per line");
             }
-            let metrics = Arc::new(Metrics::new(&state.model_name, limits.max_model_len));
+            let metrics = Arc::new(Metrics::new(&state.model_name, &limits));
             if state.ready.set(Ready { engine, metrics }).is_err() {
                 bail!("the engine was set twice");
             }
