@@ -71,6 +71,34 @@ impl Default for CacheConfig {
 pub enum DeviceKind {
     #[default]
     Cpu,
+    /// The CUDA device of this ordinal.
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceKind {
+    type Err = String;
+
+    /// `cpu`, `cuda` (device 0) or `cuda:N`.
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(DeviceKind::Cpu),
+            "cuda" => Ok(DeviceKind::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceKind::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?}: expected cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeviceKind::Cpu => write!(f, "cpu"),
+            DeviceKind::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -131,5 +159,25 @@ impl EngineConfig {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_print() {
+        for (s, d) in [
+            ("cpu", DeviceKind::Cpu),
+            ("cuda", DeviceKind::Cuda(0)),
+            ("cuda:3", DeviceKind::Cuda(3)),
+        ] {
+            assert_eq!(s.parse::<DeviceKind>().unwrap(), d);
+        }
+        assert_eq!(DeviceKind::Cuda(3).to_string(), "cuda:3");
+        for bad in ["gpu", "cuda:", "cuda:-1", "cuda:x", ""] {
+            assert!(bad.parse::<DeviceKind>().is_err(), "{bad}");
+        }
     }
 }

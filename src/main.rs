@@ -24,12 +24,6 @@ enum Command {
     Serve(ServeArgs),
 }
 
-/// Which device runs the model.
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-enum Device {
-    Cpu,
-}
-
 #[derive(Args)]
 struct EngineArgs {
     /// Hugging Face model directory or hub id `owner/name` (fetched into the Hugging Face
@@ -59,8 +53,9 @@ struct EngineArgs {
     prefix_caching_hash_seed: Option<String>,
     #[arg(long)]
     threads: Option<usize>,
-    #[arg(long, value_enum, default_value_t = Device::Cpu)]
-    device: Device,
+    /// cpu, cuda or cuda:N (the CUDA backend is not finished yet: cpu is the default).
+    #[arg(long, default_value = "cpu")]
+    device: llmd::config::DeviceKind,
     /// Most requests waiting for a batch slot before new ones are refused with 429
     /// (default: unbounded).
     #[arg(long)]
@@ -158,9 +153,7 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
         c.cache.block_hash_seed = seed.clone();
     }
     c.num_threads = a.threads;
-    c.device = match a.device {
-        Device::Cpu => llmd::config::DeviceKind::Cpu,
-    };
+    c.device = a.device;
     c.scheduler.max_waiting_requests = a.max_waiting_requests;
     Ok(c)
 }

@@ -97,3 +97,40 @@ fn missing_directory_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[test]
+fn device_flag_is_checked() {
+    let run = |device: &str| {
+        Command::new(env!("CARGO_BIN_EXE_llmd"))
+            .args([
+                "generate",
+                "--prompt",
+                "Once",
+                "--max-tokens",
+                "2",
+                "--device",
+                device,
+            ])
+            .arg("--model")
+            .arg(stories())
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("running llmd")
+    };
+    let out = run("gpu");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("expected cpu, cuda or cuda:N"), "{err}");
+    assert!(run("cpu").status.success());
+    if !llmd::backend::cuda::driver_available() {
+        // No GPU here: asking for one is a clear error, not a panic.
+        let out = run("cuda:0");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("libcuda") && err.contains("--device cpu"),
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}

@@ -16,6 +16,7 @@
 //! - In a batch, the decode sequences (one query token each) come first, then the prefill
 //!   (chunk) sequences.
 pub mod cpu;
+pub mod cuda;
 
 use crate::request::TokenId;
 
@@ -29,6 +30,12 @@ pub enum BackendError {
     },
     #[error("device {requested} is not available: {reason}")]
     DeviceUnavailable { requested: String, reason: String },
+    #[error("compiling kernel {kernel} for {arch}: {reason}")]
+    KernelCompile {
+        kernel: String,
+        arch: String,
+        reason: String,
+    },
     #[error("{op}: expected {expected}, got {got}")]
     Shape {
         op: &'static str,

@@ -14,11 +14,11 @@ pub use handle::{CompletedRequest, Engine, EngineStats, RequestHandle};
 pub use output::{RequestOutput, TokenLogprob};
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{BatchPlan, SeqPlan};
+use crate::backend::{BackendError, BatchPlan, SeqPlan};
 use crate::config::{DeviceKind, EngineConfig};
 use crate::error::{Error, Result};
 use crate::kv::{BlockHasher, KvCacheManager};
-use crate::model::{Model, ModelConfig, ModelLimits, ModelRunner};
+use crate::model::{Model, ModelConfig, ModelError, ModelLimits, ModelRunner};
 use crate::request::{FinishReason, RequestId, TokenId};
 use crate::sampling::{mask_tokens, SamplingParams};
 use crate::scheduler::{Request, Scheduler, SchedulerOutput};
@@ -155,6 +155,16 @@ impl EngineCore {
                 limits,
                 progress,
             )?),
+            DeviceKind::Cuda(n) => {
+                crate::backend::cuda::check_device(n)?;
+                // The kernels exist and compile (kernels/, tests/kernels_compile.rs); the CUDA
+                // implementation of the Backend trait does not yet.
+                return Err(ModelError::from(BackendError::DeviceUnavailable {
+                    requested: config.device.to_string(),
+                    reason: "the CUDA backend is not finished yet; use --device cpu".into(),
+                })
+                .into());
+            }
         };
         let mut eos_token_ids = tokenizer.eos_token_ids().to_vec();
         for id in &model_cfg.eos_token_ids {

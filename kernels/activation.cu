@@ -1,0 +1,15 @@
+// SiLU-and-multiply of the fused gate/up projection.
+// CPU reference: `silu_mul` in src/backend/cpu/mod.rs.
+
+// out[t, i] = silu(gu[t, i]) * gu[t, inter + i]; grid-stride over rows * inter.
+extern "C" __global__ void silu_mul_bf16(const bf16* __restrict__ gu, bf16* __restrict__ out,
+                                         int rows, int inter) {
+    const long n = (long)rows * inter;
+    for (long k = (long)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+         k += (long)gridDim.x * blockDim.x) {
+        const long t = k / inter, i = k - t * inter;
+        const float g = bf16_to_f32(gu[t * 2 * inter + i]);
+        const float u = bf16_to_f32(gu[t * 2 * inter + inter + i]);
+        out[k] = f32_to_bf16(g / (1.0f + __expf(-g)) * u);
+    }
+}
