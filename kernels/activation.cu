@@ -1,4 +1,4 @@
-// SiLU-and-multiply of the fused gate/up projection.
+// Elementwise epilogues: SiLU-and-multiply of the fused gate/up projection, bias add.
 // CPU reference: `silu_mul` in src/backend/cpu/mod.rs.
 
 // out[t, i] = silu(gu[t, i]) * gu[t, inter + i]; grid-stride over rows * inter.
@@ -11,5 +11,16 @@ extern "C" __global__ void silu_mul_bf16(const bf16* __restrict__ gu, bf16* __re
         const float g = bf16_to_f32(gu[t * 2 * inter + i]);
         const float u = bf16_to_f32(gu[t * 2 * inter + inter + i]);
         out[k] = f32_to_bf16(g / (1.0f + __expf(-g)) * u);
+    }
+}
+
+// x[t, j] += bias[j] (the q/k/v biases of Qwen2); grid-stride over rows * n.
+// CPU reference: the bias term of `matmul` in src/backend/cpu/mod.rs.
+extern "C" __global__ void add_bias_bf16(bf16* __restrict__ x, const bf16* __restrict__ bias,
+                                         int rows, int n) {
+    const long total = (long)rows * n;
+    for (long k = (long)blockIdx.x * blockDim.x + threadIdx.x; k < total;
+         k += (long)gridDim.x * blockDim.x) {
+        x[k] = f32_to_bf16(bf16_to_f32(x[k]) + bf16_to_f32(bias[k % n]));
     }
 }

@@ -53,7 +53,7 @@ struct EngineArgs {
     prefix_caching_hash_seed: Option<String>,
     #[arg(long)]
     threads: Option<usize>,
-    /// cpu, cuda or cuda:N (the CUDA backend is not finished yet: cpu is the default).
+    /// cpu, cuda or cuda:N (cpu by default until the CUDA backend has passed its GPU tests).
     #[arg(long, default_value = "cpu")]
     device: llmd::config::DeviceKind,
     /// Most requests waiting for a batch slot before new ones are refused with 429

@@ -205,6 +205,9 @@ pub trait Backend: Send + Sync + 'static {
     fn alloc(&self, len: usize) -> BackendResult<Self::Buffer>;
     /// Uploads a parameter, converting to the device's weight dtype.
     fn load_weight(&self, t: HostTensor<'_>) -> BackendResult<Self::Weight>;
+    /// Uploads a lookup table that must keep f32 precision whatever the weight dtype (the
+    /// rotary cos/sin table).
+    fn load_table(&self, t: HostTensor<'_>) -> BackendResult<Self::Weight>;
     /// Concatenates tensors of equal row width along rows (fused qkv / gate_up projections).
     fn load_weight_rows(&self, parts: &[HostTensor<'_>]) -> BackendResult<Self::Weight>;
     fn alloc_kv_cache(&self, dims: KvCacheDims) -> BackendResult<Self::KvCache>;

@@ -14,7 +14,7 @@ pub use handle::{CompletedRequest, Engine, EngineStats, RequestHandle};
 pub use output::{RequestOutput, TokenLogprob};
 
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{BackendError, BatchPlan, SeqPlan};
+use crate::backend::{BatchPlan, SeqPlan};
 use crate::config::{DeviceKind, EngineConfig};
 use crate::error::{Error, Result};
 use crate::kv::{BlockHasher, KvCacheManager};
@@ -155,16 +155,13 @@ impl EngineCore {
                 limits,
                 progress,
             )?),
-            DeviceKind::Cuda(n) => {
-                crate::backend::cuda::check_device(n)?;
-                // The kernels exist and compile (kernels/, tests/kernels_compile.rs); the CUDA
-                // implementation of the Backend trait does not yet.
-                return Err(ModelError::from(BackendError::DeviceUnavailable {
-                    requested: config.device.to_string(),
-                    reason: "the CUDA backend is not finished yet; use --device cpu".into(),
-                })
-                .into());
-            }
+            DeviceKind::Cuda(n) => Box::new(Model::load(
+                crate::backend::cuda::CudaBackend::new(n).map_err(ModelError::from)?,
+                &config.model,
+                model_cfg.clone(),
+                limits,
+                progress,
+            )?),
         };
         let mut eos_token_ids = tokenizer.eos_token_ids().to_vec();
         for id in &model_cfg.eos_token_ids {

@@ -157,7 +157,7 @@ impl<B: Backend> Model<B> {
         }
         let table = config.rope_table(limits.max_positions);
         let table_shape = [limits.max_positions, hd];
-        let cos_sin = backend.load_weight(crate::backend::HostTensor {
+        let cos_sin = backend.load_table(crate::backend::HostTensor {
             dtype: crate::backend::HostDType::F32,
             shape: &table_shape,
             data: bytemuck::cast_slice(&table),

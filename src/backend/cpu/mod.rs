@@ -63,6 +63,10 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn load_table(&self, t: HostTensor<'_>) -> BackendResult<CpuWeight> {
+        self.load_weight(t)
+    }
+
     fn load_weight_rows(&self, parts: &[HostTensor<'_>]) -> BackendResult<CpuWeight> {
         let width: usize = parts.first().map_or(1, |p| p.shape[1..].iter().product());
         let mut rows = 0;

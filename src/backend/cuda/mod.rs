@@ -8,6 +8,10 @@
 //! Kernels include no system headers: each file is compiled as [`PRELUDE`] (bf16 conversion,
 //! warp and block reductions) followed by its own source, so they compile wherever NVRTC is,
 //! with or without the CUDA headers installed.
+pub mod device;
+
+pub use device::CudaBackend;
+
 use super::BackendError;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;
@@ -37,10 +41,16 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
 
 /// The entry points of each kernel file, as the backend loads them.
 pub const KERNEL_ENTRIES: &[(&str, &[&str])] = &[
-    ("activation.cu", &["silu_mul_bf16"]),
+    ("activation.cu", &["silu_mul_bf16", "add_bias_bf16"]),
     (
         "attention_decode.cu",
         &[
+            "paged_decode_d8",
+            "paged_decode_reduce_d8",
+            "paged_decode_d16",
+            "paged_decode_reduce_d16",
+            "paged_decode_d32",
+            "paged_decode_reduce_d32",
             "paged_decode_d64",
             "paged_decode_reduce_d64",
             "paged_decode_d128",
