@@ -56,6 +56,18 @@ pub struct CudaStep {
     logits_indices: CudaSlice<u32>,
     decode: Queries,
     prefill: Queries,
+    prefill_seqs: PrefillSeqs,
+}
+
+/// The prefill sequences for the tensor-core kernel: first row, query_len, context_len and
+/// block-table row of each.
+struct PrefillSeqs {
+    n: usize,
+    max_query_len: usize,
+    rows: CudaSlice<u32>,
+    query_lens: CudaSlice<u32>,
+    context_lens: CudaSlice<u32>,
+    tables: CudaSlice<u32>,
 }
 
 /// Single-query attention work items: qkv/out row, block-table row, causal context length.
@@ -502,6 +514,13 @@ impl Backend for CudaBackend {
         }
         let (mut d_rows, mut d_tab, mut d_ctx) = (Vec::new(), Vec::new(), Vec::new());
         let (mut p_rows, mut p_tab, mut p_ctx) = (Vec::new(), Vec::new(), Vec::new());
+        let mut ps: [Vec<u32>; 4] = Default::default();
+        for (i, s) in plan.seqs.iter().enumerate().skip(plan.num_decode_seqs) {
+            ps[0].push(s.query_start as u32);
+            ps[1].push(s.query_len as u32);
+            ps[2].push(s.context_len as u32);
+            ps[3].push(i as u32);
+        }
         for (i, s) in plan.seqs.iter().enumerate() {
             let first_pos = s.context_len - s.query_len;
             for j in 0..s.query_len {
@@ -527,6 +546,14 @@ impl Backend for CudaBackend {
             logits_indices: self.htod_nonempty(&plan.logits_indices)?,
             decode: self.queries(&d_rows, &d_tab, &d_ctx)?,
             prefill: self.queries(&p_rows, &p_tab, &p_ctx)?,
+            prefill_seqs: PrefillSeqs {
+                n: ps[0].len(),
+                max_query_len: ps[1].iter().copied().max().unwrap_or(0) as usize,
+                rows: self.htod_nonempty(&ps[0])?,
+                query_lens: self.htod_nonempty(&ps[1])?,
+                context_lens: self.htod_nonempty(&ps[2])?,
+                tables: self.htod_nonempty(&ps[3])?,
+            },
             plan: plan.clone(),
         })
     }
@@ -751,9 +778,50 @@ impl Backend for CudaBackend {
         dims: AttnDims,
         out: &mut CudaBuffer,
     ) {
-        // Token by token through the split-K kernel for now: correct and GQA-aware, but not yet
-        // the tensor-core kernel prefill needs for speed.
-        self.attend(qkv, cache, step, &step.prefill, dims, out);
+        let kernel = match dims.head_dim {
+            64 => "paged_prefill_d64",
+            128 => "paged_prefill_d128",
+            // Small test-model heads: token by token through the split-K kernel.
+            _ => return self.attend(qkv, cache, step, &step.prefill, dims, out),
+        };
+        let p = &step.prefill_seqs;
+        if p.n == 0 {
+            return;
+        }
+        let (nh, nkv) = (dims.num_heads as i32, dims.num_kv_heads as i32);
+        let bs = cache.dims.block_size as i32;
+        let mbps = step.plan.max_blocks_per_seq as i32;
+        let window = dims.sliding_window.unwrap_or(0) as i32;
+        let scale = dims.scale;
+        let mut b = self.stream.launch_builder(self.func(kernel));
+        b.arg(qkv)
+            .arg(&cache.k)
+            .arg(&cache.v)
+            .arg(&step.block_tables)
+            .arg(&p.rows)
+            .arg(&p.query_lens)
+            .arg(&p.context_lens)
+            .arg(&p.tables)
+            .arg(&mut *out)
+            .arg(&nh)
+            .arg(&nkv)
+            .arg(&bs)
+            .arg(&mbps)
+            .arg(&window)
+            .arg(&scale);
+        let cfg = LaunchConfig {
+            grid_dim: (
+                p.max_query_len.div_ceil(64) as u32,
+                dims.num_heads as u32,
+                p.n as u32,
+            ),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches `paged_prefill_d*`; rows, lengths and tables come from the plan.
+        if let Err(e) = unsafe { b.launch(cfg) } {
+            self.record(kernel, e);
+        }
     }
 
     fn gather_rows(&self, x: &CudaBuffer, step: &CudaStep, width: usize, out: &mut CudaBuffer) {

@@ -30,6 +30,10 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
         include_str!("../../../kernels/attention_decode.cu"),
     ),
     (
+        "attention_prefill.cu",
+        include_str!("../../../kernels/attention_prefill.cu"),
+    ),
+    (
         "embedding.cu",
         include_str!("../../../kernels/embedding.cu"),
     ),
@@ -56,6 +60,10 @@ pub const KERNEL_ENTRIES: &[(&str, &[&str])] = &[
             "paged_decode_d128",
             "paged_decode_reduce_d128",
         ],
+    ),
+    (
+        "attention_prefill.cu",
+        &["paged_prefill_d64", "paged_prefill_d128"],
     ),
     ("embedding.cu", &["embedding_bf16", "gather_rows_bf16"]),
     ("kv_cache.cu", &["write_kv_bf16"]),

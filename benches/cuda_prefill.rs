@@ -1,0 +1,103 @@
+//! Paged prefill attention on the GPU (tensor-core kernel): TFLOP/s of causal attention over
+//! whole prompts, one line per shape in a form `benches/prefill_vs_sdpa.py` reads to compare
+//! with PyTorch's flash SDPA on the same GPU in the same run.
+//!
+//! FLOPs counted as a causal attention does them: 4 · heads · d · n(n+1)/2 (Q·Kᵀ and P·V).
+//! Best of `LLMD_BENCH_REPEAT` (default 10) after a warm-up. Without a CUDA device it says so
+//! and exits 0. Run: `cargo bench --bench cuda_prefill`.
+use llmd::backend::cuda::device::CudaKvCache;
+use llmd::backend::cuda::{driver_available, CudaBackend};
+use llmd::backend::{AttnDims, Backend, BatchPlan, KvCacheDims, SeqPlan};
+use std::time::Instant;
+
+/// (batch, prompt tokens, query heads, KV heads, head dim); shared with prefill_vs_sdpa.py.
+pub const SHAPES: &[(usize, usize, usize, usize, usize)] = &[
+    (1, 4096, 32, 8, 128),
+    (4, 2048, 32, 8, 128),
+    (1, 8192, 32, 8, 128),
+    (2, 4096, 14, 2, 64),
+];
+
+fn main() {
+    if !driver_available() {
+        println!("cuda_prefill: no CUDA driver on this machine; nothing to measure");
+        return;
+    }
+    let g = match CudaBackend::new(0) {
+        Ok(g) => g,
+        Err(e) => {
+            println!("cuda_prefill: no usable CUDA device: {e}");
+            return;
+        }
+    };
+    let repeat: usize = std::env::var("LLMD_BENCH_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    for &(batch, n, nh, nkv, hd) in SHAPES {
+        let bs = 16;
+        let per_seq = n.div_ceil(bs);
+        let kd = KvCacheDims {
+            num_blocks: batch * per_seq,
+            block_size: bs,
+            num_kv_heads: nkv,
+            head_dim: hd,
+        };
+        let dims = AttnDims {
+            num_heads: nh,
+            num_kv_heads: nkv,
+            head_dim: hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+            sliding_window: None,
+        };
+        let mut cache = CudaKvCache {
+            dims: kd,
+            k: g.stream().alloc_zeros(kd.numel()).unwrap(),
+            v: g.stream().alloc_zeros(kd.numel()).unwrap(),
+        };
+        let mut plan = BatchPlan {
+            max_blocks_per_seq: per_seq,
+            ..Default::default()
+        };
+        for s in 0..batch {
+            plan.seqs.push(SeqPlan {
+                query_start: s * n,
+                query_len: n,
+                context_len: n,
+            });
+            for b in 0..per_seq {
+                plan.block_tables.push((b * batch + s) as u32);
+            }
+            for pos in 0..n {
+                plan.token_ids.push(0);
+                plan.positions.push(pos as u32);
+                let block = plan.block_tables[s * per_seq + pos / bs];
+                plan.slot_mapping
+                    .push(block * bs as u32 + (pos % bs) as u32);
+            }
+        }
+        let step = g.prepare_step(&plan).unwrap();
+        let rows = batch * n;
+        let qkv: Vec<f32> = (0..rows * dims.qkv_width())
+            .map(|i| ((i * 2654435761) % 1000) as f32 / 1000.0 - 0.5)
+            .collect();
+        let qkv = g.upload(&qkv).unwrap();
+        g.write_kv(&qkv, &mut cache, &step, dims);
+        let mut out = g.alloc(rows * dims.q_width()).unwrap();
+        g.paged_attention_prefill(&qkv, &cache, &step, dims, &mut out);
+        g.synchronize().unwrap();
+        let mut best = f64::MAX;
+        for _ in 0..repeat {
+            let t = Instant::now();
+            g.paged_attention_prefill(&qkv, &cache, &step, dims, &mut out);
+            g.synchronize().unwrap();
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        let flops = 4.0 * (batch * nh * hd) as f64 * (n * (n + 1) / 2) as f64;
+        println!(
+            "prefill batch={batch} seq={n} heads={nh} kv_heads={nkv} head_dim={hd} ms={:.3} tflops={:.2}",
+            best * 1e3,
+            flops / best / 1e12
+        );
+    }
+}

@@ -1,0 +1,225 @@
+// Paged prefill attention on tensor cores: tiled, online softmax (FlashAttention-2 style),
+// causal, and chunked-prefill aware (the queries of a sequence are its last `query_len`
+// positions; keys are every cached position before them plus the chunk itself).
+// CPU reference: `paged_attention_prefill` in src/backend/cpu/attention.rs.
+//
+// Grid (ceil(max query_len / BM), num_heads, num_prefill_seqs), 128 threads. A block takes BM=64
+// query rows of one head of one sequence; each of its 4 warps owns 16 rows. Key/value tiles of
+// BN=64 positions are gathered through the block table into shared memory; S = Q·Kᵀ and O += P·V
+// run on `mma.sync.m16n8k16` (bf16 in, f32 accumulate), P staying in registers between the two.
+//
+// Per-sequence arrays (prefill sequences only): first qkv/out row, query_len, context_len,
+// block-table row.
+
+#define BM 64
+#define BN 64
+#define PF_WARPS 4
+
+__device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
+    return (unsigned int)f32_to_bf16(lo) | ((unsigned int)f32_to_bf16(hi) << 16);
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned int* a,
+                                               const unsigned int* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <int D>
+__device__ __forceinline__ void paged_prefill(
+    const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
+    const bf16* __restrict__ v_cache, const unsigned int* __restrict__ block_tables,
+    const unsigned int* __restrict__ seq_rows, const unsigned int* __restrict__ seq_qlens,
+    const unsigned int* __restrict__ seq_ctxs, const unsigned int* __restrict__ seq_tables,
+    bf16* __restrict__ out, int num_heads, int num_kv_heads, int block_size,
+    int max_blocks_per_seq, int window, float scale) {
+    constexpr int SD = D + 8;  // padded smem row (bank conflicts)
+    constexpr int KSTEPS = D / 16;
+    constexpr int NSUB = BN / 8;  // 8-wide key subtiles per tile
+    constexpr int DSUB = D / 8;   // 8-wide output subtiles
+    __shared__ __align__(16) bf16 ks[BN][SD];
+    __shared__ __align__(16) bf16 vs[BN][SD];
+
+    const int seq = blockIdx.z, head = blockIdx.y;
+    const int qlen = (int)seq_qlens[seq];
+    const int m0 = blockIdx.x * BM;
+    if (m0 >= qlen) return;
+    const int ctx = (int)seq_ctxs[seq];
+    const int first_pos = ctx - qlen;
+    const long row0 = seq_rows[seq];
+    const int group = num_heads / num_kv_heads;
+    const int kvh = head / group;
+    const unsigned int* table = block_tables + (long)seq_tables[seq] * max_blocks_per_seq;
+    const int qkv_w = (num_heads + 2 * num_kv_heads) * D;
+    const long kv_w = (long)num_kv_heads * D;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    // This thread's two query rows (within the sequence's queries) and their positions.
+    const int r_lo = m0 + warp * 16 + g, r_hi = r_lo + 8;
+    const int pos_lo = first_pos + r_lo, pos_hi = first_pos + r_hi;
+
+    // Q as A fragments, straight from global memory (rows past qlen read as zero).
+    unsigned int qf[KSTEPS][4];
+    {
+        const bf16* q_lo = qkv + (row0 + r_lo) * qkv_w + (long)head * D;
+        const bf16* q_hi = qkv + (row0 + r_hi) * qkv_w + (long)head * D;
+        const bool ok_lo = r_lo < qlen, ok_hi = r_hi < qlen;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; kk++) {
+            const int c = kk * 16 + t * 2;
+            qf[kk][0] = ok_lo ? *(const unsigned int*)(q_lo + c) : 0u;
+            qf[kk][1] = ok_hi ? *(const unsigned int*)(q_hi + c) : 0u;
+            qf[kk][2] = ok_lo ? *(const unsigned int*)(q_lo + c + 8) : 0u;
+            qf[kk][3] = ok_hi ? *(const unsigned int*)(q_hi + c + 8) : 0u;
+        }
+    }
+
+    float o[DSUB][4];
+#pragma unroll
+    for (int j = 0; j < DSUB; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.0f, l_hi = 0.0f;
+
+    // Keys this block needs: from the window start of its first row to its last row.
+    const int last_pos = min(first_pos + m0 + BM, ctx) - 1;
+    int k_begin = 0;
+    if (window > 0) k_begin = max(0, first_pos + m0 + 1 - window);
+    k_begin = (k_begin / BN) * BN;
+
+    for (int n0 = k_begin; n0 <= last_pos; n0 += BN) {
+        __syncthreads();  // the previous tile is no longer read
+        // Gather K and V rows of positions n0 .. n0+BN through the block table, 16 bytes a copy.
+        constexpr int CHUNKS = D / 8;  // uint4 per row
+        for (int i = threadIdx.x; i < BN * CHUNKS; i += blockDim.x) {
+            const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
+            const int pos = n0 + r;
+            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
+            if (pos < ctx) {
+                const long slot = (long)table[pos / block_size] * block_size + pos % block_size;
+                kv = *(const uint4*)(k_cache + slot * kv_w + (long)kvh * D + c);
+                vv = *(const uint4*)(v_cache + slot * kv_w + (long)kvh * D + c);
+            }
+            *(uint4*)(&ks[r][c]) = kv;
+            *(uint4*)(&vs[r][c]) = vv;
+        }
+        __syncthreads();
+
+        // S = Q·Kᵀ for this warp's 16 rows and the tile's 64 keys.
+        float s[NSUB][4];
+#pragma unroll
+        for (int j = 0; j < NSUB; j++) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KSTEPS; kk++) {
+                unsigned int b[2];
+                const bf16* krow = &ks[j * 8 + g][kk * 16 + t * 2];
+                b[0] = *(const unsigned int*)krow;
+                b[1] = *(const unsigned int*)(krow + 8);
+                mma_bf16_16816(s[j], qf[kk], b);
+            }
+        }
+        // Scale, mask (causal, window, past the context), and the tile's row maxima.
+        float tmax_lo = NEG_INF, tmax_hi = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < NSUB; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int kpos = n0 + j * 8 + t * 2 + (e & 1);
+                const int qpos = e < 2 ? pos_lo : pos_hi;
+                const bool masked = kpos > qpos || kpos >= ctx ||
+                                    (window > 0 && kpos <= qpos - window);
+                s[j][e] = masked ? NEG_INF : s[j][e] * scale;
+            }
+            tmax_lo = fmaxf(tmax_lo, fmaxf(s[j][0], s[j][1]));
+            tmax_hi = fmaxf(tmax_hi, fmaxf(s[j][2], s[j][3]));
+        }
+        // A row lives in the 4 threads of a quad.
+#pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+            tmax_lo = fmaxf(tmax_lo, __shfl_xor_sync(0xffffffffu, tmax_lo, x));
+            tmax_hi = fmaxf(tmax_hi, __shfl_xor_sync(0xffffffffu, tmax_hi, x));
+        }
+        const float mn_lo = fmaxf(m_lo, tmax_lo), mn_hi = fmaxf(m_hi, tmax_hi);
+        // Fully masked so far: exponentiate against 0 so that everything stays 0, not NaN.
+        const float base_lo = mn_lo == NEG_INF ? 0.0f : mn_lo;
+        const float base_hi = mn_hi == NEG_INF ? 0.0f : mn_hi;
+        const float corr_lo = __expf(m_lo - base_lo), corr_hi = __expf(m_hi - base_hi);
+        m_lo = mn_lo;
+        m_hi = mn_hi;
+        float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NSUB; j++) {
+            s[j][0] = __expf(s[j][0] - base_lo);
+            s[j][1] = __expf(s[j][1] - base_lo);
+            s[j][2] = __expf(s[j][2] - base_hi);
+            s[j][3] = __expf(s[j][3] - base_hi);
+            sum_lo += s[j][0] + s[j][1];
+            sum_hi += s[j][2] + s[j][3];
+        }
+#pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, x);
+            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, x);
+        }
+        l_lo = l_lo * corr_lo + sum_lo;
+        l_hi = l_hi * corr_hi + sum_hi;
+#pragma unroll
+        for (int j = 0; j < DSUB; j++) {
+            o[j][0] *= corr_lo;
+            o[j][1] *= corr_lo;
+            o[j][2] *= corr_hi;
+            o[j][3] *= corr_hi;
+        }
+        // O += P·V: P's accumulators become A fragments in place (16 keys per k-step).
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) {
+            unsigned int a[4];
+            a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            const int k_lo = kk * 16 + t * 2;
+#pragma unroll
+            for (int j = 0; j < DSUB; j++) {
+                const int n = j * 8 + g;
+                unsigned int b[2];
+                b[0] = (unsigned int)vs[k_lo][n] | ((unsigned int)vs[k_lo + 1][n] << 16);
+                b[1] = (unsigned int)vs[k_lo + 8][n] | ((unsigned int)vs[k_lo + 9][n] << 16);
+                mma_bf16_16816(o[j], a, b);
+            }
+        }
+    }
+
+    // Normalize and write this thread's two rows.
+    const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
+    const float inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+    bf16* out_lo = out + ((row0 + r_lo) * num_heads + head) * D;
+    bf16* out_hi = out + ((row0 + r_hi) * num_heads + head) * D;
+#pragma unroll
+    for (int j = 0; j < DSUB; j++) {
+        const int c = j * 8 + t * 2;
+        if (r_lo < qlen)
+            *(unsigned int*)(out_lo + c) = pack_bf16(o[j][0] * inv_lo, o[j][1] * inv_lo);
+        if (r_hi < qlen)
+            *(unsigned int*)(out_hi + c) = pack_bf16(o[j][2] * inv_hi, o[j][3] * inv_hi);
+    }
+}
+
+#define PREFILL_INSTANCE(D)                                                                    \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) paged_prefill_d##D(            \
+        const bf16* qkv, const bf16* k_cache, const bf16* v_cache,                             \
+        const unsigned int* block_tables, const unsigned int* seq_rows,                        \
+        const unsigned int* seq_qlens, const unsigned int* seq_ctxs,                           \
+        const unsigned int* seq_tables, bf16* out, int num_heads, int num_kv_heads,            \
+        int block_size, int max_blocks_per_seq, int window, float scale) {                     \
+        paged_prefill<D>(qkv, k_cache, v_cache, block_tables, seq_rows, seq_qlens, seq_ctxs,   \
+                         seq_tables, out, num_heads, num_kv_heads, block_size,                 \
+                         max_blocks_per_seq, window, scale);                                   \
+    }
+
+PREFILL_INSTANCE(64)
+PREFILL_INSTANCE(128)
