@@ -52,7 +52,7 @@ def main():
     for b, n, h, kvh, d, ours in rows:
         b, n, h, kvh, d, ours = int(b), int(n), int(h), int(kvh), int(d), float(ours)
         theirs = sdpa_tflops(b, n, h, kvh, d)
-        print(f"{b:>5} {n:>6} {h:>3}/{kvh:<2} {d:>4} {ours:>10.1} {theirs:>10.1} {ours / theirs:>5.2}x")
+        print(f"{b:>5} {n:>6} {h:>3}/{kvh:<2} {d:>4} {ours:>10.1f} {theirs:>10.1f} {ours / theirs:>5.2f}x")
 
 
 if __name__ == "__main__":

@@ -114,6 +114,14 @@ impl WeightFiles {
         self.tensors.values().map(|e| e.range.1 - e.range.0).sum()
     }
 
+    /// Elements across all tensors (parameters, for bandwidth rooflines).
+    pub fn total_elements(&self) -> usize {
+        self.tensors
+            .values()
+            .map(|e| e.shape.iter().product::<usize>())
+            .sum()
+    }
+
     /// The tensor `name`, which must have shape `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<HostTensor<'_>, ModelError> {
         let e = self
