@@ -46,6 +46,29 @@ pub enum BackendError {
 
 pub type BackendResult<T> = std::result::Result<T, BackendError>;
 
+/// The shape of `parts` stacked along their first dimension (fused qkv / gate_up weights); an
+/// error when their row widths differ.
+pub fn stacked_rows_shape(parts: &[HostTensor<'_>]) -> BackendResult<Vec<usize>> {
+    let Some(first) = parts.first() else {
+        return Ok(vec![0]);
+    };
+    let width = &first.shape[1..];
+    let mut rows = 0;
+    for p in parts {
+        if &p.shape[1..] != width {
+            return Err(BackendError::Shape {
+                op: "load_weight_rows",
+                expected: format!("rows of shape {width:?}"),
+                got: format!("{:?}", p.shape),
+            });
+        }
+        rows += p.shape[0];
+    }
+    let mut shape = vec![rows];
+    shape.extend_from_slice(width);
+    Ok(shape)
+}
+
 /// Element type of a host tensor handed to the backend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HostDType {
@@ -296,4 +319,28 @@ pub trait Backend: Send + Sync + 'static {
         width: usize,
         out: &mut Self::Buffer,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t<'a>(shape: &'a [usize], data: &'a [u8]) -> HostTensor<'a> {
+        HostTensor {
+            dtype: HostDType::F32,
+            shape,
+            data,
+        }
+    }
+
+    #[test]
+    fn stacked_rows_need_equal_widths() {
+        let (a, b, c) = ([2usize, 3], [4usize, 3], [1usize, 4]);
+        assert_eq!(
+            stacked_rows_shape(&[t(&a, &[]), t(&b, &[])]).unwrap(),
+            vec![6, 3]
+        );
+        let e = stacked_rows_shape(&[t(&a, &[]), t(&c, &[])]).unwrap_err();
+        assert!(e.to_string().contains("[1, 4]"), "{e}");
+    }
 }

@@ -58,16 +58,7 @@ pub async fn chat_completions(
     )?;
     let prompt_tokens = prompt.len();
     let choices = (0..n)
-        .map(|i| {
-            let mut params = base.clone();
-            params.max_tokens = Some(max_tokens);
-            params.seed = base.seed.map(|s| s.wrapping_add(i as u64));
-            ChoiceRequest {
-                index: i,
-                prompt: prompt.clone(),
-                params,
-            }
-        })
+        .map(|i| ChoiceRequest::new(i, i, prompt.clone(), &base, max_tokens))
         .collect();
     let id = state.next_id("chatcmpl");
     let generation = submit(&ready.engine, &ready.metrics, &id, choices).await?;

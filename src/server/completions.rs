@@ -56,14 +56,13 @@ pub async fn completions(
         )?;
         prompt_tokens += ids.len();
         for i in 0..n {
-            let mut params = base.clone();
-            params.max_tokens = Some(max_tokens);
-            params.seed = base.seed.map(|s| s.wrapping_add(i as u64));
-            choices.push(ChoiceRequest {
-                index: p * n + i,
-                prompt: ids.clone(),
-                params,
-            });
+            choices.push(ChoiceRequest::new(
+                p * n + i,
+                i,
+                ids.clone(),
+                &base,
+                max_tokens,
+            ));
         }
     }
     let id = state.next_id("cmpl");

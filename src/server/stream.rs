@@ -28,6 +28,27 @@ pub struct ChoiceRequest {
     pub params: SamplingParams,
 }
 
+impl ChoiceRequest {
+    /// Choice `index`, the `i`-th of its prompt's `n`: the request's parameters with the output
+    /// budget, and seed `seed + i`, so the choices differ yet each is reproducible.
+    pub fn new(
+        index: usize,
+        i: usize,
+        prompt: Vec<TokenId>,
+        base: &SamplingParams,
+        max_tokens: usize,
+    ) -> Self {
+        let mut params = base.clone();
+        params.max_tokens = Some(max_tokens);
+        params.seed = base.seed.map(|s| s.wrapping_add(i as u64));
+        Self {
+            index,
+            prompt,
+            params,
+        }
+    }
+}
+
 type Item = (usize, crate::Result<RequestOutput>);
 
 /// The running engine requests of one API request.

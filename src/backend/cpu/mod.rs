@@ -8,7 +8,10 @@
 pub mod attention;
 pub mod gemm;
 
-use super::{AttnDims, Backend, BackendError, BackendResult, BatchPlan, HostTensor, KvCacheDims};
+use super::{
+    stacked_rows_shape, AttnDims, Backend, BackendError, BackendResult, BatchPlan, HostTensor,
+    KvCacheDims,
+};
 use rayon::prelude::*;
 
 /// Rows handed to one rayon task by the row-wise ops.
@@ -68,26 +71,10 @@ impl Backend for CpuBackend {
     }
 
     fn load_weight_rows(&self, parts: &[HostTensor<'_>]) -> BackendResult<CpuWeight> {
-        let width: usize = parts.first().map_or(1, |p| p.shape[1..].iter().product());
-        let mut rows = 0;
-        let mut data = Vec::new();
-        for p in parts {
-            let w: usize = p.shape[1..].iter().product();
-            if w != width {
-                return Err(BackendError::Shape {
-                    op: "load_weight_rows",
-                    expected: format!("row width {width}"),
-                    got: format!("{:?}", p.shape),
-                });
-            }
-            rows += p.shape[0];
-            data.extend(p.to_f32());
-        }
-        let mut shape = vec![rows];
-        if let Some(p) = parts.first() {
-            shape.extend_from_slice(&p.shape[1..]);
-        }
-        Ok(CpuWeight { shape, data })
+        Ok(CpuWeight {
+            shape: stacked_rows_shape(parts)?,
+            data: parts.iter().flat_map(|p| p.to_f32()).collect(),
+        })
     }
 
     fn alloc_kv_cache(&self, dims: KvCacheDims) -> BackendResult<CpuKvCache> {

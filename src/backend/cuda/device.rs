@@ -10,7 +10,8 @@
 //! Not verified on a GPU yet (none lent so far): see STATUS.md.
 use super::{check_device, compile_ptx, KERNEL_ENTRIES};
 use crate::backend::{
-    AttnDims, Backend, BackendError, BackendResult, BatchPlan, HostDType, HostTensor, KvCacheDims,
+    stacked_rows_shape, AttnDims, Backend, BackendError, BackendResult, BatchPlan, HostDType,
+    HostTensor, KvCacheDims,
 };
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
@@ -449,25 +450,8 @@ impl Backend for CudaBackend {
     }
 
     fn load_weight_rows(&self, parts: &[HostTensor<'_>]) -> BackendResult<CudaWeight> {
-        let width: usize = parts.first().map_or(1, |p| p.shape[1..].iter().product());
-        let mut rows = 0;
-        let mut bits = Vec::new();
-        for p in parts {
-            let w: usize = p.shape[1..].iter().product();
-            if w != width {
-                return Err(BackendError::Shape {
-                    op: "load_weight_rows",
-                    expected: format!("row width {width}"),
-                    got: format!("{:?}", p.shape),
-                });
-            }
-            rows += p.shape[0];
-            bits.extend(to_bf16_bits(p));
-        }
-        let mut shape = vec![rows];
-        if let Some(p) = parts.first() {
-            shape.extend_from_slice(&p.shape[1..]);
-        }
+        let shape = stacked_rows_shape(parts)?;
+        let bits: Vec<u16> = parts.iter().flat_map(to_bf16_bits).collect();
         Ok(CudaWeight {
             shape,
             data: WeightData::Bf16(self.htod(&bits)?),
