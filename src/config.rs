@@ -108,6 +108,9 @@ pub struct EngineConfig {
     /// Longest sequence (prompt + output); None takes the model's `max_position_embeddings`.
     pub max_model_len: Option<usize>,
     pub device: DeviceKind,
+    /// Run every GPU step eagerly instead of replaying captured CUDA graphs for decode steps
+    /// (vLLM's `--enforce-eager`).
+    pub enforce_eager: bool,
     pub scheduler: SchedulerConfig,
     pub cache: CacheConfig,
     /// Worker threads for the CPU backend (None: rayon's default, one per core).
@@ -120,6 +123,7 @@ impl EngineConfig {
             model: model.into(),
             max_model_len: None,
             device: DeviceKind::Cpu,
+            enforce_eager: false,
             scheduler: SchedulerConfig::default(),
             cache: CacheConfig::default(),
             num_threads: None,

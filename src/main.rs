@@ -56,6 +56,9 @@ struct EngineArgs {
     /// cpu, cuda or cuda:N (cpu by default until the CUDA backend has passed its GPU tests).
     #[arg(long, default_value = "cpu")]
     device: llmd::config::DeviceKind,
+    /// On a GPU, run every step eagerly (no CUDA graphs for decode steps).
+    #[arg(long)]
+    enforce_eager: bool,
     /// Most requests waiting for a batch slot before new ones are refused with 429
     /// (default: unbounded).
     #[arg(long)]
@@ -154,6 +157,7 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
     }
     c.num_threads = a.threads;
     c.device = a.device;
+    c.enforce_eager = a.enforce_eager;
     c.scheduler.max_waiting_requests = a.max_waiting_requests;
     Ok(c)
 }

@@ -457,3 +457,37 @@ fn shared_models_greedy_32_tokens_match_cpu() {
         }
     }
 }
+
+#[test]
+#[ignore]
+fn cuda_graphs_give_the_eager_tokens() {
+    // Decode batches of several sizes (padded to the captured sizes 1, 2, 4, 8, 16 ...), each
+    // size seen three times (eager warm-up, capture, replay): the same tokens as eager mode.
+    let dir = common::shared_model("smollm2-135m-instruct")
+        .or_else(|| common::shared_model("stories260K"))
+        .expect("a shared model");
+    let params = llmd::SamplingParams {
+        max_tokens: Some(24),
+        ignore_eos: true,
+        ..llmd::SamplingParams::greedy()
+    };
+    let prompts: Vec<llmd::Prompt> = (0..13)
+        .map(|i| format!("Story number {i}: once upon a time").into())
+        .collect();
+    let run = |eager: bool| {
+        let mut cfg = llmd::EngineConfig::new(&dir);
+        cfg.device = llmd::config::DeviceKind::Cuda(0);
+        cfg.enforce_eager = eager;
+        cfg.cache.num_blocks = Some(512);
+        let engine = llmd::Engine::new(cfg).unwrap();
+        let mut all = Vec::new();
+        for k in [1usize, 3, 5, 13] {
+            all.push(engine.generate(prompts[..k].to_vec(), &params).unwrap());
+        }
+        all
+    };
+    let (eager, graphs) = (run(true), run(false));
+    for (e, g) in eager.iter().flatten().zip(graphs.iter().flatten()) {
+        assert_eq!(g.token_ids, e.token_ids, "{:?} vs {:?}", g.text, e.text);
+    }
+}

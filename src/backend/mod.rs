@@ -209,6 +209,17 @@ impl BatchPlan {
     }
 }
 
+/// The largest step a model will run, told to the backend before any weight is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepLimits {
+    /// Most tokens in one step.
+    pub max_tokens: usize,
+    /// Most sequences in one step.
+    pub max_seqs: usize,
+    /// Longest context (`max_model_len`).
+    pub max_context: usize,
+}
+
 /// The operations of one device. Buffers are allocated once with a capacity and reused every
 /// step; ops take the number of rows they work on.
 pub trait Backend: Send + Sync + 'static {
@@ -222,6 +233,23 @@ pub trait Backend: Send + Sync + 'static {
     type Step;
 
     fn name(&self) -> &'static str;
+
+    // ---- set-up and step shape (defaults: nothing to do) ----
+    /// Sizes what the backend keeps across steps.
+    fn reserve(&mut self, _limits: StepLimits) -> BackendResult<()> {
+        Ok(())
+    }
+    /// The plan as the device runs it. A device that replays captured steps pads a decode batch
+    /// to a captured size; rows past the original plan's are padding whose results are ignored.
+    fn pad_plan<'a>(&self, plan: &'a BatchPlan) -> std::borrow::Cow<'a, BatchPlan> {
+        std::borrow::Cow::Borrowed(plan)
+    }
+    /// Runs `forward`, the ops of one step (up to the logits). A device with graphs captures a
+    /// decode step of a padded shape once and replays it after.
+    fn run_step(&self, _step: &Self::Step, forward: &mut dyn FnMut()) -> BackendResult<()> {
+        forward();
+        Ok(())
+    }
 
     // ---- memory ----
     /// A buffer of `len` elements.

@@ -44,6 +44,12 @@ impl From<&str> for Prompt {
     }
 }
 
+impl From<String> for Prompt {
+    fn from(s: String) -> Self {
+        Prompt::Text(s)
+    }
+}
+
 /// Limits derived from the config and the model, shared with the front end for validation.
 #[derive(Clone, Debug)]
 pub struct EngineLimits {
@@ -156,7 +162,8 @@ impl EngineCore {
                 progress,
             )?),
             DeviceKind::Cuda(n) => Box::new(Model::load(
-                crate::backend::cuda::CudaBackend::new(n).map_err(ModelError::from)?,
+                crate::backend::cuda::CudaBackend::with_graphs(n, !config.enforce_eager)
+                    .map_err(ModelError::from)?,
                 &config.model,
                 model_cfg.clone(),
                 limits,

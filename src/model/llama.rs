@@ -83,12 +83,17 @@ impl<B: Backend> Model<B> {
     /// Loads the checkpoint in `dir` onto `backend`. `progress(done_bytes, total_bytes)` is
     /// called as tensors are loaded.
     pub fn load(
-        backend: B,
+        mut backend: B,
         dir: &Path,
         config: ModelConfig,
         limits: ModelLimits,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Self, ModelError> {
+        backend.reserve(crate::backend::StepLimits {
+            max_tokens: limits.max_tokens,
+            max_seqs: limits.max_logit_rows,
+            max_context: limits.max_positions,
+        })?;
         let files = WeightFiles::open(dir)?;
         let c = &config;
         let (h, hd, nh, nkv, inter, vocab) = (
@@ -218,51 +223,60 @@ impl<B: Backend> Model<B> {
         let c = &self.config;
         let eps = c.rms_norm_eps;
         let ws = &mut self.ws;
+        // The device may pad a decode batch to a shape it replays; only the first `rows` logit
+        // rows are read back.
+        let padded = b.pad_plan(plan);
+        let plan = padded.as_ref();
+        let (n, padded_rows) = (plan.num_tokens(), plan.logits_indices.len());
         let step = b.prepare_step(plan)?;
-        b.embedding(&self.embed, &step, &mut ws.residual);
-        if let Some(first) = self.layers.first() {
-            b.rms_norm(&ws.residual, &first.input_norm, eps, &mut ws.normed, n);
-        }
-        for i in 0..self.layers.len() {
-            let (done, rest) = self.layers.split_at_mut(i + 1);
-            let layer = &mut done[i];
-            // The residual add after the MLP is fused with the next layer's input norm.
-            let next_norm = rest.first().map_or(&self.final_norm, |l| &l.input_norm);
-            b.matmul(
-                &ws.normed,
-                &layer.qkv,
-                layer.qkv_bias.as_ref(),
-                &mut ws.qkv,
-                n,
-            );
-            b.rope(&mut ws.qkv, &self.cos_sin, &step, self.dims);
-            b.write_kv(&ws.qkv, &mut layer.kv_cache, &step, self.dims);
-            b.paged_attention_decode(&ws.qkv, &layer.kv_cache, &step, self.dims, &mut ws.attn);
-            b.paged_attention_prefill(&ws.qkv, &layer.kv_cache, &step, self.dims, &mut ws.attn);
-            b.matmul(&ws.attn, &layer.o, layer.o_bias.as_ref(), &mut ws.proj, n);
-            b.add_rms_norm(
-                &mut ws.residual,
-                &ws.proj,
-                &layer.post_norm,
-                eps,
-                &mut ws.normed,
-                n,
-            );
-            b.matmul(&ws.normed, &layer.gate_up, None, &mut ws.gate_up, n);
-            b.silu_mul(&ws.gate_up, &mut ws.act, n, c.intermediate_size);
-            b.matmul(&ws.act, &layer.down, None, &mut ws.proj, n);
-            b.add_rms_norm(
-                &mut ws.residual,
-                &ws.proj,
-                next_norm,
-                eps,
-                &mut ws.normed,
-                n,
-            );
-        }
-        b.gather_rows(&ws.normed, &step, c.hidden_size, &mut ws.gathered);
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
-        b.matmul(&ws.gathered, head, None, &mut ws.logits, rows);
+        let (layers, embed, final_norm) = (&mut self.layers, &self.embed, &self.final_norm);
+        let (cos_sin, dims, lm_head) = (&self.cos_sin, self.dims, &self.lm_head);
+        b.run_step(&step, &mut || {
+            b.embedding(embed, &step, &mut ws.residual);
+            if let Some(first) = layers.first() {
+                b.rms_norm(&ws.residual, &first.input_norm, eps, &mut ws.normed, n);
+            }
+            for i in 0..layers.len() {
+                let (done, rest) = layers.split_at_mut(i + 1);
+                let layer = &mut done[i];
+                // The residual add after the MLP is fused with the next layer's input norm.
+                let next_norm = rest.first().map_or(final_norm, |l| &l.input_norm);
+                b.matmul(
+                    &ws.normed,
+                    &layer.qkv,
+                    layer.qkv_bias.as_ref(),
+                    &mut ws.qkv,
+                    n,
+                );
+                b.rope(&mut ws.qkv, cos_sin, &step, dims);
+                b.write_kv(&ws.qkv, &mut layer.kv_cache, &step, dims);
+                b.paged_attention_decode(&ws.qkv, &layer.kv_cache, &step, dims, &mut ws.attn);
+                b.paged_attention_prefill(&ws.qkv, &layer.kv_cache, &step, dims, &mut ws.attn);
+                b.matmul(&ws.attn, &layer.o, layer.o_bias.as_ref(), &mut ws.proj, n);
+                b.add_rms_norm(
+                    &mut ws.residual,
+                    &ws.proj,
+                    &layer.post_norm,
+                    eps,
+                    &mut ws.normed,
+                    n,
+                );
+                b.matmul(&ws.normed, &layer.gate_up, None, &mut ws.gate_up, n);
+                b.silu_mul(&ws.gate_up, &mut ws.act, n, c.intermediate_size);
+                b.matmul(&ws.act, &layer.down, None, &mut ws.proj, n);
+                b.add_rms_norm(
+                    &mut ws.residual,
+                    &ws.proj,
+                    next_norm,
+                    eps,
+                    &mut ws.normed,
+                    n,
+                );
+            }
+            b.gather_rows(&ws.normed, &step, c.hidden_size, &mut ws.gathered);
+            let head = lm_head.as_ref().unwrap_or(embed);
+            b.matmul(&ws.gathered, head, None, &mut ws.logits, padded_rows);
+        })?;
         logits.resize(rows * c.vocab_size, 0.0);
         b.to_host(&ws.logits, logits)?;
         Ok(())

@@ -11,14 +11,16 @@
 use super::{check_device, compile_ptx, KERNEL_ENTRIES};
 use crate::backend::{
     stacked_rows_shape, AttnDims, Backend, BackendError, BackendResult, BatchPlan, HostDType,
-    HostTensor, KvCacheDims,
+    HostTensor, KvCacheDims, SeqPlan, StepLimits,
 };
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
     PushKernelArg,
 };
+use std::borrow::Cow;
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 /// Context tokens one block of the decode kernel covers (`PARTITION` in attention_decode.cu).
@@ -47,9 +49,42 @@ pub struct CudaKvCache {
     pub v: CudaSlice<u16>,
 }
 
-/// A step's metadata on the device, with the host plan for launch geometry.
+/// A step's metadata on the device, with the host plan for launch geometry. A decode step of a
+/// graph shape borrows its buffers from the backend's pool (their addresses are baked into the
+/// captured graph) and gives them back when dropped.
 pub struct CudaStep {
     plan: BatchPlan,
+    /// The decode batch size this step replays as a graph.
+    graph: Option<usize>,
+    bufs: Option<StepBufs>,
+    home: Option<Arc<Mutex<HashMap<usize, StepBufs>>>>,
+}
+
+impl std::ops::Deref for CudaStep {
+    type Target = StepBufs;
+
+    fn deref(&self) -> &StepBufs {
+        match &self.bufs {
+            Some(b) => b,
+            None => unreachable!("step buffers are taken back only when the step is dropped"),
+        }
+    }
+}
+
+impl Drop for CudaStep {
+    fn drop(&mut self) {
+        if let (Some(home), Some(key), Some(bufs)) =
+            (self.home.take(), self.graph, self.bufs.take())
+        {
+            if let Ok(mut pool) = home.lock() {
+                pool.insert(key, bufs);
+            }
+        }
+    }
+}
+
+/// The device copies of a plan's arrays.
+pub struct StepBufs {
     token_ids: CudaSlice<u32>,
     positions: CudaSlice<u32>,
     slot_mapping: CudaSlice<i32>,
@@ -80,6 +115,32 @@ struct Queries {
     context_lens: CudaSlice<u32>,
 }
 
+/// Captured decode graphs by batch size, and the sizes run once eagerly (the warm-up that
+/// makes every allocation before a capture).
+#[derive(Default)]
+struct Graphs {
+    warmed: std::collections::HashSet<usize>,
+    captured: HashMap<usize, Graph>,
+}
+
+/// A captured graph. cudarc's graph is not `Send`; it is only touched under the backend's
+/// mutex, from one thread at a time, as CUDA requires.
+struct Graph(cudarc::driver::CudaGraph);
+// SAFETY: every access goes through `CudaBackend::graphs`' mutex (see above).
+unsafe impl Send for Graph {}
+
+/// Decode batch sizes captured as graphs (vLLM's choice): 1, 2, 4, then multiples of 8.
+fn graph_buckets(max: usize) -> Vec<usize> {
+    [1, 2, 4]
+        .into_iter()
+        .chain((8..=max).step_by(8))
+        .filter(|&b| b <= max)
+        .collect()
+}
+
+/// Most sequences a captured decode step holds.
+const MAX_GRAPH_BATCH: usize = 256;
+
 /// Partial results of split attention, grown as needed.
 #[derive(Default)]
 struct Scratch {
@@ -97,6 +158,16 @@ pub struct CudaBackend {
     functions: HashMap<&'static str, CudaFunction>,
     error: Mutex<Option<String>>,
     scratch: Mutex<Scratch>,
+    /// Partition buffers of graph decode steps: allocated once at the largest size, so the
+    /// addresses captured in graphs stay valid.
+    graph_scratch: Mutex<Scratch>,
+    /// cuBLAS's workspace, set explicitly so that no GEMM allocates during a capture.
+    _blas_workspace: CudaSlice<u8>,
+    use_graphs: std::sync::atomic::AtomicBool,
+    limits: Option<StepLimits>,
+    block_size: std::sync::atomic::AtomicUsize,
+    graphs: Mutex<Graphs>,
+    step_pool: Arc<Mutex<HashMap<usize, StepBufs>>>,
 }
 
 fn driver_err(what: &str, e: impl std::fmt::Debug) -> BackendError {
@@ -121,8 +192,16 @@ impl CudaBackend {
     /// Opens CUDA device `ordinal`, compiles (or loads from the disk cache) every kernel for its
     /// architecture, and creates the cuBLAS handle.
     pub fn new(ordinal: usize) -> BackendResult<Self> {
+        Self::with_graphs(ordinal, true)
+    }
+
+    /// As [`CudaBackend::new`]; `graphs: false` runs every step eagerly (`--enforce-eager`).
+    pub fn with_graphs(ordinal: usize, graphs: bool) -> BackendResult<Self> {
         check_device(ordinal)?;
         let ctx = CudaContext::new(ordinal).map_err(|e| driver_err("creating the context", e))?;
+        // One stream, ordered by itself: no cross-stream events (which a capture would reject).
+        // SAFETY: called before any slice exists.
+        unsafe { ctx.disable_event_tracking() };
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| driver_err("reading the compute capability", e))?;
@@ -135,8 +214,25 @@ impl CudaBackend {
             });
         }
         let arch = arch_name(major, minor);
-        let stream = ctx.default_stream();
+        // Not the legacy default stream: it cannot be captured.
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| driver_err("creating a stream", e))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| driver_err("creating cuBLAS", e))?;
+        let workspace_bytes = 32 << 20;
+        let mut blas_workspace = stream
+            .alloc_zeros::<u8>(workspace_bytes)
+            .map_err(|e| driver_err("allocating the cuBLAS workspace", e))?;
+        {
+            let (ptr, _g) = blas_workspace.device_ptr_mut(&stream);
+            // SAFETY: the workspace outlives the handle (both live in the backend).
+            let status = unsafe {
+                blas_sys::cublasSetWorkspace_v2(*blas.handle(), ptr as *mut _, workspace_bytes)
+            };
+            if status != blas_sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                return Err(driver_err("setting the cuBLAS workspace", status));
+            }
+        }
         let mut functions = HashMap::new();
         for &(file, entries) in KERNEL_ENTRIES {
             let ptx = compile_ptx(file, arch)?;
@@ -160,6 +256,13 @@ impl CudaBackend {
             functions,
             error: Mutex::new(None),
             scratch: Mutex::new(Scratch::default()),
+            graph_scratch: Mutex::new(Scratch::default()),
+            _blas_workspace: blas_workspace,
+            use_graphs: std::sync::atomic::AtomicBool::new(graphs),
+            limits: None,
+            block_size: std::sync::atomic::AtomicUsize::new(0),
+            graphs: Mutex::new(Graphs::default()),
+            step_pool: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -217,28 +320,29 @@ impl CudaBackend {
             .map_err(|e| driver_err("copying to the device", e))
     }
 
-    /// Never-empty device copy (a zero-length allocation is not a valid pointer to pass).
-    fn htod_nonempty(&self, v: &[u32]) -> BackendResult<CudaSlice<u32>> {
-        if v.is_empty() {
-            self.htod(&[0u32])
-        } else {
-            self.htod(v)
-        }
+    /// The largest decode batch captured as a graph.
+    fn graph_batch_limit(&self) -> usize {
+        self.limits
+            .map_or(0, |l| l.max_seqs.min(l.max_tokens))
+            .min(MAX_GRAPH_BATCH)
+    }
+
+    /// The graph size of a plan `pad_plan` produced, if it is one.
+    fn graph_key(&self, plan: &BatchPlan) -> Option<usize> {
+        let n = plan.seqs.len();
+        let (limits, bs) = (self.limits?, self.block_size.load(Ordering::Relaxed));
+        let graph_shaped = self.use_graphs.load(Ordering::Relaxed)
+            && bs > 0
+            && is_pure_decode(plan)
+            && plan.logits_indices.len() == n
+            && plan.max_blocks_per_seq == limits.max_context.div_ceil(bs)
+            && graph_buckets(self.graph_batch_limit()).contains(&n);
+        graph_shaped.then_some(n)
     }
 
     fn func(&self, name: &str) -> &CudaFunction {
         // Every name used below is in KERNEL_ENTRIES, all of which `new` loaded.
         &self.functions[name]
-    }
-
-    fn queries(&self, rows: &[u32], tables: &[u32], ctx: &[u32]) -> BackendResult<Queries> {
-        Ok(Queries {
-            n: rows.len(),
-            max_context: ctx.iter().copied().max().unwrap_or(0) as usize,
-            rows: self.htod_nonempty(rows)?,
-            tables: self.htod_nonempty(tables)?,
-            context_lens: self.htod_nonempty(ctx)?,
-        })
     }
 
     /// Grid-stride launch geometry for `n` elements.
@@ -301,8 +405,16 @@ impl CudaBackend {
             q.max_context
         };
         let parts = span.div_ceil(PARTITION).max(1);
-        let need = q.n * dims.num_heads * parts;
-        let Ok(mut scratch) = self.scratch.lock() else {
+        // A graph step is replayed with other batches: its scratch is sized for the largest
+        // one up front and never moves.
+        let (lock, need) = match step.graph {
+            Some(_) => (
+                &self.graph_scratch,
+                self.graph_batch_limit() * dims.num_heads * parts,
+            ),
+            None => (&self.scratch, q.n * dims.num_heads * parts),
+        };
+        let Ok(mut scratch) = lock.lock() else {
             self.record("attention", "scratch lock poisoned");
             return;
         };
@@ -399,6 +511,160 @@ impl CudaBackend {
     }
 }
 
+/// Only single-token decodes, each sampling.
+fn is_pure_decode(plan: &BatchPlan) -> bool {
+    plan.num_decode_seqs == plan.seqs.len()
+        && plan.token_ids.len() == plan.seqs.len()
+        && !plan.seqs.is_empty()
+}
+
+/// A plan's arrays as the kernels read them; never empty (a zero-length allocation is not a
+/// pointer a kernel may receive), so absent parts hold one unused entry.
+struct HostArrays {
+    token_ids: Vec<u32>,
+    positions: Vec<u32>,
+    slots: Vec<i32>,
+    tables: Vec<u32>,
+    logits: Vec<u32>,
+    /// Single-query attention work: [rows, table rows, context lens] of decodes and of prefill
+    /// tokens.
+    decode: [Vec<u32>; 3],
+    prefill: [Vec<u32>; 3],
+    /// Prefill sequences: [first row, query_len, context_len, table row].
+    seqs: [Vec<u32>; 4],
+    n_decode: usize,
+    n_prefill: usize,
+    n_seqs: usize,
+    max_decode_ctx: usize,
+    max_prefill_ctx: usize,
+    max_query_len: usize,
+}
+
+impl HostArrays {
+    fn new(plan: &BatchPlan) -> Self {
+        let mut decode: [Vec<u32>; 3] = Default::default();
+        let mut prefill: [Vec<u32>; 3] = Default::default();
+        let mut seqs: [Vec<u32>; 4] = Default::default();
+        for (i, s) in plan.seqs.iter().enumerate() {
+            let first_pos = s.context_len - s.query_len;
+            let q = if i < plan.num_decode_seqs {
+                &mut decode
+            } else {
+                seqs[0].push(s.query_start as u32);
+                seqs[1].push(s.query_len as u32);
+                seqs[2].push(s.context_len as u32);
+                seqs[3].push(i as u32);
+                &mut prefill
+            };
+            for j in 0..s.query_len {
+                q[0].push((s.query_start + j) as u32);
+                q[1].push(i as u32);
+                q[2].push((first_pos + j + 1) as u32);
+            }
+        }
+        let max = |v: &[u32]| v.iter().copied().max().unwrap_or(0) as usize;
+        let mut h = HostArrays {
+            n_decode: decode[0].len(),
+            n_prefill: prefill[0].len(),
+            n_seqs: seqs[0].len(),
+            max_decode_ctx: max(&decode[2]),
+            max_prefill_ctx: max(&prefill[2]),
+            max_query_len: max(&seqs[1]),
+            token_ids: plan.token_ids.clone(),
+            positions: plan.positions.clone(),
+            slots: plan.slot_mapping.iter().map(|&s| s as i32).collect(),
+            tables: plan.block_tables.clone(),
+            logits: plan.logits_indices.clone(),
+            decode,
+            prefill,
+            seqs,
+        };
+        for v in [
+            &mut h.token_ids,
+            &mut h.positions,
+            &mut h.tables,
+            &mut h.logits,
+        ]
+        .into_iter()
+        .chain(h.decode.iter_mut())
+        .chain(h.prefill.iter_mut())
+        .chain(h.seqs.iter_mut())
+        {
+            if v.is_empty() {
+                v.push(0);
+            }
+        }
+        if h.slots.is_empty() {
+            h.slots.push(-1);
+        }
+        h
+    }
+}
+
+impl StepBufs {
+    /// Fresh device copies; `fixed_context` (graph steps) sizes decode attention for the longest
+    /// context rather than this batch's, so one capture serves every later batch.
+    fn upload(
+        be: &CudaBackend,
+        h: &HostArrays,
+        fixed_context: Option<usize>,
+    ) -> BackendResult<Self> {
+        Ok(StepBufs {
+            token_ids: be.htod(&h.token_ids)?,
+            positions: be.htod(&h.positions)?,
+            slot_mapping: be.htod(&h.slots)?,
+            block_tables: be.htod(&h.tables)?,
+            logits_indices: be.htod(&h.logits)?,
+            decode: Queries {
+                n: h.n_decode,
+                max_context: fixed_context.unwrap_or(h.max_decode_ctx),
+                rows: be.htod(&h.decode[0])?,
+                tables: be.htod(&h.decode[1])?,
+                context_lens: be.htod(&h.decode[2])?,
+            },
+            prefill: Queries {
+                n: h.n_prefill,
+                max_context: h.max_prefill_ctx,
+                rows: be.htod(&h.prefill[0])?,
+                tables: be.htod(&h.prefill[1])?,
+                context_lens: be.htod(&h.prefill[2])?,
+            },
+            prefill_seqs: PrefillSeqs {
+                n: h.n_seqs,
+                max_query_len: h.max_query_len,
+                rows: be.htod(&h.seqs[0])?,
+                query_lens: be.htod(&h.seqs[1])?,
+                context_lens: be.htod(&h.seqs[2])?,
+                tables: be.htod(&h.seqs[3])?,
+            },
+        })
+    }
+
+    /// Copies a plan of the same graph shape into these buffers (their addresses are in the
+    /// captured graph).
+    fn overwrite(&mut self, be: &CudaBackend, h: &HostArrays) -> BackendResult<()> {
+        let s = &be.stream;
+        let e = |e| driver_err("copying step metadata", e);
+        s.memcpy_htod(&h.token_ids, &mut self.token_ids)
+            .map_err(e)?;
+        s.memcpy_htod(&h.positions, &mut self.positions)
+            .map_err(e)?;
+        s.memcpy_htod(&h.slots, &mut self.slot_mapping).map_err(e)?;
+        s.memcpy_htod(&h.tables, &mut self.block_tables)
+            .map_err(e)?;
+        s.memcpy_htod(&h.logits, &mut self.logits_indices)
+            .map_err(e)?;
+        s.memcpy_htod(&h.decode[0], &mut self.decode.rows)
+            .map_err(e)?;
+        s.memcpy_htod(&h.decode[1], &mut self.decode.tables)
+            .map_err(e)?;
+        s.memcpy_htod(&h.decode[2], &mut self.decode.context_lens)
+            .map_err(e)?;
+        self.decode.n = h.n_decode;
+        Ok(())
+    }
+}
+
 /// Host tensor to bf16 bits (bf16 on disk is copied as it is).
 fn to_bf16_bits(t: &HostTensor<'_>) -> Vec<u16> {
     match t.dtype {
@@ -459,6 +725,7 @@ impl Backend for CudaBackend {
     }
 
     fn alloc_kv_cache(&self, dims: KvCacheDims) -> BackendResult<CudaKvCache> {
+        self.block_size.store(dims.block_size, Ordering::Relaxed);
         let oom = |what| BackendError::OutOfMemory {
             device: "cuda",
             what,
@@ -491,55 +758,139 @@ impl Backend for CudaBackend {
     }
 
     fn prepare_step(&self, plan: &BatchPlan) -> BackendResult<CudaStep> {
-        let slots: Vec<i32> = plan.slot_mapping.iter().map(|&s| s as i32).collect();
-        let mut tables = plan.block_tables.clone();
-        if tables.is_empty() {
-            tables.push(0);
-        }
-        let (mut d_rows, mut d_tab, mut d_ctx) = (Vec::new(), Vec::new(), Vec::new());
-        let (mut p_rows, mut p_tab, mut p_ctx) = (Vec::new(), Vec::new(), Vec::new());
-        let mut ps: [Vec<u32>; 4] = Default::default();
-        for (i, s) in plan.seqs.iter().enumerate().skip(plan.num_decode_seqs) {
-            ps[0].push(s.query_start as u32);
-            ps[1].push(s.query_len as u32);
-            ps[2].push(s.context_len as u32);
-            ps[3].push(i as u32);
-        }
-        for (i, s) in plan.seqs.iter().enumerate() {
-            let first_pos = s.context_len - s.query_len;
-            for j in 0..s.query_len {
-                let (rows, tab, ctx) = if i < plan.num_decode_seqs {
-                    (&mut d_rows, &mut d_tab, &mut d_ctx)
-                } else {
-                    (&mut p_rows, &mut p_tab, &mut p_ctx)
-                };
-                rows.push((s.query_start + j) as u32);
-                tab.push(i as u32);
-                ctx.push((first_pos + j + 1) as u32);
+        let h = HostArrays::new(plan);
+        let graph = self.graph_key(plan);
+        let Some(key) = graph else {
+            return Ok(CudaStep {
+                bufs: Some(StepBufs::upload(self, &h, None)?),
+                graph: None,
+                home: None,
+                plan: plan.clone(),
+            });
+        };
+        // A graph shape: the same device buffers every time, overwritten in place.
+        let max_context = self.limits.map_or(0, |l| l.max_context);
+        let pooled = self.step_pool.lock().ok().and_then(|mut p| p.remove(&key));
+        let bufs = match pooled {
+            Some(mut b) => {
+                b.overwrite(self, &h)?;
+                b
             }
-        }
+            None => StepBufs::upload(self, &h, Some(max_context))?,
+        };
         Ok(CudaStep {
-            token_ids: self.htod_nonempty(&plan.token_ids)?,
-            positions: self.htod_nonempty(&plan.positions)?,
-            slot_mapping: if slots.is_empty() {
-                self.htod(&[-1i32])?
-            } else {
-                self.htod(&slots)?
-            },
-            block_tables: self.htod(&tables)?,
-            logits_indices: self.htod_nonempty(&plan.logits_indices)?,
-            decode: self.queries(&d_rows, &d_tab, &d_ctx)?,
-            prefill: self.queries(&p_rows, &p_tab, &p_ctx)?,
-            prefill_seqs: PrefillSeqs {
-                n: ps[0].len(),
-                max_query_len: ps[1].iter().copied().max().unwrap_or(0) as usize,
-                rows: self.htod_nonempty(&ps[0])?,
-                query_lens: self.htod_nonempty(&ps[1])?,
-                context_lens: self.htod_nonempty(&ps[2])?,
-                tables: self.htod_nonempty(&ps[3])?,
-            },
+            bufs: Some(bufs),
+            graph,
+            home: Some(self.step_pool.clone()),
             plan: plan.clone(),
         })
+    }
+
+    fn reserve(&mut self, limits: StepLimits) -> BackendResult<()> {
+        self.limits = Some(limits);
+        Ok(())
+    }
+
+    fn pad_plan<'a>(&self, plan: &'a BatchPlan) -> Cow<'a, BatchPlan> {
+        let n = plan.seqs.len();
+        let (Some(limits), bs) = (self.limits, self.block_size.load(Ordering::Relaxed)) else {
+            return Cow::Borrowed(plan);
+        };
+        if !self.use_graphs.load(Ordering::Relaxed) || bs == 0 || !is_pure_decode(plan) {
+            return Cow::Borrowed(plan);
+        }
+        let Some(&bucket) = graph_buckets(self.graph_batch_limit())
+            .iter()
+            .find(|&&b| b >= n)
+        else {
+            return Cow::Borrowed(plan);
+        };
+        let stride = limits.max_context.div_ceil(bs);
+        if plan.max_blocks_per_seq > stride {
+            return Cow::Borrowed(plan);
+        }
+        // Re-lay the block tables at the fixed stride and add padding sequences: one token at
+        // position 0, no cache write (slot -1), context 1 over block 0 of a zero table row.
+        let mut p = BatchPlan {
+            max_blocks_per_seq: stride,
+            num_decode_seqs: bucket,
+            ..Default::default()
+        };
+        for i in 0..bucket {
+            let real = i < n;
+            p.seqs.push(SeqPlan {
+                query_start: i,
+                query_len: 1,
+                context_len: if real { plan.seqs[i].context_len } else { 1 },
+            });
+            p.token_ids.push(if real { plan.token_ids[i] } else { 0 });
+            p.positions.push(if real { plan.positions[i] } else { 0 });
+            p.slot_mapping
+                .push(if real { plan.slot_mapping[i] } else { u32::MAX });
+            let mut row = if real {
+                plan.block_table(i).to_vec()
+            } else {
+                Vec::new()
+            };
+            row.resize(stride, 0);
+            p.block_tables.extend(row);
+            p.logits_indices.push(i as u32);
+        }
+        Cow::Owned(p)
+    }
+
+    fn run_step(&self, step: &CudaStep, forward: &mut dyn FnMut()) -> BackendResult<()> {
+        let Some(key) = step.graph else {
+            forward();
+            return Ok(());
+        };
+        let mut graphs = self
+            .graphs
+            .lock()
+            .map_err(|_| driver_err("graphs", "lock poisoned"))?;
+        if let Some(g) = graphs.captured.get(&key) {
+            return g
+                .0
+                .launch()
+                .map_err(|e| driver_err("launching a decode graph", e));
+        }
+        if graphs.warmed.insert(key) {
+            // First time at this size: run eagerly, which makes every lazy allocation.
+            forward();
+            return Ok(());
+        }
+        self.take_error()?;
+        let captured = self
+            .stream
+            .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .and_then(|()| {
+                forward();
+                self.stream
+                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+            });
+        let failed_ops = self.take_error();
+        match (captured, failed_ops) {
+            (Ok(Some(g)), Ok(())) => {
+                g.launch()
+                    .map_err(|e| driver_err("launching a decode graph", e))?;
+                tracing::debug!(batch = key, "captured a decode graph");
+                graphs.captured.insert(key, Graph(g));
+                Ok(())
+            }
+            (r, ops) => {
+                // Capture is an optimization: say why it failed and run eagerly from now on.
+                let why = match (&r, &ops) {
+                    (Err(e), _) => format!("{e:?}"),
+                    (_, Err(e)) => e.to_string(),
+                    _ => "empty graph".to_string(),
+                };
+                tracing::warn!(batch = key, reason = %why, "CUDA graph capture failed; running eagerly");
+                self.use_graphs.store(false, Ordering::Relaxed);
+                graphs.captured.clear();
+                forward();
+                Ok(())
+            }
+        }
     }
 
     fn embedding(&self, table: &CudaWeight, step: &CudaStep, out: &mut CudaBuffer) {
