@@ -303,3 +303,24 @@ fn threaded_engine_streams_and_generates() {
         .unwrap();
     assert!(matches!(h.collect(), Err(Error::EmptyPrompt)));
 }
+
+#[test]
+fn device_argmax_path_matches_the_logits_path() {
+    // Plain greedy rows take the backend's argmax (no logits to the host); asking for logprobs
+    // forces the full logits path. Both must pick the same tokens.
+    let Some(cfg) = config(None) else { return };
+    let mut core = EngineCore::new(cfg).unwrap();
+    let tok = core.tokenizer().clone();
+    for p in prompts(&tok) {
+        let plain = run_alone(&mut core, &p, params(0, false));
+        let with_logprobs = SamplingParams {
+            logprobs: Some(0),
+            ..params(0, false)
+        };
+        assert_eq!(run_alone(&mut core, &p, with_logprobs), plain);
+    }
+    assert_eq!(
+        core.scheduler().kv().num_free_blocks(),
+        core.scheduler().kv().num_total_blocks()
+    );
+}

@@ -491,3 +491,23 @@ fn cuda_graphs_give_the_eager_tokens() {
         assert_eq!(g.token_ids, e.token_ids, "{:?} vs {:?}", g.text, e.text);
     }
 }
+
+#[test]
+#[ignore]
+fn device_argmax_matches_host_argmax() {
+    let (cpu, g) = (CpuBackend, gpu());
+    for (rows, vocab) in [(1, 512), (7, 49152), (64, 151936)] {
+        let mut logits = rand_vec(rows * vocab, 31, 8.0);
+        // A tie in every row: the lowest id must win on both sides.
+        for r in 0..rows {
+            logits[r * vocab + 3] = 100.0;
+            logits[r * vocab + vocab - 1] = 100.0;
+        }
+        let (mut c, mut d) = (Vec::new(), Vec::new());
+        cpu.argmax_rows(&logits, rows, vocab, &mut c).unwrap();
+        g.argmax_rows(&g.upload(&logits).unwrap(), rows, vocab, &mut d)
+            .unwrap();
+        assert_eq!(d, c, "{rows}x{vocab}");
+        assert!(c.iter().all(|&t| t == 3));
+    }
+}

@@ -339,6 +339,29 @@ pub trait Backend: Send + Sync + 'static {
         dims: AttnDims,
         out: &mut Self::Buffer,
     );
+    /// The argmax of each of the first `rows` rows of `logits` (`[rows, vocab]`), lowest id on
+    /// ties: greedy sampling where only token ids need to leave the device.
+    fn argmax_rows(
+        &self,
+        logits: &Self::Buffer,
+        rows: usize,
+        vocab: usize,
+        out: &mut Vec<u32>,
+    ) -> BackendResult<()> {
+        let mut host = vec![0f32; rows * vocab];
+        self.to_host(logits, &mut host)?;
+        out.clear();
+        out.extend(host.chunks_exact(vocab.max(1)).map(|row| {
+            let mut best = 0;
+            for (i, &v) in row.iter().enumerate() {
+                if v > row[best] {
+                    best = i;
+                }
+            }
+            best as u32
+        }));
+        Ok(())
+    }
     /// `out[i] = x[step.logits_indices[i]]` (row width `width`).
     fn gather_rows(
         &self,

@@ -73,6 +73,8 @@ pub struct EngineCore {
     eos_token_ids: Vec<TokenId>,
     /// Host logits of the last step `[rows, vocab]`.
     logits: Vec<f32>,
+    /// Tokens of the last step when the device picked them (all rows greedy).
+    greedy_tokens: Vec<TokenId>,
     counters: Counters,
     /// Threads of the CPU work. The whole forward runs inside the pool, so each op's parallel
     /// loop starts on a worker instead of paying a cross-thread hand-off per op.
@@ -198,6 +200,7 @@ impl EngineCore {
             },
             eos_token_ids,
             logits: Vec::new(),
+            greedy_tokens: Vec::new(),
             counters: Counters::default(),
             pool,
         })
@@ -309,8 +312,22 @@ impl EngineCore {
         }
         self.counters.steps += 1;
         let plan = self.build_plan(&sched);
-        let (model, logits) = (&mut self.model, &mut self.logits);
-        if let Err(e) = self.pool.install(|| model.execute(&plan, logits)) {
+        // When every sampled row is plain greedy (and no token is masked this step), the device
+        // picks the tokens and the logits never leave it.
+        let greedy = sched.seqs.iter().filter(|s| s.samples).all(|s| {
+            self.states.get(&s.id).is_some_and(|st| {
+                st.sampler.is_plain_greedy() && st.num_output_tokens >= st.params.min_tokens
+            })
+        });
+        let (model, logits, tokens) = (&mut self.model, &mut self.logits, &mut self.greedy_tokens);
+        let result = self.pool.install(|| {
+            if greedy {
+                model.execute_greedy(&plan, tokens)
+            } else {
+                model.execute(&plan, logits)
+            }
+        });
+        if let Err(e) = result {
             for s in &sched.seqs {
                 self.abort_request(&s.id);
             }
@@ -326,17 +343,21 @@ impl EngineCore {
         let vocab = self.limits.vocab_size;
         let mut outputs = Vec::new();
         for (row, s) in sched.seqs.iter().filter(|s| s.samples).enumerate() {
-            let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
             let Some(state) = self.states.get_mut(&s.id) else {
                 continue;
             };
-            if state.num_output_tokens < state.params.min_tokens {
-                mask_tokens(logits, &state.params.stop_token_ids);
-                if !state.params.ignore_eos {
-                    mask_tokens(logits, &self.eos_token_ids);
+            let sampled = if greedy {
+                state.sampler.accept_argmax(self.greedy_tokens[row])
+            } else {
+                let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
+                if state.num_output_tokens < state.params.min_tokens {
+                    mask_tokens(logits, &state.params.stop_token_ids);
+                    if !state.params.ignore_eos {
+                        mask_tokens(logits, &self.eos_token_ids);
+                    }
                 }
-            }
-            let sampled = state.sampler.sample(logits);
+                state.sampler.sample(logits)
+            };
             let token = sampled.token;
             self.scheduler.append_token(&s.id, token);
             self.counters.generation_tokens += 1;

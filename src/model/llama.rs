@@ -207,6 +207,28 @@ impl<B: Backend> Model<B> {
 
     /// One forward step; fills `logits` with `[plan.logits_indices.len(), vocab]`.
     pub fn forward(&mut self, plan: &BatchPlan, logits: &mut Vec<f32>) -> Result<(), ModelError> {
+        let rows = self.run(plan)?;
+        logits.resize(rows * self.config.vocab_size, 0.0);
+        self.backend.to_host(&self.ws.logits, logits)?;
+        Ok(())
+    }
+
+    /// One forward step; `tokens` gets the argmax of each logits row, picked on the device.
+    pub fn forward_greedy(
+        &mut self,
+        plan: &BatchPlan,
+        tokens: &mut Vec<crate::request::TokenId>,
+    ) -> Result<(), ModelError> {
+        let rows = self.run(plan)?;
+        let vocab = self.config.vocab_size;
+        self.backend
+            .argmax_rows(&self.ws.logits, rows, vocab, tokens)?;
+        Ok(())
+    }
+
+    /// Runs the step's ops up to the logits (left in the workspace); returns the number of
+    /// logits rows of the plan.
+    fn run(&mut self, plan: &BatchPlan) -> Result<usize, ModelError> {
         let n = plan.num_tokens();
         let rows = plan.logits_indices.len();
         if n == 0 || n > self.limits.max_tokens || rows > self.limits.max_logit_rows {
@@ -277,9 +299,7 @@ impl<B: Backend> Model<B> {
             let head = lm_head.as_ref().unwrap_or(embed);
             b.matmul(&ws.gathered, head, None, &mut ws.logits, padded_rows);
         })?;
-        logits.resize(rows * c.vocab_size, 0.0);
-        b.to_host(&ws.logits, logits)?;
-        Ok(())
+        Ok(rows)
     }
 }
 
@@ -324,5 +344,13 @@ impl<B: Backend> ModelRunner for Model<B> {
     }
     fn execute(&mut self, plan: &BatchPlan, logits: &mut Vec<f32>) -> Result<(), ModelError> {
         self.forward(plan, logits)
+    }
+
+    fn execute_greedy(
+        &mut self,
+        plan: &BatchPlan,
+        tokens: &mut Vec<crate::request::TokenId>,
+    ) -> Result<(), ModelError> {
+        self.forward_greedy(plan, tokens)
     }
 }

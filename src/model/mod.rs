@@ -56,4 +56,11 @@ pub trait ModelRunner: Send {
     fn backend_name(&self) -> &'static str;
     /// Runs one step. `logits` receives `[plan.logits_indices.len(), vocab_size]`.
     fn execute(&mut self, plan: &BatchPlan, logits: &mut Vec<f32>) -> Result<(), ModelError>;
+    /// Runs one step and puts the argmax token of each logits row in `tokens` (greedy without
+    /// logits leaving the device).
+    fn execute_greedy(
+        &mut self,
+        plan: &BatchPlan,
+        tokens: &mut Vec<crate::request::TokenId>,
+    ) -> Result<(), ModelError>;
 }

@@ -138,6 +138,26 @@ impl SequenceSampler {
         }
     }
 
+    /// True when the next token is simply the argmax of the raw logits: greedy, no penalties,
+    /// no logprobs. A device can then pick it without sending the logits to the host.
+    pub fn is_plain_greedy(&self) -> bool {
+        (self.temperature == 0.0 || self.top_k == 1)
+            && self.logprobs.is_none()
+            && self.repetition_penalty == 1.0
+            && self.presence_penalty == 0.0
+            && self.frequency_penalty == 0.0
+    }
+
+    /// Takes a token picked elsewhere as the argmax (only when [`Self::is_plain_greedy`]).
+    pub fn accept_argmax(&mut self, token: TokenId) -> SampledToken {
+        self.record(token);
+        SampledToken {
+            token,
+            logprob: None,
+            top_logprobs: Vec::new(),
+        }
+    }
+
     fn apply_penalties(&self, logits: &mut [f32]) {
         if self.repetition_penalty != 1.0 {
             let rp = self.repetition_penalty;

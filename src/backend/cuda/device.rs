@@ -1159,6 +1159,33 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn argmax_rows(
+        &self,
+        logits: &CudaBuffer,
+        rows: usize,
+        vocab: usize,
+        out: &mut Vec<u32>,
+    ) -> BackendResult<()> {
+        out.clear();
+        if rows == 0 {
+            return self.take_error();
+        }
+        let mut ids = self
+            .stream
+            .alloc_zeros::<u32>(rows)
+            .map_err(|e| driver_err("allocating token ids", e))?;
+        let v = vocab as i32;
+        let mut b = self.stream.launch_builder(self.func("argmax_bf16"));
+        b.arg(logits).arg(&mut ids).arg(&v);
+        // SAFETY: matches `argmax_bf16`; logits hold rows·vocab elements.
+        unsafe { b.launch(Self::rows(rows, 1024)) }.map_err(|e| driver_err("argmax", e))?;
+        out.resize(rows, 0);
+        self.stream
+            .memcpy_dtoh(&ids, out.as_mut_slice())
+            .map_err(|e| driver_err("copying token ids", e))?;
+        self.synchronize()
+    }
+
     fn gather_rows(&self, x: &CudaBuffer, step: &CudaStep, width: usize, out: &mut CudaBuffer) {
         let n = step.plan.logits_indices.len();
         if n == 0 {
