@@ -226,8 +226,14 @@ fn generate(a: GenerateArgs) -> Result<()> {
 fn serve(a: ServeArgs) -> Result<()> {
     let config = engine_config(&a.engine)?;
     let model_path = config.model.display().to_string();
-    // vLLM names the model as it was asked for: the hub id or the directory given.
-    let default_name = a.engine.model.clone().unwrap_or_else(|| model_path.clone());
+    // vLLM names the model as it was asked for: the hub id or the directory given; the default
+    // shared model goes by its directory's name.
+    let default_name = a.engine.model.clone().unwrap_or_else(|| {
+        config
+            .model
+            .file_name()
+            .map_or_else(|| model_path.clone(), |n| n.to_string_lossy().into_owned())
+    });
     if !(a.shutdown_timeout.is_finite() && a.shutdown_timeout >= 0.0) {
         bail!("--shutdown-timeout must be a non-negative number of seconds");
     }
