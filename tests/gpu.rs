@@ -511,3 +511,35 @@ fn device_argmax_matches_host_argmax() {
         assert!(c.iter().all(|&t| t == 3));
     }
 }
+
+#[test]
+#[ignore]
+fn bf16_weights_upload_as_stored() {
+    let g = gpu();
+    let vals = rand_vec(1000, 41, 3.0);
+    let bits: Vec<u16> = vals
+        .iter()
+        .map(|&v| half::bf16::from_f32(v).to_bits())
+        .collect();
+    let mut bytes = vec![0u8]; // one byte in front: the second copy is misaligned
+    bytes.extend(bits.iter().flat_map(|b| b.to_le_bytes()));
+    let shape = [1000];
+    for data in [&bytes[1..], &bytemuck::cast_slice::<u16, u8>(&bits)[..]] {
+        let t = HostTensor {
+            dtype: HostDType::BF16,
+            shape: &shape,
+            data,
+        };
+        let w = g.load_weight(t).unwrap();
+        let WeightData::Bf16(d) = &w.data else {
+            panic!("bf16 weight expected")
+        };
+        assert_close(
+            "bf16 upload",
+            &g.download(d, 1000).unwrap(),
+            &vals,
+            0.0,
+            0.0,
+        );
+    }
+}

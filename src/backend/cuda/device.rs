@@ -702,9 +702,21 @@ impl Backend for CudaBackend {
     }
 
     fn load_weight(&self, t: HostTensor<'_>) -> BackendResult<CudaWeight> {
+        // bf16 on disk goes straight from the memory-mapped file to the device (little-endian
+        // host, 2-byte aligned data); anything else is converted on the host first.
+        let direct = match t.dtype {
+            HostDType::BF16 if cfg!(target_endian = "little") => {
+                bytemuck::try_cast_slice::<u8, u16>(t.data).ok()
+            }
+            _ => None,
+        };
+        let data = match direct {
+            Some(bits) => self.htod(bits)?,
+            None => self.htod(&to_bf16_bits(&t))?,
+        };
         Ok(CudaWeight {
             shape: t.shape.to_vec(),
-            data: WeightData::Bf16(self.htod(&to_bf16_bits(&t))?),
+            data: WeightData::Bf16(data),
         })
     }
 
