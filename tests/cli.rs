@@ -134,3 +134,32 @@ fn device_flag_is_checked() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[test]
+fn serve_on_a_missing_gpu_exits_with_the_reason() {
+    if llmd::backend::cuda::driver_available() {
+        return; // a CUDA machine: the GPU tests cover serving there
+    }
+    // The port is bound first, then loading fails: the process must exit, not hang, and say why.
+    let out = Command::new(env!("CARGO_BIN_EXE_llmd"))
+        .args([
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--device",
+            "cuda",
+        ])
+        .arg("--model")
+        .arg(stories())
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("running llmd serve");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("libcuda") && err.contains("--device cpu"),
+        "{err}"
+    );
+}
