@@ -521,10 +521,10 @@ fn bf16_weights_upload_as_stored() {
         .iter()
         .map(|&v| half::bf16::from_f32(v).to_bits())
         .collect();
-    let mut bytes = vec![0u8]; // one byte in front: the second copy is misaligned
+    let mut bytes = vec![0u8]; // one byte in front: `bytes[1..]` is misaligned for u16
     bytes.extend(bits.iter().flat_map(|b| b.to_le_bytes()));
     let shape = [1000];
-    for data in [&bytes[1..], &bytemuck::cast_slice::<u16, u8>(&bits)[..]] {
+    for data in [&bytes[1..], bytemuck::cast_slice::<u16, u8>(&bits)] {
         let t = HostTensor {
             dtype: HostDType::BF16,
             shape: &shape,
