@@ -115,6 +115,10 @@ pub struct EngineConfig {
     pub cache: CacheConfig,
     /// Worker threads for the CPU backend (None: rayon's default, one per core).
     pub num_threads: Option<usize>,
+    /// Let the backend pick random (non-greedy) tokens too, under the rules of
+    /// [`crate::backend::cpu::sampling`], so logits stay on the device. None: where the
+    /// backend samples on the device itself (CUDA). Greedy rows always go to the backend.
+    pub device_sampling: Option<bool>,
 }
 
 impl EngineConfig {
@@ -127,6 +131,7 @@ impl EngineConfig {
             scheduler: SchedulerConfig::default(),
             cache: CacheConfig::default(),
             num_threads: None,
+            device_sampling: None,
         }
     }
 

@@ -351,15 +351,31 @@ pub trait Backend: Send + Sync + 'static {
         let mut host = vec![0f32; rows * vocab];
         self.to_host(logits, &mut host)?;
         out.clear();
-        out.extend(host.chunks_exact(vocab.max(1)).map(|row| {
-            let mut best = 0;
-            for (i, &v) in row.iter().enumerate() {
-                if v > row[best] {
-                    best = i;
-                }
-            }
-            best as u32
-        }));
+        out.extend(host.chunks_exact(vocab.max(1)).map(cpu::sampling::argmax));
+        Ok(())
+    }
+    /// True when [`Backend::sample_rows`] runs on the device (the default reads the logits
+    /// back, which gains nothing over the host sampler).
+    fn samples_on_device(&self) -> bool {
+        false
+    }
+    /// One token per row of `logits` (`[rows, vocab]`) by `params[row]`, under the rules of
+    /// [`cpu::sampling`] (its reference is this default).
+    fn sample_rows(
+        &self,
+        logits: &Self::Buffer,
+        vocab: usize,
+        params: &[cpu::sampling::RowSampling],
+        out: &mut Vec<u32>,
+    ) -> BackendResult<()> {
+        let mut host = vec![0f32; params.len() * vocab];
+        self.to_host(logits, &mut host)?;
+        out.clear();
+        out.extend(
+            host.chunks_exact(vocab.max(1))
+                .zip(params)
+                .map(|(row, p)| cpu::sampling::sample_row(row, p)),
+        );
         Ok(())
     }
     /// `out[i] = x[step.logits_indices[i]]` (row width `width`).

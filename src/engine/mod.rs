@@ -13,6 +13,7 @@ mod output;
 pub use handle::{CompletedRequest, Engine, EngineStats, RequestHandle};
 pub use output::{RequestOutput, TokenLogprob};
 
+use crate::backend::cpu::sampling::RowSampling;
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{BatchPlan, SeqPlan};
 use crate::config::{DeviceKind, EngineConfig};
@@ -73,8 +74,12 @@ pub struct EngineCore {
     eos_token_ids: Vec<TokenId>,
     /// Host logits of the last step `[rows, vocab]`.
     logits: Vec<f32>,
-    /// Tokens of the last step when the device picked them (all rows greedy).
-    greedy_tokens: Vec<TokenId>,
+    /// Tokens of the last step's rows that the backend picked.
+    device_tokens: Vec<TokenId>,
+    /// Per sampled row of the step: the backend picks its token (`Some`) or the host does.
+    row_params: Vec<Option<RowSampling>>,
+    /// Random (non-greedy) rows are sampled by the backend too, not only greedy ones.
+    random_on_device: bool,
     counters: Counters,
     /// Threads of the CPU work. The whole forward runs inside the pool, so each op's parallel
     /// loop starts on a worker instead of paying a cross-thread hand-off per op.
@@ -184,6 +189,9 @@ impl EngineCore {
             config.cache.enable_prefix_caching,
             BlockHasher::new(config.cache.block_hash_algo, &config.cache.block_hash_seed),
         );
+        let random_on_device = config
+            .device_sampling
+            .unwrap_or_else(|| model.samples_on_device());
         Ok(Self {
             model,
             tokenizer,
@@ -200,7 +208,9 @@ impl EngineCore {
             },
             eos_token_ids,
             logits: Vec::new(),
-            greedy_tokens: Vec::new(),
+            device_tokens: Vec::new(),
+            row_params: Vec::new(),
+            random_on_device,
             counters: Counters::default(),
             pool,
         })
@@ -312,19 +322,31 @@ impl EngineCore {
         }
         self.counters.steps += 1;
         let plan = self.build_plan(&sched);
-        // When every sampled row is plain greedy (and no token is masked this step), the device
-        // picks the tokens and the logits never leave it.
-        let greedy = sched.seqs.iter().filter(|s| s.samples).all(|s| {
-            self.states.get(&s.id).is_some_and(|st| {
-                st.sampler.is_plain_greedy() && st.num_output_tokens >= st.params.min_tokens
-            })
-        });
-        let (model, logits, tokens) = (&mut self.model, &mut self.logits, &mut self.greedy_tokens);
+        // The backend picks the tokens of greedy rows (and of random ones where it samples on
+        // the device) so their logits never leave it; rows that need the host (logprobs,
+        // penalties, tokens masked until min_tokens) get the logits there.
+        self.row_params.clear();
+        for s in sched.seqs.iter().filter(|s| s.samples) {
+            let p = self.states.get_mut(&s.id).and_then(|st| {
+                if st.num_output_tokens < st.params.min_tokens {
+                    None
+                } else {
+                    st.sampler.device_params(self.random_on_device)
+                }
+            });
+            self.row_params.push(p);
+        }
+        let (model, logits, tokens, params) = (
+            &mut self.model,
+            &mut self.logits,
+            &mut self.device_tokens,
+            &self.row_params,
+        );
         let result = self.pool.install(|| {
-            if greedy {
-                model.execute_greedy(&plan, tokens)
-            } else {
+            if params.iter().all(Option::is_none) {
                 model.execute(&plan, logits)
+            } else {
+                model.execute_sampled(&plan, params, tokens, logits)
             }
         });
         if let Err(e) = result {
@@ -346,8 +368,8 @@ impl EngineCore {
             let Some(state) = self.states.get_mut(&s.id) else {
                 continue;
             };
-            let sampled = if greedy {
-                state.sampler.accept_argmax(self.greedy_tokens[row])
+            let sampled = if self.row_params[row].is_some() {
+                state.sampler.accept_device(self.device_tokens[row])
             } else {
                 let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
                 if state.num_output_tokens < state.params.min_tokens {

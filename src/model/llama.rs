@@ -9,7 +9,9 @@
 //!
 //! q/k/v and gate/up weights are concatenated at load time so each is one matmul.
 use super::{ModelConfig, ModelError, ModelRunner, WeightFiles};
+use crate::backend::cpu::sampling::{sample_row, RowSampling};
 use crate::backend::{AttnDims, Backend, BatchPlan, KvCacheDims};
+use crate::request::TokenId;
 use std::path::Path;
 
 /// Sizes the engine commits to, which fix the workspace and cache allocations.
@@ -77,6 +79,8 @@ pub struct Model<B: Backend> {
     cos_sin: B::Weight,
     layers: Vec<Layer<B>>,
     ws: Workspace<B>,
+    /// Scratch: the step's per-row sampling parameters.
+    row_params: Vec<RowSampling>,
 }
 
 impl<B: Backend> Model<B> {
@@ -198,6 +202,7 @@ impl<B: Backend> Model<B> {
             cos_sin,
             layers,
             ws,
+            row_params: Vec::new(),
         })
     }
 
@@ -213,16 +218,49 @@ impl<B: Backend> Model<B> {
         Ok(())
     }
 
-    /// One forward step; `tokens` gets the argmax of each logits row, picked on the device.
-    pub fn forward_greedy(
+    /// One forward step where the rows with `Some` parameters get their token picked by the
+    /// backend (`tokens[row]`, without the logits leaving the device) and, when any row is
+    /// `None`, `logits` receives every row (`[rows, vocab]`) for the host sampler.
+    pub fn forward_sampled(
         &mut self,
         plan: &BatchPlan,
-        tokens: &mut Vec<crate::request::TokenId>,
+        params: &[Option<RowSampling>],
+        tokens: &mut Vec<TokenId>,
+        logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
         let rows = self.run(plan)?;
+        if params.len() != rows {
+            return Err(ModelError::Backend(crate::backend::BackendError::Shape {
+                op: "forward_sampled",
+                expected: format!("{rows} sampling rows"),
+                got: params.len().to_string(),
+            }));
+        }
         let vocab = self.config.vocab_size;
-        self.backend
-            .argmax_rows(&self.ws.logits, rows, vocab, tokens)?;
+        let on_host = params.iter().any(Option::is_none);
+        if on_host {
+            logits.resize(rows * vocab, 0.0);
+            self.backend.to_host(&self.ws.logits, logits)?;
+        }
+        self.row_params.clear();
+        self.row_params
+            .extend(params.iter().map(|p| p.unwrap_or(RowSampling::GREEDY)));
+        if on_host && !self.backend.samples_on_device() {
+            // The logits are on the host already: pick the other rows there too.
+            tokens.clear();
+            tokens.extend(
+                logits
+                    .chunks_exact(vocab.max(1))
+                    .zip(&self.row_params)
+                    .map(|(row, p)| sample_row(row, p)),
+            );
+        } else if self.row_params.iter().all(RowSampling::is_greedy) {
+            self.backend
+                .argmax_rows(&self.ws.logits, rows, vocab, tokens)?;
+        } else {
+            self.backend
+                .sample_rows(&self.ws.logits, vocab, &self.row_params, tokens)?;
+        }
         Ok(())
     }
 
@@ -346,11 +384,17 @@ impl<B: Backend> ModelRunner for Model<B> {
         self.forward(plan, logits)
     }
 
-    fn execute_greedy(
+    fn samples_on_device(&self) -> bool {
+        self.backend.samples_on_device()
+    }
+
+    fn execute_sampled(
         &mut self,
         plan: &BatchPlan,
-        tokens: &mut Vec<crate::request::TokenId>,
+        params: &[Option<RowSampling>],
+        tokens: &mut Vec<TokenId>,
+        logits: &mut Vec<f32>,
     ) -> Result<(), ModelError> {
-        self.forward_greedy(plan, tokens)
+        self.forward_sampled(plan, params, tokens, logits)
     }
 }

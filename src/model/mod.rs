@@ -56,11 +56,17 @@ pub trait ModelRunner: Send {
     fn backend_name(&self) -> &'static str;
     /// Runs one step. `logits` receives `[plan.logits_indices.len(), vocab_size]`.
     fn execute(&mut self, plan: &BatchPlan, logits: &mut Vec<f32>) -> Result<(), ModelError>;
-    /// Runs one step and puts the argmax token of each logits row in `tokens` (greedy without
-    /// logits leaving the device).
-    fn execute_greedy(
+    /// True when the backend picks random tokens on the device ([`Self::execute_sampled`]
+    /// with random rows then saves the logits' trip to the host).
+    fn samples_on_device(&self) -> bool;
+    /// Runs one step; rows with `Some` parameters get their token in `tokens[row]`, picked by
+    /// the backend under the rules of [`crate::backend::cpu::sampling`]; when any row is
+    /// `None`, `logits` receives every row for the host sampler.
+    fn execute_sampled(
         &mut self,
         plan: &BatchPlan,
+        params: &[Option<crate::backend::cpu::sampling::RowSampling>],
         tokens: &mut Vec<crate::request::TokenId>,
+        logits: &mut Vec<f32>,
     ) -> Result<(), ModelError>;
 }

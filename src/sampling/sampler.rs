@@ -17,6 +17,7 @@ use rand_core::{RngCore, SeedableRng};
 
 use super::filter::{self, Candidate};
 use super::{vecmath, SamplingParams};
+use crate::backend::cpu::sampling::RowSampling;
 use crate::request::TokenId;
 
 /// The outcome of one sampling step.
@@ -138,18 +139,35 @@ impl SequenceSampler {
         }
     }
 
-    /// True when the next token is simply the argmax of the raw logits: greedy, no penalties,
-    /// no logprobs. A device can then pick it without sending the logits to the host.
-    pub fn is_plain_greedy(&self) -> bool {
-        (self.temperature == 0.0 || self.top_k == 1)
-            && self.logprobs.is_none()
-            && self.repetition_penalty == 1.0
-            && self.presence_penalty == 0.0
-            && self.frequency_penalty == 0.0
+    /// What a device needs to pick this step's token itself, so the logits never leave it:
+    /// `None` when the step needs the host (logprobs, penalties). A greedy row draws nothing;
+    /// a random one (only when `random` is true) takes its one uniform number of the step
+    /// from the request's RNG now, so seeded requests stay reproducible.
+    pub fn device_params(&mut self, random: bool) -> Option<RowSampling> {
+        if self.logprobs.is_some()
+            || self.repetition_penalty != 1.0
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+        {
+            return None;
+        }
+        if self.temperature == 0.0 || self.top_k == 1 {
+            return Some(RowSampling::GREEDY);
+        }
+        if !random {
+            return None;
+        }
+        Some(RowSampling {
+            temperature: self.temperature,
+            top_k: u32::try_from(self.top_k).unwrap_or(u32::MAX),
+            top_p: self.top_p,
+            min_p: self.min_p,
+            u: uniform_f64(&mut self.rng),
+        })
     }
 
-    /// Takes a token picked elsewhere as the argmax (only when [`Self::is_plain_greedy`]).
-    pub fn accept_argmax(&mut self, token: TokenId) -> SampledToken {
+    /// Takes a token the device picked from this step's [`Self::device_params`].
+    pub fn accept_device(&mut self, token: TokenId) -> SampledToken {
         self.record(token);
         SampledToken {
             token,
@@ -185,6 +203,28 @@ impl SequenceSampler {
         if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
             *self.output_counts.entry(token).or_insert(0) += 1;
         }
+    }
+
+    /// The filtered, renormalised distribution a random step draws from (`[vocab]`).
+    #[cfg(test)]
+    pub(crate) fn probabilities(&mut self, logits: &[f32]) -> Vec<f64> {
+        let mut p = vec![0f64; logits.len()];
+        match self.filter(logits) {
+            Filtered::Dense => {
+                for (p, &w) in p.iter_mut().zip(&self.weights) {
+                    *p = f64::from(w);
+                }
+            }
+            Filtered::Sparse => {
+                for c in &self.candidates {
+                    p[c.id as usize] = f64::from(c.weight);
+                }
+            }
+            Filtered::Empty => {}
+        }
+        let total: f64 = p.iter().sum();
+        p.iter_mut().for_each(|x| *x /= total);
+        p
     }
 
     /// Random sampling: filter, then one draw from the sequence's RNG.

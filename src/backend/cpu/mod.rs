@@ -7,6 +7,7 @@
 //! against, so each is written to be plainly readable.
 pub mod attention;
 pub mod gemm;
+pub mod sampling;
 
 use super::{
     stacked_rows_shape, AttnDims, Backend, BackendError, BackendResult, BatchPlan, HostTensor,

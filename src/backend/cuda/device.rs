@@ -9,6 +9,7 @@
 //!
 //! Not verified on a GPU yet (none lent so far): see STATUS.md.
 use super::{check_device, compile_ptx, KERNEL_ENTRIES};
+use crate::backend::cpu::sampling::RowSampling;
 use crate::backend::{
     stacked_rows_shape, AttnDims, Backend, BackendError, BackendResult, BatchPlan, HostDType,
     HostTensor, KvCacheDims, SeqPlan, StepLimits,
@@ -1191,6 +1192,41 @@ impl Backend for CudaBackend {
         b.arg(logits).arg(&mut ids).arg(&v);
         // SAFETY: matches `argmax_bf16`; logits hold rows·vocab elements.
         unsafe { b.launch(Self::rows(rows, 1024)) }.map_err(|e| driver_err("argmax", e))?;
+        out.resize(rows, 0);
+        self.stream
+            .memcpy_dtoh(&ids, out.as_mut_slice())
+            .map_err(|e| driver_err("copying token ids", e))?;
+        self.synchronize()
+    }
+
+    fn samples_on_device(&self) -> bool {
+        true
+    }
+
+    fn sample_rows(
+        &self,
+        logits: &CudaBuffer,
+        vocab: usize,
+        params: &[RowSampling],
+        out: &mut Vec<u32>,
+    ) -> BackendResult<()> {
+        out.clear();
+        let rows = params.len();
+        if rows == 0 {
+            return self.take_error();
+        }
+        let words: Vec<u32> = params.iter().flat_map(RowSampling::words).collect();
+        let words = self.htod(&words)?;
+        let mut ids = self
+            .stream
+            .alloc_zeros::<u32>(rows)
+            .map_err(|e| driver_err("allocating token ids", e))?;
+        let v = vocab as i32;
+        let mut b = self.stream.launch_builder(self.func("sample_bf16"));
+        b.arg(logits).arg(&words).arg(&mut ids).arg(&v);
+        // SAFETY: matches `sample_bf16`; logits hold rows·vocab elements, `words` ROW_WORDS
+        // per row.
+        unsafe { b.launch(Self::rows(rows, 1024)) }.map_err(|e| driver_err("sample", e))?;
         out.resize(rows, 0);
         self.stream
             .memcpy_dtoh(&ids, out.as_mut_slice())

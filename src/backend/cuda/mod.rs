@@ -69,7 +69,10 @@ pub const KERNEL_ENTRIES: &[(&str, &[&str])] = &[
     ("kv_cache.cu", &["write_kv_bf16"]),
     ("norm.cu", &["rms_norm_bf16", "add_rms_norm_bf16"]),
     ("rotary.cu", &["rope_bf16"]),
-    ("sampling.cu", &["argmax_f32", "argmax_bf16"]),
+    (
+        "sampling.cu",
+        &["argmax_f32", "argmax_bf16", "sample_f32", "sample_bf16"],
+    ),
 ];
 
 /// GPU architectures CI compiles every kernel for (A100, H100).
