@@ -9,26 +9,18 @@
 //!
 //! Run on the GPU machine: `cargo bench --bench cuda_attention`.
 use llmd::backend::cuda::device::CudaKvCache;
-use llmd::backend::cuda::{driver_available, CudaBackend};
+#[path = "support/gpu.rs"]
+mod gpu;
+
+use llmd::backend::cuda::CudaBackend;
 use llmd::backend::{AttnDims, Backend, BatchPlan, KvCacheDims, SeqPlan};
 use std::time::Instant;
 
 fn main() {
-    if !driver_available() {
-        println!("cuda_attention: no CUDA driver on this machine; nothing to measure");
+    let Some(g) = gpu::device_or_skip("cuda_attention") else {
         return;
-    }
-    let g = match CudaBackend::new(0) {
-        Ok(g) => g,
-        Err(e) => {
-            println!("cuda_attention: no usable CUDA device: {e}");
-            return;
-        }
     };
-    let repeat: usize = std::env::var("LLMD_BENCH_REPEAT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let repeat = gpu::repeat(20);
     println!(
         "decode attention vs copy bandwidth on {} (best of {repeat})",
         g.arch()

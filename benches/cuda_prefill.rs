@@ -6,7 +6,9 @@
 //! Best of `LLMD_BENCH_REPEAT` (default 10) after a warm-up. Without a CUDA device it says so
 //! and exits 0. Run: `cargo bench --bench cuda_prefill`.
 use llmd::backend::cuda::device::CudaKvCache;
-use llmd::backend::cuda::{driver_available, CudaBackend};
+#[path = "support/gpu.rs"]
+mod gpu;
+
 use llmd::backend::{AttnDims, Backend, BatchPlan, KvCacheDims, SeqPlan};
 use std::time::Instant;
 
@@ -19,21 +21,10 @@ pub const SHAPES: &[(usize, usize, usize, usize, usize)] = &[
 ];
 
 fn main() {
-    if !driver_available() {
-        println!("cuda_prefill: no CUDA driver on this machine; nothing to measure");
+    let Some(g) = gpu::device_or_skip("cuda_prefill") else {
         return;
-    }
-    let g = match CudaBackend::new(0) {
-        Ok(g) => g,
-        Err(e) => {
-            println!("cuda_prefill: no usable CUDA device: {e}");
-            return;
-        }
     };
-    let repeat: usize = std::env::var("LLMD_BENCH_REPEAT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let repeat = gpu::repeat(10);
     for &(batch, n, nh, nkv, hd) in SHAPES {
         let bs = 16;
         let per_seq = n.div_ceil(bs);

@@ -7,27 +7,19 @@
 //!
 //! Run on the GPU machine: `cargo bench --bench cuda_sampling`.
 use llmd::backend::cpu::sampling::RowSampling;
-use llmd::backend::cuda::{driver_available, CudaBackend};
+#[path = "support/gpu.rs"]
+mod gpu;
+
+use llmd::backend::cuda::CudaBackend;
 use llmd::backend::Backend;
 use llmd::sampling::{SamplingParams, SequenceSampler};
 use std::time::Instant;
 
 fn main() {
-    if !driver_available() {
-        println!("cuda_sampling: no CUDA driver on this machine; nothing to measure");
+    let Some(g) = gpu::device_or_skip("cuda_sampling") else {
         return;
-    }
-    let g = match CudaBackend::new(0) {
-        Ok(g) => g,
-        Err(e) => {
-            println!("cuda_sampling: no usable CUDA device: {e}");
-            return;
-        }
     };
-    let repeat: usize = std::env::var("LLMD_BENCH_REPEAT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20);
+    let repeat = gpu::repeat(20);
     println!(
         "sampling on {} vs logits to host + host sampler (best of {repeat})",
         g.arch()

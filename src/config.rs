@@ -75,19 +75,30 @@ pub enum DeviceKind {
     Cuda(usize),
 }
 
+impl DeviceKind {
+    /// CUDA device 0 when this machine has a CUDA driver and a device, else the CPU.
+    pub fn auto() -> Self {
+        match crate::backend::cuda::device_count() {
+            Ok(n) if n > 0 => DeviceKind::Cuda(0),
+            _ => DeviceKind::Cpu,
+        }
+    }
+}
+
 impl std::str::FromStr for DeviceKind {
     type Err = String;
 
-    /// `cpu`, `cuda` (device 0) or `cuda:N`.
+    /// `cpu`, `cuda` (device 0), `cuda:N`, or `auto` ([`DeviceKind::auto`]).
     fn from_str(s: &str) -> std::result::Result<Self, String> {
         match s {
+            "auto" => Ok(DeviceKind::auto()),
             "cpu" => Ok(DeviceKind::Cpu),
             "cuda" => Ok(DeviceKind::Cuda(0)),
             _ => s
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(DeviceKind::Cuda)
-                .ok_or_else(|| format!("unknown device {s:?}: expected cpu, cuda or cuda:N")),
+                .ok_or_else(|| format!("unknown device {s:?}: expected auto, cpu, cuda or cuda:N")),
         }
     }
 }
@@ -185,6 +196,13 @@ mod tests {
             assert_eq!(s.parse::<DeviceKind>().unwrap(), d);
         }
         assert_eq!(DeviceKind::Cuda(3).to_string(), "cuda:3");
+        let cuda = crate::backend::cuda::device_count().is_ok_and(|n| n > 0);
+        let want = if cuda {
+            DeviceKind::Cuda(0)
+        } else {
+            DeviceKind::Cpu
+        };
+        assert_eq!("auto".parse::<DeviceKind>().unwrap(), want);
         for bad in ["gpu", "cuda:", "cuda:-1", "cuda:x", ""] {
             assert!(bad.parse::<DeviceKind>().is_err(), "{bad}");
         }

@@ -53,7 +53,8 @@ struct EngineArgs {
     prefix_caching_hash_seed: Option<String>,
     #[arg(long)]
     threads: Option<usize>,
-    /// cpu, cuda or cuda:N (cpu by default until the CUDA backend has passed its GPU tests).
+    /// cpu, cuda, cuda:N, or auto (the first GPU when there is one, else cpu). cpu by default
+    /// until the CUDA backend has passed its GPU tests; then the default becomes auto.
     #[arg(long, default_value = "cpu")]
     device: llmd::config::DeviceKind,
     /// On a GPU, run every step eagerly (no CUDA graphs for decode steps).

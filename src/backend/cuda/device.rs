@@ -341,6 +341,22 @@ impl CudaBackend {
         graph_shaped.then_some(n)
     }
 
+    /// Room for one token id per row, written by a sampling kernel.
+    fn token_ids(&self, rows: usize) -> BackendResult<CudaSlice<u32>> {
+        self.stream
+            .alloc_zeros::<u32>(rows)
+            .map_err(|e| driver_err("allocating token ids", e))
+    }
+
+    /// Waits for the sampling kernel and copies its token ids into `out`.
+    fn ids_to_host(&self, ids: &CudaSlice<u32>, out: &mut Vec<u32>) -> BackendResult<()> {
+        out.resize(ids.len(), 0);
+        self.stream
+            .memcpy_dtoh(ids, out.as_mut_slice())
+            .map_err(|e| driver_err("copying token ids", e))?;
+        self.synchronize()
+    }
+
     fn func(&self, name: &str) -> &CudaFunction {
         // Every name used below is in KERNEL_ENTRIES, all of which `new` loaded.
         &self.functions[name]
@@ -1183,20 +1199,13 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return self.take_error();
         }
-        let mut ids = self
-            .stream
-            .alloc_zeros::<u32>(rows)
-            .map_err(|e| driver_err("allocating token ids", e))?;
+        let mut ids = self.token_ids(rows)?;
         let v = vocab as i32;
         let mut b = self.stream.launch_builder(self.func("argmax_bf16"));
         b.arg(logits).arg(&mut ids).arg(&v);
         // SAFETY: matches `argmax_bf16`; logits hold rows·vocab elements.
         unsafe { b.launch(Self::rows(rows, 1024)) }.map_err(|e| driver_err("argmax", e))?;
-        out.resize(rows, 0);
-        self.stream
-            .memcpy_dtoh(&ids, out.as_mut_slice())
-            .map_err(|e| driver_err("copying token ids", e))?;
-        self.synchronize()
+        self.ids_to_host(&ids, out)
     }
 
     fn samples_on_device(&self) -> bool {
@@ -1217,21 +1226,14 @@ impl Backend for CudaBackend {
         }
         let words: Vec<u32> = params.iter().flat_map(RowSampling::words).collect();
         let words = self.htod(&words)?;
-        let mut ids = self
-            .stream
-            .alloc_zeros::<u32>(rows)
-            .map_err(|e| driver_err("allocating token ids", e))?;
+        let mut ids = self.token_ids(rows)?;
         let v = vocab as i32;
         let mut b = self.stream.launch_builder(self.func("sample_bf16"));
         b.arg(logits).arg(&words).arg(&mut ids).arg(&v);
         // SAFETY: matches `sample_bf16`; logits hold rows·vocab elements, `words` ROW_WORDS
         // per row.
         unsafe { b.launch(Self::rows(rows, 1024)) }.map_err(|e| driver_err("sample", e))?;
-        out.resize(rows, 0);
-        self.stream
-            .memcpy_dtoh(&ids, out.as_mut_slice())
-            .map_err(|e| driver_err("copying token ids", e))?;
-        self.synchronize()
+        self.ids_to_host(&ids, out)
     }
 
     fn gather_rows(&self, x: &CudaBuffer, step: &CudaStep, width: usize, out: &mut CudaBuffer) {

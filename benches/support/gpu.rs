@@ -1,0 +1,26 @@
+//! Set-up shared by the GPU benches.
+use llmd::backend::cuda::{driver_available, CudaBackend};
+
+/// Device 0, or `None` after saying why there is nothing to measure (no driver, no device), so
+/// the bench exits 0 on machines without a GPU.
+pub fn device_or_skip(bench: &str) -> Option<CudaBackend> {
+    if !driver_available() {
+        println!("{bench}: no CUDA driver on this machine; nothing to measure");
+        return None;
+    }
+    match CudaBackend::new(0) {
+        Ok(g) => Some(g),
+        Err(e) => {
+            println!("{bench}: no usable CUDA device: {e}");
+            None
+        }
+    }
+}
+
+/// Timed runs per measurement: `LLMD_BENCH_REPEAT`, else `default`.
+pub fn repeat(default: usize) -> usize {
+    std::env::var("LLMD_BENCH_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
