@@ -120,9 +120,16 @@ fn device_flag_is_checked() {
     let out = run("gpu");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("expected cpu, cuda or cuda:N"), "{err}");
+    assert!(err.contains("expected auto, cpu, cuda or cuda:N"), "{err}");
     assert!(run("cpu").status.success());
     if !llmd::backend::cuda::driver_available() {
+        // `auto` without a GPU is the CPU.
+        let out = run("auto");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // No GPU here: asking for one is a clear error, not a panic.
         let out = run("cuda:0");
         assert!(!out.status.success());
