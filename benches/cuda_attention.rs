@@ -14,7 +14,6 @@ mod gpu;
 
 use llmd::backend::cuda::CudaBackend;
 use llmd::backend::{AttnDims, Backend, BatchPlan, KvCacheDims, SeqPlan};
-use std::time::Instant;
 
 fn main() {
     let Some(g) = gpu::device_or_skip("cuda_attention") else {
@@ -96,25 +95,17 @@ fn run(g: &CudaBackend, batch: usize, ctx: usize, nh: usize, nkv: usize, hd: usi
     let step = g.prepare_step(&plan).unwrap();
     let qkv = g.upload(&vec![0.01f32; batch * dims.qkv_width()]).unwrap();
     let mut out = g.alloc(batch * dims.q_width()).unwrap();
-    let time = |f: &mut dyn FnMut()| {
-        f();
-        g.synchronize().unwrap();
-        let mut best = f64::MAX;
-        for _ in 0..repeat {
-            let t = Instant::now();
-            f();
-            g.synchronize().unwrap();
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        best
-    };
-    let t_attn = time(&mut || g.paged_attention_decode(&qkv, &cache, &step, dims, &mut out));
+    let t_attn = gpu::best_secs(g, repeat, || {
+        g.paged_attention_decode(&qkv, &cache, &step, dims, &mut out)
+    });
     let kv_bytes = 2 * batch * ctx * nkv * hd * 2;
     let q_bytes = batch * nh * hd * 2;
     let attn_bw = (kv_bytes + q_bytes) as f64 / t_attn;
     let src = g.alloc(kv_bytes / 2).unwrap();
     let mut dst = g.alloc(kv_bytes / 2).unwrap();
-    let t_copy = time(&mut || g.stream().memcpy_dtod(&src, &mut dst).unwrap());
+    let t_copy = gpu::best_secs(g, repeat, || {
+        g.stream().memcpy_dtod(&src, &mut dst).unwrap()
+    });
     let copy_bw = 2.0 * kv_bytes as f64 / t_copy;
     println!(
         "{batch:>5} {ctx:>7} {:>6} {hd:>4} {:>10.1} {:>10.1} {:>10.1} {:>6.2}x",

@@ -10,7 +10,6 @@ use llmd::backend::cuda::device::CudaKvCache;
 mod gpu;
 
 use llmd::backend::{AttnDims, Backend, BatchPlan, KvCacheDims, SeqPlan};
-use std::time::Instant;
 
 /// (batch, prompt tokens, query heads, KV heads, head dim); shared with prefill_vs_sdpa.py.
 pub const SHAPES: &[(usize, usize, usize, usize, usize)] = &[
@@ -75,15 +74,9 @@ fn main() {
         let qkv = g.upload(&qkv).unwrap();
         g.write_kv(&qkv, &mut cache, &step, dims);
         let mut out = g.alloc(rows * dims.q_width()).unwrap();
-        g.paged_attention_prefill(&qkv, &cache, &step, dims, &mut out);
-        g.synchronize().unwrap();
-        let mut best = f64::MAX;
-        for _ in 0..repeat {
-            let t = Instant::now();
-            g.paged_attention_prefill(&qkv, &cache, &step, dims, &mut out);
-            g.synchronize().unwrap();
-            best = best.min(t.elapsed().as_secs_f64());
-        }
+        let best = gpu::best_secs(&g, repeat, || {
+            g.paged_attention_prefill(&qkv, &cache, &step, dims, &mut out)
+        });
         let flops = 4.0 * (batch * nh * hd) as f64 * (n * (n + 1) / 2) as f64;
         println!(
             "prefill batch={batch} seq={n} heads={nh} kv_heads={nkv} head_dim={hd} ms={:.3} tflops={:.2}",

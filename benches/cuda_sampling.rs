@@ -13,7 +13,6 @@ mod gpu;
 use llmd::backend::cuda::CudaBackend;
 use llmd::backend::Backend;
 use llmd::sampling::{SamplingParams, SequenceSampler};
-use std::time::Instant;
 
 fn main() {
     let Some(g) = gpu::device_or_skip("cuda_sampling") else {
@@ -37,17 +36,6 @@ fn main() {
     ] {
         run(&g, rows, vocab, repeat);
     }
-}
-
-fn best(repeat: usize, mut f: impl FnMut()) -> f64 {
-    f();
-    (0..repeat)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64() * 1e6
-        })
-        .fold(f64::INFINITY, f64::min)
 }
 
 fn run(g: &CudaBackend, rows: usize, vocab: usize, repeat: usize) {
@@ -98,19 +86,22 @@ fn run(g: &CudaBackend, rows: usize, vocab: usize, repeat: usize) {
         })
         .collect();
     let mut ids = Vec::new();
-    let device = best(repeat, || {
-        g.sample_rows(&d_logits, vocab, &params, &mut ids).unwrap();
-    });
+    let device = 1e6
+        * gpu::best_secs(g, repeat, || {
+            g.sample_rows(&d_logits, vocab, &params, &mut ids).unwrap();
+        });
     let mut host_logits = vec![0f32; rows * vocab];
-    let host = best(repeat, || {
-        g.to_host(&d_logits, &mut host_logits).unwrap();
-        for (row, s) in host_logits.chunks_exact_mut(vocab).zip(&mut samplers) {
-            std::hint::black_box(s.sample(row));
-        }
-    });
-    let argmax = best(repeat, || {
-        g.argmax_rows(&d_logits, rows, vocab, &mut ids).unwrap();
-    });
+    let host = 1e6
+        * gpu::best_secs(g, repeat, || {
+            g.to_host(&d_logits, &mut host_logits).unwrap();
+            for (row, s) in host_logits.chunks_exact_mut(vocab).zip(&mut samplers) {
+                std::hint::black_box(s.sample(row));
+            }
+        });
+    let argmax = 1e6
+        * gpu::best_secs(g, repeat, || {
+            g.argmax_rows(&d_logits, rows, vocab, &mut ids).unwrap();
+        });
     println!(
         "{rows:>5} {vocab:>7} {device:>12.1} {host:>12.1} {argmax:>12.1} {:>8.2}x",
         host / device

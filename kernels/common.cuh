@@ -18,7 +18,9 @@ __device__ __forceinline__ bf16 f32_to_bf16(float f) {
     return (bf16)(u >> 16);
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+// Sum over the warp (float, or unsigned long long for exact fixed-point sums).
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -31,14 +33,15 @@ __device__ __forceinline__ float warp_max(float v) {
 }
 
 // Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
-// `scratch` holds 32 floats of shared memory.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+// `scratch` holds 32 values of shared memory.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     v = warp_sum(v);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     const int nwarps = blockDim.x >> 5;
-    v = lane < nwarps ? scratch[lane] : 0.0f;
+    v = lane < nwarps ? scratch[lane] : (T)0;
     return warp_sum(v);
 }

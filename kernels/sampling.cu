@@ -86,24 +86,6 @@ __device__ __forceinline__ unsigned long long fixed_weight(float w) {
     return (unsigned long long)(w * 1099511627776.0f);  // 2^40
 }
 
-__device__ __forceinline__ unsigned long long warp_sum_u64(unsigned long long v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// Block-wide sum; every thread gets it. `scratch`: 32 shared words.
-__device__ __forceinline__ unsigned long long block_sum_u64(unsigned long long v,
-                                                            unsigned long long* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    v = warp_sum_u64(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < (int)(blockDim.x >> 5) ? scratch[lane] : 0ull;
-    return warp_sum_u64(v);
-}
-
 __device__ __forceinline__ unsigned int block_max_u32(unsigned int v, unsigned int* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
@@ -174,7 +156,7 @@ __device__ unsigned int radix_select(const T* __restrict__ row, int vocab, unsig
             while (pending) {
                 const int src = __ffs(pending) - 1;
                 const unsigned int b = __shfl_sync(0xffffffffu, bin, src);
-                const unsigned long long s = warp_sum_u64(bin == b ? m : 0ull);
+                const unsigned long long s = warp_sum(bin == b ? m : 0ull);
                 if (lane == src && s) atomicAdd(&hist[b], s);
                 pending &= ~__ballot_sync(0xffffffffu, bin == b);
             }
@@ -244,7 +226,7 @@ __device__ __forceinline__ void sample_row(const T* __restrict__ logits,
             const float l = sample_clean(load_logit<T>(row + i));
             if (order_key(l) >= cut) w += fixed_weight(sample_weight(l, maxv, inv_t));
         }
-        const unsigned long long total = block_sum_u64(w, scratch);
+        const unsigned long long total = block_sum(w, scratch);
         unsigned long long target = (unsigned long long)ceil((double)top_p * (double)total);
         target = target < 1ull ? 1ull : (target > total ? total : target);
         cut = radix_select<T>(row, vocab, cut, target, true, maxv, inv_t, hist, &sel);
@@ -262,7 +244,7 @@ __device__ __forceinline__ void sample_row(const T* __restrict__ logits,
             if (w >= min_p) local += fixed_weight(w);
         }
     }
-    const unsigned long long total = block_sum_u64(local, scratch);
+    const unsigned long long total = block_sum(local, scratch);
     unsigned long long target = (unsigned long long)(u * (double)total);
     if (target > total - 1ull) target = total - 1ull;  // total >= 2^40: the best token stays
     const unsigned long long before = block_excl_scan_u64(local, scratch);

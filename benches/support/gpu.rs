@@ -1,5 +1,6 @@
 //! Set-up shared by the GPU benches.
 use llmd::backend::cuda::{driver_available, CudaBackend};
+use std::time::Instant;
 
 /// Device 0, or `None` after saying why there is nothing to measure (no driver, no device), so
 /// the bench exits 0 on machines without a GPU.
@@ -23,4 +24,19 @@ pub fn repeat(default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Seconds of the fastest of `repeat` runs of `f`, each waited for on the device, after one
+/// warm-up run.
+pub fn best_secs(g: &CudaBackend, repeat: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    g.synchronize().unwrap();
+    (0..repeat)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            g.synchronize().unwrap();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
 }
