@@ -23,8 +23,14 @@ pub struct SchedulerConfig {
     pub enable_chunked_prefill: bool,
     pub policy: SchedulingPolicy,
     /// Most requests waiting before `add_request` refuses with `QueueFull` (None: unbounded).
+    /// Defaults to [`DEFAULT_MAX_WAITING_REQUESTS`], so queued prompts hold bounded memory.
     pub max_waiting_requests: Option<usize>,
 }
+
+/// Default bound of the waiting queue: four full batches at the default `max_num_seqs`, so
+/// the device never starves while memory stays bounded (at most this many prompts of up to
+/// `max_model_len` tokens). A router in front (llm-d's endpoint picker) queues the rest.
+pub const DEFAULT_MAX_WAITING_REQUESTS: usize = 1024;
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
@@ -33,7 +39,7 @@ impl Default for SchedulerConfig {
             max_num_batched_tokens: 2048,
             enable_chunked_prefill: true,
             policy: SchedulingPolicy::Fcfs,
-            max_waiting_requests: None,
+            max_waiting_requests: Some(DEFAULT_MAX_WAITING_REQUESTS),
         }
     }
 }
@@ -130,6 +136,8 @@ pub struct EngineConfig {
     /// [`crate::backend::cpu::sampling`], so logits stay on the device. None: where the
     /// backend samples on the device itself (CUDA). Greedy rows always go to the backend.
     pub device_sampling: Option<bool>,
+    /// Faults to inject into model steps (tests of failure handling; None in production).
+    pub fault_injection: Option<crate::engine::FaultInjector>,
 }
 
 impl EngineConfig {
@@ -143,6 +151,7 @@ impl EngineConfig {
             cache: CacheConfig::default(),
             num_threads: None,
             device_sampling: None,
+            fault_injection: None,
         }
     }
 

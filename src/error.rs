@@ -36,6 +36,24 @@ pub enum Error {
     StepFailed(String),
     #[error("the engine has shut down")]
     EngineStopped,
+    #[error("the engine died ({reason}); the worker must be restarted")]
+    EngineDead { reason: String },
+    #[error("the request ran past its deadline of {seconds} s and was aborted")]
+    Timeout { seconds: f64 },
     #[error("the waiting queue is full ({limit} requests)")]
     QueueFull { limit: usize },
+}
+
+impl Error {
+    /// True when the device can no longer be trusted after this step error: a CUDA error
+    /// poisons its context, so every later step would fail or compute garbage. The engine
+    /// dies on such an error instead of carrying on.
+    pub fn is_fatal(&self) -> bool {
+        matches!(
+            self,
+            Error::Model(ModelError::Backend(
+                crate::backend::BackendError::DeviceUnavailable { .. }
+            )) | Error::Backend(crate::backend::BackendError::DeviceUnavailable { .. })
+        )
+    }
 }

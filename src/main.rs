@@ -60,10 +60,13 @@ struct EngineArgs {
     /// On a GPU, run every step eagerly (no CUDA graphs for decode steps).
     #[arg(long)]
     enforce_eager: bool,
-    /// Most requests waiting for a batch slot before new ones are refused with 429
-    /// (default: unbounded).
-    #[arg(long)]
-    max_waiting_requests: Option<usize>,
+    /// Most requests waiting for a batch slot before new ones are refused with 429. Bounds
+    /// the memory queued requests hold (each keeps its prompt's tokens).
+    #[arg(long, default_value_t = llmd::config::DEFAULT_MAX_WAITING_REQUESTS)]
+    max_waiting_requests: usize,
+    /// Faults to inject into model steps, e.g. `error@3,panic@10` (for failure tests).
+    #[arg(long, hide = true)]
+    fault_injection: Option<llmd::engine::FaultInjector>,
 }
 
 #[derive(Args)]
@@ -83,6 +86,13 @@ struct ServeArgs {
     /// Seconds in-flight requests may run after SIGTERM/SIGINT before they are aborted.
     #[arg(long, default_value_t = 30.0)]
     shutdown_timeout: f64,
+    /// Most engine requests one API request may create (prompts × n); more is a 400.
+    #[arg(long, default_value_t = llmd::server::DEFAULT_MAX_CHOICES_PER_REQUEST)]
+    max_choices_per_request: usize,
+    /// Seconds a request may take from arrival to its last token; past it the request is
+    /// aborted, its KV blocks freed and the client gets a 408 (or a final SSE error event).
+    #[arg(long)]
+    request_timeout: Option<f64>,
 }
 
 #[derive(Args)]
@@ -159,7 +169,8 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
     c.num_threads = a.threads;
     c.device = a.device;
     c.enforce_eager = a.enforce_eager;
-    c.scheduler.max_waiting_requests = a.max_waiting_requests;
+    c.scheduler.max_waiting_requests = Some(a.max_waiting_requests);
+    c.fault_injection = a.fault_injection.clone();
     Ok(c)
 }
 
@@ -238,6 +249,14 @@ fn serve(a: ServeArgs) -> Result<()> {
     if !(a.shutdown_timeout.is_finite() && a.shutdown_timeout >= 0.0) {
         bail!("--shutdown-timeout must be a non-negative number of seconds");
     }
+    let request_timeout = match a.request_timeout {
+        None => None,
+        Some(t) if t.is_finite() && t > 0.0 => Some(std::time::Duration::from_secs_f64(t)),
+        Some(_) => bail!("--request-timeout must be a positive number of seconds"),
+    };
+    if a.max_choices_per_request == 0 {
+        bail!("--max-choices-per-request must be at least 1");
+    }
     let cfg = llmd::server::ServerConfig {
         host: a.host,
         port: a.port,
@@ -245,6 +264,8 @@ fn serve(a: ServeArgs) -> Result<()> {
         served_model_name: a.served_model_name.unwrap_or(default_name),
         model_path,
         shutdown_timeout: std::time::Duration::from_secs_f64(a.shutdown_timeout),
+        max_choices_per_request: a.max_choices_per_request,
+        request_timeout,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -173,6 +173,18 @@ impl Scheduler {
         Some(req)
     }
 
+    /// Records that the step planned as `out` ran: the KV of its tokens is written, so its full
+    /// blocks become visible to the prefix cache. Not called for a failed step, whose requests
+    /// are aborted instead.
+    pub fn commit_step(&mut self, out: &SchedulerOutput) {
+        for s in &out.seqs {
+            if self.requests.contains_key(&s.id) {
+                self.kv
+                    .commit(&s.id, s.num_computed_tokens + s.num_new_tokens);
+            }
+        }
+    }
+
     /// Plans the next step.
     pub fn schedule(&mut self) -> SchedulerOutput {
         let mut budget = self.config.max_num_batched_tokens;
@@ -371,6 +383,7 @@ mod tests {
     /// Runs a step as the engine would: sampling requests get a token.
     fn step(s: &mut Scheduler) -> SchedulerOutput {
         let out = s.schedule();
+        s.commit_step(&out);
         for seq in &out.seqs {
             if seq.samples {
                 s.append_token(&seq.id, 7);

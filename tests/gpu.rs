@@ -400,8 +400,7 @@ fn model_logits_match_cpu_within_bf16() {
         common::write_tiny_model(&d, &spec);
         dirs.push(d);
     }
-    dirs.extend(common::shared_model("stories260K"));
-    dirs.extend(common::shared_model("smollm2-135m-instruct"));
+    dirs.extend(common::gpu_models().into_iter().map(|(_, d)| d));
     for dir in dirs {
         let vocab = llmd::model::ModelConfig::from_dir(&dir).unwrap().vocab_size as u32;
         let prompt: Vec<u32> = (0..64u32).map(|i| 1 + (i * 7919) % (vocab - 1)).collect();
@@ -423,11 +422,7 @@ fn model_logits_match_cpu_within_bf16() {
 #[test]
 #[ignore]
 fn shared_models_greedy_32_tokens_match_cpu() {
-    for name in ["stories260K", "smollm2-135m-instruct"] {
-        let Some(dir) = common::shared_model(name) else {
-            println!("skipping {name}: not complete in shared/models");
-            continue;
-        };
+    for (name, dir) in common::gpu_models() {
         let params = llmd::SamplingParams {
             max_tokens: Some(32),
             ignore_eos: true,
@@ -463,9 +458,10 @@ fn shared_models_greedy_32_tokens_match_cpu() {
 fn cuda_graphs_give_the_eager_tokens() {
     // Decode batches of several sizes (padded to the captured sizes 1, 2, 4, 8, 16 ...), each
     // size seen three times (eager warm-up, capture, replay): the same tokens as eager mode.
-    let dir = common::shared_model("smollm2-135m-instruct")
-        .or_else(|| common::shared_model("stories260K"))
-        .expect("a shared model");
+    // The largest model of the run (the last of LLMD_GPU_MODELS), never a silent fallback.
+    let (_, dir) = common::gpu_models()
+        .pop()
+        .expect("LLMD_GPU_MODELS names no model");
     let params = llmd::SamplingParams {
         max_tokens: Some(24),
         ignore_eos: true,

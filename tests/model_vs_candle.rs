@@ -120,7 +120,7 @@ fn smollm2_matches_candle() {
         return;
     };
     let tok = llmd::tokenizer::Tokenizer::from_dir(&dir).unwrap();
-    let text = "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable metal type, oil-based inks and a screw press adapted from wine making. Within fifty years printers worked in more than two hundred cities";
+    let text = "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg combined movable metal type, oil-based inks and a screw press adapted from wine making. Within fifty years printers worked in more than two hundred cities across Europe, and the price of a book fell so far that merchants, students and even craftsmen could own one. Pamphlets, calendars and maps followed, and news began to travel faster than ever before.";
     let prompt = tok.encode(text, true).unwrap();
     assert!(prompt.len() >= 64, "prompt has {} tokens", prompt.len());
     check_model(&dir, &prompt, "smollm2-135m-instruct");

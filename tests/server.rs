@@ -373,6 +373,245 @@ async fn full_queue_is_429() {
     );
 }
 
+/// Polls the metrics until `f` holds on them.
+async fn wait_metrics(s: &Server, what: &str, f: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = s.metrics().await;
+        if f(&m) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "never {what}:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_with_room_admits_then_refuses() {
+    // One running slot and one waiting slot: the second request waits (and later runs), the
+    // third is refused with 429.
+    let s = Server::start(&["--max-num-seqs", "1", "--max-waiting-requests", "1"]).await;
+    let client = reqwest::Client::new();
+    let mut running = client
+        .post(s.url("/v1/completions"))
+        .json(
+            &json!({"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": true,
+                      "stream": true}),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(running.status(), 200);
+    running.chunk().await.unwrap().expect("a first chunk");
+    let waiting = {
+        let (client, url) = (client.clone(), s.url("/v1/completions"));
+        tokio::spawn(async move {
+            let r = client
+                .post(url)
+                .json(&json!({"prompt": "Lily", "max_tokens": 5, "ignore_eos": true}))
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        })
+    };
+    wait_metrics(&s, "one request waiting", |m| {
+        sample(m, "vllm:num_requests_waiting", "") == 1.0
+    })
+    .await;
+    let (st, b) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "Tom", "max_tokens": 5}),
+        )
+        .await;
+    assert_error(st, &b, 429, "rate_limit_exceeded");
+    // The running stream goes away; the waiting request runs and completes.
+    drop(running);
+    let (st, b) = waiting.await.unwrap();
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["usage"]["completion_tokens"], 5);
+    wait_metrics(&s, "an idle pool", |m| {
+        sample(m, "llmd:kv_free_blocks", "") == sample(m, "llmd:kv_total_blocks", "")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn choices_per_request_are_capped_and_bodies_limited() {
+    let s = Server::start(&["--max-choices-per-request", "4"]).await;
+    // 3 prompts × n=2 = 6 engine requests > 4: refused before anything is tokenized or queued.
+    let (st, b) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": [[1, 2], [1, 3], [1, 4]], "n": 2, "max_tokens": 2}),
+        )
+        .await;
+    assert_error(st, &b, 400, "invalid_request_error");
+    assert_eq!(b["error"]["code"], "too_many_choices");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("limit of 4"),
+        "{b}"
+    );
+    let (st, b) = s
+        .post(
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": "hi"}], "n": 5, "max_tokens": 2}),
+        )
+        .await;
+    assert_error(st, &b, 400, "invalid_request_error");
+    assert_eq!(b["error"]["param"], "n");
+    // 2 × 2 fits.
+    let (st, b) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": [[1, 2], [1, 3]], "n": 2, "max_tokens": 2}),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["choices"].as_array().unwrap().len(), 4);
+    // The 32 MB body of one-token prompts the limit exists for: a 413 (over the body limit) on
+    // every route that reads a body, with or without a length header.
+    let huge = format!("{{\"prompt\": [{}[1]]}}", "[1],".repeat(9 << 20));
+    for path in ["/v1/completions", "/v1/chat/completions"] {
+        let r = reqwest::Client::new()
+            .post(s.url(path))
+            .header("content-type", "application/json")
+            .body(huge.clone())
+            .send()
+            .await
+            .unwrap();
+        let st = r.status().as_u16();
+        let b: Value = r.json().await.unwrap();
+        assert_error(st, &b, 413, "invalid_request_error");
+        let chunks: Vec<Result<String, std::io::Error>> = huge
+            .as_bytes()
+            .chunks(1 << 20)
+            .map(|c| Ok(String::from_utf8_lossy(c).into_owned()))
+            .collect();
+        let r = reqwest::Client::new()
+            .post(s.url(path))
+            .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+                chunks,
+            )))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 413, "{path} without content-length");
+    }
+    // Just under the cap of choices but a million prompts is still far over the body limit;
+    // the server is alive and idle after all of it.
+    let m = s.metrics().await;
+    assert_eq!(
+        sample(&m, "llmd:kv_free_blocks", ""),
+        sample(&m, "llmd:kv_total_blocks", "")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_timeout_aborts_and_frees_blocks() {
+    let s = Server::start(&["--request-timeout", "0.3"]).await;
+    let long = |stream: bool| {
+        json!({"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": true,
+               "stream": stream})
+    };
+    let started = Instant::now();
+    let (st, b) = s.post("/v1/completions", &long(false)).await;
+    assert_error(st, &b, 408, "timeout_error");
+    assert_eq!(b["error"]["code"], "request_timeout");
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // Streaming: the stream ends with an error event naming the timeout, then [DONE].
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/completions"))
+        .json(&long(true))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = r.text().await.unwrap();
+    if status == 200 {
+        let events = sse_events(&body);
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{body}");
+        let err: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert_eq!(err["error"]["code"], "request_timeout", "{body}");
+        assert!(!body.contains("\"finish_reason\":\"length\""), "{body}");
+    } else {
+        // The first token itself came after the deadline (a very slow machine).
+        assert_eq!(status, 408, "{body}");
+    }
+    // Both requests were aborted in the engine: the pool is whole again.
+    let m = wait_metrics(&s, "an idle pool", |m| {
+        sample(m, "vllm:num_requests_running", "") == 0.0
+            && sample(m, "llmd:kv_free_blocks", "") == sample(m, "llmd:kv_total_blocks", "")
+    })
+    .await;
+    assert!(
+        sample(&m, "vllm:generation_tokens_total", "") < 960.0,
+        "{m}"
+    );
+    // A short request is not affected.
+    let (st, b) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": "Lily", "max_tokens": 3}),
+        )
+        .await;
+    assert_eq!(st, 200, "{b}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_engine_fails_requests_and_exits_nonzero() {
+    // The engine's first step stalls for 2 s, so all three requests are in by the time it
+    // runs; its 10th step panics, with streaming and non-streaming requests in flight: each
+    // gets an OpenAI error (a final SSE error event; a 500), never a clean end; /health turns
+    // 503; the process exits non-zero so Kubernetes restarts it.
+    let mut s = Server::start(&["--fault-injection", "stall@1:2000,panic@10"]).await;
+    let client = reqwest::Client::new();
+    let body = |stream: bool| {
+        json!({"prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": true,
+               "stream": stream})
+    };
+    let streams: Vec<_> = (0..2)
+        .map(|_| {
+            let (client, url, b) = (client.clone(), s.url("/v1/completions"), body(true));
+            tokio::spawn(async move {
+                let r = client.post(url).json(&b).send().await.unwrap();
+                (r.status().as_u16(), r.text().await.unwrap())
+            })
+        })
+        .collect();
+    let joined = {
+        let (client, url, b) = (client.clone(), s.url("/v1/completions"), body(false));
+        tokio::spawn(async move {
+            let r = client.post(url).json(&b).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        })
+    };
+    for t in streams {
+        let (st, text) = t.await.unwrap();
+        assert_eq!(st, 200, "{text}");
+        let events = sse_events(&text);
+        assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{text}");
+        let err: Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+        assert_eq!(err["error"]["code"], "engine_dead", "{text}");
+        assert_eq!(err["error"]["type"], "server_error", "{text}");
+        assert!(!text.contains("\"finish_reason\":\"length\""), "{text}");
+    }
+    let (st, b) = joined.await.unwrap();
+    assert_error(st, &b, 500, "server_error");
+    assert_eq!(b["error"]["code"], "engine_dead");
+    let health = reqwest::get(s.url("/health")).await.unwrap();
+    assert_eq!(health.status(), 503);
+    let (st, b) = s.post("/v1/completions", &body(false)).await;
+    assert_error(st, &b, 500, "server_error");
+    let status = tokio::task::block_in_place(|| s.wait_exit(Duration::from_secs(20)))
+        .expect("a worker with a dead engine must exit");
+    assert!(!status.success(), "exit status {status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn greedy_http_equals_engine() {
     let s = Server::start(&["--served-model-name", "stories"]).await;

@@ -231,6 +231,9 @@ pub trait Backend: Send + Sync + 'static {
     type KvCache: Send;
     /// A [`BatchPlan`] made ready for the device.
     type Step;
+    /// Bytes of one element of the paged KV cache (the dtype `alloc_kv_cache` stores). The
+    /// engine sizes the pool with it and never assumes one.
+    const KV_ELEMENT_BYTES: usize;
 
     fn name(&self) -> &'static str;
 

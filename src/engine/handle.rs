@@ -1,9 +1,23 @@
 //! The threaded engine: an [`EngineCore`] stepping on its own thread, fed through a channel.
 //!
-//! Each request gets an unbounded channel of [`RequestOutput`] deltas, readable blocking
-//! (`next_blocking`) or async (`next`). Dropping a [`RequestHandle`] before its request finished
-//! aborts it — this is how a disconnected HTTP client frees its KV blocks.
-use super::{EngineCore, EngineLimits, Prompt, RequestOutput, TokenLogprob};
+//! Work is split as vLLM v1 splits it: the caller's thread tokenizes the prompt (and renders a
+//! chat template) before the request is sent, and the [`RequestHandle`] that reads a request
+//! detokenizes its tokens and matches stop strings; the engine thread only schedules, runs the
+//! model and samples. A stop string found by the handle aborts the request in the engine.
+//!
+//! Bounds and failure:
+//! - the command channel holds at most [`DEFAULT_COMMAND_CAPACITY`] commands: a caller adding a
+//!   request waits while it is full (backpressure) instead of growing it without limit;
+//! - a panic on the engine thread, or a step error that leaves the device untrustworthy, kills
+//!   the engine: every in-flight request gets [`Error::EngineDead`], later requests too, and
+//!   [`Engine::dead_reason`] / [`Engine::wait_dead`] report it (the server turns unhealthy and
+//!   exits). A handle whose engine went away without a word reports the same, never a silent
+//!   end of stream.
+//!
+//! Dropping a [`RequestHandle`] before its request finished aborts it — this is how a
+//! disconnected HTTP client frees its KV blocks.
+use super::output::{EngineOutput, OutputProcessor};
+use super::{tokenize, EngineCore, EngineLimits, Prompt, RequestOutput, TokenLogprob};
 use crate::config::EngineConfig;
 use crate::error::{Error, Result};
 use crate::kv::PrefixCacheStats;
@@ -11,18 +25,22 @@ use crate::request::{FinishReason, RequestId, TokenId};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
 use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use tokio::sync::mpsc as tmpsc;
+use tokio::sync::{mpsc as tmpsc, watch};
 
-type OutputTx = tmpsc::UnboundedSender<Result<RequestOutput>>;
+/// Commands the engine channel holds before adders wait.
+pub const DEFAULT_COMMAND_CAPACITY: usize = 1024;
+
+type OutputTx = tmpsc::UnboundedSender<Result<EngineOutput>>;
 
 enum Command {
     Add {
         id: RequestId,
-        prompt: Prompt,
+        tokens: Vec<TokenId>,
         params: SamplingParams,
         priority: i32,
         tx: OutputTx,
@@ -44,11 +62,34 @@ pub struct EngineStats {
     pub counters: super::Counters,
 }
 
+/// Whether the engine thread is alive; `Some(reason)` once it died.
+#[derive(Debug)]
+struct Health(watch::Sender<Option<String>>);
+
+impl Health {
+    fn reason(&self) -> Option<String> {
+        self.0.borrow().clone()
+    }
+
+    fn die(&self, reason: String) {
+        self.0.send_replace(Some(reason));
+    }
+
+    /// The error for a request whose engine is gone: dead (with why) or shut down.
+    fn gone(&self) -> Error {
+        match self.reason() {
+            Some(reason) => Error::EngineDead { reason },
+            None => Error::EngineStopped,
+        }
+    }
+}
+
 pub struct Engine {
-    tx: mpsc::Sender<Command>,
+    tx: mpsc::SyncSender<Command>,
     tokenizer: Arc<Tokenizer>,
     limits: EngineLimits,
     stats: Arc<Mutex<EngineStats>>,
+    health: Arc<Health>,
     next_id: AtomicU64,
     thread: Option<JoinHandle<()>>,
 }
@@ -56,8 +97,11 @@ pub struct Engine {
 /// The stream of one request's outputs.
 pub struct RequestHandle {
     id: RequestId,
-    rx: tmpsc::UnboundedReceiver<Result<RequestOutput>>,
-    engine: mpsc::Sender<Command>,
+    rx: tmpsc::UnboundedReceiver<Result<EngineOutput>>,
+    engine: mpsc::SyncSender<Command>,
+    tokenizer: Arc<Tokenizer>,
+    processor: OutputProcessor,
+    health: Arc<Health>,
     done: bool,
 }
 
@@ -88,20 +132,27 @@ impl Engine {
     }
 
     pub fn from_core(core: EngineCore) -> Self {
-        let (tx, rx) = mpsc::channel();
+        Self::from_core_with_capacity(core, DEFAULT_COMMAND_CAPACITY)
+    }
+
+    /// Like [`Engine::from_core`] with a command channel of `capacity` (at least 1).
+    pub fn from_core_with_capacity(core: EngineCore, capacity: usize) -> Self {
+        let (tx, rx) = mpsc::sync_channel(capacity.max(1));
         let tokenizer = core.tokenizer().clone();
         let limits = core.limits().clone();
         let stats = Arc::new(Mutex::new(EngineStats::default()));
-        let loop_stats = stats.clone();
+        let health = Arc::new(Health(watch::channel(None).0));
+        let (loop_stats, loop_health) = (stats.clone(), health.clone());
         let thread = std::thread::Builder::new()
             .name("llmd-engine".into())
-            .spawn(move || run_loop(core, rx, loop_stats))
+            .spawn(move || run_loop(core, rx, loop_stats, loop_health))
             .expect("spawning the engine thread");
         Self {
             tx,
             tokenizer,
             limits,
             stats,
+            health,
             next_id: AtomicU64::new(0),
             thread: Some(thread),
         }
@@ -119,8 +170,29 @@ impl Engine {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
-    /// Queues a request under a fresh id. Validation errors (bad parameters, prompt too long,
-    /// queue full) arrive as the first item of the handle.
+    /// Why the engine died, or None while it is alive.
+    pub fn dead_reason(&self) -> Option<String> {
+        self.health.reason()
+    }
+
+    /// Resolves with the reason once the engine has died (never while it lives).
+    pub async fn wait_dead(&self) -> String {
+        let mut rx = self.health.0.subscribe();
+        let reason = rx
+            .wait_for(Option::is_some)
+            .await
+            .map(|r| r.clone().unwrap_or_default());
+        match reason {
+            Ok(r) => r,
+            // The sender lives in `self`, so this cannot happen while `self` exists.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Queues a request under a fresh id. Tokenization errors are returned here; engine-side
+    /// refusals (bad parameters, prompt too long, queue full) arrive as the first item of the
+    /// handle. Tokenizes on this thread and blocks while the command channel is full: from
+    /// async code, call it inside `spawn_blocking`.
     pub fn add_request(&self, prompt: Prompt, params: SamplingParams) -> Result<RequestHandle> {
         let id = RequestId(format!(
             "req-{}",
@@ -136,26 +208,41 @@ impl Engine {
         params: SamplingParams,
         priority: i32,
     ) -> Result<RequestHandle> {
+        if let Some(reason) = self.health.reason() {
+            return Err(Error::EngineDead { reason });
+        }
+        let tokens = match prompt {
+            Prompt::Tokens(ids) => {
+                super::check_tokens(&ids, self.limits.vocab_size)?;
+                ids
+            }
+            p => tokenize(&self.tokenizer, &p, self.limits.vocab_size)?,
+        };
+        let processor = OutputProcessor::new(&params, &tokens);
         let (tx, rx) = tmpsc::unbounded_channel();
         self.tx
             .send(Command::Add {
                 id: id.clone(),
-                prompt,
+                tokens,
                 params,
                 priority,
                 tx,
             })
-            .map_err(|_| Error::EngineStopped)?;
+            .map_err(|_| self.health.gone())?;
         Ok(RequestHandle {
             id,
             rx,
             engine: self.tx.clone(),
+            tokenizer: self.tokenizer.clone(),
+            processor,
+            health: self.health.clone(),
             done: false,
         })
     }
 
     pub fn abort(&self, id: &RequestId) {
-        let _ = self.tx.send(Command::Abort(id.clone()));
+        // A full channel drops the abort; the engine still sees the handle's closed channel.
+        let _ = self.tx.try_send(Command::Abort(id.clone()));
     }
 
     /// Runs every prompt to completion with the same parameters; outputs in prompt order.
@@ -188,13 +275,41 @@ impl RequestHandle {
         &self.id
     }
 
-    fn track(&mut self, item: Option<Result<RequestOutput>>) -> Option<Result<RequestOutput>> {
-        match &item {
-            None | Some(Err(_)) => self.done = true,
-            Some(Ok(o)) if o.finished() => self.done = true,
-            _ => {}
+    /// Turns what the engine sent into the user's delta, ending the handle on a finish or an
+    /// error.
+    fn process(&mut self, item: Option<Result<EngineOutput>>) -> Option<Result<RequestOutput>> {
+        let engine_finished = matches!(&item, Some(Ok(o)) if o.finished());
+        let out = match item {
+            // The engine went away before this request finished: never a silent end.
+            None => Err(self.health.gone()),
+            Some(Err(e)) => Err(e),
+            Some(Ok(o)) => self
+                .processor
+                .process(&self.tokenizer, o)
+                .map_err(Error::from),
+        };
+        match &out {
+            Ok(o) if !o.finished() => {}
+            Ok(_) => {
+                self.done = true;
+                if !engine_finished {
+                    // A stop string, which the engine does not know about: stop it there too.
+                    self.stop_engine_request();
+                }
+            }
+            Err(_) => {
+                self.done = true;
+                self.stop_engine_request();
+            }
         }
-        item
+        Some(out)
+    }
+
+    /// Tells the engine this request is over: the closed channel alone is enough (the engine
+    /// aborts requests whose handle channel closed), the abort command is the fast path.
+    fn stop_engine_request(&mut self) {
+        self.rx.close();
+        let _ = self.engine.try_send(Command::Abort(self.id.clone()));
     }
 
     /// The next delta, waiting for it; None once the request has ended. Blocks the thread, so
@@ -204,7 +319,7 @@ impl RequestHandle {
             return None;
         }
         let item = self.rx.blocking_recv();
-        self.track(item)
+        self.process(item)
     }
 
     /// The next delta (async); None once the request has ended.
@@ -213,7 +328,7 @@ impl RequestHandle {
             return None;
         }
         let item = self.rx.recv().await;
-        self.track(item)
+        self.process(item)
     }
 
     /// Waits for the request to finish and joins its deltas.
@@ -245,7 +360,7 @@ impl RequestHandle {
 impl Drop for RequestHandle {
     fn drop(&mut self) {
         if !self.done {
-            let _ = self.engine.send(Command::Abort(self.id.clone()));
+            self.stop_engine_request();
         }
     }
 }
@@ -267,21 +382,67 @@ fn publish(core: &EngineCore, stats: &Mutex<EngineStats>) {
     }
 }
 
-fn run_loop(mut core: EngineCore, rx: mpsc::Receiver<Command>, stats: Arc<Mutex<EngineStats>>) {
+/// Runs the loop; when it dies (a panic, or a fatal step error), records why, tells every
+/// in-flight request and answers every queued command with the same error.
+fn run_loop(
+    mut core: EngineCore,
+    rx: mpsc::Receiver<Command>,
+    stats: Arc<Mutex<EngineStats>>,
+    health: Arc<Health>,
+) {
     let mut senders: HashMap<RequestId, OutputTx> = HashMap::new();
-    publish(&core, &stats);
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        step_loop(&mut core, &rx, &stats, &mut senders)
+    }));
+    let reason = match result {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e.to_string(),
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown payload".into());
+            format!("engine thread panicked: {what}")
+        }
+    };
+    tracing::error!(%reason, in_flight = senders.len(), "the engine died");
+    health.die(reason.clone());
+    for (_, tx) in senders.drain() {
+        let _ = tx.send(Err(Error::EngineDead {
+            reason: reason.clone(),
+        }));
+    }
+    // Adds already queued get the same answer; dropping `rx` then fails every later send.
+    while let Ok(c) = rx.try_recv() {
+        if let Command::Add { tx, .. } = c {
+            let _ = tx.send(Err(Error::EngineDead {
+                reason: reason.clone(),
+            }));
+        }
+    }
+}
+
+/// The engine loop. Returns Ok on shutdown, Err on a fatal step error.
+fn step_loop(
+    core: &mut EngineCore,
+    rx: &mpsc::Receiver<Command>,
+    stats: &Mutex<EngineStats>,
+    senders: &mut HashMap<RequestId, OutputTx>,
+) -> Result<()> {
+    publish(core, stats);
     loop {
         // Block only when idle; otherwise take what has arrived and step.
         let first = if core.has_unfinished_requests() {
             match rx.try_recv() {
                 Ok(c) => Some(c),
                 Err(mpsc::TryRecvError::Empty) => None,
-                Err(mpsc::TryRecvError::Disconnected) => return,
+                Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
             }
         } else {
             match rx.recv() {
                 Ok(c) => Some(c),
-                Err(_) => return,
+                Err(_) => return Ok(()),
             }
         };
         let mut cmd = first;
@@ -289,11 +450,11 @@ fn run_loop(mut core: EngineCore, rx: mpsc::Receiver<Command>, stats: Arc<Mutex<
             match c {
                 Command::Add {
                     id,
-                    prompt,
+                    tokens,
                     params,
                     priority,
                     tx,
-                } => match core.add_request(id.clone(), &prompt, params, priority) {
+                } => match core.add_tokens(id.clone(), tokens, params, priority) {
                     Ok(()) => {
                         senders.insert(id, tx);
                     }
@@ -305,11 +466,12 @@ fn run_loop(mut core: EngineCore, rx: mpsc::Receiver<Command>, stats: Arc<Mutex<
                     core.abort_request(&id);
                     senders.remove(&id);
                 }
-                Command::Shutdown => return,
+                Command::Shutdown => return Ok(()),
             }
             cmd = rx.try_recv().ok();
         }
-        // Requests whose handle is gone (client disconnected) are aborted before the step.
+        // Requests whose handle is gone (client disconnected, stop string) are aborted
+        // before the step.
         senders.retain(|id, tx| {
             let open = !tx.is_closed();
             if !open {
@@ -321,7 +483,7 @@ fn run_loop(mut core: EngineCore, rx: mpsc::Receiver<Command>, stats: Arc<Mutex<
             let result = core.step();
             // Stats before outputs: a client that has its last token and then reads the stats
             // (e.g. scrapes /metrics) must find that token counted.
-            publish(&core, &stats);
+            publish(core, stats);
             match result {
                 Ok(outputs) => {
                     for o in outputs {
@@ -337,6 +499,7 @@ fn run_loop(mut core: EngineCore, rx: mpsc::Receiver<Command>, stats: Arc<Mutex<
                         }
                     }
                 }
+                Err(e) if e.is_fatal() => return Err(e),
                 Err(e) => {
                     tracing::error!(error = %e, "engine step failed; its requests were aborted");
                     let msg = e.to_string();
@@ -351,6 +514,6 @@ fn run_loop(mut core: EngineCore, rx: mpsc::Receiver<Command>, stats: Arc<Mutex<
             }
         }
         // Again after the sends: aborts of closed handles changed the pool.
-        publish(&core, &stats);
+        publish(core, stats);
     }
 }

@@ -2,20 +2,24 @@
 //! reports each request's progress.
 //!
 //! [`EngineCore`] is the synchronous step loop (used directly by tests that control arrival
-//! steps); [`Engine`] runs it on its own thread behind a channel, with streaming
-//! [`RequestHandle`]s and a blocking [`Engine::generate`].
+//! steps); it deals in token ids only. [`Engine`] runs it on its own thread behind a channel,
+//! with streaming [`RequestHandle`]s and a blocking [`Engine::generate`]; tokenization,
+//! detokenization and stop strings run on the callers' threads, never on the engine's.
 //!
-//! Invariant: every request that leaves — finished, aborted, or failed — is removed from the
-//! scheduler, which frees its KV blocks in the same call.
+//! Invariants: every request that leaves — finished, aborted, or failed — is removed from the
+//! scheduler, which frees its KV blocks in the same call; a block is findable in the prefix
+//! cache only after the step that wrote its KV succeeded.
+pub mod fault;
 mod handle;
 mod output;
 
-pub use handle::{CompletedRequest, Engine, EngineStats, RequestHandle};
-pub use output::{RequestOutput, TokenLogprob};
+pub use fault::{Fault, FaultInjector};
+pub use handle::{CompletedRequest, Engine, EngineStats, RequestHandle, DEFAULT_COMMAND_CAPACITY};
+pub use output::{EngineOutput, RequestOutput, TokenLogprob};
 
 use crate::backend::cpu::sampling::RowSampling;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{BatchPlan, SeqPlan};
+use crate::backend::{Backend, BatchPlan, SeqPlan};
 use crate::config::{DeviceKind, EngineConfig};
 use crate::error::{Error, Result};
 use crate::kv::{BlockHasher, KvCacheManager};
@@ -24,7 +28,7 @@ use crate::request::{FinishReason, RequestId, TokenId};
 use crate::sampling::{mask_tokens, SamplingParams};
 use crate::scheduler::{Request, Scheduler, SchedulerOutput};
 use crate::tokenizer::{ChatMessage, Tokenizer};
-use output::OutputState;
+use output::RequestState;
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -69,7 +73,7 @@ pub struct EngineCore {
     model: Box<dyn ModelRunner>,
     tokenizer: Arc<Tokenizer>,
     scheduler: Scheduler,
-    states: HashMap<RequestId, OutputState>,
+    states: HashMap<RequestId, RequestState>,
     limits: EngineLimits,
     eos_token_ids: Vec<TokenId>,
     /// Host logits of the last step `[rows, vocab]`.
@@ -96,6 +100,77 @@ pub struct Counters {
     pub prompt_tokens: u64,
     pub generation_tokens: u64,
     pub finished_requests: u64,
+    /// Tokens of random (non-greedy) rows that the backend picked (device sampling).
+    pub backend_sampled_random: u64,
+    /// Steps whose model call failed (their requests were aborted).
+    pub failed_steps: u64,
+}
+
+/// Bytes of K and V of one block across all layers, with `element_bytes` per cached element
+/// (the backend's KV dtype). None on overflow (a nonsensical config).
+pub fn kv_bytes_per_block(
+    cfg: &ModelConfig,
+    block_size: usize,
+    element_bytes: usize,
+) -> Option<usize> {
+    [
+        cfg.num_hidden_layers,
+        2,
+        block_size,
+        cfg.num_key_value_heads,
+        cfg.head_dim,
+        element_bytes,
+    ]
+    .into_iter()
+    .try_fold(1usize, usize::checked_mul)
+}
+
+/// Blocks in the KV pool: `num_blocks` when given, else as many as `kv_cache_memory_bytes`
+/// holds at `element_bytes` per cached element.
+pub fn kv_pool_blocks(
+    cache: &crate::config::CacheConfig,
+    cfg: &ModelConfig,
+    element_bytes: usize,
+) -> Result<usize> {
+    if let Some(n) = cache.num_blocks {
+        return Ok(n);
+    }
+    let per_block = kv_bytes_per_block(cfg, cache.block_size, element_bytes)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| Error::Config {
+            field: "block_size",
+            reason: "the KV bytes of one block overflow or are zero".into(),
+        })?;
+    Ok(cache.kv_cache_memory_bytes / per_block)
+}
+
+/// Loads the model on `backend`, sizing the KV pool from the backend's own element size.
+fn load_on<B: Backend>(
+    backend: B,
+    config: &EngineConfig,
+    model_cfg: &ModelConfig,
+    max_model_len: usize,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Box<dyn ModelRunner>, usize)> {
+    let block_size = config.cache.block_size;
+    let num_blocks = kv_pool_blocks(&config.cache, model_cfg, B::KV_ELEMENT_BYTES)?;
+    if num_blocks.saturating_mul(block_size) < max_model_len {
+        return Err(Error::Config {
+            field: "num_blocks",
+            reason: format!(
+                "{num_blocks} blocks of {block_size} tokens cannot hold one sequence of max_model_len {max_model_len}; add KV memory or lower max_model_len"
+            ),
+        });
+    }
+    let limits = ModelLimits {
+        max_tokens: config.scheduler.max_num_batched_tokens,
+        max_logit_rows: config.scheduler.max_num_seqs,
+        max_positions: max_model_len,
+        num_blocks,
+        block_size,
+    };
+    let model = Model::load(backend, &config.model, model_cfg.clone(), limits, progress)?;
+    Ok((Box::new(model), num_blocks))
 }
 
 impl EngineCore {
@@ -133,49 +208,21 @@ impl EngineCore {
             }
         };
         let block_size = config.cache.block_size;
-        // f32 K and V for every layer.
-        let bytes_per_block = model_cfg.num_hidden_layers
-            * 2
-            * block_size
-            * model_cfg.num_key_value_heads
-            * model_cfg.head_dim
-            * 4;
-        let num_blocks = config
-            .cache
-            .num_blocks
-            .unwrap_or(config.cache.kv_cache_memory_bytes / bytes_per_block);
-        if num_blocks * block_size < max_model_len {
-            return Err(Error::Config {
-                field: "num_blocks",
-                reason: format!(
-                    "{num_blocks} blocks of {block_size} tokens cannot hold one sequence of max_model_len {max_model_len}; add KV memory or lower max_model_len"
-                ),
-            });
-        }
         let sched_cfg = config.scheduler.clone();
-        let limits = ModelLimits {
-            max_tokens: sched_cfg.max_num_batched_tokens,
-            max_logit_rows: sched_cfg.max_num_seqs,
-            max_positions: max_model_len,
-            num_blocks,
-            block_size,
-        };
-        let model: Box<dyn ModelRunner> = match config.device {
-            DeviceKind::Cpu => Box::new(Model::load(
-                CpuBackend,
-                &config.model,
-                model_cfg.clone(),
-                limits,
-                progress,
-            )?),
-            DeviceKind::Cuda(n) => Box::new(Model::load(
+        let (model, num_blocks) = match config.device {
+            DeviceKind::Cpu => load_on(CpuBackend, &config, &model_cfg, max_model_len, progress)?,
+            DeviceKind::Cuda(n) => load_on(
                 crate::backend::cuda::CudaBackend::with_graphs(n, !config.enforce_eager)
                     .map_err(ModelError::from)?,
-                &config.model,
-                model_cfg.clone(),
-                limits,
+                &config,
+                &model_cfg,
+                max_model_len,
                 progress,
-            )?),
+            )?,
+        };
+        let model = match &config.fault_injection {
+            Some(f) => f.wrap(model),
+            None => model,
         };
         let mut eos_token_ids = tokenizer.eos_token_ids().to_vec();
         for id in &model_cfg.eos_token_ids {
@@ -246,32 +293,26 @@ impl EngineCore {
 
     /// Turns a prompt into checked token ids.
     pub fn tokenize(&self, prompt: &Prompt) -> Result<Vec<TokenId>> {
-        let ids = match prompt {
-            Prompt::Text(t) => self.tokenizer.encode(t, true)?,
-            Prompt::Tokens(ids) => ids.clone(),
-            Prompt::Chat(msgs) => {
-                let text = self.tokenizer.apply_chat_template(msgs, true)?;
-                // The template writes its own special tokens.
-                self.tokenizer.encode(&text, false)?
-            }
-        };
-        if ids.is_empty() {
-            return Err(Error::EmptyPrompt);
-        }
-        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.limits.vocab_size) {
-            return Err(Error::TokenOutOfVocab {
-                token: bad,
-                vocab_size: self.limits.vocab_size,
-            });
-        }
-        Ok(ids)
+        tokenize(&self.tokenizer, prompt, self.limits.vocab_size)
     }
 
-    /// Validates and queues a request.
+    /// Tokenizes (on this thread), validates and queues a request.
     pub fn add_request(
         &mut self,
         id: RequestId,
         prompt: &Prompt,
+        params: SamplingParams,
+        priority: i32,
+    ) -> Result<()> {
+        let ids = self.tokenize(prompt)?;
+        self.add_tokens(id, ids, params, priority)
+    }
+
+    /// Validates and queues a request given as token ids.
+    pub fn add_tokens(
+        &mut self,
+        id: RequestId,
+        ids: Vec<TokenId>,
         params: SamplingParams,
         priority: i32,
     ) -> Result<()> {
@@ -284,7 +325,7 @@ impl EngineCore {
                 return Err(Error::QueueFull { limit });
             }
         }
-        let ids = self.tokenize(prompt)?;
+        check_tokens(&ids, self.limits.vocab_size)?;
         let needed = ids.len() + params.max_tokens.unwrap_or(1);
         if needed > self.limits.max_model_len {
             return Err(Error::PromptTooLong {
@@ -295,7 +336,7 @@ impl EngineCore {
         }
         self.counters.prompt_tokens += ids.len() as u64;
         self.states
-            .insert(id.clone(), OutputState::new(params, &ids));
+            .insert(id.clone(), RequestState::new(params, &ids));
         self.scheduler
             .add_request(Request::new(id, ids, priority, Vec::new()));
         Ok(())
@@ -315,7 +356,7 @@ impl EngineCore {
     /// Runs one step. Returns the progress of every request that sampled a token (and of those
     /// it finished). On a model error every request of the step is aborted and the error
     /// returned.
-    pub fn step(&mut self) -> Result<Vec<RequestOutput>> {
+    pub fn step(&mut self) -> Result<Vec<EngineOutput>> {
         let sched = self.scheduler.schedule();
         if sched.is_empty() {
             return Ok(Vec::new());
@@ -350,11 +391,15 @@ impl EngineCore {
             }
         });
         if let Err(e) = result {
+            // Their blocks go back to the pool unpublished: the KV of this step may be
+            // partly written or not at all.
+            self.counters.failed_steps += 1;
             for s in &sched.seqs {
                 self.abort_request(&s.id);
             }
             return Err(e.into());
         }
+        self.scheduler.commit_step(&sched);
         for s in &sched.seqs {
             if let Some(r) = self.scheduler.request(&s.id) {
                 let end = (s.num_computed_tokens + s.num_new_tokens).min(r.prompt_len);
@@ -368,7 +413,10 @@ impl EngineCore {
             let Some(state) = self.states.get_mut(&s.id) else {
                 continue;
             };
-            let sampled = if self.row_params[row].is_some() {
+            let sampled = if let Some(p) = &self.row_params[row] {
+                if p.temperature > 0.0 && p.top_k != 1 {
+                    self.counters.backend_sampled_random += 1;
+                }
                 state.sampler.accept_device(self.device_tokens[row])
             } else {
                 let logits = &mut self.logits[row * vocab..(row + 1) * vocab];
@@ -390,19 +438,11 @@ impl EngineCore {
                 .unwrap_or_default();
             let out = state.on_token(
                 &s.id,
-                &self.tokenizer,
                 sampled,
                 &self.eos_token_ids,
                 len >= self.limits.max_model_len,
                 cached,
             );
-            let out = match out {
-                Ok(o) => o,
-                Err(e) => {
-                    self.abort_request(&s.id);
-                    return Err(e.into());
-                }
-            };
             if let Some(reason) = out.finish_reason {
                 self.states.remove(&s.id);
                 self.scheduler.finish(&s.id, reason);
@@ -462,5 +502,82 @@ impl EngineCore {
             }
         }
         plan
+    }
+}
+
+/// Token ids of `prompt`, checked against the vocabulary: text with the model's special tokens
+/// (BOS), chat messages through the chat template, ids as they are.
+pub fn tokenize(tokenizer: &Tokenizer, prompt: &Prompt, vocab_size: usize) -> Result<Vec<TokenId>> {
+    let ids = match prompt {
+        Prompt::Text(t) => tokenizer.encode(t, true)?,
+        Prompt::Tokens(ids) => ids.clone(),
+        Prompt::Chat(msgs) => {
+            let text = tokenizer.apply_chat_template(msgs, true)?;
+            // The template writes its own special tokens.
+            tokenizer.encode(&text, false)?
+        }
+    };
+    check_tokens(&ids, vocab_size)?;
+    Ok(ids)
+}
+
+fn check_tokens(ids: &[TokenId], vocab_size: usize) -> Result<()> {
+    if ids.is_empty() {
+        return Err(Error::EmptyPrompt);
+    }
+    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab_size) {
+        return Err(Error::TokenOutOfVocab {
+            token: bad,
+            vocab_size,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cuda::CudaBackend;
+    use crate::config::CacheConfig;
+
+    /// SmolLM2-135M's geometry: 30 layers, 3 KV heads of 64.
+    fn smollm2() -> ModelConfig {
+        ModelConfig::from_json(
+            r#"{"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9,
+                "num_hidden_layers": 30, "num_key_value_heads": 3, "head_dim": 64,
+                "vocab_size": 49152, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
+                "tie_word_embeddings": true}"#,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn kv_pool_is_sized_by_the_backends_element_size() {
+        assert_eq!(<CpuBackend as Backend>::KV_ELEMENT_BYTES, 4);
+        assert_eq!(<CudaBackend as Backend>::KV_ELEMENT_BYTES, 2, "bf16 cache");
+        let cfg = smollm2();
+        // 30 layers × K and V × 16 tokens × 3 heads × 64 dims.
+        let elements = 30 * 2 * 16 * 3 * 64;
+        assert_eq!(kv_bytes_per_block(&cfg, 16, 2), Some(elements * 2));
+        let cache = CacheConfig {
+            kv_cache_memory_bytes: 1 << 30,
+            num_blocks: None,
+            ..CacheConfig::default()
+        };
+        let cpu = kv_pool_blocks(&cache, &cfg, 4).unwrap();
+        let cuda = kv_pool_blocks(&cache, &cfg, 2).unwrap();
+        assert_eq!(cpu, (1 << 30) / (elements * 4));
+        assert_eq!(
+            cuda,
+            (1 << 30) / (elements * 2),
+            "a bf16 pool uses the whole budget"
+        );
+        let fixed = CacheConfig {
+            num_blocks: Some(7),
+            ..cache
+        };
+        assert_eq!(kv_pool_blocks(&fixed, &cfg, 2).unwrap(), 7);
+        assert_eq!(kv_bytes_per_block(&cfg, usize::MAX, 2), None, "overflow");
     }
 }

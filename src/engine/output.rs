@@ -1,5 +1,11 @@
-//! What a request produces, and the per-request state that turns sampled tokens into it:
-//! the sampler (RNG, penalties), the incremental detokenizer and stop-string matching.
+//! What a request produces, in two stages, as vLLM v1 splits it:
+//! - on the engine thread, [`RequestState`] turns sampled tokens into [`EngineOutput`]s (token
+//!   ids, logprobs, and the finishes the engine can see: EOS, stop token ids, length);
+//! - in the frontend (the [`RequestHandle`](super::RequestHandle) reading the request),
+//!   [`OutputProcessor`] detokenizes incrementally and matches stop strings, producing the
+//!   [`RequestOutput`] deltas users see.
+//!
+//! So text work, whose cost grows with the output and the stop strings, never delays a step.
 use crate::request::{FinishReason, RequestId, TokenId};
 use crate::sampling::{SampledToken, SamplingParams, SequenceSampler};
 use crate::tokenizer::{IncrementalDetokenizer, StopMatch, StopStrings, Tokenizer, TokenizerError};
@@ -13,7 +19,30 @@ pub struct TokenLogprob {
     pub top: Vec<(TokenId, f32)>,
 }
 
-/// One step's progress of one request (a streaming delta).
+/// One step's progress of one request as the engine core reports it: tokens, no text.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EngineOutput {
+    pub request_id: RequestId,
+    pub new_token_ids: Vec<TokenId>,
+    /// One per new token when logprobs were requested.
+    pub logprobs: Vec<TokenLogprob>,
+    /// `Stop` here means an EOS or stop token id (the last new token); stop strings are the
+    /// frontend's.
+    pub finish_reason: Option<FinishReason>,
+    pub num_prompt_tokens: usize,
+    /// Output tokens so far.
+    pub num_output_tokens: usize,
+    /// Prompt tokens that were served from the prefix cache.
+    pub num_cached_tokens: usize,
+}
+
+impl EngineOutput {
+    pub fn finished(&self) -> bool {
+        self.finish_reason.is_some()
+    }
+}
+
+/// One step's progress of one request (a streaming delta), text included.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RequestOutput {
     pub request_id: RequestId,
@@ -38,90 +67,114 @@ impl RequestOutput {
 }
 
 /// The engine-side state of one live request.
-pub(crate) struct OutputState {
+pub(crate) struct RequestState {
     pub params: SamplingParams,
     pub sampler: SequenceSampler,
-    detok: IncrementalDetokenizer,
-    stops: StopStrings,
-    /// Bytes of the detokenized text already emitted.
-    sent: usize,
     pub num_prompt_tokens: usize,
     pub num_output_tokens: usize,
 }
 
-impl OutputState {
+impl RequestState {
     pub fn new(params: SamplingParams, prompt: &[TokenId]) -> Self {
         Self {
             sampler: SequenceSampler::new(&params, prompt),
-            detok: IncrementalDetokenizer::new(prompt, params.skip_special_tokens),
-            stops: StopStrings::new(&params.stop, params.include_stop_str_in_output),
             params,
-            sent: 0,
             num_prompt_tokens: prompt.len(),
             num_output_tokens: 0,
         }
     }
 
-    /// Records a sampled token and decides whether the request is done.
-    /// `eos` are the model's end-of-sequence ids; `at_max_len` is true when the context is full.
-    #[allow(clippy::too_many_arguments)]
+    /// Records a sampled token and decides whether the request is done by the rules the
+    /// engine sees. `eos` are the model's end-of-sequence ids; `at_max_len` is true when the
+    /// context is full.
     pub fn on_token(
         &mut self,
         id: &RequestId,
-        tok: &Tokenizer,
         sampled: SampledToken,
         eos: &[TokenId],
         at_max_len: bool,
         num_cached_tokens: usize,
-    ) -> Result<RequestOutput, TokenizerError> {
+    ) -> EngineOutput {
         let token = sampled.token;
         self.num_output_tokens += 1;
         let p = &self.params;
-        let mut finish = None;
-        let is_eos = !p.ignore_eos && eos.contains(&token);
-        let is_stop_id = p.stop_token_ids.contains(&token);
-        if is_eos || is_stop_id {
-            finish = Some(FinishReason::Stop);
-        } else {
+        let finish_reason =
+            if (!p.ignore_eos && eos.contains(&token)) || p.stop_token_ids.contains(&token) {
+                Some(FinishReason::Stop)
+            } else if p.max_tokens.is_some_and(|m| self.num_output_tokens >= m) || at_max_len {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+        let logprobs = match (p.logprobs, sampled.logprob) {
+            (Some(_), Some(lp)) => vec![TokenLogprob {
+                token,
+                logprob: lp,
+                top: sampled.top_logprobs,
+            }],
+            _ => vec![],
+        };
+        EngineOutput {
+            request_id: id.clone(),
+            new_token_ids: vec![token],
+            logprobs,
+            finish_reason,
+            num_prompt_tokens: self.num_prompt_tokens,
+            num_output_tokens: self.num_output_tokens,
+            num_cached_tokens,
+        }
+    }
+}
+
+/// The frontend half of one request: incremental detokenization and stop strings.
+pub(crate) struct OutputProcessor {
+    detok: IncrementalDetokenizer,
+    stops: StopStrings,
+    /// Bytes of the detokenized text already emitted.
+    sent: usize,
+}
+
+impl OutputProcessor {
+    pub fn new(params: &SamplingParams, prompt: &[TokenId]) -> Self {
+        Self {
+            detok: IncrementalDetokenizer::new(prompt, params.skip_special_tokens),
+            stops: StopStrings::new(&params.stop, params.include_stop_str_in_output),
+            sent: 0,
+        }
+    }
+
+    /// Turns an engine delta into the user's delta. A stop string found here finishes the
+    /// request with `Stop` (the caller then aborts it in the engine).
+    pub fn process(
+        &mut self,
+        tok: &Tokenizer,
+        o: EngineOutput,
+    ) -> Result<RequestOutput, TokenizerError> {
+        let mut finish = o.finish_reason;
+        let mut truncate_to = None;
+        // An EOS or stop token id ends the text without being part of it.
+        let last_is_stop_token = finish == Some(FinishReason::Stop);
+        let n = o.new_token_ids.len();
+        for (i, &token) in o.new_token_ids.iter().enumerate() {
+            if last_is_stop_token && i + 1 == n {
+                break;
+            }
             let before = self.detok.output_text().len();
             self.detok.push(tok, token)?;
-            if let StopMatch::Stopped { truncate_to } =
+            if let StopMatch::Stopped { truncate_to: t } =
                 self.stops.check(self.detok.output_text(), before)
             {
                 finish = Some(FinishReason::Stop);
-                return Ok(self.emit(
-                    id,
-                    token,
-                    sampled,
-                    finish,
-                    Some(truncate_to),
-                    num_cached_tokens,
-                ));
+                truncate_to = Some(t);
+                break;
             }
         }
-        if finish.is_none()
-            && (p.max_tokens.is_some_and(|m| self.num_output_tokens >= m) || at_max_len)
-        {
-            finish = Some(FinishReason::Length);
-        }
-        if finish.is_some() {
+        if finish.is_some() && truncate_to.is_none() {
             // Text held back for a possibly incomplete character is final now.
             self.detok.flush(tok)?;
         }
-        Ok(self.emit(id, token, sampled, finish, None, num_cached_tokens))
-    }
-
-    fn emit(
-        &mut self,
-        id: &RequestId,
-        token: TokenId,
-        sampled: SampledToken,
-        finish_reason: Option<FinishReason>,
-        truncate_to: Option<usize>,
-        num_cached_tokens: usize,
-    ) -> RequestOutput {
         let text = self.detok.output_text();
-        let end = match (truncate_to, finish_reason) {
+        let end = match (truncate_to, finish) {
             (Some(t), _) => t,
             (None, Some(_)) => text.len(),
             (None, None) => text.len() - self.stops.holdback(text),
@@ -132,23 +185,15 @@ impl OutputState {
             String::new()
         };
         self.sent = self.sent.max(end);
-        let logprobs = match (self.params.logprobs, sampled.logprob) {
-            (Some(_), Some(lp)) => vec![TokenLogprob {
-                token,
-                logprob: lp,
-                top: sampled.top_logprobs,
-            }],
-            _ => vec![],
-        };
-        RequestOutput {
-            request_id: id.clone(),
-            new_token_ids: vec![token],
+        Ok(RequestOutput {
+            request_id: o.request_id,
+            new_token_ids: o.new_token_ids,
             new_text,
-            logprobs,
-            finish_reason,
-            num_prompt_tokens: self.num_prompt_tokens,
-            num_output_tokens: self.num_output_tokens,
-            num_cached_tokens,
-        }
+            logprobs: o.logprobs,
+            finish_reason: finish,
+            num_prompt_tokens: o.num_prompt_tokens,
+            num_output_tokens: o.num_output_tokens,
+            num_cached_tokens: o.num_cached_tokens,
+        })
     }
 }

@@ -2,8 +2,10 @@
 //! already cached, and blocks for the tokens a step will compute.
 //!
 //! Block tables are append-only while a request lives. A request's full blocks are hashed once
-//! (hashes kept per request, extended as blocks fill) and offered to the cache as soon as the
-//! step that fills them is scheduled.
+//! (hashes kept per request, extended as blocks fill) when the step that fills them is
+//! scheduled, but a hash is published to the prefix cache only by [`KvCacheManager::commit`],
+//! which the engine calls after that step's KV was written. So a step that fails — or a load
+//! or transfer that has not landed — never leaves a block findable whose KV does not exist.
 use super::{BlockHash, BlockHasher, BlockId, BlockPool, PrefixCacheStats};
 use crate::request::{RequestId, TokenId};
 use std::collections::HashMap;
@@ -23,6 +25,8 @@ pub struct KvCacheManager {
     tables: HashMap<RequestId, Vec<BlockId>>,
     /// Hashes of each request's full blocks, in order.
     hashes: HashMap<RequestId, Vec<BlockHash>>,
+    /// How many of each request's leading blocks are published in the prefix cache.
+    published: HashMap<RequestId, usize>,
     stats: PrefixCacheStats,
 }
 
@@ -40,6 +44,7 @@ impl KvCacheManager {
             hasher,
             tables: HashMap::new(),
             hashes: HashMap::new(),
+            published: HashMap::new(),
             stats: PrefixCacheStats::default(),
         }
     }
@@ -112,17 +117,36 @@ impl KvCacheManager {
             while hashes.len() < full {
                 let i = hashes.len();
                 let chunk = &tokens[i * self.block_size..(i + 1) * self.block_size];
-                let h = self.hasher.hash(hashes.last(), chunk, extra_keys);
-                hashes.push(h);
-                self.pool.cache_block(table[i], h);
+                hashes.push(self.hasher.hash(hashes.last(), chunk, extra_keys));
             }
+            // Cache hits are published already: their KV exists.
+            let published = self.published.entry(req.clone()).or_default();
+            *published = (*published).max(new_computed.blocks.len());
         }
         true
+    }
+
+    /// Publishes the request's full blocks among its first `num_computed_tokens` tokens, whose
+    /// KV is now written, to the prefix cache. Call only after the step (or load) that wrote
+    /// them completed.
+    pub fn commit(&mut self, req: &RequestId, num_computed_tokens: usize) {
+        let (Some(table), Some(hashes)) = (self.tables.get(req), self.hashes.get(req)) else {
+            return;
+        };
+        let published = self.published.entry(req.clone()).or_default();
+        let full = (num_computed_tokens / self.block_size)
+            .min(hashes.len())
+            .min(table.len());
+        for i in *published..full {
+            self.pool.cache_block(table[i], hashes[i]);
+        }
+        *published = (*published).max(full);
     }
 
     /// Releases the request's blocks, tail first; unknown ids are ignored.
     pub fn free(&mut self, req: &RequestId) {
         self.hashes.remove(req);
+        self.published.remove(req);
         if let Some(table) = self.tables.remove(req) {
             self.pool.free(table.into_iter().rev());
         }
@@ -177,7 +201,46 @@ mod tests {
         let hit = m.get_computed_blocks(&r, tokens, &[]);
         let n = tokens.len() - hit.num_computed_tokens;
         assert!(m.allocate_slots(&r, tokens, hit.num_computed_tokens, n, &hit, &[]));
+        // The step that computes them succeeded.
+        m.commit(&r, tokens.len());
         hit
+    }
+
+    #[test]
+    fn blocks_are_found_only_after_their_step_commits() {
+        let mut m = mgr(16, true);
+        let t = toks(40, 0);
+        let a = RequestId::from("a");
+        assert!(m.allocate_slots(&a, &t, 0, 40, &Default::default(), &[]));
+        assert_eq!(m.block_hashes(&a).len(), 2, "hashed when scheduled");
+        // The step failed: nothing was written, so nothing may be found.
+        assert_eq!(
+            m.get_computed_blocks(&"b".into(), &t, &[])
+                .num_computed_tokens,
+            0
+        );
+        m.free(&a);
+        assert_eq!(
+            m.get_computed_blocks(&"b".into(), &t, &[])
+                .num_computed_tokens,
+            0,
+            "freed blocks of a failed step carry no hash"
+        );
+        // A chunked prefill: 20 tokens written, so only block 0 is complete.
+        assert!(m.allocate_slots(&a, &t, 0, 20, &Default::default(), &[]));
+        m.commit(&a, 20);
+        assert_eq!(
+            m.get_computed_blocks(&"b".into(), &t, &[])
+                .num_computed_tokens,
+            16
+        );
+        assert!(m.allocate_slots(&a, &t, 20, 20, &Default::default(), &[]));
+        m.commit(&a, 40);
+        assert_eq!(
+            m.get_computed_blocks(&"b".into(), &t, &[])
+                .num_computed_tokens,
+            32
+        );
     }
 
     #[test]
@@ -243,13 +306,16 @@ mod tests {
         let r = RequestId::from("a");
         let mut t = toks(15, 0);
         assert!(m.allocate_slots(&r, &t, 0, 15, &Default::default(), &[]));
+        m.commit(&r, 15);
         assert!(m.block_hashes(&r).is_empty());
         t.push(99);
         assert!(m.allocate_slots(&r, &t, 15, 1, &Default::default(), &[]));
+        m.commit(&r, 16);
         assert_eq!(m.block_hashes(&r).len(), 1, "the 16th token fills block 0");
         assert_eq!(m.block_table(&r).len(), 1);
         t.push(100);
         assert!(m.allocate_slots(&r, &t, 16, 1, &Default::default(), &[]));
+        m.commit(&r, 17);
         assert_eq!(m.block_table(&r).len(), 2);
         m.free(&r);
         // A new request with the same 17 tokens finds block 0.
@@ -289,6 +355,7 @@ mod tests {
         let r = RequestId::from("a");
         let lora = vec!["lora-1".to_string()];
         assert!(m.allocate_slots(&r, &t, 0, 40, &Default::default(), &lora));
+        m.commit(&r, 40);
         m.free(&r);
         assert_eq!(
             m.get_computed_blocks(&"b".into(), &t, &[])

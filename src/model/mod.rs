@@ -48,6 +48,8 @@ pub enum ModelError {
     Hub { model: String, reason: String },
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error("injected fault at step {step}")]
+    Injected { step: u64 },
 }
 
 /// A loaded model on some backend, as the engine sees it.

@@ -24,9 +24,11 @@ pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
+    let arrival = std::time::Instant::now();
     let ready = state.ready()?;
     state.check_model(req.model.as_deref())?;
     let n = check_n(req.n)?;
+    state.check_choices(1, n)?;
     let logprobs = match (req.logprobs, req.top_logprobs) {
         (true, top) => {
             let top = top.unwrap_or(0);
@@ -48,7 +50,15 @@ pub async fn chat_completions(
     };
     let base = sampling_params(&req.sampling, logprobs)?;
     let tok = ready.engine.tokenizer().clone();
-    let prompt = render(&tok, &req.messages)?;
+    // A chat template can be slow to render and the prompt long to tokenize: not on a
+    // runtime worker.
+    let prompt = {
+        let tok = tok.clone();
+        let messages = req.messages;
+        tokio::task::spawn_blocking(move || render(&tok, &messages))
+            .await
+            .map_err(|e| ApiError::from(crate::Error::StepFailed(e.to_string())))??
+    };
     let max_tokens = resolve_max_tokens(
         req.max_completion_tokens.or(req.max_tokens),
         None,
@@ -61,7 +71,7 @@ pub async fn chat_completions(
         .map(|i| ChoiceRequest::new(i, i, prompt.clone(), &base, max_tokens))
         .collect();
     let id = state.next_id("chatcmpl");
-    let generation = submit(&ready.engine, &ready.metrics, &id, choices).await?;
+    let generation = submit(&state, &id, choices, arrival).await?;
     let created = unix_now();
     if req.stream {
         let include_usage = req.stream_options.is_some_and(|o| o.include_usage);

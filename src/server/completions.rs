@@ -25,6 +25,7 @@ pub async fn completions(
     State(state): State<Arc<AppState>>,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
+    let arrival = std::time::Instant::now();
     let ready = state.ready()?;
     state.check_model(req.model.as_deref())?;
     if req.echo == Some(true) {
@@ -41,8 +42,21 @@ pub async fn completions(
         ));
     }
     let base = sampling_params(&req.sampling, req.logprobs)?;
+    let num_prompts = match &req.prompt {
+        PromptField::Text(_) | PromptField::Tokens(_) => 1,
+        PromptField::Texts(ts) => ts.len(),
+        PromptField::TokenLists(ls) => ls.len(),
+    };
+    state.check_choices(num_prompts, n)?;
     let tok = ready.engine.tokenizer().clone();
-    let prompts = tokenize_prompts(&tok, req.prompt)?;
+    // Tokenizing a long prompt takes milliseconds: not on a runtime worker.
+    let prompts = {
+        let tok = tok.clone();
+        let prompt = req.prompt;
+        tokio::task::spawn_blocking(move || tokenize_prompts(&tok, prompt))
+            .await
+            .map_err(|e| ApiError::from(crate::Error::StepFailed(e.to_string())))??
+    };
     let max_model_len = ready.engine.limits().max_model_len;
     let mut choices = Vec::with_capacity(prompts.len() * n);
     let mut prompt_tokens = 0;
@@ -66,7 +80,7 @@ pub async fn completions(
         }
     }
     let id = state.next_id("cmpl");
-    let generation = submit(&ready.engine, &ready.metrics, &id, choices).await?;
+    let generation = submit(&state, &id, choices, arrival).await?;
     let created = unix_now();
     let want_logprobs = req.logprobs.is_some();
     if req.stream {

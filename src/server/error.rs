@@ -28,6 +28,8 @@ pub enum ErrorKind {
     Unavailable,
     /// 500: the engine failed while running the request.
     Server,
+    /// 408: the request ran past `--request-timeout` and was aborted.
+    Timeout,
 }
 
 impl ErrorKind {
@@ -40,6 +42,7 @@ impl ErrorKind {
             ErrorKind::RateLimit => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Server => StatusCode::INTERNAL_SERVER_ERROR,
+            ErrorKind::Timeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -51,6 +54,7 @@ impl ErrorKind {
             ErrorKind::RateLimit => "rate_limit_exceeded",
             ErrorKind::Unavailable => "service_unavailable",
             ErrorKind::Server => "server_error",
+            ErrorKind::Timeout => "timeout_error",
         }
     }
 }
@@ -154,6 +158,12 @@ impl From<crate::Error> for ApiError {
                 ApiError::new(ErrorKind::RateLimit, message).with_code("queue_full")
             }
             E::EngineStopped => ApiError::new(ErrorKind::Unavailable, message),
+            E::EngineDead { .. } => {
+                ApiError::new(ErrorKind::Server, message).with_code("engine_dead")
+            }
+            E::Timeout { .. } => {
+                ApiError::new(ErrorKind::Timeout, message).with_code("request_timeout")
+            }
             _ => ApiError::new(ErrorKind::Server, message),
         }
     }
@@ -233,5 +243,13 @@ mod tests {
         assert_eq!(bad.param.as_deref(), Some("top_p"));
         let stopped: ApiError = crate::Error::StepFailed("boom".into()).into();
         assert_eq!(stopped.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let dead: ApiError = crate::Error::EngineDead {
+            reason: "panic".into(),
+        }
+        .into();
+        assert_eq!(dead.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(dead.code, Some("engine_dead"));
+        let late: ApiError = crate::Error::Timeout { seconds: 1.0 }.into();
+        assert_eq!(late.status(), StatusCode::REQUEST_TIMEOUT);
     }
 }

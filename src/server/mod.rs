@@ -50,7 +50,20 @@ pub struct ServerConfig {
     pub model_path: String,
     /// How long in-flight requests may run after SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
+    /// Most engine requests one API request may create (prompts × `n`).
+    pub max_choices_per_request: usize,
+    /// When set, a request still running this long after it arrived is aborted (408).
+    pub request_timeout: Option<Duration>,
 }
+
+/// Default of [`ServerConfig::max_choices_per_request`]: OpenAI's largest `n` (128) twice over,
+/// enough for batch clients, far from a body of a million one-token prompts.
+pub const DEFAULT_MAX_CHOICES_PER_REQUEST: usize = 256;
+
+/// How long a worker whose engine died keeps answering (503 on `/health`, 500 on the API)
+/// before it exits: long enough for the in-flight requests' error responses to reach their
+/// clients and for a probe to see the state.
+const DEAD_ENGINE_GRACE: Duration = Duration::from_secs(2);
 
 /// The loaded engine and what exists only once it does.
 pub struct Ready {
@@ -68,6 +81,8 @@ pub struct AppState {
     /// Per-process random prefix of response ids, so ids from restarts do not collide.
     id_prefix: u64,
     next_id: AtomicU64,
+    max_choices_per_request: usize,
+    pub request_timeout: Option<Duration>,
 }
 
 pub fn unix_now() -> u64 {
@@ -87,7 +102,31 @@ impl AppState {
             shutting_down: AtomicBool::new(false),
             id_prefix: std::collections::hash_map::RandomState::new().hash_one(unix_now()),
             next_id: AtomicU64::new(0),
+            max_choices_per_request: cfg.max_choices_per_request,
+            request_timeout: cfg.request_timeout,
         }
+    }
+
+    /// Refuses a request that would create more than `--max-choices-per-request` engine
+    /// requests.
+    pub fn check_choices(&self, num_prompts: usize, n: usize) -> Result<(), ApiError> {
+        let total = num_prompts.saturating_mul(n);
+        if total > self.max_choices_per_request {
+            let (param, what) = if num_prompts > 1 {
+                ("prompt", format!("{num_prompts} prompts × n={n} = {total}"))
+            } else {
+                ("n", format!("n={n}"))
+            };
+            return Err(ApiError::invalid(
+                param,
+                format!(
+                    "{what} choices exceed this server's limit of {} per request (--max-choices-per-request)",
+                    self.max_choices_per_request
+                ),
+            )
+            .with_code("too_many_choices"));
+        }
+        Ok(())
     }
 
     /// The engine, or 503 while the model is loading.
@@ -163,9 +202,16 @@ async fn require_api_key(State(state): State<Arc<AppState>>, req: Request, next:
     next.run(req).await
 }
 
-/// 200 once the engine is up and the server is not draining; 503 otherwise.
+/// 200 once the engine is up and the server is not draining; 503 otherwise, and for good
+/// once the engine has died.
 async fn health(State(state): State<Arc<AppState>>) -> Result<StatusCode, ApiError> {
-    state.ready()?;
+    let ready = state.ready()?;
+    if let Some(reason) = ready.engine.dead_reason() {
+        return Err(
+            ApiError::new(ErrorKind::Unavailable, format!("the engine died: {reason}"))
+                .with_code("engine_dead"),
+        );
+    }
     if state.shutting_down.load(Ordering::Relaxed) {
         return Err(
             ApiError::new(ErrorKind::Unavailable, "shutting down").with_code("shutting_down")
@@ -294,8 +340,26 @@ where
         }
     }
 
+    let dead = async {
+        match state.ready.get() {
+            Some(r) => r.engine.wait_dead().await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
         () = &mut signal => {}
+        reason = dead => {
+            // vLLM's EngineDeadError: the in-flight requests have their errors; give the
+            // responses a moment to go out, then exit non-zero so the pod is restarted.
+            tracing::error!(%reason, "the engine died; /health is 503; exiting");
+            tokio::time::sleep(DEAD_ENGINE_GRACE).await;
+            state.shutting_down.store(true, Ordering::Relaxed);
+            let _ = drain_tx.send(true);
+            if tokio::time::timeout(Duration::from_secs(1), &mut server).await.is_err() {
+                server.abort();
+            }
+            bail!("the engine died: {reason}");
+        }
         r = &mut server => {
             r.context("server task")?.context("server")?;
             return Ok(());
@@ -348,6 +412,8 @@ mod tests {
             served_model_name: "m".into(),
             model_path: "/x/m".into(),
             shutdown_timeout: Duration::from_secs(1),
+            max_choices_per_request: 4,
+            request_timeout: None,
         });
         assert!(s.check_model(None).is_ok());
         assert!(s.check_model(Some("m")).is_ok());
@@ -357,5 +423,16 @@ mod tests {
         assert_eq!(e.code, Some("model_not_found"));
         assert_ne!(s.next_id("cmpl"), s.next_id("cmpl"));
         assert!(s.ready().is_err());
+        assert!(s.check_choices(2, 2).is_ok());
+        let e = s.check_choices(3, 2).unwrap_err();
+        assert_eq!(
+            (e.status(), e.param.as_deref()),
+            (StatusCode::BAD_REQUEST, Some("prompt"))
+        );
+        assert!(e.message.contains("limit of 4"), "{}", e.message);
+        assert_eq!(
+            s.check_choices(1, 5).unwrap_err().param.as_deref(),
+            Some("n")
+        );
     }
 }

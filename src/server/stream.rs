@@ -8,10 +8,16 @@
 //!
 //! Submission waits for each request's first item before answering, so engine-side refusals
 //! (queue full, invalid parameters) become proper HTTP errors instead of errors inside an
-//! already-started 200 stream.
+//! already-started 200 stream. Adding runs on the blocking pool: the engine's command channel
+//! is bounded and an add waits while it is full, which must not hold up a runtime worker.
+//!
+//! A request with a deadline (`--request-timeout`, counted from arrival) that passes it ends
+//! with a timeout error — a 408 before the response started, a final SSE error event after —
+//! and dropping its handles aborts it in the engine and frees its blocks.
 use super::error::ApiError;
 use super::metrics::{Metrics, RequestTracker};
 use super::openai::Usage;
+use super::AppState;
 use crate::engine::TokenLogprob;
 use crate::{Engine, FinishReason, Prompt, RequestId, RequestOutput, SamplingParams, TokenId};
 use axum::response::sse::{Event, Sse};
@@ -19,7 +25,7 @@ use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// One engine request of an API request: choice `index` of the response.
 pub struct ChoiceRequest {
@@ -55,6 +61,31 @@ type Item = (usize, crate::Result<RequestOutput>);
 pub struct Generation {
     merged: SelectAll<BoxStream<'static, Item>>,
     pub num_choices: usize,
+    deadline: Deadline,
+}
+
+/// When an API request must be over, from its arrival and `--request-timeout`.
+#[derive(Clone, Copy, Debug)]
+pub struct Deadline(Option<(tokio::time::Instant, Duration)>);
+
+impl Deadline {
+    pub fn new(arrival: Instant, timeout: Option<Duration>) -> Self {
+        Self(timeout.map(|t| (tokio::time::Instant::from_std(arrival) + t, t)))
+    }
+
+    /// Runs `f` until the deadline; past it, the timeout error.
+    pub async fn run<T>(&self, f: impl std::future::Future<Output = T>) -> Result<T, crate::Error> {
+        match self.0 {
+            None => Ok(f.await),
+            Some((at, t)) => {
+                tokio::time::timeout_at(at, f)
+                    .await
+                    .map_err(|_| crate::Error::Timeout {
+                        seconds: t.as_secs_f64(),
+                    })
+            }
+        }
+    }
 }
 
 struct ChoiceState {
@@ -66,27 +97,36 @@ struct ChoiceState {
 
 /// Queues every choice (engine ids `<base_id>-<index>`) and waits until each is accepted.
 pub async fn submit(
-    engine: &Engine,
-    metrics: &Arc<Metrics>,
+    state: &Arc<AppState>,
     base_id: &str,
     choices: Vec<ChoiceRequest>,
+    arrival: Instant,
 ) -> Result<Generation, ApiError> {
-    let arrival = Instant::now();
-    let mut states = Vec::with_capacity(choices.len());
-    for c in choices {
-        let id = format!("{base_id}-{}", c.index);
-        let tracker = RequestTracker::new(metrics.clone(), id.clone(), arrival, c.prompt.len());
-        let handle =
-            engine.add_request_with_id(RequestId(id), Prompt::Tokens(c.prompt), c.params, 0)?;
-        states.push(ChoiceState {
-            index: c.index,
-            first: None,
-            handle,
-            tracker,
-        });
+    let deadline = Deadline::new(arrival, state.request_timeout);
+    let (st, base_id) = (state.clone(), base_id.to_string());
+    let add = tokio::task::spawn_blocking(move || {
+        let ready = st.ready()?;
+        add_all(&ready.engine, &ready.metrics, &base_id, choices, arrival)
+    });
+    let mut states = deadline
+        .run(add)
+        .await?
+        .map_err(|e| ApiError::from(crate::Error::StepFailed(e.to_string())))??;
+    let first_items = deadline
+        .run(async {
+            for s in &mut states {
+                s.first = s.handle.next().await;
+            }
+        })
+        .await;
+    if let Err(e) = first_items {
+        for s in &mut states {
+            s.tracker.discard();
+        }
+        return Err(e.into());
     }
     for s in &mut states {
-        match s.handle.next().await {
+        match s.first.take() {
             Some(Ok(o)) => s.first = Some(Ok(o)),
             Some(Err(e)) => {
                 // Refused: nothing ran, so nothing is recorded; dropping `states` aborts the
@@ -106,7 +146,47 @@ pub async fn submit(
     Ok(Generation {
         merged,
         num_choices,
+        deadline,
     })
+}
+
+/// Adds every choice to the engine (blocking while its command channel is full). On a refusal
+/// the choices already added are dropped, which aborts them.
+fn add_all(
+    engine: &Engine,
+    metrics: &Arc<Metrics>,
+    base_id: &str,
+    choices: Vec<ChoiceRequest>,
+    arrival: Instant,
+) -> Result<Vec<ChoiceState>, ApiError> {
+    let mut states: Vec<ChoiceState> = Vec::with_capacity(choices.len());
+    for c in choices {
+        let id = format!("{base_id}-{}", c.index);
+        let tracker = RequestTracker::new(metrics.clone(), id.clone(), arrival, c.prompt.len());
+        let handle = match engine.add_request_with_id(
+            RequestId(id),
+            Prompt::Tokens(c.prompt),
+            c.params,
+            0,
+        ) {
+            Ok(h) => h,
+            Err(e) => {
+                let mut tracker = tracker;
+                tracker.discard();
+                for s in &mut states {
+                    s.tracker.discard();
+                }
+                return Err(e.into());
+            }
+        };
+        states.push(ChoiceState {
+            index: c.index,
+            first: None,
+            handle,
+            tracker,
+        });
+    }
+    Ok(states)
 }
 
 fn choice_stream(s: ChoiceState) -> BoxStream<'static, Item> {
@@ -139,7 +219,8 @@ impl Generation {
     /// Runs every choice to the end; results indexed by choice.
     pub async fn collect(mut self) -> Result<Vec<Collected>, ApiError> {
         let mut out = vec![Collected::default(); self.num_choices];
-        while let Some((index, item)) = self.merged.next().await {
+        let deadline = self.deadline;
+        while let Some((index, item)) = deadline.run(self.merged.next()).await? {
             let o = item?;
             let Some(c) = out.get_mut(index) else {
                 continue;
@@ -175,6 +256,7 @@ impl Generation {
             prompt_tokens,
             include_usage,
             done: false,
+            deadline: self.deadline,
         };
         Sse::new(stream::unfold(state, |mut st| async move {
             loop {
@@ -184,7 +266,12 @@ impl Generation {
                 if st.done {
                     return None;
                 }
-                match st.merged.next().await {
+                let next = match st.deadline.run(st.merged.next()).await {
+                    Ok(next) => next,
+                    // Past the deadline: dropping the handles (with `st`) aborts the requests.
+                    Err(e) => Some((0, Err(e))),
+                };
+                match next {
                     Some((index, Ok(o))) => {
                         if let Some(n) = st.output_tokens.get_mut(index) {
                             *n = o.num_output_tokens;
@@ -195,6 +282,8 @@ impl Generation {
                         st.pending.push_back(ApiError::from(e).body_json());
                         st.pending.push_back("[DONE]".into());
                         st.done = true;
+                        // Ends the other choices now, not when the client goes away.
+                        st.merged = SelectAll::new();
                     }
                     None => {
                         if st.include_usage {
@@ -220,6 +309,7 @@ struct SseState<F> {
     prompt_tokens: usize,
     include_usage: bool,
     done: bool,
+    deadline: Deadline,
 }
 
 /// How an endpoint writes its stream chunks (JSON strings, without the `data: ` framing).

@@ -2,16 +2,19 @@
 //! directories for the configuration variants those two do not cover.
 use super::*;
 
-const MODELS: &str = "/work/shared/models";
+#[path = "../../tests/common/shared.rs"]
+mod shared_models;
 
-/// The shared model's tokenizer, or `None` (with a note) on a machine without the models.
+/// The shared model's tokenizer, or `None` (with a note) where the models are absent — a
+/// failure under `CI` (see `shared_models::shared_model`).
 fn shared(name: &str) -> Option<Tokenizer> {
-    let dir = Path::new(MODELS).join(name);
-    if !dir.join("tokenizer.json").is_file() {
-        eprintln!("skipping: {} is not available", dir.display());
-        return None;
-    }
+    let dir = shared_models::shared_model(name)?;
     Some(Tokenizer::from_dir(&dir).expect("shared tokenizer loads"))
+}
+
+/// stories260K's `tokenizer.json`, or `None` as [`shared`].
+fn stories_tokenizer_json() -> Option<std::path::PathBuf> {
+    Some(shared_models::shared_model("stories260K")?.join("tokenizer.json"))
 }
 
 fn user(content: &str) -> ChatMessage {
@@ -23,11 +26,7 @@ fn user(content: &str) -> ChatMessage {
 
 /// A model directory with stories260K's tokenizer.json and the given side files.
 fn synthetic_dir(config: Option<&str>, generation: Option<&str>) -> Option<tempfile::TempDir> {
-    let src = Path::new(MODELS).join("stories260K/tokenizer.json");
-    if !src.is_file() {
-        eprintln!("skipping: {} is not available", src.display());
-        return None;
-    }
+    let src = stories_tokenizer_json()?;
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::copy(&src, dir.path().join("tokenizer.json")).expect("copy tokenizer.json");
     if let Some(c) = config {
@@ -67,7 +66,7 @@ fn stories260k_special_tokens_and_exactly_one_bos() {
 #[test]
 fn encode_decode_round_trip_on_both_models() {
     for name in ["stories260K", "smollm2-135m-instruct"] {
-        let Some(tok) = shared(name) else { return };
+        let Some(tok) = shared(name) else { continue };
         let ids = tok.encode(UNICODE_TEXT, false).unwrap();
         assert_eq!(tok.decode(&ids, true).unwrap(), UNICODE_TEXT, "{name}");
         let ids = tok.encode(UNICODE_TEXT, true).unwrap();
@@ -190,11 +189,10 @@ fn broken_template_fails_only_when_applied() {
 
 #[test]
 fn bos_is_prepended_only_without_a_post_processor() {
-    let src = Path::new(MODELS).join("stories260K/tokenizer.json");
-    let Ok(json) = std::fs::read_to_string(&src) else {
-        eprintln!("skipping: {} is not available", src.display());
+    let Some(src) = stories_tokenizer_json() else {
         return;
     };
+    let json = std::fs::read_to_string(&src).expect("reading tokenizer.json");
     let mut parsed: serde_json::Value = serde_json::from_str(&json).unwrap();
     parsed["post_processor"] = serde_json::Value::Null;
     let dir = tempfile::tempdir().unwrap();
@@ -261,7 +259,7 @@ fn stream(tok: &Tokenizer, prompt: &[TokenId], output: &[TokenId], skip: bool) -
 #[test]
 fn incremental_detokenization_equals_full_decode() {
     for name in ["stories260K", "smollm2-135m-instruct"] {
-        let Some(tok) = shared(name) else { return };
+        let Some(tok) = shared(name) else { continue };
         let long = UNICODE_TEXT.repeat(3);
         let ids = tok.encode(&long, false).unwrap();
         assert!(ids.len() > 100);
@@ -276,7 +274,7 @@ fn incremental_detokenization_equals_full_decode() {
 #[test]
 fn incremental_detokenization_after_a_prompt_keeps_the_leading_space() {
     for name in ["stories260K", "smollm2-135m-instruct"] {
-        let Some(tok) = shared(name) else { return };
+        let Some(tok) = shared(name) else { continue };
         let prompt_text = "Once upon a time";
         let full = tok
             .encode(

@@ -17,6 +17,7 @@
 
 mod corrupt;
 mod oracle;
+mod shared;
 mod tiny_model;
 mod tiny_tokenizer;
 
@@ -26,6 +27,9 @@ pub use corrupt::{
 pub use oracle::{
     argmax, candle_greedy, candle_greedy_with_margins, candle_logits_all_positions,
     candle_logits_last, clear_margin_prompt, max_abs_diff, top1_margin,
+};
+pub use shared::{
+    find_shared_model, gpu_models, shared_model, shared_model_or_fail, shared_models_dir,
 };
 pub use tiny_model::{
     random_prompt, tensor_names, tiny_model_dir, tiny_model_weights, write_tiny_model, TensorData,
@@ -215,72 +219,5 @@ impl TinyModelSpec {
             self.vocab,
             tiny_tokenizer::MIN_VOCAB
         );
-    }
-}
-
-/// The directory of shared real models: `$LLMD_SHARED_MODELS` when set, else `shared/models` in
-/// the nearest ancestor of the repository's parent that has one — `../shared/models` for the
-/// main checkout and for CI (which clones shared/ beside the repository), and the same folder
-/// for git worktrees nested one level deeper.
-pub fn shared_models_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("LLMD_SHARED_MODELS") {
-        return PathBuf::from(dir);
-    }
-    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let default = manifest.join("../shared/models");
-    manifest
-        .ancestors()
-        .skip(1)
-        .map(|a| a.join("shared/models"))
-        .find(|d| d.is_dir())
-        .unwrap_or(default)
-}
-
-/// `shared/models/NAME` (see [`shared_models_dir`]) if it is complete: `config.json` present and
-/// either `model.safetensors` or every shard named in `model.safetensors.index.json`. Otherwise
-/// prints why the caller should skip and returns `None`; tests never download.
-pub fn shared_model(name: &str) -> Option<PathBuf> {
-    let dir = shared_models_dir().join(name);
-    match missing_parts(&dir) {
-        None => Some(dir),
-        Some(why) => {
-            eprintln!(
-                "skipping: model {name} incomplete/absent ({why}) at {}",
-                dir.display()
-            );
-            None
-        }
-    }
-}
-
-/// Why `dir` is not a complete checkpoint, or `None` when it is.
-fn missing_parts(dir: &Path) -> Option<String> {
-    if !dir.join("config.json").is_file() {
-        return Some("no config.json".to_string());
-    }
-    if dir.join("model.safetensors").is_file() {
-        return None;
-    }
-    let index_path = dir.join("model.safetensors.index.json");
-    let Ok(text) = std::fs::read_to_string(&index_path) else {
-        return Some("neither model.safetensors nor model.safetensors.index.json".to_string());
-    };
-    let Ok(index) = serde_json::from_str::<serde_json::Value>(&text) else {
-        return Some("model.safetensors.index.json is not JSON".to_string());
-    };
-    let Some(map) = index["weight_map"].as_object() else {
-        return Some("index has no weight_map".to_string());
-    };
-    let mut absent: Vec<&str> = map
-        .values()
-        .filter_map(|f| f.as_str())
-        .filter(|f| !dir.join(f).is_file())
-        .collect();
-    absent.sort_unstable();
-    absent.dedup();
-    if absent.is_empty() {
-        None
-    } else {
-        Some(format!("missing shard(s) {}", absent.join(", ")))
     }
 }

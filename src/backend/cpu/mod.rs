@@ -51,6 +51,8 @@ impl Backend for CpuBackend {
     type Weight = CpuWeight;
     type KvCache = CpuKvCache;
     type Step = BatchPlan;
+    /// f32 K and V (`CpuKvCache`'s vectors).
+    const KV_ELEMENT_BYTES: usize = std::mem::size_of::<f32>();
 
     fn name(&self) -> &'static str {
         "cpu"

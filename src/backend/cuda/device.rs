@@ -703,6 +703,8 @@ impl Backend for CudaBackend {
     type Weight = CudaWeight;
     type KvCache = CudaKvCache;
     type Step = CudaStep;
+    /// bf16 K and V (`CudaKvCache`'s `u16` slices).
+    const KV_ELEMENT_BYTES: usize = std::mem::size_of::<u16>();
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -758,7 +760,7 @@ impl Backend for CudaBackend {
         let oom = |what| BackendError::OutOfMemory {
             device: "cuda",
             what,
-            bytes: dims.numel() * 2,
+            bytes: dims.numel() * Self::KV_ELEMENT_BYTES,
         };
         Ok(CudaKvCache {
             dims,
