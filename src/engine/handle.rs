@@ -94,6 +94,31 @@ pub struct Engine {
     thread: Option<JoinHandle<()>>,
 }
 
+/// What [`Engine::try_add_request_with_id`] did with a request.
+pub enum AddOutcome {
+    /// In the engine's channel; its outputs come through the handle.
+    Queued(RequestHandle),
+    /// The channel was full: nothing was sent yet.
+    Full(Box<PendingAdd>),
+}
+
+/// A request waiting for room in the engine's command channel.
+pub struct PendingAdd {
+    cmd: Command,
+    handle: RequestHandle,
+}
+
+impl PendingAdd {
+    /// Sends the request, blocking the thread until the channel has room.
+    pub fn wait(self: Box<Self>) -> Result<RequestHandle> {
+        let PendingAdd { cmd, handle } = *self;
+        match handle.engine.send(cmd) {
+            Ok(()) => Ok(handle.live()),
+            Err(_) => Err(handle.health.gone()),
+        }
+    }
+}
+
 /// The stream of one request's outputs.
 pub struct RequestHandle {
     id: RequestId,
@@ -208,6 +233,23 @@ impl Engine {
         params: SamplingParams,
         priority: i32,
     ) -> Result<RequestHandle> {
+        match self.try_add_request_with_id(id, prompt, params, priority)? {
+            AddOutcome::Queued(h) => Ok(h),
+            AddOutcome::Full(pending) => pending.wait(),
+        }
+    }
+
+    /// Like [`Engine::add_request_with_id`] without waiting: when the command channel is full
+    /// the request comes back as [`AddOutcome::Full`], to be sent with [`PendingAdd::wait`]
+    /// where blocking is fine (async callers: `spawn_blocking`). So the common case costs no
+    /// thread hop, and only a full channel parks a thread.
+    pub fn try_add_request_with_id(
+        &self,
+        id: RequestId,
+        prompt: Prompt,
+        params: SamplingParams,
+        priority: i32,
+    ) -> Result<AddOutcome> {
         if let Some(reason) = self.health.reason() {
             return Err(Error::EngineDead { reason });
         }
@@ -220,24 +262,30 @@ impl Engine {
         };
         let processor = OutputProcessor::new(&params, &tokens);
         let (tx, rx) = tmpsc::unbounded_channel();
-        self.tx
-            .send(Command::Add {
-                id: id.clone(),
-                tokens,
-                params,
-                priority,
-                tx,
-            })
-            .map_err(|_| self.health.gone())?;
-        Ok(RequestHandle {
-            id,
+        let handle = RequestHandle {
+            id: id.clone(),
             rx,
             engine: self.tx.clone(),
             tokenizer: self.tokenizer.clone(),
             processor,
             health: self.health.clone(),
-            done: false,
-        })
+            // Not live until the command is in the channel: dropping it before sends no abort.
+            done: true,
+        };
+        let cmd = Command::Add {
+            id,
+            tokens,
+            params,
+            priority,
+            tx,
+        };
+        match self.tx.try_send(cmd) {
+            Ok(()) => Ok(AddOutcome::Queued(handle.live())),
+            Err(mpsc::TrySendError::Full(cmd)) => {
+                Ok(AddOutcome::Full(Box::new(PendingAdd { cmd, handle })))
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(self.health.gone()),
+        }
     }
 
     pub fn abort(&self, id: &RequestId) {
@@ -273,6 +321,12 @@ impl Drop for Engine {
 impl RequestHandle {
     pub fn id(&self) -> &RequestId {
         &self.id
+    }
+
+    /// Marks the request as in the engine: from now on dropping the handle aborts it.
+    fn live(mut self) -> Self {
+        self.done = false;
+        self
     }
 
     /// Turns what the engine sent into the user's delta, ending the handle on a finish or an
@@ -431,6 +485,7 @@ fn step_loop(
     senders: &mut HashMap<RequestId, OutputTx>,
 ) -> Result<()> {
     publish(core, stats);
+    let mut last_trim = std::time::Instant::now();
     loop {
         // Block only when idle; otherwise take what has arrived and step.
         let first = if core.has_unfinished_requests() {
@@ -440,6 +495,11 @@ fn step_loop(
                 Err(mpsc::TryRecvError::Disconnected) => return Ok(()),
             }
         } else {
+            // At most once a second, so a trickle of single requests does not pay for it.
+            if last_trim.elapsed() >= std::time::Duration::from_secs(1) {
+                release_free_memory();
+                last_trim = std::time::Instant::now();
+            }
             match rx.recv() {
                 Ok(c) => Some(c),
                 Err(_) => return Ok(()),
@@ -515,5 +575,16 @@ fn step_loop(
         }
         // Again after the sends: aborts of closed handles changed the pool.
         publish(core, stats);
+    }
+}
+
+/// Hands the allocator's free pages back to the OS. Called when the engine goes idle: after a
+/// burst of requests, glibc keeps the freed memory of every thread's arena mapped, so resident
+/// memory would stay at the burst's high-water mark; this makes it track what is in use.
+fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

@@ -14,7 +14,10 @@ mod handle;
 mod output;
 
 pub use fault::{Fault, FaultInjector};
-pub use handle::{CompletedRequest, Engine, EngineStats, RequestHandle, DEFAULT_COMMAND_CAPACITY};
+pub use handle::{
+    AddOutcome, CompletedRequest, Engine, EngineStats, PendingAdd, RequestHandle,
+    DEFAULT_COMMAND_CAPACITY,
+};
 pub use output::{EngineOutput, RequestOutput, TokenLogprob};
 
 use crate::backend::cpu::sampling::RowSampling;

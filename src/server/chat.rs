@@ -55,9 +55,10 @@ pub async fn chat_completions(
     let prompt = {
         let tok = tok.clone();
         let messages = req.messages;
-        tokio::task::spawn_blocking(move || render(&tok, &messages))
-            .await
-            .map_err(|e| ApiError::from(crate::Error::StepFailed(e.to_string())))??
+        state
+            .text_pool
+            .run(move || render(&tok, &messages))
+            .await??
     };
     let max_tokens = resolve_max_tokens(
         req.max_completion_tokens.or(req.max_tokens),

@@ -53,9 +53,10 @@ pub async fn completions(
     let prompts = {
         let tok = tok.clone();
         let prompt = req.prompt;
-        tokio::task::spawn_blocking(move || tokenize_prompts(&tok, prompt))
-            .await
-            .map_err(|e| ApiError::from(crate::Error::StepFailed(e.to_string())))??
+        state
+            .text_pool
+            .run(move || tokenize_prompts(&tok, prompt))
+            .await??
     };
     let max_model_len = ready.engine.limits().max_model_len;
     let mut choices = Vec::with_capacity(prompts.len() * n);

@@ -16,6 +16,7 @@ mod logprobs;
 pub mod metrics;
 pub mod openai;
 mod stream;
+mod text_pool;
 
 use error::{ApiError, ErrorKind};
 use metrics::Metrics;
@@ -83,6 +84,8 @@ pub struct AppState {
     next_id: AtomicU64,
     max_choices_per_request: usize,
     pub request_timeout: Option<Duration>,
+    /// Where prompts are tokenized and chat templates rendered.
+    pub text_pool: text_pool::TextPool,
 }
 
 pub fn unix_now() -> u64 {
@@ -92,8 +95,8 @@ pub fn unix_now() -> u64 {
 }
 
 impl AppState {
-    fn new(cfg: &ServerConfig) -> Self {
-        Self {
+    fn new(cfg: &ServerConfig) -> std::io::Result<Self> {
+        Ok(Self {
             model_name: cfg.served_model_name.clone(),
             model_path: cfg.model_path.clone(),
             api_key: cfg.api_key.clone(),
@@ -104,7 +107,8 @@ impl AppState {
             next_id: AtomicU64::new(0),
             max_choices_per_request: cfg.max_choices_per_request,
             request_timeout: cfg.request_timeout,
-        }
+            text_pool: text_pool::TextPool::new(text_pool::default_threads())?,
+        })
     }
 
     /// Refuses a request that would create more than `--max-choices-per-request` engine
@@ -280,7 +284,7 @@ where
         .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, model = %cfg.served_model_name, "listening; loading the model");
-    let state = Arc::new(AppState::new(&cfg));
+    let state = Arc::new(AppState::new(&cfg).context("starting the text threads")?);
     let (drain_tx, mut drain_rx) = tokio::sync::watch::channel(false);
     let app = router(state.clone());
     // Streams send one small SSE event per token: without TCP_NODELAY, Nagle's algorithm holds
@@ -414,7 +418,8 @@ mod tests {
             shutdown_timeout: Duration::from_secs(1),
             max_choices_per_request: 4,
             request_timeout: None,
-        });
+        })
+        .unwrap();
         assert!(s.check_model(None).is_ok());
         assert!(s.check_model(Some("m")).is_ok());
         assert!(s.check_model(Some("/x/m")).is_ok());

@@ -8,18 +8,18 @@
 //!
 //! Submission waits for each request's first item before answering, so engine-side refusals
 //! (queue full, invalid parameters) become proper HTTP errors instead of errors inside an
-//! already-started 200 stream. Adding runs on the blocking pool: the engine's command channel
-//! is bounded and an add waits while it is full, which must not hold up a runtime worker.
+//! already-started 200 stream. The engine's command channel is bounded: an add that finds it
+//! full waits on the blocking pool, never on a runtime worker.
 //!
 //! A request with a deadline (`--request-timeout`, counted from arrival) that passes it ends
 //! with a timeout error — a 408 before the response started, a final SSE error event after —
 //! and dropping its handles aborts it in the engine and frees its blocks.
 use super::error::ApiError;
-use super::metrics::{Metrics, RequestTracker};
+use super::metrics::RequestTracker;
 use super::openai::Usage;
 use super::AppState;
-use crate::engine::TokenLogprob;
-use crate::{Engine, FinishReason, Prompt, RequestId, RequestOutput, SamplingParams, TokenId};
+use crate::engine::{AddOutcome, TokenLogprob};
+use crate::{FinishReason, Prompt, RequestId, RequestOutput, SamplingParams, TokenId};
 use axum::response::sse::{Event, Sse};
 use futures_util::stream::{self, BoxStream, SelectAll, StreamExt};
 use std::collections::VecDeque;
@@ -103,15 +103,9 @@ pub async fn submit(
     arrival: Instant,
 ) -> Result<Generation, ApiError> {
     let deadline = Deadline::new(arrival, state.request_timeout);
-    let (st, base_id) = (state.clone(), base_id.to_string());
-    let add = tokio::task::spawn_blocking(move || {
-        let ready = st.ready()?;
-        add_all(&ready.engine, &ready.metrics, &base_id, choices, arrival)
-    });
     let mut states = deadline
-        .run(add)
-        .await?
-        .map_err(|e| ApiError::from(crate::Error::StepFailed(e.to_string())))??;
+        .run(add_all(state, base_id, choices, arrival))
+        .await??;
     let first_items = deadline
         .run(async {
             for s in &mut states {
@@ -150,28 +144,35 @@ pub async fn submit(
     })
 }
 
-/// Adds every choice to the engine (blocking while its command channel is full). On a refusal
-/// the choices already added are dropped, which aborts them.
-fn add_all(
-    engine: &Engine,
-    metrics: &Arc<Metrics>,
+/// Adds every choice to the engine; one that finds its command channel full waits for room
+/// on the blocking pool. On a refusal the choices already added are dropped, which aborts
+/// them, and nothing is recorded.
+async fn add_all(
+    state: &Arc<AppState>,
     base_id: &str,
     choices: Vec<ChoiceRequest>,
     arrival: Instant,
 ) -> Result<Vec<ChoiceState>, ApiError> {
+    let ready = state.ready()?;
     let mut states: Vec<ChoiceState> = Vec::with_capacity(choices.len());
     for c in choices {
         let id = format!("{base_id}-{}", c.index);
-        let tracker = RequestTracker::new(metrics.clone(), id.clone(), arrival, c.prompt.len());
-        let handle = match engine.add_request_with_id(
-            RequestId(id),
-            Prompt::Tokens(c.prompt),
-            c.params,
-            0,
-        ) {
+        let mut tracker =
+            RequestTracker::new(ready.metrics.clone(), id.clone(), arrival, c.prompt.len());
+        let prompt = Prompt::Tokens(c.prompt);
+        let added = match ready
+            .engine
+            .try_add_request_with_id(RequestId(id), prompt, c.params, 0)
+        {
+            Ok(AddOutcome::Queued(h)) => Ok(h),
+            Ok(AddOutcome::Full(pending)) => tokio::task::spawn_blocking(move || pending.wait())
+                .await
+                .unwrap_or_else(|e| Err(crate::Error::StepFailed(e.to_string()))),
+            Err(e) => Err(e),
+        };
+        let handle = match added {
             Ok(h) => h,
             Err(e) => {
-                let mut tracker = tracker;
                 tracker.discard();
                 for s in &mut states {
                     s.tracker.discard();
