@@ -133,13 +133,22 @@ impl EngineCore {
             }
         };
         let block_size = config.cache.block_size;
-        // f32 K and V for every layer.
-        let bytes_per_block = model_cfg.num_hidden_layers
-            * 2
-            * block_size
-            * model_cfg.num_key_value_heads
-            * model_cfg.head_dim
-            * 4;
+        // f32 K and V for every layer. Checked: with a huge block size the product overflows,
+        // a panic in debug builds and, wrapped to 0, a division by zero below in release ones.
+        let bytes_per_block = [
+            model_cfg.num_hidden_layers,
+            2,
+            block_size,
+            model_cfg.num_key_value_heads,
+            model_cfg.head_dim,
+            4,
+        ]
+        .iter()
+        .try_fold(1usize, |acc, &x| acc.checked_mul(x))
+        .ok_or_else(|| Error::Config {
+            field: "block_size",
+            reason: format!("one KV block of {block_size} tokens for this model overflows usize"),
+        })?;
         let num_blocks = config
             .cache
             .num_blocks
@@ -285,7 +294,8 @@ impl EngineCore {
             }
         }
         let ids = self.tokenize(prompt)?;
-        let needed = ids.len() + params.max_tokens.unwrap_or(1);
+        // Saturating: `max_tokens` may be anything up to usize::MAX.
+        let needed = ids.len().saturating_add(params.max_tokens.unwrap_or(1));
         if needed > self.limits.max_model_len {
             return Err(Error::PromptTooLong {
                 prompt_len: ids.len(),
