@@ -135,6 +135,16 @@ fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// The router of `serve`, already ready with `engine`: for driving the API in-process (tests,
+/// fuzzing) without binding a port.
+pub fn app_with_engine(cfg: &ServerConfig, engine: Engine) -> Router {
+    let state = Arc::new(AppState::new(cfg));
+    let metrics = Arc::new(Metrics::new(&state.model_name, engine.limits()));
+    // A fresh state's cell is empty, so this set cannot fail.
+    let _ = state.ready.set(Ready { engine, metrics });
+    router(state)
+}
+
 /// Compares in time independent of where the strings first differ.
 fn same_secret(a: &str, b: &str) -> bool {
     a.len() == b.len()
