@@ -343,6 +343,16 @@ async fn bad_requests_get_openai_errors() {
     assert_eq!(r.status(), 404);
     let b: Value = r.json().await.unwrap();
     assert_eq!(b["error"]["type"], "not_found_error");
+    // A known route with the wrong method: a JSON 405.
+    let r = client
+        .get(s.url("/v1/completions"))
+        .bearer_auth("sekrit")
+        .send()
+        .await
+        .unwrap();
+    let st = r.status().as_u16();
+    let b: Value = r.json().await.unwrap();
+    assert_error(st, &b, 405, "invalid_request_error");
 
     // The server is still healthy and serving after all of that.
     let (st, b) = send("/v1/completions", ok, key).await;

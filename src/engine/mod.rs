@@ -135,16 +135,24 @@ pub fn kv_pool_blocks(
     cfg: &ModelConfig,
     element_bytes: usize,
 ) -> Result<usize> {
-    if let Some(n) = cache.num_blocks {
-        return Ok(n);
-    }
     let per_block = kv_bytes_per_block(cfg, cache.block_size, element_bytes)
         .filter(|&b| b > 0)
         .ok_or_else(|| Error::Config {
             field: "block_size",
-            reason: "the KV bytes of one block overflow or are zero".into(),
+            reason: format!(
+                "one KV block of {} tokens for this model overflows or is empty",
+                cache.block_size
+            ),
         })?;
-    Ok(cache.kv_cache_memory_bytes / per_block)
+    match cache.num_blocks {
+        // Every size the backend derives from the pool must be representable.
+        Some(n) if n.checked_mul(per_block).is_none() => Err(Error::Config {
+            field: "num_blocks",
+            reason: format!("{n} KV blocks of {per_block} bytes overflow"),
+        }),
+        Some(n) => Ok(n),
+        None => Ok(cache.kv_cache_memory_bytes / per_block),
+    }
 }
 
 /// Loads the model on `backend`, sizing the KV pool from the backend's own element size.
@@ -329,7 +337,8 @@ impl EngineCore {
             }
         }
         check_tokens(&ids, self.limits.vocab_size)?;
-        let needed = ids.len() + params.max_tokens.unwrap_or(1);
+        // Saturating: `max_tokens` may be anything up to usize::MAX.
+        let needed = ids.len().saturating_add(params.max_tokens.unwrap_or(1));
         if needed > self.limits.max_model_len {
             return Err(Error::PromptTooLong {
                 prompt_len: ids.len(),
@@ -582,5 +591,10 @@ mod tests {
         };
         assert_eq!(kv_pool_blocks(&fixed, &cfg, 2).unwrap(), 7);
         assert_eq!(kv_bytes_per_block(&cfg, usize::MAX, 2), None, "overflow");
+        let huge = CacheConfig {
+            num_blocks: Some(usize::MAX / 4),
+            ..CacheConfig::default()
+        };
+        assert!(kv_pool_blocks(&huge, &cfg, 2).is_err());
     }
 }

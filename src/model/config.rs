@@ -237,6 +237,77 @@ impl ModelConfig {
                 format!("{} is odd; rotary needs pairs", self.head_dim),
             );
         }
+        // The loader and the engine multiply these before any weight is checked against them:
+        // sizes whose f32 bytes overflow are refused here rather than overflowing there (a
+        // panic in debug builds, a wrong size in release ones).
+        let (h, hd) = (self.hidden_size, self.head_dim);
+        let qkv_rows = self
+            .num_key_value_heads
+            .checked_mul(2)
+            .and_then(|kv| kv.checked_add(self.num_attention_heads));
+        for (field, factors) in [
+            ("vocab_size", [Some(self.vocab_size), Some(h), Some(1)]),
+            ("num_attention_heads", [qkv_rows, Some(hd), Some(h)]),
+            (
+                "intermediate_size",
+                [Some(self.intermediate_size), Some(h), Some(2)],
+            ),
+            (
+                "num_hidden_layers",
+                [
+                    Some(self.num_hidden_layers),
+                    self.num_key_value_heads.checked_mul(hd),
+                    Some(2),
+                ],
+            ),
+        ] {
+            let bytes = factors
+                .iter()
+                .try_fold(4usize, |acc, f| f.and_then(|f| acc.checked_mul(f)))
+                .filter(|&b| b <= isize::MAX as usize);
+            if bytes.is_none() {
+                return bad(field, "the model's sizes overflow when multiplied".into());
+            }
+        }
+        // Rotary tables and norms must stay finite: a theta or scaling factor below 1 is no
+        // real model's, and a small enough one makes frequencies infinite (zero or negative:
+        // NaN); a negative epsilon makes NaN norms.
+        if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {
+            return bad(
+                "rms_norm_eps",
+                format!("{} is not a finite value >= 0", self.rms_norm_eps),
+            );
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta >= 1.0) {
+            return bad(
+                "rope_theta",
+                format!("{} is not a finite value >= 1", self.rope_theta),
+            );
+        }
+        let factor = match self.rope_scaling {
+            None => 1.0,
+            Some(RopeScaling::Linear { factor }) => factor,
+            Some(RopeScaling::Llama3 {
+                factor,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                ..
+            }) => {
+                if !(low.is_finite() && low > 0.0 && high.is_finite() && high > low) {
+                    return bad(
+                        "rope_scaling",
+                        format!("need 0 < low_freq_factor ({low}) < high_freq_factor ({high})"),
+                    );
+                }
+                factor
+            }
+        };
+        if !(factor.is_finite() && factor >= 1.0) {
+            return bad(
+                "rope_scaling.factor",
+                format!("{factor} is not a finite value >= 1"),
+            );
+        }
         Ok(())
     }
 
@@ -361,6 +432,57 @@ mod tests {
             ModelConfig::from_json("{not json"),
             Err(ModelError::ConfigParse { .. })
         ));
+    }
+
+    /// Regression (found by tests/fuzz.rs): each of these parsed, then gave NaN or infinite
+    /// rotary tables and norms, or sizes whose products overflow in the loader and the engine.
+    #[test]
+    fn values_that_break_the_forward_are_named() {
+        for (from, to, field) in [
+            (
+                "\"rms_norm_eps\":1e-05",
+                "\"rms_norm_eps\":-1",
+                "rms_norm_eps",
+            ),
+            ("\"rope_theta\":100000.0", "\"rope_theta\":0", "rope_theta"),
+            (
+                "\"rope_theta\":100000.0",
+                "\"rope_theta\":1e39",
+                "rope_theta",
+            ),
+            (
+                "\"rope_scaling\":null",
+                "\"rope_scaling\":{\"type\":\"linear\",\"factor\":0}",
+                "rope_scaling.factor",
+            ),
+            (
+                "\"rope_scaling\":null",
+                r#""rope_scaling":{"rope_type":"llama3","factor":8,"low_freq_factor":4,"high_freq_factor":4,"original_max_position_embeddings":8192}"#,
+                "rope_scaling",
+            ),
+            (
+                "\"num_attention_heads\":9",
+                "\"num_attention_heads\":6917529027641081856",
+                "num_attention_heads",
+            ),
+            (
+                "\"num_hidden_layers\":30",
+                "\"num_hidden_layers\":9223372036854775807",
+                "num_hidden_layers",
+            ),
+            (
+                "\"vocab_size\":49152",
+                "\"vocab_size\":18446744073709551615",
+                "vocab_size",
+            ),
+        ] {
+            let j = SMOLLM2.replace(from, to);
+            assert_ne!(j, SMOLLM2, "{from}");
+            match ModelConfig::from_json(&j) {
+                Err(ModelError::ConfigField { field: f, .. }) => assert_eq!(f, field, "{to}"),
+                other => panic!("{to}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -128,7 +128,10 @@ impl<B: Backend> Model<B> {
             num_kv_heads: nkv,
             head_dim: hd,
         };
-        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        // Not `with_capacity(num_hidden_layers)`: that count comes from config.json and is only
+        // vouched for once every layer's weights are found; an absurd one would abort the
+        // process on the allocation.
+        let mut layers = Vec::new();
         for l in 0..c.num_hidden_layers {
             let p = format!("model.layers.{l}");
             let attn = format!("{p}.self_attn");

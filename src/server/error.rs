@@ -20,6 +20,8 @@ pub enum ErrorKind {
     Authentication,
     /// 404: no such route or model.
     NotFound,
+    /// 405: the route exists, not with this method.
+    MethodNotAllowed,
     /// 413: the body is over the size limit.
     TooLarge,
     /// 429: the engine's waiting queue is full; retry later.
@@ -38,6 +40,7 @@ impl ErrorKind {
             ErrorKind::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorKind::Authentication => StatusCode::UNAUTHORIZED,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::RateLimit => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -48,7 +51,9 @@ impl ErrorKind {
 
     fn type_str(self) -> &'static str {
         match self {
-            ErrorKind::InvalidRequest | ErrorKind::TooLarge => "invalid_request_error",
+            ErrorKind::InvalidRequest | ErrorKind::TooLarge | ErrorKind::MethodNotAllowed => {
+                "invalid_request_error"
+            }
             ErrorKind::Authentication => "authentication_error",
             ErrorKind::NotFound => "not_found_error",
             ErrorKind::RateLimit => "rate_limit_exceeded",
@@ -206,6 +211,14 @@ fn parse_one<T: DeserializeOwned>(
 /// The response for routes that do not exist.
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::new(ErrorKind::NotFound, format!("no route for {}", uri.path()))
+}
+
+/// The response for a route called with a method it does not serve.
+pub async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        ErrorKind::MethodNotAllowed,
+        format!("{} does not accept {method}", uri.path()),
+    )
 }
 
 #[cfg(test)]

@@ -174,8 +174,19 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics_text))
         .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// The router of `serve`, already ready with `engine`: for driving the API in-process (tests,
+/// fuzzing) without binding a port.
+pub fn app_with_engine(cfg: &ServerConfig, engine: Engine) -> std::io::Result<Router> {
+    let state = Arc::new(AppState::new(cfg)?);
+    let metrics = Arc::new(Metrics::new(&state.model_name, engine.limits()));
+    // A fresh state's cell is empty, so this set cannot fail.
+    let _ = state.ready.set(Ready { engine, metrics });
+    Ok(router(state))
 }
 
 /// Compares in time independent of where the strings first differ.

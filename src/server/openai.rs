@@ -185,12 +185,13 @@ pub fn resolve_max_tokens(
             "max_tokens must be at least 1",
         ));
     }
-    if prompt_len + max_tokens > max_model_len || room == 0 {
+    // Saturating: `max_tokens` is the client's number, up to usize::MAX (found by tests/fuzz.rs).
+    let requested_total = prompt_len.saturating_add(max_tokens);
+    if requested_total > max_model_len || room == 0 {
         return Err(ApiError::invalid(
             prompt_param,
             format!(
-                "This model's maximum context length is {max_model_len} tokens. However, you requested {} tokens ({prompt_len} in the messages, {max_tokens} in the completion). Please reduce the length of the messages or completion.",
-                prompt_len + max_tokens
+                "This model's maximum context length is {max_model_len} tokens. However, you requested {requested_total} tokens ({prompt_len} in the messages, {max_tokens} in the completion). Please reduce the length of the messages or completion."
             ),
         )
         .with_code("context_length_exceeded"));
@@ -384,6 +385,10 @@ mod tests {
         );
         assert!(resolve_max_tokens(None, None, 100, 100, "prompt").is_err());
         assert!(resolve_max_tokens(Some(0), None, 1, 100, "prompt").is_err());
+        // Regression: this sum overflowed (a panic in debug builds, and in release a wrapped
+        // total that let the request through).
+        let e = resolve_max_tokens(Some(usize::MAX), None, 10, 100, "prompt").unwrap_err();
+        assert_eq!(e.code, Some("context_length_exceeded"));
     }
 
     #[test]
