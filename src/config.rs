@@ -196,6 +196,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn waiting_queue_is_bounded_by_default() {
+        let c = SchedulerConfig::default();
+        assert_eq!(c.max_waiting_requests, Some(DEFAULT_MAX_WAITING_REQUESTS));
+        assert!(DEFAULT_MAX_WAITING_REQUESTS >= 4 * c.max_num_seqs);
+    }
+
+    #[test]
     fn devices_parse_and_print() {
         for (s, d) in [
             ("cpu", DeviceKind::Cpu),
