@@ -581,6 +581,33 @@ async fn request_timeout_aborts_and_frees_blocks() {
     assert_eq!(st, 200, "{b}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_step_is_an_error_and_the_worker_carries_on() {
+    // The engine's 3rd step fails: its request gets a 500 (never a truncated 200), its blocks
+    // are freed, the failure is counted, and the worker stays healthy and serves the next one.
+    let s = Server::start(&["--fault-injection", "error@3"]).await;
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 20, "ignore_eos": true});
+    let (st, b) = s.post("/v1/completions", &body).await;
+    assert_error(st, &b, 500, "server_error");
+    assert!(
+        b["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("injected fault"),
+        "{b}"
+    );
+    let m = s.metrics().await;
+    assert_eq!(sample(&m, "llmd:engine_failed_steps_total", ""), 1.0);
+    assert_eq!(
+        sample(&m, "llmd:kv_free_blocks", ""),
+        sample(&m, "llmd:kv_total_blocks", "")
+    );
+    assert_eq!(reqwest::get(s.url("/health")).await.unwrap().status(), 200);
+    let (st, b) = s.post("/v1/completions", &body).await;
+    assert_eq!(st, 200, "{b}");
+    assert_eq!(b["usage"]["completion_tokens"], 20);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dead_engine_fails_requests_and_exits_nonzero() {
     // The engine's first step stalls for 2 s, so all three requests are in by the time it

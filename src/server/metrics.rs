@@ -245,6 +245,12 @@ impl Metrics {
             "Engine steps run.",
             c.steps.to_string(),
         );
+        scalar(
+            "llmd:engine_failed_steps_total",
+            "counter",
+            "Engine steps whose model call failed (their requests were aborted with an error).",
+            c.failed_steps.to_string(),
+        );
         let Some(r) = self.with(|r| {
             let mut text = String::new();
             let _ = writeln!(

@@ -114,9 +114,8 @@ pub async fn submit(
         })
         .await;
     if let Err(e) = first_items {
-        for s in &mut states {
-            s.tracker.discard();
-        }
+        // Past the deadline while queued: the requests were in the engine, so dropping their
+        // trackers records them as aborted.
         return Err(e.into());
     }
     for s in &mut states {
