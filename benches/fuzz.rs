@@ -42,6 +42,15 @@ fn main() {
             check_safetensors_roundtrip,
         ));
     }
+    if wanted("kv_block_records") {
+        print(check(
+            "kv_block_records",
+            cases,
+            seed,
+            kv_record_case(),
+            check_kv_record,
+        ));
+    }
     if wanted("safetensors_sharded") {
         print(check(
             "safetensors_sharded",

@@ -1,5 +1,5 @@
 //! Property-based fuzzing of llmd's untrusted inputs, bounded for CI: safetensors files and shard
-//! indexes, `config.json` (parsed, and loaded by an engine), `tokenizer_config.json` with chat
+//! indexes, KV block records, `config.json` (parsed, and loaded by an engine), `tokenizer_config.json` with chat
 //! templates, and HTTP bodies against the OpenAI routes. Each property must answer — `Ok`, a typed
 //! error, a 4xx in OpenAI's shape — never panic, hang or answer 5xx.
 //!
@@ -65,6 +65,17 @@ fn safetensors_sharded() {
         seed(),
         sharded_case(),
         check_safetensors_sharded,
+    ));
+}
+
+#[test]
+fn kv_block_records() {
+    report(check(
+        "kv_block_records",
+        cases(CI_CASES),
+        seed(),
+        kv_record_case(),
+        check_kv_record,
     ));
 }
 

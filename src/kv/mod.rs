@@ -3,6 +3,7 @@
 //! The device memory holding K/V lives in the backend; this module only hands out block ids.
 pub mod block_hash;
 pub mod block_pool;
+pub mod block_record;
 pub mod kv_cache_manager;
 
 pub use block_hash::{BlockHash, BlockHashAlgo, BlockHasher};

@@ -2121,3 +2121,50 @@ pub fn check_http(server: &HttpServer, case: HttpCase) -> Result<(), TestCaseErr
     prop_assert!(v["usage"]["completion_tokens"].is_u64(), "no usage: {text}");
     Ok(())
 }
+
+// ---- KV block records (the format below the device pool) ----
+
+/// A valid record of a random payload, then damaged: bytes flipped, truncated, extended, or
+/// left intact; plus wholly random bytes.
+pub fn kv_record_case() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+    let valid = (
+        proptest::collection::vec(any::<u8>(), 0..512),
+        proptest::collection::vec((any::<Index>(), any::<u8>()), 0..4),
+        prop_oneof![Just(None), any::<Index>().prop_map(Some)],
+        any::<bool>(),
+    )
+        .prop_map(|(payload, flips, cut, extend)| {
+            let mut rec = llmd::kv::block_record::encode(&KV_HASH, KV_IDENTITY, &payload);
+            for (i, x) in flips {
+                let i = i.index(rec.len());
+                rec[i] ^= x;
+            }
+            if let Some(c) = cut {
+                rec.truncate(c.index(rec.len() + 1));
+            }
+            if extend {
+                rec.push(0);
+            }
+            (payload, rec)
+        });
+    prop_oneof![
+        valid,
+        proptest::collection::vec(any::<u8>(), 0..256).prop_map(|b| (Vec::new(), b)),
+    ]
+}
+
+pub const KV_HASH: llmd::kv::BlockHash = llmd::kv::BlockHash([7; 32]);
+pub const KV_IDENTITY: &str = "model=m;layers=1;kv_heads=1;head_dim=8;block_size=16;dtype=f32";
+
+/// Decoding never panics, and a record is accepted only when it is exactly the one written.
+pub fn check_kv_record((payload, rec): (Vec<u8>, Vec<u8>)) -> Result<(), TestCaseError> {
+    let intact = llmd::kv::block_record::encode(&KV_HASH, KV_IDENTITY, &payload);
+    match llmd::kv::block_record::decode(&rec, &KV_HASH, KV_IDENTITY, payload.len()) {
+        Ok(p) => {
+            prop_assert_eq!(p, payload.as_slice());
+            prop_assert!(rec == intact, "a damaged record was accepted");
+        }
+        Err(_) => prop_assert!(rec != intact, "an intact record was refused"),
+    }
+    Ok(())
+}
