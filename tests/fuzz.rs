@@ -136,9 +136,9 @@ fn http_bodies() {
 #[test]
 fn offsets_near_usize_max_are_corrupt_not_a_panic() {
     let dir = tempfile::tempdir().unwrap();
-    write_file(
+    write(
         &dir.path().join("model.safetensors"),
-        &huge_chain(0, 0).bytes(),
+        huge_chain(0, 0).bytes(),
     );
     match WeightFiles::open(dir.path()) {
         Err(ModelError::CorruptWeights { reason, .. }) => {
@@ -155,8 +155,8 @@ fn shard_index_names_only_plain_files() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("model");
     std::fs::create_dir(&dir).unwrap();
-    let valid = st_file_valid_example().bytes();
-    write_file(&root.path().join("outside.safetensors"), &valid);
+    let valid = small_valid_st_file().bytes();
+    write(&root.path().join("outside.safetensors"), &valid);
     for target in [
         "\"../outside.safetensors\"",
         "\"/etc/hostname\"",
@@ -165,7 +165,7 @@ fn shard_index_names_only_plain_files() {
         "null",
     ] {
         let index = format!("{{\"weight_map\":{{\"model.norm.weight\":{target}}}}}");
-        write_file(&dir.join("model.safetensors.index.json"), index.as_bytes());
+        write(&dir.join("model.safetensors.index.json"), index.as_bytes());
         match WeightFiles::open(&dir) {
             Err(ModelError::CorruptWeights { reason, .. }) => {
                 assert!(reason.contains("is not a file name"), "{target}: {reason}")
@@ -173,27 +173,6 @@ fn shard_index_names_only_plain_files() {
             other => panic!("{target}: {:?}", other.err()),
         }
     }
-}
-
-fn st_file_valid_example() -> StFile {
-    StFile {
-        tensors: vec![StTensor {
-            name: "model.norm.weight".into(),
-            dtype: "\"F32\"".into(),
-            dims: vec!["2".into()],
-            offsets: Offsets::Consistent,
-        }],
-        metadata: None,
-        pad: 0,
-        len_field: LenField::Exact,
-        extra_data: 0,
-        fill: 0,
-        damage: Damage::None,
-    }
-}
-
-fn write_file(path: &std::path::Path, bytes: &[u8]) {
-    std::fs::write(path, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
 }
 
 /// An engine on stories260K's weights whose config.json says `num_hidden_layers`.

@@ -89,13 +89,18 @@ impl Server {
         format!("{}{path}", self.base)
     }
 
-    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = reqwest::Client::new()
+    /// Sends `body` and returns the response unread (streams, status checks).
+    async fn send(&self, path: &str, body: &Value) -> reqwest::Response {
+        reqwest::Client::new()
             .post(self.url(path))
             .json(body)
             .send()
             .await
-            .expect("request");
+            .expect("request")
+    }
+
+    async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = self.send(path, body).await;
         let status = r.status().as_u16();
         let text = r.text().await.expect("body");
         let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
@@ -402,15 +407,13 @@ async fn queue_with_room_admits_then_refuses() {
     // third is refused with 429.
     let s = Server::start(&["--max-num-seqs", "1", "--max-waiting-requests", "1"]).await;
     let client = reqwest::Client::new();
-    let mut running = client
-        .post(s.url("/v1/completions"))
-        .json(
+    let mut running = s
+        .send(
+            "/v1/completions",
             &json!({"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": true,
                       "stream": true}),
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(running.status(), 200);
     running.chunk().await.unwrap().expect("a first chunk");
     let waiting = {
@@ -548,12 +551,7 @@ async fn request_timeout_aborts_and_frees_blocks() {
         sample(m, "vllm:num_requests_running", "") == 0.0
     })
     .await;
-    let r = reqwest::Client::new()
-        .post(s.url("/v1/completions"))
-        .json(&long(true))
-        .send()
-        .await
-        .unwrap();
+    let r = s.send("/v1/completions", &long(true)).await;
     assert_eq!(r.status(), 200);
     let body = r.text().await.unwrap();
     let events = sse_events(&body);
@@ -702,15 +700,13 @@ async fn greedy_http_equals_engine() {
             )
             .await;
         assert_eq!(b["choices"][0]["text"], d.text.as_str());
-        let r = reqwest::Client::new()
-            .post(s.url("/v1/completions"))
-            .json(
+        let r = s
+            .send(
+                "/v1/completions",
                 &json!({"prompt": p, "max_tokens": 40, "temperature": 0, "stream": true,
                           "stream_options": {"include_usage": true}}),
             )
-            .send()
-            .await
-            .unwrap();
+            .await;
         assert_eq!(r.status(), 200);
         assert!(r.headers()["content-type"]
             .to_str()
@@ -954,21 +950,17 @@ async fn dropped_stream_aborts_and_frees_blocks() {
     let m = s.metrics().await;
     let total = sample(&m, "llmd:kv_total_blocks", "");
     assert_eq!(sample(&m, "llmd:kv_free_blocks", ""), total);
-    let client = reqwest::Client::new();
-    let mut r = client
-        .post(s.url("/v1/completions"))
-        .json(
+    let mut r = s
+        .send(
+            "/v1/completions",
             &json!({"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": true,
                       "temperature": 1.0, "stream": true}),
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 200);
     let first = r.chunk().await.unwrap().expect("a first chunk");
     assert!(String::from_utf8_lossy(&first).contains("data:"));
     drop(r);
-    drop(client);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let m = s.metrics().await;
@@ -1068,15 +1060,13 @@ async fn two_hundred_concurrent_streams() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_and_exits_zero() {
     let mut s = Server::start(&["--shutdown-timeout", "20"]).await;
-    let mut r = reqwest::Client::new()
-        .post(s.url("/v1/completions"))
-        .json(
+    let mut r = s
+        .send(
+            "/v1/completions",
             &json!({"prompt": "Once upon a time", "max_tokens": 300, "ignore_eos": true,
                       "stream": true, "stream_options": {"include_usage": true}}),
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     assert_eq!(r.status(), 200);
     let mut body = String::from_utf8_lossy(&r.chunk().await.unwrap().unwrap()).to_string();
     let killed = Command::new("kill")
@@ -1101,15 +1091,13 @@ async fn sigterm_drains_in_flight_and_exits_zero() {
 async fn shutdown_deadline_aborts_stuck_requests() {
     // A deadline of 0 s: in-flight requests are dropped at once and the process still exits 0.
     let mut s = Server::start(&["--shutdown-timeout", "0"]).await;
-    let mut r = reqwest::Client::new()
-        .post(s.url("/v1/completions"))
-        .json(
+    let mut r = s
+        .send(
+            "/v1/completions",
             &json!({"prompt": "Once upon a time", "max_tokens": 480, "ignore_eos": true,
                       "stream": true}),
         )
-        .send()
-        .await
-        .unwrap();
+        .await;
     r.chunk().await.unwrap().unwrap();
     Command::new("kill")
         .args(["-TERM", &s.pid().to_string()])

@@ -118,21 +118,16 @@ pub async fn submit(
         // trackers records them as aborted.
         return Err(e.into());
     }
-    for s in &mut states {
-        match s.first.take() {
-            Some(Ok(o)) => s.first = Some(Ok(o)),
-            Some(Err(e)) => {
-                // Refused: nothing ran, so nothing is recorded; dropping `states` aborts the
-                // choices already accepted.
-                for s in &mut states {
-                    s.tracker.discard();
-                }
-                return Err(e.into());
-            }
-            None => {
-                return Err(crate::Error::StepFailed("request ended without output".into()).into())
-            }
+    if let Some(s) = states.iter_mut().find(|s| !matches!(s.first, Some(Ok(_)))) {
+        let Some(Err(e)) = s.first.take() else {
+            return Err(crate::Error::StepFailed("request ended without output".into()).into());
+        };
+        // Refused: nothing ran, so nothing is recorded; dropping `states` aborts the choices
+        // already accepted.
+        for s in &mut states {
+            s.tracker.discard();
         }
+        return Err(e.into());
     }
     let num_choices = states.len();
     let merged = stream::select_all(states.into_iter().map(choice_stream));

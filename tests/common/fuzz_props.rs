@@ -142,7 +142,7 @@ impl std::fmt::Debug for Bytes {
     }
 }
 
-fn write(path: &Path, bytes: impl AsRef<[u8]>) {
+pub fn write(path: &Path, bytes: impl AsRef<[u8]>) {
     std::fs::write(path, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
 }
 
@@ -967,13 +967,9 @@ fn plain_file_name(v: &Value) -> bool {
     })
 }
 
-/// A sharded checkpoint: `Ok` or a typed error; an index naming anything but plain file names
-/// in the directory is refused; when `Ok`, every tensor reads back inside its file.
-pub fn check_safetensors_sharded(case: ShardedCase) -> Result<(), TestCaseError> {
-    let root = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let dir = root.path().join("model");
-    std::fs::create_dir_all(dir.join("sub")).map_err(|e| TestCaseError::fail(e.to_string()))?;
-    let valid = StFile {
+/// A well-formed one-tensor file (`model.norm.weight`, 2 × f32).
+pub fn small_valid_st_file() -> StFile {
+    StFile {
         tensors: vec![StTensor {
             name: "model.norm.weight".into(),
             dtype: "\"F32\"".into(),
@@ -987,7 +983,15 @@ pub fn check_safetensors_sharded(case: ShardedCase) -> Result<(), TestCaseError>
         fill: 0,
         damage: Damage::None,
     }
-    .bytes();
+}
+
+/// A sharded checkpoint: `Ok` or a typed error; an index naming anything but plain file names
+/// in the directory is refused; when `Ok`, every tensor reads back inside its file.
+pub fn check_safetensors_sharded(case: ShardedCase) -> Result<(), TestCaseError> {
+    let root = tempfile::tempdir().map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let dir = root.path().join("model");
+    std::fs::create_dir_all(dir.join("sub")).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let valid = small_valid_st_file().bytes();
     write(&root.path().join("outside.safetensors"), &valid);
     write(&dir.join("sub/inner.safetensors"), &valid);
     write(&dir.join("model.safetensors.index.json"), &case.index);
