@@ -308,6 +308,18 @@ impl ModelConfig {
                 format!("{factor} is not a finite value >= 1"),
             );
         }
+        // The smallest inverse frequency is above 1 / (theta * factor): keep it a normal f32,
+        // or the slowest rotary pairs underflow to zero (no real model comes near: theta is at
+        // most ~1e9, factor at most ~100).
+        if (1.0 / self.rope_theta) / factor < f32::MIN_POSITIVE {
+            return bad(
+                "rope_theta",
+                format!(
+                    "{} with rope_scaling.factor {factor} makes rotary frequencies underflow",
+                    self.rope_theta
+                ),
+            );
+        }
         Ok(())
     }
 
@@ -459,6 +471,11 @@ mod tests {
                 "\"rope_scaling\":null",
                 r#""rope_scaling":{"rope_type":"llama3","factor":8,"low_freq_factor":4,"high_freq_factor":4,"original_max_position_embeddings":8192}"#,
                 "rope_scaling",
+            ),
+            (
+                "\"rope_theta\":100000.0,\"rope_scaling\":null",
+                r#""rope_theta":1e30,"rope_scaling":{"type":"linear","factor":1e30}"#,
+                "rope_theta",
             ),
             (
                 "\"num_attention_heads\":9",
