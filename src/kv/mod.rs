@@ -4,9 +4,11 @@
 pub mod block_hash;
 pub mod block_pool;
 pub mod block_record;
+pub mod events;
 pub mod kv_cache_manager;
 
 pub use block_hash::{BlockHash, BlockHashAlgo, BlockHasher};
+pub use events::{KvEvent, KvEventSink, Medium};
 pub use block_pool::{BlockPool, PrefixCacheStats};
 pub use kv_cache_manager::{ComputedBlocks, KvCacheManager};
 
