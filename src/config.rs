@@ -138,6 +138,21 @@ pub struct EngineConfig {
     pub device_sampling: Option<bool>,
     /// Faults to inject into model steps (tests of failure handling; None in production).
     pub fault_injection: Option<crate::engine::FaultInjector>,
+    /// The KV tiers below the device pool (host, disk, remote); all off by default. They need
+    /// prefix caching (blocks are found by hash).
+    pub kv_tiers: crate::kv::tiers::TierConfig,
+    /// Where each step's KV events go (None: not collected).
+    pub kv_events: Option<KvEventsHandle>,
+}
+
+/// The engine's KV event sink (a ZMQ publisher in the server).
+#[derive(Clone)]
+pub struct KvEventsHandle(pub std::sync::Arc<dyn crate::kv::KvEventSink>);
+
+impl std::fmt::Debug for KvEventsHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KvEventsHandle")
+    }
 }
 
 impl EngineConfig {
@@ -152,6 +167,8 @@ impl EngineConfig {
             num_threads: None,
             device_sampling: None,
             fault_injection: None,
+            kv_tiers: Default::default(),
+            kv_events: None,
         }
     }
 
@@ -177,6 +194,15 @@ impl EngineConfig {
         }
         if self.max_model_len == Some(0) {
             return bad("max_model_len", "must be at least 1");
+        }
+        if self.kv_tiers.is_enabled() && !self.cache.enable_prefix_caching {
+            return bad(
+                "kv_offloading",
+                "the KV tiers find blocks by prefix hash: enable prefix caching",
+            );
+        }
+        if self.kv_tiers.disk_path.is_some() && self.kv_tiers.disk_bytes == 0 {
+            return bad("kv_disk_gb", "a disk tier needs a capacity above 0");
         }
         if let Some(len) = self.max_model_len {
             if !self.scheduler.enable_chunked_prefill && self.scheduler.max_num_batched_tokens < len

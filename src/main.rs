@@ -67,6 +67,24 @@ struct EngineArgs {
     /// Faults to inject into model steps, e.g. `error@3,panic@10` (for failure tests).
     #[arg(long, hide = true)]
     fault_injection: Option<llmd::engine::FaultInjector>,
+    /// GiB of host memory for KV blocks offloaded below the device pool (vLLM's flag; 0: off).
+    #[arg(long, default_value_t = 0.0)]
+    kv_offloading_size: f64,
+    /// Offloading implementation (vLLM's flag): only `native`, llmd's own tiers.
+    #[arg(long, default_value = "native", value_parser = ["native"])]
+    kv_offloading_backend: String,
+    /// Directory of the disk KV tier (blocks the host tier evicts; survives restarts).
+    #[arg(long)]
+    kv_disk_path: Option<PathBuf>,
+    /// GiB the disk KV tier may use.
+    #[arg(long, default_value_t = 10.0)]
+    kv_disk_gb: f64,
+    /// Remote KV tier shared by workers: `redis://host:port` (Redis or Valkey).
+    #[arg(long)]
+    kv_remote_url: Option<String>,
+    /// Load from the KV tiers whatever the measured costs say (tests, benchmarks).
+    #[arg(long, hide = true)]
+    kv_tier_always_load: bool,
 }
 
 #[derive(Args)]
@@ -171,6 +189,17 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
     c.enforce_eager = a.enforce_eager;
     c.scheduler.max_waiting_requests = Some(a.max_waiting_requests);
     c.fault_injection = a.fault_injection.clone();
+    let gib = |g: f64, flag: &str| -> Result<f64> {
+        if !(g.is_finite() && g >= 0.0) {
+            bail!("{flag} must be a number of GiB >= 0, got {g}");
+        }
+        Ok(g * (1u64 << 30) as f64)
+    };
+    c.kv_tiers.host_bytes = gib(a.kv_offloading_size, "--kv-offloading-size")? as usize;
+    c.kv_tiers.disk_path = a.kv_disk_path.clone();
+    c.kv_tiers.disk_bytes = gib(a.kv_disk_gb, "--kv-disk-gb")? as u64;
+    c.kv_tiers.remote_url = a.kv_remote_url.clone();
+    c.kv_tiers.always_load = a.kv_tier_always_load;
     Ok(c)
 }
 

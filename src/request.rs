@@ -55,6 +55,9 @@ impl FinishReason {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RequestStatus {
     Waiting,
+    /// Waiting for blocks of its prefix to load from a tier below the device (vLLM's
+    /// `WAITING_FOR_REMOTE_KVS`); the rest of the batch runs meanwhile.
+    WaitingForKv,
     Running,
     /// Preempted: its blocks were freed and its tokens will be recomputed when resumed.
     Preempted,

@@ -13,6 +13,7 @@
 //! advanced when it is scheduled (the engine runs every scheduled step or aborts its requests);
 //! every request leaving (finish, abort) has its blocks freed at once.
 use crate::config::{SchedulerConfig, SchedulingPolicy};
+use crate::kv::connector::KvConnector;
 use crate::kv::{BlockId, KvCacheManager, PrefixCacheStats};
 use crate::request::{FinishReason, RequestId, RequestStatus, TokenId};
 use std::collections::{HashMap, VecDeque};
@@ -35,6 +36,11 @@ pub struct Request {
     /// Prompt tokens served from the prefix cache when first scheduled.
     pub num_cached_tokens: Option<usize>,
     pub num_preemptions: usize,
+    /// The tiers below the device were asked for this request's prefix (once per admission).
+    kv_probed: bool,
+    /// Verified payloads loaded from a tier, for blocks `first..first + len` of the prompt,
+    /// waiting to be written into device blocks when the request is admitted.
+    staged: Option<(usize, Vec<Vec<u8>>)>,
 }
 
 impl Request {
@@ -55,6 +61,8 @@ impl Request {
             extra_keys,
             num_cached_tokens: None,
             num_preemptions: 0,
+            kv_probed: false,
+            staged: None,
         }
     }
 
@@ -79,6 +87,9 @@ pub struct ScheduledSeq {
 pub struct SchedulerOutput {
     /// Decodes (one token, continuing a running request) first, then prefill chunks.
     pub seqs: Vec<ScheduledSeq>,
+    /// Blocks loaded from a tier: each payload must be written into its device block before
+    /// the step runs (the step's attention reads them).
+    pub kv_writes: Vec<(BlockId, Vec<u8>)>,
     pub preempted: Vec<RequestId>,
     pub num_batched_tokens: usize,
 }
@@ -97,6 +108,10 @@ pub struct Scheduler {
     running: Vec<RequestId>,
     next_arrival: u64,
     num_preemptions: u64,
+    /// The tiers below the device (None: off).
+    connector: Option<KvConnector>,
+    /// Requests whose prefix is loading (status `WaitingForKv`).
+    num_waiting_for_kv: usize,
 }
 
 impl Scheduler {
@@ -109,6 +124,59 @@ impl Scheduler {
             running: Vec::new(),
             next_arrival: 0,
             num_preemptions: 0,
+            connector: None,
+            num_waiting_for_kv: 0,
+        }
+    }
+
+    /// Loads prefixes from the tiers below the device through `connector`.
+    pub fn set_connector(&mut self, connector: KvConnector) {
+        self.kv.record_changes();
+        self.connector = Some(connector);
+    }
+
+    pub fn connector(&self) -> Option<&KvConnector> {
+        self.connector.as_ref()
+    }
+
+    /// Blocks published and evicted since the last call (see
+    /// [`KvCacheManager::record_changes`]).
+    pub fn take_kv_changes(
+        &mut self,
+    ) -> (Vec<crate::kv::CommittedBlock>, Vec<crate::kv::BlockHash>) {
+        (self.kv.take_committed(), self.kv.take_evicted())
+    }
+
+    /// Keeps published and evicted blocks for [`Self::take_kv_changes`] (KV events).
+    pub fn record_kv_changes(&mut self) {
+        self.kv.record_changes();
+    }
+
+    /// Requests waiting for a load from a tier.
+    pub fn num_waiting_for_kv(&self) -> usize {
+        self.num_waiting_for_kv
+    }
+
+    /// Takes finished loads (waiting up to `wait` for one when loads are in flight and none is
+    /// ready): each loaded request goes back to the front of the waiting queue with its
+    /// payloads staged.
+    pub fn poll_kv_loads(&mut self, wait: std::time::Duration) {
+        let Some(c) = &mut self.connector else {
+            return;
+        };
+        for (id, first, payloads) in c.poll(wait) {
+            let Some(r) = self.requests.get_mut(&id) else {
+                continue;
+            };
+            if r.status != RequestStatus::WaitingForKv {
+                continue;
+            }
+            r.status = RequestStatus::Waiting;
+            if !payloads.is_empty() {
+                r.staged = Some((first, payloads));
+            }
+            self.num_waiting_for_kv -= 1;
+            self.waiting.push_front(id);
         }
     }
 
@@ -166,6 +234,10 @@ impl Scheduler {
     /// Removes a request (finished or aborted) and frees its blocks. Returns it if it existed.
     pub fn finish(&mut self, id: &RequestId, reason: FinishReason) -> Option<Request> {
         let mut req = self.requests.remove(id)?;
+        if req.status == RequestStatus::WaitingForKv {
+            // Its load's result, when it comes, finds no request and is dropped.
+            self.num_waiting_for_kv -= 1;
+        }
         self.running.retain(|r| r != id);
         self.waiting.retain(|r| r != id);
         self.kv.free(id);
@@ -178,9 +250,9 @@ impl Scheduler {
     /// are aborted instead.
     pub fn commit_step(&mut self, out: &SchedulerOutput) {
         for s in &out.seqs {
-            if self.requests.contains_key(&s.id) {
+            if let Some(r) = self.requests.get(&s.id) {
                 self.kv
-                    .commit(&s.id, s.num_computed_tokens + s.num_new_tokens);
+                    .commit(&s.id, &r.tokens, s.num_computed_tokens + s.num_new_tokens);
             }
         }
     }
@@ -191,6 +263,8 @@ impl Scheduler {
         let mut decodes: Vec<ScheduledSeq> = Vec::new();
         let mut prefills: Vec<ScheduledSeq> = Vec::new();
         let mut preempted: Vec<RequestId> = Vec::new();
+        let mut kv_writes: Vec<(BlockId, Vec<u8>)> = Vec::new();
+        self.poll_kv_loads(std::time::Duration::ZERO);
 
         let mut i = 0;
         while i < self.running.len() && budget > 0 {
@@ -273,7 +347,37 @@ impl Scheduler {
                 } else {
                     Default::default()
                 };
-                let computed = hit.num_computed_tokens;
+                let bs = self.kv.block_size();
+                let device_blocks = hit.blocks.len();
+                if let Some(c) = &mut self.connector {
+                    if !r.kv_probed && r.num_computed_tokens == 0 && r.staged.is_none() {
+                        let hashes = self.kv.prompt_block_hashes(&r.tokens, &r.extra_keys);
+                        let r = self.requests.get_mut(&id).expect("waiting request exists");
+                        r.kv_probed = true;
+                        if let Some(rest) = hashes.get(device_blocks..) {
+                            if c.start_load(&id, device_blocks, rest).is_some() {
+                                r.status = RequestStatus::WaitingForKv;
+                                self.num_waiting_for_kv += 1;
+                                self.waiting.remove(pos);
+                                continue;
+                            }
+                        }
+                    }
+                }
+                let r = &self.requests[&id];
+                // Staged blocks that continue the device hit: written into fresh blocks.
+                let mut loaded: Vec<Vec<u8>> = Vec::new();
+                if let Some((first, payloads)) = &r.staged {
+                    if (*first..first + payloads.len()).contains(&device_blocks) {
+                        let max_blocks = (r.tokens.len() - 1) / bs;
+                        loaded = payloads[device_blocks - first..]
+                            .iter()
+                            .take(max_blocks.saturating_sub(device_blocks))
+                            .cloned()
+                            .collect();
+                    }
+                }
+                let computed = hit.num_computed_tokens + loaded.len() * bs;
                 let remaining = r.tokens.len() - computed;
                 if !self.config.enable_chunked_prefill && remaining > budget {
                     break;
@@ -286,7 +390,20 @@ impl Scheduler {
                     break;
                 }
                 self.waiting.remove(pos);
+                if !loaded.is_empty() {
+                    let table = self.kv.block_table(&id);
+                    kv_writes.extend(
+                        table[device_blocks..device_blocks + loaded.len()]
+                            .iter()
+                            .copied()
+                            .zip(loaded.iter().cloned()),
+                    );
+                    if let Some(c) = &self.connector {
+                        c.count_hit_tokens(loaded.len() * bs);
+                    }
+                }
                 let r = self.requests.get_mut(&id).expect("waiting request exists");
+                r.staged = None;
                 r.status = RequestStatus::Running;
                 if r.num_cached_tokens.is_none() {
                     r.num_cached_tokens = Some(computed);
@@ -308,6 +425,7 @@ impl Scheduler {
         decodes.extend(prefills);
         SchedulerOutput {
             seqs: decodes,
+            kv_writes,
             preempted,
             num_batched_tokens,
         }
@@ -348,6 +466,8 @@ impl Scheduler {
             r.status = RequestStatus::Preempted;
             r.num_computed_tokens = 0;
             r.num_preemptions += 1;
+            // Its blocks may be below the device by the time it resumes.
+            r.kv_probed = false;
         }
         self.num_preemptions += 1;
         self.waiting.push_front(id.clone());

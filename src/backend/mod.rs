@@ -161,6 +161,30 @@ impl KvCacheDims {
     pub fn numel(&self) -> usize {
         self.num_blocks * self.block_size * self.num_kv_heads * self.head_dim
     }
+
+    /// Elements of one block in one of K or V: `block_size * num_kv_heads * head_dim`.
+    pub fn block_numel(&self) -> usize {
+        self.block_size * self.num_kv_heads * self.head_dim
+    }
+
+    /// Checks a block index and a host buffer of one block's K and V at `element_bytes`.
+    pub fn check_block(
+        &self,
+        op: &'static str,
+        block: usize,
+        bytes: usize,
+        element_bytes: usize,
+    ) -> BackendResult<()> {
+        let want = 2 * self.block_numel() * element_bytes;
+        if block >= self.num_blocks || bytes != want {
+            return Err(BackendError::Shape {
+                op,
+                expected: format!("block < {} and {want} bytes", self.num_blocks),
+                got: format!("block {block} and {bytes} bytes"),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// One sequence's slice of the step's token batch.
@@ -265,6 +289,22 @@ pub trait Backend: Send + Sync + 'static {
     /// Concatenates tensors of equal row width along rows (fused qkv / gate_up projections).
     fn load_weight_rows(&self, parts: &[HostTensor<'_>]) -> BackendResult<Self::Weight>;
     fn alloc_kv_cache(&self, dims: KvCacheDims) -> BackendResult<Self::KvCache>;
+    /// Copies block `block` of one layer's cache to the host: its K bytes then its V bytes
+    /// (`2 * block_size * num_kv_heads * head_dim * KV_ELEMENT_BYTES` in `out`), as stored.
+    fn read_kv_block(
+        &self,
+        cache: &Self::KvCache,
+        block: usize,
+        out: &mut [u8],
+    ) -> BackendResult<()>;
+    /// Overwrites block `block` of one layer's cache with bytes laid out as
+    /// [`Backend::read_kv_block`] gives them.
+    fn write_kv_block(
+        &self,
+        cache: &mut Self::KvCache,
+        block: usize,
+        data: &[u8],
+    ) -> BackendResult<()>;
     /// Copies the first `out.len()` elements of `buf` to the host as f32.
     fn to_host(&self, buf: &Self::Buffer, out: &mut [f32]) -> BackendResult<()>;
     /// Prepares the step's metadata (uploads it on devices with their own memory).

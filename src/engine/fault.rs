@@ -170,6 +170,18 @@ impl ModelRunner for FaultyRunner {
         self.inject()?;
         self.inner.execute_sampled(plan, params, tokens, logits)
     }
+
+    fn kv_dtype(&self) -> &'static str {
+        self.inner.kv_dtype()
+    }
+
+    fn read_kv_block(&self, block: usize, out: &mut [u8]) -> Result<(), ModelError> {
+        self.inner.read_kv_block(block, out)
+    }
+
+    fn write_kv_block(&mut self, block: usize, data: &[u8]) -> Result<(), ModelError> {
+        self.inner.write_kv_block(block, data)
+    }
 }
 
 #[cfg(test)]

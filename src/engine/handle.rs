@@ -60,6 +60,10 @@ pub struct EngineStats {
     pub prefix_cache: PrefixCacheStats,
     pub num_preemptions: u64,
     pub counters: super::Counters,
+    /// Requests waiting for their prefix to load from a KV tier.
+    pub num_waiting_for_kv: usize,
+    /// The KV tiers' sizes, traffic and decisions (None when off).
+    pub tiers: Option<crate::kv::connector::TierStats>,
 }
 
 /// Whether the engine thread is alive; `Some(reason)` once it died.
@@ -423,7 +427,9 @@ fn publish(core: &EngineCore, stats: &Mutex<EngineStats>) {
     let s = core.scheduler();
     let snapshot = EngineStats {
         num_running: s.num_running(),
-        num_waiting: s.num_waiting(),
+        num_waiting: s.num_waiting() + s.num_waiting_for_kv(),
+        num_waiting_for_kv: s.num_waiting_for_kv(),
+        tiers: core.tier_stats(),
         num_free_blocks: s.kv().num_free_blocks(),
         num_total_blocks: s.kv().num_total_blocks(),
         kv_usage: s.kv().usage(),

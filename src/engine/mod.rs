@@ -25,7 +25,9 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::{Backend, BatchPlan, SeqPlan};
 use crate::config::{DeviceKind, EngineConfig};
 use crate::error::{Error, Result};
-use crate::kv::{BlockHasher, KvCacheManager};
+use crate::kv::block_record::KvIdentity;
+use crate::kv::connector::{BlockLayout, KvConnector, TierStats};
+use crate::kv::{BlockHasher, KvCacheManager, KvEvent, KvEventSink, Medium};
 use crate::model::{Model, ModelConfig, ModelError, ModelLimits, ModelRunner};
 use crate::request::{FinishReason, RequestId, TokenId};
 use crate::sampling::{mask_tokens, SamplingParams};
@@ -91,6 +93,10 @@ pub struct EngineCore {
     /// Threads of the CPU work. The whole forward runs inside the pool, so each op's parallel
     /// loop starts on a worker instead of paying a cross-thread hand-off per op.
     pool: rayon::ThreadPool,
+    /// Where the KV events of each step go.
+    kv_events: Option<Arc<dyn KvEventSink>>,
+    /// Bytes of one block's K and V over all layers (a tier record's payload).
+    kv_block_bytes: usize,
 }
 
 /// Monotonic totals since start.
@@ -250,10 +256,56 @@ impl EngineCore {
         let random_on_device = config
             .device_sampling
             .unwrap_or_else(|| model.samples_on_device());
+        let mut model = model;
+        let kv_block_bytes =
+            kv_bytes_per_block(&model_cfg, block_size, kv_element_bytes(model.kv_dtype()))
+                .unwrap_or(0);
+        let mut scheduler = Scheduler::new(sched_cfg.clone(), kv);
+        let kv_events = config.kv_events.as_ref().map(|h| h.0.clone());
+        if kv_events.is_some() {
+            scheduler.record_kv_changes();
+        }
+        if config.kv_tiers.is_enabled() {
+            let limit = [
+                256,
+                sched_cfg.max_num_batched_tokens,
+                max_model_len - 1,
+                num_blocks * block_size,
+            ]
+            .into_iter()
+            .min()
+            .unwrap_or(1)
+            .max(1);
+            let ns = pool.install(|| measure_prefill(model.as_mut(), limit, block_size))?;
+            let fingerprint =
+                crate::kv::connector::model_fingerprint(&config.model).map_err(|e| {
+                    Error::Config {
+                        field: "model",
+                        reason: format!("fingerprinting the model for KV tiers: {e}"),
+                    }
+                })?;
+            let layout = BlockLayout {
+                identity: KvIdentity {
+                    model: fingerprint,
+                    num_layers: model_cfg.num_hidden_layers,
+                    num_kv_heads: model_cfg.num_key_value_heads,
+                    head_dim: model_cfg.head_dim,
+                    block_size,
+                    dtype: model.kv_dtype(),
+                },
+                payload_len: kv_block_bytes,
+            };
+            let connector = KvConnector::start(&config.kv_tiers, &layout, ns, kv_events.clone())
+                .map_err(|e| Error::Config {
+                    field: "kv_offloading",
+                    reason: e.to_string(),
+                })?;
+            scheduler.set_connector(connector);
+        }
         Ok(Self {
             model,
             tokenizer,
-            scheduler: Scheduler::new(sched_cfg.clone(), kv),
+            scheduler,
             states: HashMap::new(),
             limits: EngineLimits {
                 max_model_len,
@@ -271,7 +323,14 @@ impl EngineCore {
             random_on_device,
             counters: Counters::default(),
             pool,
+            kv_events,
+            kv_block_bytes,
         })
+    }
+
+    /// What the KV tiers hold and did (None when they are off).
+    pub fn tier_stats(&self) -> Option<TierStats> {
+        self.scheduler.connector().map(KvConnector::stats)
     }
 
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
@@ -371,9 +430,25 @@ impl EngineCore {
     pub fn step(&mut self) -> Result<Vec<EngineOutput>> {
         let sched = self.scheduler.schedule();
         if sched.is_empty() {
+            if self.scheduler.num_waiting_for_kv() > 0 {
+                // Only loads in flight: wait for one instead of spinning.
+                self.scheduler
+                    .poll_kv_loads(std::time::Duration::from_millis(2));
+            }
+            self.publish_kv_changes();
             return Ok(Vec::new());
         }
         self.counters.steps += 1;
+        // Loaded blocks land before the step that attends to them.
+        for (block, payload) in &sched.kv_writes {
+            if let Err(e) = self.model.write_kv_block(block.0 as usize, payload) {
+                self.counters.failed_steps += 1;
+                for s in &sched.seqs {
+                    self.abort_request(&s.id);
+                }
+                return Err(e.into());
+            }
+        }
         let plan = self.build_plan(&sched);
         // The backend picks the tokens of greedy rows (and of random ones where it samples on
         // the device) so their logits never leave it; rows that need the host (logprobs,
@@ -395,6 +470,7 @@ impl EngineCore {
             &mut self.device_tokens,
             &self.row_params,
         );
+        let started = std::time::Instant::now();
         let result = self.pool.install(|| {
             if params.iter().all(Option::is_none) {
                 model.execute(&plan, logits)
@@ -402,6 +478,13 @@ impl EngineCore {
                 model.execute_sampled(&plan, params, tokens, logits)
             }
         });
+        // A step of mostly prefill tokens updates what recomputing a block costs.
+        let prefill = plan.num_tokens() - plan.num_decode_tokens();
+        if result.is_ok() && prefill >= 64 && prefill * 10 >= plan.num_tokens() * 9 {
+            if let Some(c) = self.scheduler.connector() {
+                c.observe_recompute(started.elapsed().as_nanos() as f64 / plan.num_tokens() as f64);
+            }
+        }
         if let Err(e) = result {
             // Their blocks go back to the pool unpublished: the KV of this step may be
             // partly written or not at all.
@@ -412,6 +495,7 @@ impl EngineCore {
             return Err(e.into());
         }
         self.scheduler.commit_step(&sched);
+        self.publish_kv_changes();
         for s in &sched.seqs {
             if let Some(r) = self.scheduler.request(&s.id) {
                 let end = (s.num_computed_tokens + s.num_new_tokens).min(r.prompt_len);
@@ -465,6 +549,54 @@ impl EngineCore {
         Ok(outputs)
     }
 
+    /// The worker half of the KV connector after a step: copies newly committed blocks that
+    /// no tier holds yet out of the device and hands them to the tiers, and publishes the
+    /// device's KV events (stored, evicted).
+    fn publish_kv_changes(&mut self) {
+        let (committed, evicted) = self.scheduler.take_kv_changes();
+        if committed.is_empty() && evicted.is_empty() {
+            return;
+        }
+        if let Some(c) = self.scheduler.connector() {
+            let mut records = Vec::new();
+            for b in committed.iter().filter(|b| !c.holds(&b.hash)) {
+                let mut payload = vec![0u8; self.kv_block_bytes];
+                match self.model.read_kv_block(b.block.0 as usize, &mut payload) {
+                    Ok(()) => records.push((b.hash, payload)),
+                    Err(e) => tracing::warn!(error = %e, "reading a KV block for the tiers failed"),
+                }
+            }
+            c.store(records);
+        }
+        if let Some(sink) = &self.kv_events {
+            let mut events = Vec::new();
+            if !evicted.is_empty() {
+                events.push(KvEvent::BlockRemoved {
+                    block_hashes: evicted.iter().map(|h| h.external()).collect(),
+                    medium: Medium::Gpu,
+                });
+            }
+            // One event per run of blocks that chain (a sequence's new blocks).
+            let mut i = 0;
+            while i < committed.len() {
+                let mut j = i + 1;
+                while j < committed.len() && committed[j].parent == Some(committed[j - 1].hash) {
+                    j += 1;
+                }
+                let run = &committed[i..j];
+                events.push(KvEvent::BlockStored {
+                    block_hashes: run.iter().map(|b| b.hash.external()).collect(),
+                    parent_block_hash: run[0].parent.map(|p| p.external()),
+                    token_ids: run.iter().flat_map(|b| b.tokens.iter().copied()).collect(),
+                    block_size: self.limits.block_size,
+                    medium: Medium::Gpu,
+                });
+                i = j;
+            }
+            sink.publish(events);
+        }
+    }
+
     /// Lays out the step's tokens (decodes first, as scheduled) with positions, cache slots and
     /// block tables.
     fn build_plan(&self, sched: &SchedulerOutput) -> BatchPlan {
@@ -515,6 +647,41 @@ impl EngineCore {
         }
         plan
     }
+}
+
+/// Bytes of a cached element of `dtype` (a [`ModelRunner::kv_dtype`]).
+fn kv_element_bytes(dtype: &str) -> usize {
+    match dtype {
+        "f32" => 4,
+        _ => 2,
+    }
+}
+
+/// Times a prefill of `tokens` tokens (after one to warm up) in blocks that are free at start:
+/// what recomputing costs per token, for the KV tiers' load-or-recompute decision.
+fn measure_prefill(model: &mut dyn ModelRunner, tokens: usize, block_size: usize) -> Result<f64> {
+    let plan = |n: usize| {
+        let blocks = n.div_ceil(block_size);
+        BatchPlan {
+            token_ids: (0..n as u32).map(|t| t % 64).collect(),
+            positions: (0..n as u32).collect(),
+            slot_mapping: (0..n as u32).collect(),
+            seqs: vec![SeqPlan {
+                query_start: 0,
+                query_len: n,
+                context_len: n,
+            }],
+            num_decode_seqs: 0,
+            block_tables: (0..blocks as u32).collect(),
+            max_blocks_per_seq: blocks,
+            logits_indices: vec![n as u32 - 1],
+        }
+    };
+    let mut logits = Vec::new();
+    model.execute(&plan(tokens.min(block_size)), &mut logits)?;
+    let t = std::time::Instant::now();
+    model.execute(&plan(tokens), &mut logits)?;
+    Ok(t.elapsed().as_nanos() as f64 / tokens as f64)
 }
 
 /// Token ids of `prompt`, checked against the vocabulary: text with the model's special tokens

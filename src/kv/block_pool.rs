@@ -32,6 +32,8 @@ pub struct BlockPool {
     num_free: usize,
     cached: HashMap<BlockHash, BlockId>,
     enable_caching: bool,
+    /// Hashes evicted since the last [`BlockPool::take_evicted`], when recording (KV events).
+    evicted: Option<Vec<BlockHash>>,
 }
 
 impl BlockPool {
@@ -46,6 +48,7 @@ impl BlockPool {
             num_free: 0,
             cached: HashMap::new(),
             enable_caching,
+            evicted: None,
         };
         for b in 0..num_blocks as u32 {
             p.push_tail(b);
@@ -102,6 +105,9 @@ impl BlockPool {
             self.unlink(b);
             if let Some(h) = self.hash[b as usize].take() {
                 self.cached.remove(&h);
+                if let Some(ev) = &mut self.evicted {
+                    ev.push(h);
+                }
             }
             self.ref_cnt[b as usize] = 1;
             out.push(BlockId(b));
@@ -134,6 +140,19 @@ impl BlockPool {
         self.hash[block.0 as usize] = Some(hash);
         self.cached.insert(hash, block);
         true
+    }
+
+    /// Starts keeping the hashes of evicted blocks for [`BlockPool::take_evicted`].
+    pub fn record_evictions(&mut self) {
+        self.evicted.get_or_insert_with(Vec::new);
+    }
+
+    /// Hashes evicted since the last call, in eviction order (empty when not recording).
+    pub fn take_evicted(&mut self) -> Vec<BlockHash> {
+        self.evicted
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 
     /// Forgets every cached hash (only when no block is in use, like vLLM).

@@ -17,6 +17,17 @@ pub struct ComputedBlocks {
     pub num_computed_tokens: usize,
 }
 
+/// A block newly published to the prefix cache (its KV written by a committed step).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CommittedBlock {
+    pub block: BlockId,
+    pub hash: BlockHash,
+    /// The previous block's hash in the sequence (None for the first block).
+    pub parent: Option<BlockHash>,
+    /// The block's `block_size` token ids.
+    pub tokens: Vec<TokenId>,
+}
+
 pub struct KvCacheManager {
     pool: BlockPool,
     block_size: usize,
@@ -28,6 +39,8 @@ pub struct KvCacheManager {
     /// How many of each request's leading blocks are published in the prefix cache.
     published: HashMap<RequestId, usize>,
     stats: PrefixCacheStats,
+    /// Blocks published since the last [`KvCacheManager::take_committed`], when recording.
+    committed: Option<Vec<CommittedBlock>>,
 }
 
 impl KvCacheManager {
@@ -46,7 +59,43 @@ impl KvCacheManager {
             hashes: HashMap::new(),
             published: HashMap::new(),
             stats: PrefixCacheStats::default(),
+            committed: None,
         }
+    }
+
+    /// Keeps what is published and evicted for [`Self::take_committed`] and
+    /// [`Self::take_evicted`] (KV events, offloading). Off by default: nobody would drain it.
+    pub fn record_changes(&mut self) {
+        self.committed.get_or_insert_with(Vec::new);
+        self.pool.record_evictions();
+    }
+
+    /// Blocks published since the last call, in publication order.
+    pub fn take_committed(&mut self) -> Vec<CommittedBlock> {
+        self.committed
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    /// Hashes evicted from the device pool since the last call.
+    pub fn take_evicted(&mut self) -> Vec<BlockHash> {
+        self.pool.take_evicted()
+    }
+
+    /// The chained hashes of `tokens`' full blocks, leaving at least one token (a prompt's
+    /// last token must run): the candidates for a prefix lookup below the device.
+    pub fn prompt_block_hashes(&self, tokens: &[TokenId], extra_keys: &[String]) -> Vec<BlockHash> {
+        let mut out: Vec<BlockHash> = Vec::new();
+        if !self.enable_caching || tokens.is_empty() {
+            return out;
+        }
+        let max_blocks = (tokens.len() - 1) / self.block_size;
+        for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
+            let h = self.hasher.hash(out.last(), chunk, extra_keys);
+            out.push(h);
+        }
+        out
     }
 
     pub fn block_size(&self) -> usize {
@@ -129,7 +178,8 @@ impl KvCacheManager {
     /// Publishes the request's full blocks among its first `num_computed_tokens` tokens, whose
     /// KV is now written, to the prefix cache. Call only after the step (or load) that wrote
     /// them completed.
-    pub fn commit(&mut self, req: &RequestId, num_computed_tokens: usize) {
+    /// `tokens` are the request's tokens (for the record of what was published).
+    pub fn commit(&mut self, req: &RequestId, tokens: &[TokenId], num_computed_tokens: usize) {
         let (Some(table), Some(hashes)) = (self.tables.get(req), self.hashes.get(req)) else {
             return;
         };
@@ -138,7 +188,20 @@ impl KvCacheManager {
             .min(hashes.len())
             .min(table.len());
         for i in *published..full {
-            self.pool.cache_block(table[i], hashes[i]);
+            if self.pool.cache_block(table[i], hashes[i]) {
+                if let Some(c) = &mut self.committed {
+                    let bs = self.block_size;
+                    c.push(CommittedBlock {
+                        block: table[i],
+                        hash: hashes[i],
+                        parent: i.checked_sub(1).map(|p| hashes[p]),
+                        tokens: tokens
+                            .get(i * bs..(i + 1) * bs)
+                            .unwrap_or_default()
+                            .to_vec(),
+                    });
+                }
+            }
         }
         *published = (*published).max(full);
     }
@@ -202,7 +265,7 @@ mod tests {
         let n = tokens.len() - hit.num_computed_tokens;
         assert!(m.allocate_slots(&r, tokens, hit.num_computed_tokens, n, &hit, &[]));
         // The step that computes them succeeded.
-        m.commit(&r, tokens.len());
+        m.commit(&r, tokens, tokens.len());
         hit
     }
 
@@ -228,14 +291,14 @@ mod tests {
         );
         // A chunked prefill: 20 tokens written, so only block 0 is complete.
         assert!(m.allocate_slots(&a, &t, 0, 20, &Default::default(), &[]));
-        m.commit(&a, 20);
+        m.commit(&a, &t, 20);
         assert_eq!(
             m.get_computed_blocks(&"b".into(), &t, &[])
                 .num_computed_tokens,
             16
         );
         assert!(m.allocate_slots(&a, &t, 20, 20, &Default::default(), &[]));
-        m.commit(&a, 40);
+        m.commit(&a, &t, 40);
         assert_eq!(
             m.get_computed_blocks(&"b".into(), &t, &[])
                 .num_computed_tokens,
@@ -306,16 +369,16 @@ mod tests {
         let r = RequestId::from("a");
         let mut t = toks(15, 0);
         assert!(m.allocate_slots(&r, &t, 0, 15, &Default::default(), &[]));
-        m.commit(&r, 15);
+        m.commit(&r, &t, 15);
         assert!(m.block_hashes(&r).is_empty());
         t.push(99);
         assert!(m.allocate_slots(&r, &t, 15, 1, &Default::default(), &[]));
-        m.commit(&r, 16);
+        m.commit(&r, &t, 16);
         assert_eq!(m.block_hashes(&r).len(), 1, "the 16th token fills block 0");
         assert_eq!(m.block_table(&r).len(), 1);
         t.push(100);
         assert!(m.allocate_slots(&r, &t, 16, 1, &Default::default(), &[]));
-        m.commit(&r, 17);
+        m.commit(&r, &t, 17);
         assert_eq!(m.block_table(&r).len(), 2);
         m.free(&r);
         // A new request with the same 17 tokens finds block 0.
@@ -326,11 +389,28 @@ mod tests {
     #[test]
     fn eviction_drops_hits_and_caching_can_be_off() {
         let mut m = mgr(4, true);
+        m.record_changes();
         let t = toks(33, 0);
         admit(&mut m, "a", &t); // 3 blocks, 2 cached
+        let a = m.block_hashes(&"a".into()).to_vec();
+        let committed = m.take_committed();
+        assert_eq!(committed.len(), 2);
+        assert_eq!((committed[0].hash, committed[0].parent), (a[0], None));
+        assert_eq!((committed[1].hash, committed[1].parent), (a[1], Some(a[0])));
+        assert_eq!(committed[1].tokens, t[16..32]);
+        assert_eq!(
+            m.prompt_block_hashes(&t, &[]),
+            a,
+            "33 tokens: 2 full blocks"
+        );
         m.free(&"a".into());
         // A different 64-token request needs all 4 blocks: the cached ones are evicted.
         admit(&mut m, "b", &toks(64, 700));
+        let mut evicted = m.take_evicted();
+        evicted.sort();
+        let mut want = a.clone();
+        want.sort();
+        assert_eq!(evicted, want);
         m.free(&"b".into());
         assert_eq!(
             m.get_computed_blocks(&"c".into(), &t, &[])
@@ -355,7 +435,7 @@ mod tests {
         let r = RequestId::from("a");
         let lora = vec!["lora-1".to_string()];
         assert!(m.allocate_slots(&r, &t, 0, 40, &Default::default(), &lora));
-        m.commit(&r, 40);
+        m.commit(&r, &t, 40);
         m.free(&r);
         assert_eq!(
             m.get_computed_blocks(&"b".into(), &t, &[])

@@ -4,13 +4,15 @@
 pub mod block_hash;
 pub mod block_pool;
 pub mod block_record;
+pub mod connector;
 pub mod events;
 pub mod kv_cache_manager;
+pub mod tiers;
 
 pub use block_hash::{BlockHash, BlockHashAlgo, BlockHasher};
-pub use events::{KvEvent, KvEventSink, Medium};
 pub use block_pool::{BlockPool, PrefixCacheStats};
-pub use kv_cache_manager::{ComputedBlocks, KvCacheManager};
+pub use events::{KvEvent, KvEventSink, Medium};
+pub use kv_cache_manager::{CommittedBlock, ComputedBlocks, KvCacheManager};
 
 /// Index of a physical KV block: `[block_id, block_size, kv_heads, head_dim]` in each layer's
 /// K and V cache.

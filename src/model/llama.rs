@@ -400,4 +400,36 @@ impl<B: Backend> ModelRunner for Model<B> {
     ) -> Result<(), ModelError> {
         self.forward_sampled(plan, params, tokens, logits)
     }
+
+    fn kv_dtype(&self) -> &'static str {
+        match B::KV_ELEMENT_BYTES {
+            4 => "f32",
+            _ => "bf16",
+        }
+    }
+
+    fn read_kv_block(&self, block: usize, out: &mut [u8]) -> Result<(), ModelError> {
+        let per_layer = out.len() / self.layers.len().max(1);
+        for (layer, chunk) in self
+            .layers
+            .iter()
+            .zip(out.chunks_exact_mut(per_layer.max(1)))
+        {
+            self.backend.read_kv_block(&layer.kv_cache, block, chunk)?;
+        }
+        Ok(())
+    }
+
+    fn write_kv_block(&mut self, block: usize, data: &[u8]) -> Result<(), ModelError> {
+        let per_layer = data.len() / self.layers.len().max(1);
+        for (layer, chunk) in self
+            .layers
+            .iter_mut()
+            .zip(data.chunks_exact(per_layer.max(1)))
+        {
+            self.backend
+                .write_kv_block(&mut layer.kv_cache, block, chunk)?;
+        }
+        Ok(())
+    }
 }

@@ -71,4 +71,11 @@ pub trait ModelRunner: Send {
         tokens: &mut Vec<crate::request::TokenId>,
         logits: &mut Vec<f32>,
     ) -> Result<(), ModelError>;
+    /// The cached element type's name (`f32`, `bf16`): part of a KV block's identity.
+    fn kv_dtype(&self) -> &'static str;
+    /// Copies KV block `block` of every layer to `out` (`[layers][K, V][block_size, kv_heads,
+    /// head_dim]` in the cache's dtype, [`crate::engine::kv_bytes_per_block`] bytes).
+    fn read_kv_block(&self, block: usize, out: &mut [u8]) -> Result<(), ModelError>;
+    /// Overwrites KV block `block` of every layer from bytes laid out as `read_kv_block`'s.
+    fn write_kv_block(&mut self, block: usize, data: &[u8]) -> Result<(), ModelError>;
 }

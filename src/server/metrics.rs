@@ -251,6 +251,15 @@ impl Metrics {
             "Engine steps whose model call failed (their requests were aborted with an error).",
             c.failed_steps.to_string(),
         );
+        scalar(
+            "llmd:num_requests_waiting_for_kv",
+            "gauge",
+            "Requests waiting for their prefix to load from a KV tier below the device.",
+            stats.num_waiting_for_kv.to_string(),
+        );
+        if let Some(t) = &stats.tiers {
+            render_tiers(&mut out, l, t);
+        }
         let Some(r) = self.with(|r| {
             let mut text = String::new();
             let _ = writeln!(
@@ -276,6 +285,111 @@ impl Metrics {
         out.push_str(&r);
         out
     }
+}
+
+/// The KV tiers' metrics: one series per tier where it applies.
+fn render_tiers(out: &mut String, l: &str, t: &crate::kv::connector::TierStats) {
+    use crate::kv::tiers::Tier;
+    let per_tier =
+        |out: &mut String, name: &str, kind: &str, help: &str, v: &dyn Fn(usize) -> String| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for tier in Tier::ALL {
+                let _ = writeln!(
+                    out,
+                    "{name}{{{l},tier=\"{}\"}} {}",
+                    tier.as_str(),
+                    v(tier.index())
+                );
+            }
+        };
+    per_tier(
+        out,
+        "llmd:kv_tier_blocks",
+        "gauge",
+        "KV blocks held by each tier below the device (remote: blocks this worker stored).",
+        &|i| t.blocks[i].to_string(),
+    );
+    per_tier(
+        out,
+        "llmd:kv_tier_capacity_blocks",
+        "gauge",
+        "KV blocks each tier holds at most (0: off, or managed by the server).",
+        &|i| t.capacity[i].to_string(),
+    );
+    per_tier(
+        out,
+        "llmd:kv_tier_offload_bytes_total",
+        "counter",
+        "Bytes of KV block records written into each tier.",
+        &|i| t.stored_bytes[i].to_string(),
+    );
+    per_tier(
+        out,
+        "llmd:kv_tier_load_bytes_total",
+        "counter",
+        "Bytes of KV block records read from each tier for loads.",
+        &|i| t.loaded_bytes[i].to_string(),
+    );
+    per_tier(
+        out,
+        "llmd:kv_tier_loaded_blocks_total",
+        "counter",
+        "KV blocks loaded from each tier instead of recomputed.",
+        &|i| t.loaded_blocks[i].to_string(),
+    );
+    per_tier(out, "llmd:kv_tier_errors_total", "counter", "Failed tier reads and writes (I/O errors, remote server down); each costs a recompute at most.", &|i| t.errors[i].to_string());
+    let bs_tokens = |ns: f64| ns / 1e9;
+    per_tier(
+        out,
+        "llmd:kv_tier_load_cost_seconds_per_block",
+        "gauge",
+        "Measured cost of loading one KV block from each tier (0: tier off).",
+        &|i| format!("{:?}", bs_tokens(t.costs.load_ns[i])),
+    );
+    per_tier(out, "llmd:kv_tier_load_chosen", "gauge", "1 when loading from the tier is measured cheaper than recomputing (the engine loads), else 0.", &|i| {
+        u8::from(t.costs.load_wins(Tier::ALL[i])).to_string()
+    });
+    let scalar = |out: &mut String, name: &str, kind: &str, help: &str, v: String| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{l}}} {v}"
+        );
+    };
+    scalar(
+        out,
+        "llmd:kv_recompute_cost_seconds_per_block",
+        "gauge",
+        "Measured cost of recomputing one KV block's tokens (prefill).",
+        format!("{:?}", bs_tokens(t.costs.recompute_ns)),
+    );
+    scalar(
+        out,
+        "llmd:kv_tier_load_hit_tokens_total",
+        "counter",
+        "Prompt tokens whose KV was loaded from a tier instead of recomputed.",
+        t.load_hit_tokens.to_string(),
+    );
+    scalar(
+        out,
+        "llmd:kv_tier_loads_total",
+        "counter",
+        "Loads from the tiers (one per request prefix).",
+        t.loads.to_string(),
+    );
+    scalar(
+        out,
+        "llmd:kv_tier_load_seconds_total",
+        "counter",
+        "Time the tier thread spent reading and verifying loads.",
+        format!("{:?}", t.load_seconds),
+    );
+    scalar(
+        out,
+        "llmd:kv_tier_checksum_failures_total",
+        "counter",
+        "KV block records refused by their check (corrupt, truncated, foreign) and recomputed.",
+        t.checksum_failures.to_string(),
+    );
 }
 
 /// Times one engine request and records it into [`Metrics`] once, with one log line.

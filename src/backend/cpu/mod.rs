@@ -88,6 +88,36 @@ impl Backend for CpuBackend {
         })
     }
 
+    fn read_kv_block(&self, cache: &CpuKvCache, block: usize, out: &mut [u8]) -> BackendResult<()> {
+        cache
+            .dims
+            .check_block("read_kv_block", block, out.len(), 4)?;
+        let n = cache.dims.block_numel();
+        let (k, v) = out.split_at_mut(n * 4);
+        k.copy_from_slice(bytemuck::cast_slice(&cache.k[block * n..(block + 1) * n]));
+        v.copy_from_slice(bytemuck::cast_slice(&cache.v[block * n..(block + 1) * n]));
+        Ok(())
+    }
+
+    fn write_kv_block(
+        &self,
+        cache: &mut CpuKvCache,
+        block: usize,
+        data: &[u8],
+    ) -> BackendResult<()> {
+        cache
+            .dims
+            .check_block("write_kv_block", block, data.len(), 4)?;
+        let n = cache.dims.block_numel();
+        let (k, v) = data.split_at(n * 4);
+        // Byte-wise: `data` need not be 4-aligned.
+        for (dst, src) in [(&mut cache.k, k), (&mut cache.v, v)] {
+            bytemuck::cast_slice_mut::<f32, u8>(&mut dst[block * n..(block + 1) * n])
+                .copy_from_slice(src);
+        }
+        Ok(())
+    }
+
     fn to_host(&self, buf: &Vec<f32>, out: &mut [f32]) -> BackendResult<()> {
         let n = out.len();
         out.copy_from_slice(&buf[..n]);

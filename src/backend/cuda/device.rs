@@ -775,6 +775,52 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn read_kv_block(
+        &self,
+        cache: &CudaKvCache,
+        block: usize,
+        out: &mut [u8],
+    ) -> BackendResult<()> {
+        cache
+            .dims
+            .check_block("read_kv_block", block, out.len(), Self::KV_ELEMENT_BYTES)?;
+        self.take_error()?;
+        let n = cache.dims.block_numel();
+        let (k, v) = out.split_at_mut(n * 2);
+        let mut bits = vec![0u16; n];
+        for (src, dst) in [(&cache.k, k), (&cache.v, v)] {
+            self.stream
+                .memcpy_dtoh(&src.slice(block * n..(block + 1) * n), &mut bits)
+                .map_err(|e| driver_err("copying a KV block to the host", e))?;
+            dst.copy_from_slice(bytemuck::cast_slice(&bits));
+        }
+        Ok(())
+    }
+
+    fn write_kv_block(
+        &self,
+        cache: &mut CudaKvCache,
+        block: usize,
+        data: &[u8],
+    ) -> BackendResult<()> {
+        cache
+            .dims
+            .check_block("write_kv_block", block, data.len(), Self::KV_ELEMENT_BYTES)?;
+        self.take_error()?;
+        let n = cache.dims.block_numel();
+        let (k, v) = data.split_at(n * 2);
+        for (dst, src) in [(&mut cache.k, k), (&mut cache.v, v)] {
+            let bits: Vec<u16> = src
+                .chunks_exact(2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            self.stream
+                .memcpy_htod(&bits, &mut dst.slice_mut(block * n..(block + 1) * n))
+                .map_err(|e| driver_err("copying a KV block to the device", e))?;
+        }
+        Ok(())
+    }
+
     fn to_host(&self, buf: &CudaBuffer, out: &mut [f32]) -> BackendResult<()> {
         self.take_error()?;
         let mut bits = vec![0u16; out.len()];
