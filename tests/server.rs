@@ -1234,3 +1234,65 @@ async fn soak_thousand_concurrent_streams() {
         0.0
     );
 }
+
+/// A long stories prompt (about 200 tokens).
+fn long_story() -> String {
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park with her friends. ".repeat(8)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_kv_tier_serves_old_prefixes_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().to_str().unwrap().to_string();
+    let args = [
+        "--kv-disk-path",
+        disk.as_str(),
+        "--kv-disk-gb",
+        "1",
+        "--kv-tier-always-load",
+    ];
+    let body = json!({"prompt": long_story(), "max_tokens": 12, "temperature": 0});
+    let first_text = {
+        let mut s = Server::start(&args).await;
+        let (status, v) = s.post("/v1/completions", &body).await;
+        assert_eq!(status, 200, "{v}");
+        // The tier thread writes behind the engine: wait for the blocks to be on disk.
+        wait_metrics(&s, "blocks on disk", |m| {
+            sample(m, "llmd:kv_tier_blocks", "tier=\"disk\"") >= 10.0
+        })
+        .await;
+        let m = s.metrics().await;
+        assert_eq!(
+            sample(&m, "llmd:kv_tier_loaded_blocks_total", "tier=\"disk\""),
+            0.0
+        );
+        let _ = s.child.kill();
+        let _ = s.child.wait();
+        v["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let s = Server::start(&args).await;
+    let m = s.metrics().await;
+    assert!(
+        sample(&m, "llmd:kv_tier_blocks", "tier=\"disk\"") >= 10.0,
+        "the index was rebuilt"
+    );
+    let (status, v) = s.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), first_text);
+    let m = s.metrics().await;
+    assert!(
+        sample(&m, "llmd:kv_tier_loaded_blocks_total", "tier=\"disk\"") >= 10.0,
+        "{m}"
+    );
+    assert!(sample(&m, "llmd:kv_tier_load_hit_tokens_total", "") >= 160.0);
+    assert_eq!(
+        sample(&m, "vllm:prefix_cache_hits_total", ""),
+        0.0,
+        "nothing came from the device"
+    );
+    assert_eq!(sample(&m, "llmd:kv_tier_checksum_failures_total", ""), 0.0);
+    // The decision is exported for every tier.
+    for tier in ["host", "disk", "remote"] {
+        sample(&m, "llmd:kv_tier_load_chosen", &format!("tier=\"{tier}\""));
+    }
+}

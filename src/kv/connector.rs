@@ -93,6 +93,7 @@ pub struct TierStats {
 }
 
 enum Job {
+    /// Payloads of newly committed blocks, by hash.
     Store(Vec<(BlockHash, Vec<u8>)>),
     Load {
         ticket: u64,
@@ -292,15 +293,9 @@ impl KvConnector {
         if blocks.is_empty() {
             return;
         }
-        let records = blocks
-            .into_iter()
-            .map(|(h, p)| {
-                let r = block_record::encode(&h, &self.identity, &p);
-                (h, r)
-            })
-            .collect();
+        // Encoded (copied and checksummed) on the tier thread, off the step's path.
         if let Some(j) = &self.jobs {
-            let _ = j.send(Job::Store(records));
+            let _ = j.send(Job::Store(blocks));
         }
     }
 
@@ -392,7 +387,13 @@ impl TierWorker {
         while let Ok(job) = jobs.recv() {
             let mut events = Vec::new();
             match job {
-                Job::Store(records) => self.store(records, &mut events),
+                Job::Store(blocks) => {
+                    let records = blocks
+                        .into_iter()
+                        .map(|(h, p)| (h, block_record::encode(&h, &self.identity, &p)))
+                        .collect();
+                    self.store(records, &mut events)
+                }
                 Job::Load {
                     ticket,
                     hashes,
