@@ -615,3 +615,66 @@ fn bf16_weights_upload_as_stored() {
         );
     }
 }
+
+/// The KV tiers' block copies: a block read from the GPU cache holds exactly the CPU cache's
+/// values (in bf16), and writing it into another block of a fresh cache makes that block equal.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn kv_block_read_write_match_cpu() {
+    let (cpu, g) = (CpuBackend, gpu());
+    let kd = KvCacheDims {
+        num_blocks: 9,
+        block_size: 16,
+        num_kv_heads: 3,
+        head_dim: 64,
+    };
+    let k = rand_vec(kd.numel(), 21, 1.0);
+    let v = rand_vec(kd.numel(), 22, 1.0);
+    let bits = |x: &[f32]| -> Vec<u16> {
+        x.iter()
+            .map(|&f| half::bf16::from_f32(f).to_bits())
+            .collect()
+    };
+    let ccache = CpuKvCache {
+        dims: kd,
+        k: k.clone(),
+        v: v.clone(),
+    };
+    let gcache = CudaKvCache {
+        dims: kd,
+        k: g.stream().clone_htod(&bits(&k)).unwrap(),
+        v: g.stream().clone_htod(&bits(&v)).unwrap(),
+    };
+    let n = kd.block_numel();
+    let mut c = vec![0u8; 2 * n * 4];
+    let mut b = vec![0u8; 2 * n * 2];
+    for block in [0, 4, 8] {
+        cpu.read_kv_block(&ccache, block, &mut c).unwrap();
+        g.read_kv_block(&gcache, block, &mut b).unwrap();
+        let from_cpu: Vec<u16> = c
+            .chunks_exact(4)
+            .map(|x| half::bf16::from_f32(f32::from_le_bytes([x[0], x[1], x[2], x[3]])).to_bits())
+            .collect();
+        let from_gpu: Vec<u16> = b
+            .chunks_exact(2)
+            .map(|x| u16::from_le_bytes([x[0], x[1]]))
+            .collect();
+        assert_eq!(from_gpu, from_cpu, "block {block}");
+        // Into block 1 of a zeroed cache: only that block changes.
+        let mut fresh = g.alloc_kv_cache(kd).unwrap();
+        g.write_kv_block(&mut fresh, 1, &b).unwrap();
+        let mut back = vec![0u8; b.len()];
+        g.read_kv_block(&fresh, 1, &mut back).unwrap();
+        assert_eq!(back, b);
+        g.read_kv_block(&fresh, 2, &mut back).unwrap();
+        assert!(back.iter().all(|&x| x == 0), "block 2 untouched");
+    }
+    assert!(
+        g.read_kv_block(&gcache, 9, &mut b).is_err(),
+        "block out of range"
+    );
+    assert!(
+        g.read_kv_block(&gcache, 0, &mut b[1..]).is_err(),
+        "wrong size"
+    );
+}

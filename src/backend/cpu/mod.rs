@@ -294,6 +294,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn kv_block_copies_roundtrip_and_check_their_arguments() {
+        let dims = KvCacheDims {
+            num_blocks: 3,
+            block_size: 2,
+            num_kv_heads: 1,
+            head_dim: 2,
+        };
+        let n = dims.numel();
+        let mut cache = CpuKvCache {
+            dims,
+            k: (0..n).map(|i| i as f32).collect(),
+            v: (0..n).map(|i| -(i as f32)).collect(),
+        };
+        let mut out = vec![0u8; 2 * 4 * 4];
+        CpuBackend.read_kv_block(&cache, 1, &mut out).unwrap();
+        let vals: Vec<f32> = out
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        // Block 1 is elements 4..8 of K, then of V.
+        assert_eq!(vals, [4.0, 5.0, 6.0, 7.0, -4.0, -5.0, -6.0, -7.0]);
+        CpuBackend.write_kv_block(&mut cache, 2, &out).unwrap();
+        assert_eq!(cache.k[8..12], [4.0, 5.0, 6.0, 7.0]);
+        assert_eq!(cache.v[8..12], [-4.0, -5.0, -6.0, -7.0]);
+        assert_eq!(cache.k[..4], [0.0, 1.0, 2.0, 3.0], "block 0 untouched");
+        assert!(CpuBackend.read_kv_block(&cache, 3, &mut out).is_err());
+        assert!(CpuBackend.write_kv_block(&mut cache, 0, &out[1..]).is_err());
+    }
+
+    #[test]
     fn rms_norm_matches_hand_computed() {
         // x = [3, 4]: mean square 12.5, rms = 3.5355; weights [1, 2].
         let mut out = [0.0; 2];
