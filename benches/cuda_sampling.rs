@@ -44,7 +44,7 @@ fn run(g: &CudaBackend, rows: usize, vocab: usize, repeat: usize) {
         .map(|i| {
             let h = (i as u32).wrapping_mul(2654435761);
             let base = (h % 10_000) as f32 / 10_000.0 * 8.0 - 4.0;
-            if h % 997 == 0 {
+            if h.is_multiple_of(997) {
                 base + 10.0
             } else {
                 base

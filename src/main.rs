@@ -111,6 +111,11 @@ struct ServeArgs {
     /// aborted, its KV blocks freed and the client gets a 408 (or a final SSE error event).
     #[arg(long)]
     request_timeout: Option<f64>,
+    /// KV-cache events for llm-d's KV-cache indexer, as vLLM's flag: JSON such as
+    /// `{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:5557",
+    /// "replay_endpoint": "tcp://*:5558", "topic": "kv@POD@MODEL"}`.
+    #[arg(long)]
+    kv_events_config: Option<String>,
 }
 
 #[derive(Args)]
@@ -265,7 +270,23 @@ fn generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
-    let config = engine_config(&a.engine)?;
+    let mut config = engine_config(&a.engine)?;
+    if let Some(json) = &a.kv_events_config {
+        let events = llmd::server::kv_events::KvEventsConfig::parse(json)
+            .map_err(|e| anyhow::anyhow!("--kv-events-config: {e}"))?;
+        if events.publishes() {
+            // Rank 0 as vLLM sends without data parallelism.
+            let publisher = llmd::server::kv_events::ZmqEventPublisher::start(&events, Some(0))
+                .context("--kv-events-config: starting the KV event publisher")?;
+            tracing::info!(
+                endpoint = publisher.endpoint(),
+                replay = publisher.replay_endpoint().unwrap_or("none"),
+                topic = %events.topic,
+                "publishing KV events"
+            );
+            config.kv_events = Some(llmd::config::KvEventsHandle(publisher));
+        }
+    }
     let model_path = config.model.display().to_string();
     // vLLM names the model as it was asked for: the hub id or the directory given; the default
     // shared model goes by its directory's name.

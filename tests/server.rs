@@ -4,6 +4,7 @@
 mod common;
 
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -1295,4 +1296,198 @@ async fn disk_kv_tier_serves_old_prefixes_after_a_restart() {
     for tier in ["host", "disk", "remote"] {
         sample(&m, "llmd:kv_tier_load_chosen", &format!("tier=\"{tier}\""));
     }
+}
+
+/// Whether python3 has pyzmq and msgpack; without them the events test skips, except in CI.
+fn python_has_zmq() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import zmq, msgpack"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok || std::env::var_os("CI").is_none(),
+        "CI must have python3 with pyzmq and msgpack (.ci/run installs them)"
+    );
+    ok
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The 64-bit published hashes of `tokens`' full blocks (default algorithm and seed).
+fn published_hashes(tokens: &[u32]) -> Vec<u64> {
+    let seed = std::env::var("PYTHONHASHSEED").unwrap_or_else(|_| "0".into());
+    let hasher = llmd::kv::BlockHasher::new(llmd::kv::BlockHashAlgo::Xxh3, &seed);
+    let mut out: Vec<llmd::kv::BlockHash> = Vec::new();
+    for chunk in tokens.chunks_exact(16) {
+        let h = hasher.hash(out.last(), chunk, &[]);
+        out.push(h);
+    }
+    out.iter().map(|h| h.external()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_events_of_the_engine_and_tiers_reach_a_real_subscriber() {
+    if !python_has_zmq() {
+        eprintln!("skipping: python3 lacks pyzmq or msgpack");
+        return;
+    }
+    let (pub_port, replay_port) = (free_port(), free_port());
+    let topic = "kv@test-pod@stories260K";
+    let events = json!({
+        "enable_kv_cache_events": true, "publisher": "zmq",
+        "endpoint": format!("tcp://*:{pub_port}"),
+        "replay_endpoint": format!("tcp://*:{replay_port}"),
+        "topic": topic,
+    })
+    .to_string();
+    let s = Server::start(&[
+        "--num-gpu-blocks-override",
+        "20",
+        "--max-model-len",
+        "256",
+        "--kv-offloading-size",
+        "0.05",
+        "--kv-tier-always-load",
+        "--kv-events-config",
+        &events,
+    ])
+    .await;
+    // A prefix, a filler that evicts most of it from the 20-block pool, the prefix again.
+    let ids = |n: usize, seed: u32| -> Vec<u32> {
+        (0..n as u32)
+            .map(|i| 4 + (i * 7919 + seed * 104_729) % 500)
+            .collect()
+    };
+    let a = ids(160, 1);
+    for (prompt, n) in [
+        (a.clone(), 4),
+        (ids(230, 2), 4),
+        ([a.clone(), ids(20, 3)].concat(), 4),
+    ] {
+        let (status, v) = s
+            .post(
+                "/v1/completions",
+                &json!({"prompt": prompt, "max_tokens": n, "temperature": 0}),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+    }
+    // The subscriber joins late: one live batch, then everything from 0 through the replay.
+    let dump = tempfile::NamedTempFile::new().unwrap();
+    let mut sub = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kv_events_subscriber.py"))
+        .args(["--endpoint", &format!("tcp://127.0.0.1:{pub_port}")])
+        .args(["--replay", &format!("tcp://127.0.0.1:{replay_port}")])
+        .args([
+            "--topic",
+            topic,
+            "--expect",
+            "1",
+            "--quiet",
+            "--timeout",
+            "60",
+        ])
+        .arg("--dump")
+        .arg(dump.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(sub.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "READY");
+    let (status, v) = s
+        .post(
+            "/v1/completions",
+            &json!({"prompt": ids(40, 4), "max_tokens": 2, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(sub.wait().unwrap().success(), "subscriber failed: {rest:?}");
+    let batches: Vec<(u64, Vec<Value>)> =
+        serde_json::from_str(&std::fs::read_to_string(dump.path()).unwrap()).unwrap();
+    assert_eq!(batches[0].0, 0, "the replay starts at 0");
+
+    // What the events say about A's blocks, per medium.
+    let a_hashes = published_hashes(&a);
+    let mut stored: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut removed: HashMap<String, Vec<u64>> = HashMap::new();
+    let mut first_gpu_store: Option<Value> = None;
+    for (_, evs) in &batches {
+        for e in evs {
+            let kind = e[0].as_str().unwrap();
+            let hashes = || -> Vec<u64> {
+                e[1].as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|h| h.as_u64().unwrap())
+                    .collect()
+            };
+            match kind {
+                "BlockStored" => {
+                    let medium = e[6].as_str().unwrap().to_string();
+                    if medium == "GPU" && first_gpu_store.is_none() {
+                        first_gpu_store = Some(e.clone());
+                    }
+                    stored.entry(medium).or_default().extend(hashes());
+                }
+                "BlockRemoved" => removed
+                    .entry(e[2].as_str().unwrap().to_string())
+                    .or_default()
+                    .extend(hashes()),
+                other => panic!("unexpected event {other}"),
+            }
+        }
+    }
+    // A's 10 blocks were stored on the GPU as one chain, with their tokens and no parent.
+    let first = first_gpu_store.expect("a GPU BlockStored");
+    let first_hashes: Vec<u64> = first[1]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_u64().unwrap())
+        .collect();
+    assert_eq!(first_hashes, a_hashes[..first_hashes.len()]);
+    assert!(first[2].is_null(), "the first block has no parent");
+    let tokens: Vec<u32> = first[3]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(tokens, a[..16 * first_hashes.len()]);
+    assert_eq!(first[4], 16);
+    for h in &a_hashes {
+        assert!(
+            stored["GPU"].contains(h),
+            "A's block {h:016x} never stored on the GPU"
+        );
+        assert!(
+            stored["CPU"].contains(h),
+            "A's block {h:016x} never offloaded to the host"
+        );
+    }
+    // The filler evicted some of A from the GPU, and A's return stored them there again.
+    let evicted: Vec<&u64> = a_hashes
+        .iter()
+        .filter(|h| removed["GPU"].contains(h))
+        .collect();
+    assert!(!evicted.is_empty(), "nothing of A was evicted: {removed:?}");
+    for h in evicted {
+        let n = stored["GPU"].iter().filter(|x| *x == h).count();
+        assert_eq!(
+            n, 2,
+            "block {h:016x} evicted, then loaded back and stored again"
+        );
+    }
+    let m = s.metrics().await;
+    assert!(
+        sample(&m, "llmd:kv_tier_loaded_blocks_total", "tier=\"host\"") >= 1.0,
+        "{m}"
+    );
 }

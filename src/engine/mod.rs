@@ -26,7 +26,7 @@ use crate::backend::{Backend, BatchPlan, SeqPlan};
 use crate::config::{DeviceKind, EngineConfig};
 use crate::error::{Error, Result};
 use crate::kv::block_record::KvIdentity;
-use crate::kv::connector::{BlockLayout, KvConnector, TierStats};
+use crate::kv::connector::{BlockLayout, KvConnector, StoreBlock, TierStats};
 use crate::kv::{BlockHasher, KvCacheManager, KvEvent, KvEventSink, Medium};
 use crate::model::{Model, ModelConfig, ModelError, ModelLimits, ModelRunner};
 use crate::request::{FinishReason, RequestId, TokenId};
@@ -562,7 +562,12 @@ impl EngineCore {
             for b in committed.iter().filter(|b| !c.holds(&b.hash)) {
                 let mut payload = vec![0u8; self.kv_block_bytes];
                 match self.model.read_kv_block(b.block.0 as usize, &mut payload) {
-                    Ok(()) => records.push((b.hash, payload)),
+                    Ok(()) => records.push(StoreBlock {
+                        hash: b.hash,
+                        parent: b.parent,
+                        tokens: b.tokens.clone(),
+                        payload,
+                    }),
                     Err(e) => tracing::warn!(error = %e, "reading a KV block for the tiers failed"),
                 }
             }

@@ -92,9 +92,20 @@ pub struct TierStats {
     pub costs: TierCosts,
 }
 
+/// A newly committed device block on its way to the tiers.
+#[derive(Clone, Debug)]
+pub struct StoreBlock {
+    pub hash: BlockHash,
+    /// The previous block of its sequence (None for a first block), and its token ids: what
+    /// the tiers' `BlockStored` events carry.
+    pub parent: Option<BlockHash>,
+    pub tokens: Vec<u32>,
+    /// Its K and V over all layers.
+    pub payload: Vec<u8>,
+}
+
 enum Job {
-    /// Payloads of newly committed blocks, by hash.
-    Store(Vec<(BlockHash, Vec<u8>)>),
+    Store(Vec<StoreBlock>),
     Load {
         ticket: u64,
         hashes: Vec<BlockHash>,
@@ -194,6 +205,7 @@ impl KvConnector {
                 stats: Mutex::new(TierStats::default()),
             }),
             events,
+            meta: HashMap::new(),
         };
         for tier in Tier::ALL {
             if let Some(ns) = worker.measure_load(tier, &probe) {
@@ -288,8 +300,8 @@ impl KvConnector {
         lock(&self.shared.index).contains_key(hash)
     }
 
-    /// Hands records of newly committed device blocks (`(hash, payload)`) to the tiers.
-    pub fn store(&self, blocks: Vec<(BlockHash, Vec<u8>)>) {
+    /// Hands newly committed device blocks to the tiers.
+    pub fn store(&self, blocks: Vec<StoreBlock>) {
         if blocks.is_empty() {
             return;
         }
@@ -380,6 +392,8 @@ struct TierWorker {
     block_size: usize,
     shared: Arc<Shared>,
     events: Option<Arc<dyn KvEventSink>>,
+    /// Parent and tokens of the blocks the local tiers hold (for their events).
+    meta: HashMap<BlockHash, (Option<BlockHash>, Vec<u32>)>,
 }
 
 impl TierWorker {
@@ -390,7 +404,11 @@ impl TierWorker {
                 Job::Store(blocks) => {
                     let records = blocks
                         .into_iter()
-                        .map(|(h, p)| (h, block_record::encode(&h, &self.identity, &p)))
+                        .map(|b| {
+                            self.meta.insert(b.hash, (b.parent, b.tokens));
+                            let r = block_record::encode(&b.hash, &self.identity, &b.payload);
+                            (b.hash, r)
+                        })
                         .collect();
                     self.store(records, &mut events)
                 }
@@ -477,22 +495,44 @@ impl TierWorker {
         }
         for (i, tier) in [Tier::Host, Tier::Disk].into_iter().enumerate() {
             let medium = tier.medium().expect("local tiers have a medium");
-            if !stored[i].is_empty() {
-                events.push(KvEvent::BlockStored {
-                    block_hashes: stored[i].iter().map(BlockHash::external).collect(),
-                    parent_block_hash: None,
-                    token_ids: Vec::new(),
-                    block_size: self.block_size,
-                    medium,
-                });
-            }
             if !removed[i].is_empty() {
                 events.push(KvEvent::BlockRemoved {
                     block_hashes: removed[i].iter().map(BlockHash::external).collect(),
                     medium,
                 });
             }
+            events.extend(self.stored_events(&stored[i], medium));
         }
+        // A block gone from every local tier needs no metadata any more.
+        let index = lock(&self.shared.index);
+        self.meta.retain(|h, _| index.contains_key(h));
+    }
+
+    /// `BlockStored` events for `hashes`, one per run of blocks that chain (parent → child),
+    /// with their parents and tokens.
+    fn stored_events(&self, hashes: &[BlockHash], medium: super::Medium) -> Vec<KvEvent> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < hashes.len() {
+            let parent_of = |h: &BlockHash| self.meta.get(h).and_then(|m| m.0);
+            let mut j = i + 1;
+            while j < hashes.len() && parent_of(&hashes[j]) == Some(hashes[j - 1]) {
+                j += 1;
+            }
+            let run = &hashes[i..j];
+            out.push(KvEvent::BlockStored {
+                block_hashes: run.iter().map(BlockHash::external).collect(),
+                parent_block_hash: parent_of(&run[0]).map(|p| p.external()),
+                token_ids: run
+                    .iter()
+                    .flat_map(|h| self.meta.get(h).map(|m| m.1.clone()).unwrap_or_default())
+                    .collect(),
+                block_size: self.block_size,
+                medium,
+            });
+            i = j;
+        }
+        out
     }
 
     /// The verified payloads of the leading blocks of `hashes` held by allowed tiers, and the

@@ -12,6 +12,7 @@
 mod chat;
 mod completions;
 pub mod error;
+pub mod kv_events;
 mod logprobs;
 pub mod metrics;
 pub mod openai;

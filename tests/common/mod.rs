@@ -193,18 +193,18 @@ impl TinyModelSpec {
     /// Panics with a readable message when the spec cannot describe a valid model.
     pub fn validate(&self) {
         assert!(
-            self.heads > 0 && self.hidden % self.heads == 0,
+            self.heads > 0 && self.hidden.is_multiple_of(self.heads),
             "hidden {} must be a multiple of heads {}",
             self.hidden,
             self.heads
         );
         assert!(
-            self.head_dim() % 2 == 0,
+            self.head_dim().is_multiple_of(2),
             "head_dim {} must be even for RoPE",
             self.head_dim()
         );
         assert!(
-            self.kv_heads > 0 && self.heads % self.kv_heads == 0,
+            self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads),
             "heads {} must be a multiple of kv_heads {}",
             self.heads,
             self.kv_heads
