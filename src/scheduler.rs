@@ -343,7 +343,7 @@ impl Scheduler {
                 let id = self.waiting[pos].clone();
                 let r = &self.requests[&id];
                 let hit = if r.num_computed_tokens == 0 {
-                    self.kv.get_computed_blocks(&id, &r.tokens, &r.extra_keys)
+                    self.kv.find_computed_blocks(&id, &r.tokens, &r.extra_keys)
                 } else {
                     Default::default()
                 };
@@ -365,6 +365,9 @@ impl Scheduler {
                     }
                 }
                 let r = &self.requests[&id];
+                if r.num_computed_tokens == 0 {
+                    self.kv.count_lookup(r.tokens.len(), hit.num_computed_tokens);
+                }
                 // Staged blocks that continue the device hit: written into fresh blocks.
                 let mut loaded: Vec<Vec<u8>> = Vec::new();
                 if let Some((first, payloads)) = &r.staged {

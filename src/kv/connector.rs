@@ -322,7 +322,12 @@ impl KvConnector {
     ) -> Option<u64> {
         let first = hashes.first()?;
         let costs = self.stats().costs;
-        let allowed = Tier::ALL.map(|t| self.always_load || costs.load_wins(t));
+        // A remote tier that could not be timed at start (the server was down) is tried: its
+        // first real loads measure it, and the estimate decides from then on.
+        let untimed_remote = self.remote && costs.load_ns[Tier::Remote.index()] == 0.0;
+        let allowed = Tier::ALL.map(|t| {
+            self.always_load || costs.load_wins(t) || (t == Tier::Remote && untimed_remote)
+        });
         let local = lock(&self.shared.index).get(first).copied();
         let worth = match local {
             Some(t) => allowed[t.index()],

@@ -107,6 +107,29 @@ impl KvCacheManager {
     /// of `tokens.len()` tokens and a hit of the tokens found.
     pub fn get_computed_blocks(
         &mut self,
+        req: &RequestId,
+        tokens: &[TokenId],
+        extra_keys: &[String],
+    ) -> ComputedBlocks {
+        let out = self.find_computed_blocks(req, tokens, extra_keys);
+        self.count_lookup(tokens.len(), out.num_computed_tokens);
+        out
+    }
+
+    /// Counts a prefix lookup of `queried` tokens that found `hit` (vLLM's
+    /// `prefix_cache_queries` / `prefix_cache_hits`).
+    pub fn count_lookup(&mut self, queried: usize, hit: usize) {
+        if !self.enable_caching || queried == 0 {
+            return;
+        }
+        self.stats.queries += queried as u64;
+        self.stats.hits += hit as u64;
+    }
+
+    /// [`Self::get_computed_blocks`] without counting the lookup (a probe before the request
+    /// is really admitted).
+    pub fn find_computed_blocks(
+        &self,
         _req: &RequestId,
         tokens: &[TokenId],
         extra_keys: &[String],
@@ -126,8 +149,6 @@ impl KvCacheManager {
             parent = Some(h);
         }
         out.num_computed_tokens = out.blocks.len() * self.block_size;
-        self.stats.queries += tokens.len() as u64;
-        self.stats.hits += out.num_computed_tokens as u64;
         out
     }
 
