@@ -366,7 +366,8 @@ impl Scheduler {
                 }
                 let r = &self.requests[&id];
                 if r.num_computed_tokens == 0 {
-                    self.kv.count_lookup(r.tokens.len(), hit.num_computed_tokens);
+                    self.kv
+                        .count_lookup(r.tokens.len(), hit.num_computed_tokens);
                 }
                 // Staged blocks that continue the device hit: written into fresh blocks.
                 let mut loaded: Vec<Vec<u8>> = Vec::new();

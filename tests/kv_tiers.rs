@@ -132,7 +132,10 @@ fn evicted_prefix_comes_back_from_host_memory() {
     assert!(s.costs.load_ns[Tier::Host.index()] > 0.0 && s.costs.recompute_ns > 0.0);
     assert_eq!(core.num_free_blocks(), 20, "every block came back");
     // One prefix lookup counted per request (not one more for the probe of the tiers).
-    assert_eq!(core.scheduler().prefix_cache_stats().queries, 160 + 230 + 180);
+    assert_eq!(
+        core.scheduler().prefix_cache_stats().queries,
+        160 + 230 + 180
+    );
 }
 
 fn disk_tier(path: &Path) -> TierConfig {
