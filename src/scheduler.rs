@@ -38,9 +38,20 @@ pub struct Request {
     pub num_preemptions: usize,
     /// The tiers below the device were asked for this request's prefix (once per admission).
     kv_probed: bool,
-    /// Verified payloads loaded from a tier, for blocks `first..first + len` of the prompt,
-    /// waiting to be written into device blocks when the request is admitted.
-    staged: Option<(usize, Vec<Vec<u8>>)>,
+    /// Verified payloads of KV loaded from a tier or received from a prefill worker, waiting
+    /// to be written into device blocks when the request is admitted.
+    staged: Option<Staged>,
+}
+
+/// Blocks `first..first + payloads.len()` of a prompt, covering its tokens up to `covered`
+/// (a transferred prompt's last block may be partial).
+#[derive(Clone, Debug)]
+struct Staged {
+    first: usize,
+    payloads: Vec<Vec<u8>>,
+    covered: usize,
+    /// From a prefill worker (not a tier of this one).
+    transferred: bool,
 }
 
 impl Request {
@@ -173,7 +184,13 @@ impl Scheduler {
             }
             r.status = RequestStatus::Waiting;
             if !payloads.is_empty() {
-                r.staged = Some((first, payloads));
+                let covered = (first + payloads.len()) * self.kv.block_size();
+                r.staged = Some(Staged {
+                    first,
+                    payloads,
+                    covered,
+                    transferred: false,
+                });
             }
             self.num_waiting_for_kv -= 1;
             self.waiting.push_front(id);
@@ -229,6 +246,43 @@ impl Scheduler {
         if let Some(r) = self.requests.get_mut(id) {
             r.tokens.push(token);
         }
+    }
+
+    /// Removes a finished request like [`Self::finish`] but keeps its KV blocks referenced;
+    /// returns them (its whole table, prompt first) for [`Self::release_blocks`].
+    pub fn finish_keeping_blocks(
+        &mut self,
+        id: &RequestId,
+        reason: FinishReason,
+    ) -> Option<(Request, Vec<BlockId>)> {
+        let blocks = self.kv.detach(id);
+        let req = self.finish(id, reason)?;
+        Some((req, blocks))
+    }
+
+    /// Frees blocks kept by [`Self::finish_keeping_blocks`].
+    pub fn release_blocks(&mut self, blocks: Vec<BlockId>) {
+        self.kv.release(blocks);
+    }
+
+    /// Adds a request whose first `covered` prompt tokens' KV came from elsewhere (a prefill
+    /// worker): `payloads[i]` is block `i`'s K and V. They are written into its blocks when it
+    /// is admitted; only what they do not cover is computed (at least the last prompt token,
+    /// whose logits give the first output token).
+    pub fn add_request_with_kv(
+        &mut self,
+        mut req: Request,
+        payloads: Vec<Vec<u8>>,
+        covered: usize,
+    ) {
+        req.kv_probed = true;
+        req.staged = Some(Staged {
+            first: 0,
+            payloads,
+            covered,
+            transferred: true,
+        });
+        self.add_request(req);
     }
 
     /// Removes a request (finished or aborted) and frees its blocks. Returns it if it existed.
@@ -369,19 +423,24 @@ impl Scheduler {
                     self.kv
                         .count_lookup(r.tokens.len(), hit.num_computed_tokens);
                 }
-                // Staged blocks that continue the device hit: written into fresh blocks.
+                // Staged blocks that continue the device hit: written into fresh blocks. They
+                // count up to what they cover, short of the last prompt token (it must run
+                // for its logits).
                 let mut loaded: Vec<Vec<u8>> = Vec::new();
-                if let Some((first, payloads)) = &r.staged {
-                    if (*first..first + payloads.len()).contains(&device_blocks) {
-                        let max_blocks = (r.tokens.len() - 1) / bs;
-                        loaded = payloads[device_blocks - first..]
+                let mut computed = hit.num_computed_tokens;
+                let transferred = r.staged.as_ref().is_some_and(|s| s.transferred);
+                if let Some(st) = &r.staged {
+                    if (st.first..st.first + st.payloads.len()).contains(&device_blocks) {
+                        let upto = st.covered.min(r.tokens.len() - 1);
+                        let max_blocks = upto.div_ceil(bs);
+                        loaded = st.payloads[device_blocks - st.first..]
                             .iter()
                             .take(max_blocks.saturating_sub(device_blocks))
                             .cloned()
                             .collect();
+                        computed = ((device_blocks + loaded.len()) * bs).min(upto);
                     }
                 }
-                let computed = hit.num_computed_tokens + loaded.len() * bs;
                 let remaining = r.tokens.len() - computed;
                 if !self.config.enable_chunked_prefill && remaining > budget {
                     break;
@@ -402,8 +461,8 @@ impl Scheduler {
                             .copied()
                             .zip(loaded.iter().cloned()),
                     );
-                    if let Some(c) = &self.connector {
-                        c.count_hit_tokens(loaded.len() * bs);
+                    if let (Some(c), false) = (&self.connector, transferred) {
+                        c.count_hit_tokens(computed - hit.num_computed_tokens);
                     }
                 }
                 let r = self.requests.get_mut(&id).expect("waiting request exists");

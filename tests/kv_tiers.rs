@@ -11,7 +11,6 @@ use llmd::kv::tiers::{Tier, TierConfig};
 use llmd::kv::{BlockHashAlgo, BlockHasher};
 use llmd::{EngineConfig, RequestId, SamplingParams};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// stories260K with a device pool of 20 blocks of 16 tokens (room for one 256-token sequence
@@ -313,68 +312,10 @@ fn a_block_from_another_model_is_refused() {
     assert_eq!(core.counters().prompt_tokens_computed, 100);
 }
 
-/// A Redis server on a free port, killed on drop.
-struct RedisServer {
-    child: Child,
-    port: u16,
-}
-
-impl RedisServer {
-    fn start() -> Option<Self> {
-        let bin = ["valkey-server", "redis-server"].into_iter().find(|b| {
-            Command::new(b)
-                .arg("--version")
-                .stdout(Stdio::null())
-                .status()
-                .is_ok()
-        });
-        let Some(bin) = bin else {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must have valkey-server or redis-server (.ci/run installs it)"
-            );
-            eprintln!("skipping: no valkey-server or redis-server on this machine");
-            return None;
-        };
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(bin)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "{bin} did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Some(Self { child, port })
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
 #[test]
 fn two_engines_share_a_prefix_through_redis_and_survive_its_death() {
     let Some(model) = stories() else { return };
-    let Some(mut server) = RedisServer::start() else {
+    let Some(mut server) = common::RedisServer::start() else {
         return;
     };
     let url = server.url();
@@ -423,44 +364,43 @@ fn two_engines_share_a_prefix_through_redis_and_survive_its_death() {
 }
 
 #[test]
-fn smollm2_prefix_from_host_and_disk_matches_an_unbounded_pool() {
+fn smollm2_prefix_from_host_and_from_disk_matches_an_unbounded_pool() {
     let Some(model) = common::shared_model("smollm2-135m-instruct") else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = |tiers: Option<TierConfig>| {
-        let mut c = config(&model, tiers.clone());
-        c.max_model_len = Some(256);
-        if tiers.is_some() {
-            c.cache.num_blocks = Some(20);
-        }
-        c
-    };
-    let tiers = TierConfig {
-        // Room for 4 SmolLM2 blocks (737 KB each) in memory; the rest on disk.
-        host_bytes: 3 << 20,
-        disk_path: Some(dir.path().to_path_buf()),
-        disk_bytes: 1 << 30,
-        ..Default::default()
-    };
     let (a, filler) = (prompt(160, 11, 49_000), prompt(230, 12, 49_000));
     let want = {
-        let mut core = EngineCore::new(cfg(None)).unwrap();
+        let mut core = EngineCore::new(config(&model, None)).unwrap();
         evict_and_return(&mut core, &a, &filler, "ref")
     };
-    let mut core = EngineCore::new(cfg(Some(tiers))).unwrap();
-    let got = evict_and_return(&mut core, &a, &filler, "smol");
-    assert_eq!(got, want);
-    let s = tier_stats(&core);
-    // On SmolLM2 a block is far cheaper to load than to recompute: the measured decision
-    // loads (no override here), from host and disk.
-    assert!(
-        s.costs.load_wins(Tier::Host) && s.costs.load_wins(Tier::Disk),
-        "{s:?}"
-    );
-    assert!(
-        s.loaded_blocks[Tier::Host.index()] + s.loaded_blocks[Tier::Disk.index()] > 0,
-        "{s:?}"
-    );
-    assert!(s.load_hit_tokens >= 16);
+    let dir = tempfile::tempdir().unwrap();
+    for (tier, tiers) in [
+        (
+            Tier::Host,
+            TierConfig {
+                host_bytes: 64 << 20,
+                ..Default::default()
+            },
+        ),
+        (
+            Tier::Disk,
+            TierConfig {
+                // One SmolLM2 block (737 KB) in memory: the prefix comes from files.
+                host_bytes: 1 << 20,
+                disk_path: Some(dir.path().to_path_buf()),
+                disk_bytes: 1 << 30,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let mut core = EngineCore::new(config(&model, Some(tiers))).unwrap();
+        let got = evict_and_return(&mut core, &a, &filler, "smol");
+        assert_eq!(got, want, "{tier:?}");
+        let s = tier_stats(&core);
+        // On SmolLM2 a block is far cheaper to load than to recompute: the measured decision
+        // loads (no override here).
+        assert!(s.costs.load_wins(tier), "{tier:?}: {s:?}");
+        assert!(s.loaded_blocks[tier.index()] > 0, "{tier:?}: {s:?}");
+        assert!(s.load_hit_tokens >= 16, "{tier:?}");
+    }
 }

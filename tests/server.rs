@@ -1491,3 +1491,52 @@ async fn kv_events_of_the_engine_and_tiers_reach_a_real_subscriber() {
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_share_prefixes_through_redis_and_outlive_it() {
+    let Some(mut redis) = common::RedisServer::start() else {
+        return;
+    };
+    let url = redis.url();
+    let args = ["--kv-remote-url", url.as_str(), "--kv-tier-always-load"];
+    let body = json!({"prompt": long_story(), "max_tokens": 12, "temperature": 0});
+    let first = Server::start(&args).await;
+    let (status, v) = first.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    let text = v["choices"][0]["text"].as_str().unwrap().to_string();
+    wait_metrics(&first, "blocks on the server", |m| {
+        sample(m, "llmd:kv_tier_blocks", "tier=\"remote\"") >= 10.0
+    })
+    .await;
+
+    // Another worker: the prefix comes from the server, not from its own prefill.
+    let second = Server::start(&args).await;
+    let (status, v) = second.post("/v1/completions", &body).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"].as_str().unwrap(), text);
+    let m = second.metrics().await;
+    assert!(
+        sample(&m, "llmd:kv_tier_loaded_blocks_total", "tier=\"remote\"") >= 10.0,
+        "{m}"
+    );
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_f64().unwrap();
+    assert!(
+        sample(&m, "llmd:prompt_tokens_computed_total", "") <= prompt_tokens - 160.0,
+        "the second worker recomputed the prefix: {m}"
+    );
+
+    // The server dies: both workers keep answering, recomputing.
+    redis.kill();
+    let other =
+        json!({"prompt": "Tom had a red kite. ".repeat(10), "max_tokens": 8, "temperature": 0});
+    for s in [&first, &second] {
+        let (status, v) = s.post("/v1/completions", &other).await;
+        assert_eq!(status, 200, "{v}");
+    }
+    let m = second.metrics().await;
+    assert!(
+        sample(&m, "llmd:kv_tier_errors_total", "tier=\"remote\"") >= 1.0,
+        "{m}"
+    );
+    assert_eq!(sample(&m, "llmd:engine_failed_steps_total", ""), 0.0);
+}

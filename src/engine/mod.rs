@@ -60,6 +60,32 @@ impl From<String> for Prompt {
     }
 }
 
+/// How a request's KV crosses workers (disaggregated prefill/decode).
+#[derive(Clone, Debug, Default)]
+pub struct KvOptions {
+    /// Keep the request's KV blocks when it finishes, for a decode worker to read, for at most
+    /// this long (its lease); [`EngineCore::release_held`] frees them sooner.
+    pub hold_for: Option<std::time::Duration>,
+    /// KV received from a prefill worker for the prompt's first tokens.
+    pub received: Option<ReceivedKv>,
+}
+
+/// Verified K/V of a prompt's first blocks: `payloads[i]` is block `i` (all layers), covering
+/// the first `covered` tokens (the last block may be partial).
+#[derive(Clone, Debug)]
+pub struct ReceivedKv {
+    pub payloads: Vec<Vec<u8>>,
+    pub covered: usize,
+}
+
+/// A finished request's KV kept for a decode worker.
+#[derive(Debug)]
+struct Held {
+    blocks: Vec<crate::kv::BlockId>,
+    prompt_len: usize,
+    expires: std::time::Instant,
+}
+
 /// Limits derived from the config and the model, shared with the front end for validation.
 #[derive(Clone, Debug)]
 pub struct EngineLimits {
@@ -97,6 +123,12 @@ pub struct EngineCore {
     kv_events: Option<Arc<dyn KvEventSink>>,
     /// Bytes of one block's K and V over all layers (a tier record's payload).
     kv_block_bytes: usize,
+    /// Leases of requests to keep the KV of when they finish.
+    hold_for: HashMap<RequestId, std::time::Duration>,
+    /// Finished requests' KV kept for decode workers.
+    held: HashMap<RequestId, Held>,
+    /// Prompt tokens of each request whose KV came from a prefill worker.
+    received: HashMap<RequestId, usize>,
 }
 
 /// Monotonic totals since start.
@@ -113,6 +145,8 @@ pub struct Counters {
     pub backend_sampled_random: u64,
     /// Steps whose model call failed (their requests were aborted).
     pub failed_steps: u64,
+    /// Held KV freed because no decode worker read it within its lease.
+    pub kv_leases_expired: u64,
 }
 
 /// Bytes of K and V of one block across all layers, with `element_bytes` per cached element
@@ -325,7 +359,63 @@ impl EngineCore {
             pool,
             kv_events,
             kv_block_bytes,
+            hold_for: HashMap::new(),
+            held: HashMap::new(),
+            received: HashMap::new(),
         })
+    }
+
+    /// Requests whose KV is held for a decode worker.
+    pub fn num_held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// The K/V of a held request's prompt blocks (for a decode worker) and its prompt length;
+    /// None when nothing is held under `id` (never held, released, or its lease expired).
+    pub fn read_held(&self, id: &RequestId) -> Result<Option<(Vec<Vec<u8>>, usize)>> {
+        let Some(h) = self.held.get(id) else {
+            return Ok(None);
+        };
+        let mut out = Vec::with_capacity(h.blocks.len());
+        for b in &h.blocks {
+            let mut payload = vec![0u8; self.kv_block_bytes];
+            self.model.read_kv_block(b.0 as usize, &mut payload)?;
+            out.push(payload);
+        }
+        Ok(Some((out, h.prompt_len)))
+    }
+
+    /// Frees a held request's blocks (its decoder has them). False when nothing was held.
+    pub fn release_held(&mut self, id: &RequestId) -> bool {
+        match self.held.remove(id) {
+            Some(h) => {
+                self.scheduler.release_blocks(h.blocks);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Frees held KV whose lease ran out; returns how many.
+    pub fn expire_held(&mut self) -> usize {
+        let now = std::time::Instant::now();
+        let expired: Vec<RequestId> = self
+            .held
+            .iter()
+            .filter(|(_, h)| h.expires <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &expired {
+            tracing::warn!(request_id = %id, "held KV lease expired before a decode worker read it; freeing its blocks");
+            self.release_held(id);
+        }
+        self.counters.kv_leases_expired += expired.len() as u64;
+        expired.len()
+    }
+
+    /// When the next held lease runs out.
+    pub fn next_lease_expiry(&self) -> Option<std::time::Instant> {
+        self.held.values().map(|h| h.expires).min()
     }
 
     /// What the KV tiers hold and did (None when they are off).
@@ -386,7 +476,39 @@ impl EngineCore {
         params: SamplingParams,
         priority: i32,
     ) -> Result<()> {
+        self.add_tokens_with_kv(id, ids, params, priority, KvOptions::default())
+    }
+
+    /// [`Self::add_tokens`] with KV kept for or received from another worker.
+    pub fn add_tokens_with_kv(
+        &mut self,
+        id: RequestId,
+        ids: Vec<TokenId>,
+        params: SamplingParams,
+        priority: i32,
+        kv: KvOptions,
+    ) -> Result<()> {
         params.validate()?;
+        if self.held.contains_key(&id) {
+            return Err(Error::DuplicateRequest(id.0));
+        }
+        if let Some(r) = &kv.received {
+            let bs = self.limits.block_size;
+            let ok = r.covered <= ids.len()
+                && r.payloads.len() == r.covered.div_ceil(bs)
+                && r.payloads.iter().all(|p| p.len() == self.kv_block_bytes);
+            if !ok {
+                return Err(Error::Config {
+                    field: "kv_transfer_params",
+                    reason: format!(
+                        "received KV of {} blocks for {} tokens does not fit a prompt of {} tokens",
+                        r.payloads.len(),
+                        r.covered,
+                        ids.len()
+                    ),
+                });
+            }
+        }
         if self.scheduler.contains(&id) {
             return Err(Error::DuplicateRequest(id.0));
         }
@@ -408,14 +530,26 @@ impl EngineCore {
         self.counters.prompt_tokens += ids.len() as u64;
         self.states
             .insert(id.clone(), RequestState::new(params, &ids));
-        self.scheduler
-            .add_request(Request::new(id, ids, priority, Vec::new()));
+        if let Some(lease) = kv.hold_for {
+            self.hold_for.insert(id.clone(), lease);
+        }
+        let req = Request::new(id.clone(), ids, priority, Vec::new());
+        match kv.received {
+            Some(r) => {
+                self.received.insert(id, r.covered);
+                self.scheduler
+                    .add_request_with_kv(req, r.payloads, r.covered);
+            }
+            None => self.scheduler.add_request(req),
+        }
         Ok(())
     }
 
     /// Stops a request and frees its blocks at once. Returns false for unknown ids.
     pub fn abort_request(&mut self, id: &RequestId) -> bool {
         self.states.remove(id);
+        self.hold_for.remove(id);
+        self.received.remove(id);
         if self.scheduler.finish(id, FinishReason::Abort).is_some() {
             self.counters.finished_requests += 1;
             true
@@ -428,6 +562,9 @@ impl EngineCore {
     /// it finished). On a model error every request of the step is aborted and the error
     /// returned.
     pub fn step(&mut self) -> Result<Vec<EngineOutput>> {
+        if !self.held.is_empty() {
+            self.expire_held();
+        }
         let sched = self.scheduler.schedule();
         if sched.is_empty() {
             if self.scheduler.num_waiting_for_kv() > 0 {
@@ -498,9 +635,13 @@ impl EngineCore {
         self.publish_kv_changes();
         for s in &sched.seqs {
             if let Some(r) = self.scheduler.request(&s.id) {
+                // Tokens whose KV a prefill worker sent are not this worker's work, even the
+                // last one, run again for its logits.
+                let start = s
+                    .num_computed_tokens
+                    .max(self.received.get(&s.id).copied().unwrap_or(0));
                 let end = (s.num_computed_tokens + s.num_new_tokens).min(r.prompt_len);
-                self.counters.prompt_tokens_computed +=
-                    end.saturating_sub(s.num_computed_tokens) as u64;
+                self.counters.prompt_tokens_computed += end.saturating_sub(start) as u64;
             }
         }
         let vocab = self.limits.vocab_size;
@@ -541,7 +682,31 @@ impl EngineCore {
             );
             if let Some(reason) = out.finish_reason {
                 self.states.remove(&s.id);
-                self.scheduler.finish(&s.id, reason);
+                self.received.remove(&s.id);
+                match self.hold_for.remove(&s.id) {
+                    Some(lease) => {
+                        if let Some((r, blocks)) =
+                            self.scheduler.finish_keeping_blocks(&s.id, reason)
+                        {
+                            // Only the prompt's blocks: the decoder computes the rest.
+                            let keep = r.prompt_len.div_ceil(self.limits.block_size);
+                            let mut blocks = blocks;
+                            let extra = blocks.split_off(keep.min(blocks.len()));
+                            self.scheduler.release_blocks(extra);
+                            self.held.insert(
+                                s.id.clone(),
+                                Held {
+                                    blocks,
+                                    prompt_len: r.prompt_len,
+                                    expires: std::time::Instant::now() + lease,
+                                },
+                            );
+                        }
+                    }
+                    None => {
+                        self.scheduler.finish(&s.id, reason);
+                    }
+                }
                 self.counters.finished_requests += 1;
             }
             outputs.push(out);

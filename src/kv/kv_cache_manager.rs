@@ -227,6 +227,20 @@ impl KvCacheManager {
         *published = (*published).max(full);
     }
 
+    /// Takes the request's blocks out of its table without freeing them: they keep their
+    /// reference (so they are never evicted) until [`Self::release`]. A prefiller keeps a
+    /// finished request's KV this way until its decoder has read it.
+    pub fn detach(&mut self, req: &RequestId) -> Vec<BlockId> {
+        self.hashes.remove(req);
+        self.published.remove(req);
+        self.tables.remove(req).unwrap_or_default()
+    }
+
+    /// Frees blocks taken by [`Self::detach`], tail first.
+    pub fn release(&mut self, blocks: Vec<BlockId>) {
+        self.pool.free(blocks.into_iter().rev());
+    }
+
     /// Releases the request's blocks, tail first; unknown ids are ignored.
     pub fn free(&mut self, req: &RequestId) {
         self.hashes.remove(req);

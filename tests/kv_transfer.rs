@@ -1,0 +1,163 @@
+//! Disaggregated prefill/decode at the engine level, on stories260K: a prefill engine keeps a
+//! finished prompt's KV for a decode engine, which decodes from the received blocks the exact
+//! tokens a single engine produces, computing no prompt token itself; held blocks go back to
+//! the pool when released or when their lease runs out.
+mod common;
+
+use llmd::engine::{EngineCore, KvOptions, Prompt, ReceivedKv};
+use llmd::{EngineConfig, RequestId, SamplingParams};
+use std::time::Duration;
+
+fn config() -> Option<EngineConfig> {
+    let dir = common::shared_model("stories260K")?;
+    let mut c = EngineConfig::new(dir);
+    c.max_model_len = Some(256);
+    c.cache.num_blocks = Some(64);
+    c.scheduler.max_num_batched_tokens = 64;
+    Some(c)
+}
+
+fn greedy(n: usize) -> SamplingParams {
+    SamplingParams {
+        max_tokens: Some(n),
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    }
+}
+
+fn run(core: &mut EngineCore, id: &RequestId) -> Vec<u32> {
+    let mut out = Vec::new();
+    while core.has_unfinished_requests() {
+        for o in core.step().unwrap() {
+            if &o.request_id == id {
+                out.extend(o.new_token_ids);
+            }
+        }
+    }
+    out
+}
+
+fn prompt(n: usize) -> Vec<u32> {
+    (0..n as u32).map(|i| 4 + (i * 7919 + 13) % 500).collect()
+}
+
+#[test]
+fn decode_from_transferred_kv_matches_a_single_engine() {
+    let Some(cfg) = config() else { return };
+    // Prompt lengths: a whole number of blocks, one past, and a partial last block.
+    for len in [48, 49, 57] {
+        let p = prompt(len);
+        let id = RequestId::from("r");
+        let want = {
+            let mut single = EngineCore::new(cfg.clone()).unwrap();
+            single
+                .add_request(id.clone(), &Prompt::Tokens(p.clone()), greedy(20), 0)
+                .unwrap();
+            run(&mut single, &id)
+        };
+
+        let mut prefill = EngineCore::new(cfg.clone()).unwrap();
+        let idle = prefill.num_free_blocks();
+        prefill
+            .add_tokens_with_kv(
+                id.clone(),
+                p.clone(),
+                greedy(1),
+                0,
+                KvOptions {
+                    hold_for: Some(Duration::from_secs(30)),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let first = run(&mut prefill, &id);
+        assert_eq!(first, want[..1], "len {len}: the prefiller's token");
+        assert_eq!(prefill.num_held(), 1);
+        let (payloads, prompt_len) = prefill.read_held(&id).unwrap().expect("held");
+        assert_eq!(prompt_len, len);
+        assert_eq!(payloads.len(), len.div_ceil(16));
+        assert!(prefill.num_free_blocks() < idle, "held blocks are not free");
+        assert!(prefill.release_held(&id));
+        assert_eq!(prefill.num_free_blocks(), idle, "released");
+        assert!(!prefill.release_held(&id));
+
+        let mut decode = EngineCore::new(cfg.clone()).unwrap();
+        decode
+            .add_tokens_with_kv(
+                id.clone(),
+                p.clone(),
+                greedy(20),
+                0,
+                KvOptions {
+                    received: Some(ReceivedKv {
+                        payloads,
+                        covered: len,
+                    }),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        let got = run(&mut decode, &id);
+        assert_eq!(got, want, "len {len}: decoded from transferred KV");
+        assert_eq!(
+            decode.counters().prompt_tokens_computed,
+            0,
+            "len {len}: the decoder computed prompt tokens"
+        );
+        assert_eq!(decode.num_free_blocks(), 64);
+    }
+}
+
+#[test]
+fn held_kv_is_freed_when_its_lease_runs_out() {
+    let Some(cfg) = config() else { return };
+    let mut prefill = EngineCore::new(cfg).unwrap();
+    let idle = prefill.num_free_blocks();
+    let id = RequestId::from("lease");
+    prefill
+        .add_tokens_with_kv(
+            id.clone(),
+            prompt(40),
+            greedy(1),
+            0,
+            KvOptions {
+                hold_for: Some(Duration::from_millis(50)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    run(&mut prefill, &id);
+    assert_eq!(prefill.num_held(), 1);
+    assert_eq!(prefill.expire_held(), 0, "not yet");
+    std::thread::sleep(Duration::from_millis(80));
+    assert_eq!(prefill.expire_held(), 1);
+    assert_eq!(prefill.num_free_blocks(), idle);
+    assert!(prefill.read_held(&id).unwrap().is_none());
+    assert_eq!(prefill.counters().kv_leases_expired, 1);
+}
+
+#[test]
+fn received_kv_that_does_not_fit_the_prompt_is_refused() {
+    let Some(cfg) = config() else { return };
+    let mut decode = EngineCore::new(cfg).unwrap();
+    let bad = |payloads: Vec<Vec<u8>>, covered| KvOptions {
+        received: Some(ReceivedKv { payloads, covered }),
+        ..Default::default()
+    };
+    // stories260K: 5 layers × K,V × 16 tokens × 4 heads × 8 dims × 4 bytes.
+    let block = vec![0u8; 5 * 2 * 16 * 4 * 8 * 4];
+    for (i, opts) in [
+        bad(vec![block.clone(); 2], 40),
+        bad(vec![block.clone(); 3], 50),
+        bad(vec![vec![0u8; 7]; 3], 40),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let e = decode
+            .add_tokens_with_kv(RequestId(format!("b{i}")), prompt(40), greedy(2), 0, opts)
+            .unwrap_err();
+        assert!(e.to_string().contains("kv_transfer_params"), "{e}");
+    }
+    assert!(!decode.has_unfinished_requests());
+}
