@@ -8,6 +8,7 @@ pub mod connector;
 pub mod events;
 pub mod kv_cache_manager;
 pub mod tiers;
+pub mod transfer;
 
 pub use block_hash::{BlockHash, BlockHashAlgo, BlockHasher};
 pub use block_pool::{BlockPool, PrefixCacheStats};

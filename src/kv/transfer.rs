@@ -1,0 +1,616 @@
+//! Moving a finished prompt's KV from a prefill worker to a decode worker (disaggregated
+//! prefill/decode, llm-d's flow): the decoder pulls the blocks the prefiller holds for a
+//! request, over the KV side channel.
+//!
+//! [`KvTransport`] is the one interface; [`TcpTransport`] is its TCP implementation (RDMA verbs
+//! is the other one the design leaves room for). The producer side is [`serve`], which answers
+//! pulls with blocks it reads through a [`HeldKvSource`] (the engine) and frees a request's
+//! blocks as soon as the consumer has them or its connection drops.
+//!
+//! Wire protocol (integers little-endian):
+//! ```text
+//! consumer → producer: "LLMDKVT1" | engine_id_len u32 | engine_id | request_id_len u32 | request_id
+//! producer → consumer: status u8 | message_len u32 | message | prompt_len u64 | blocks u32
+//!                      then per block: record_len u64 | record (block_record, checksummed)
+//! consumer → producer: 0 (done) | 1 (resend: count u32, indices u32…, then the blocks again, then 0)
+//! ```
+//! Status: 0 ok, 1 nothing held under that id, 2 the consumer named another engine (a stale
+//! id from before a restart: ids carry the start time), 3 the producer failed to read.
+//!
+//! Integrity: each block travels as a [`super::block_record`] whose hash is derived from the
+//! request id and block index and whose identity is the model and layout; the consumer checks
+//! each, asks once for the bad ones again, and otherwise gives up (its caller recomputes).
+use super::block_record;
+use super::BlockHash;
+use futures_util::future::BoxFuture;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const MAGIC: &[u8; 8] = b"LLMDKVT1";
+/// Longest id or message accepted on the wire.
+const MAX_STR: usize = 4096;
+/// Most blocks one transfer may carry (a million-token prompt at 16 tokens per block).
+const MAX_BLOCKS: usize = 1 << 16;
+
+/// Where a decode worker pulls a request's KV from (the prefiller's `kv_transfer_params`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteKv {
+    pub host: String,
+    pub port: u16,
+    /// The prefiller's engine id (with its start time, so a restarted one differs).
+    pub engine_id: String,
+    /// The prefiller's request whose KV is held.
+    pub request_id: String,
+}
+
+/// A transfer's result: `payloads[i]` is block `i` of the prompt (all layers' K and V).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fetched {
+    pub payloads: Vec<Vec<u8>>,
+    pub prompt_len: usize,
+    /// Blocks that failed their check once and came back intact when asked again.
+    pub reread: usize,
+}
+
+/// Why a pull failed; the decoder then computes the prompt itself.
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("KV transfer from {addr}: {source}")]
+    Io {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("KV transfer from {addr}: no KV is held for request {request_id} (released, expired, or never held)")]
+    NotHeld { addr: String, request_id: String },
+    #[error("KV transfer from {addr}: stale engine id: {message}")]
+    StaleEngine { addr: String, message: String },
+    #[error("KV transfer from {addr}: the producer failed: {message}")]
+    Producer { addr: String, message: String },
+    #[error("KV transfer from {addr}: protocol error: {what}")]
+    Protocol { addr: String, what: String },
+    #[error("KV transfer from {addr}: block {index} failed its check twice: {reason}")]
+    Corrupt {
+        addr: String,
+        index: usize,
+        reason: String,
+    },
+    #[error("KV transfer from {addr} timed out after {seconds} s")]
+    Timeout { addr: String, seconds: f64 },
+}
+
+impl TransferError {
+    /// The metric label of a fallback to local prefill.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            TransferError::Io { .. } => "io",
+            TransferError::NotHeld { .. } => "not_held",
+            TransferError::StaleEngine { .. } => "stale_engine",
+            TransferError::Producer { .. } => "producer",
+            TransferError::Protocol { .. } => "protocol",
+            TransferError::Corrupt { .. } => "corrupt",
+            TransferError::Timeout { .. } => "timeout",
+        }
+    }
+}
+
+/// Pulls a request's KV from a prefill worker.
+pub trait KvTransport: Send + Sync {
+    fn fetch<'a>(&'a self, from: &'a RemoteKv) -> BoxFuture<'a, Result<Fetched, TransferError>>;
+}
+
+/// What a block's record is checked against: the model and layout, and the block size.
+#[derive(Clone, Debug)]
+pub struct TransferLayout {
+    /// `KvIdentity::canonical()` of this worker's model and layout.
+    pub identity: String,
+    /// Bytes of one block's K and V over all layers.
+    pub payload_len: usize,
+}
+
+/// The record hash of block `index` of `request_id`'s transfer (transferred blocks may be
+/// partial, so they have no prefix hash of their own).
+pub fn transfer_hash(request_id: &str, index: usize) -> BlockHash {
+    let mut h = [0u8; 32];
+    let a = xxhash_rust::xxh3::xxh3_64(request_id.as_bytes());
+    h[..8].copy_from_slice(b"TRANSFER");
+    h[8..16].copy_from_slice(&a.to_le_bytes());
+    h[24..].copy_from_slice(&(index as u64).to_be_bytes());
+    BlockHash(h)
+}
+
+/// The TCP transport.
+pub struct TcpTransport {
+    pub layout: TransferLayout,
+    /// Limit on a whole pull.
+    pub timeout: Duration,
+}
+
+impl KvTransport for TcpTransport {
+    fn fetch<'a>(&'a self, from: &'a RemoteKv) -> BoxFuture<'a, Result<Fetched, TransferError>> {
+        Box::pin(async move {
+            let addr = format!("{}:{}", from.host, from.port);
+            match tokio::time::timeout(self.timeout, self.pull(&addr, from)).await {
+                Ok(r) => r,
+                Err(_) => Err(TransferError::Timeout {
+                    addr,
+                    seconds: self.timeout.as_secs_f64(),
+                }),
+            }
+        })
+    }
+}
+
+impl TcpTransport {
+    async fn pull(&self, addr: &str, from: &RemoteKv) -> Result<Fetched, TransferError> {
+        let io = |source| TransferError::Io {
+            addr: addr.to_string(),
+            source,
+        };
+        let proto = |what: &str| TransferError::Protocol {
+            addr: addr.to_string(),
+            what: what.to_string(),
+        };
+        let mut s = TcpStream::connect(addr).await.map_err(io)?;
+        s.set_nodelay(true).map_err(io)?;
+        let mut hello = Vec::new();
+        hello.extend_from_slice(MAGIC);
+        put_str(&mut hello, &from.engine_id);
+        put_str(&mut hello, &from.request_id);
+        s.write_all(&hello).await.map_err(io)?;
+        let status = s.read_u8().await.map_err(io)?;
+        let message = read_str(&mut s).await.map_err(io)?;
+        let prompt_len = s.read_u64_le().await.map_err(io)? as usize;
+        let blocks = s.read_u32_le().await.map_err(io)? as usize;
+        let addr_s = addr.to_string();
+        match status {
+            0 => {}
+            1 => {
+                return Err(TransferError::NotHeld {
+                    addr: addr_s,
+                    request_id: from.request_id.clone(),
+                })
+            }
+            2 => {
+                return Err(TransferError::StaleEngine {
+                    addr: addr_s,
+                    message,
+                })
+            }
+            _ => {
+                return Err(TransferError::Producer {
+                    addr: addr_s,
+                    message,
+                })
+            }
+        }
+        if blocks > MAX_BLOCKS {
+            return Err(proto("block count"));
+        }
+        let check = |i: usize, record: &[u8]| -> Result<Vec<u8>, String> {
+            block_record::decode(
+                record,
+                &transfer_hash(&from.request_id, i),
+                &self.layout.identity,
+                self.layout.payload_len,
+            )
+            .map(<[u8]>::to_vec)
+            .map_err(|e| e.to_string())
+        };
+        let mut payloads: Vec<Option<Vec<u8>>> = Vec::with_capacity(blocks);
+        let mut bad = Vec::new();
+        for i in 0..blocks {
+            let record = self.read_record(&mut s, addr).await?;
+            match check(i, &record) {
+                Ok(p) => payloads.push(Some(p)),
+                Err(reason) => {
+                    tracing::warn!(%addr, block = i, %reason, "a transferred KV block failed its check; asking again");
+                    payloads.push(None);
+                    bad.push(i);
+                }
+            }
+        }
+        let reread = bad.len();
+        if !bad.is_empty() {
+            let mut ask = vec![1u8];
+            ask.extend_from_slice(&(bad.len() as u32).to_le_bytes());
+            for &i in &bad {
+                ask.extend_from_slice(&(i as u32).to_le_bytes());
+            }
+            s.write_all(&ask).await.map_err(io)?;
+            for &i in &bad {
+                let record = self.read_record(&mut s, addr).await?;
+                match check(i, &record) {
+                    Ok(p) => payloads[i] = Some(p),
+                    Err(reason) => {
+                        let _ = s.write_all(&[0]).await;
+                        return Err(TransferError::Corrupt {
+                            addr: addr.to_string(),
+                            index: i,
+                            reason,
+                        });
+                    }
+                }
+            }
+        }
+        s.write_all(&[0]).await.map_err(io)?;
+        Ok(Fetched {
+            payloads: payloads
+                .into_iter()
+                .map(|p| p.unwrap_or_default())
+                .collect(),
+            prompt_len,
+            reread,
+        })
+    }
+
+    async fn read_record(&self, s: &mut TcpStream, addr: &str) -> Result<Vec<u8>, TransferError> {
+        let len = s.read_u64_le().await.map_err(|source| TransferError::Io {
+            addr: addr.to_string(),
+            source,
+        })? as usize;
+        // A record is a header, the payload and a checksum: a few KB more than the payload.
+        if len > self.layout.payload_len + 2 * MAX_STR + 128 {
+            return Err(TransferError::Protocol {
+                addr: addr.to_string(),
+                what: format!("a record of {len} bytes"),
+            });
+        }
+        let mut buf = vec![0u8; len];
+        s.read_exact(&mut buf)
+            .await
+            .map_err(|source| TransferError::Io {
+                addr: addr.to_string(),
+                source,
+            })?;
+        Ok(buf)
+    }
+}
+
+fn put_str(out: &mut Vec<u8>, s: &str) {
+    out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+    out.extend_from_slice(s.as_bytes());
+}
+
+async fn read_str(s: &mut TcpStream) -> std::io::Result<String> {
+    let len = s.read_u32_le().await? as usize;
+    if len > MAX_STR {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a string of {len} bytes"),
+        ));
+    }
+    let mut b = vec![0u8; len];
+    s.read_exact(&mut b).await?;
+    String::from_utf8(b).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+}
+
+/// Where the producer finds held KV: the engine.
+pub trait HeldKvSource: Send + Sync + 'static {
+    /// This engine's id (with its start time).
+    fn engine_id(&self) -> &str;
+    /// The payloads of `request_id`'s held prompt blocks and its prompt length; Ok(None) when
+    /// nothing is held under it.
+    fn read(
+        &self,
+        request_id: &str,
+    ) -> BoxFuture<'_, Result<Option<(Vec<Vec<u8>>, usize)>, String>>;
+    /// Frees the blocks held for `request_id`.
+    fn release(&self, request_id: &str);
+}
+
+/// What the producer counts, and a fault to inject (tests of the consumer's checks).
+#[derive(Debug, Default)]
+pub struct TransferStats {
+    pub blocks_sent: std::sync::atomic::AtomicU64,
+    pub bytes_sent: std::sync::atomic::AtomicU64,
+    pub transfers: std::sync::atomic::AtomicU64,
+    pub refused: std::sync::atomic::AtomicU64,
+    /// Flip a byte of block `.0`'s record the next `.1` times it is sent.
+    pub corrupt: std::sync::Mutex<Option<(usize, u32)>>,
+}
+
+impl TransferStats {
+    /// Whether to damage block `i` this time (counts the injected fault down).
+    fn take_corrupt(&self, i: usize) -> bool {
+        let mut c = self.corrupt.lock().unwrap_or_else(|e| e.into_inner());
+        match *c {
+            Some((b, n)) if b == i && n > 0 => {
+                *c = (n > 1).then_some((b, n - 1));
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Serves pulls on `listener` until the task is dropped: each connection is one request's
+/// transfer; its held blocks are released when the consumer is done or goes away.
+pub async fn serve(
+    listener: TcpListener,
+    source: Arc<dyn HeldKvSource>,
+    layout: TransferLayout,
+    stats: Arc<TransferStats>,
+) {
+    loop {
+        let Ok((conn, peer)) = listener.accept().await else {
+            continue;
+        };
+        let (source, layout, stats) = (source.clone(), layout.clone(), stats.clone());
+        tokio::spawn(async move {
+            if let Err(e) = answer(conn, &*source, &layout, &stats).await {
+                tracing::warn!(%peer, error = %e, "KV transfer connection ended with an error");
+            }
+        });
+    }
+}
+
+/// The producer's reply header.
+fn header(status: u8, message: &str, prompt_len: usize, blocks: usize) -> Vec<u8> {
+    let mut h = vec![status];
+    put_str(&mut h, message);
+    h.extend_from_slice(&(prompt_len as u64).to_le_bytes());
+    h.extend_from_slice(&(blocks as u32).to_le_bytes());
+    h
+}
+
+async fn answer(
+    mut s: TcpStream,
+    source: &dyn HeldKvSource,
+    layout: &TransferLayout,
+    stats: &TransferStats,
+) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    s.set_nodelay(true)?;
+    let mut magic = [0u8; 8];
+    s.read_exact(&mut magic).await?;
+    if &magic != MAGIC {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not a KV transfer request",
+        ));
+    }
+    let engine_id = read_str(&mut s).await?;
+    let request_id = read_str(&mut s).await?;
+    if engine_id != source.engine_id() {
+        stats.refused.fetch_add(1, Relaxed);
+        let msg = format!(
+            "this is engine {}, the request named {engine_id} (the producer restarted?)",
+            source.engine_id()
+        );
+        return s.write_all(&header(2, &msg, 0, 0)).await;
+    }
+    let held = match source.read(&request_id).await {
+        Ok(Some(h)) => h,
+        Ok(None) => {
+            stats.refused.fetch_add(1, Relaxed);
+            return s.write_all(&header(1, "not held", 0, 0)).await;
+        }
+        Err(e) => return s.write_all(&header(3, &e, 0, 0)).await,
+    };
+    // From here the blocks are released however the connection ends.
+    let result = send_blocks(&mut s, &request_id, &held, layout, stats).await;
+    source.release(&request_id);
+    stats.transfers.fetch_add(1, Relaxed);
+    result
+}
+
+async fn send_blocks(
+    s: &mut TcpStream,
+    request_id: &str,
+    held: &(Vec<Vec<u8>>, usize),
+    layout: &TransferLayout,
+    stats: &TransferStats,
+) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (payloads, prompt_len) = held;
+    s.write_all(&header(0, "", *prompt_len, payloads.len()))
+        .await?;
+    let record = |i: usize| {
+        let mut r = block_record::encode(
+            &transfer_hash(request_id, i),
+            &layout.identity,
+            &payloads[i],
+        );
+        if stats.take_corrupt(i) {
+            let mid = r.len() / 2;
+            r[mid] ^= 0x40;
+        }
+        let mut out = (r.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&r);
+        out
+    };
+    for i in 0..payloads.len() {
+        let r = record(i);
+        s.write_all(&r).await?;
+        stats.blocks_sent.fetch_add(1, Relaxed);
+        stats.bytes_sent.fetch_add(r.len() as u64, Relaxed);
+    }
+    match s.read_u8().await? {
+        0 => Ok(()),
+        1 => {
+            let n = s.read_u32_le().await? as usize;
+            let mut idx = Vec::with_capacity(n.min(payloads.len()));
+            for _ in 0..n.min(MAX_BLOCKS) {
+                idx.push(s.read_u32_le().await? as usize);
+            }
+            for i in idx {
+                if i >= payloads.len() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("resend of block {i} of {}", payloads.len()),
+                    ));
+                }
+                s.write_all(&record(i)).await?;
+            }
+            s.read_u8().await.map(|_| ())
+        }
+        other => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("unknown consumer op {other}"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    struct Fake {
+        id: String,
+        held: Mutex<HashMap<String, (Vec<Vec<u8>>, usize)>>,
+    }
+
+    impl HeldKvSource for Fake {
+        fn engine_id(&self) -> &str {
+            &self.id
+        }
+        fn read(
+            &self,
+            request_id: &str,
+        ) -> BoxFuture<'_, Result<Option<(Vec<Vec<u8>>, usize)>, String>> {
+            let r = self.held.lock().unwrap().get(request_id).cloned();
+            Box::pin(async move { Ok(r) })
+        }
+        fn release(&self, request_id: &str) {
+            self.held.lock().unwrap().remove(request_id);
+        }
+    }
+
+    fn layout() -> TransferLayout {
+        TransferLayout {
+            identity: "model=test;layers=1".into(),
+            payload_len: 64,
+        }
+    }
+
+    async fn producer() -> (Arc<Fake>, Arc<TransferStats>, u16) {
+        let fake = Arc::new(Fake {
+            id: "engine-a@1".into(),
+            held: Mutex::new(HashMap::new()),
+        });
+        let payloads: Vec<Vec<u8>> = (0..3u8).map(|b| vec![b; 64]).collect();
+        fake.held
+            .lock()
+            .unwrap()
+            .insert("req-1".into(), (payloads, 40));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stats = Arc::new(TransferStats::default());
+        tokio::spawn(serve(listener, fake.clone(), layout(), stats.clone()));
+        (fake, stats, port)
+    }
+
+    fn remote(port: u16, engine: &str, req: &str) -> RemoteKv {
+        RemoteKv {
+            host: "127.0.0.1".into(),
+            port,
+            engine_id: engine.into(),
+            request_id: req.into(),
+        }
+    }
+
+    fn client() -> TcpTransport {
+        TcpTransport {
+            layout: layout(),
+            timeout: Duration::from_secs(10),
+        }
+    }
+
+    #[tokio::test]
+    async fn pulls_verified_blocks_and_the_producer_releases_them() {
+        let (fake, stats, port) = producer().await;
+        let got = client()
+            .fetch(&remote(port, "engine-a@1", "req-1"))
+            .await
+            .unwrap();
+        assert_eq!(got.prompt_len, 40);
+        assert_eq!(
+            got.payloads,
+            (0..3u8).map(|b| vec![b; 64]).collect::<Vec<_>>()
+        );
+        assert_eq!(got.reread, 0);
+        // Released once read: a second pull finds nothing.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(fake.held.lock().unwrap().is_empty());
+        let e = client()
+            .fetch(&remote(port, "engine-a@1", "req-1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.cause(), "not_held", "{e}");
+        assert_eq!(
+            stats.blocks_sent.load(std::sync::atomic::Ordering::Relaxed),
+            3
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stale_engine_id_is_a_clear_error_and_keeps_the_blocks() {
+        let (fake, _, port) = producer().await;
+        let e = client()
+            .fetch(&remote(port, "engine-a@0", "req-1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.cause(), "stale_engine");
+        assert!(e.to_string().contains("engine-a@1"), "{e}");
+        assert_eq!(fake.held.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_block_damaged_once_is_read_again_twice_is_an_error() {
+        let (fake, stats, port) = producer().await;
+        *stats.corrupt.lock().unwrap() = Some((1, 1));
+        let got = client()
+            .fetch(&remote(port, "engine-a@1", "req-1"))
+            .await
+            .unwrap();
+        assert_eq!(got.reread, 1);
+        assert_eq!(got.payloads[1], vec![1u8; 64]);
+
+        fake.held
+            .lock()
+            .unwrap()
+            .insert("req-2".into(), (vec![vec![7; 64]; 2], 20));
+        *stats.corrupt.lock().unwrap() = Some((0, 2));
+        let e = client()
+            .fetch(&remote(port, "engine-a@1", "req-2"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.cause(), "corrupt", "{e}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            fake.held.lock().unwrap().is_empty(),
+            "released after the failed transfer"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_producer_that_is_gone_is_an_io_error() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let e = client().fetch(&remote(port, "x", "y")).await.unwrap_err();
+        assert_eq!(e.cause(), "io", "{e}");
+    }
+
+    #[tokio::test]
+    async fn blocks_of_another_model_fail_their_check() {
+        let (_, _, port) = producer().await;
+        let other = TcpTransport {
+            layout: TransferLayout {
+                identity: "model=other;layers=1".into(),
+                payload_len: 64,
+            },
+            timeout: Duration::from_secs(10),
+        };
+        let e = other
+            .fetch(&remote(port, "engine-a@1", "req-1"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.cause(), "corrupt", "{e}");
+    }
+}
