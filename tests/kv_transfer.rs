@@ -73,7 +73,8 @@ fn decode_from_transferred_kv_matches_a_single_engine() {
         let first = run(&mut prefill, &id);
         assert_eq!(first, want[..1], "len {len}: the prefiller's token");
         assert_eq!(prefill.num_held(), 1);
-        let (payloads, prompt_len) = prefill.read_held(&id).unwrap().expect("held");
+        let held = prefill.read_held(&id).unwrap().expect("held");
+        let (payloads, prompt_len) = (held.payloads, held.prompt_len);
         assert_eq!(prompt_len, len);
         assert_eq!(payloads.len(), len.div_ceil(16));
         assert!(prefill.num_free_blocks() < idle, "held blocks are not free");

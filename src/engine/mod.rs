@@ -27,6 +27,7 @@ use crate::config::{DeviceKind, EngineConfig};
 use crate::error::{Error, Result};
 use crate::kv::block_record::KvIdentity;
 use crate::kv::connector::{BlockLayout, KvConnector, StoreBlock, TierStats};
+use crate::kv::transfer::HeldKv;
 use crate::kv::{BlockHasher, KvCacheManager, KvEvent, KvEventSink, Medium};
 use crate::model::{Model, ModelConfig, ModelError, ModelLimits, ModelRunner};
 use crate::request::{FinishReason, RequestId, TokenId};
@@ -372,7 +373,7 @@ impl EngineCore {
 
     /// The K/V of a held request's prompt blocks (for a decode worker) and its prompt length;
     /// None when nothing is held under `id` (never held, released, or its lease expired).
-    pub fn read_held(&self, id: &RequestId) -> Result<Option<(Vec<Vec<u8>>, usize)>> {
+    pub fn read_held(&self, id: &RequestId) -> Result<Option<HeldKv>> {
         let Some(h) = self.held.get(id) else {
             return Ok(None);
         };
@@ -382,7 +383,10 @@ impl EngineCore {
             self.model.read_kv_block(b.0 as usize, &mut payload)?;
             out.push(payload);
         }
-        Ok(Some((out, h.prompt_len)))
+        Ok(Some(HeldKv {
+            payloads: out,
+            prompt_len: h.prompt_len,
+        }))
     }
 
     /// Frees a held request's blocks (its decoder has them). False when nothing was held.

@@ -286,16 +286,20 @@ async fn read_str(s: &mut TcpStream) -> std::io::Result<String> {
     String::from_utf8(b).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
+/// A finished request's KV held by the producer: `payloads[i]` is prompt block `i`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldKv {
+    pub payloads: Vec<Vec<u8>>,
+    pub prompt_len: usize,
+}
+
 /// Where the producer finds held KV: the engine.
 pub trait HeldKvSource: Send + Sync + 'static {
     /// This engine's id (with its start time).
     fn engine_id(&self) -> &str;
     /// The payloads of `request_id`'s held prompt blocks and its prompt length; Ok(None) when
     /// nothing is held under it.
-    fn read(
-        &self,
-        request_id: &str,
-    ) -> BoxFuture<'_, Result<Option<(Vec<Vec<u8>>, usize)>, String>>;
+    fn read(&self, request_id: &str) -> BoxFuture<'_, Result<Option<HeldKv>, String>>;
     /// Frees the blocks held for `request_id`.
     fn release(&self, request_id: &str);
 }
@@ -399,13 +403,13 @@ async fn answer(
 async fn send_blocks(
     s: &mut TcpStream,
     request_id: &str,
-    held: &(Vec<Vec<u8>>, usize),
+    held: &HeldKv,
     layout: &TransferLayout,
     stats: &TransferStats,
 ) -> std::io::Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
-    let (payloads, prompt_len) = held;
-    s.write_all(&header(0, "", *prompt_len, payloads.len()))
+    let (payloads, prompt_len) = (&held.payloads, held.prompt_len);
+    s.write_all(&header(0, "", prompt_len, payloads.len()))
         .await?;
     let record = |i: usize| {
         let mut r = block_record::encode(
@@ -461,17 +465,14 @@ mod tests {
 
     struct Fake {
         id: String,
-        held: Mutex<HashMap<String, (Vec<Vec<u8>>, usize)>>,
+        held: Mutex<HashMap<String, HeldKv>>,
     }
 
     impl HeldKvSource for Fake {
         fn engine_id(&self) -> &str {
             &self.id
         }
-        fn read(
-            &self,
-            request_id: &str,
-        ) -> BoxFuture<'_, Result<Option<(Vec<Vec<u8>>, usize)>, String>> {
+        fn read(&self, request_id: &str) -> BoxFuture<'_, Result<Option<HeldKv>, String>> {
             let r = self.held.lock().unwrap().get(request_id).cloned();
             Box::pin(async move { Ok(r) })
         }
@@ -493,10 +494,13 @@ mod tests {
             held: Mutex::new(HashMap::new()),
         });
         let payloads: Vec<Vec<u8>> = (0..3u8).map(|b| vec![b; 64]).collect();
-        fake.held
-            .lock()
-            .unwrap()
-            .insert("req-1".into(), (payloads, 40));
+        fake.held.lock().unwrap().insert(
+            "req-1".into(),
+            HeldKv {
+                payloads,
+                prompt_len: 40,
+            },
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let stats = Arc::new(TransferStats::default());
@@ -570,10 +574,13 @@ mod tests {
         assert_eq!(got.reread, 1);
         assert_eq!(got.payloads[1], vec![1u8; 64]);
 
-        fake.held
-            .lock()
-            .unwrap()
-            .insert("req-2".into(), (vec![vec![7; 64]; 2], 20));
+        fake.held.lock().unwrap().insert(
+            "req-2".into(),
+            HeldKv {
+                payloads: vec![vec![7; 64]; 2],
+                prompt_len: 20,
+            },
+        );
         *stats.corrupt.lock().unwrap() = Some((0, 2));
         let e = client()
             .fetch(&remote(port, "engine-a@1", "req-2"))
