@@ -116,6 +116,21 @@ struct ServeArgs {
     /// "replay_endpoint": "tcp://*:5558", "topic": "kv@POD@MODEL"}`.
     #[arg(long)]
     kv_events_config: Option<String>,
+    /// Disaggregated prefill/decode, as vLLM's flag: JSON with `kv_role` (`kv_producer`,
+    /// `kv_consumer`, `kv_both`) and `kv_connector` (any name; llmd has one connector).
+    #[arg(long)]
+    kv_transfer_config: Option<String>,
+    /// Port of the KV side channel a producer serves pulls on (default:
+    /// $VLLM_NIXL_SIDE_CHANNEL_PORT, else 5600).
+    #[arg(long)]
+    kv_transfer_port: Option<u16>,
+    /// Host a producer advertises to decoders in `remote_host` (default:
+    /// $VLLM_NIXL_SIDE_CHANNEL_HOST, else 127.0.0.1; in a pod, its IP).
+    #[arg(long)]
+    kv_transfer_host: Option<String>,
+    /// Seconds a producer keeps a finished prompt's KV for its decoder before freeing it.
+    #[arg(long, default_value_t = 30.0)]
+    kv_transfer_lease_secs: f64,
 }
 
 #[derive(Args)]
@@ -307,6 +322,33 @@ fn serve(a: ServeArgs) -> Result<()> {
     if a.max_choices_per_request == 0 {
         bail!("--max-choices-per-request must be at least 1");
     }
+    let kv_transfer = match &a.kv_transfer_config {
+        None => None,
+        Some(json) => {
+            let port = match a.kv_transfer_port {
+                Some(p) => p,
+                None => match std::env::var("VLLM_NIXL_SIDE_CHANNEL_PORT") {
+                    Ok(v) => v
+                        .parse()
+                        .with_context(|| format!("VLLM_NIXL_SIDE_CHANNEL_PORT={v:?}"))?,
+                    Err(_) => 5600,
+                },
+            };
+            let host = a
+                .kv_transfer_host
+                .clone()
+                .or_else(|| std::env::var("VLLM_NIXL_SIDE_CHANNEL_HOST").ok())
+                .unwrap_or_else(|| "127.0.0.1".into());
+            if !(a.kv_transfer_lease_secs.is_finite() && a.kv_transfer_lease_secs > 0.0) {
+                bail!("--kv-transfer-lease-secs must be a positive number of seconds");
+            }
+            let lease = std::time::Duration::from_secs_f64(a.kv_transfer_lease_secs);
+            Some(
+                llmd::server::disagg::KvTransferConfig::parse(json, port, host, lease)
+                    .map_err(|e| anyhow::anyhow!(e))?,
+            )
+        }
+    };
     let cfg = llmd::server::ServerConfig {
         host: a.host,
         port: a.port,
@@ -316,6 +358,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         shutdown_timeout: std::time::Duration::from_secs_f64(a.shutdown_timeout),
         max_choices_per_request: a.max_choices_per_request,
         request_timeout,
+        kv_transfer,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1540,3 +1540,152 @@ async fn two_workers_share_prefixes_through_redis_and_outlive_it() {
     );
     assert_eq!(sample(&m, "llmd:engine_failed_steps_total", ""), 0.0);
 }
+
+/// The text of a completion or chat response, joined from SSE chunks when streamed.
+async fn answer_text(s: &Server, path: &str, body: &Value) -> String {
+    let r = s.send(path, body).await;
+    assert_eq!(r.status(), 200);
+    let text = r.text().await.unwrap();
+    let pick = |v: &Value| -> String {
+        let c = &v["choices"][0];
+        c["text"]
+            .as_str()
+            .or(c["message"]["content"].as_str())
+            .or(c["delta"]["content"].as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    if body["stream"] == true {
+        sse_events(&text)
+            .iter()
+            .filter(|e| *e != "[DONE]")
+            .map(|e| pick(&serde_json::from_str(e).unwrap()))
+            .collect()
+    } else {
+        pick(&serde_json::from_str(&text).unwrap())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_on_one_worker_decode_on_another() {
+    let side = free_port();
+    let side_s = side.to_string();
+    let prefiller = Server::start(&[
+        "--kv-transfer-config",
+        r#"{"kv_connector": "NixlConnector", "kv_role": "kv_producer"}"#,
+        "--kv-transfer-port",
+        &side_s,
+        "--kv-transfer-lease-secs",
+        "30",
+    ])
+    .await;
+    let decoder = Server::start(&[
+        "--kv-transfer-config",
+        r#"{"kv_connector": "NixlConnector", "kv_role": "kv_consumer"}"#,
+    ])
+    .await;
+    let single = Server::start(&[]).await;
+    let idle = sample(&prefiller.metrics().await, "llmd:kv_free_blocks", "");
+    let story = long_story();
+    let cases = [
+        (
+            "/v1/completions",
+            json!({"prompt": story, "max_tokens": 24, "temperature": 0}),
+        ),
+        (
+            "/v1/completions",
+            json!({"prompt": story, "max_tokens": 24, "temperature": 0, "stream": true}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": story}], "max_tokens": 24, "temperature": 0}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": story}], "max_tokens": 24, "temperature": 0, "stream": true}),
+        ),
+    ];
+    for (path, body) in &cases {
+        let want = answer_text(&single, path, body).await;
+        // Step 2 of llm-d's flow: the sidecar asks the prefiller for one token, KV kept.
+        let mut prefill = body.clone();
+        prefill["kv_transfer_params"] = json!({"do_remote_decode": true, "do_remote_prefill": false,
+            "remote_engine_id": null, "remote_block_ids": null, "remote_host": null, "remote_port": null});
+        prefill["stream"] = json!(false);
+        prefill["max_tokens"] = json!(1);
+        if path.contains("chat") {
+            prefill["max_completion_tokens"] = json!(1);
+        }
+        let (status, pv) = prefiller.post(path, &prefill).await;
+        assert_eq!(status, 200, "{pv}");
+        let params = pv["kv_transfer_params"].clone();
+        assert_eq!(params["do_remote_prefill"], true, "{pv}");
+        assert_eq!(params["do_remote_decode"], false);
+        assert_eq!(params["remote_port"], side);
+        assert_eq!(params["tp_size"], 1);
+        assert!(params["remote_engine_id"].is_string() && params["remote_request_id"].is_string());
+        assert!(!params["remote_block_ids"].as_array().unwrap().is_empty());
+        // Step 4: the original request, with those parameters, to the decoder.
+        let mut decode = body.clone();
+        decode["kv_transfer_params"] = params;
+        let got = answer_text(&decoder, path, &decode).await;
+        assert_eq!(got, want, "{path} stream={}", body["stream"]);
+    }
+    let m = decoder.metrics().await;
+    assert_eq!(
+        sample(&m, "llmd:prompt_tokens_computed_total", ""),
+        0.0,
+        "the decoder prefilled: {m}"
+    );
+    assert!(sample(&m, "llmd:kv_transfer_blocks_received_total", "") >= 4.0 * 10.0);
+    assert_eq!(sample(&m, "llmd:kv_transfer_pulls_total", ""), 4.0);
+    // The prefiller freed every block once its decoder had them.
+    let m = wait_metrics(&prefiller, "held KV released", |m| {
+        sample(m, "llmd:kv_held_requests", "") == 0.0
+    })
+    .await;
+    assert_eq!(sample(&m, "llmd:kv_free_blocks", ""), idle);
+    assert_eq!(sample(&m, "llmd:kv_transfer_pulls_served_total", ""), 4.0);
+
+    // The same parameters again: the blocks are gone, so the decoder prefills itself — a
+    // correct answer, and a fallback counted.
+    let (path, body) = &cases[0];
+    let mut prefill = body.clone();
+    prefill["kv_transfer_params"] = json!({"do_remote_decode": true});
+    prefill["max_tokens"] = json!(1);
+    let (_, pv) = prefiller.post(path, &prefill).await;
+    let mut decode = body.clone();
+    decode["kv_transfer_params"] = pv["kv_transfer_params"].clone();
+    let want = answer_text(&single, path, body).await;
+    assert_eq!(answer_text(&decoder, path, &decode).await, want);
+    assert_eq!(
+        answer_text(&decoder, path, &decode).await,
+        want,
+        "second use of released KV"
+    );
+    let m = decoder.metrics().await;
+    assert_eq!(
+        sample(&m, "llmd:kv_transfer_fallbacks_total", "cause=\"not_held\""),
+        1.0,
+        "{m}"
+    );
+    // A stale engine id (a restarted prefiller) is refused, and recomputed too.
+    let (_, pv) = prefiller.post(path, &prefill).await;
+    let mut stale = pv["kv_transfer_params"].clone();
+    stale["remote_engine_id"] = json!("llmd-1-1");
+    let mut decode = body.clone();
+    decode["kv_transfer_params"] = stale;
+    assert_eq!(answer_text(&decoder, path, &decode).await, want);
+    let m = decoder.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            "llmd:kv_transfer_fallbacks_total",
+            "cause=\"stale_engine\""
+        ),
+        1.0
+    );
+    // Asking a worker without --kv-transfer-config for a transfer is a 400.
+    let (status, v) = single.post(path, &prefill).await;
+    assert_error(status, &v, 400, "invalid_request_error");
+}

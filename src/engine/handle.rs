@@ -43,9 +43,16 @@ enum Command {
         tokens: Vec<TokenId>,
         params: SamplingParams,
         priority: i32,
+        kv: Box<super::KvOptions>,
         tx: OutputTx,
     },
     Abort(RequestId),
+    /// The K/V of a finished request held for a decode worker.
+    ReadHeld {
+        id: RequestId,
+        reply: tokio::sync::oneshot::Sender<Result<Option<crate::kv::transfer::HeldKv>>>,
+    },
+    ReleaseHeld(RequestId),
     Shutdown,
 }
 
@@ -62,6 +69,8 @@ pub struct EngineStats {
     pub counters: super::Counters,
     /// Requests waiting for their prefix to load from a KV tier.
     pub num_waiting_for_kv: usize,
+    /// Finished prefills whose KV is held for a decode worker.
+    pub num_held_kv: usize,
     /// The KV tiers' sizes, traffic and decisions (None when off).
     pub tiers: Option<crate::kv::connector::TierStats>,
 }
@@ -254,6 +263,19 @@ impl Engine {
         params: SamplingParams,
         priority: i32,
     ) -> Result<AddOutcome> {
+        self.try_add_request_with_kv(id, prompt, params, priority, super::KvOptions::default())
+    }
+
+    /// [`Engine::try_add_request_with_id`] with KV kept for, or received from, another worker
+    /// (disaggregated prefill/decode).
+    pub fn try_add_request_with_kv(
+        &self,
+        id: RequestId,
+        prompt: Prompt,
+        params: SamplingParams,
+        priority: i32,
+        kv: super::KvOptions,
+    ) -> Result<AddOutcome> {
         if let Some(reason) = self.health.reason() {
             return Err(Error::EngineDead { reason });
         }
@@ -281,6 +303,7 @@ impl Engine {
             tokens,
             params,
             priority,
+            kv: Box::new(kv),
             tx,
         };
         match self.tx.try_send(cmd) {
@@ -289,6 +312,32 @@ impl Engine {
                 Ok(AddOutcome::Full(Box::new(PendingAdd { cmd, handle })))
             }
             Err(mpsc::TrySendError::Disconnected(_)) => Err(self.health.gone()),
+        }
+    }
+
+    /// The K/V a finished request holds for a decode worker (see
+    /// [`super::KvOptions::hold_for`]); Ok(None) when nothing is held under `id`.
+    pub async fn read_held(&self, id: &RequestId) -> Result<Option<crate::kv::transfer::HeldKv>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let cmd = Command::ReadHeld {
+            id: id.clone(),
+            reply,
+        };
+        // A full channel is a busy engine: the decoder recomputes rather than wait here.
+        self.tx.try_send(cmd).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => Error::QueueFull {
+                limit: DEFAULT_COMMAND_CAPACITY,
+            },
+            mpsc::TrySendError::Disconnected(_) => self.health.gone(),
+        })?;
+        rx.await.map_err(|_| self.health.gone())?
+    }
+
+    /// Frees a held request's blocks (a decode worker has them).
+    pub fn release_held(&self, id: &RequestId) {
+        if self.tx.try_send(Command::ReleaseHeld(id.clone())).is_err() {
+            // Busy: the blocks go when their lease runs out.
+            tracing::warn!(request_id = %id, "engine busy; held KV is freed by its lease");
         }
     }
 
@@ -429,6 +478,7 @@ fn publish(core: &EngineCore, stats: &Mutex<EngineStats>) {
         num_running: s.num_running(),
         num_waiting: s.num_waiting() + s.num_waiting_for_kv(),
         num_waiting_for_kv: s.num_waiting_for_kv(),
+        num_held_kv: core.num_held(),
         tiers: core.tier_stats(),
         num_free_blocks: s.kv().num_free_blocks(),
         num_total_blocks: s.kv().num_total_blocks(),
@@ -506,9 +556,23 @@ fn step_loop(
                 release_free_memory();
                 last_trim = std::time::Instant::now();
             }
-            match rx.recv() {
-                Ok(c) => Some(c),
-                Err(_) => return Ok(()),
+            // Held KV must be freed when its lease runs out, even with nothing else to do.
+            match core.next_lease_expiry() {
+                Some(at) => {
+                    let wait = at.saturating_duration_since(std::time::Instant::now());
+                    match rx.recv_timeout(wait) {
+                        Ok(c) => Some(c),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            core.expire_held();
+                            None
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return Ok(()),
+                    }
+                }
+                None => match rx.recv() {
+                    Ok(c) => Some(c),
+                    Err(_) => return Ok(()),
+                },
             }
         };
         let mut cmd = first;
@@ -519,8 +583,9 @@ fn step_loop(
                     tokens,
                     params,
                     priority,
+                    kv,
                     tx,
-                } => match core.add_tokens(id.clone(), tokens, params, priority) {
+                } => match core.add_tokens_with_kv(id.clone(), tokens, params, priority, *kv) {
                     Ok(()) => {
                         senders.insert(id, tx);
                     }
@@ -531,6 +596,12 @@ fn step_loop(
                 Command::Abort(id) => {
                     core.abort_request(&id);
                     senders.remove(&id);
+                }
+                Command::ReadHeld { id, reply } => {
+                    let _ = reply.send(core.read_held(&id));
+                }
+                Command::ReleaseHeld(id) => {
+                    core.release_held(&id);
                 }
                 Command::Shutdown => return Ok(()),
             }

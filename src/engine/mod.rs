@@ -98,6 +98,9 @@ pub struct EngineLimits {
     pub enable_prefix_caching: bool,
     /// The block hash scheme's name (`xxh3_64`, `sha256_cbor_64bit`).
     pub block_hash_algo: &'static str,
+    /// What a KV block sent to another worker is checked against (model and layout identity,
+    /// bytes per block).
+    pub kv_layout: crate::kv::transfer::TransferLayout,
 }
 
 /// The synchronous engine: one `step()` runs one batch.
@@ -300,6 +303,23 @@ impl EngineCore {
         if kv_events.is_some() {
             scheduler.record_kv_changes();
         }
+        let fingerprint =
+            crate::kv::connector::model_fingerprint(&config.model).map_err(|e| Error::Config {
+                field: "model",
+                reason: format!("fingerprinting the model's files for KV identity: {e}"),
+            })?;
+        let identity = KvIdentity {
+            model: fingerprint,
+            num_layers: model_cfg.num_hidden_layers,
+            num_kv_heads: model_cfg.num_key_value_heads,
+            head_dim: model_cfg.head_dim,
+            block_size,
+            dtype: model.kv_dtype(),
+        };
+        let kv_layout = crate::kv::transfer::TransferLayout {
+            identity: identity.canonical(),
+            payload_len: kv_block_bytes,
+        };
         if config.kv_tiers.is_enabled() {
             let limit = [
                 256,
@@ -312,22 +332,8 @@ impl EngineCore {
             .unwrap_or(1)
             .max(1);
             let ns = pool.install(|| measure_prefill(model.as_mut(), limit, block_size))?;
-            let fingerprint =
-                crate::kv::connector::model_fingerprint(&config.model).map_err(|e| {
-                    Error::Config {
-                        field: "model",
-                        reason: format!("fingerprinting the model for KV tiers: {e}"),
-                    }
-                })?;
             let layout = BlockLayout {
-                identity: KvIdentity {
-                    model: fingerprint,
-                    num_layers: model_cfg.num_hidden_layers,
-                    num_kv_heads: model_cfg.num_key_value_heads,
-                    head_dim: model_cfg.head_dim,
-                    block_size,
-                    dtype: model.kv_dtype(),
-                },
+                identity,
                 payload_len: kv_block_bytes,
             };
             let connector = KvConnector::start(&config.kv_tiers, &layout, ns, kv_events.clone())
@@ -350,6 +356,7 @@ impl EngineCore {
                 block_size,
                 enable_prefix_caching: config.cache.enable_prefix_caching,
                 block_hash_algo: config.cache.block_hash_algo.as_str(),
+                kv_layout,
             },
             eos_token_ids,
             logits: Vec::new(),

@@ -68,10 +68,23 @@ pub async fn chat_completions(
         "messages",
     )?;
     let prompt_tokens = prompt.len();
+    let kv = super::disagg::kv_options(
+        ready,
+        req.kv_transfer_params.as_ref(),
+        std::slice::from_ref(&prompt),
+        n,
+        req.stream,
+    )
+    .await?;
     let choices = (0..n)
-        .map(|i| ChoiceRequest::new(i, i, prompt.clone(), &base, max_tokens))
+        .map(|i| {
+            let mut c = ChoiceRequest::new(i, i, prompt.clone(), &base, max_tokens);
+            c.kv = kv.clone();
+            c
+        })
         .collect();
     let id = state.next_id("chatcmpl");
+    let kv_reply = super::disagg::reply(ready, &kv, &format!("{id}-0"), prompt_tokens);
     let generation = submit(&state, &id, choices, arrival).await?;
     let created = unix_now();
     if req.stream {
@@ -109,6 +122,7 @@ pub async fn chat_completions(
         model: state.model_name.clone(),
         choices,
         usage: Usage::new(prompt_tokens, completion_tokens),
+        kv_transfer_params: kv_reply,
     })
     .into_response())
 }

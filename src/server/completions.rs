@@ -80,7 +80,19 @@ pub async fn completions(
             ));
         }
     }
+    let kv = super::disagg::kv_options(
+        ready,
+        req.kv_transfer_params.as_ref(),
+        &choices.iter().map(|c| c.prompt.clone()).collect::<Vec<_>>(),
+        n,
+        req.stream,
+    )
+    .await?;
+    for c in &mut choices {
+        c.kv = kv.clone();
+    }
     let id = state.next_id("cmpl");
+    let kv_reply = super::disagg::reply(ready, &kv, &format!("{id}-0"), prompt_tokens);
     let generation = submit(&state, &id, choices, arrival).await?;
     let created = unix_now();
     let want_logprobs = req.logprobs.is_some();
@@ -118,6 +130,7 @@ pub async fn completions(
         model: state.model_name.clone(),
         choices,
         usage: Some(Usage::new(prompt_tokens, completion_tokens)),
+        kv_transfer_params: kv_reply,
     })
     .into_response())
 }
@@ -167,6 +180,7 @@ impl CompletionChunks {
             model: self.model.clone(),
             choices,
             usage,
+            kv_transfer_params: None,
         };
         serde_json::to_string(&c).unwrap_or_default()
     }

@@ -144,6 +144,11 @@ impl Metrics {
         self.recorded.lock().ok().map(|mut g| f(&mut g))
     }
 
+    /// The label set every series carries (`model_name="…"`).
+    pub fn labels(&self) -> &str {
+        &self.labels
+    }
+
     /// The exposition text: gauges and counters from `stats`, then the histograms.
     pub fn render(&self, stats: &EngineStats) -> String {
         let l = &self.labels;
@@ -536,6 +541,10 @@ mod tests {
             block_size: 16,
             enable_prefix_caching: true,
             block_hash_algo: "sha256_cbor_64bit",
+            kv_layout: crate::kv::transfer::TransferLayout {
+                identity: "m".into(),
+                payload_len: 1,
+            },
         };
         let m = Arc::new(Metrics::new("m\"x", &limits));
         {

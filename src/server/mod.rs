@@ -11,6 +11,7 @@
 //! request before the model is loaded.
 mod chat;
 mod completions;
+pub mod disagg;
 pub mod error;
 pub mod kv_events;
 mod logprobs;
@@ -56,6 +57,8 @@ pub struct ServerConfig {
     pub max_choices_per_request: usize,
     /// When set, a request still running this long after it arrived is aborted (408).
     pub request_timeout: Option<Duration>,
+    /// Disaggregated prefill/decode (`--kv-transfer-config`); None: off.
+    pub kv_transfer: Option<disagg::KvTransferConfig>,
 }
 
 /// Default of [`ServerConfig::max_choices_per_request`]: OpenAI's largest `n` (128) twice over,
@@ -71,6 +74,8 @@ const DEAD_ENGINE_GRACE: Duration = Duration::from_secs(2);
 pub struct Ready {
     pub engine: Engine,
     pub metrics: Arc<Metrics>,
+    /// Disaggregated prefill/decode (`--kv-transfer-config`), when on.
+    pub disagg: Option<disagg::Disagg>,
 }
 
 pub struct AppState {
@@ -186,7 +191,11 @@ pub fn app_with_engine(cfg: &ServerConfig, engine: Engine) -> std::io::Result<Ro
     let state = Arc::new(AppState::new(cfg)?);
     let metrics = Arc::new(Metrics::new(&state.model_name, engine.limits()));
     // A fresh state's cell is empty, so this set cannot fail.
-    let _ = state.ready.set(Ready { engine, metrics });
+    let _ = state.ready.set(Ready {
+        engine,
+        metrics,
+        disagg: None,
+    });
     Ok(router(state))
 }
 
@@ -255,7 +264,11 @@ async fn models(State(state): State<Arc<AppState>>) -> Result<Response, ApiError
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Result<Response, ApiError> {
     let ready = state.ready()?;
-    let text = ready.metrics.render(&ready.engine.stats());
+    let stats = ready.engine.stats();
+    let mut text = ready.metrics.render(&stats);
+    if let Some(d) = &ready.disagg {
+        d.render_metrics(&mut text, ready.metrics.labels(), &stats);
+    }
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -335,8 +348,29 @@ where
                 tracing::warn!("the model has no chat template: chat requests are rendered as the message contents, one per line");
             }
             let metrics = Arc::new(Metrics::new(&state.model_name, &limits));
-            if state.ready.set(Ready { engine, metrics }).is_err() {
+            let disagg = cfg
+                .kv_transfer
+                .clone()
+                .map(|c| disagg::Disagg::new(c, limits.kv_layout.clone()));
+            if state.ready.set(Ready { engine, metrics, disagg }).is_err() {
                 bail!("the engine was set twice");
+            }
+            if let Some(d) = state.ready().ok().and_then(|r| r.disagg.as_ref()) {
+                tracing::info!(
+                    connector = %d.config.connector,
+                    role = ?d.config.role,
+                    engine_id = %d.engine_id,
+                    "disaggregated prefill/decode on"
+                );
+                if d.config.role.produces() {
+                    let side = d.start_producer(&state, &cfg.host).await?;
+                    tracing::info!(
+                        side_channel = %side,
+                        advertised = %format!("{}:{}", d.config.advertise_host, d.config.port),
+                        lease_secs = d.config.lease.as_secs_f64(),
+                        "KV side channel listening"
+                    );
+                }
             }
             tracing::info!(
                 %addr,
@@ -430,6 +464,7 @@ mod tests {
             shutdown_timeout: Duration::from_secs(1),
             max_choices_per_request: 4,
             request_timeout: None,
+            kv_transfer: None,
         })
         .unwrap();
         assert!(s.check_model(None).is_ok());

@@ -70,6 +70,8 @@ pub struct CompletionRequest {
     pub echo: Option<bool>,
     pub best_of: Option<usize>,
     pub suffix: Option<String>,
+    /// Disaggregated prefill/decode (llm-d's sidecar, vLLM's field).
+    pub kv_transfer_params: Option<super::disagg::KvTransferParams>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -108,6 +110,8 @@ pub struct ChatRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<usize>,
+    /// Disaggregated prefill/decode (llm-d's sidecar, vLLM's field).
+    pub kv_transfer_params: Option<super::disagg::KvTransferParams>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -243,6 +247,9 @@ pub struct CompletionResponse {
     pub choices: Vec<CompletionChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub usage: Option<Usage>,
+    /// For a decode worker: where this prefill's KV waits (`do_remote_decode` requests).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_transfer_params: Option<super::disagg::KvTransferParams>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -287,6 +294,8 @@ pub struct ChatResponse {
     pub model: String,
     pub choices: Vec<ChatChoice>,
     pub usage: Usage,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_transfer_params: Option<super::disagg::KvTransferParams>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]

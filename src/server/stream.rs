@@ -32,6 +32,8 @@ pub struct ChoiceRequest {
     pub index: usize,
     pub prompt: Vec<TokenId>,
     pub params: SamplingParams,
+    /// KV held for, or received from, another worker (disaggregated prefill/decode).
+    pub kv: crate::engine::KvOptions,
 }
 
 impl ChoiceRequest {
@@ -51,6 +53,7 @@ impl ChoiceRequest {
             index,
             prompt,
             params,
+            kv: Default::default(),
         }
     }
 }
@@ -154,16 +157,19 @@ async fn add_all(
         let mut tracker =
             RequestTracker::new(ready.metrics.clone(), id.clone(), arrival, c.prompt.len());
         let prompt = Prompt::Tokens(c.prompt);
-        let added = match ready
-            .engine
-            .try_add_request_with_id(RequestId(id), prompt, c.params, 0)
-        {
-            Ok(AddOutcome::Queued(h)) => Ok(h),
-            Ok(AddOutcome::Full(pending)) => tokio::task::spawn_blocking(move || pending.wait())
-                .await
-                .unwrap_or_else(|e| Err(crate::Error::StepFailed(e.to_string()))),
-            Err(e) => Err(e),
-        };
+        let added =
+            match ready
+                .engine
+                .try_add_request_with_kv(RequestId(id), prompt, c.params, 0, c.kv)
+            {
+                Ok(AddOutcome::Queued(h)) => Ok(h),
+                Ok(AddOutcome::Full(pending)) => {
+                    tokio::task::spawn_blocking(move || pending.wait())
+                        .await
+                        .unwrap_or_else(|e| Err(crate::Error::StepFailed(e.to_string())))
+                }
+                Err(e) => Err(e),
+            };
         let handle = match added {
             Ok(h) => h,
             Err(e) => {

@@ -2015,6 +2015,7 @@ impl HttpServer {
             shutdown_timeout: Duration::from_secs(1),
             max_choices_per_request: llmd::server::DEFAULT_MAX_CHOICES_PER_REQUEST,
             request_timeout: None,
+            kv_transfer: None,
         };
         let config = std::fs::read_to_string(model.join("config.json"))
             .unwrap_or_else(|e| panic!("reading config.json: {e}"));

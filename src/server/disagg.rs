@@ -1,0 +1,469 @@
+//! Disaggregated prefill/decode in the HTTP worker, as llm-d's routing sidecar drives vLLM:
+//! `kv_transfer_params` in requests and responses, the producer's KV side channel, and the
+//! consumer's pull.
+//!
+//! - A request with `kv_transfer_params.do_remote_decode: true` reaches a **producer**
+//!   (prefiller): it runs as usual (the sidecar asks for one token), its prompt's KV blocks are
+//!   kept when it finishes, and the response carries the top-level `kv_transfer_params` a
+//!   decoder needs to pull them (`do_remote_prefill: true`, `remote_engine_id`,
+//!   `remote_request_id`, `remote_block_ids`, `remote_host`, `remote_port`, `tp_size`).
+//! - A request with `do_remote_prefill: true` reaches a **consumer** (decoder): it pulls the
+//!   blocks over the side channel ([`crate::kv::transfer`]), checks them, and decodes from
+//!   them, computing no prompt token. A pull that fails for any reason (producer gone, blocks
+//!   expired, stale engine id, corrupt twice) is logged and counted by cause, and the request
+//!   is prefilled locally: the client still gets its answer.
+//!
+//! The producer frees held blocks as soon as the consumer has read them, when its connection
+//! drops, or when the lease (`--kv-transfer-lease-secs`) runs out.
+use super::error::ApiError;
+use super::AppState;
+use crate::engine::{KvOptions, ReceivedKv};
+use crate::kv::transfer::{
+    HeldKv, HeldKvSource, KvTransport, RemoteKv, TcpTransport, TransferLayout, TransferStats,
+};
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+/// vLLM's `kv_role`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+pub enum KvRole {
+    #[serde(rename = "kv_producer")]
+    Producer,
+    #[serde(rename = "kv_consumer")]
+    Consumer,
+    #[serde(rename = "kv_both")]
+    Both,
+}
+
+impl KvRole {
+    pub fn produces(self) -> bool {
+        matches!(self, KvRole::Producer | KvRole::Both)
+    }
+    pub fn consumes(self) -> bool {
+        matches!(self, KvRole::Consumer | KvRole::Both)
+    }
+}
+
+/// `--kv-transfer-config` (vLLM's JSON; fields llmd does not use are accepted and ignored, so
+/// a vLLM command line works unchanged) and the side channel's address.
+#[derive(Clone, Debug)]
+pub struct KvTransferConfig {
+    /// The connector named (`NixlConnector`, `LlmdConnector`, …): logged; llmd has one.
+    pub connector: String,
+    pub role: KvRole,
+    /// Port of the KV side channel (vLLM's `VLLM_NIXL_SIDE_CHANNEL_PORT`, default 5600).
+    pub port: u16,
+    /// Host advertised to decoders in `remote_host` (vLLM's `VLLM_NIXL_SIDE_CHANNEL_HOST`).
+    pub advertise_host: String,
+    /// How long a producer keeps a finished prompt's blocks for its decoder.
+    pub lease: Duration,
+    /// Limit on one pull.
+    pub timeout: Duration,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    kv_connector: Option<String>,
+    kv_role: Option<KvRole>,
+}
+
+impl KvTransferConfig {
+    pub fn parse(
+        json: &str,
+        port: u16,
+        advertise_host: String,
+        lease: Duration,
+    ) -> Result<Self, String> {
+        let raw: RawConfig =
+            serde_json::from_str(json).map_err(|e| format!("--kv-transfer-config: {e}"))?;
+        let role = raw.kv_role.ok_or(
+            "--kv-transfer-config: kv_role is required (kv_producer, kv_consumer or kv_both)",
+        )?;
+        Ok(Self {
+            connector: raw.kv_connector.unwrap_or_else(|| "LlmdConnector".into()),
+            role,
+            port,
+            advertise_host,
+            lease,
+            timeout: Duration::from_secs(30),
+        })
+    }
+}
+
+/// `kv_transfer_params` as llm-d's sidecar and vLLM write them.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct KvTransferParams {
+    #[serde(default)]
+    pub do_remote_decode: bool,
+    #[serde(default)]
+    pub do_remote_prefill: bool,
+    pub remote_engine_id: Option<String>,
+    pub remote_request_id: Option<String>,
+    pub remote_block_ids: Option<Vec<u64>>,
+    pub remote_host: Option<String>,
+    pub remote_port: Option<u16>,
+    pub tp_size: Option<u32>,
+}
+
+/// Transfer counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct TransferMetrics {
+    pub producer: Arc<TransferStats>,
+    pub blocks_received: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub pulls: AtomicU64,
+    /// Seconds spent in successful pulls (with `pulls`, the mean).
+    pub pull_micros: AtomicU64,
+    pub reread_blocks: AtomicU64,
+    /// Pulls that fell back to a local prefill, by cause.
+    pub fallbacks: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+/// The worker's P/D state.
+pub struct Disagg {
+    pub config: KvTransferConfig,
+    /// This process's engine id: the start time makes a restarted producer a different one.
+    pub engine_id: String,
+    transport: TcpTransport,
+    pub metrics: TransferMetrics,
+}
+
+impl Disagg {
+    pub fn new(config: KvTransferConfig, layout: TransferLayout) -> Self {
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let engine_id = format!("llmd-{}-{started}", std::process::id());
+        let transport = TcpTransport {
+            layout,
+            timeout: config.timeout,
+        };
+        Self {
+            config,
+            engine_id,
+            transport,
+            metrics: TransferMetrics::default(),
+        }
+    }
+
+    /// What a request's `kv_transfer_params` asks of this worker: KV to hold (producer) or
+    /// KV pulled from a producer (consumer; a failed pull is counted and gives no KV).
+    pub async fn prepare(
+        &self,
+        params: Option<&KvTransferParams>,
+        prompts: &[Vec<u32>],
+        n: usize,
+        stream: bool,
+    ) -> Result<KvOptions, ApiError> {
+        let Some(p) = params else {
+            return Ok(KvOptions::default());
+        };
+        if p.do_remote_decode {
+            if !self.config.role.produces() {
+                return Err(ApiError::invalid(
+                    "kv_transfer_params",
+                    "do_remote_decode needs a worker with kv_role kv_producer or kv_both",
+                ));
+            }
+            if prompts.len() != 1 || n != 1 || stream {
+                return Err(ApiError::invalid(
+                    "kv_transfer_params",
+                    "do_remote_decode takes one prompt, n = 1 and stream = false",
+                ));
+            }
+            return Ok(KvOptions {
+                hold_for: Some(self.config.lease),
+                ..Default::default()
+            });
+        }
+        if !p.do_remote_prefill {
+            return Ok(KvOptions::default());
+        }
+        if !self.config.role.consumes() {
+            return Err(ApiError::invalid(
+                "kv_transfer_params",
+                "do_remote_prefill needs a worker with kv_role kv_consumer or kv_both",
+            ));
+        }
+        let (Some(host), Some(port), Some(engine_id), Some(request_id)) = (
+            p.remote_host.clone(),
+            p.remote_port,
+            p.remote_engine_id.clone(),
+            p.remote_request_id.clone(),
+        ) else {
+            return Err(ApiError::invalid(
+                "kv_transfer_params",
+                "do_remote_prefill needs remote_host, remote_port, remote_engine_id and remote_request_id",
+            ));
+        };
+        if prompts.len() != 1 {
+            return Err(ApiError::invalid(
+                "kv_transfer_params",
+                "do_remote_prefill takes one prompt",
+            ));
+        }
+        let remote = RemoteKv {
+            host,
+            port,
+            engine_id,
+            request_id,
+        };
+        let started = Instant::now();
+        let fetched = match self.transport.fetch(&remote).await {
+            Ok(f) if f.prompt_len == prompts[0].len() => f,
+            Ok(f) => {
+                self.fallback(
+                    "prompt_mismatch",
+                    &format!(
+                        "the producer held {} prompt tokens, this prompt has {}",
+                        f.prompt_len,
+                        prompts[0].len()
+                    ),
+                );
+                return Ok(KvOptions::default());
+            }
+            Err(e) => {
+                self.fallback(e.cause(), &e.to_string());
+                return Ok(KvOptions::default());
+            }
+        };
+        let m = &self.metrics;
+        m.pulls.fetch_add(1, Relaxed);
+        m.pull_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+        m.blocks_received
+            .fetch_add(fetched.payloads.len() as u64, Relaxed);
+        m.bytes_received.fetch_add(
+            fetched.payloads.iter().map(|p| p.len() as u64).sum(),
+            Relaxed,
+        );
+        m.reread_blocks.fetch_add(fetched.reread as u64, Relaxed);
+        Ok(KvOptions {
+            received: Some(ReceivedKv {
+                payloads: fetched.payloads,
+                covered: fetched.prompt_len,
+            }),
+            ..Default::default()
+        })
+    }
+
+    /// The transfer metrics, in Prometheus text.
+    pub fn render_metrics(&self, out: &mut String, l: &str, stats: &crate::engine::EngineStats) {
+        use std::fmt::Write;
+        let m = &self.metrics;
+        let p = &m.producer;
+        let mut scalar = |name: &str, kind: &str, help: &str, v: String| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{l}}} {v}"
+            );
+        };
+        scalar(
+            "llmd:kv_transfer_blocks_sent_total",
+            "counter",
+            "KV blocks sent to decode workers.",
+            p.blocks_sent.load(Relaxed).to_string(),
+        );
+        scalar(
+            "llmd:kv_transfer_bytes_sent_total",
+            "counter",
+            "Bytes of KV block records sent to decode workers.",
+            p.bytes_sent.load(Relaxed).to_string(),
+        );
+        scalar(
+            "llmd:kv_transfer_pulls_served_total",
+            "counter",
+            "Pulls of held KV served (their blocks then freed).",
+            p.transfers.load(Relaxed).to_string(),
+        );
+        scalar(
+            "llmd:kv_transfer_pulls_refused_total",
+            "counter",
+            "Pulls refused: nothing held under the id, or a stale engine id.",
+            p.refused.load(Relaxed).to_string(),
+        );
+        scalar(
+            "llmd:kv_transfer_blocks_received_total",
+            "counter",
+            "KV blocks received from prefill workers.",
+            m.blocks_received.load(Relaxed).to_string(),
+        );
+        scalar(
+            "llmd:kv_transfer_bytes_received_total",
+            "counter",
+            "Bytes of KV received from prefill workers.",
+            m.bytes_received.load(Relaxed).to_string(),
+        );
+        scalar(
+            "llmd:kv_transfer_pulls_total",
+            "counter",
+            "Successful pulls of KV from prefill workers.",
+            m.pulls.load(Relaxed).to_string(),
+        );
+        scalar(
+            "llmd:kv_transfer_pull_seconds_total",
+            "counter",
+            "Time spent in successful pulls.",
+            format!("{:?}", m.pull_micros.load(Relaxed) as f64 / 1e6),
+        );
+        scalar(
+            "llmd:kv_transfer_reread_blocks_total",
+            "counter",
+            "Received blocks that failed their check once and were read again.",
+            m.reread_blocks.load(Relaxed).to_string(),
+        );
+        scalar(
+            "llmd:kv_held_requests",
+            "gauge",
+            "Finished prefills whose KV is held for a decode worker.",
+            stats.num_held_kv.to_string(),
+        );
+        scalar(
+            "llmd:kv_transfer_leases_expired_total",
+            "counter",
+            "Held KV freed because no decode worker read it within its lease.",
+            stats.counters.kv_leases_expired.to_string(),
+        );
+        let _ = writeln!(out, "# HELP llmd:kv_transfer_fallbacks_total Pulls that failed, by cause; each request was prefilled locally instead.\n# TYPE llmd:kv_transfer_fallbacks_total counter");
+        let fallbacks = m.fallbacks.lock().unwrap_or_else(|e| e.into_inner());
+        for cause in [
+            "io",
+            "not_held",
+            "stale_engine",
+            "producer",
+            "protocol",
+            "corrupt",
+            "timeout",
+            "prompt_mismatch",
+        ] {
+            let n = fallbacks.get(cause).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "llmd:kv_transfer_fallbacks_total{{{l},cause=\"{cause}\"}} {n}"
+            );
+        }
+    }
+
+    fn fallback(&self, cause: &'static str, why: &str) {
+        tracing::warn!(cause, reason = why, "KV pull failed; prefilling locally");
+        *self
+            .metrics
+            .fallbacks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(cause)
+            .or_default() += 1;
+    }
+
+    /// The response's `kv_transfer_params` for a request held for a decoder.
+    pub fn producer_reply(
+        &self,
+        request_id: &str,
+        prompt_len: usize,
+        block_size: usize,
+    ) -> KvTransferParams {
+        KvTransferParams {
+            do_remote_decode: false,
+            do_remote_prefill: true,
+            remote_engine_id: Some(self.engine_id.clone()),
+            remote_request_id: Some(request_id.to_string()),
+            remote_block_ids: Some((0..prompt_len.div_ceil(block_size) as u64).collect()),
+            remote_host: Some(self.config.advertise_host.clone()),
+            remote_port: Some(self.config.port),
+            tp_size: Some(1),
+        }
+    }
+
+    /// Starts the producer's side channel on `host:port`: pulls read held KV through `state`'s
+    /// engine.
+    pub async fn start_producer(
+        &self,
+        state: &Arc<AppState>,
+        host: &str,
+    ) -> anyhow::Result<std::net::SocketAddr> {
+        use anyhow::Context;
+        let listener = tokio::net::TcpListener::bind((host, self.config.port))
+            .await
+            .with_context(|| format!("binding the KV side channel {host}:{}", self.config.port))?;
+        let addr = listener.local_addr()?;
+        let source = Arc::new(EngineSource {
+            state: Arc::downgrade(state),
+            engine_id: self.engine_id.clone(),
+        });
+        tokio::spawn(crate::kv::transfer::serve(
+            listener,
+            source,
+            self.transport.layout.clone(),
+            self.metrics.producer.clone(),
+        ));
+        Ok(addr)
+    }
+}
+
+/// What `params` asks of this worker (see [`Disagg::prepare`]); without
+/// `--kv-transfer-config`, a request that asks for a transfer is refused.
+pub async fn kv_options(
+    ready: &super::Ready,
+    params: Option<&KvTransferParams>,
+    prompts: &[Vec<u32>],
+    n: usize,
+    stream: bool,
+) -> Result<KvOptions, ApiError> {
+    match (&ready.disagg, params) {
+        (Some(d), p) => d.prepare(p, prompts, n, stream).await,
+        (None, Some(p)) if p.do_remote_decode || p.do_remote_prefill => Err(ApiError::invalid(
+            "kv_transfer_params",
+            "this worker has no --kv-transfer-config",
+        )),
+        (None, _) => Ok(KvOptions::default()),
+    }
+}
+
+/// The response's `kv_transfer_params` when the request's KV is held for a decoder.
+pub fn reply(
+    ready: &super::Ready,
+    kv: &KvOptions,
+    request_id: &str,
+    prompt_len: usize,
+) -> Option<KvTransferParams> {
+    let d = ready.disagg.as_ref()?;
+    kv.hold_for?;
+    Some(d.producer_reply(request_id, prompt_len, ready.engine.limits().block_size))
+}
+
+/// The engine as the side channel's source of held KV.
+struct EngineSource {
+    state: Weak<AppState>,
+    engine_id: String,
+}
+
+impl HeldKvSource for EngineSource {
+    fn engine_id(&self) -> &str {
+        &self.engine_id
+    }
+
+    fn read(&self, request_id: &str) -> BoxFuture<'_, Result<Option<HeldKv>, String>> {
+        let id = crate::RequestId::from(request_id);
+        Box::pin(async move {
+            let state = self.state.upgrade().ok_or("the server is shutting down")?;
+            let ready = state
+                .ready()
+                .map_err(|_| "the engine is not ready".to_string())?;
+            ready.engine.read_held(&id).await.map_err(|e| e.to_string())
+        })
+    }
+
+    fn release(&self, request_id: &str) {
+        if let Some(state) = self.state.upgrade() {
+            if let Ok(ready) = state.ready() {
+                ready
+                    .engine
+                    .release_held(&crate::RequestId::from(request_id));
+            }
+        }
+    }
+}
