@@ -9,6 +9,7 @@
 //! - [`sampling`] and [`tokenizer`]: turning logits into tokens and tokens into text.
 //! - [`engine`]: the loop tying them together, with a streaming Rust API.
 //! - [`server`]: `llmd serve`, the OpenAI-compatible HTTP worker with vLLM-named metrics.
+//! - [`router`]: what routes in front of workers (`llmd sidecar`, llm-d's P/D sidecar).
 pub mod backend;
 pub mod config;
 pub mod engine;
@@ -16,6 +17,7 @@ pub mod error;
 pub mod kv;
 pub mod model;
 pub mod request;
+pub mod router;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;

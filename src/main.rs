@@ -22,6 +22,24 @@ enum Command {
     Generate(GenerateArgs),
     /// Serve the OpenAI-compatible HTTP API (completions, chat, models, health, metrics).
     Serve(ServeArgs),
+    /// llm-d's routing sidecar for disaggregated prefill/decode, in front of a decode worker.
+    Sidecar(SidecarArgs),
+}
+
+#[derive(Args)]
+struct SidecarArgs {
+    #[arg(long, default_value = "0.0.0.0")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Port of the decode worker on this host (llm-d's sidecar calls it --vllm-port).
+    #[arg(long, alias = "vllm-port", default_value_t = 8001)]
+    decoder_port: u16,
+    #[arg(long, default_value = "127.0.0.1")]
+    decoder_host: String,
+    /// Seconds the prefill request may take before the decoder prefills itself.
+    #[arg(long, default_value_t = 60.0)]
+    prefill_timeout: f64,
 }
 
 #[derive(Args)]
@@ -368,6 +386,24 @@ fn serve(a: ServeArgs) -> Result<()> {
     runtime.block_on(llmd::server::serve(cfg, move || load_engine(config)))
 }
 
+fn sidecar(a: SidecarArgs) -> Result<()> {
+    if !(a.prefill_timeout.is_finite() && a.prefill_timeout > 0.0) {
+        bail!("--prefill-timeout must be a positive number of seconds");
+    }
+    let cfg = llmd::router::sidecar::SidecarConfig {
+        host: a.host,
+        port: a.port,
+        decoder: format!("http://{}:{}", a.decoder_host, a.decoder_port),
+        prefill_timeout: std::time::Duration::from_secs_f64(a.prefill_timeout),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("llmd-sidecar")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(llmd::router::sidecar::serve(cfg))
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -380,5 +416,6 @@ fn main() -> Result<()> {
     match Cli::parse().command {
         Command::Generate(a) => generate(a),
         Command::Serve(a) => serve(a),
+        Command::Sidecar(a) => sidecar(a),
     }
 }

@@ -1109,29 +1109,38 @@ async fn shutdown_deadline_aborts_stuck_requests() {
     assert!(status.success(), "exit status {status}");
 }
 
-#[test]
-fn openai_python_client() {
+/// Runs a pytest file of the official `openai` client against the built binary.
+fn run_openai_pytest(file: &str) {
     let probe = Command::new("python3")
         .args(["-c", "import openai, pytest"])
         .output();
     match probe {
         Ok(o) if o.status.success() => {}
         _ => panic!(
-            "the openai client test needs Python 3 with the `openai` and `pytest` modules: \
+            "the openai client tests need Python 3 with the `openai` and `pytest` modules: \
              run `python3 -m pip install openai pytest`"
         ),
     }
     let status = Command::new("python3")
-        .args(["-m", "pytest", "-q", "tests/openai_client.py"])
+        .args(["-m", "pytest", "-q", file])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("LLMD_BIN", env!("CARGO_BIN_EXE_llmd"))
         .env("LLMD_MODEL", model_dir())
         .status()
         .expect("running pytest");
-    assert!(
-        status.success(),
-        "pytest tests/openai_client.py failed: {status}"
-    );
+    assert!(status.success(), "pytest {file} failed: {status}");
+}
+
+#[test]
+fn openai_python_client() {
+    run_openai_pytest("tests/openai_client.py");
+}
+
+/// Prefiller, decoder and sidecar processes, driven through the sidecar by the `openai`
+/// client, against a single worker (tests/disagg_openai.py).
+#[test]
+fn disaggregated_serving_with_the_openai_client() {
+    run_openai_pytest("tests/disagg_openai.py");
 }
 
 /// Resident memory of process `pid`, in kB.
