@@ -149,6 +149,9 @@ struct ServeArgs {
     /// Seconds a producer keeps a finished prompt's KV for its decoder before freeing it.
     #[arg(long, default_value_t = 30.0)]
     kv_transfer_lease_secs: f64,
+    /// A fault to inject into this producer's transfers: corrupt@B, corrupt2@B, stall@B:MS.
+    #[arg(long, hide = true)]
+    kv_transfer_fault: Option<llmd::kv::transfer::TransferFault>,
 }
 
 #[derive(Args)]
@@ -361,10 +364,10 @@ fn serve(a: ServeArgs) -> Result<()> {
                 bail!("--kv-transfer-lease-secs must be a positive number of seconds");
             }
             let lease = std::time::Duration::from_secs_f64(a.kv_transfer_lease_secs);
-            Some(
-                llmd::server::disagg::KvTransferConfig::parse(json, port, host, lease)
-                    .map_err(|e| anyhow::anyhow!(e))?,
-            )
+            let mut c = llmd::server::disagg::KvTransferConfig::parse(json, port, host, lease)
+                .map_err(|e| anyhow::anyhow!(e))?;
+            c.fault = a.kv_transfer_fault;
+            Some(c)
         }
     };
     let cfg = llmd::server::ServerConfig {

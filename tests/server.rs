@@ -1698,3 +1698,175 @@ async fn prefill_on_one_worker_decode_on_another() {
     let (status, v) = single.post(path, &prefill).await;
     assert_error(status, &v, 400, "invalid_request_error");
 }
+
+/// A prefiller on side-channel port `side` (with `extra` flags) and a decoder.
+async fn producer(side: u16, extra: &[&str]) -> Server {
+    let side = side.to_string();
+    let mut args = vec![
+        "--kv-transfer-config",
+        r#"{"kv_connector": "NixlConnector", "kv_role": "kv_producer"}"#,
+        "--kv-transfer-port",
+        side.as_str(),
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&args).await
+}
+
+async fn consumer() -> Server {
+    Server::start(&[
+        "--kv-transfer-config",
+        r#"{"kv_connector": "NixlConnector", "kv_role": "kv_consumer"}"#,
+    ])
+    .await
+}
+
+/// Step 2 of llm-d's flow against `prefiller`: the parameters for the decoder.
+async fn prefill_params(prefiller: &Server, body: &Value) -> Value {
+    let mut p = body.clone();
+    p["kv_transfer_params"] = json!({"do_remote_decode": true});
+    p["max_tokens"] = json!(1);
+    let (status, v) = prefiller.post("/v1/completions", &p).await;
+    assert_eq!(status, 200, "{v}");
+    v["kv_transfer_params"].clone()
+}
+
+fn with_params(body: &Value, params: &Value) -> Value {
+    let mut b = body.clone();
+    b["kv_transfer_params"] = params.clone();
+    b
+}
+
+fn story_body() -> Value {
+    json!({"prompt": long_story(), "max_tokens": 16, "temperature": 0})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_nobody_pulls_is_freed_by_its_lease() {
+    // The decoder died after step 3: nobody pulls, the lease frees the blocks.
+    let p = producer(free_port(), &["--kv-transfer-lease-secs", "1"]).await;
+    let idle = sample(&p.metrics().await, "llmd:kv_free_blocks", "");
+    let started = Instant::now();
+    prefill_params(&p, &story_body()).await;
+    let m = p.metrics().await;
+    assert_eq!(sample(&m, "llmd:kv_held_requests", ""), 1.0);
+    assert!(sample(&m, "llmd:kv_free_blocks", "") < idle);
+    let m = wait_metrics(&p, "the lease to free the blocks", |m| {
+        sample(m, "llmd:kv_free_blocks", "") == idle
+    })
+    .await;
+    let held = started.elapsed();
+    assert!(
+        held < Duration::from_secs(10),
+        "held {held:?} with a 1 s lease"
+    );
+    assert_eq!(sample(&m, "llmd:kv_held_requests", ""), 0.0);
+    assert_eq!(sample(&m, "llmd:kv_transfer_leases_expired_total", ""), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blocks_damaged_in_flight_are_read_again_or_recomputed() {
+    let single = Server::start(&[]).await;
+    let body = story_body();
+    let (_, v) = single.post("/v1/completions", &body).await;
+    let want = v["choices"][0]["text"].clone();
+    for (fault, reread, fallbacks) in [("corrupt@1", 1.0, 0.0), ("corrupt2@0", 0.0, 1.0)] {
+        let p = producer(free_port(), &["--kv-transfer-fault", fault]).await;
+        let d = consumer().await;
+        let params = prefill_params(&p, &body).await;
+        let (status, v) = d
+            .post("/v1/completions", &with_params(&body, &params))
+            .await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["choices"][0]["text"], want, "{fault}");
+        let m = d.metrics().await;
+        assert_eq!(
+            sample(&m, "llmd:kv_transfer_reread_blocks_total", ""),
+            reread,
+            "{fault}"
+        );
+        assert_eq!(
+            sample(&m, "llmd:kv_transfer_fallbacks_total", "cause=\"corrupt\""),
+            fallbacks,
+            "{fault}"
+        );
+        // Recomputed or not, the producer's blocks are freed.
+        wait_metrics(&p, "held KV released", |m| {
+            sample(m, "llmd:kv_held_requests", "") == 0.0
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_producer_killed_mid_transfer_costs_only_a_recompute() {
+    let single = Server::start(&[]).await;
+    let body = story_body();
+    let (_, v) = single.post("/v1/completions", &body).await;
+    let want = v["choices"][0]["text"].clone();
+    // The producer pauses after its third block; it is killed during the pause.
+    let mut p = producer(free_port(), &["--kv-transfer-fault", "stall@2:5000"]).await;
+    let d = consumer().await;
+    let params = prefill_params(&p, &body).await;
+    let url = d.url("/v1/completions");
+    let decode = tokio::spawn({
+        let b = with_params(&body, &params);
+        async move {
+            let r = reqwest::Client::new()
+                .post(url)
+                .json(&b)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    let (status, v) = decode.await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], want);
+    let m = d.metrics().await;
+    assert_eq!(
+        sample(&m, "llmd:kv_transfer_fallbacks_total", "cause=\"io\""),
+        1.0,
+        "{m}"
+    );
+    assert!(
+        sample(&m, "llmd:prompt_tokens_computed_total", "") > 0.0,
+        "it prefilled itself"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_producer_is_not_confused_with_its_predecessor() {
+    let single = Server::start(&[]).await;
+    let body = story_body();
+    let (_, v) = single.post("/v1/completions", &body).await;
+    let want = v["choices"][0]["text"].clone();
+    let side = free_port();
+    let mut p = producer(side, &[]).await;
+    let d = consumer().await;
+    let params = prefill_params(&p, &body).await;
+    // Between steps 3 and 4 the prefiller restarts on the same side-channel port.
+    let _ = p.child.kill();
+    let _ = p.child.wait();
+    let p2 = producer(side, &[]).await;
+    let (status, v) = d
+        .post("/v1/completions", &with_params(&body, &params))
+        .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], want);
+    let m = d.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            "llmd:kv_transfer_fallbacks_total",
+            "cause=\"stale_engine\""
+        ),
+        1.0,
+        "{m}"
+    );
+    let m = p2.metrics().await;
+    assert_eq!(sample(&m, "llmd:kv_transfer_pulls_refused_total", ""), 1.0);
+}

@@ -313,6 +313,62 @@ pub struct TransferStats {
     pub refused: std::sync::atomic::AtomicU64,
     /// Flip a byte of block `.0`'s record the next `.1` times it is sent.
     pub corrupt: std::sync::Mutex<Option<(usize, u32)>>,
+    /// Pause this long after sending block `.0` (tests that kill the producer mid-transfer).
+    pub stall_after: std::sync::Mutex<Option<(usize, Duration)>>,
+}
+
+/// A fault the producer injects into its transfers: `corrupt@B` (block B damaged once, so
+/// the consumer reads it again), `corrupt2@B` (damaged twice: the consumer gives up),
+/// `stall@B:MS` (a pause after block B). For failure tests (hidden `--kv-transfer-fault`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TransferFault {
+    Corrupt { block: usize, times: u32 },
+    Stall { block: usize, millis: u64 },
+}
+
+impl std::str::FromStr for TransferFault {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad =
+            || format!("unknown KV transfer fault {s:?}: corrupt@B, corrupt2@B or stall@B:MS");
+        let (kind, rest) = s.split_once('@').ok_or_else(bad)?;
+        match kind {
+            "corrupt" | "corrupt2" => Ok(TransferFault::Corrupt {
+                block: rest.parse().map_err(|_| bad())?,
+                times: if kind == "corrupt" { 1 } else { 2 },
+            }),
+            "stall" => {
+                let (b, ms) = rest.split_once(':').ok_or_else(bad)?;
+                Ok(TransferFault::Stall {
+                    block: b.parse().map_err(|_| bad())?,
+                    millis: ms.parse().map_err(|_| bad())?,
+                })
+            }
+            _ => Err(bad()),
+        }
+    }
+}
+
+impl TransferStats {
+    /// Arms `fault` for the next transfers.
+    pub fn inject(&self, fault: TransferFault) {
+        match fault {
+            TransferFault::Corrupt { block, times } => {
+                *self.corrupt.lock().unwrap_or_else(|e| e.into_inner()) = Some((block, times));
+            }
+            TransferFault::Stall { block, millis } => {
+                *self.stall_after.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((block, Duration::from_millis(millis)));
+            }
+        }
+    }
+
+    fn stall(&self, i: usize) -> Option<Duration> {
+        match *self.stall_after.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some((b, d)) if b == i => Some(d),
+            _ => None,
+        }
+    }
 }
 
 impl TransferStats {
@@ -430,6 +486,10 @@ async fn send_blocks(
         s.write_all(&r).await?;
         stats.blocks_sent.fetch_add(1, Relaxed);
         stats.bytes_sent.fetch_add(r.len() as u64, Relaxed);
+        if let Some(d) = stats.stall(i) {
+            s.flush().await?;
+            tokio::time::sleep(d).await;
+        }
     }
     match s.read_u8().await? {
         0 => Ok(()),

@@ -63,6 +63,8 @@ pub struct KvTransferConfig {
     pub lease: Duration,
     /// Limit on one pull.
     pub timeout: Duration,
+    /// A fault the producer injects into its transfers (failure tests only).
+    pub fault: Option<crate::kv::transfer::TransferFault>,
 }
 
 #[derive(Deserialize)]
@@ -90,6 +92,7 @@ impl KvTransferConfig {
             advertise_host,
             lease,
             timeout: Duration::from_secs(30),
+            fault: None,
         })
     }
 }
@@ -142,11 +145,16 @@ impl Disagg {
             layout,
             timeout: config.timeout,
         };
+        let metrics = TransferMetrics::default();
+        if let Some(f) = config.fault {
+            tracing::warn!(fault = ?f, "injecting a fault into KV transfers (testing only)");
+            metrics.producer.inject(f);
+        }
         Self {
             config,
             engine_id,
             transport,
-            metrics: TransferMetrics::default(),
+            metrics,
         }
     }
 
