@@ -69,9 +69,13 @@ def start(args, log_key="addr"):
     return proc, base
 
 
+# Extra `llmd serve` flags for bigger models (e.g. "--max-model-len 512 --kv-cache-memory-gb 0.1").
+SERVE_ARGS = os.environ.get("LLMD_SERVE_ARGS", "--kv-cache-memory-gb 0.02").split()
+
+
 def serve(*extra):
     return start(["serve", "--model", MODEL, "--served-model-name", NAME, "--host", "127.0.0.1",
-                  "--port", "0", "--kv-cache-memory-gb", "0.02", *extra])
+                  "--port", "0", *SERVE_ARGS, *extra])
 
 
 def metric(base, name):

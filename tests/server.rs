@@ -1111,6 +1111,11 @@ async fn shutdown_deadline_aborts_stuck_requests() {
 
 /// Runs a pytest file of the official `openai` client against the built binary.
 fn run_openai_pytest(file: &str) {
+    run_openai_pytest_on(file, &model_dir(), None);
+}
+
+/// [`run_openai_pytest`] on `model`, with extra `llmd serve` flags where the file takes them.
+fn run_openai_pytest_on(file: &str, model: &Path, serve_args: Option<&str>) {
     let probe = Command::new("python3")
         .args(["-c", "import openai, pytest"])
         .output();
@@ -1125,10 +1130,15 @@ fn run_openai_pytest(file: &str) {
         .args(["-m", "pytest", "-q", file])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("LLMD_BIN", env!("CARGO_BIN_EXE_llmd"))
-        .env("LLMD_MODEL", model_dir())
+        .env("LLMD_MODEL", model)
+        .envs(serve_args.map(|a| ("LLMD_SERVE_ARGS", a)))
         .status()
         .expect("running pytest");
-    assert!(status.success(), "pytest {file} failed: {status}");
+    assert!(
+        status.success(),
+        "pytest {file} on {} failed: {status}",
+        model.display()
+    );
 }
 
 #[test]
@@ -1141,6 +1151,19 @@ fn openai_python_client() {
 #[test]
 fn disaggregated_serving_with_the_openai_client() {
     run_openai_pytest("tests/disagg_openai.py");
+}
+
+/// The same three processes on SmolLM2's real weights.
+#[test]
+fn disaggregated_serving_of_smollm2_with_the_openai_client() {
+    let Some(model) = common::shared_model("smollm2-135m-instruct") else {
+        return;
+    };
+    run_openai_pytest_on(
+        "tests/disagg_openai.py",
+        &model,
+        Some("--max-model-len 512 --kv-cache-memory-gb 0.1"),
+    );
 }
 
 /// Resident memory of process `pid`, in kB.
