@@ -256,9 +256,6 @@ fn ttft(rt: &tokio::runtime::Runtime, dir: &std::path::Path, prompt_len: usize, 
     c.max_model_len = Some(prompt_len + 64);
     c.scheduler.max_num_batched_tokens = prompt_len.max(64);
     c.cache.num_blocks = Some((prompt_len + 64).div_ceil(16) * 2);
-    let prompt: Vec<u32> = (0..prompt_len as u32)
-        .map(|i| 4 + (i * 7919) % 49_000)
-        .collect();
     let mut single = EngineCore::new(c.clone()).unwrap();
     let mut prefill = EngineCore::new(c.clone()).unwrap();
     let mut decode = EngineCore::new(c).unwrap();
