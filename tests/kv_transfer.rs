@@ -162,3 +162,78 @@ fn received_kv_that_does_not_fit_the_prompt_is_refused() {
     }
     assert!(!decode.has_unfinished_requests());
 }
+
+#[test]
+fn a_producer_serves_a_prefix_it_loads_from_its_host_tier() {
+    let Some(mut cfg) = config() else { return };
+    // A 20-block pool with a host tier: the producer's prefix comes back from the host tier
+    // instead of being recomputed, and the decoder gets the same KV.
+    cfg.cache.num_blocks = Some(20);
+    cfg.kv_tiers = llmd::kv::tiers::TierConfig {
+        host_bytes: 64 << 20,
+        always_load: true,
+        ..Default::default()
+    };
+    let p = prompt(160);
+    let id = RequestId::from("t");
+    let want = {
+        let mut single = EngineCore::new(config().unwrap()).unwrap();
+        single
+            .add_request(id.clone(), &Prompt::Tokens(p.clone()), greedy(12), 0)
+            .unwrap();
+        run(&mut single, &id)
+    };
+    let mut prefill = EngineCore::new(cfg.clone()).unwrap();
+    // Compute the prefix once, then evict it from the device with another prompt.
+    prefill
+        .add_request("first".into(), &Prompt::Tokens(p.clone()), greedy(1), 0)
+        .unwrap();
+    run(&mut prefill, &"first".into());
+    let other: Vec<u32> = prompt(250).iter().map(|t| 4 + (t * 3) % 500).collect();
+    prefill
+        .add_request("evict".into(), &Prompt::Tokens(other), greedy(1), 0)
+        .unwrap();
+    run(&mut prefill, &"evict".into());
+    let before = prefill.counters().prompt_tokens_computed;
+    prefill
+        .add_tokens_with_kv(
+            id.clone(),
+            p.clone(),
+            greedy(1),
+            0,
+            KvOptions {
+                hold_for: Some(Duration::from_secs(30)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    run(&mut prefill, &id);
+    let stats = prefill.tier_stats().unwrap();
+    assert!(stats.load_hit_tokens >= 16, "{stats:?}");
+    assert!(
+        prefill.counters().prompt_tokens_computed - before < 160,
+        "the producer recomputed its whole prefix"
+    );
+    let held = prefill.read_held(&id).unwrap().expect("held");
+    prefill.release_held(&id);
+    let mut cfg_decode = config().unwrap();
+    cfg_decode.cache.num_blocks = Some(64);
+    let mut decode = EngineCore::new(cfg_decode).unwrap();
+    decode
+        .add_tokens_with_kv(
+            id.clone(),
+            p.clone(),
+            greedy(12),
+            0,
+            KvOptions {
+                received: Some(ReceivedKv {
+                    payloads: held.payloads,
+                    covered: held.prompt_len,
+                }),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(run(&mut decode, &id), want);
+    assert_eq!(decode.counters().prompt_tokens_computed, 0);
+}

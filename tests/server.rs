@@ -1679,9 +1679,27 @@ async fn prefill_on_one_worker_decode_on_another() {
     assert_eq!(sample(&m, "llmd:kv_free_blocks", ""), idle);
     assert_eq!(sample(&m, "llmd:kv_transfer_pulls_served_total", ""), 4.0);
 
+    // The usage says where the prompt's KV came from: nothing cached on the prefiller, all but
+    // the last token (run again for its logits) on the decoder.
+    let (path, body) = &cases[0];
+    let params = prefill_params(&prefiller, body).await;
+    let (pstatus, pv) = prefiller.post(path, body).await;
+    assert_eq!(pstatus, 200);
+    assert!(
+        pv["usage"]["prompt_tokens_details"]["cached_tokens"].is_u64(),
+        "{pv}"
+    );
+    let (status, v) = decoder.post(path, &with_params(body, &params)).await;
+    assert_eq!(status, 200, "{v}");
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert_eq!(
+        v["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64(),
+        Some(prompt_tokens - 1),
+        "{v}"
+    );
+
     // The same parameters again: the blocks are gone, so the decoder prefills itself — a
     // correct answer, and a fallback counted.
-    let (path, body) = &cases[0];
     let mut prefill = body.clone();
     prefill["kv_transfer_params"] = json!({"do_remote_decode": true});
     prefill["max_tokens"] = json!(1);

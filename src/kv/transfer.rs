@@ -394,8 +394,14 @@ pub async fn serve(
     stats: Arc<TransferStats>,
 ) {
     loop {
-        let Ok((conn, peer)) = listener.accept().await else {
-            continue;
+        let (conn, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of descriptors and the like: wait instead of spinning.
+                tracing::warn!(error = %e, "KV side channel: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let (source, layout, stats) = (source.clone(), layout.clone(), stats.clone());
         tokio::spawn(async move {

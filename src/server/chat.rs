@@ -102,6 +102,7 @@ pub async fn chat_completions(
     }
     let collected = generation.collect().await?;
     let completion_tokens = collected.iter().map(|c| c.num_output_tokens).sum();
+    let cached_tokens = collected.first().map_or(0, |c| c.num_cached_tokens);
     let choices = collected
         .into_iter()
         .enumerate()
@@ -121,7 +122,7 @@ pub async fn chat_completions(
         created,
         model: state.model_name.clone(),
         choices,
-        usage: Usage::new(prompt_tokens, completion_tokens),
+        usage: Usage::new(prompt_tokens, completion_tokens).with_cached(cached_tokens),
         kv_transfer_params: kv_reply,
     })
     .into_response())

@@ -112,6 +112,12 @@ pub async fn completions(
     }
     let collected = generation.collect().await?;
     let completion_tokens = collected.iter().map(|c| c.num_output_tokens).sum();
+    // Per prompt, not per choice: its n choices share it.
+    let cached_tokens = collected
+        .iter()
+        .step_by(n)
+        .map(|c| c.num_cached_tokens)
+        .sum();
     let choices = collected
         .into_iter()
         .enumerate()
@@ -129,7 +135,7 @@ pub async fn completions(
         created,
         model: state.model_name.clone(),
         choices,
-        usage: Some(Usage::new(prompt_tokens, completion_tokens)),
+        usage: Some(Usage::new(prompt_tokens, completion_tokens).with_cached(cached_tokens)),
         kv_transfer_params: kv_reply,
     })
     .into_response())

@@ -214,6 +214,8 @@ pub struct Collected {
     pub text_offsets: Vec<usize>,
     pub finish_reason: Option<FinishReason>,
     pub num_output_tokens: usize,
+    /// Prompt tokens whose KV was not computed for it (prefix cache, tiers, a prefill worker).
+    pub num_cached_tokens: usize,
 }
 
 impl Generation {
@@ -232,6 +234,7 @@ impl Generation {
             c.text.push_str(&o.new_text);
             c.logprobs.extend(o.logprobs);
             c.num_output_tokens = o.num_output_tokens;
+            c.num_cached_tokens = o.num_cached_tokens;
             if o.finish_reason.is_some() {
                 c.finish_reason = o.finish_reason;
             }
