@@ -1671,6 +1671,7 @@ async fn prefill_on_one_worker_decode_on_another() {
     );
     assert!(sample(&m, "llmd:kv_transfer_blocks_received_total", "") >= 4.0 * 10.0);
     assert_eq!(sample(&m, "llmd:kv_transfer_pulls_total", ""), 4.0);
+    assert_eq!(sample(&m, "llmd:kv_transfer_pull_seconds_count", ""), 4.0);
     // The prefiller freed every block once its decoder had them.
     let m = wait_metrics(&prefiller, "held KV released", |m| {
         sample(m, "llmd:kv_held_requests", "") == 0.0

@@ -119,8 +119,8 @@ pub struct TransferMetrics {
     pub blocks_received: AtomicU64,
     pub bytes_received: AtomicU64,
     pub pulls: AtomicU64,
-    /// Seconds spent in successful pulls (with `pulls`, the mean).
-    pub pull_micros: AtomicU64,
+    /// Durations of successful pulls (seconds).
+    pub pull_seconds: Mutex<Option<super::metrics::Histogram>>,
     pub reread_blocks: AtomicU64,
     /// Pulls that fell back to a local prefill, by cause.
     pub fallbacks: Mutex<BTreeMap<&'static str, u64>>,
@@ -241,8 +241,11 @@ impl Disagg {
         };
         let m = &self.metrics;
         m.pulls.fetch_add(1, Relaxed);
-        m.pull_micros
-            .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+        m.pull_seconds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(|| super::metrics::Histogram::new(super::metrics::TRANSFER_BUCKETS))
+            .observe(started.elapsed().as_secs_f64());
         m.blocks_received
             .fetch_add(fetched.payloads.len() as u64, Relaxed);
         m.bytes_received.fetch_add(
@@ -313,12 +316,6 @@ impl Disagg {
             m.pulls.load(Relaxed).to_string(),
         );
         scalar(
-            "llmd:kv_transfer_pull_seconds_total",
-            "counter",
-            "Time spent in successful pulls.",
-            format!("{:?}", m.pull_micros.load(Relaxed) as f64 / 1e6),
-        );
-        scalar(
             "llmd:kv_transfer_reread_blocks_total",
             "counter",
             "Received blocks that failed their check once and were read again.",
@@ -335,6 +332,18 @@ impl Disagg {
             "counter",
             "Held KV freed because no decode worker read it within its lease.",
             stats.counters.kv_leases_expired.to_string(),
+        );
+        let hist = m
+            .pull_seconds
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .unwrap_or_else(|| super::metrics::Histogram::new(super::metrics::TRANSFER_BUCKETS));
+        hist.render(
+            out,
+            "llmd:kv_transfer_pull_seconds",
+            "Histogram of the duration of successful KV pulls from prefill workers, in seconds.",
+            l,
         );
         let _ = writeln!(out, "# HELP llmd:kv_transfer_fallbacks_total Pulls that failed, by cause; each request was prefilled locally instead.\n# TYPE llmd:kv_transfer_fallbacks_total counter");
         let fallbacks = m.fallbacks.lock().unwrap_or_else(|e| e.into_inner());

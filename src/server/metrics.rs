@@ -25,9 +25,15 @@ const LATENCY_BUCKETS: &[f64] = &[
     480.0, 960.0, 1920.0, 7680.0,
 ];
 
+/// Buckets of a KV pull's duration (seconds): loopback pulls take milliseconds, a slow
+/// network or a huge prompt seconds.
+pub const TRANSFER_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
 /// A cumulative Prometheus histogram.
 #[derive(Clone, Debug)]
-struct Histogram {
+pub struct Histogram {
     bounds: &'static [f64],
     /// `[bounds.len()]`: observations `<= bounds[i]` (not yet cumulative).
     counts: Vec<u64>,
@@ -36,7 +42,7 @@ struct Histogram {
 }
 
 impl Histogram {
-    fn new(bounds: &'static [f64]) -> Self {
+    pub fn new(bounds: &'static [f64]) -> Self {
         Self {
             bounds,
             counts: vec![0; bounds.len()],
@@ -45,7 +51,7 @@ impl Histogram {
         }
     }
 
-    fn observe(&mut self, v: f64) {
+    pub fn observe(&mut self, v: f64) {
         if let Some(i) = self.bounds.iter().position(|&b| v <= b) {
             self.counts[i] += 1;
         }
@@ -53,7 +59,7 @@ impl Histogram {
         self.count += 1;
     }
 
-    fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
+    pub fn render(&self, out: &mut String, name: &str, help: &str, labels: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
         let mut cum = 0;
         for (b, c) in self.bounds.iter().zip(&self.counts) {
