@@ -506,15 +506,20 @@ async fn choices_per_request_are_capped_and_bodies_limited() {
             .chunks(1 << 20)
             .map(|c| Ok(String::from_utf8_lossy(c).into_owned()))
             .collect();
-        let r = reqwest::Client::new()
+        let sent = reqwest::Client::new()
             .post(s.url(path))
             .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
                 chunks,
             )))
             .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 413, "{path} without content-length");
+            .await;
+        match sent {
+            Ok(r) => assert_eq!(r.status(), 413, "{path} without content-length"),
+            // The server answered 413 and closed before the client had written the rest: the
+            // write fails, the refusal itself is not read. That the server lives on is checked
+            // below.
+            Err(e) => assert!(e.is_request() || e.is_body(), "{path}: {e:?}"),
+        }
     }
     // Just under the cap of choices but a million prompts is still far over the body limit;
     // the server is alive and idle after all of it.
@@ -1246,8 +1251,9 @@ async fn soak_thousand_concurrent_streams() {
     let m = wait_metrics(&s, "idle after the soak", idle).await;
     let after = rss_kb(s.pid());
     eprintln!("RSS after warm-up {warm} kB, after 2000 more streams {after} kB");
+    // Only growth would be a leak; the idle engine hands free pages back, so it may shrink.
     assert!(
-        after.abs_diff(warm) * 10 <= warm,
+        after * 10 <= warm * 11,
         "RSS {after} kB vs {warm} kB after warm-up"
     );
     assert_eq!(
@@ -1911,4 +1917,53 @@ async fn a_restarted_producer_is_not_confused_with_its_predecessor() {
     );
     let m = p2.metrics().await;
     assert_eq!(sample(&m, "llmd:kv_transfer_pulls_refused_total", ""), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_pulls_a_prefix_a_peer_has_cached() {
+    // East/west: the router names a peer that holds the prefix; no request id, no prefill step.
+    let both = r#"{"kv_connector": "NixlConnector", "kv_role": "kv_both"}"#;
+    let (side_a, side_b) = (free_port().to_string(), free_port().to_string());
+    let a = Server::start(&["--kv-transfer-config", both, "--kv-transfer-port", &side_a]).await;
+    let b = Server::start(&["--kv-transfer-config", both, "--kv-transfer-port", &side_b]).await;
+    let single = Server::start(&[]).await;
+    let shared = long_story();
+    let (status, v) = a
+        .post(
+            "/v1/completions",
+            &json!({"prompt": shared, "max_tokens": 4, "temperature": 0}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    let body =
+        json!({"prompt": format!("{shared}Then it rained."), "max_tokens": 16, "temperature": 0});
+    let (_, want) = single.post("/v1/completions", &body).await;
+    let mut pull = body.clone();
+    pull["kv_transfer_params"] = json!({"do_remote_prefill": true, "remote_host": "127.0.0.1", "remote_port": side_a.parse::<u16>().unwrap()});
+    let (status, v) = b.post("/v1/completions", &pull).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], want["choices"][0]["text"]);
+    let m = b.metrics().await;
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_f64().unwrap();
+    let received = sample(&m, "llmd:kv_transfer_blocks_received_total", "");
+    assert!(received >= 10.0, "{m}");
+    assert_eq!(
+        sample(&m, "llmd:prompt_tokens_computed_total", ""),
+        prompt_tokens - 16.0 * received,
+        "only what the peer did not have was computed"
+    );
+    // A peer that has nothing of the prompt: nothing received, computed locally.
+    let other = json!({"prompt": "A completely different story about a dog.", "max_tokens": 4,
+        "temperature": 0, "kv_transfer_params": {"do_remote_prefill": true,
+        "remote_host": "127.0.0.1", "remote_port": side_a.parse::<u16>().unwrap()}});
+    let (status, v) = b.post("/v1/completions", &other).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        sample(
+            &b.metrics().await,
+            "llmd:kv_transfer_blocks_received_total",
+            ""
+        ),
+        received
+    );
 }

@@ -53,6 +53,11 @@ enum Command {
         reply: tokio::sync::oneshot::Sender<Result<Option<crate::kv::transfer::HeldKv>>>,
     },
     ReleaseHeld(RequestId),
+    /// The K/V of a cached prefix, by block hash (a peer's pull).
+    ReadPrefix {
+        hashes: Vec<crate::kv::BlockHash>,
+        reply: tokio::sync::oneshot::Sender<Result<Vec<Vec<u8>>>>,
+    },
     Shutdown,
 }
 
@@ -179,6 +184,9 @@ impl Engine {
         let tokenizer = core.tokenizer().clone();
         let limits = core.limits().clone();
         let stats = Arc::new(Mutex::new(EngineStats::default()));
+        // Stats describe the engine from the start (pool size, tiers), not only after the
+        // loop's first turn: a probe right after start-up must see them.
+        publish(&core, &stats);
         let health = Arc::new(Health(watch::channel(None).0));
         let (loop_stats, loop_health) = (stats.clone(), health.clone());
         let thread = std::thread::Builder::new()
@@ -330,6 +338,24 @@ impl Engine {
             },
             mpsc::TrySendError::Disconnected(_) => self.health.gone(),
         })?;
+        rx.await.map_err(|_| self.health.gone())?
+    }
+
+    /// The K/V of the leading run of `hashes` in this engine's prefix cache (a peer pulling a
+    /// cached prefix).
+    pub async fn read_cached_prefix(
+        &self,
+        hashes: Vec<crate::kv::BlockHash>,
+    ) -> Result<Vec<Vec<u8>>> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .try_send(Command::ReadPrefix { hashes, reply })
+            .map_err(|e| match e {
+                mpsc::TrySendError::Full(_) => Error::QueueFull {
+                    limit: DEFAULT_COMMAND_CAPACITY,
+                },
+                mpsc::TrySendError::Disconnected(_) => self.health.gone(),
+            })?;
         rx.await.map_err(|_| self.health.gone())?
     }
 
@@ -602,6 +628,9 @@ fn step_loop(
                 }
                 Command::ReleaseHeld(id) => {
                     core.release_held(&id);
+                }
+                Command::ReadPrefix { hashes, reply } => {
+                    let _ = reply.send(core.read_cached_prefix(&hashes));
                 }
                 Command::Shutdown => return Ok(()),
             }

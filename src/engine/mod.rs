@@ -101,6 +101,8 @@ pub struct EngineLimits {
     /// What a KV block sent to another worker is checked against (model and layout identity,
     /// bytes per block).
     pub kv_layout: crate::kv::transfer::TransferLayout,
+    /// How this engine hashes blocks (to ask a peer for a cached prefix by hash).
+    pub block_hasher: BlockHasher,
 }
 
 /// The synchronous engine: one `step()` runs one batch.
@@ -357,6 +359,10 @@ impl EngineCore {
                 enable_prefix_caching: config.cache.enable_prefix_caching,
                 block_hash_algo: config.cache.block_hash_algo.as_str(),
                 kv_layout,
+                block_hasher: BlockHasher::new(
+                    config.cache.block_hash_algo,
+                    &config.cache.block_hash_seed,
+                ),
             },
             eos_token_ids,
             logits: Vec::new(),
@@ -394,6 +400,20 @@ impl EngineCore {
             payloads: out,
             prompt_len: h.prompt_len,
         }))
+    }
+
+    /// The K/V of the leading run of `hashes` this engine has in its prefix cache (a peer
+    /// pulling a cached prefix instead of recomputing it). Runs on the engine thread between
+    /// steps, so the blocks cannot change while they are read.
+    pub fn read_cached_prefix(&self, hashes: &[crate::kv::BlockHash]) -> Result<Vec<Vec<u8>>> {
+        let blocks = self.scheduler.kv().cached_run(hashes);
+        let mut out = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            let mut payload = vec![0u8; self.kv_block_bytes];
+            self.model.read_kv_block(b.0 as usize, &mut payload)?;
+            out.push(payload);
+        }
+        Ok(out)
     }
 
     /// Frees a held request's blocks (its decoder has them). False when nothing was held.

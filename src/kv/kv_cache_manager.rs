@@ -102,6 +102,19 @@ impl KvCacheManager {
         self.block_size
     }
 
+    /// The device blocks holding the leading run of `hashes` in the prefix cache.
+    pub fn cached_run(&self, hashes: &[BlockHash]) -> Vec<BlockId> {
+        hashes
+            .iter()
+            .map_while(|h| self.pool.get_cached_block(h))
+            .collect()
+    }
+
+    /// The hasher of this cache's block hashes (for peers that ask by hash).
+    pub fn hasher(&self) -> &BlockHasher {
+        &self.hasher
+    }
+
     /// Longest cached prefix of `tokens` in full blocks, leaving at least one token to compute
     /// (the last prompt token must run to produce logits). Takes no references. Counts a query
     /// of `tokens.len()` tokens and a hit of the tokens found.

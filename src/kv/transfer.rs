@@ -29,6 +29,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const MAGIC: &[u8; 8] = b"LLMDKVT1";
+/// A pull of a cached prefix by block hash (east/west, between peers).
+const PREFIX_MAGIC: &[u8; 8] = b"LLMDKVH1";
 /// Longest id or message accepted on the wire.
 const MAX_STR: usize = 4096;
 /// Most blocks one transfer may carry (a million-token prompt at 16 tokens per block).
@@ -95,9 +97,18 @@ impl TransferError {
     }
 }
 
-/// Pulls a request's KV from a prefill worker.
+/// Pulls KV from another worker.
 pub trait KvTransport: Send + Sync {
+    /// A request's KV held by a prefill worker.
     fn fetch<'a>(&'a self, from: &'a RemoteKv) -> BoxFuture<'a, Result<Fetched, TransferError>>;
+    /// The leading run of `hashes` that peer `host:port` has cached (east/west: a prefix one
+    /// worker computed, pulled by another instead of recomputed). `prompt_len` is 0.
+    fn fetch_prefix<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+        hashes: &'a [BlockHash],
+    ) -> BoxFuture<'a, Result<Fetched, TransferError>>;
 }
 
 /// What a block's record is checked against: the model and layout, and the block size.
@@ -140,25 +151,79 @@ impl KvTransport for TcpTransport {
             }
         })
     }
+
+    fn fetch_prefix<'a>(
+        &'a self,
+        host: &'a str,
+        port: u16,
+        hashes: &'a [BlockHash],
+    ) -> BoxFuture<'a, Result<Fetched, TransferError>> {
+        Box::pin(async move {
+            let addr = format!("{host}:{port}");
+            match tokio::time::timeout(self.timeout, self.pull_prefix(&addr, hashes)).await {
+                Ok(r) => r,
+                Err(_) => Err(TransferError::Timeout {
+                    addr,
+                    seconds: self.timeout.as_secs_f64(),
+                }),
+            }
+        })
+    }
 }
 
 impl TcpTransport {
     async fn pull(&self, addr: &str, from: &RemoteKv) -> Result<Fetched, TransferError> {
-        let io = |source| TransferError::Io {
-            addr: addr.to_string(),
-            source,
-        };
-        let proto = |what: &str| TransferError::Protocol {
-            addr: addr.to_string(),
-            what: what.to_string(),
-        };
-        let mut s = TcpStream::connect(addr).await.map_err(io)?;
-        s.set_nodelay(true).map_err(io)?;
         let mut hello = Vec::new();
         hello.extend_from_slice(MAGIC);
         put_str(&mut hello, &from.engine_id);
         put_str(&mut hello, &from.request_id);
-        s.write_all(&hello).await.map_err(io)?;
+        let request_id = from.request_id.clone();
+        self.exchange(addr, &hello, &request_id, |i| transfer_hash(&request_id, i))
+            .await
+    }
+
+    async fn pull_prefix(
+        &self,
+        addr: &str,
+        hashes: &[BlockHash],
+    ) -> Result<Fetched, TransferError> {
+        let mut hello = Vec::new();
+        hello.extend_from_slice(PREFIX_MAGIC);
+        hello.extend_from_slice(&(hashes.len().min(MAX_BLOCKS) as u32).to_le_bytes());
+        for h in hashes.iter().take(MAX_BLOCKS) {
+            hello.extend_from_slice(&h.0);
+        }
+        let mut f = self
+            .exchange(addr, &hello, "prefix", |i| {
+                hashes.get(i).copied().unwrap_or(BlockHash([0; 32]))
+            })
+            .await?;
+        if f.payloads.len() > hashes.len() {
+            return Err(TransferError::Protocol {
+                addr: addr.to_string(),
+                what: format!("{} blocks for {} hashes", f.payloads.len(), hashes.len()),
+            });
+        }
+        f.prompt_len = 0;
+        Ok(f)
+    }
+
+    /// Sends `hello`, reads the header and the records (block `i` checked against
+    /// `expected(i)`), asks once for the bad ones again, and says it is done.
+    async fn exchange(
+        &self,
+        addr: &str,
+        hello: &[u8],
+        request_id: &str,
+        expected: impl Fn(usize) -> BlockHash,
+    ) -> Result<Fetched, TransferError> {
+        let io = |source| TransferError::Io {
+            addr: addr.to_string(),
+            source,
+        };
+        let mut s = TcpStream::connect(addr).await.map_err(io)?;
+        s.set_nodelay(true).map_err(io)?;
+        s.write_all(hello).await.map_err(io)?;
         let status = s.read_u8().await.map_err(io)?;
         let message = read_str(&mut s).await.map_err(io)?;
         let prompt_len = s.read_u64_le().await.map_err(io)? as usize;
@@ -169,7 +234,7 @@ impl TcpTransport {
             1 => {
                 return Err(TransferError::NotHeld {
                     addr: addr_s,
-                    request_id: from.request_id.clone(),
+                    request_id: request_id.to_string(),
                 })
             }
             2 => {
@@ -186,12 +251,15 @@ impl TcpTransport {
             }
         }
         if blocks > MAX_BLOCKS {
-            return Err(proto("block count"));
+            return Err(TransferError::Protocol {
+                addr: addr_s,
+                what: "block count".into(),
+            });
         }
         let check = |i: usize, record: &[u8]| -> Result<Vec<u8>, String> {
             block_record::decode(
                 record,
-                &transfer_hash(&from.request_id, i),
+                &expected(i),
                 &self.layout.identity,
                 self.layout.payload_len,
             )
@@ -302,6 +370,8 @@ pub trait HeldKvSource: Send + Sync + 'static {
     fn read(&self, request_id: &str) -> BoxFuture<'_, Result<Option<HeldKv>, String>>;
     /// Frees the blocks held for `request_id`.
     fn release(&self, request_id: &str);
+    /// The payloads of the leading run of `hashes` in the engine's prefix cache.
+    fn read_prefix(&self, hashes: Vec<BlockHash>) -> BoxFuture<'_, Result<Vec<Vec<u8>>, String>>;
 }
 
 /// What the producer counts, and a fault to inject (tests of the consumer's checks).
@@ -431,6 +501,9 @@ async fn answer(
     s.set_nodelay(true)?;
     let mut magic = [0u8; 8];
     s.read_exact(&mut magic).await?;
+    if &magic == PREFIX_MAGIC {
+        return answer_prefix(s, source, layout, stats).await;
+    }
     if &magic != MAGIC {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -456,15 +529,55 @@ async fn answer(
         Err(e) => return s.write_all(&header(3, &e, 0, 0)).await,
     };
     // From here the blocks are released however the connection ends.
-    let result = send_blocks(&mut s, &request_id, &held, layout, stats).await;
+    let hashes: Vec<BlockHash> = (0..held.payloads.len())
+        .map(|i| transfer_hash(&request_id, i))
+        .collect();
+    let result = send_blocks(&mut s, &hashes, &held, layout, stats).await;
     source.release(&request_id);
+    stats.transfers.fetch_add(1, Relaxed);
+    result
+}
+
+/// Answers a pull of a cached prefix by hash: the leading run the engine has.
+async fn answer_prefix(
+    mut s: TcpStream,
+    source: &dyn HeldKvSource,
+    layout: &TransferLayout,
+    stats: &TransferStats,
+) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let n = s.read_u32_le().await? as usize;
+    if n > MAX_BLOCKS {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a prefix of {n} blocks"),
+        ));
+    }
+    let mut hashes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut h = [0u8; 32];
+        s.read_exact(&mut h).await?;
+        hashes.push(BlockHash(h));
+    }
+    let payloads = match source.read_prefix(hashes.clone()).await {
+        Ok(p) => p,
+        Err(e) => return s.write_all(&header(3, &e, 0, 0)).await,
+    };
+    if payloads.is_empty() {
+        stats.refused.fetch_add(1, Relaxed);
+    }
+    let held = HeldKv {
+        prompt_len: 0,
+        payloads,
+    };
+    let result = send_blocks(&mut s, &hashes, &held, layout, stats).await;
     stats.transfers.fetch_add(1, Relaxed);
     result
 }
 
 async fn send_blocks(
     s: &mut TcpStream,
-    request_id: &str,
+    hashes: &[BlockHash],
     held: &HeldKv,
     layout: &TransferLayout,
     stats: &TransferStats,
@@ -474,11 +587,7 @@ async fn send_blocks(
     s.write_all(&header(0, "", prompt_len, payloads.len()))
         .await?;
     let record = |i: usize| {
-        let mut r = block_record::encode(
-            &transfer_hash(request_id, i),
-            &layout.identity,
-            &payloads[i],
-        );
+        let mut r = block_record::encode(&hashes[i], &layout.identity, &payloads[i]);
         if stats.take_corrupt(i) {
             let mid = r.len() / 2;
             r[mid] ^= 0x40;
@@ -545,6 +654,39 @@ mod tests {
         fn release(&self, request_id: &str) {
             self.held.lock().unwrap().remove(request_id);
         }
+        fn read_prefix(
+            &self,
+            hashes: Vec<BlockHash>,
+        ) -> BoxFuture<'_, Result<Vec<Vec<u8>>, String>> {
+            // Holds blocks [i; 64] under BlockHash([i; 32]) for i in 1..=3.
+            let out = hashes
+                .iter()
+                .map_while(|h| {
+                    let i = h.0[0];
+                    ((1..=3).contains(&i) && h.0 == [i; 32]).then(|| vec![i; 64])
+                })
+                .collect();
+            Box::pin(async move { Ok(out) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_serves_the_leading_run_of_a_prefix_it_has_cached() {
+        let (_, _, port) = producer().await;
+        let want: Vec<BlockHash> = [1u8, 2, 3, 9, 1]
+            .iter()
+            .map(|&i| BlockHash([i; 32]))
+            .collect();
+        let got = client()
+            .fetch_prefix("127.0.0.1", port, &want)
+            .await
+            .unwrap();
+        assert_eq!(got.payloads, vec![vec![1u8; 64], vec![2; 64], vec![3; 64]]);
+        let none = client()
+            .fetch_prefix("127.0.0.1", port, &[BlockHash([9; 32])])
+            .await
+            .unwrap();
+        assert!(none.payloads.is_empty());
     }
 
     fn layout() -> TransferLayout {

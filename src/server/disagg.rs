@@ -162,6 +162,7 @@ impl Disagg {
     /// KV pulled from a producer (consumer; a failed pull is counted and gives no KV).
     pub async fn prepare(
         &self,
+        limits: &crate::engine::EngineLimits,
         params: Option<&KvTransferParams>,
         prompts: &[Vec<u32>],
         n: usize,
@@ -197,23 +198,25 @@ impl Disagg {
                 "do_remote_prefill needs a worker with kv_role kv_consumer or kv_both",
             ));
         }
-        let (Some(host), Some(port), Some(engine_id), Some(request_id)) = (
-            p.remote_host.clone(),
-            p.remote_port,
-            p.remote_engine_id.clone(),
-            p.remote_request_id.clone(),
-        ) else {
-            return Err(ApiError::invalid(
-                "kv_transfer_params",
-                "do_remote_prefill needs remote_host, remote_port, remote_engine_id and remote_request_id",
-            ));
-        };
         if prompts.len() != 1 {
             return Err(ApiError::invalid(
                 "kv_transfer_params",
                 "do_remote_prefill takes one prompt",
             ));
         }
+        let (Some(host), Some(port)) = (p.remote_host.clone(), p.remote_port) else {
+            return Err(ApiError::invalid(
+                "kv_transfer_params",
+                "do_remote_prefill needs remote_host and remote_port",
+            ));
+        };
+        let (Some(engine_id), Some(request_id)) =
+            (p.remote_engine_id.clone(), p.remote_request_id.clone())
+        else {
+            // No request named: an east/west pull of whatever prefix of this prompt the peer
+            // has cached.
+            return Ok(self.pull_prefix(limits, &host, port, &prompts[0]).await);
+        };
         let remote = RemoteKv {
             host,
             port,
@@ -239,6 +242,57 @@ impl Disagg {
                 return Ok(KvOptions::default());
             }
         };
+        self.count_pull(started, &fetched);
+        Ok(KvOptions {
+            received: Some(ReceivedKv {
+                payloads: fetched.payloads,
+                covered: fetched.prompt_len,
+            }),
+            ..Default::default()
+        })
+    }
+
+    /// Pulls the longest prefix of `prompt` (in full blocks, short of its last token) that
+    /// peer `host:port` has cached; what it got as received KV (none on failure, counted).
+    async fn pull_prefix(
+        &self,
+        limits: &crate::engine::EngineLimits,
+        host: &str,
+        port: u16,
+        prompt: &[u32],
+    ) -> KvOptions {
+        let bs = limits.block_size;
+        let mut hashes: Vec<crate::kv::BlockHash> = Vec::new();
+        for chunk in prompt
+            .chunks_exact(bs)
+            .take(prompt.len().saturating_sub(1) / bs)
+        {
+            let h = limits.block_hasher.hash(hashes.last(), chunk, &[]);
+            hashes.push(h);
+        }
+        let started = Instant::now();
+        let fetched = match self.transport.fetch_prefix(host, port, &hashes).await {
+            Ok(f) => f,
+            Err(e) => {
+                self.fallback(e.cause(), &e.to_string());
+                return KvOptions::default();
+            }
+        };
+        if fetched.payloads.is_empty() {
+            return KvOptions::default();
+        }
+        self.count_pull(started, &fetched);
+        let covered = fetched.payloads.len() * bs;
+        KvOptions {
+            received: Some(ReceivedKv {
+                payloads: fetched.payloads,
+                covered,
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn count_pull(&self, started: Instant, fetched: &crate::kv::transfer::Fetched) {
         let m = &self.metrics;
         m.pulls.fetch_add(1, Relaxed);
         m.pull_seconds
@@ -253,13 +307,6 @@ impl Disagg {
             Relaxed,
         );
         m.reread_blocks.fetch_add(fetched.reread as u64, Relaxed);
-        Ok(KvOptions {
-            received: Some(ReceivedKv {
-                payloads: fetched.payloads,
-                covered: fetched.prompt_len,
-            }),
-            ..Default::default()
-        })
     }
 
     /// The transfer metrics, in Prometheus text.
@@ -431,7 +478,10 @@ pub async fn kv_options(
     stream: bool,
 ) -> Result<KvOptions, ApiError> {
     match (&ready.disagg, params) {
-        (Some(d), p) => d.prepare(p, prompts, n, stream).await,
+        (Some(d), p) => {
+            d.prepare(ready.engine.limits(), p, prompts, n, stream)
+                .await
+        }
         (None, Some(p)) if p.do_remote_decode || p.do_remote_prefill => Err(ApiError::invalid(
             "kv_transfer_params",
             "this worker has no --kv-transfer-config",
@@ -482,5 +532,22 @@ impl HeldKvSource for EngineSource {
                     .release_held(&crate::RequestId::from(request_id));
             }
         }
+    }
+
+    fn read_prefix(
+        &self,
+        hashes: Vec<crate::kv::BlockHash>,
+    ) -> BoxFuture<'_, Result<Vec<Vec<u8>>, String>> {
+        Box::pin(async move {
+            let state = self.state.upgrade().ok_or("the server is shutting down")?;
+            let ready = state
+                .ready()
+                .map_err(|_| "the engine is not ready".to_string())?;
+            ready
+                .engine
+                .read_cached_prefix(hashes)
+                .await
+                .map_err(|e| e.to_string())
+        })
     }
 }

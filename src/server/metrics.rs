@@ -551,6 +551,7 @@ mod tests {
                 identity: "m".into(),
                 payload_len: 1,
             },
+            block_hasher: crate::kv::BlockHasher::new(crate::kv::BlockHashAlgo::Xxh3, "0"),
         };
         let m = Arc::new(Metrics::new("m\"x", &limits));
         {
