@@ -11,6 +11,9 @@
 //! LLMD_BENCH_MODELS=a,b limits the models by name prefix).
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/env.rs"]
+mod env;
+use env::env_usize;
 
 use candle_core::{DType as CDType, Device, Tensor};
 use candle_transformers::models::llama as cllama;
@@ -18,13 +21,6 @@ use llmd::engine::{EngineCore, Prompt};
 use llmd::{EngineConfig, RequestId, SamplingParams};
 use std::path::Path;
 use std::time::Instant;
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn prompts(batch: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
     let mut s = 12345u64;
@@ -116,11 +112,7 @@ fn main() {
     let prompt_len = env_usize("LLMD_BENCH_PROMPT", 32);
     let gen = env_usize("LLMD_BENCH_GEN", 128);
     let repeat = env_usize("LLMD_BENCH_REPEAT", 3);
-    let wanted: Vec<String> = std::env::var("LLMD_BENCH_MODELS")
-        .map(|v| v.split(',').map(str::to_string).collect())
-        .unwrap_or_default();
-    let selected =
-        |name: &str| wanted.is_empty() || wanted.iter().any(|w| name.starts_with(w.as_str()));
+    let selected = env::model_selected;
     let mut models: Vec<(String, std::path::PathBuf)> = Vec::new();
     for name in ["stories260K", "smollm2-135m-instruct"] {
         if !selected(name) {

@@ -14,6 +14,9 @@
 //! Run: `cargo bench --bench disagg` (LLMD_BENCH_PROMPT, LLMD_BENCH_REPEAT).
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/env.rs"]
+mod env;
+use env::env_usize;
 
 use futures_util::future::BoxFuture;
 use llmd::engine::{EngineCore, KvOptions, Prompt, ReceivedKv};
@@ -25,13 +28,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// Held KV in memory, re-armed for every pull; records when each release happens.
 struct Source {

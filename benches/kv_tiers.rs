@@ -17,19 +17,15 @@
 //! LLMD_BENCH_MODELS=a,b, LLMD_BENCH_PARTS=ttft,decode).
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "support/env.rs"]
+mod env;
+use env::env_usize;
 
 use llmd::engine::{EngineCore, Prompt};
 use llmd::kv::tiers::{Tier, TierConfig};
 use llmd::{EngineConfig, RequestId, SamplingParams};
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn tokens(n: usize, seed: u64, vocab: usize) -> Vec<u32> {
     let mut s = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -175,11 +171,7 @@ fn main() {
     let prefix = env_usize("LLMD_BENCH_PREFIX", 2048);
     let gen = env_usize("LLMD_BENCH_GEN", 128);
     let repeat = env_usize("LLMD_BENCH_REPEAT", 3);
-    let wanted: Vec<String> = std::env::var("LLMD_BENCH_MODELS")
-        .map(|v| v.split(',').map(str::to_string).collect())
-        .unwrap_or_default();
-    let selected =
-        |name: &str| wanted.is_empty() || wanted.iter().any(|w| name.starts_with(w.as_str()));
+    let selected = env::model_selected;
     println!(
         "KV tiers vs recompute (CPU, {} threads)",
         rayon::current_num_threads()

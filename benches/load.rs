@@ -10,6 +10,9 @@
 //! `LLMD_LOAD_REQUESTS` (per rate, default 120), `LLMD_LOAD_MAX_TOKENS` (default 64),
 //! `LLMD_LOAD_RATES` (comma list of req/s; default fractions 0.25/0.5/0.75/1.0/1.5 of the offline
 //! request rate, then `inf` = all at once).
+#[path = "support/env.rs"]
+mod env;
+use env::env_usize;
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use serde_json::{json, Value};
@@ -27,13 +30,6 @@ const PROMPTS: &[&str] = &[
     "There was a big tree in the garden. Every morning the birds",
     "Sue wanted to bake a cake for her mom, so she",
 ];
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 struct Server {
     child: Child,

@@ -10,63 +10,17 @@ Run by `cargo test --test server` (test `disaggregated_serving_with_the_openai_c
 """
 
 import os
-import re
-import socket
-import subprocess
-import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import openai
 import pytest
+from llmd_process import free_port, start
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = os.environ.get("LLMD_MODEL", str(ROOT.parent / "shared/models/stories260K"))
-BIN = os.environ.get("LLMD_BIN", str(ROOT / "target/debug/llmd"))
 NAME = "m"
 STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside. " * 6
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(args, log_key="addr"):
-    """Starts `llmd <args>`; returns (process, http base) once /health answers 200."""
-    proc = subprocess.Popen(
-        [BIN, *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "RUST_LOG": "info"},
-    )
-    found = {}
-    ready = threading.Event()
-
-    def drain():
-        for line in proc.stderr:
-            m = re.search(r"addr=(\S+)", line)
-            if m and "addr" not in found:
-                found["addr"] = m.group(1)
-                ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    assert ready.wait(60), f"{args[0]} logged no address"
-    base = f"http://{found['addr']}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/health") as r:
-                if r.status == 200:
-                    break
-        except Exception:
-            pass
-        assert time.time() < deadline, f"{args[0]} not ready"
-        time.sleep(0.05)
-    return proc, base
 
 
 # Extra `llmd serve` flags for bigger models (e.g. "--max-model-len 512 --kv-cache-memory-gb 0.1").

@@ -6,57 +6,22 @@ The server is started here on a free loopback port with the stories260K model.
 """
 
 import os
-import re
-import subprocess
-import threading
-import time
-import urllib.request
 from pathlib import Path
 
 import openai
 import pytest
+from llmd_process import start
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = os.environ.get("LLMD_MODEL", str(ROOT.parent / "shared/models/stories260K"))
-BIN = os.environ.get("LLMD_BIN", str(ROOT / "target/debug/llmd"))
 NAME = "stories"
 PROMPT = "Once upon a time"
 
 
 @pytest.fixture(scope="module")
 def server():
-    proc = subprocess.Popen(
-        [BIN, "serve", "--model", MODEL, "--served-model-name", NAME,
-         "--host", "127.0.0.1", "--port", "0", "--kv-cache-memory-gb", "0.02"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "RUST_LOG": "info"},
-    )
-    found = {}
-    ready = threading.Event()
-
-    def drain():
-        # Keeps reading so the server never blocks on a full pipe.
-        for line in proc.stderr:
-            m = re.search(r"addr=(\S+)", line)
-            if m and "addr" not in found:
-                found["addr"] = m.group(1)
-                ready.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    assert ready.wait(60), "server logged no address"
-    base = f"http://{found['addr']}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/health") as r:
-                if r.status == 200:
-                    break
-        except Exception:
-            pass
-        assert time.time() < deadline, "server not ready"
-        time.sleep(0.05)
+    proc, base = start(["serve", "--model", MODEL, "--served-model-name", NAME,
+                        "--host", "127.0.0.1", "--port", "0", "--kv-cache-memory-gb", "0.02"])
     yield base
     proc.terminate()
     assert proc.wait(30) == 0

@@ -314,72 +314,75 @@ impl Disagg {
         use std::fmt::Write;
         let m = &self.metrics;
         let p = &m.producer;
-        let mut scalar = |name: &str, kind: &str, help: &str, v: String| {
+        let n = |a: &AtomicU64| a.load(Relaxed);
+        let series: [(&str, &str, &str, u64); 10] = [
+            (
+                "llmd:kv_transfer_blocks_sent_total",
+                "counter",
+                "KV blocks sent to decode workers.",
+                n(&p.blocks_sent),
+            ),
+            (
+                "llmd:kv_transfer_bytes_sent_total",
+                "counter",
+                "Bytes of KV block records sent to decode workers.",
+                n(&p.bytes_sent),
+            ),
+            (
+                "llmd:kv_transfer_pulls_served_total",
+                "counter",
+                "Pulls of held KV served (their blocks then freed).",
+                n(&p.transfers),
+            ),
+            (
+                "llmd:kv_transfer_pulls_refused_total",
+                "counter",
+                "Pulls refused: nothing held under the id, or a stale engine id.",
+                n(&p.refused),
+            ),
+            (
+                "llmd:kv_transfer_blocks_received_total",
+                "counter",
+                "KV blocks received from prefill workers.",
+                n(&m.blocks_received),
+            ),
+            (
+                "llmd:kv_transfer_bytes_received_total",
+                "counter",
+                "Bytes of KV received from prefill workers.",
+                n(&m.bytes_received),
+            ),
+            (
+                "llmd:kv_transfer_pulls_total",
+                "counter",
+                "Successful pulls of KV from prefill workers.",
+                n(&m.pulls),
+            ),
+            (
+                "llmd:kv_transfer_reread_blocks_total",
+                "counter",
+                "Received blocks that failed their check once and were read again.",
+                n(&m.reread_blocks),
+            ),
+            (
+                "llmd:kv_held_requests",
+                "gauge",
+                "Finished prefills whose KV is held for a decode worker.",
+                stats.num_held_kv as u64,
+            ),
+            (
+                "llmd:kv_transfer_leases_expired_total",
+                "counter",
+                "Held KV freed because no decode worker read it within its lease.",
+                stats.counters.kv_leases_expired,
+            ),
+        ];
+        for (name, kind, help, v) in series {
             let _ = writeln!(
                 out,
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{l}}} {v}"
             );
-        };
-        scalar(
-            "llmd:kv_transfer_blocks_sent_total",
-            "counter",
-            "KV blocks sent to decode workers.",
-            p.blocks_sent.load(Relaxed).to_string(),
-        );
-        scalar(
-            "llmd:kv_transfer_bytes_sent_total",
-            "counter",
-            "Bytes of KV block records sent to decode workers.",
-            p.bytes_sent.load(Relaxed).to_string(),
-        );
-        scalar(
-            "llmd:kv_transfer_pulls_served_total",
-            "counter",
-            "Pulls of held KV served (their blocks then freed).",
-            p.transfers.load(Relaxed).to_string(),
-        );
-        scalar(
-            "llmd:kv_transfer_pulls_refused_total",
-            "counter",
-            "Pulls refused: nothing held under the id, or a stale engine id.",
-            p.refused.load(Relaxed).to_string(),
-        );
-        scalar(
-            "llmd:kv_transfer_blocks_received_total",
-            "counter",
-            "KV blocks received from prefill workers.",
-            m.blocks_received.load(Relaxed).to_string(),
-        );
-        scalar(
-            "llmd:kv_transfer_bytes_received_total",
-            "counter",
-            "Bytes of KV received from prefill workers.",
-            m.bytes_received.load(Relaxed).to_string(),
-        );
-        scalar(
-            "llmd:kv_transfer_pulls_total",
-            "counter",
-            "Successful pulls of KV from prefill workers.",
-            m.pulls.load(Relaxed).to_string(),
-        );
-        scalar(
-            "llmd:kv_transfer_reread_blocks_total",
-            "counter",
-            "Received blocks that failed their check once and were read again.",
-            m.reread_blocks.load(Relaxed).to_string(),
-        );
-        scalar(
-            "llmd:kv_held_requests",
-            "gauge",
-            "Finished prefills whose KV is held for a decode worker.",
-            stats.num_held_kv.to_string(),
-        );
-        scalar(
-            "llmd:kv_transfer_leases_expired_total",
-            "counter",
-            "Held KV freed because no decode worker read it within its lease.",
-            stats.counters.kv_leases_expired.to_string(),
-        );
+        }
         let hist = m
             .pull_seconds
             .lock()
