@@ -107,6 +107,8 @@ pub struct Engine {
     tokenizer: Arc<Tokenizer>,
     limits: EngineLimits,
     stats: Arc<Mutex<EngineStats>>,
+    /// The KV tiers' stats, read live: the tier thread works on after the engine goes idle.
+    tiers: Option<crate::kv::connector::TierStatsHandle>,
     health: Arc<Health>,
     next_id: AtomicU64,
     thread: Option<JoinHandle<()>>,
@@ -187,6 +189,7 @@ impl Engine {
         // Stats describe the engine from the start (pool size, tiers), not only after the
         // loop's first turn: a probe right after start-up must see them.
         publish(&core, &stats);
+        let tiers = core.tier_stats_handle();
         let health = Arc::new(Health(watch::channel(None).0));
         let (loop_stats, loop_health) = (stats.clone(), health.clone());
         let thread = std::thread::Builder::new()
@@ -198,6 +201,7 @@ impl Engine {
             tokenizer,
             limits,
             stats,
+            tiers,
             health,
             next_id: AtomicU64::new(0),
             thread: Some(thread),
@@ -213,7 +217,11 @@ impl Engine {
     }
 
     pub fn stats(&self) -> EngineStats {
-        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+        let mut s = self.stats.lock().map(|s| s.clone()).unwrap_or_default();
+        if let Some(t) = &self.tiers {
+            s.tiers = Some(t.get());
+        }
+        s
     }
 
     /// Why the engine died, or None while it is alive.

@@ -454,6 +454,11 @@ impl EngineCore {
         self.scheduler.connector().map(KvConnector::stats)
     }
 
+    /// A live view of [`Self::tier_stats`] for other threads.
+    pub fn tier_stats_handle(&self) -> Option<crate::kv::connector::TierStatsHandle> {
+        self.scheduler.connector().map(KvConnector::stats_handle)
+    }
+
     pub fn tokenizer(&self) -> &Arc<Tokenizer> {
         &self.tokenizer
     }

@@ -131,6 +131,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// A live view of the tiers' stats, readable from any thread (the tier thread keeps them
+/// current even while the engine is idle).
+#[derive(Clone)]
+pub struct TierStatsHandle(Arc<Shared>);
+
+impl TierStatsHandle {
+    pub fn get(&self) -> TierStats {
+        *lock(&self.0.stats)
+    }
+}
+
 /// The scheduler half, and the handle of the tier thread.
 pub struct KvConnector {
     jobs: Option<mpsc::Sender<Job>>,
@@ -271,6 +282,11 @@ impl KvConnector {
     /// Totals and current sizes.
     pub fn stats(&self) -> TierStats {
         *lock(&self.shared.stats)
+    }
+
+    /// A handle that reads [`Self::stats`] from another thread.
+    pub fn stats_handle(&self) -> TierStatsHandle {
+        TierStatsHandle(self.shared.clone())
     }
 
     /// Folds a measured prefill step into the recompute estimate.
