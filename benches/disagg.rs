@@ -24,30 +24,44 @@ use llmd::kv::transfer::{
     serve, HeldKv, HeldKvSource, KvTransport, RemoteKv, TcpTransport, TransferLayout, TransferStats,
 };
 use llmd::{EngineConfig, RequestId, SamplingParams};
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Held KV in memory, re-armed for every pull; records when each release happens.
+/// One request's KV in memory, served to every pull (whatever id it names); records when
+/// each release happens.
 struct Source {
-    held: Mutex<HashMap<String, HeldKv>>,
     keep: HeldKv,
     released: Mutex<Vec<Instant>>,
+}
+
+/// Serves `keep` on a loopback side channel under `layout`; its port, the source and the
+/// serving task.
+async fn start_producer(
+    keep: HeldKv,
+    layout: TransferLayout,
+) -> (u16, Arc<Source>, tokio::task::JoinHandle<()>) {
+    let source = Arc::new(Source {
+        keep,
+        released: Mutex::new(Vec::new()),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let task = tokio::spawn(serve(
+        listener,
+        source.clone(),
+        layout,
+        Arc::new(TransferStats::default()),
+    ));
+    (port, source, task)
 }
 
 impl HeldKvSource for Source {
     fn engine_id(&self) -> &str {
         "bench"
     }
-    fn read(&self, id: &str) -> BoxFuture<'_, Result<Option<HeldKv>, String>> {
-        let r = self
-            .held
-            .lock()
-            .unwrap()
-            .get(id)
-            .cloned()
-            .or_else(|| Some(self.keep.clone()));
+    fn read(&self, _id: &str) -> BoxFuture<'_, Result<Option<HeldKv>, String>> {
+        let r = Some(self.keep.clone());
         Box::pin(async move { Ok(r) })
     }
     fn release(&self, _id: &str) {
@@ -95,22 +109,11 @@ async fn throughput(repeat: usize) {
         identity: "model=bench;layers=30".into(),
         payload_len: block,
     };
-    let source = Arc::new(Source {
-        held: Mutex::new(HashMap::new()),
-        keep: HeldKv {
-            payloads: payloads.clone(),
-            prompt_len: 2048,
-        },
-        released: Mutex::new(Vec::new()),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(serve(
-        listener,
-        source.clone(),
-        layout.clone(),
-        Arc::new(TransferStats::default()),
-    ));
+    let keep = HeldKv {
+        payloads: payloads.clone(),
+        prompt_len: 2048,
+    };
+    let (port, _, _) = start_producer(keep, layout.clone()).await;
     let client = TcpTransport {
         layout,
         timeout: Duration::from_secs(60),
@@ -184,25 +187,15 @@ async fn throughput(repeat: usize) {
 
 async fn hold_after_drop() {
     let block = 737_280usize;
-    let source = Arc::new(Source {
-        held: Mutex::new(HashMap::new()),
-        keep: HeldKv {
-            payloads: vec![vec![7u8; block]; 128],
-            prompt_len: 2048,
-        },
-        released: Mutex::new(Vec::new()),
-    });
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(serve(
-        listener,
-        source.clone(),
-        TransferLayout {
-            identity: "model=bench".into(),
-            payload_len: block,
-        },
-        Arc::new(TransferStats::default()),
-    ));
+    let keep = HeldKv {
+        payloads: vec![vec![7u8; block]; 128],
+        prompt_len: 2048,
+    };
+    let layout = TransferLayout {
+        identity: "model=bench".into(),
+        payload_len: block,
+    };
+    let (port, source, _) = start_producer(keep, layout).await;
     // A decoder that asks, reads a little, and dies.
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
@@ -298,19 +291,7 @@ fn ttft(rt: &tokio::runtime::Runtime, dir: &std::path::Path, prompt_len: usize, 
         prefill.release_held(&id);
         let t_pull = Instant::now();
         let fetched = rt.block_on(async {
-            let source = Arc::new(Source {
-                held: Mutex::new(HashMap::new()),
-                keep: held,
-                released: Mutex::new(Vec::new()),
-            });
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let port = listener.local_addr().unwrap().port();
-            let server = tokio::spawn(serve(
-                listener,
-                source,
-                layout.clone(),
-                Arc::new(TransferStats::default()),
-            ));
+            let (port, _, server) = start_producer(held, layout.clone()).await;
             let client = TcpTransport {
                 layout: layout.clone(),
                 timeout: Duration::from_secs(60),

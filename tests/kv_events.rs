@@ -1,6 +1,8 @@
 //! The KV-event publisher over real sockets: a real pyzmq subscriber checks vLLM's wire format
 //! and replay (`tests/kv_events_subscriber.py`), a Rust DEALER checks the replay framing, and
 //! the sockets are bound, refused and released as `llmd serve` relies on.
+mod common;
+
 use llmd::kv::{KvEvent, KvEventSink, Medium};
 use llmd::server::kv_events::{KvEventsConfig, Publisher, ZmqEventPublisher, END_SEQ};
 use std::io::{BufRead, BufReader, Read};
@@ -145,34 +147,13 @@ impl Drop for Subscriber {
     }
 }
 
-/// Whether pyzmq and msgpack are importable; without them the test skips, except under CI.
-fn python_has_zmq() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import zmq, msgpack"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok && std::env::var_os("CI").is_some() {
-        panic!(
-            "the KV events subscriber test needs Python 3 with pyzmq and msgpack under CI: \
-             run `python3 -m pip install pyzmq msgpack msgspec`"
-        );
-    }
-    if !ok {
-        eprintln!(
-            "skipping: Python 3 with pyzmq and msgpack is needed (python3 -m pip install pyzmq \
-             msgpack msgspec)"
-        );
-    }
-    ok
-}
-
 /// Batches the subscriber must receive live once it has joined.
 const LIVE: u64 = 20;
 
 #[test]
 fn python_subscriber_checks_vllm_wire_format_and_replay() {
     let _serial = serial();
-    if !python_has_zmq() {
+    if !common::python_has_zmq() {
         return;
     }
     let publisher =

@@ -194,8 +194,7 @@ fn block_file(root: &Path, tokens: &[u32], i: usize) -> std::path::PathBuf {
     for b in 0..=i {
         h = Some(hasher.hash(h.as_ref(), &tokens[b * 16..(b + 1) * 16], &[]));
     }
-    let hex: String = h.unwrap().0.iter().map(|b| format!("{b:02x}")).collect();
-    let name = format!("{hex}.kvb");
+    let name = format!("{}.kvb", h.unwrap().to_hex());
     disk_files(root)
         .into_iter()
         .find(|f| f.file_name().is_some_and(|n| n.to_string_lossy() == name))

@@ -5,6 +5,7 @@
 mod common;
 
 use llmd::engine::{EngineCore, KvOptions, Prompt, ReceivedKv};
+use llmd::kv::transfer::HeldKv;
 use llmd::{EngineConfig, RequestId, SamplingParams};
 use std::time::Duration;
 
@@ -37,6 +38,45 @@ fn run(core: &mut EngineCore, id: &RequestId) -> Vec<u32> {
     out
 }
 
+/// Queues a producer request: one token, its prompt's KV held for `lease`.
+fn add_held(core: &mut EngineCore, id: &RequestId, prompt: &[u32], lease: Duration) {
+    core.add_tokens_with_kv(
+        id.clone(),
+        prompt.to_vec(),
+        greedy(1),
+        0,
+        KvOptions {
+            hold_for: Some(lease),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
+/// Queues a consumer request decoding `max_tokens` from KV received for its prompt.
+fn add_received(
+    core: &mut EngineCore,
+    id: &RequestId,
+    prompt: &[u32],
+    max_tokens: usize,
+    held: HeldKv,
+) {
+    core.add_tokens_with_kv(
+        id.clone(),
+        prompt.to_vec(),
+        greedy(max_tokens),
+        0,
+        KvOptions {
+            received: Some(ReceivedKv {
+                payloads: held.payloads,
+                covered: held.prompt_len,
+            }),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+}
+
 fn prompt(n: usize) -> Vec<u32> {
     (0..n as u32).map(|i| 4 + (i * 7919 + 13) % 500).collect()
 }
@@ -58,46 +98,20 @@ fn decode_from_transferred_kv_matches_a_single_engine() {
 
         let mut prefill = EngineCore::new(cfg.clone()).unwrap();
         let idle = prefill.num_free_blocks();
-        prefill
-            .add_tokens_with_kv(
-                id.clone(),
-                p.clone(),
-                greedy(1),
-                0,
-                KvOptions {
-                    hold_for: Some(Duration::from_secs(30)),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        add_held(&mut prefill, &id, &p, Duration::from_secs(30));
         let first = run(&mut prefill, &id);
         assert_eq!(first, want[..1], "len {len}: the prefiller's token");
         assert_eq!(prefill.num_held(), 1);
         let held = prefill.read_held(&id).unwrap().expect("held");
-        let (payloads, prompt_len) = (held.payloads, held.prompt_len);
-        assert_eq!(prompt_len, len);
-        assert_eq!(payloads.len(), len.div_ceil(16));
+        assert_eq!(held.prompt_len, len);
+        assert_eq!(held.payloads.len(), len.div_ceil(16));
         assert!(prefill.num_free_blocks() < idle, "held blocks are not free");
         assert!(prefill.release_held(&id));
         assert_eq!(prefill.num_free_blocks(), idle, "released");
         assert!(!prefill.release_held(&id));
 
         let mut decode = EngineCore::new(cfg.clone()).unwrap();
-        decode
-            .add_tokens_with_kv(
-                id.clone(),
-                p.clone(),
-                greedy(20),
-                0,
-                KvOptions {
-                    received: Some(ReceivedKv {
-                        payloads,
-                        covered: len,
-                    }),
-                    ..Default::default()
-                },
-            )
-            .unwrap();
+        add_received(&mut decode, &id, &p, 20, held);
         let got = run(&mut decode, &id);
         assert_eq!(got, want, "len {len}: decoded from transferred KV");
         assert_eq!(
@@ -115,18 +129,7 @@ fn held_kv_is_freed_when_its_lease_runs_out() {
     let mut prefill = EngineCore::new(cfg).unwrap();
     let idle = prefill.num_free_blocks();
     let id = RequestId::from("lease");
-    prefill
-        .add_tokens_with_kv(
-            id.clone(),
-            prompt(40),
-            greedy(1),
-            0,
-            KvOptions {
-                hold_for: Some(Duration::from_millis(50)),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    add_held(&mut prefill, &id, &prompt(40), Duration::from_millis(50));
     run(&mut prefill, &id);
     assert_eq!(prefill.num_held(), 1);
     assert_eq!(prefill.expire_held(), 0, "not yet");
@@ -195,18 +198,7 @@ fn a_producer_serves_a_prefix_it_loads_from_its_host_tier() {
         .unwrap();
     run(&mut prefill, &"evict".into());
     let before = prefill.counters().prompt_tokens_computed;
-    prefill
-        .add_tokens_with_kv(
-            id.clone(),
-            p.clone(),
-            greedy(1),
-            0,
-            KvOptions {
-                hold_for: Some(Duration::from_secs(30)),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    add_held(&mut prefill, &id, &p, Duration::from_secs(30));
     run(&mut prefill, &id);
     let stats = prefill.tier_stats().unwrap();
     assert!(stats.load_hit_tokens >= 16, "{stats:?}");
@@ -219,21 +211,7 @@ fn a_producer_serves_a_prefix_it_loads_from_its_host_tier() {
     let mut cfg_decode = config().unwrap();
     cfg_decode.cache.num_blocks = Some(64);
     let mut decode = EngineCore::new(cfg_decode).unwrap();
-    decode
-        .add_tokens_with_kv(
-            id.clone(),
-            p.clone(),
-            greedy(12),
-            0,
-            KvOptions {
-                received: Some(ReceivedKv {
-                    payloads: held.payloads,
-                    covered: held.prompt_len,
-                }),
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    add_received(&mut decode, &id, &p, 12, held);
     assert_eq!(run(&mut decode, &id), want);
     assert_eq!(decode.counters().prompt_tokens_computed, 0);
 }

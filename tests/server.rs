@@ -1344,19 +1344,6 @@ async fn disk_kv_tier_serves_old_prefixes_after_a_restart() {
     }
 }
 
-/// Whether python3 has pyzmq and msgpack; without them the events test skips, except in CI.
-fn python_has_zmq() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import zmq, msgpack"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok || std::env::var_os("CI").is_none(),
-        "CI must have python3 with pyzmq and msgpack (.ci/run installs them)"
-    );
-    ok
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -1379,8 +1366,7 @@ fn published_hashes(tokens: &[u32]) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kv_events_of_the_engine_and_tiers_reach_a_real_subscriber() {
-    if !python_has_zmq() {
-        eprintln!("skipping: python3 lacks pyzmq or msgpack");
+    if !common::python_has_zmq() {
         return;
     }
     let (pub_port, replay_port) = (free_port(), free_port());

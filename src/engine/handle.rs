@@ -334,19 +334,11 @@ impl Engine {
     /// The K/V a finished request holds for a decode worker (see
     /// [`super::KvOptions::hold_for`]); Ok(None) when nothing is held under `id`.
     pub async fn read_held(&self, id: &RequestId) -> Result<Option<crate::kv::transfer::HeldKv>> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let cmd = Command::ReadHeld {
+        self.ask(|reply| Command::ReadHeld {
             id: id.clone(),
             reply,
-        };
-        // A full channel is a busy engine: the decoder recomputes rather than wait here.
-        self.tx.try_send(cmd).map_err(|e| match e {
-            mpsc::TrySendError::Full(_) => Error::QueueFull {
-                limit: DEFAULT_COMMAND_CAPACITY,
-            },
-            mpsc::TrySendError::Disconnected(_) => self.health.gone(),
-        })?;
-        rx.await.map_err(|_| self.health.gone())?
+        })
+        .await
     }
 
     /// The K/V of the leading run of `hashes` in this engine's prefix cache (a peer pulling a
@@ -355,15 +347,24 @@ impl Engine {
         &self,
         hashes: Vec<crate::kv::BlockHash>,
     ) -> Result<Vec<Vec<u8>>> {
+        self.ask(|reply| Command::ReadPrefix { hashes, reply })
+            .await
+    }
+
+    /// Sends the command `make` builds around a reply channel and waits for the engine's
+    /// answer. A full channel is a busy engine: the caller (a peer's pull) gets an error and
+    /// its side recomputes rather than wait here.
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<Result<T>>) -> Command,
+    ) -> Result<T> {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        self.tx
-            .try_send(Command::ReadPrefix { hashes, reply })
-            .map_err(|e| match e {
-                mpsc::TrySendError::Full(_) => Error::QueueFull {
-                    limit: DEFAULT_COMMAND_CAPACITY,
-                },
-                mpsc::TrySendError::Disconnected(_) => self.health.gone(),
-            })?;
+        self.tx.try_send(make(reply)).map_err(|e| match e {
+            mpsc::TrySendError::Full(_) => Error::QueueFull {
+                limit: DEFAULT_COMMAND_CAPACITY,
+            },
+            mpsc::TrySendError::Disconnected(_) => self.health.gone(),
+        })?;
         rx.await.map_err(|_| self.health.gone())?
     }
 
@@ -513,7 +514,8 @@ fn publish(core: &EngineCore, stats: &Mutex<EngineStats>) {
         num_waiting: s.num_waiting() + s.num_waiting_for_kv(),
         num_waiting_for_kv: s.num_waiting_for_kv(),
         num_held_kv: core.num_held(),
-        tiers: core.tier_stats(),
+        // Filled live by `Engine::stats` (the tier thread works on while the loop idles).
+        tiers: None,
         num_free_blocks: s.kv().num_free_blocks(),
         num_total_blocks: s.kv().num_total_blocks(),
         kv_usage: s.kv().usage(),

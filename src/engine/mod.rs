@@ -201,6 +201,14 @@ pub fn kv_pool_blocks(
     }
 }
 
+/// A model loaded on its backend, with its KV pool's size.
+struct Loaded {
+    model: Box<dyn ModelRunner>,
+    num_blocks: usize,
+    /// Bytes of one block's K and V over all layers, in the backend's KV dtype.
+    kv_block_bytes: usize,
+}
+
 /// Loads the model on `backend`, sizing the KV pool from the backend's own element size.
 fn load_on<B: Backend>(
     backend: B,
@@ -208,7 +216,7 @@ fn load_on<B: Backend>(
     model_cfg: &ModelConfig,
     max_model_len: usize,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<(Box<dyn ModelRunner>, usize)> {
+) -> Result<Loaded> {
     let block_size = config.cache.block_size;
     let num_blocks = kv_pool_blocks(&config.cache, model_cfg, B::KV_ELEMENT_BYTES)?;
     if num_blocks.saturating_mul(block_size) < max_model_len {
@@ -227,7 +235,12 @@ fn load_on<B: Backend>(
         block_size,
     };
     let model = Model::load(backend, &config.model, model_cfg.clone(), limits, progress)?;
-    Ok((Box::new(model), num_blocks))
+    Ok(Loaded {
+        model: Box::new(model),
+        num_blocks,
+        // kv_pool_blocks refused a block size whose bytes overflow.
+        kv_block_bytes: kv_bytes_per_block(model_cfg, block_size, B::KV_ELEMENT_BYTES).unwrap_or(0),
+    })
 }
 
 impl EngineCore {
@@ -266,7 +279,11 @@ impl EngineCore {
         };
         let block_size = config.cache.block_size;
         let sched_cfg = config.scheduler.clone();
-        let (model, num_blocks) = match config.device {
+        let Loaded {
+            model,
+            num_blocks,
+            kv_block_bytes,
+        } = match config.device {
             DeviceKind::Cpu => load_on(CpuBackend, &config, &model_cfg, max_model_len, progress)?,
             DeviceKind::Cuda(n) => load_on(
                 crate::backend::cuda::CudaBackend::with_graphs(n, !config.enforce_eager)
@@ -297,9 +314,6 @@ impl EngineCore {
             .device_sampling
             .unwrap_or_else(|| model.samples_on_device());
         let mut model = model;
-        let kv_block_bytes =
-            kv_bytes_per_block(&model_cfg, block_size, kv_element_bytes(model.kv_dtype()))
-                .unwrap_or(0);
         let mut scheduler = Scheduler::new(sched_cfg.clone(), kv);
         let kv_events = config.kv_events.as_ref().map(|h| h.0.clone());
         if kv_events.is_some() {
@@ -390,30 +404,28 @@ impl EngineCore {
         let Some(h) = self.held.get(id) else {
             return Ok(None);
         };
-        let mut out = Vec::with_capacity(h.blocks.len());
-        for b in &h.blocks {
-            let mut payload = vec![0u8; self.kv_block_bytes];
-            self.model.read_kv_block(b.0 as usize, &mut payload)?;
-            out.push(payload);
-        }
         Ok(Some(HeldKv {
-            payloads: out,
+            payloads: self.read_blocks(&h.blocks)?,
             prompt_len: h.prompt_len,
         }))
+    }
+
+    /// The K/V of each of `blocks` (all layers, as a tier record's payload).
+    fn read_blocks(&self, blocks: &[crate::kv::BlockId]) -> Result<Vec<Vec<u8>>> {
+        blocks.iter().map(|&b| self.read_block(b)).collect()
+    }
+
+    fn read_block(&self, b: crate::kv::BlockId) -> Result<Vec<u8>> {
+        let mut payload = vec![0u8; self.kv_block_bytes];
+        self.model.read_kv_block(b.0 as usize, &mut payload)?;
+        Ok(payload)
     }
 
     /// The K/V of the leading run of `hashes` this engine has in its prefix cache (a peer
     /// pulling a cached prefix instead of recomputing it). Runs on the engine thread between
     /// steps, so the blocks cannot change while they are read.
     pub fn read_cached_prefix(&self, hashes: &[crate::kv::BlockHash]) -> Result<Vec<Vec<u8>>> {
-        let blocks = self.scheduler.kv().cached_run(hashes);
-        let mut out = Vec::with_capacity(blocks.len());
-        for b in blocks {
-            let mut payload = vec![0u8; self.kv_block_bytes];
-            self.model.read_kv_block(b.0 as usize, &mut payload)?;
-            out.push(payload);
-        }
-        Ok(out)
+        self.read_blocks(&self.scheduler.kv().cached_run(hashes))
     }
 
     /// Frees a held request's blocks (its decoder has them). False when nothing was held.
@@ -761,9 +773,8 @@ impl EngineCore {
         if let Some(c) = self.scheduler.connector() {
             let mut records = Vec::new();
             for b in committed.iter().filter(|b| !c.holds(&b.hash)) {
-                let mut payload = vec![0u8; self.kv_block_bytes];
-                match self.model.read_kv_block(b.block.0 as usize, &mut payload) {
-                    Ok(()) => records.push(StoreBlock {
+                match self.read_block(b.block) {
+                    Ok(payload) => records.push(StoreBlock {
                         hash: b.hash,
                         parent: b.parent,
                         tokens: b.tokens.clone(),
@@ -782,23 +793,15 @@ impl EngineCore {
                     medium: Medium::Gpu,
                 });
             }
-            // One event per run of blocks that chain (a sequence's new blocks).
-            let mut i = 0;
-            while i < committed.len() {
-                let mut j = i + 1;
-                while j < committed.len() && committed[j].parent == Some(committed[j - 1].hash) {
-                    j += 1;
-                }
-                let run = &committed[i..j];
-                events.push(KvEvent::BlockStored {
-                    block_hashes: run.iter().map(|b| b.hash.external()).collect(),
-                    parent_block_hash: run[0].parent.map(|p| p.external()),
-                    token_ids: run.iter().flat_map(|b| b.tokens.iter().copied()).collect(),
-                    block_size: self.limits.block_size,
-                    medium: Medium::Gpu,
-                });
-                i = j;
-            }
+            let blocks: Vec<_> = committed
+                .iter()
+                .map(|b| (b.hash, b.parent, b.tokens.as_slice()))
+                .collect();
+            events.extend(crate::kv::events::stored_in_runs(
+                &blocks,
+                self.limits.block_size,
+                Medium::Gpu,
+            ));
             sink.publish(events);
         }
     }
@@ -852,14 +855,6 @@ impl EngineCore {
             }
         }
         plan
-    }
-}
-
-/// Bytes of a cached element of `dtype` (a [`ModelRunner::kv_dtype`]).
-fn kv_element_bytes(dtype: &str) -> usize {
-    match dtype {
-        "f32" => 4,
-        _ => 2,
     }
 }
 

@@ -38,6 +38,23 @@ impl BlockHash {
         b.copy_from_slice(&self.0[24..]);
         u64::from_be_bytes(b)
     }
+
+    /// The 32 bytes as 64 lowercase hex digits (file names and keys of the KV tiers).
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The inverse of [`Self::to_hex`]; None for anything but 64 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (i, o) in out.iter_mut().enumerate() {
+            *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(BlockHash(out))
+    }
 }
 
 impl fmt::Debug for BlockHash {
@@ -208,6 +225,21 @@ mod tests {
 
     fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    #[test]
+    fn hex_form_roundtrips_and_refuses_anything_else() {
+        let mut b = [0u8; 32];
+        b[0] = 0xab;
+        b[31] = 0x01;
+        let h = BlockHash(b);
+        let s = h.to_hex();
+        assert_eq!(s.len(), 64);
+        assert!(s.starts_with("ab") && s.ends_with("01"), "{s}");
+        assert_eq!(BlockHash::from_hex(&s), Some(h));
+        for bad in ["", "ab", &s[..63], &format!("{s}0"), &s.replace('a', "g")] {
+            assert_eq!(BlockHash::from_hex(bad), None, "{bad}");
+        }
     }
 
     #[test]

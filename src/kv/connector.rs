@@ -532,28 +532,18 @@ impl TierWorker {
     /// `BlockStored` events for `hashes`, one per run of blocks that chain (parent → child),
     /// with their parents and tokens.
     fn stored_events(&self, hashes: &[BlockHash], medium: super::Medium) -> Vec<KvEvent> {
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < hashes.len() {
-            let parent_of = |h: &BlockHash| self.meta.get(h).and_then(|m| m.0);
-            let mut j = i + 1;
-            while j < hashes.len() && parent_of(&hashes[j]) == Some(hashes[j - 1]) {
-                j += 1;
-            }
-            let run = &hashes[i..j];
-            out.push(KvEvent::BlockStored {
-                block_hashes: run.iter().map(BlockHash::external).collect(),
-                parent_block_hash: parent_of(&run[0]).map(|p| p.external()),
-                token_ids: run
-                    .iter()
-                    .flat_map(|h| self.meta.get(h).map(|m| m.1.clone()).unwrap_or_default())
-                    .collect(),
-                block_size: self.block_size,
-                medium,
-            });
-            i = j;
-        }
-        out
+        let blocks: Vec<_> = hashes
+            .iter()
+            .map(|h| {
+                let m = self.meta.get(h);
+                (
+                    *h,
+                    m.and_then(|m| m.0),
+                    m.map_or(&[][..], |m| m.1.as_slice()),
+                )
+            })
+            .collect();
+        super::events::stored_in_runs(&blocks, self.block_size, medium)
     }
 
     /// The verified payloads of the leading blocks of `hashes` held by allowed tiers, and the
@@ -566,12 +556,7 @@ impl TierWorker {
             let local = lock(&self.shared.index).get(hash).copied();
             let (tier, record) = match local {
                 Some(t) if allowed[t.index()] => {
-                    let store: &mut dyn Storage = match t {
-                        Tier::Host => self.host.as_mut().map(|s| s as &mut dyn Storage),
-                        Tier::Disk => self.disk.as_mut().map(|s| s as &mut dyn Storage),
-                        Tier::Remote => None,
-                    }
-                    .expect("indexed tiers exist");
+                    let store = self.storage_mut(t).expect("indexed tiers exist");
                     match store.get(hash) {
                         Ok(r) => (t, r),
                         Err(e) => {
@@ -620,23 +605,26 @@ impl TierWorker {
         (out, slowest)
     }
 
-    fn drop_block(&mut self, tier: Tier, hash: &BlockHash) {
+    /// The store of `tier`, when that tier is on.
+    fn storage_mut(&mut self, tier: Tier) -> Option<&mut dyn Storage> {
         match tier {
-            Tier::Host => {
-                if let Some(s) = &mut self.host {
-                    s.remove(hash)
-                }
-            }
-            Tier::Disk => {
-                if let Some(s) = &mut self.disk {
-                    s.remove(hash)
-                }
-            }
-            Tier::Remote => {
-                if let Some(s) = &mut self.remote {
-                    s.remove(hash)
-                }
-            }
+            Tier::Host => self.host.as_mut().map(|s| s as &mut dyn Storage),
+            Tier::Disk => self.disk.as_mut().map(|s| s as &mut dyn Storage),
+            Tier::Remote => self.remote.as_mut().map(|s| s as &mut dyn Storage),
+        }
+    }
+
+    fn storage(&self, tier: Tier) -> Option<&dyn Storage> {
+        match tier {
+            Tier::Host => self.host.as_ref().map(|s| s as &dyn Storage),
+            Tier::Disk => self.disk.as_ref().map(|s| s as &dyn Storage),
+            Tier::Remote => self.remote.as_ref().map(|s| s as &dyn Storage),
+        }
+    }
+
+    fn drop_block(&mut self, tier: Tier, hash: &BlockHash) {
+        if let Some(s) = self.storage_mut(tier) {
+            s.remove(hash);
         }
         if tier != Tier::Remote {
             lock(&self.shared.index).remove(hash);
@@ -651,15 +639,10 @@ impl TierWorker {
 
     fn refresh_sizes(&self) {
         let mut s = lock(&self.shared.stats);
-        let stores: [Option<&dyn Storage>; 3] = [
-            self.host.as_ref().map(|x| x as &dyn Storage),
-            self.disk.as_ref().map(|x| x as &dyn Storage),
-            self.remote.as_ref().map(|x| x as &dyn Storage),
-        ];
-        for (i, st) in stores.iter().enumerate() {
-            if let Some(st) = st {
-                s.blocks[i] = st.len();
-                s.capacity[i] = st.capacity();
+        for tier in Tier::ALL {
+            if let Some(st) = self.storage(tier) {
+                s.blocks[tier.index()] = st.len();
+                s.capacity[tier.index()] = st.capacity();
             }
         }
     }
@@ -691,7 +674,7 @@ impl TierWorker {
                 Tier::Disk => {
                     let s = self.disk.as_mut()?;
                     s.put(h, record.clone()).ok()?;
-                    drop_page_cache(&s.dir().join(probe_name(&h)));
+                    drop_page_cache(&s.path(&h));
                     let t = Instant::now();
                     let r = s.get(&h).ok()??;
                     block_record::decode(&r, &h, probe.identity, probe.payload_len).ok()?;
@@ -714,11 +697,6 @@ impl TierWorker {
         }
         Some(best)
     }
-}
-
-fn probe_name(h: &BlockHash) -> String {
-    let hex: String = h.0.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{hex}.kvb")
 }
 
 /// Asks the kernel to forget `path`'s cached pages, so the next read goes to the device.

@@ -47,6 +47,38 @@ pub enum KvEvent {
     AllBlocksCleared,
 }
 
+/// One block for [`stored_in_runs`]: its hash, its parent's (None for a sequence's first
+/// block) and its tokens.
+pub type StoredBlock<'a> = (super::BlockHash, Option<super::BlockHash>, &'a [u32]);
+
+/// `BlockStored` events for `blocks` in `medium`: one per run of consecutive blocks that chain
+/// (each the parent of the next), as vLLM sends a sequence's new blocks, with the run's
+/// first parent and all its tokens.
+pub fn stored_in_runs(
+    blocks: &[StoredBlock<'_>],
+    block_size: usize,
+    medium: Medium,
+) -> Vec<KvEvent> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < blocks.len() {
+        let mut j = i + 1;
+        while j < blocks.len() && blocks[j].1 == Some(blocks[j - 1].0) {
+            j += 1;
+        }
+        let run = &blocks[i..j];
+        out.push(KvEvent::BlockStored {
+            block_hashes: run.iter().map(|b| b.0.external()).collect(),
+            parent_block_hash: run[0].1.map(|p| p.external()),
+            token_ids: run.iter().flat_map(|b| b.2.iter().copied()).collect(),
+            block_size,
+            medium,
+        });
+        i = j;
+    }
+    out
+}
+
 /// Where the engine sends each step's events. `publish` must not block the engine: a sink
 /// queues the batch and sends it from its own thread.
 pub trait KvEventSink: Send + Sync {
@@ -63,5 +95,44 @@ impl KvEventSink for RecordingSink {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(events);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kv::BlockHash;
+
+    #[test]
+    fn stored_blocks_are_grouped_by_chain() {
+        let h = |i: u8| BlockHash([i; 32]);
+        let (t1, t2, t3) = ([1u32, 2], [3u32, 4], [5u32, 6]);
+        // 1 → 2 chain, then 3 from another sequence (its parent is 9, not 2).
+        let blocks = [
+            (h(1), None, &t1[..]),
+            (h(2), Some(h(1)), &t2[..]),
+            (h(3), Some(h(9)), &t3[..]),
+        ];
+        let ev = stored_in_runs(&blocks, 2, Medium::Cpu);
+        assert_eq!(
+            ev,
+            vec![
+                KvEvent::BlockStored {
+                    block_hashes: vec![h(1).external(), h(2).external()],
+                    parent_block_hash: None,
+                    token_ids: vec![1, 2, 3, 4],
+                    block_size: 2,
+                    medium: Medium::Cpu,
+                },
+                KvEvent::BlockStored {
+                    block_hashes: vec![h(3).external()],
+                    parent_block_hash: Some(h(9).external()),
+                    token_ids: vec![5, 6],
+                    block_size: 2,
+                    medium: Medium::Cpu,
+                },
+            ]
+        );
+        assert!(stored_in_runs(&[], 2, Medium::Gpu).is_empty());
     }
 }

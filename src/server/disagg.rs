@@ -378,10 +378,7 @@ impl Disagg {
             ),
         ];
         for (name, kind, help, v) in series {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{l}}} {v}"
-            );
+            super::metrics::write_scalar(out, name, kind, help, l, v);
         }
         let hist = m
             .pull_seconds

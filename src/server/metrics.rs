@@ -172,10 +172,7 @@ impl Metrics {
             self.started
         );
         let mut scalar = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{l}}} {value}"
-            );
+            write_scalar(&mut out, name, kind, help, l, value);
         };
         let c = &stats.counters;
         scalar(
@@ -298,6 +295,21 @@ impl Metrics {
     }
 }
 
+/// One gauge or counter with its HELP and TYPE lines, labelled `labels`.
+pub fn write_scalar(
+    out: &mut String,
+    name: &str,
+    kind: &str,
+    help: &str,
+    labels: &str,
+    value: impl std::fmt::Display,
+) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {value}"
+    );
+}
+
 /// The KV tiers' metrics: one series per tier where it applies.
 fn render_tiers(out: &mut String, l: &str, t: &crate::kv::connector::TierStats) {
     use crate::kv::tiers::Tier;
@@ -349,29 +361,26 @@ fn render_tiers(out: &mut String, l: &str, t: &crate::kv::connector::TierStats) 
         &|i| t.loaded_blocks[i].to_string(),
     );
     per_tier(out, "llmd:kv_tier_errors_total", "counter", "Failed tier reads and writes (I/O errors, remote server down); each costs a recompute at most.", &|i| t.errors[i].to_string());
-    let bs_tokens = |ns: f64| ns / 1e9;
+    let secs = |ns: f64| ns / 1e9;
     per_tier(
         out,
         "llmd:kv_tier_load_cost_seconds_per_block",
         "gauge",
         "Measured cost of loading one KV block from each tier (0: tier off).",
-        &|i| format!("{:?}", bs_tokens(t.costs.load_ns[i])),
+        &|i| format!("{:?}", secs(t.costs.load_ns[i])),
     );
     per_tier(out, "llmd:kv_tier_load_chosen", "gauge", "1 when loading from the tier is measured cheaper than recomputing (the engine loads), else 0.", &|i| {
         u8::from(t.costs.load_wins(Tier::ALL[i])).to_string()
     });
     let scalar = |out: &mut String, name: &str, kind: &str, help: &str, v: String| {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{l}}} {v}"
-        );
+        write_scalar(out, name, kind, help, l, v);
     };
     scalar(
         out,
         "llmd:kv_recompute_cost_seconds_per_block",
         "gauge",
         "Measured cost of recomputing one KV block's tokens (prefill).",
-        format!("{:?}", bs_tokens(t.costs.recompute_ns)),
+        format!("{:?}", secs(t.costs.recompute_ns)),
     );
     scalar(
         out,

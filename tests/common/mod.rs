@@ -17,6 +17,7 @@
 
 mod corrupt;
 mod oracle;
+mod python;
 mod redis;
 mod shared;
 mod tiny_model;
@@ -29,6 +30,7 @@ pub use oracle::{
     argmax, candle_greedy, candle_greedy_with_margins, candle_logits_all_positions,
     candle_logits_last, clear_margin_prompt, max_abs_diff, top1_margin,
 };
+pub use python::python_has_zmq;
 pub use redis::RedisServer;
 pub use shared::{
     find_shared_model, gpu_models, shared_model, shared_model_or_fail, shared_models_dir,

@@ -21,21 +21,6 @@ pub struct DiskStore {
     record_len: usize,
 }
 
-fn hex(h: &BlockHash) -> String {
-    h.0.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn parse_hex(s: &str) -> Option<BlockHash> {
-    if s.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(BlockHash(out))
-}
-
 impl DiskStore {
     /// Opens (creating) the tier for `identity` under `root`, holding at most `capacity`
     /// records of `record_len` bytes, and indexes what an earlier run left there.
@@ -59,7 +44,7 @@ impl DiskStore {
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
             let meta = entry.metadata().map_err(|e| io(&path, e))?;
-            let hash = name.strip_suffix(".kvb").and_then(parse_hex);
+            let hash = name.strip_suffix(".kvb").and_then(BlockHash::from_hex);
             match hash {
                 Some(h) if meta.is_file() && meta.len() == record_len as u64 => {
                     let mtime = meta.modified().unwrap_or(std::time::UNIX_EPOCH);
@@ -91,8 +76,9 @@ impl DiskStore {
         Ok(store)
     }
 
-    fn path(&self, h: &BlockHash) -> PathBuf {
-        self.dir.join(format!("{}.kvb", hex(h)))
+    /// The file of `h`'s record.
+    pub fn path(&self, h: &BlockHash) -> PathBuf {
+        self.dir.join(format!("{}.kvb", h.to_hex()))
     }
 
     /// The directory holding this layout's records.

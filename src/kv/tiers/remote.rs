@@ -46,8 +46,7 @@ impl RemoteStore {
 
     /// The key of `hash`'s record.
     pub fn key(&self, hash: &BlockHash) -> String {
-        let hex: String = hash.0.iter().map(|b| format!("{b:02x}")).collect();
-        format!("llmd:kv:{}:{hex}", self.layout)
+        format!("llmd:kv:{}:{}", self.layout, hash.to_hex())
     }
 
     /// True while the tier is down after a failure.
