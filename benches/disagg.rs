@@ -52,6 +52,7 @@ async fn start_producer(
         source.clone(),
         layout,
         Arc::new(TransferStats::default()),
+        None,
     ));
     (port, source, task)
 }

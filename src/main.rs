@@ -367,6 +367,10 @@ fn serve(a: ServeArgs) -> Result<()> {
             let mut c = llmd::server::disagg::KvTransferConfig::parse(json, port, host, lease)
                 .map_err(|e| anyhow::anyhow!(e))?;
             c.fault = a.kv_transfer_fault;
+            if let llmd::server::disagg::TransportKind::Rdma { device, .. } = &c.transport {
+                // Before the model loads: a missing device is the first thing to hear about.
+                llmd::kv::transfer::verbs::open_device(device)?;
+            }
             Some(c)
         }
     };

@@ -170,3 +170,60 @@ fn serve_on_a_missing_gpu_exits_with_the_reason() {
         "{err}"
     );
 }
+
+/// `llmd serve` with `--kv-transfer-config` `json`: its exit status and stderr (it must exit
+/// before serving: every case here is a configuration error).
+fn serve_with_transfer_config(json: &str) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_llmd"))
+        .args(["serve", "--host", "127.0.0.1", "--port", "0"])
+        .args(["--kv-transfer-config", json, "--kv-transfer-port", "0"])
+        .arg("--model")
+        .arg(stories())
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .expect("running llmd serve");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_kv_transfer_config_without_a_role_or_with_an_unknown_transport_is_refused() {
+    let (ok, err) = serve_with_transfer_config(r#"{"kv_connector": "NixlConnector"}"#);
+    assert!(!ok);
+    assert!(err.contains("kv_role is required"), "{err}");
+    let (ok, err) = serve_with_transfer_config(r#"{"kv_role": "kv_decoder"}"#);
+    assert!(!ok);
+    assert!(
+        err.contains("kv_role") && err.contains("kv_consumer"),
+        "{err}"
+    );
+    let (ok, err) = serve_with_transfer_config(
+        r#"{"kv_role": "kv_both", "kv_connector_extra_config": {"transport": "ucx"}}"#,
+    );
+    assert!(!ok);
+    assert!(err.contains("\"ucx\"") && err.contains("\"rdma\""), "{err}");
+    let (ok, err) = serve_with_transfer_config("{not json");
+    assert!(!ok);
+    assert!(err.contains("--kv-transfer-config"), "{err}");
+}
+
+#[test]
+fn the_rdma_transport_without_a_verbs_device_is_a_clear_error_at_start() {
+    let (ok, err) = serve_with_transfer_config(
+        r#"{"kv_connector": "NixlConnector", "kv_role": "kv_producer",
+            "kv_connector_extra_config": {"transport": "rdma", "backends": ["UCX"]}}"#,
+    );
+    assert!(!ok, "{err}");
+    assert!(err.contains("RDMA"), "{err}");
+    if cfg!(feature = "rdma") {
+        assert!(
+            err.contains("infiniband") || err.contains("libibverbs"),
+            "{err}"
+        );
+    } else {
+        assert!(err.contains("--features rdma"), "{err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+}

@@ -215,3 +215,117 @@ fn a_producer_serves_a_prefix_it_loads_from_its_host_tier() {
     assert_eq!(run(&mut decode, &id), want);
     assert_eq!(decode.counters().prompt_tokens_computed, 0);
 }
+
+/// The held KV of one request, served by the producer's side channel.
+struct Holding {
+    held: std::sync::Mutex<Option<HeldKv>>,
+}
+
+impl llmd::kv::transfer::HeldKvSource for Holding {
+    fn engine_id(&self) -> &str {
+        "prefill@1"
+    }
+    fn read(
+        &self,
+        _id: &str,
+    ) -> futures_util::future::BoxFuture<'_, Result<Option<HeldKv>, String>> {
+        let h = self.held.lock().unwrap().clone();
+        Box::pin(async move { Ok(h) })
+    }
+    fn release(&self, _id: &str) {
+        self.held.lock().unwrap().take();
+    }
+    fn read_prefix(
+        &self,
+        _hashes: Vec<llmd::kv::BlockHash>,
+    ) -> futures_util::future::BoxFuture<'_, Result<Vec<Vec<u8>>, String>> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
+/// The RDMA transport's protocol end to end with a real model's KV: the prefiller's blocks
+/// are staged in registered memory and READ by the decoder through the in-process model of
+/// an RC fabric (no HCA here), then decoded from.
+#[test]
+fn decode_from_kv_read_over_rdma_matches_a_single_engine() {
+    use llmd::kv::transfer::verbs::LoopbackNet;
+    use llmd::kv::transfer::{
+        serve, KvTransport, RdmaProducer, RdmaTransport, RemoteKv, TcpTransport, TransferStats,
+    };
+    use std::sync::Arc;
+    let Some(cfg) = config() else { return };
+    let p = prompt(57);
+    let id = RequestId::from("r");
+    let want = {
+        let mut single = EngineCore::new(cfg.clone()).unwrap();
+        single
+            .add_request(id.clone(), &Prompt::Tokens(p.clone()), greedy(20), 0)
+            .unwrap();
+        run(&mut single, &id)
+    };
+    let mut prefill = EngineCore::new(cfg.clone()).unwrap();
+    add_held(&mut prefill, &id, &p, Duration::from_secs(30));
+    run(&mut prefill, &id);
+    let held = prefill.read_held(&id).unwrap().expect("held");
+    let layout = prefill.limits().kv_layout.clone();
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let net = LoopbackNet::new();
+    let fetched = rt.block_on(async {
+        let producer = RdmaProducer::new(net.fabric(), &layout, 16 << 20).unwrap();
+        let source = Arc::new(Holding {
+            held: std::sync::Mutex::new(Some(held)),
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(serve(
+            listener,
+            source.clone(),
+            layout.clone(),
+            Arc::new(TransferStats::default()),
+            Some(Arc::new(producer)),
+        ));
+        let tcp = TcpTransport {
+            layout: layout.clone(),
+            timeout: Duration::from_secs(30),
+        };
+        let consumer = RdmaTransport::new(tcp, net.fabric(), 16 << 20).unwrap();
+        let f = consumer
+            .fetch(&RemoteKv {
+                host: "127.0.0.1".into(),
+                port,
+                engine_id: "prefill@1".into(),
+                request_id: "r".into(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            consumer
+                .tcp_pulls
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        assert!(source.held.lock().unwrap().is_none(), "released once read");
+        f
+    });
+    assert_eq!(fetched.prompt_len, 57);
+    assert_eq!(
+        net.reads.load(std::sync::atomic::Ordering::Relaxed),
+        57usize.div_ceil(16) as u64,
+        "one READ per block"
+    );
+    let mut decode = EngineCore::new(cfg).unwrap();
+    add_received(
+        &mut decode,
+        &id,
+        &p,
+        20,
+        HeldKv {
+            payloads: fetched.payloads,
+            prompt_len: fetched.prompt_len,
+        },
+    );
+    assert_eq!(run(&mut decode, &id), want);
+    assert_eq!(decode.counters().prompt_tokens_computed, 0);
+}

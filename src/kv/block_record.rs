@@ -72,6 +72,11 @@ pub enum RecordError {
     WrongSize { want: usize, got: usize },
 }
 
+/// Bytes of the record of a `payload_len`-byte block under an identity of `identity_len`.
+pub fn record_len(identity_len: usize, payload_len: usize) -> usize {
+    FIXED + identity_len + payload_len + 8
+}
+
 /// Writes the record of block `hash` with `payload` (its K/V bytes) made under `identity`.
 pub fn encode(hash: &BlockHash, identity: &str, payload: &[u8]) -> Vec<u8> {
     let header_len = FIXED + identity.len();

@@ -18,8 +18,10 @@
 use super::error::ApiError;
 use super::AppState;
 use crate::engine::{KvOptions, ReceivedKv};
+use crate::kv::transfer::verbs::DeviceChoice;
 use crate::kv::transfer::{
-    HeldKv, HeldKvSource, KvTransport, RemoteKv, TcpTransport, TransferLayout, TransferStats,
+    HeldKv, HeldKvSource, KvTransport, RdmaProducer, RdmaTransport, RemoteKv, TcpTransport,
+    TransferLayout, TransferStats,
 };
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -65,12 +67,38 @@ pub struct KvTransferConfig {
     pub timeout: Duration,
     /// A fault the producer injects into its transfers (failure tests only).
     pub fault: Option<crate::kv::transfer::TransferFault>,
+    /// How blocks move: TCP, or RDMA READs (with TCP for producers without RDMA).
+    pub transport: TransportKind,
+}
+
+/// The KV transport `kv_connector_extra_config.transport` picks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TransportKind {
+    Tcp,
+    Rdma {
+        device: DeviceChoice,
+        /// Registered memory for staging (producer) and landing (consumer), each.
+        staging_bytes: usize,
+    },
 }
 
 #[derive(Deserialize)]
 struct RawConfig {
     kv_connector: Option<String>,
-    kv_role: Option<KvRole>,
+    kv_role: Option<String>,
+    #[serde(default)]
+    kv_connector_extra_config: ExtraConfig,
+}
+
+/// llmd's keys in `kv_connector_extra_config` (vLLM's others, such as NIXL's `backends`,
+/// are accepted and ignored).
+#[derive(Default, Deserialize)]
+struct ExtraConfig {
+    transport: Option<String>,
+    rdma_device: Option<String>,
+    rdma_port: Option<u8>,
+    rdma_gid_index: Option<u8>,
+    rdma_staging_mb: Option<usize>,
 }
 
 impl KvTransferConfig {
@@ -82,9 +110,40 @@ impl KvTransferConfig {
     ) -> Result<Self, String> {
         let raw: RawConfig =
             serde_json::from_str(json).map_err(|e| format!("--kv-transfer-config: {e}"))?;
-        let role = raw.kv_role.ok_or(
-            "--kv-transfer-config: kv_role is required (kv_producer, kv_consumer or kv_both)",
-        )?;
+        let role = match raw.kv_role.as_deref() {
+            Some("kv_producer") => KvRole::Producer,
+            Some("kv_consumer") => KvRole::Consumer,
+            Some("kv_both") => KvRole::Both,
+            Some(other) => {
+                return Err(format!(
+                    "--kv-transfer-config: kv_role {other:?} is not one of kv_producer, \
+                     kv_consumer, kv_both"
+                ))
+            }
+            None => {
+                return Err("--kv-transfer-config: kv_role is required (kv_producer, \
+                            kv_consumer or kv_both)"
+                    .into())
+            }
+        };
+        let x = raw.kv_connector_extra_config;
+        let transport = match x.transport.as_deref().unwrap_or("tcp") {
+            "tcp" => TransportKind::Tcp,
+            "rdma" => TransportKind::Rdma {
+                device: DeviceChoice {
+                    device: x.rdma_device,
+                    port: x.rdma_port,
+                    gid_index: x.rdma_gid_index,
+                },
+                staging_bytes: x.rdma_staging_mb.unwrap_or(256) << 20,
+            },
+            other => {
+                return Err(format!(
+                    "--kv-transfer-config: kv_connector_extra_config.transport {other:?} is \
+                     not one of \"tcp\", \"rdma\""
+                ))
+            }
+        };
         Ok(Self {
             connector: raw.kv_connector.unwrap_or_else(|| "LlmdConnector".into()),
             role,
@@ -93,6 +152,7 @@ impl KvTransferConfig {
             lease,
             timeout: Duration::from_secs(30),
             fault: None,
+            transport,
         })
     }
 }
@@ -131,31 +191,66 @@ pub struct Disagg {
     pub config: KvTransferConfig,
     /// This process's engine id: the start time makes a restarted producer a different one.
     pub engine_id: String,
-    transport: TcpTransport,
+    transport: Box<dyn KvTransport>,
+    layout: TransferLayout,
+    /// The producer's RDMA device and staging (transport `rdma`).
+    rdma: Option<Arc<RdmaProducer>>,
     pub metrics: TransferMetrics,
 }
 
 impl Disagg {
-    pub fn new(config: KvTransferConfig, layout: TransferLayout) -> Self {
+    /// The worker's P/D state; with the RDMA transport, `fabric` is its device (opened by
+    /// the caller with [`crate::kv::transfer::verbs::open_device`], or a loopback in tests).
+    pub fn new(
+        config: KvTransferConfig,
+        layout: TransferLayout,
+        fabric: Option<Arc<dyn crate::kv::transfer::verbs::Fabric>>,
+    ) -> Result<Self, String> {
         let started = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let engine_id = format!("llmd-{}-{started}", std::process::id());
-        let transport = TcpTransport {
-            layout,
+        let tcp = TcpTransport {
+            layout: layout.clone(),
             timeout: config.timeout,
+        };
+        let (transport, rdma): (Box<dyn KvTransport>, _) = match (&config.transport, fabric) {
+            (TransportKind::Tcp, _) => (Box::new(tcp), None),
+            (TransportKind::Rdma { .. }, None) => {
+                return Err("the RDMA transport needs a verbs device".into())
+            }
+            (TransportKind::Rdma { staging_bytes, .. }, Some(f)) => {
+                let producer = if config.role.produces() {
+                    Some(Arc::new(RdmaProducer::new(
+                        f.clone(),
+                        &layout,
+                        *staging_bytes,
+                    )?))
+                } else {
+                    None
+                };
+                let consumer: Box<dyn KvTransport> = if config.role.consumes() {
+                    Box::new(RdmaTransport::new(tcp, f.clone(), *staging_bytes)?)
+                } else {
+                    Box::new(tcp)
+                };
+                tracing::info!(device = %f.name(), staging_mib = staging_bytes >> 20, "KV transfer over RDMA");
+                (consumer, producer)
+            }
         };
         let metrics = TransferMetrics::default();
         if let Some(f) = config.fault {
             tracing::warn!(fault = ?f, "injecting a fault into KV transfers (testing only)");
             metrics.producer.inject(f);
         }
-        Self {
+        Ok(Self {
             config,
             engine_id,
             transport,
+            layout,
+            rdma,
             metrics,
-        }
+        })
     }
 
     /// What a request's `kv_transfer_params` asks of this worker: KV to hold (producer) or
@@ -402,6 +497,7 @@ impl Disagg {
             "protocol",
             "corrupt",
             "timeout",
+            "rdma",
             "prompt_mismatch",
         ] {
             let n = fallbacks.get(cause).copied().unwrap_or(0);
@@ -461,8 +557,9 @@ impl Disagg {
         tokio::spawn(crate::kv::transfer::serve(
             listener,
             source,
-            self.transport.layout.clone(),
+            self.layout.clone(),
             self.metrics.producer.clone(),
+            self.rdma.clone(),
         ));
         Ok(addr)
     }

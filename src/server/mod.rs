@@ -348,10 +348,21 @@ where
                 tracing::warn!("the model has no chat template: chat requests are rendered as the message contents, one per line");
             }
             let metrics = Arc::new(Metrics::new(&state.model_name, &limits));
-            let disagg = cfg
-                .kv_transfer
-                .clone()
-                .map(|c| disagg::Disagg::new(c, limits.kv_layout.clone()));
+            let disagg = match cfg.kv_transfer.clone() {
+                Some(c) => {
+                    let fabric = match &c.transport {
+                        disagg::TransportKind::Rdma { device, .. } => Some(
+                            crate::kv::transfer::verbs::open_device(device)?,
+                        ),
+                        disagg::TransportKind::Tcp => None,
+                    };
+                    Some(
+                        disagg::Disagg::new(c, limits.kv_layout.clone(), fabric)
+                            .map_err(|e| anyhow::anyhow!("--kv-transfer-config: {e}"))?,
+                    )
+                }
+                None => None,
+            };
             if state.ready.set(Ready { engine, metrics, disagg }).is_err() {
                 bail!("the engine was set twice");
             }

@@ -22,7 +22,11 @@
 //! each, asks once for the bad ones again, and otherwise gives up (its caller recomputes).
 use super::block_record;
 use super::BlockHash;
+
+mod rdma;
+pub mod verbs;
 use futures_util::future::BoxFuture;
+pub use rdma::{slot_len, RdmaProducer, RdmaTransport, Staging};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -80,6 +84,8 @@ pub enum TransferError {
     },
     #[error("KV transfer from {addr} timed out after {seconds} s")]
     Timeout { addr: String, seconds: f64 },
+    #[error("KV transfer from {addr} over RDMA: {message}")]
+    Rdma { addr: String, message: String },
 }
 
 impl TransferError {
@@ -93,6 +99,7 @@ impl TransferError {
             TransferError::Protocol { .. } => "protocol",
             TransferError::Corrupt { .. } => "corrupt",
             TransferError::Timeout { .. } => "timeout",
+            TransferError::Rdma { .. } => "rdma",
         }
     }
 }
@@ -228,28 +235,8 @@ impl TcpTransport {
         let message = read_str(&mut s).await.map_err(io)?;
         let prompt_len = s.read_u64_le().await.map_err(io)? as usize;
         let blocks = s.read_u32_le().await.map_err(io)? as usize;
+        check_status(status, message, addr, request_id)?;
         let addr_s = addr.to_string();
-        match status {
-            0 => {}
-            1 => {
-                return Err(TransferError::NotHeld {
-                    addr: addr_s,
-                    request_id: request_id.to_string(),
-                })
-            }
-            2 => {
-                return Err(TransferError::StaleEngine {
-                    addr: addr_s,
-                    message,
-                })
-            }
-            _ => {
-                return Err(TransferError::Producer {
-                    addr: addr_s,
-                    message,
-                })
-            }
-        }
         if blocks > MAX_BLOCKS {
             return Err(TransferError::Protocol {
                 addr: addr_s,
@@ -333,6 +320,25 @@ impl TcpTransport {
                 source,
             })?;
         Ok(buf)
+    }
+}
+
+/// The error a producer's status byte stands for (0 is success).
+fn check_status(
+    status: u8,
+    message: String,
+    addr: &str,
+    request_id: &str,
+) -> Result<(), TransferError> {
+    let addr = addr.to_string();
+    match status {
+        0 => Ok(()),
+        1 => Err(TransferError::NotHeld {
+            addr,
+            request_id: request_id.to_string(),
+        }),
+        2 => Err(TransferError::StaleEngine { addr, message }),
+        _ => Err(TransferError::Producer { addr, message }),
     }
 }
 
@@ -456,12 +462,14 @@ impl TransferStats {
 }
 
 /// Serves pulls on `listener` until the task is dropped: each connection is one request's
-/// transfer; its held blocks are released when the consumer is done or goes away.
+/// transfer; its held blocks are released when the consumer is done or goes away. With
+/// `rdma`, consumers may also READ the blocks over RDMA ([`RdmaTransport`]).
 pub async fn serve(
     listener: TcpListener,
     source: Arc<dyn HeldKvSource>,
     layout: TransferLayout,
     stats: Arc<TransferStats>,
+    rdma: Option<Arc<RdmaProducer>>,
 ) {
     loop {
         let (conn, peer) = match listener.accept().await {
@@ -473,9 +481,10 @@ pub async fn serve(
                 continue;
             }
         };
-        let (source, layout, stats) = (source.clone(), layout.clone(), stats.clone());
+        let (source, layout, stats, rdma) =
+            (source.clone(), layout.clone(), stats.clone(), rdma.clone());
         tokio::spawn(async move {
-            if let Err(e) = answer(conn, &*source, &layout, &stats).await {
+            if let Err(e) = answer(conn, &*source, &layout, &stats, rdma.as_deref()).await {
                 tracing::warn!(%peer, error = %e, "KV transfer connection ended with an error");
             }
         });
@@ -491,61 +500,20 @@ fn header(status: u8, message: &str, prompt_len: usize, blocks: usize) -> Vec<u8
     h
 }
 
-async fn answer(
-    mut s: TcpStream,
-    source: &dyn HeldKvSource,
-    layout: &TransferLayout,
-    stats: &TransferStats,
-) -> std::io::Result<()> {
-    use std::sync::atomic::Ordering::Relaxed;
-    s.set_nodelay(true)?;
-    let mut magic = [0u8; 8];
-    s.read_exact(&mut magic).await?;
-    if &magic == PREFIX_MAGIC {
-        return answer_prefix(s, source, layout, stats).await;
-    }
-    if &magic != MAGIC {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            "not a KV transfer request",
-        ));
-    }
-    let engine_id = read_str(&mut s).await?;
-    let request_id = read_str(&mut s).await?;
-    if engine_id != source.engine_id() {
-        stats.refused.fetch_add(1, Relaxed);
-        let msg = format!(
-            "this is engine {}, the request named {engine_id} (the producer restarted?)",
-            source.engine_id()
-        );
-        return s.write_all(&header(2, &msg, 0, 0)).await;
-    }
-    let held = match source.read(&request_id).await {
-        Ok(Some(h)) => h,
-        Ok(None) => {
-            stats.refused.fetch_add(1, Relaxed);
-            return s.write_all(&header(1, "not held", 0, 0)).await;
-        }
-        Err(e) => return s.write_all(&header(3, &e, 0, 0)).await,
-    };
-    // From here the blocks are released however the connection ends.
-    let hashes: Vec<BlockHash> = (0..held.payloads.len())
-        .map(|i| transfer_hash(&request_id, i))
-        .collect();
-    let result = send_blocks(&mut s, &hashes, &held, layout, stats).await;
-    source.release(&request_id);
-    stats.transfers.fetch_add(1, Relaxed);
-    result
+/// What a consumer asks for.
+enum Wanted {
+    /// A request's held KV (its engine id, its request id).
+    Held(String, String),
+    /// The leading run of these hashes in the prefix cache.
+    Prefix(Vec<BlockHash>),
 }
 
-/// Answers a pull of a cached prefix by hash: the leading run the engine has.
-async fn answer_prefix(
-    mut s: TcpStream,
-    source: &dyn HeldKvSource,
-    layout: &TransferLayout,
-    stats: &TransferStats,
-) -> std::io::Result<()> {
-    use std::sync::atomic::Ordering::Relaxed;
+async fn read_wanted(s: &mut TcpStream, prefix: bool) -> std::io::Result<Wanted> {
+    if !prefix {
+        let engine_id = read_str(s).await?;
+        let request_id = read_str(s).await?;
+        return Ok(Wanted::Held(engine_id, request_id));
+    }
     let n = s.read_u32_le().await? as usize;
     if n > MAX_BLOCKS {
         return Err(std::io::Error::new(
@@ -559,18 +527,88 @@ async fn answer_prefix(
         s.read_exact(&mut h).await?;
         hashes.push(BlockHash(h));
     }
-    let payloads = match source.read_prefix(hashes.clone()).await {
-        Ok(p) => p,
-        Err(e) => return s.write_all(&header(3, &e, 0, 0)).await,
+    Ok(Wanted::Prefix(hashes))
+}
+
+async fn answer(
+    mut s: TcpStream,
+    source: &dyn HeldKvSource,
+    layout: &TransferLayout,
+    stats: &TransferStats,
+    rdma: Option<&RdmaProducer>,
+) -> std::io::Result<()> {
+    use std::sync::atomic::Ordering::Relaxed;
+    s.set_nodelay(true)?;
+    let mut magic = [0u8; 8];
+    s.read_exact(&mut magic).await?;
+    let (prefix, over_rdma) = match &magic {
+        m if m == MAGIC => (false, false),
+        m if m == PREFIX_MAGIC => (true, false),
+        m if m == rdma::RDMA_MAGIC => (false, true),
+        m if m == rdma::RDMA_PREFIX_MAGIC => (true, true),
+        _ => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not a KV transfer request",
+            ))
+        }
     };
-    if payloads.is_empty() {
-        stats.refused.fetch_add(1, Relaxed);
+    let wanted = read_wanted(&mut s, prefix).await?;
+    let consumer = if over_rdma {
+        Some(rdma::read_endpoint(&mut s).await?)
+    } else {
+        None
+    };
+    if over_rdma && rdma.is_none() {
+        // Before anything is read or released: the consumer pulls again over TCP.
+        return rdma::refuse_no_rdma(&mut s).await;
     }
-    let held = HeldKv {
-        prompt_len: 0,
-        payloads,
+    let (hashes, held, release) = match wanted {
+        Wanted::Held(engine_id, request_id) => {
+            if engine_id != source.engine_id() {
+                stats.refused.fetch_add(1, Relaxed);
+                let msg = format!(
+                    "this is engine {}, the request named {engine_id} (the producer restarted?)",
+                    source.engine_id()
+                );
+                return s.write_all(&header(2, &msg, 0, 0)).await;
+            }
+            let held = match source.read(&request_id).await {
+                Ok(Some(h)) => h,
+                Ok(None) => {
+                    stats.refused.fetch_add(1, Relaxed);
+                    return s.write_all(&header(1, "not held", 0, 0)).await;
+                }
+                Err(e) => return s.write_all(&header(3, &e, 0, 0)).await,
+            };
+            let hashes: Vec<BlockHash> = (0..held.payloads.len())
+                .map(|i| transfer_hash(&request_id, i))
+                .collect();
+            (hashes, held, Some(request_id))
+        }
+        Wanted::Prefix(hashes) => {
+            let payloads = match source.read_prefix(hashes.clone()).await {
+                Ok(p) => p,
+                Err(e) => return s.write_all(&header(3, &e, 0, 0)).await,
+            };
+            if payloads.is_empty() {
+                stats.refused.fetch_add(1, Relaxed);
+            }
+            let held = HeldKv {
+                prompt_len: 0,
+                payloads,
+            };
+            (hashes, held, None)
+        }
     };
-    let result = send_blocks(&mut s, &hashes, &held, layout, stats).await;
+    // From here held blocks are released however the connection ends.
+    let result = match consumer {
+        Some(c) => rdma::serve_reads(&mut s, c, &hashes, &held, layout, stats, rdma).await,
+        None => send_blocks(&mut s, &hashes, &held, layout, stats).await,
+    };
+    if let Some(id) = release {
+        source.release(&id);
+    }
     stats.transfers.fetch_add(1, Relaxed);
     result
 }
@@ -638,9 +676,9 @@ mod tests {
     use std::collections::HashMap;
     use std::sync::Mutex;
 
-    struct Fake {
-        id: String,
-        held: Mutex<HashMap<String, HeldKv>>,
+    pub(super) struct Fake {
+        pub id: String,
+        pub held: Mutex<HashMap<String, HeldKv>>,
     }
 
     impl HeldKvSource for Fake {
@@ -689,7 +727,7 @@ mod tests {
         assert!(none.payloads.is_empty());
     }
 
-    fn layout() -> TransferLayout {
+    pub(super) fn layout() -> TransferLayout {
         TransferLayout {
             identity: "model=test;layers=1".into(),
             payload_len: 64,
@@ -697,6 +735,14 @@ mod tests {
     }
 
     async fn producer() -> (Arc<Fake>, Arc<TransferStats>, u16) {
+        producer_with(None).await
+    }
+
+    /// A producer holding `req-1` (3 blocks of 64 bytes, 40 tokens) under engine `engine-a@1`,
+    /// and blocks 1..=3 of a prefix cache.
+    pub(super) async fn producer_with(
+        rdma: Option<Arc<RdmaProducer>>,
+    ) -> (Arc<Fake>, Arc<TransferStats>, u16) {
         let fake = Arc::new(Fake {
             id: "engine-a@1".into(),
             held: Mutex::new(HashMap::new()),
@@ -712,11 +758,11 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let stats = Arc::new(TransferStats::default());
-        tokio::spawn(serve(listener, fake.clone(), layout(), stats.clone()));
+        tokio::spawn(serve(listener, fake.clone(), layout(), stats.clone(), rdma));
         (fake, stats, port)
     }
 
-    fn remote(port: u16, engine: &str, req: &str) -> RemoteKv {
+    pub(super) fn remote(port: u16, engine: &str, req: &str) -> RemoteKv {
         RemoteKv {
             host: "127.0.0.1".into(),
             port,
@@ -725,7 +771,7 @@ mod tests {
         }
     }
 
-    fn client() -> TcpTransport {
+    pub(super) fn client() -> TcpTransport {
         TcpTransport {
             layout: layout(),
             timeout: Duration::from_secs(10),
