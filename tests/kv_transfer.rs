@@ -329,3 +329,74 @@ fn decode_from_kv_read_over_rdma_matches_a_single_engine() {
     assert_eq!(run(&mut decode, &id), want);
     assert_eq!(decode.counters().prompt_tokens_computed, 0);
 }
+
+/// A peer's pull of a cached prefix is served from the disk tier straight, without loading
+/// the blocks into the device: here by an engine restarted on the disk path another run
+/// filled, whose device cache is empty.
+#[test]
+fn a_cached_prefix_is_served_from_the_disk_tier_without_the_device() {
+    let Some(cfg) = config() else { return };
+    let disk = tempfile::tempdir().unwrap();
+    let mut tiered = cfg.clone();
+    tiered.kv_tiers = llmd::kv::tiers::TierConfig {
+        disk_path: Some(disk.path().to_path_buf()),
+        disk_bytes: 64 << 20,
+        ..Default::default()
+    };
+    let p = prompt(100);
+    let id = RequestId::from("d");
+    let want = {
+        let mut single = EngineCore::new(cfg.clone()).unwrap();
+        single
+            .add_request(id.clone(), &Prompt::Tokens(p.clone()), greedy(12), 0)
+            .unwrap();
+        run(&mut single, &id)
+    };
+    {
+        let mut first = EngineCore::new(tiered.clone()).unwrap();
+        first
+            .add_request("fill".into(), &Prompt::Tokens(p.clone()), greedy(1), 0)
+            .unwrap();
+        run(&mut first, &"fill".into());
+        // The tier thread stores behind the engine: wait for the six full blocks.
+        let t0 = std::time::Instant::now();
+        while first.tier_stats().unwrap().blocks[1] < 6 && t0.elapsed().as_secs() < 20 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let peer = EngineCore::new(tiered).unwrap();
+    let hasher = &peer.limits().block_hasher;
+    let mut hashes = Vec::new();
+    for chunk in p.chunks_exact(16) {
+        let h = hasher.hash(hashes.last(), chunk, &[]);
+        hashes.push(h);
+    }
+    let free = peer.num_free_blocks();
+    let read = peer.read_cached_prefix(&hashes).unwrap();
+    assert!(
+        read.device.is_empty(),
+        "a fresh engine's device cache is empty"
+    );
+    let payloads = read.finish_blocking();
+    assert_eq!(payloads.len(), 6, "every full block, from disk");
+    assert_eq!(peer.num_free_blocks(), free, "no device block was used");
+    assert_eq!(peer.counters().prompt_tokens_computed, 0);
+    assert_eq!(peer.tier_stats().unwrap().peer_read_blocks, 6);
+    let mut decode = EngineCore::new(cfg).unwrap();
+    add_received(
+        &mut decode,
+        &id,
+        &p,
+        12,
+        HeldKv {
+            payloads,
+            prompt_len: 96,
+        },
+    );
+    assert_eq!(run(&mut decode, &id), want);
+    assert_eq!(
+        decode.counters().prompt_tokens_computed,
+        4,
+        "only the 4 tokens past the last full block were computed"
+    );
+}

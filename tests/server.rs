@@ -1946,6 +1946,29 @@ async fn a_worker_pulls_a_prefix_a_peer_has_cached() {
         prompt_tokens - 16.0 * received,
         "only what the peer did not have was computed"
     );
+    // The same prefix again: this worker now has it cached, so it does not pull it.
+    let (status, v) = b.post("/v1/completions", &pull).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["choices"][0]["text"], want["choices"][0]["text"]);
+    let m = b.metrics().await;
+    assert_eq!(
+        sample(&m, "llmd:kv_transfer_blocks_received_total", ""),
+        received,
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "llmd:kv_transfer_pulls_skipped_total",
+            "reason=\"cached_here\""
+        ),
+        1.0,
+        "{m}"
+    );
+    assert!(
+        sample(&m, "llmd:kv_transfer_pull_cost_seconds_per_block", "") > 0.0,
+        "{m}"
+    );
     // A peer that has nothing of the prompt: nothing received, computed locally.
     let other = json!({"prompt": "A completely different story about a dog.", "max_tokens": 4,
         "temperature": 0, "kv_transfer_params": {"do_remote_prefill": true,

@@ -56,7 +56,12 @@ enum Command {
     /// The K/V of a cached prefix, by block hash (a peer's pull).
     ReadPrefix {
         hashes: Vec<crate::kv::BlockHash>,
-        reply: tokio::sync::oneshot::Sender<Result<Vec<Vec<u8>>>>,
+        reply: tokio::sync::oneshot::Sender<Result<super::PrefixRead>>,
+    },
+    /// How many of the leading `hashes` are in this engine's prefix cache.
+    CachedBlocks {
+        hashes: Vec<crate::kv::BlockHash>,
+        reply: tokio::sync::oneshot::Sender<Result<usize>>,
     },
     Shutdown,
 }
@@ -341,13 +346,24 @@ impl Engine {
         .await
     }
 
-    /// The K/V of the leading run of `hashes` in this engine's prefix cache (a peer pulling a
-    /// cached prefix).
+    /// The K/V of the leading run of `hashes` this engine has cached, in its device or in
+    /// its host/disk tiers (a peer pulling a cached prefix; see
+    /// [`super::EngineCore::read_cached_prefix`]). The tiers' part is awaited here, off the
+    /// engine thread.
     pub async fn read_cached_prefix(
         &self,
         hashes: Vec<crate::kv::BlockHash>,
     ) -> Result<Vec<Vec<u8>>> {
-        self.ask(|reply| Command::ReadPrefix { hashes, reply })
+        let read = self
+            .ask(|reply| Command::ReadPrefix { hashes, reply })
+            .await?;
+        Ok(read.finish().await)
+    }
+
+    /// How many of the leading `hashes` this engine has in its prefix cache (whether pulling
+    /// a prefix from a peer is worth it).
+    pub async fn cached_prefix_blocks(&self, hashes: Vec<crate::kv::BlockHash>) -> Result<usize> {
+        self.ask(|reply| Command::CachedBlocks { hashes, reply })
             .await
     }
 
@@ -641,6 +657,9 @@ fn step_loop(
                 }
                 Command::ReadPrefix { hashes, reply } => {
                     let _ = reply.send(core.read_cached_prefix(&hashes));
+                }
+                Command::CachedBlocks { hashes, reply } => {
+                    let _ = reply.send(Ok(core.cached_prefix_blocks(&hashes)));
                 }
                 Command::Shutdown => return Ok(()),
             }

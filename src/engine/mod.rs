@@ -103,6 +103,61 @@ pub struct EngineLimits {
     pub kv_layout: crate::kv::transfer::TransferLayout,
     /// How this engine hashes blocks (to ask a peer for a cached prefix by hash).
     pub block_hasher: BlockHasher,
+    /// What a prompt token costs to prefill here, measured on real steps (whether pulling
+    /// KV from a peer beats computing it).
+    pub prefill_cost: Arc<PrefillCost>,
+}
+
+/// A cached prefix being read for a peer: the device's part, and the tiers' part on its way.
+#[derive(Debug)]
+pub struct PrefixRead {
+    pub device: Vec<Vec<u8>>,
+    pub tiers: Option<tokio::sync::oneshot::Receiver<Vec<Vec<u8>>>>,
+}
+
+impl PrefixRead {
+    /// Every payload, in prefix order.
+    pub async fn finish(self) -> Vec<Vec<u8>> {
+        let mut out = self.device;
+        if let Some(rx) = self.tiers {
+            out.extend(rx.await.unwrap_or_default());
+        }
+        out
+    }
+
+    /// [`Self::finish`], for callers off any async runtime.
+    pub fn finish_blocking(self) -> Vec<Vec<u8>> {
+        let mut out = self.device;
+        if let Some(rx) = self.tiers {
+            out.extend(rx.blocking_recv().unwrap_or_default());
+        }
+        out
+    }
+}
+
+/// A running estimate of the prefill time per token (ns), from steps that were mostly
+/// prefill; 0 until one has run (or the start-up measurement, with KV tiers on).
+#[derive(Debug, Default)]
+pub struct PrefillCost(std::sync::atomic::AtomicU64);
+
+impl PrefillCost {
+    pub fn ns_per_token(&self) -> f64 {
+        f64::from_bits(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    pub fn observe(&self, ns_per_token: f64) {
+        if !(ns_per_token.is_finite() && ns_per_token > 0.0) {
+            return;
+        }
+        let old = self.ns_per_token();
+        let new = if old > 0.0 {
+            0.8 * old + 0.2 * ns_per_token
+        } else {
+            ns_per_token
+        };
+        self.0
+            .store(new.to_bits(), std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The synchronous engine: one `step()` runs one batch.
@@ -336,6 +391,7 @@ impl EngineCore {
             identity: identity.canonical(),
             payload_len: kv_block_bytes,
         };
+        let prefill_cost = PrefillCost::default();
         if config.kv_tiers.is_enabled() {
             let limit = [
                 256,
@@ -348,6 +404,7 @@ impl EngineCore {
             .unwrap_or(1)
             .max(1);
             let ns = pool.install(|| measure_prefill(model.as_mut(), limit, block_size))?;
+            prefill_cost.observe(ns);
             let layout = BlockLayout {
                 identity,
                 payload_len: kv_block_bytes,
@@ -377,6 +434,7 @@ impl EngineCore {
                     config.cache.block_hash_algo,
                     &config.cache.block_hash_seed,
                 ),
+                prefill_cost: Arc::new(prefill_cost),
             },
             eos_token_ids,
             logits: Vec::new(),
@@ -421,11 +479,23 @@ impl EngineCore {
         Ok(payload)
     }
 
-    /// The K/V of the leading run of `hashes` this engine has in its prefix cache (a peer
-    /// pulling a cached prefix instead of recomputing it). Runs on the engine thread between
-    /// steps, so the blocks cannot change while they are read.
-    pub fn read_cached_prefix(&self, hashes: &[crate::kv::BlockHash]) -> Result<Vec<Vec<u8>>> {
-        self.read_blocks(&self.scheduler.kv().cached_run(hashes))
+    /// The K/V of the leading run of `hashes` this engine has cached (a peer pulling a
+    /// cached prefix instead of recomputing it): first what the device's prefix cache has,
+    /// read between steps so the blocks cannot change while they are read; then, where the
+    /// device's run ends, what the host and disk tiers have, read from there on the tier
+    /// thread (never staged through the device). [`PrefixRead::finish`] joins the two.
+    pub fn read_cached_prefix(&self, hashes: &[crate::kv::BlockHash]) -> Result<PrefixRead> {
+        let device = self.read_blocks(&self.scheduler.kv().cached_run(hashes))?;
+        let tiers = self
+            .scheduler
+            .connector()
+            .and_then(|c| c.read_run(&hashes[device.len().min(hashes.len())..]));
+        Ok(PrefixRead { device, tiers })
+    }
+
+    /// How many of the leading `hashes` are in the prefix cache.
+    pub fn cached_prefix_blocks(&self, hashes: &[crate::kv::BlockHash]) -> usize {
+        self.scheduler.kv().cached_run(hashes).len()
     }
 
     /// Frees a held request's blocks (its decoder has them). False when nothing was held.
@@ -666,8 +736,10 @@ impl EngineCore {
         // A step of mostly prefill tokens updates what recomputing a block costs.
         let prefill = plan.num_tokens() - plan.num_decode_tokens();
         if result.is_ok() && prefill >= 64 && prefill * 10 >= plan.num_tokens() * 9 {
+            let ns = started.elapsed().as_nanos() as f64 / plan.num_tokens() as f64;
+            self.limits.prefill_cost.observe(ns);
             if let Some(c) = self.scheduler.connector() {
-                c.observe_recompute(started.elapsed().as_nanos() as f64 / plan.num_tokens() as f64);
+                c.observe_recompute(ns);
             }
         }
         if let Err(e) = result {

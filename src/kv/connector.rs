@@ -77,8 +77,10 @@ pub struct TierStats {
     /// Bytes written into each tier (offload) and read from it for loads.
     pub stored_bytes: [u64; 3],
     pub loaded_bytes: [u64; 3],
-    /// Blocks loaded from each tier and handed to the device.
+    /// Blocks read from each tier: loaded into the device, or sent to a peer.
     pub loaded_blocks: [u64; 3],
+    /// Blocks read from the host and disk tiers for a peer's pull (not into the device).
+    pub peer_read_blocks: u64,
     /// Records refused by the check (corrupt, truncated, foreign) and dropped.
     pub checksum_failures: u64,
     /// Store or read calls that failed (I/O, server down).
@@ -110,6 +112,11 @@ enum Job {
         ticket: u64,
         hashes: Vec<BlockHash>,
         allowed: [bool; 3],
+    },
+    /// A peer's pull served from the host and disk tiers (not through the device).
+    Read {
+        hashes: Vec<BlockHash>,
+        reply: tokio::sync::oneshot::Sender<Vec<Vec<u8>>>,
     },
 }
 
@@ -316,6 +323,25 @@ impl KvConnector {
         lock(&self.shared.index).contains_key(hash)
     }
 
+    /// The verified payloads of the leading run of `hashes` the host and disk tiers hold,
+    /// read on the tier thread (a peer's pull of a cached prefix, served from the tiers
+    /// without going through the device). None when the tiers hold none of it.
+    pub fn read_run(
+        &self,
+        hashes: &[BlockHash],
+    ) -> Option<tokio::sync::oneshot::Receiver<Vec<Vec<u8>>>> {
+        if !self.holds(hashes.first()?) {
+            return None;
+        }
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let job = Job::Read {
+            hashes: hashes.to_vec(),
+            reply,
+        };
+        self.jobs.as_ref()?.send(job).ok()?;
+        Some(rx)
+    }
+
     /// Hands newly committed device blocks to the tiers.
     pub fn store(&self, blocks: Vec<StoreBlock>) {
         if blocks.is_empty() {
@@ -432,6 +458,11 @@ impl TierWorker {
                         })
                         .collect();
                     self.store(records, &mut events)
+                }
+                Job::Read { hashes, reply } => {
+                    let (payloads, _) = self.load(&hashes, [true, true, false]);
+                    lock(&self.shared.stats).peer_read_blocks += payloads.len() as u64;
+                    let _ = reply.send(payloads);
                 }
                 Job::Load {
                     ticket,

@@ -184,6 +184,66 @@ pub struct TransferMetrics {
     pub reread_blocks: AtomicU64,
     /// Pulls that fell back to a local prefill, by cause.
     pub fallbacks: Mutex<BTreeMap<&'static str, u64>>,
+    /// East/west pulls not made, by reason (`cached_here`, `recompute_cheaper`).
+    pub skipped: Mutex<BTreeMap<&'static str, u64>>,
+    /// What an east/west pull costs per block, measured.
+    pub pull_cost: Mutex<PullCost>,
+}
+
+/// Every how many pulls skipped as dearer than recompute one is made anyway, so that the
+/// estimate follows the network and the peers.
+const RECHECK_EVERY: u32 = 16;
+
+/// The running estimate of what pulling a block from a peer costs, and the decision it
+/// feeds: pull a cached prefix from a peer, or compute it here.
+#[derive(Clone, Debug, Default)]
+pub struct PullCost {
+    /// ns per block of successful pulls (the whole pull's time over its blocks, so the
+    /// connection's set-up counts too), EWMA; 0 before the first.
+    pub ns_per_block: f64,
+    skipped: u32,
+}
+
+impl PullCost {
+    /// Whether to pull `n` blocks of which `local` are cached here, when computing a block
+    /// costs `recompute_ns`: Err names why not. With no measurement yet, pull (that
+    /// measures it); with both, pull when the whole pull is cheaper than computing the blocks
+    /// not cached here; and one skipped pull in [`RECHECK_EVERY`] is made anyway.
+    pub fn decide(
+        &mut self,
+        n: usize,
+        local: usize,
+        recompute_ns: f64,
+    ) -> Result<(), &'static str> {
+        if local >= n {
+            return Err("cached_here");
+        }
+        if self.ns_per_block <= 0.0 || recompute_ns <= 0.0 {
+            return Ok(());
+        }
+        if self.ns_per_block * n as f64 <= recompute_ns * (n - local) as f64 {
+            self.skipped = 0;
+            return Ok(());
+        }
+        self.skipped += 1;
+        if self.skipped.is_multiple_of(RECHECK_EVERY) {
+            return Ok(());
+        }
+        Err("recompute_cheaper")
+    }
+
+    /// Folds a successful pull of `blocks` blocks that took `elapsed` into the estimate.
+    pub fn observe(&mut self, blocks: usize, elapsed: Duration) {
+        if blocks == 0 {
+            return;
+        }
+        let ns = elapsed.as_nanos() as f64 / blocks as f64;
+        self.ns_per_block = if self.ns_per_block > 0.0 {
+            0.8 * self.ns_per_block + 0.2 * ns
+        } else {
+            ns
+        };
+    }
 }
 
 /// The worker's P/D state.
@@ -257,7 +317,7 @@ impl Disagg {
     /// KV pulled from a producer (consumer; a failed pull is counted and gives no KV).
     pub async fn prepare(
         &self,
-        limits: &crate::engine::EngineLimits,
+        engine: &crate::engine::Engine,
         params: Option<&KvTransferParams>,
         prompts: &[Vec<u32>],
         n: usize,
@@ -310,7 +370,7 @@ impl Disagg {
         else {
             // No request named: an east/west pull of whatever prefix of this prompt the peer
             // has cached.
-            return Ok(self.pull_prefix(limits, &host, port, &prompts[0]).await);
+            return Ok(self.pull_prefix(engine, &host, port, &prompts[0]).await);
         };
         let remote = RemoteKv {
             host,
@@ -351,11 +411,12 @@ impl Disagg {
     /// peer `host:port` has cached; what it got as received KV (none on failure, counted).
     async fn pull_prefix(
         &self,
-        limits: &crate::engine::EngineLimits,
+        engine: &crate::engine::Engine,
         host: &str,
         port: u16,
         prompt: &[u32],
     ) -> KvOptions {
+        let limits = engine.limits();
         let bs = limits.block_size;
         let mut hashes: Vec<crate::kv::BlockHash> = Vec::new();
         for chunk in prompt
@@ -364,6 +425,38 @@ impl Disagg {
         {
             let h = limits.block_hasher.hash(hashes.last(), chunk, &[]);
             hashes.push(h);
+        }
+        if hashes.is_empty() {
+            return KvOptions::default();
+        }
+        // Pull only where it beats what this worker would do without it: use its own cache,
+        // or compute.
+        let local = engine
+            .cached_prefix_blocks(hashes.clone())
+            .await
+            .unwrap_or(0);
+        let recompute = limits.prefill_cost.ns_per_token() * bs as f64;
+        let verdict = self
+            .metrics
+            .pull_cost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .decide(hashes.len(), local, recompute);
+        if let Err(reason) = verdict {
+            tracing::debug!(
+                reason,
+                blocks = hashes.len(),
+                local,
+                "east/west pull skipped"
+            );
+            *self
+                .metrics
+                .skipped
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(reason)
+                .or_default() += 1;
+            return KvOptions::default();
         }
         let started = Instant::now();
         let fetched = match self.transport.fetch_prefix(host, port, &hashes).await {
@@ -377,6 +470,11 @@ impl Disagg {
             return KvOptions::default();
         }
         self.count_pull(started, &fetched);
+        self.metrics
+            .pull_cost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(fetched.payloads.len(), started.elapsed());
         let covered = fetched.payloads.len() * bs;
         KvOptions {
             received: Some(ReceivedKv {
@@ -405,8 +503,15 @@ impl Disagg {
     }
 
     /// The transfer metrics, in Prometheus text.
-    pub fn render_metrics(&self, out: &mut String, l: &str, stats: &crate::engine::EngineStats) {
+    pub fn render_metrics(
+        &self,
+        out: &mut String,
+        l: &str,
+        stats: &crate::engine::EngineStats,
+        limits: &crate::engine::EngineLimits,
+    ) {
         use std::fmt::Write;
+        let prefill_block_ns = limits.prefill_cost.ns_per_token() * limits.block_size as f64;
         let m = &self.metrics;
         let p = &m.producer;
         let n = |a: &AtomicU64| a.load(Relaxed);
@@ -487,6 +592,23 @@ impl Disagg {
             "Histogram of the duration of successful KV pulls from prefill workers, in seconds.",
             l,
         );
+        let _ = writeln!(out, "# HELP llmd:kv_transfer_pulls_skipped_total East/west pulls not made: the prefix was cached here, or computing it was measured cheaper than pulling it.\n# TYPE llmd:kv_transfer_pulls_skipped_total counter");
+        let skipped = m.skipped.lock().unwrap_or_else(|e| e.into_inner());
+        for reason in ["cached_here", "recompute_cheaper"] {
+            let n = skipped.get(reason).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "llmd:kv_transfer_pulls_skipped_total{{{l},reason=\"{reason}\"}} {n}"
+            );
+        }
+        drop(skipped);
+        let pull_ns = m
+            .pull_cost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ns_per_block;
+        let _ = writeln!(out, "# HELP llmd:kv_transfer_pull_cost_seconds_per_block Measured cost of pulling one KV block from a peer (running estimate; 0 before the first pull).\n# TYPE llmd:kv_transfer_pull_cost_seconds_per_block gauge\nllmd:kv_transfer_pull_cost_seconds_per_block{{{l}}} {}", pull_ns / 1e9);
+        let _ = writeln!(out, "# HELP llmd:kv_transfer_recompute_cost_seconds_per_block Measured cost of computing one KV block here (running estimate; 0 before the first prefill).\n# TYPE llmd:kv_transfer_recompute_cost_seconds_per_block gauge\nllmd:kv_transfer_recompute_cost_seconds_per_block{{{l}}} {}", prefill_block_ns / 1e9);
         let _ = writeln!(out, "# HELP llmd:kv_transfer_fallbacks_total Pulls that failed, by cause; each request was prefilled locally instead.\n# TYPE llmd:kv_transfer_fallbacks_total counter");
         let fallbacks = m.fallbacks.lock().unwrap_or_else(|e| e.into_inner());
         for cause in [
@@ -575,10 +697,7 @@ pub async fn kv_options(
     stream: bool,
 ) -> Result<KvOptions, ApiError> {
     match (&ready.disagg, params) {
-        (Some(d), p) => {
-            d.prepare(ready.engine.limits(), p, prompts, n, stream)
-                .await
-        }
+        (Some(d), p) => d.prepare(&ready.engine, p, prompts, n, stream).await,
         (None, Some(p)) if p.do_remote_decode || p.do_remote_prefill => Err(ApiError::invalid(
             "kv_transfer_params",
             "this worker has no --kv-transfer-config",
@@ -646,5 +765,64 @@ impl HeldKvSource for EngineSource {
                 .await
                 .map_err(|e| e.to_string())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pull_is_made_when_it_is_measured_cheaper_than_computing_the_blocks_not_cached_here() {
+        let mut c = PullCost::default();
+        // Nothing measured: pull (which measures).
+        assert_eq!(c.decide(10, 0, 0.0), Ok(()));
+        assert_eq!(c.decide(10, 0, 1e6), Ok(()));
+        // Everything cached here: never.
+        assert_eq!(c.decide(10, 10, 1e6), Err("cached_here"));
+        c.observe(10, Duration::from_micros(1000)); // 100 µs a block
+        assert!((c.ns_per_block - 1e5).abs() < 1.0);
+        // Computing a block costs 1 ms: pulling 10 (1 ms) beats computing 10 (10 ms) or 2.
+        assert_eq!(c.decide(10, 0, 1e6), Ok(()));
+        assert_eq!(c.decide(10, 9, 1e6), Ok(()));
+        // Computing costs 50 µs a block: pulling is dearer, and dearer still with 5 cached.
+        assert_eq!(c.decide(10, 0, 5e4), Err("recompute_cheaper"));
+        assert_eq!(c.decide(10, 5, 9e4), Err("recompute_cheaper"));
+        // Skipped pulls are retried now and then, so the estimate can recover.
+        let made = (0..(2 * RECHECK_EVERY))
+            .filter(|_| c.decide(10, 0, 5e4).is_ok())
+            .count();
+        assert_eq!(made, 2);
+        // The estimate follows new measurements.
+        for _ in 0..30 {
+            c.observe(10, Duration::from_micros(100)); // 10 µs a block
+        }
+        assert_eq!(c.decide(10, 0, 5e4), Ok(()));
+    }
+
+    #[test]
+    fn the_transfer_config_takes_vllm_json_and_llmd_transport_keys() {
+        let parse =
+            |j: &str| KvTransferConfig::parse(j, 5600, "127.0.0.1".into(), Duration::from_secs(30));
+        let c = parse(r#"{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_buffer_device":"cuda","kv_connector_extra_config":{"backends":["UCX"]}}"#).unwrap();
+        assert_eq!(c.role, KvRole::Both);
+        assert_eq!(c.transport, TransportKind::Tcp);
+        let c = parse(r#"{"kv_role":"kv_consumer","kv_connector_extra_config":{"transport":"rdma","rdma_device":"mlx5_1","rdma_gid_index":3,"rdma_staging_mb":64}}"#).unwrap();
+        assert_eq!(
+            c.transport,
+            TransportKind::Rdma {
+                device: DeviceChoice {
+                    device: Some("mlx5_1".into()),
+                    port: None,
+                    gid_index: Some(3),
+                },
+                staging_bytes: 64 << 20,
+            }
+        );
+        assert!(
+            parse(r#"{"kv_role":"kv_both","kv_connector_extra_config":{"transport":"shm"}}"#)
+                .unwrap_err()
+                .contains("\"shm\"")
+        );
     }
 }

@@ -357,7 +357,7 @@ fn render_tiers(out: &mut String, l: &str, t: &crate::kv::connector::TierStats) 
         out,
         "llmd:kv_tier_loaded_blocks_total",
         "counter",
-        "KV blocks loaded from each tier instead of recomputed.",
+        "KV blocks read from each tier: loaded instead of recomputed, or sent to a peer.",
         &|i| t.loaded_blocks[i].to_string(),
     );
     per_tier(out, "llmd:kv_tier_errors_total", "counter", "Failed tier reads and writes (I/O errors, remote server down); each costs a recompute at most.", &|i| t.errors[i].to_string());
@@ -388,6 +388,13 @@ fn render_tiers(out: &mut String, l: &str, t: &crate::kv::connector::TierStats) 
         "counter",
         "Prompt tokens whose KV was loaded from a tier instead of recomputed.",
         t.load_hit_tokens.to_string(),
+    );
+    scalar(
+        out,
+        "llmd:kv_tier_peer_read_blocks_total",
+        "counter",
+        "KV blocks read from the host and disk tiers for peers' pulls (not through the device).",
+        t.peer_read_blocks.to_string(),
     );
     scalar(
         out,
@@ -561,6 +568,7 @@ mod tests {
                 payload_len: 1,
             },
             block_hasher: crate::kv::BlockHasher::new(crate::kv::BlockHashAlgo::Xxh3, "0"),
+            prefill_cost: Default::default(),
         };
         let m = Arc::new(Metrics::new("m\"x", &limits));
         {

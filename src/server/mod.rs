@@ -267,7 +267,12 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Result<Response, Ap
     let stats = ready.engine.stats();
     let mut text = ready.metrics.render(&stats);
     if let Some(d) = &ready.disagg {
-        d.render_metrics(&mut text, ready.metrics.labels(), &stats);
+        d.render_metrics(
+            &mut text,
+            ready.metrics.labels(),
+            &stats,
+            ready.engine.limits(),
+        );
     }
     Ok((
         [(
