@@ -24,6 +24,76 @@ enum Command {
     Serve(ServeArgs),
     /// llm-d's routing sidecar for disaggregated prefill/decode, in front of a decode worker.
     Sidecar(SidecarArgs),
+    /// The KV-cache-aware, load-aware router in front of several workers (llm-d's endpoint
+    /// picker): prefix index from the workers' KV events, weighted scorers, P/D selection.
+    Route(RouteArgs),
+}
+
+#[derive(Args)]
+struct RouteArgs {
+    #[arg(long, default_value = "0.0.0.0")]
+    host: String,
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// An aggregated worker: `URL[,events=tcp://HOST:PORT][,replay=tcp://HOST:PORT]` (its KV
+    /// events PUB and replay sockets). Repeat for each.
+    #[arg(long = "worker")]
+    workers: Vec<String>,
+    /// A prefill worker (same form as --worker).
+    #[arg(long = "prefill-worker")]
+    prefill_workers: Vec<String>,
+    /// A decode worker: its sidecar's URL (same form as --worker).
+    #[arg(long = "decode-worker")]
+    decode_workers: Vec<String>,
+    /// Discover workers as Kubernetes pods labelled llm-d.ai/role in this namespace (in
+    /// cluster: the API server and token from the pod's service account) instead of lists.
+    #[arg(long)]
+    k8s_namespace: Option<String>,
+    /// Extra label selector for --k8s-namespace (e.g. llm-d.ai/model=smollm2).
+    #[arg(long)]
+    k8s_selector: Option<String>,
+    /// The Kubernetes API server (default: from KUBERNETES_SERVICE_HOST/_PORT).
+    #[arg(long)]
+    k8s_api: Option<String>,
+    /// Ports on discovered pods: HTTP (a decode pod's sidecar), KV events, replay.
+    #[arg(long, default_value_t = 8000)]
+    k8s_http_port: u16,
+    #[arg(long)]
+    k8s_events_port: Option<u16>,
+    #[arg(long)]
+    k8s_replay_port: Option<u16>,
+    /// The model directory (or hub id) whose tokenizer and chat template the workers use
+    /// (default: the first complete model in ../shared/models).
+    #[arg(long)]
+    model: Option<String>,
+    /// The workers' KV block size.
+    #[arg(long, default_value_t = 16)]
+    block_size: usize,
+    /// Seed of the router's block keys (vLLM's PYTHONHASHSEED; default: $PYTHONHASHSEED, else
+    /// "0").
+    #[arg(long)]
+    hash_seed: Option<String>,
+    /// How the router keys blocks: fnv64a (llm-d's indexer) or sha256 (vLLM's
+    /// sha256_cbor_64bit).
+    #[arg(long, default_value = "fnv64a")]
+    key_scheme: String,
+    /// Scorers, weights and the P/D threshold: llm-d's EndpointPickerConfig, YAML or JSON
+    /// (default: prefix-cache-scorer 3, queue-scorer 1, kv-cache-utilization-scorer 1,
+    /// nonCachedTokens 16).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Rotate among workers instead of scoring (a baseline).
+    #[arg(long)]
+    round_robin: bool,
+    /// Seconds between scrapes of the workers' /metrics.
+    #[arg(long, default_value_t = 0.25)]
+    scrape_interval: f64,
+    /// Seconds to wait for a worker's response headers before trying another.
+    #[arg(long, default_value_t = 60.0)]
+    worker_timeout: f64,
+    /// Seconds a failed worker is left out.
+    #[arg(long, default_value_t = 5.0)]
+    backoff: f64,
 }
 
 #[derive(Args)]
@@ -411,6 +481,118 @@ fn sidecar(a: SidecarArgs) -> Result<()> {
     runtime.block_on(llmd::router::sidecar::serve(cfg))
 }
 
+fn route(a: RouteArgs) -> Result<()> {
+    use llmd::router::workers::{KubernetesSource, Role, StaticSource, WorkerSource, WorkerSpec};
+    let secs = |v: f64, flag: &str| -> Result<std::time::Duration> {
+        if !(v.is_finite() && v > 0.0) {
+            bail!("{flag} must be a positive number of seconds");
+        }
+        Ok(std::time::Duration::from_secs_f64(v))
+    };
+    let mut specs = Vec::new();
+    for (list, role) in [
+        (&a.workers, Role::Both),
+        (&a.prefill_workers, Role::Prefill),
+        (&a.decode_workers, Role::Decode),
+    ] {
+        for w in list {
+            specs.push(WorkerSpec::parse(w, role).map_err(|e| anyhow::anyhow!(e))?);
+        }
+    }
+    let (source, refresh): (Box<dyn WorkerSource>, _) = match &a.k8s_namespace {
+        Some(ns) => {
+            if !specs.is_empty() {
+                bail!("--k8s-namespace discovers the workers: give it or worker lists, not both");
+            }
+            let api = match &a.k8s_api {
+                Some(u) => u.clone(),
+                None => {
+                    let host = std::env::var("KUBERNETES_SERVICE_HOST").context(
+                        "--k8s-namespace outside a pod needs --k8s-api (KUBERNETES_SERVICE_HOST is unset)",
+                    )?;
+                    let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or("443".into());
+                    format!("https://{host}:{port}")
+                }
+            };
+            let token =
+                std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/token").ok();
+            let mut client = reqwest::Client::builder();
+            if let Ok(ca) = std::fs::read("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt") {
+                if let Ok(cert) = reqwest::Certificate::from_pem(&ca) {
+                    client = client.add_root_certificate(cert);
+                }
+            }
+            let k = KubernetesSource {
+                api,
+                namespace: ns.clone(),
+                selector: a.k8s_selector.clone(),
+                token,
+                http_port: a.k8s_http_port,
+                events_port: a.k8s_events_port,
+                replay_port: a.k8s_replay_port,
+                client: client.build()?,
+            };
+            (Box::new(k), Some(std::time::Duration::from_secs(5)))
+        }
+        None => {
+            if specs.is_empty() {
+                bail!("give at least one --worker, --prefill-worker or --decode-worker (or --k8s-namespace)");
+            }
+            if a.prefill_workers.is_empty() != a.decode_workers.is_empty() {
+                bail!("disaggregated serving needs both --prefill-worker and --decode-worker");
+            }
+            (Box::new(StaticSource(specs)), None)
+        }
+    };
+    let model = match &a.model {
+        Some(m) => llmd::model::hub::resolve_model(m)?,
+        None => default_model()?,
+    };
+    let tokenizer = std::sync::Arc::new(
+        llmd::tokenizer::Tokenizer::from_dir(&model)
+            .with_context(|| format!("the tokenizer of {}", model.display()))?,
+    );
+    let seed = a
+        .hash_seed
+        .clone()
+        .or_else(|| std::env::var("PYTHONHASHSEED").ok())
+        .unwrap_or_else(|| "0".into());
+    if a.block_size == 0 {
+        bail!("--block-size must be at least 1");
+    }
+    let scheme: llmd::router::index::KeyScheme = a
+        .key_scheme
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))?;
+    let mut routing = match &a.config {
+        Some(p) => {
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            llmd::router::scorers::RoutingConfig::parse(&text).map_err(|e| anyhow::anyhow!(e))?
+        }
+        None => Default::default(),
+    };
+    routing.round_robin |= a.round_robin;
+    let cfg = llmd::router::route::RouteConfig {
+        host: a.host,
+        port: a.port,
+        source,
+        refresh,
+        tokenizer,
+        keyer: llmd::router::index::Keyer::new(scheme, &seed, a.block_size),
+        routing,
+        scrape_interval: secs(a.scrape_interval, "--scrape-interval")?,
+        timeout: secs(a.worker_timeout, "--worker-timeout")?,
+        backoff: secs(a.backoff, "--backoff")?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("llmd-route")
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(llmd::router::route::serve(cfg, None))
+}
+
 fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -424,5 +606,6 @@ fn main() -> Result<()> {
         Command::Generate(a) => generate(a),
         Command::Serve(a) => serve(a),
         Command::Sidecar(a) => sidecar(a),
+        Command::Route(a) => route(a),
     }
 }

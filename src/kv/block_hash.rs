@@ -182,7 +182,7 @@ fn xxh3_digest(bytes: &[u8]) -> BlockHash {
 }
 
 /// The few CBOR (RFC 8949) items the hash needs, in canonical (shortest) form.
-mod cbor {
+pub(crate) mod cbor {
     fn head(out: &mut Vec<u8>, major: u8, v: u64) {
         let m = major << 5;
         if v < 24 {

@@ -1,4 +1,13 @@
-//! Routing in front of the workers. [`sidecar`] is llm-d's routing sidecar for disaggregated
-//! prefill/decode: it runs beside a decode worker and, when the scheduler names a prefiller,
-//! has it compute the prompt first.
+//! Routing in front of the workers.
+//!
+//! - [`sidecar`] is llm-d's routing sidecar for disaggregated prefill/decode: it runs beside a
+//!   decode worker and, when the scheduler names a prefiller, has it compute the prompt first.
+//! - [`route`] is the router (`llmd route`), llm-d's endpoint picker as one process: a global
+//!   prefix index fed by the workers' KV events ([`index`], [`events`]), weighted scorers and
+//!   the P/D decision ([`scorers`]), workers from a static list or Kubernetes ([`workers`]).
+pub mod events;
+pub mod index;
+pub mod route;
+pub mod scorers;
 pub mod sidecar;
+pub mod workers;

@@ -68,7 +68,7 @@ pub async fn serve(config: SidecarConfig) -> anyhow::Result<()> {
 }
 
 /// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {
@@ -232,7 +232,7 @@ impl Sidecar {
 }
 
 /// The client's headers minus those that belong to one connection.
-fn forwarded(headers: &HeaderMap) -> HeaderMap {
+pub(crate) fn forwarded(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::new();
     for (k, v) in headers {
         if !is_hop_by_hop(k)
@@ -245,7 +245,7 @@ fn forwarded(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
-fn is_hop_by_hop(k: &HeaderName) -> bool {
+pub(crate) fn is_hop_by_hop(k: &HeaderName) -> bool {
     matches!(
         k.as_str(),
         "connection"

@@ -130,7 +130,10 @@ pub async fn chat_completions(
 
 /// The prompt's token ids: the chat template's rendering (which writes its own special
 /// tokens), or the plain fallback for models without one.
-fn render(tok: &Tokenizer, messages: &[ChatMessageIn]) -> Result<Vec<TokenId>, ApiError> {
+pub(crate) fn render(
+    tok: &Tokenizer,
+    messages: &[ChatMessageIn],
+) -> Result<Vec<TokenId>, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
     }

@@ -143,7 +143,10 @@ pub async fn completions(
 
 /// Every prompt as token ids: text is tokenized with the model's special tokens (BOS), ids
 /// are taken as they are. Empty prompts and ids outside the vocabulary are refused.
-fn tokenize_prompts(tok: &Tokenizer, prompt: PromptField) -> Result<Vec<Vec<TokenId>>, ApiError> {
+pub(crate) fn tokenize_prompts(
+    tok: &Tokenizer,
+    prompt: PromptField,
+) -> Result<Vec<Vec<TokenId>>, ApiError> {
     let encode = |t: &str| {
         tok.encode(t, true)
             .map_err(|e| ApiError::invalid("prompt", e.to_string()))

@@ -9,8 +9,8 @@
 //!
 //! Invariant: the engine is only reachable through [`AppState::ready`], so no handler runs a
 //! request before the model is loaded.
-mod chat;
-mod completions;
+pub(crate) mod chat;
+pub(crate) mod completions;
 pub mod disagg;
 pub mod error;
 pub mod kv_events;

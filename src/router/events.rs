@@ -1,0 +1,279 @@
+//! The router's side of the workers' KV events: a ZMQ SUB per worker, vLLM's msgpack batches
+//! decoded into [`KvEvent`]s, sequence gaps filled from the worker's replay socket.
+//!
+//! A batch is `[topic, seq (8 bytes BE), payload]`; the payload is vLLM's `KVEventBatch`
+//! (`[ts, [events…], data_parallel_rank]`, each event an array tagged by its kind; see
+//! `server::kv_events`). The subscriber keeps the next sequence number it expects: a later
+//! one means batches were lost (the SUB joined late, or the publisher dropped them), and it
+//! asks the replay socket (a DEALER sending `[b"", start (8 bytes BE)]`) for everything from
+//! there; an earlier one means the worker restarted, and what the index held for it is
+//! dropped before the new stream is applied.
+use crate::kv::{KvEvent, Medium};
+use rmpv::Value;
+use std::time::Duration;
+use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
+
+/// The events of one payload; Err says what is malformed.
+pub fn decode_batch(payload: &[u8]) -> Result<Vec<KvEvent>, String> {
+    let mut slice = payload;
+    let v = rmpv::decode::read_value(&mut slice).map_err(|e| format!("msgpack: {e}"))?;
+    let batch = v.as_array().ok_or("a batch is not an array")?;
+    let events = batch
+        .get(1)
+        .and_then(Value::as_array)
+        .ok_or("the batch has no event list")?;
+    events.iter().map(decode_event).collect()
+}
+
+fn uint(v: &Value, what: &str) -> Result<u64, String> {
+    v.as_u64()
+        .ok_or_else(|| format!("{what} is not an unsigned int"))
+}
+
+fn hashes(v: &Value) -> Result<Vec<u64>, String> {
+    v.as_array()
+        .ok_or("block_hashes is not an array")?
+        .iter()
+        .map(|h| uint(h, "a block hash"))
+        .collect()
+}
+
+fn medium(v: &Value) -> Result<Medium, String> {
+    match v.as_str() {
+        Some("GPU") | None => Ok(Medium::Gpu),
+        Some("CPU") => Ok(Medium::Cpu),
+        Some("DISK") => Ok(Medium::Disk),
+        Some(other) => Err(format!("unknown medium {other:?}")),
+    }
+}
+
+fn decode_event(v: &Value) -> Result<KvEvent, String> {
+    let a = v.as_array().ok_or("an event is not an array")?;
+    let field = |i: usize| a.get(i).unwrap_or(&Value::Nil);
+    match field(0).as_str() {
+        Some("BlockStored") => {
+            let token_ids = field(3)
+                .as_array()
+                .ok_or("token_ids is not an array")?
+                .iter()
+                .map(|t| uint(t, "a token id").map(|t| t as u32))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(KvEvent::BlockStored {
+                block_hashes: hashes(field(1))?,
+                parent_block_hash: match field(2) {
+                    Value::Nil => None,
+                    p => Some(uint(p, "parent_block_hash")?),
+                },
+                token_ids,
+                block_size: uint(field(4), "block_size")? as usize,
+                medium: medium(field(6))?,
+            })
+        }
+        Some("BlockRemoved") => Ok(KvEvent::BlockRemoved {
+            block_hashes: hashes(field(1))?,
+            medium: medium(field(2))?,
+        }),
+        Some("AllBlocksCleared") => Ok(KvEvent::AllBlocksCleared),
+        other => Err(format!("unknown event kind {other:?}")),
+    }
+}
+
+/// What the subscriber hands its owner.
+#[derive(Debug)]
+pub enum Update {
+    /// Events of one batch, in order.
+    Events(Vec<KvEvent>),
+    /// The worker restarted (its sequence went back): forget what it held.
+    Reset,
+}
+
+/// Counters of one subscription.
+#[derive(Debug, Default)]
+pub struct SubStats {
+    pub batches: std::sync::atomic::AtomicU64,
+    pub gaps: std::sync::atomic::AtomicU64,
+    pub replayed: std::sync::atomic::AtomicU64,
+    pub malformed: std::sync::atomic::AtomicU64,
+}
+
+/// Subscribes to `endpoint` (and replays from `replay`) until the task is dropped, calling
+/// `apply` for every update in order.
+pub async fn subscribe(
+    endpoint: String,
+    replay: Option<String>,
+    stats: std::sync::Arc<SubStats>,
+    mut apply: impl FnMut(Update) + Send,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    loop {
+        let mut sub = SubSocket::new();
+        let connected = async {
+            sub.connect(&endpoint).await?;
+            sub.subscribe("").await
+        };
+        if let Err(e) = connected.await {
+            tracing::warn!(%endpoint, error = %e, "KV events: cannot subscribe; retrying");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        tracing::info!(%endpoint, "KV events: subscribed");
+        let mut next: Option<u64> = None;
+        loop {
+            let msg = match sub.recv().await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(%endpoint, error = %e, "KV events: receive failed; resubscribing");
+                    break;
+                }
+            };
+            let Some((seq, payload)) = frames(&msg) else {
+                stats.malformed.fetch_add(1, Relaxed);
+                continue;
+            };
+            match next {
+                Some(n) if seq < n => {
+                    if n - seq > 1 << 20 || seq == 0 {
+                        // Numbering started again: a restarted worker.
+                        apply(Update::Reset);
+                    } else {
+                        continue; // already applied (a replay overlapped the live stream)
+                    }
+                }
+                Some(n) if seq > n => {
+                    stats.gaps.fetch_add(1, Relaxed);
+                    if let Some(r) = &replay {
+                        next = Some(replay_from(r, n, &stats, &mut apply).await.unwrap_or(n));
+                        if seq < next.unwrap_or(0) {
+                            continue;
+                        }
+                    }
+                }
+                None if seq > 0 => {
+                    // Joined late: what came before is on the replay socket, if kept.
+                    if let Some(r) = &replay {
+                        stats.gaps.fetch_add(1, Relaxed);
+                        let got = replay_from(r, 0, &stats, &mut apply).await.unwrap_or(0);
+                        if seq < got {
+                            next = Some(got);
+                            continue;
+                        }
+                    }
+                }
+                _ => {}
+            }
+            match decode_batch(&payload) {
+                Ok(events) => apply(Update::Events(events)),
+                Err(e) => {
+                    stats.malformed.fetch_add(1, Relaxed);
+                    tracing::warn!(%endpoint, seq, error = %e, "KV events: a malformed batch");
+                }
+            }
+            stats.batches.fetch_add(1, Relaxed);
+            next = Some(seq + 1);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `(seq, payload)` of a live `[topic, seq, payload]` message.
+fn frames(msg: &ZmqMessage) -> Option<(u64, bytes::Bytes)> {
+    if msg.len() != 3 {
+        return None;
+    }
+    let seq = u64::from_be_bytes(msg.get(1)?.as_ref().try_into().ok()?);
+    Some((seq, msg.get(2)?.clone()))
+}
+
+/// Replays every kept batch from `start`: applies them and returns the sequence after the
+/// last one.
+async fn replay_from(
+    endpoint: &str,
+    start: u64,
+    stats: &SubStats,
+    apply: &mut (impl FnMut(Update) + Send),
+) -> Option<u64> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut dealer = DealerSocket::new();
+    tokio::time::timeout(Duration::from_secs(2), dealer.connect(endpoint))
+        .await
+        .ok()?
+        .ok()?;
+    let request = vec![
+        bytes::Bytes::new(),
+        bytes::Bytes::from(start.to_be_bytes().to_vec()),
+    ];
+    dealer
+        .send(ZmqMessage::try_from(request).ok()?)
+        .await
+        .ok()?;
+    let mut next = start;
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), dealer.recv())
+            .await
+            .ok()?
+            .ok()?;
+        if m.len() != 4 {
+            return Some(next);
+        }
+        let seq_bytes = m.get(2)?;
+        if seq_bytes.as_ref() == crate::server::kv_events::END_SEQ {
+            return Some(next);
+        }
+        let seq = u64::from_be_bytes(seq_bytes.as_ref().try_into().ok()?);
+        if seq < next {
+            continue;
+        }
+        match decode_batch(m.get(3)?) {
+            Ok(events) => apply(Update::Events(events)),
+            Err(_) => {
+                stats.malformed.fetch_add(1, Relaxed);
+            }
+        }
+        stats.replayed.fetch_add(1, Relaxed);
+        next = seq + 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_what_the_publisher_encodes() {
+        let events = vec![
+            KvEvent::BlockStored {
+                block_hashes: vec![1, u64::MAX],
+                parent_block_hash: Some(7),
+                token_ids: (0..32).collect(),
+                block_size: 16,
+                medium: Medium::Cpu,
+            },
+            KvEvent::BlockStored {
+                block_hashes: vec![3],
+                parent_block_hash: None,
+                token_ids: (0..16).collect(),
+                block_size: 16,
+                medium: Medium::Gpu,
+            },
+            KvEvent::BlockRemoved {
+                block_hashes: vec![1],
+                medium: Medium::Disk,
+            },
+            KvEvent::AllBlocksCleared,
+        ];
+        let payload = crate::server::kv_events::encode_batch(1.5, &events, Some(0)).unwrap();
+        assert_eq!(decode_batch(&payload).unwrap(), events);
+    }
+
+    #[test]
+    fn malformed_payloads_are_errors_not_panics() {
+        for bad in [
+            &b""[..],
+            &[0x93, 0xcb][..],
+            &[0x93, 0x00, 0x91, 0x91, 0xa3, b'B', b'a', b'd', 0xc0][..],
+            &[0x92, 0x00, 0x91, 0x92, 0xab][..],
+        ] {
+            assert!(decode_batch(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,719 @@
+//! `llmd route`: the router in front of the workers — llm-d's endpoint picker as one process.
+//!
+//! For each completion or chat request it tokenizes the prompt (same `tokenizer.json` and chat
+//! template as the workers), keys its full blocks ([`super::index`]), looks up how much of it
+//! each worker holds (the index is fed by the workers' KV events, [`super::events`]), scores
+//! the healthy workers ([`super::scorers`]: cached prefix, queue, KV usage, from `/metrics`
+//! scraped every `scrape_interval` and the router's own in-flight counts) and proxies the
+//! request to the best, streaming the answer back untouched. With prefill and decode workers,
+//! a prompt whose uncached part is over the P/D threshold goes to the decode worker's sidecar
+//! with `x-prefiller-host-port` naming the best prefill worker; otherwise to a decode worker
+//! alone (or an aggregated one).
+//!
+//! A worker that fails (no connection, a 5xx, no answer within the timeout) is taken out for a
+//! back-off and the request is sent once more to the next best; one that fails its scrapes
+//! three times in a row is dropped from the index until it answers again.
+use super::events::{SubStats, Update};
+use super::index::{Keyer, PrefixIndex};
+use super::scorers::{self, Candidate, RoutingConfig};
+use super::workers::{Role, WorkerSource, WorkerSpec};
+use crate::tokenizer::Tokenizer;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router as Axum;
+use serde_json::{json, Value};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// What `llmd route` runs with.
+pub struct RouteConfig {
+    pub host: String,
+    pub port: u16,
+    pub source: Box<dyn WorkerSource>,
+    /// How often the source is asked again (a static list: once).
+    pub refresh: Option<Duration>,
+    pub tokenizer: Arc<Tokenizer>,
+    pub keyer: Keyer,
+    pub routing: RoutingConfig,
+    pub scrape_interval: Duration,
+    /// Limit on a worker's response headers (the body streams as long as it takes).
+    pub timeout: Duration,
+    /// How long a failed worker is left out.
+    pub backoff: Duration,
+}
+
+/// What the router scraped from a worker's `/metrics`.
+#[derive(Clone, Copy, Debug, Default)]
+struct Scraped {
+    waiting: f64,
+    running: f64,
+    kv_usage: f64,
+    prefix_hits: f64,
+    prefix_queries: f64,
+}
+
+struct Worker {
+    spec: WorkerSpec,
+    in_flight: AtomicUsize,
+    scraped: Mutex<Scraped>,
+    /// Consecutive failed scrapes.
+    scrape_failures: AtomicU32,
+    /// Left out until then (a failed request or scrape).
+    down_until: Mutex<Option<Instant>>,
+    requests: AtomicU64,
+    failures: AtomicU64,
+    predicted_hit_tokens: AtomicU64,
+    events: Option<(tokio::task::JoinHandle<()>, Arc<SubStats>)>,
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some((task, _)) = &self.events {
+            task.abort();
+        }
+    }
+}
+
+impl Worker {
+    fn name(&self) -> &str {
+        &self.spec.url
+    }
+
+    fn up(&self, now: Instant) -> bool {
+        self.down_until
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|t| t <= now)
+    }
+
+    fn take_out(&self, backoff: Duration) {
+        *self.down_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + backoff);
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    /// Decisions by the scorer that made them.
+    decisions: Mutex<BTreeMap<&'static str, u64>>,
+    disaggregated: AtomicU64,
+    aggregated: AtomicU64,
+    retries: AtomicU64,
+    failed: AtomicU64,
+}
+
+struct RouterState {
+    cfg: RouteConfig,
+    client: reqwest::Client,
+    workers: RwLock<Vec<Arc<Worker>>>,
+    index: Arc<Mutex<PrefixIndex>>,
+    rotation: AtomicUsize,
+    counters: Counters,
+}
+
+const MAX_BODY: usize = 32 << 20;
+const REQUEST_ID: &str = "x-request-id";
+const PREFILLER_HEADER: &str = "x-prefiller-host-port";
+
+/// Serves until SIGINT/SIGTERM; `ready` gets the bound address.
+pub async fn serve(
+    cfg: RouteConfig,
+    ready: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind((cfg.host.as_str(), cfg.port))
+        .await
+        .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(RouterState {
+        client: reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .context("building the HTTP client")?,
+        index: Arc::new(Mutex::new(PrefixIndex::new(cfg.keyer.clone()))),
+        cfg,
+        workers: RwLock::new(Vec::new()),
+        rotation: AtomicUsize::new(0),
+        counters: Counters::default(),
+    });
+    state.sync_workers().await?;
+    tokio::spawn(refresh_loop(state.clone()));
+    tokio::spawn(scrape_loop(state.clone()));
+    tracing::info!(%addr, workers = state.workers().len(), "router listening");
+    if let Some(r) = ready {
+        let _ = r.send(addr);
+    }
+    let app = Axum::new()
+        .route("/health", axum::routing::get(health))
+        .route("/metrics", axum::routing::get(metrics))
+        .fallback(route)
+        .with_state(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(super::sidecar::shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+impl RouterState {
+    fn workers(&self) -> Vec<Arc<Worker>> {
+        self.workers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Asks the source for the workers: new ones are subscribed to, gone ones dropped (with
+    /// what the index held for them).
+    async fn sync_workers(&self) -> anyhow::Result<()> {
+        let listed = self
+            .cfg
+            .source
+            .list()
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let current = self.workers();
+        let mut next = Vec::with_capacity(listed.len());
+        for spec in listed {
+            if let Some(w) = current.iter().find(|w| w.spec == spec) {
+                next.push(w.clone());
+                continue;
+            }
+            tracing::info!(worker = %spec.url, role = spec.role.as_str(), "worker added");
+            let events = spec.events.clone().map(|endpoint| {
+                let stats = Arc::new(SubStats::default());
+                let index = self.index.clone();
+                let name = spec.url.clone();
+                let task = tokio::spawn(super::events::subscribe(
+                    endpoint,
+                    spec.replay.clone(),
+                    stats.clone(),
+                    move |u| {
+                        let mut ix = index.lock().unwrap_or_else(|e| e.into_inner());
+                        match u {
+                            Update::Events(events) => ix.apply(&name, &events),
+                            Update::Reset => ix.drop_worker(&name),
+                        }
+                    },
+                ));
+                (task, stats)
+            });
+            next.push(Arc::new(Worker {
+                spec,
+                in_flight: AtomicUsize::new(0),
+                scraped: Mutex::new(Scraped::default()),
+                scrape_failures: AtomicU32::new(0),
+                down_until: Mutex::new(None),
+                requests: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                predicted_hit_tokens: AtomicU64::new(0),
+                events,
+            }));
+        }
+        for gone in current
+            .iter()
+            .filter(|w| !next.iter().any(|n| Arc::ptr_eq(n, w)))
+        {
+            tracing::info!(worker = %gone.name(), "worker removed");
+            self.index
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drop_worker(gone.name());
+        }
+        *self.workers.write().unwrap_or_else(|e| e.into_inner()) = next;
+        Ok(())
+    }
+}
+
+async fn refresh_loop(state: Arc<RouterState>) {
+    let Some(every) = state.cfg.refresh else {
+        return;
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = state.sync_workers().await {
+            tracing::warn!(error = %e, "worker discovery failed; keeping the last list");
+        }
+    }
+}
+
+async fn scrape_loop(state: Arc<RouterState>) {
+    loop {
+        let workers = state.workers();
+        let scrapes = workers.iter().map(|w| scrape(&state, w));
+        futures_util::future::join_all(scrapes).await;
+        tokio::time::sleep(state.cfg.scrape_interval).await;
+    }
+}
+
+async fn scrape(state: &RouterState, w: &Worker) {
+    let url = format!("{}/metrics", w.spec.url);
+    let got = async {
+        let r = state
+            .client
+            .get(&url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        if !r.status().is_success() {
+            return None;
+        }
+        r.text().await.ok()
+    }
+    .await;
+    match got {
+        Some(text) => {
+            let s = Scraped {
+                waiting: sample(&text, "vllm:num_requests_waiting").unwrap_or(0.0),
+                running: sample(&text, "vllm:num_requests_running").unwrap_or(0.0),
+                kv_usage: sample(&text, "vllm:kv_cache_usage_perc").unwrap_or(0.0),
+                prefix_hits: sample(&text, "vllm:prefix_cache_hits_total").unwrap_or(0.0),
+                prefix_queries: sample(&text, "vllm:prefix_cache_queries_total").unwrap_or(0.0),
+            };
+            *w.scraped.lock().unwrap_or_else(|e| e.into_inner()) = s;
+            if w.scrape_failures.swap(0, Relaxed) >= 3 {
+                tracing::info!(worker = %w.name(), "worker answers again");
+            }
+            // A worker that answers its scrape is back (a request's failure still stands
+            // until its back-off ends).
+        }
+        None => {
+            let n = w.scrape_failures.fetch_add(1, Relaxed) + 1;
+            w.take_out(state.cfg.backoff);
+            if n == 3 {
+                tracing::warn!(worker = %w.name(), "worker unreachable; dropped from the prefix index");
+                state
+                    .index
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .drop_worker(w.name());
+            }
+        }
+    }
+}
+
+/// The first sample of `name` (summed over label sets) in Prometheus text.
+fn sample(text: &str, name: &str) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            *found.get_or_insert(0.0) += v;
+        }
+    }
+    found
+}
+
+fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    let body =
+        json!({"error": {"message": message.into(), "type": kind, "param": null, "code": null}});
+    (status, axum::Json(body)).into_response()
+}
+
+async fn health(State(s): State<Arc<RouterState>>) -> Response {
+    let now = Instant::now();
+    let up = s.workers().iter().filter(|w| w.up(now)).count();
+    if up > 0 {
+        (StatusCode::OK, axum::Json(json!({"workers_up": up}))).into_response()
+    } else {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            "no worker is up",
+        )
+    }
+}
+
+/// The prompt's token ids as the workers will see them (empty when the body is not a
+/// request the router understands: the worker answers it).
+fn prompt_tokens(tok: &Tokenizer, path: &str, body: &[u8]) -> Vec<u32> {
+    let Ok(v) = serde_json::from_slice::<Value>(body) else {
+        return Vec::new();
+    };
+    if path == "/v1/chat/completions" {
+        let Ok(messages) = serde_json::from_value::<Vec<crate::server::openai::ChatMessageIn>>(
+            v["messages"].clone(),
+        ) else {
+            return Vec::new();
+        };
+        return crate::server::chat::render(tok, &messages).unwrap_or_default();
+    }
+    let Ok(prompt) =
+        serde_json::from_value::<crate::server::openai::PromptField>(v["prompt"].clone())
+    else {
+        return Vec::new();
+    };
+    crate::server::completions::tokenize_prompts(tok, prompt)
+        .ok()
+        .and_then(|mut p| (!p.is_empty()).then(|| p.swap_remove(0)))
+        .unwrap_or_default()
+}
+
+/// Where a request goes.
+struct Decision {
+    worker: Arc<Worker>,
+    prefiller: Option<Arc<Worker>>,
+    predicted_blocks: usize,
+}
+
+impl RouterState {
+    /// The best worker of `pool` for `keys` (None when the pool is empty), skipping
+    /// `exclude`; workers taken out are used only when no other is left.
+    fn pick(
+        &self,
+        pool: &[Arc<Worker>],
+        keys: &[u64],
+        exclude: &[Arc<Worker>],
+    ) -> Option<(Arc<Worker>, usize)> {
+        let now = Instant::now();
+        let eligible: Vec<&Arc<Worker>> = pool
+            .iter()
+            .filter(|w| !exclude.iter().any(|x| Arc::ptr_eq(x, w)))
+            .collect();
+        let up: Vec<&Arc<Worker>> = eligible.iter().copied().filter(|w| w.up(now)).collect();
+        let cands = if up.is_empty() { eligible } else { up };
+        if cands.is_empty() {
+            return None;
+        }
+        let weights = self.cfg.routing.tier_weights;
+        let matches: Vec<_> = {
+            let ix = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            cands
+                .iter()
+                .map(|w| ix.prefix(w.name(), keys, &weights))
+                .collect()
+        };
+        let candidates: Vec<Candidate> = cands
+            .iter()
+            .zip(&matches)
+            .map(|(w, m)| {
+                let s = *w.scraped.lock().unwrap_or_else(|e| e.into_inner());
+                Candidate {
+                    waiting: s.waiting,
+                    kv_usage: s.kv_usage,
+                    in_flight: w.in_flight.load(Relaxed),
+                    prefix_weighted: m.weighted,
+                }
+            })
+            .collect();
+        let rotation = self.rotation.fetch_add(1, Relaxed);
+        let p = scorers::pick(&self.cfg.routing, &candidates, keys.len(), rotation);
+        *self
+            .counters
+            .decisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(p.decided_by)
+            .or_default() += 1;
+        Some((cands[p.index].clone(), matches[p.index].blocks))
+    }
+
+    fn decide(&self, tokens: &[u32], exclude: &[Arc<Worker>]) -> Option<Decision> {
+        let keys = self.cfg.keyer.keys(tokens);
+        let all = self.workers();
+        let by_role = |r: Role| -> Vec<Arc<Worker>> {
+            all.iter().filter(|w| w.spec.role == r).cloned().collect()
+        };
+        let (prefill, decode) = (by_role(Role::Prefill), by_role(Role::Decode));
+        if !prefill.is_empty() && !decode.is_empty() {
+            let (worker, blocks) = self.pick(&decode, &keys, exclude)?;
+            let cached = blocks * self.cfg.keyer.block_size;
+            let uncached = tokens.len().saturating_sub(cached);
+            let prefiller = if uncached > self.cfg.routing.pd_threshold {
+                self.pick(&prefill, &keys, &[]).map(|(p, _)| p)
+            } else {
+                None
+            };
+            let c = if prefiller.is_some() {
+                &self.counters.disaggregated
+            } else {
+                &self.counters.aggregated
+            };
+            c.fetch_add(1, Relaxed);
+            return Some(Decision {
+                worker,
+                prefiller,
+                predicted_blocks: blocks,
+            });
+        }
+        let pool: Vec<Arc<Worker>> = {
+            let both = by_role(Role::Both);
+            if both.is_empty() {
+                all.clone()
+            } else {
+                both
+            }
+        };
+        let (worker, blocks) = self.pick(&pool, &keys, exclude)?;
+        self.counters.aggregated.fetch_add(1, Relaxed);
+        Some(Decision {
+            worker,
+            prefiller: None,
+            predicted_blocks: blocks,
+        })
+    }
+}
+
+/// Decrements a worker's in-flight count when the response (or its stream) is done.
+struct InFlight(Arc<Worker>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path().to_string();
+    let path_q = parts
+        .uri
+        .path_and_query()
+        .map_or_else(|| path.clone(), |p| p.as_str().to_string());
+    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                e.to_string(),
+            )
+        }
+    };
+    let mut headers = parts.headers;
+    if !headers.contains_key(REQUEST_ID) {
+        let id = format!(
+            "router-{:016x}",
+            s.rotation.load(Relaxed) as u64 ^ rand_u64()
+        );
+        if let Ok(v) = HeaderValue::from_str(&id) {
+            headers.insert(REQUEST_ID, v);
+        }
+    }
+    let generation = parts.method == Method::POST
+        && (path == "/v1/completions" || path == "/v1/chat/completions");
+    let known = generation
+        || (parts.method == Method::GET
+            && (path == "/v1/models" || path.starts_with("/v1/models/")));
+    if !known {
+        return error(
+            StatusCode::NOT_FOUND,
+            "not_found_error",
+            format!("no route {} {path} on the router", parts.method),
+        );
+    }
+    let tokens = if generation {
+        let tok = s.cfg.tokenizer.clone();
+        let (p, b) = (path.clone(), body.clone());
+        tokio::task::spawn_blocking(move || prompt_tokens(&tok, &p, &b))
+            .await
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    let mut tried: Vec<Arc<Worker>> = Vec::new();
+    for attempt in 0..2 {
+        let Some(d) = s.decide(&tokens, &tried) else {
+            break;
+        };
+        if attempt > 0 {
+            s.counters.retries.fetch_add(1, Relaxed);
+        }
+        let w = d.worker.clone();
+        w.in_flight.fetch_add(1, Relaxed);
+        let guard = InFlight(w.clone());
+        let url = format!("{}{path_q}", w.spec.url);
+        let built = s
+            .client
+            .request(parts.method.clone(), &url)
+            .headers(forwarded_with(&headers, d.prefiller.as_deref()))
+            .body(body.clone())
+            .build();
+        let built = match built {
+            Ok(r) => r,
+            Err(e) => return error(StatusCode::BAD_GATEWAY, "router_error", e.to_string()),
+        };
+        // Only the wait for the response's headers is bounded: a stream takes as long as it
+        // takes.
+        let r = match tokio::time::timeout(s.cfg.timeout, s.client.execute(built)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                fail(&s, &w, &format!("{url}: {e}"));
+                tried.push(w);
+                continue;
+            }
+            Err(_) => {
+                fail(
+                    &s,
+                    &w,
+                    &format!("{url}: no answer within {:?}", s.cfg.timeout),
+                );
+                tried.push(w);
+                continue;
+            }
+        };
+        let status = r.status();
+        if matches!(status.as_u16(), 500 | 502 | 503 | 504) {
+            fail(&s, &w, &format!("{url}: {status}"));
+            tried.push(w);
+            continue;
+        }
+        w.requests.fetch_add(1, Relaxed);
+        w.predicted_hit_tokens.fetch_add(
+            (d.predicted_blocks * s.cfg.keyer.block_size) as u64,
+            Relaxed,
+        );
+        let resp_headers = r.headers().clone();
+        let stream = futures_util::StreamExt::map(r.bytes_stream(), move |c| {
+            let _keep = &guard;
+            c
+        });
+        let mut resp = Response::new(Body::from_stream(stream));
+        *resp.status_mut() = status;
+        for (k, v) in &resp_headers {
+            if !super::sidecar::is_hop_by_hop(k) {
+                resp.headers_mut().insert(k.clone(), v.clone());
+            }
+        }
+        if let Ok(v) = HeaderValue::from_str(w.name()) {
+            resp.headers_mut().insert("x-llmd-worker", v);
+        }
+        return resp;
+    }
+    s.counters.failed.fetch_add(1, Relaxed);
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "service_unavailable",
+        if tried.is_empty() {
+            "no worker to route to".to_string()
+        } else {
+            format!(
+                "every worker tried failed: {}",
+                tried
+                    .iter()
+                    .map(|w| w.name())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        },
+    )
+}
+
+fn fail(s: &RouterState, w: &Worker, why: &str) {
+    tracing::warn!(worker = %w.name(), reason = why, backoff_secs = s.cfg.backoff.as_secs_f64(), "worker failed; taken out and the request retried elsewhere");
+    w.failures.fetch_add(1, Relaxed);
+    w.take_out(s.cfg.backoff);
+}
+
+fn forwarded(headers: &HeaderMap) -> HeaderMap {
+    super::sidecar::forwarded(headers)
+}
+
+fn forwarded_with(headers: &HeaderMap, prefiller: Option<&Worker>) -> HeaderMap {
+    let mut h = forwarded(headers);
+    h.remove(PREFILLER_HEADER);
+    if let Some(p) = prefiller {
+        if let Ok(v) = HeaderValue::from_str(p.spec.host_port()) {
+            h.insert(PREFILLER_HEADER, v);
+        }
+    }
+    h
+}
+
+fn rand_u64() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    xxhash_rust::xxh3::xxh3_64(&t.to_le_bytes())
+}
+
+async fn metrics(State(s): State<Arc<RouterState>>) -> Response {
+    let mut out = String::new();
+    let now = Instant::now();
+    let workers = s.workers();
+    let ix = s.index.lock().unwrap_or_else(|e| e.into_inner());
+    type Series<'a> = (&'a str, &'a str, &'a str, &'a dyn Fn(&Worker) -> String);
+    let per_worker: [Series; 11] = [
+        ("llmd_router:worker_up", "gauge", "1 when the worker is routed to (not in back-off).", &|w| u8::from(w.up(now)).to_string()),
+        ("llmd_router:in_flight_requests", "gauge", "Requests sent to the worker that have not finished.", &|w| w.in_flight.load(Relaxed).to_string()),
+        ("llmd_router:requests_total", "counter", "Requests the worker answered (any status but a retried 5xx).", &|w| w.requests.load(Relaxed).to_string()),
+        ("llmd_router:worker_failures_total", "counter", "Requests to the worker that failed (no connection, 5xx, timeout) and were retried elsewhere.", &|w| w.failures.load(Relaxed).to_string()),
+        ("llmd_router:prefix_hit_tokens_predicted_total", "counter", "Prompt tokens the router expected the worker to have cached, summed over the requests it sent there.", &|w| w.predicted_hit_tokens.load(Relaxed).to_string()),
+        ("llmd_router:prefix_hit_tokens_reported_total", "counter", "The worker's own vllm:prefix_cache_hits_total, as last scraped.", &|w| w.scraped.lock().unwrap_or_else(|e| e.into_inner()).prefix_hits.to_string()),
+        ("llmd_router:prefix_queried_tokens_reported_total", "counter", "The worker's own vllm:prefix_cache_queries_total, as last scraped.", &|w| w.scraped.lock().unwrap_or_else(|e| e.into_inner()).prefix_queries.to_string()),
+        ("llmd_router:worker_waiting_requests", "gauge", "The worker's vllm:num_requests_waiting, as last scraped.", &|w| w.scraped.lock().unwrap_or_else(|e| e.into_inner()).waiting.to_string()),
+        ("llmd_router:worker_running_requests", "gauge", "The worker's vllm:num_requests_running, as last scraped.", &|w| w.scraped.lock().unwrap_or_else(|e| e.into_inner()).running.to_string()),
+        ("llmd_router:index_blocks", "gauge", "KV blocks the prefix index holds for the worker.", &|w| ix.num_blocks(w.name()).to_string()),
+        ("llmd_router:kv_event_batches_total", "counter", "KV event batches received from the worker (live and replayed).", &|w| w.events.as_ref().map_or(0, |(_, st)| st.batches.load(Relaxed) + st.replayed.load(Relaxed)).to_string()),
+    ];
+    for (name, kind, help, f) in per_worker {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for w in &workers {
+            let _ = writeln!(
+                out,
+                "{name}{{worker=\"{}\",role=\"{}\"}} {}",
+                w.name(),
+                w.spec.role.as_str(),
+                f(w)
+            );
+        }
+    }
+    let _ = writeln!(out, "# HELP llmd_router:kv_event_gaps_total Sequence gaps in the workers' KV event streams (each answered by a replay when the worker has a replay socket).\n# TYPE llmd_router:kv_event_gaps_total counter");
+    for w in &workers {
+        let gaps = w.events.as_ref().map_or(0, |(_, st)| st.gaps.load(Relaxed));
+        let _ = writeln!(
+            out,
+            "llmd_router:kv_event_gaps_total{{worker=\"{}\"}} {gaps}",
+            w.name()
+        );
+    }
+    drop(ix);
+    let _ = writeln!(out, "# HELP llmd_router:decisions_total Routing decisions by the scorer that made them (the one separating the winner most from the runner-up; tie, round_robin or only_candidate otherwise).\n# TYPE llmd_router:decisions_total counter");
+    for (by, n) in s
+        .counters
+        .decisions
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        let _ = writeln!(
+            out,
+            "llmd_router:decisions_total{{decided_by=\"{by}\"}} {n}"
+        );
+    }
+    let c = &s.counters;
+    let _ = writeln!(out, "# HELP llmd_router:pd_decisions_total Requests sent disaggregated (through a decode worker's sidecar with a prefiller) or not.\n# TYPE llmd_router:pd_decisions_total counter\nllmd_router:pd_decisions_total{{mode=\"disaggregated\"}} {}\nllmd_router:pd_decisions_total{{mode=\"aggregated\"}} {}", c.disaggregated.load(Relaxed), c.aggregated.load(Relaxed));
+    let _ = writeln!(out, "# HELP llmd_router:retries_total Requests sent again to another worker after one failed.\n# TYPE llmd_router:retries_total counter\nllmd_router:retries_total {}", c.retries.load(Relaxed));
+    let _ = writeln!(out, "# HELP llmd_router:failed_requests_total Requests no worker could answer.\n# TYPE llmd_router:failed_requests_total counter\nllmd_router:failed_requests_total {}", c.failed.load(Relaxed));
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        out,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_are_read_from_prometheus_text() {
+        let text = "# HELP vllm:num_requests_waiting x\nvllm:num_requests_waiting{model_name=\"m\"} 3\nvllm:num_requests_waiting_for_kv{model_name=\"m\"} 9\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.25\n";
+        assert_eq!(sample(text, "vllm:num_requests_waiting"), Some(3.0));
+        assert_eq!(sample(text, "vllm:kv_cache_usage_perc"), Some(0.25));
+        assert_eq!(sample(text, "vllm:num_requests_running"), None);
+    }
+}

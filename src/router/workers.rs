@@ -1,0 +1,279 @@
+//! Where the router's workers come from: a static list from the command line, or Kubernetes
+//! pods found by label (llm-d's `llm-d.ai/role=prefill|decode|prefill-decode`), behind one
+//! interface.
+use futures_util::future::BoxFuture;
+use serde_json::Value;
+
+/// What a worker does in disaggregated serving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Prefills and decodes (aggregated).
+    Both,
+    Prefill,
+    /// A decode worker; its URL is its sidecar's, which takes `x-prefiller-host-port`.
+    Decode,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Both => "prefill-decode",
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+        }
+    }
+}
+
+/// One worker as a source lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct WorkerSpec {
+    /// Base URL, e.g. `http://10.0.0.5:8000` (for a decode worker, its sidecar's).
+    pub url: String,
+    pub role: Role,
+    /// Its KV events PUB socket (`tcp://host:5557`), when it publishes them.
+    pub events: Option<String>,
+    /// Its KV events replay socket.
+    pub replay: Option<String>,
+}
+
+impl WorkerSpec {
+    /// `host:port` of the URL (what `x-prefiller-host-port` names).
+    pub fn host_port(&self) -> &str {
+        let rest = self
+            .url
+            .split_once("://")
+            .map_or(self.url.as_str(), |(_, r)| r);
+        rest.split('/').next().unwrap_or(rest)
+    }
+
+    /// `URL[,events=tcp://…][,replay=tcp://…]` as `--worker` and its kin take it.
+    pub fn parse(arg: &str, role: Role) -> Result<Self, String> {
+        let mut parts = arg.split(',');
+        let url = parts.next().unwrap_or("").trim_end_matches('/').to_string();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!(
+                "worker {arg:?}: the first part must be an http:// URL"
+            ));
+        }
+        let mut w = WorkerSpec {
+            url,
+            role,
+            events: None,
+            replay: None,
+        };
+        for p in parts {
+            match p.split_once('=') {
+                Some(("events", v)) if v.starts_with("tcp://") => w.events = Some(v.to_string()),
+                Some(("replay", v)) if v.starts_with("tcp://") => w.replay = Some(v.to_string()),
+                _ => {
+                    return Err(format!(
+                        "worker {arg:?}: unknown part {p:?} (events=tcp://HOST:PORT, \
+                         replay=tcp://HOST:PORT)"
+                    ))
+                }
+            }
+        }
+        Ok(w)
+    }
+}
+
+/// A source of workers, polled by the router.
+pub trait WorkerSource: Send + Sync {
+    fn list(&self) -> BoxFuture<'_, Result<Vec<WorkerSpec>, String>>;
+}
+
+/// The command line's list.
+pub struct StaticSource(pub Vec<WorkerSpec>);
+
+impl WorkerSource for StaticSource {
+    fn list(&self) -> BoxFuture<'_, Result<Vec<WorkerSpec>, String>> {
+        let v = self.0.clone();
+        Box::pin(async move { Ok(v) })
+    }
+}
+
+/// Kubernetes: the ready, running pods of a namespace that carry `llm-d.ai/role`.
+pub struct KubernetesSource {
+    /// The API server, e.g. `https://kubernetes.default.svc` (in a pod: from
+    /// `KUBERNETES_SERVICE_HOST`/`_PORT`).
+    pub api: String,
+    pub namespace: String,
+    /// Extra label selector ANDed with the role label (e.g. `llm-d.ai/model=smollm2`).
+    pub selector: Option<String>,
+    /// The service account token (in a pod:
+    /// `/var/run/secrets/kubernetes.io/serviceaccount/token`).
+    pub token: Option<String>,
+    /// Ports on each pod: HTTP (a decode pod's sidecar), KV events, replay.
+    pub http_port: u16,
+    pub events_port: Option<u16>,
+    pub replay_port: Option<u16>,
+    pub client: reqwest::Client,
+}
+
+/// llm-d's role label.
+pub const ROLE_LABEL: &str = "llm-d.ai/role";
+
+impl KubernetesSource {
+    /// The pod-list URL this source polls.
+    pub fn url(&self) -> String {
+        let mut selector = format!("{ROLE_LABEL} in (prefill,decode,prefill-decode,both)");
+        if let Some(s) = &self.selector {
+            selector.push(',');
+            selector.push_str(s);
+        }
+        format!(
+            "{}/api/v1/namespaces/{}/pods?labelSelector={}",
+            self.api.trim_end_matches('/'),
+            self.namespace,
+            urlencode(&selector)
+        )
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+impl WorkerSource for KubernetesSource {
+    fn list(&self) -> BoxFuture<'_, Result<Vec<WorkerSpec>, String>> {
+        Box::pin(async move {
+            let mut req = self.client.get(self.url());
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t.trim());
+            }
+            let r = req
+                .send()
+                .await
+                .map_err(|e| format!("Kubernetes API: {e}"))?;
+            let status = r.status();
+            let body = r.text().await.map_err(|e| format!("Kubernetes API: {e}"))?;
+            if !status.is_success() {
+                return Err(format!(
+                    "Kubernetes API: {status}: {}",
+                    body.chars().take(300).collect::<String>()
+                ));
+            }
+            pods_to_workers(&body, self.http_port, self.events_port, self.replay_port)
+        })
+    }
+}
+
+/// The workers of a `PodList` (the API's JSON): running, ready, not being deleted, with an IP
+/// and a known role.
+pub fn pods_to_workers(
+    pod_list: &str,
+    http_port: u16,
+    events_port: Option<u16>,
+    replay_port: Option<u16>,
+) -> Result<Vec<WorkerSpec>, String> {
+    let v: Value =
+        serde_json::from_str(pod_list).map_err(|e| format!("Kubernetes pod list: {e}"))?;
+    if v["kind"] != "PodList" {
+        return Err(format!(
+            "Kubernetes pod list: kind is {}, not PodList",
+            v["kind"]
+        ));
+    }
+    let mut out = Vec::new();
+    for pod in v["items"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        let role = match pod["metadata"]["labels"][ROLE_LABEL].as_str() {
+            Some("prefill") => Role::Prefill,
+            Some("decode") => Role::Decode,
+            Some("prefill-decode") | Some("both") => Role::Both,
+            _ => continue,
+        };
+        if !pod["metadata"]["deletionTimestamp"].is_null() || pod["status"]["phase"] != "Running" {
+            continue;
+        }
+        let ready = pod["status"]["conditions"].as_array().is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+        });
+        let Some(ip) = pod["status"]["podIP"].as_str().filter(|_| ready) else {
+            continue;
+        };
+        let host = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip.to_string()
+        };
+        out.push(WorkerSpec {
+            url: format!("http://{host}:{http_port}"),
+            role,
+            events: events_port.map(|p| format!("tcp://{host}:{p}")),
+            replay: replay_port.map(|p| format!("tcp://{host}:{p}")),
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_arguments_parse_and_bad_ones_say_why() {
+        let w = WorkerSpec::parse(
+            "http://127.0.0.1:8001/,events=tcp://127.0.0.1:5557,replay=tcp://127.0.0.1:5558",
+            Role::Both,
+        )
+        .unwrap();
+        assert_eq!(w.url, "http://127.0.0.1:8001");
+        assert_eq!(w.host_port(), "127.0.0.1:8001");
+        assert_eq!(w.events.as_deref(), Some("tcp://127.0.0.1:5557"));
+        assert_eq!(w.replay.as_deref(), Some("tcp://127.0.0.1:5558"));
+        assert!(WorkerSpec::parse("127.0.0.1:8001", Role::Both)
+            .unwrap_err()
+            .contains("http://"));
+        assert!(WorkerSpec::parse("http://a:1,evnts=tcp://a:2", Role::Both)
+            .unwrap_err()
+            .contains("evnts"));
+    }
+
+    #[test]
+    fn a_recorded_pod_list_gives_the_ready_pods_with_their_roles() {
+        let list = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/k8s_pod_list.json"
+        ))
+        .unwrap();
+        let w = pods_to_workers(&list, 8000, Some(5557), None).unwrap();
+        let got: Vec<(&str, Role)> = w.iter().map(|w| (w.url.as_str(), w.role)).collect();
+        assert_eq!(
+            got,
+            [
+                ("http://10.244.0.11:8000", Role::Prefill),
+                ("http://10.244.0.12:8000", Role::Decode),
+                ("http://10.244.0.14:8000", Role::Both),
+            ],
+            "the pending, unready and terminating pods and the one without a role are left out"
+        );
+        assert_eq!(w[0].events.as_deref(), Some("tcp://10.244.0.11:5557"));
+        assert!(pods_to_workers(r#"{"kind":"Status","code":403}"#, 8000, None, None).is_err());
+    }
+
+    #[test]
+    fn the_selector_is_url_encoded() {
+        let k = KubernetesSource {
+            api: "https://k8s:6443/".into(),
+            namespace: "llm".into(),
+            selector: Some("llm-d.ai/model=smollm2".into()),
+            token: None,
+            http_port: 8000,
+            events_port: None,
+            replay_port: None,
+            client: reqwest::Client::new(),
+        };
+        assert_eq!(
+            k.url(),
+            "https://k8s:6443/api/v1/namespaces/llm/pods?labelSelector=llm-d.ai%2Frole%20in%20%28prefill%2Cdecode%2Cprefill-decode%2Cboth%29%2Cllm-d.ai%2Fmodel%3Dsmollm2"
+        );
+    }
+}
