@@ -273,6 +273,24 @@ async fn a_killed_worker_is_routed_around_and_no_request_fails() {
         0.0,
         "{m}"
     );
+    // Three failed scrapes and the dead worker's blocks leave the index.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = r.metrics().await;
+        if metric(
+            &m,
+            "llmd_router:index_blocks",
+            &format!("worker=\"{first}\""),
+        ) == 0.0
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dead worker is still indexed:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -461,4 +479,35 @@ async fn kubernetes_discovery_lists_the_ready_pods_by_role() {
             "{ip} is not ready, terminating or has no role:\n{m}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_router_started_after_the_workers_learns_their_caches_from_the_replay() {
+    let (w1, s1) = worker("w1", &[]).await;
+    let (w2, s2) = worker("w2", &[]).await;
+    let prefix = shared_prefix();
+    // w2 computes the prefix before any router exists.
+    let r = reqwest::Client::new()
+        .post(w2.url("/v1/completions"))
+        .json(&json!({"prompt": format!("{prefix}One day"), "max_tokens": 2, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = router(&args(&["--worker", &s1, "--worker", &s2])).await;
+    indexed(&r, &w2.base).await;
+    for suffix in ["Then", "Later", "Soon"] {
+        let body =
+            json!({"prompt": format!("{prefix}{suffix}"), "max_tokens": 2, "temperature": 0});
+        let (status, v, w) = post(&r, "/v1/completions", &body).await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(
+            w, w2.base,
+            "routed to the worker the replay said has the prefix"
+        );
+    }
+    assert_eq!(
+        metric(&w1.metrics().await, "vllm:prefix_cache_hits_total", ""),
+        0.0
+    );
 }

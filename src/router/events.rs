@@ -117,7 +117,12 @@ pub async fn subscribe(
             continue;
         }
         tracing::info!(%endpoint, "KV events: subscribed");
-        let mut next: Option<u64> = None;
+        // What the worker published before this subscription (the router started after it,
+        // or reconnected): everything its replay socket kept.
+        let mut next: Option<u64> = match &replay {
+            Some(r) => replay_from(r, 0, &stats, &mut apply).await,
+            None => None,
+        };
         loop {
             let msg = match sub.recv().await {
                 Ok(m) => m,
@@ -132,7 +137,7 @@ pub async fn subscribe(
             };
             match next {
                 Some(n) if seq < n => {
-                    if n - seq > 1 << 20 || seq == 0 {
+                    if n - seq > 1 << 20 || (seq == 0 && n > 1) {
                         // Numbering started again: a restarted worker.
                         apply(Update::Reset);
                     } else {

@@ -145,6 +145,9 @@ struct WorkerBlocks {
     keys: HashMap<u64, u64>,
     /// Key → tiers holding it.
     media: HashMap<u64, u8>,
+    /// Keys of prompts the router sent here whose blocks no event has confirmed yet (their
+    /// prefill may still be running), until when they count.
+    pending: HashMap<u64, std::time::Instant>,
 }
 
 /// A worker's cached prefix of a request.
@@ -209,6 +212,7 @@ impl PrefixIndex {
                     };
                     for (h, chunk) in block_hashes.iter().zip(token_ids.chunks_exact(bs)) {
                         let key = self.keyer.key(parent, chunk);
+                        w.pending.remove(&key);
                         w.keys.insert(*h, key);
                         *w.media.entry(key).or_default() |= bit(*medium);
                         parent = Some(key);
@@ -243,6 +247,23 @@ impl PrefixIndex {
         }
     }
 
+    /// Records that a prompt of `keys` was sent to `worker`: until an event confirms (or
+    /// `ttl` passes), its blocks count as held there, so the prompts that follow it while it
+    /// is still being prefilled go to the same worker.
+    pub fn expect(&mut self, worker: &str, keys: &[u64], ttl: std::time::Duration) {
+        let until = std::time::Instant::now() + ttl;
+        let w = self.workers.entry(worker.to_string()).or_default();
+        for k in keys {
+            if !w.media.contains_key(k) {
+                w.pending.insert(*k, until);
+            }
+        }
+        if w.pending.len() > 1 << 16 {
+            let now = std::time::Instant::now();
+            w.pending.retain(|_, t| *t > now);
+        }
+    }
+
     /// Forgets everything `worker` held (it vanished, or restarted).
     pub fn drop_worker(&mut self, worker: &str) {
         self.workers.remove(worker);
@@ -258,12 +279,18 @@ impl PrefixIndex {
         let Some(w) = self.workers.get(worker) else {
             return PrefixMatch::default();
         };
+        let now = std::time::Instant::now();
         let mut m = PrefixMatch::default();
         for k in keys {
             match w.media.get(k) {
                 Some(&media) if media != 0 => {
                     m.blocks += 1;
                     m.weighted += weights.of(media);
+                }
+                _ if w.pending.get(k).is_some_and(|t| *t > now) => {
+                    // On its way into the device.
+                    m.blocks += 1;
+                    m.weighted += weights.gpu;
                 }
                 _ => break,
             }
@@ -362,6 +389,29 @@ mod tests {
         assert_eq!(ix.num_blocks("b"), 0);
         ix.apply("a", &[KvEvent::AllBlocksCleared]);
         assert_eq!(ix.prefix("a", &keys, &w).blocks, 0);
+    }
+
+    #[test]
+    fn prompts_sent_to_a_worker_count_as_held_until_confirmed_or_expired() {
+        let k = Keyer::new(KeyScheme::Fnv64a, "", 4);
+        let mut ix = PrefixIndex::new(k.clone());
+        let tokens: Vec<u32> = (0..12).collect();
+        let keys = k.keys(&tokens);
+        let w = TierWeights::default();
+        ix.expect("a", &keys, std::time::Duration::from_secs(30));
+        assert_eq!(ix.prefix("a", &keys, &w).blocks, 3);
+        // Confirmed by the worker's event, then evicted: gone, not pending any more.
+        ix.apply("a", &[stored(&[1, 2, 3], None, &tokens, Medium::Gpu)]);
+        ix.apply(
+            "a",
+            &[KvEvent::BlockRemoved {
+                block_hashes: vec![1, 2, 3],
+                medium: Medium::Gpu,
+            }],
+        );
+        assert_eq!(ix.prefix("a", &keys, &w).blocks, 0);
+        ix.expect("b", &keys, std::time::Duration::ZERO);
+        assert_eq!(ix.prefix("b", &keys, &w).blocks, 0, "expired");
     }
 
     #[test]

@@ -118,6 +118,9 @@ struct RouterState {
 const MAX_BODY: usize = 32 << 20;
 const REQUEST_ID: &str = "x-request-id";
 const PREFILLER_HEADER: &str = "x-prefiller-host-port";
+/// How long a prompt the router sent to a worker counts as cached there without an event
+/// confirming it.
+const PENDING_TTL: Duration = Duration::from_secs(30);
 
 /// Serves until SIGINT/SIGTERM; `ready` gets the bound address.
 pub async fn serve(
@@ -530,6 +533,15 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
             s.counters.retries.fetch_add(1, Relaxed);
         }
         let w = d.worker.clone();
+        if !tokens.is_empty() {
+            // Where this prompt will be cached: requests for it that follow before the
+            // worker's events say so go there too.
+            let keys = s.cfg.keyer.keys(&tokens);
+            s.index
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .expect(w.name(), &keys, PENDING_TTL);
+        }
         w.in_flight.fetch_add(1, Relaxed);
         let guard = InFlight(w.clone());
         let url = format!("{}{path_q}", w.spec.url);
