@@ -164,3 +164,55 @@ fn generated_qwen2_matches_candle() {
 fn generated_smollm_matches_candle() {
     generated(Arch::SmolLm, DType::F32, true);
 }
+
+/// transformers 5 writes RoPE settings under `rope_parameters`: the same checkpoint in either
+/// layout gives bit-identical logits and greedy tokens, and they are not those of the default
+/// RoPE base (what reading only `rope_theta` used to fall back to).
+#[test]
+fn transformers5_rope_parameters_layout_gives_identical_logits() {
+    let old = tempfile::tempdir().unwrap();
+    let spec = TinyModelSpec::new(Arch::Llama3);
+    common::write_tiny_model(old.path(), &spec);
+    let new = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(old.path()).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, new.path().join(p.file_name().unwrap())).unwrap();
+    }
+    let cfg_path = new.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let o = cfg.as_object_mut().unwrap();
+    let theta = o
+        .remove("rope_theta")
+        .expect("the tiny Llama 3 config has rope_theta");
+    assert_ne!(theta, serde_json::json!(10000.0));
+    let mut params = o.remove("rope_scaling").expect("and rope_scaling");
+    params["rope_theta"] = theta;
+    o.insert("rope_parameters".into(), params);
+    if let Some(d) = o.remove("torch_dtype") {
+        o.insert("dtype".into(), d);
+    }
+    std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+
+    let prompt = prompt_for(spec.vocab, 40, spec.seed);
+    let a = llmd_logits_all_positions(old.path(), &prompt);
+    let b = llmd_logits_all_positions(new.path(), &prompt);
+    assert_eq!(a, b, "the two layouts give different logits");
+    assert_eq!(
+        llmd_greedy(old.path(), &prompt, 16),
+        llmd_greedy(new.path(), &prompt, 16)
+    );
+    // The check has teeth: the default base gives other logits.
+    let plain = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(new.path()).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, plain.path().join(p.file_name().unwrap())).unwrap();
+    }
+    cfg.as_object_mut().unwrap().remove("rope_parameters");
+    std::fs::write(
+        plain.path().join("config.json"),
+        serde_json::to_string(&cfg).unwrap(),
+    )
+    .unwrap();
+    assert_ne!(llmd_logits_all_positions(plain.path(), &prompt), a);
+}

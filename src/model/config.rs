@@ -95,6 +95,9 @@ struct RawConfig {
     rms_norm_eps: Option<f32>,
     rope_theta: Option<f32>,
     rope_scaling: Option<RawRopeScaling>,
+    /// transformers 5 writes RoPE settings here (`rope_type`, `rope_theta`, `factor`, …)
+    /// instead of `rope_theta` and `rope_scaling`.
+    rope_parameters: Option<serde_json::Value>,
     max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
@@ -103,6 +106,98 @@ struct RawConfig {
     hidden_act: Option<String>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<OneOrMany>,
+}
+
+/// The RoPE base and scaling from either layout: transformers 4's top-level `rope_theta` and
+/// `rope_scaling`, or transformers 5's `rope_parameters` (one object, or one per layer type of
+/// which llmd's architectures use `full_attention`). Both layouts in one file must agree.
+fn rope_settings(
+    theta: Option<f32>,
+    scaling: Option<RawRopeScaling>,
+    params: Option<serde_json::Value>,
+) -> Result<(Option<f32>, Option<RawRopeScaling>), ModelError> {
+    let bad = |field: &'static str, reason: String| ModelError::ConfigField { field, reason };
+    let params = match params {
+        None | Some(serde_json::Value::Null) => return Ok((theta, scaling)),
+        Some(serde_json::Value::Object(m)) => m,
+        Some(other) => return Err(bad("rope_parameters", format!("{other} is not an object"))),
+    };
+    // Per layer type ({"full_attention": {...}, "sliding_attention": {...}}).
+    let params = if params.values().all(serde_json::Value::is_object) && !params.is_empty() {
+        match params.get("full_attention") {
+            Some(serde_json::Value::Object(m)) if params.len() == 1 => m.clone(),
+            _ => {
+                return Err(bad(
+                    "rope_parameters",
+                    format!(
+                        "per-layer-type RoPE settings for {:?}: only full_attention is supported",
+                        params.keys().collect::<Vec<_>>()
+                    ),
+                ))
+            }
+        }
+    } else {
+        params
+    };
+    let new_theta = match params.get("rope_theta") {
+        None => None,
+        Some(v) => Some(
+            v.as_f64()
+                .ok_or_else(|| bad("rope_parameters.rope_theta", format!("{v} is not a number")))?
+                as f32,
+        ),
+    };
+    if let (Some(a), Some(b)) = (theta, new_theta) {
+        if a != b {
+            return Err(bad(
+                "rope_parameters.rope_theta",
+                format!("{b} disagrees with the top-level rope_theta {a}"),
+            ));
+        }
+    }
+    let known = [
+        "rope_type",
+        "type",
+        "rope_theta",
+        "factor",
+        "low_freq_factor",
+        "high_freq_factor",
+        "original_max_position_embeddings",
+        "partial_rotary_factor",
+    ];
+    if let Some(k) = params.keys().find(|k| !known.contains(&k.as_str())) {
+        return Err(bad(
+            "rope_parameters",
+            format!("unknown key {k:?} (llmd reads {known:?})"),
+        ));
+    }
+    if let Some(p) = params.get("partial_rotary_factor") {
+        if p.as_f64() != Some(1.0) {
+            return Err(bad(
+                "rope_parameters.partial_rotary_factor",
+                format!("{p} is not supported (only 1.0)"),
+            ));
+        }
+    }
+    let parsed: RawRopeScaling = serde_json::from_value(serde_json::Value::Object(params.clone()))
+        .map_err(|e| bad("rope_parameters", e.to_string()))?;
+    if scaling.is_some() {
+        return Err(bad(
+            "rope_scaling",
+            "given beside rope_parameters: a config uses one layout or the other".into(),
+        ));
+    }
+    let scaling = match parsed.rope_type.as_deref() {
+        None | Some("default") => None,
+        Some("llama3" | "linear") => Some(parsed),
+        Some(other) => {
+            return Err(bad(
+                "rope_parameters.rope_type",
+                format!("{other:?} is not supported (default, llama3, linear)"),
+            ))
+        }
+    };
+    Ok((new_theta.or(theta), scaling))
 }
 
 fn need<T>(v: Option<T>, field: &'static str) -> Result<T, ModelError> {
@@ -148,7 +243,9 @@ impl ModelConfig {
         let head_dim = raw
             .head_dim
             .unwrap_or(hidden_size / num_attention_heads.max(1));
-        let rope_scaling = match raw.rope_scaling {
+        let (rope_theta, rope_scaling) =
+            rope_settings(raw.rope_theta, raw.rope_scaling, raw.rope_parameters)?;
+        let rope_scaling = match rope_scaling {
             None => None,
             Some(r) => match r.rope_type.as_deref() {
                 Some("llama3") => Some(RopeScaling::Llama3 {
@@ -188,7 +285,8 @@ impl ModelConfig {
             head_dim,
             vocab_size: need(raw.vocab_size, "vocab_size")?,
             rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            // transformers' default for Llama-family configs that name none.
+            rope_theta: rope_theta.unwrap_or(10_000.0),
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
@@ -401,6 +499,88 @@ mod tests {
         );
         assert!(c.tie_word_embeddings && !c.qkv_bias);
         assert_eq!(c.eos_token_ids, vec![2]);
+    }
+
+    #[test]
+    fn transformers_5_rope_parameters_read_like_the_old_layout() {
+        const LLAMA31_OLD: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,
+          "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,
+          "num_key_value_heads":2,"vocab_size":300,"rms_norm_eps":1e-05,"torch_dtype":"bfloat16",
+          "rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,
+          "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192},
+          "max_position_embeddings":131072}"#;
+        const LLAMA31_NEW: &str = r#"{"architectures":["LlamaForCausalLM"],"hidden_size":64,
+          "intermediate_size":128,"num_hidden_layers":2,"num_attention_heads":4,
+          "num_key_value_heads":2,"vocab_size":300,"rms_norm_eps":1e-05,"dtype":"bfloat16",
+          "rope_parameters":{"rope_type":"llama3","rope_theta":500000.0,"factor":8.0,
+          "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192},
+          "max_position_embeddings":131072}"#;
+        let old = ModelConfig::from_json(LLAMA31_OLD).unwrap();
+        let new = ModelConfig::from_json(LLAMA31_NEW).unwrap();
+        assert_eq!(old, new);
+        assert_eq!(new.rope_theta, 500000.0);
+        assert!(matches!(new.rope_scaling, Some(RopeScaling::Llama3 { .. })));
+        // SmolLM2 in the new layout: default RoPE with its own theta (not 10000).
+        let smol = SMOLLM2.replace(
+            "\"rope_theta\":100000.0,\"rope_scaling\":null",
+            "\"rope_parameters\":{\"rope_type\":\"default\",\"rope_theta\":100000.0}",
+        );
+        assert_eq!(
+            ModelConfig::from_json(&smol).unwrap(),
+            ModelConfig::from_json(SMOLLM2).unwrap()
+        );
+        // Per layer type, with only full attention.
+        let per_type = SMOLLM2.replace(
+            "\"rope_theta\":100000.0,\"rope_scaling\":null",
+            "\"rope_parameters\":{\"full_attention\":{\"rope_type\":\"default\",\"rope_theta\":100000.0}}",
+        );
+        assert_eq!(
+            ModelConfig::from_json(&per_type).unwrap().rope_theta,
+            100000.0
+        );
+    }
+
+    #[test]
+    fn rope_parameters_llmd_does_not_understand_are_errors_naming_the_key() {
+        let with = |params: &str| {
+            SMOLLM2.replace(
+                "\"rope_theta\":100000.0,\"rope_scaling\":null",
+                &format!("\"rope_parameters\":{params}"),
+            )
+        };
+        let field_of = |j: &str| match ModelConfig::from_json(j) {
+            Err(ModelError::ConfigField { field, reason }) => (field, reason),
+            other => panic!("{other:?}"),
+        };
+        let (f, r) = field_of(&with(
+            r#"{"rope_type":"yarn","rope_theta":1e5,"factor":4.0}"#,
+        ));
+        assert_eq!(f, "rope_parameters.rope_type", "{r}");
+        assert!(r.contains("yarn"), "{r}");
+        let (f, r) = field_of(&with(
+            r#"{"rope_type":"default","rope_theta":1e5,"beta_fast":32}"#,
+        ));
+        assert_eq!(f, "rope_parameters");
+        assert!(r.contains("beta_fast"), "{r}");
+        let (f, _) = field_of(&with(r#"{"rope_theta":"big"}"#));
+        assert_eq!(f, "rope_parameters.rope_theta");
+        let (f, _) = field_of(&with(
+            r#"{"rope_type":"default","rope_theta":1e5,"partial_rotary_factor":0.5}"#,
+        ));
+        assert_eq!(f, "rope_parameters.partial_rotary_factor");
+        let (f, r) = field_of(&with(
+            r#"{"full_attention":{"rope_theta":1e6},"sliding_attention":{"rope_theta":1e4}}"#,
+        ));
+        assert_eq!(f, "rope_parameters");
+        assert!(r.contains("sliding_attention"), "{r}");
+        // Both layouts at once must agree.
+        let both = SMOLLM2.replace(
+            "\"rope_scaling\":null",
+            "\"rope_scaling\":null,\"rope_parameters\":{\"rope_theta\":500000.0}",
+        );
+        let (f, r) = field_of(&both);
+        assert_eq!(f, "rope_parameters.rope_theta");
+        assert!(r.contains("100000"), "{r}");
     }
 
     #[test]
