@@ -353,6 +353,27 @@ fn embedding_rope_gather_match_cpu() {
         g.rope(&mut gq, &gtab, &gs, dims);
         let got = g.download(&gq, 8 * dims.qkv_width()).unwrap();
         assert_close(&format!("rope {nh}/{nkv} d{hd}"), &got, &qkv, 1e-2, 1e-2);
+
+        // Qwen3's per-head q/k RMSNorm (the V heads are left alone).
+        let hs = [hd];
+        let (qw, kw) = (rand_vec(hd, 23, 1.0), rand_vec(hd, 24, 1.0));
+        let (cqw, ckw) = (
+            cpu.load_weight(tensor(&hs, &qw)).unwrap(),
+            cpu.load_weight(tensor(&hs, &kw)).unwrap(),
+        );
+        let (gqw, gkw) = (
+            g.load_weight(tensor(&hs, &qw)).unwrap(),
+            g.load_weight(tensor(&hs, &kw)).unwrap(),
+        );
+        let mut qkv: Vec<f32> = rand_vec(8 * dims.qkv_width(), 25, 3.0)
+            .into_iter()
+            .map(bf16)
+            .collect();
+        let mut gq = g.upload(&qkv).unwrap();
+        cpu.qk_norm(&mut qkv, &cqw, &ckw, 1e-6, 8, dims);
+        g.qk_norm(&mut gq, &gqw, &gkw, 1e-6, 8, dims);
+        let got = g.download(&gq, 8 * dims.qkv_width()).unwrap();
+        assert_close(&format!("qk_norm {nh}/{nkv} d{hd}"), &got, &qkv, 2e-2, 2e-2);
     }
 }
 

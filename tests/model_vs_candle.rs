@@ -161,6 +161,11 @@ fn generated_qwen2_matches_candle() {
 }
 
 #[test]
+fn generated_qwen3_matches_candle() {
+    generated(Arch::Qwen3, DType::BF16, true);
+}
+
+#[test]
 fn generated_smollm_matches_candle() {
     generated(Arch::SmolLm, DType::F32, true);
 }

@@ -352,6 +352,17 @@ pub trait Backend: Send + Sync + 'static {
         step: &Self::Step,
         dims: AttnDims,
     );
+    /// RMS-normalizes each query head of `qkv`'s first `rows` rows with `q_weight` and each key
+    /// head with `k_weight` (both `[head_dim]`), in place (Qwen3's `q_norm`/`k_norm`).
+    fn qk_norm(
+        &self,
+        qkv: &mut Self::Buffer,
+        q_weight: &Self::Weight,
+        k_weight: &Self::Weight,
+        eps: f32,
+        rows: usize,
+        dims: AttnDims,
+    );
     /// `out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]`.
     fn silu_mul(&self, gate_up: &Self::Buffer, out: &mut Self::Buffer, rows: usize, inter: usize);
     /// Writes each token's K and V (from `qkv`) into its cache slot.

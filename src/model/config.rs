@@ -1,8 +1,9 @@
 //! `config.json` of a Hugging Face checkpoint, parsed into a validated [`ModelConfig`].
 //!
 //! Supported: `LlamaForCausalLM` (Llama 2, Llama 3.x with `rope_scaling` type `llama3`,
-//! SmolLM/SmolLM2), `MistralForCausalLM` (optional sliding window) and `Qwen2ForCausalLM`
-//! (q/k/v bias). All are the same decoder with pre-RMSNorm, rotary embeddings (HF
+//! SmolLM/SmolLM2), `MistralForCausalLM` (optional sliding window), `Qwen2ForCausalLM`
+//! (q/k/v bias) and `Qwen3ForCausalLM` (per-head RMSNorm of q and k before the rotary
+//! embedding). All are the same decoder with pre-RMSNorm, rotary embeddings (HF
 //! "rotate_half" layout), grouped-query attention and a SiLU-gated MLP.
 use super::ModelError;
 use serde::Deserialize;
@@ -13,6 +14,7 @@ pub enum Architecture {
     Llama,
     Mistral,
     Qwen2,
+    Qwen3,
 }
 
 impl Architecture {
@@ -21,6 +23,7 @@ impl Architecture {
             "LlamaForCausalLM" => Some(Self::Llama),
             "MistralForCausalLM" => Some(Self::Mistral),
             "Qwen2ForCausalLM" => Some(Self::Qwen2),
+            "Qwen3ForCausalLM" => Some(Self::Qwen3),
             _ => None,
         }
     }
@@ -59,6 +62,9 @@ pub struct ModelConfig {
     pub qkv_bias: bool,
     /// o_proj carries a bias (Llama with `attention_bias`).
     pub o_bias: bool,
+    /// Each query and key head is RMS-normalized (`q_norm`, `k_norm`, `[head_dim]` weights)
+    /// before the rotary embedding (Qwen3).
+    pub qk_norm: bool,
     pub sliding_window: Option<usize>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -271,7 +277,9 @@ impl ModelConfig {
         };
         let sliding_window = match architecture {
             Architecture::Mistral => raw.sliding_window,
-            Architecture::Qwen2 if raw.use_sliding_window == Some(true) => raw.sliding_window,
+            Architecture::Qwen2 | Architecture::Qwen3 if raw.use_sliding_window == Some(true) => {
+                raw.sliding_window
+            }
             _ => None,
         };
         let attention_bias = raw.attention_bias.unwrap_or(false);
@@ -292,6 +300,7 @@ impl ModelConfig {
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: architecture == Architecture::Qwen2 || attention_bias,
             o_bias: architecture == Architecture::Llama && attention_bias,
+            qk_norm: architecture == Architecture::Qwen3,
             sliding_window,
             bos_token_id: raw.bos_token_id,
             eos_token_ids: match raw.eos_token_id {

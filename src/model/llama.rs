@@ -1,7 +1,8 @@
-//! The decoder forward shared by Llama, Mistral, Qwen2 and SmolLM, written once over
+//! The decoder forward shared by Llama, Mistral, Qwen2, Qwen3 and SmolLM, written once over
 //! [`Backend`].
 //!
-//! Per layer: `x = rms_norm(h)`, fused `qkv = x·Wqkvᵀ (+b)`, rotary on q and k, K/V written to
+//! Per layer: `x = rms_norm(h)`, fused `qkv = x·Wqkvᵀ (+b)`, per-head RMSNorm of q and k
+//! where the model has it (Qwen3), rotary on q and k, K/V written to
 //! the paged cache, paged attention (decode rows, then prefill rows), `h += attn·Woᵀ`,
 //! `x = rms_norm(h)`, `h += down(silu(gate(x)) * up(x))`. The residual add is fused into the
 //! next norm. Only the rows in `plan.logits_indices` go through the final norm's output to the
@@ -32,6 +33,8 @@ struct Layer<B: Backend> {
     /// `[(heads + 2 * kv_heads) * head_dim, hidden]`
     qkv: B::Weight,
     qkv_bias: Option<B::Weight>,
+    /// Per-head RMSNorm weights of q and k, `[head_dim]` each (Qwen3).
+    qk_norm: Option<(B::Weight, B::Weight)>,
     /// `[hidden, heads * head_dim]`
     o: B::Weight,
     o_bias: Option<B::Weight>,
@@ -152,6 +155,14 @@ impl<B: Backend> Model<B> {
                     (format!("{attn}.v_proj.weight"), vec![nkv * hd, h]),
                 ])?,
                 qkv_bias,
+                qk_norm: if c.qk_norm {
+                    Some((
+                        ld.one(&format!("{attn}.q_norm.weight"), &[hd])?,
+                        ld.one(&format!("{attn}.k_norm.weight"), &[hd])?,
+                    ))
+                } else {
+                    None
+                },
                 o: ld.one(&format!("{attn}.o_proj.weight"), &[h, nh * hd])?,
                 o_bias: if c.o_bias {
                     Some(ld.one(&format!("{attn}.o_proj.bias"), &[h])?)
@@ -311,6 +322,9 @@ impl<B: Backend> Model<B> {
                     &mut ws.qkv,
                     n,
                 );
+                if let Some((qn, kn)) = &layer.qk_norm {
+                    b.qk_norm(&mut ws.qkv, qn, kn, eps, n, dims);
+                }
                 b.rope(&mut ws.qkv, cos_sin, &step, dims);
                 b.write_kv(&ws.qkv, &mut layer.kv_cache, &step, dims);
                 b.paged_attention_decode(&ws.qkv, &layer.kv_cache, &step, dims, &mut ws.attn);

@@ -57,15 +57,19 @@ pub enum Arch {
     Qwen2,
     /// SmolLM/SmolLM2: a `LlamaForCausalLM` with tied embeddings.
     SmolLm,
+    /// `Qwen3ForCausalLM`: no q/k/v bias, per-head RMSNorm of q and k (`q_norm`, `k_norm`),
+    /// an explicit `head_dim`, tied embeddings.
+    Qwen3,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 5] = [
+    pub const ALL: [Arch; 6] = [
         Arch::Llama,
         Arch::Llama3,
         Arch::Mistral,
         Arch::Qwen2,
         Arch::SmolLm,
+        Arch::Qwen3,
     ];
 
     /// The single entry of `architectures` in config.json.
@@ -74,6 +78,7 @@ impl Arch {
             Arch::Llama | Arch::Llama3 | Arch::SmolLm => "LlamaForCausalLM",
             Arch::Mistral => "MistralForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
+            Arch::Qwen3 => "Qwen3ForCausalLM",
         }
     }
 
@@ -83,12 +88,13 @@ impl Arch {
             Arch::Llama | Arch::Llama3 | Arch::SmolLm => "llama",
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
+            Arch::Qwen3 => "qwen3",
         }
     }
 
     /// Whether `lm_head.weight` is absent and the output projection reuses the embedding.
     pub fn tie_word_embeddings(self) -> bool {
-        matches!(self, Arch::Qwen2 | Arch::SmolLm)
+        matches!(self, Arch::Qwen2 | Arch::SmolLm | Arch::Qwen3)
     }
 
     /// Whether q/k/v projections carry a bias (`*.bias` tensors).
@@ -98,7 +104,12 @@ impl Arch {
 
     /// Whether the tokenizer prepends BOS on `encode(text, add_special_tokens = true)`.
     pub fn adds_bos(self) -> bool {
-        !matches!(self, Arch::Qwen2)
+        !matches!(self, Arch::Qwen2 | Arch::Qwen3)
+    }
+
+    /// Whether each query and key head is RMS-normalized (`q_norm`/`k_norm` tensors).
+    pub fn qk_norm(self) -> bool {
+        matches!(self, Arch::Qwen3)
     }
 }
 
@@ -185,13 +196,13 @@ impl TinyModelSpec {
             Arch::Llama => 10_000.0,
             Arch::Llama3 => 500_000.0,
             Arch::SmolLm => 100_000.0,
-            Arch::Mistral | Arch::Qwen2 => 1_000_000.0,
+            Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 => 1_000_000.0,
         }
     }
 
     pub fn rms_norm_eps(&self) -> f64 {
         match self.arch {
-            Arch::Qwen2 => 1e-6,
+            Arch::Qwen2 | Arch::Qwen3 => 1e-6,
             _ => 1e-5,
         }
     }

@@ -5,11 +5,12 @@
 //! feeding the prompt one token at a time through candle's KV cache; the self-check tests show
 //! that this agrees with a single full-prompt forward. Dispatch is on config.json's
 //! `architectures`: Llama (incl. SmolLM and Llama 3 rope scaling) → `models::llama`, Mistral →
-//! `models::mistral`, Qwen2 → `models::qwen2::ModelForCausalLM`.
+//! `models::mistral`, Qwen2 → `models::qwen2::ModelForCausalLM`, Qwen3 →
+//! `models::qwen3::ModelForCausalLM`.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{llama, mistral, qwen2};
+use candle_transformers::models::{llama, mistral, qwen2, qwen3};
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
@@ -25,6 +26,7 @@ enum Oracle {
     },
     Mistral(mistral::Model),
     Qwen2(qwen2::ModelForCausalLM),
+    Qwen3(qwen3::ModelForCausalLM),
 }
 
 /// The safetensors files of a checkpoint: the index's shards, or `model.safetensors`.
@@ -85,6 +87,10 @@ impl Oracle {
                 let config: qwen2::Config = ok(serde_json::from_value(config), "qwen2 config");
                 Oracle::Qwen2(ok(qwen2::ModelForCausalLM::new(&config, vb), "load qwen2"))
             }
+            "Qwen3ForCausalLM" => {
+                let config: qwen3::Config = ok(serde_json::from_value(config), "qwen3 config");
+                Oracle::Qwen3(ok(qwen3::ModelForCausalLM::new(&config, vb), "load qwen3"))
+            }
             other => panic!("candle oracle: unsupported architecture {other:?}"),
         }
     }
@@ -98,6 +104,7 @@ impl Oracle {
             Oracle::Llama { model, cache, .. } => model.forward(&input, pos, cache),
             Oracle::Mistral(model) => model.forward(&input, pos),
             Oracle::Qwen2(model) => model.forward(&input, pos),
+            Oracle::Qwen3(model) => model.forward(&input, pos),
         };
         let logits = ok(logits, "forward");
         let flat = ok(logits.flatten_all(), "flatten logits");
@@ -114,6 +121,7 @@ impl Oracle {
             }
             Oracle::Mistral(model) => model.clear_kv_cache(),
             Oracle::Qwen2(model) => model.clear_kv_cache(),
+            Oracle::Qwen3(model) => model.clear_kv_cache(),
         }
     }
 }

@@ -108,6 +108,15 @@ fn tensor_defs(spec: &TinyModelSpec) -> Vec<TensorDef> {
                 ));
             }
         }
+        if spec.arch.qk_norm() {
+            for which in ["q", "k"] {
+                defs.push(def(
+                    format!("{p}.self_attn.{which}_norm.weight"),
+                    vec![spec.head_dim()],
+                    Init::Norm,
+                ));
+            }
+        }
         defs.push(def(
             format!("{p}.self_attn.o_proj.weight"),
             vec![h, q_out],
@@ -405,6 +414,14 @@ fn config_json(spec: &TinyModelSpec) -> serde_json::Value {
             },
         }),
         Arch::Mistral => json!({ "head_dim": spec.head_dim(), "sliding_window": null }),
+        Arch::Qwen3 => json!({
+            "attention_bias": false,
+            "head_dim": spec.head_dim(),
+            "max_window_layers": spec.layers,
+            "rope_scaling": null,
+            "sliding_window": null,
+            "use_sliding_window": false,
+        }),
         Arch::Qwen2 => json!({
             "max_window_layers": spec.layers,
             "rope_scaling": null,

@@ -218,6 +218,34 @@ impl Backend for CpuBackend {
             });
     }
 
+    fn qk_norm(
+        &self,
+        qkv: &mut Vec<f32>,
+        q_weight: &CpuWeight,
+        k_weight: &CpuWeight,
+        eps: f32,
+        rows: usize,
+        dims: AttnDims,
+    ) {
+        let width = dims.qkv_width();
+        let hd = dims.head_dim;
+        qkv[..rows * width].par_chunks_mut(width).for_each(|row| {
+            let mut tmp = vec![0f32; hd];
+            for (h, head) in row[..(dims.num_heads + dims.num_kv_heads) * hd]
+                .chunks_mut(hd)
+                .enumerate()
+            {
+                let w = if h < dims.num_heads {
+                    &q_weight.data
+                } else {
+                    &k_weight.data
+                };
+                tmp.copy_from_slice(head);
+                rms_norm_row(&tmp, w, eps, head);
+            }
+        });
+    }
+
     fn silu_mul(&self, gate_up: &Vec<f32>, out: &mut Vec<f32>, rows: usize, inter: usize) {
         out[..rows * inter]
             .par_chunks_mut(inter)

@@ -1132,6 +1132,43 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn qk_norm(
+        &self,
+        qkv: &mut CudaBuffer,
+        q_weight: &CudaWeight,
+        k_weight: &CudaWeight,
+        eps: f32,
+        rows: usize,
+        dims: AttnDims,
+    ) {
+        let (Some(qw), Some(kw)) = (
+            self.bf16_weight(q_weight, "qk_norm"),
+            self.bf16_weight(k_weight, "qk_norm"),
+        ) else {
+            return;
+        };
+        if rows == 0 {
+            return;
+        }
+        let (nh, nkv, hd) = (
+            dims.num_heads as i32,
+            dims.num_kv_heads as i32,
+            dims.head_dim as i32,
+        );
+        let mut b = self.stream.launch_builder(self.func("qk_norm_bf16"));
+        b.arg(&mut *qkv)
+            .arg(qw)
+            .arg(kw)
+            .arg(&nh)
+            .arg(&nkv)
+            .arg(&hd)
+            .arg(&eps);
+        // SAFETY: matches `qk_norm_bf16`; the weights are `[head_dim]` (checked at load).
+        if let Err(e) = unsafe { b.launch(Self::rows(rows, 128)) } {
+            self.record("qk_norm", e);
+        }
+    }
+
     fn silu_mul(&self, gate_up: &CudaBuffer, out: &mut CudaBuffer, rows: usize, inter: usize) {
         if rows == 0 {
             return;

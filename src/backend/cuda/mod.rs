@@ -67,7 +67,10 @@ pub const KERNEL_ENTRIES: &[(&str, &[&str])] = &[
     ),
     ("embedding.cu", &["embedding_bf16", "gather_rows_bf16"]),
     ("kv_cache.cu", &["write_kv_bf16"]),
-    ("norm.cu", &["rms_norm_bf16", "add_rms_norm_bf16"]),
+    (
+        "norm.cu",
+        &["rms_norm_bf16", "add_rms_norm_bf16", "qk_norm_bf16"],
+    ),
     ("rotary.cu", &["rope_bf16"]),
     (
         "sampling.cu",
