@@ -78,9 +78,26 @@ fn checkpoint_layout_matches_hugging_face() {
         assert_eq!(has_bias, arch == Arch::Qwen2, "{arch:?}");
         let shape_of = |n: &str| tensors.iter().find(|t| t.0 == n).map(|t| t.2.clone());
         let kv_out = spec.kv_heads * spec.head_dim();
+        if arch.fused_projections() {
+            assert_eq!(
+                shape_of("model.layers.0.self_attn.qkv_proj.weight"),
+                Some(vec![spec.hidden + 2 * kv_out, spec.hidden])
+            );
+            assert_eq!(
+                shape_of("model.layers.0.mlp.gate_up_proj.weight"),
+                Some(vec![2 * spec.intermediate, spec.hidden])
+            );
+            assert!(!names.contains("model.layers.0.self_attn.k_proj.weight"));
+        } else {
+            assert_eq!(
+                shape_of("model.layers.0.self_attn.k_proj.weight"),
+                Some(vec![kv_out, spec.hidden])
+            );
+        }
         assert_eq!(
-            shape_of("model.layers.0.self_attn.k_proj.weight"),
-            Some(vec![kv_out, spec.hidden])
+            names.contains("model.layers.0.self_attn.q_norm.weight"),
+            arch.qk_norm(),
+            "{arch:?}"
         );
         assert_eq!(
             shape_of("model.layers.0.self_attn.o_proj.weight"),

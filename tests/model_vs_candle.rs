@@ -166,6 +166,11 @@ fn generated_qwen3_matches_candle() {
 }
 
 #[test]
+fn generated_phi3_matches_candle() {
+    generated(Arch::Phi3, DType::F16, false);
+}
+
+#[test]
 fn generated_smollm_matches_candle() {
     generated(Arch::SmolLm, DType::F32, true);
 }

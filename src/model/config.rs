@@ -2,8 +2,9 @@
 //!
 //! Supported: `LlamaForCausalLM` (Llama 2, Llama 3.x with `rope_scaling` type `llama3`,
 //! SmolLM/SmolLM2), `MistralForCausalLM` (optional sliding window), `Qwen2ForCausalLM`
-//! (q/k/v bias) and `Qwen3ForCausalLM` (per-head RMSNorm of q and k before the rotary
-//! embedding). All are the same decoder with pre-RMSNorm, rotary embeddings (HF
+//! (q/k/v bias), `Qwen3ForCausalLM` (per-head RMSNorm of q and k before the rotary
+//! embedding) and `Phi3ForCausalLM` (Phi-3/Phi-4: fused q/k/v and gate/up weights; LongRoPE
+//! and partial rotary are refused). All are the same decoder with pre-RMSNorm, rotary embeddings (HF
 //! "rotate_half" layout), grouped-query attention and a SiLU-gated MLP.
 use super::ModelError;
 use serde::Deserialize;
@@ -15,6 +16,8 @@ pub enum Architecture {
     Mistral,
     Qwen2,
     Qwen3,
+    /// Phi-3 and Phi-4: fused `qkv_proj` and `gate_up_proj` weights.
+    Phi3,
 }
 
 impl Architecture {
@@ -24,6 +27,7 @@ impl Architecture {
             "MistralForCausalLM" => Some(Self::Mistral),
             "Qwen2ForCausalLM" => Some(Self::Qwen2),
             "Qwen3ForCausalLM" => Some(Self::Qwen3),
+            "Phi3ForCausalLM" => Some(Self::Phi3),
             _ => None,
         }
     }
@@ -109,6 +113,8 @@ struct RawConfig {
     attention_bias: Option<bool>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
+    /// Phi-4-mini's partial rotary embedding (refused unless 1).
+    partial_rotary_factor: Option<f64>,
     hidden_act: Option<String>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<OneOrMany>,
@@ -243,6 +249,14 @@ impl ModelConfig {
                 });
             }
         }
+        if let Some(f) = raw.partial_rotary_factor {
+            if f != 1.0 {
+                return Err(ModelError::ConfigField {
+                    field: "partial_rotary_factor",
+                    reason: format!("{f} is not supported (only 1.0: every dimension rotated)"),
+                });
+            }
+        }
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
         let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads")?;
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
@@ -270,7 +284,10 @@ impl ModelConfig {
                 other => {
                     return Err(ModelError::ConfigField {
                         field: "rope_scaling",
-                        reason: format!("type {other:?} is not supported (llama3, linear)"),
+                        reason: format!(
+                            "type {other:?} is not supported (llama3, linear; Phi-3's longrope \
+                             is not implemented)"
+                        ),
                     })
                 }
             },
@@ -280,6 +297,7 @@ impl ModelConfig {
             Architecture::Qwen2 | Architecture::Qwen3 if raw.use_sliding_window == Some(true) => {
                 raw.sliding_window
             }
+            Architecture::Phi3 => raw.sliding_window,
             _ => None,
         };
         let attention_bias = raw.attention_bias.unwrap_or(false);
@@ -431,6 +449,11 @@ impl ModelConfig {
             );
         }
         Ok(())
+    }
+
+    /// Whether q/k/v and gate/up are stored as single `qkv_proj` and `gate_up_proj` tensors.
+    pub fn fused_projections(&self) -> bool {
+        self.architecture == Architecture::Phi3
     }
 
     /// Inverse rotary frequencies `[head_dim / 2]`, with `rope_scaling` applied.
@@ -590,6 +613,42 @@ mod tests {
         let (f, r) = field_of(&both);
         assert_eq!(f, "rope_parameters.rope_theta");
         assert!(r.contains("100000"), "{r}");
+    }
+
+    #[test]
+    fn phi3_reads_fused_and_refuses_longrope_and_partial_rotary() {
+        let phi = SMOLLM2
+            .replace("LlamaForCausalLM", "Phi3ForCausalLM")
+            .replace(
+                "\"tie_word_embeddings\":true",
+                "\"tie_word_embeddings\":false,\"sliding_window\":2047",
+            );
+        let c = ModelConfig::from_json(&phi).unwrap();
+        assert_eq!(c.architecture, Architecture::Phi3);
+        assert!(c.fused_projections());
+        assert_eq!(c.sliding_window, Some(2047));
+        let longrope = phi.replace(
+            "\"rope_scaling\":null",
+            "\"rope_scaling\":{\"type\":\"longrope\",\"short_factor\":[1.0],\"long_factor\":[2.0]}",
+        );
+        match ModelConfig::from_json(&longrope) {
+            Err(ModelError::ConfigField { field, reason }) => {
+                assert_eq!(field, "rope_scaling");
+                assert!(reason.contains("longrope"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let partial = phi.replace(
+            "\"rope_scaling\":null",
+            "\"rope_scaling\":null,\"partial_rotary_factor\":0.75",
+        );
+        assert!(matches!(
+            ModelConfig::from_json(&partial),
+            Err(ModelError::ConfigField {
+                field: "partial_rotary_factor",
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! next norm. Only the rows in `plan.logits_indices` go through the final norm's output to the
 //! LM head.
 //!
-//! q/k/v and gate/up weights are concatenated at load time so each is one matmul.
+//! q/k/v and gate/up weights are concatenated at load time so each is one matmul (Phi-3
+//! stores them fused already: `qkv_proj`, `gate_up_proj` with gate rows first).
 use super::{ModelConfig, ModelError, ModelRunner, WeightFiles};
 use crate::backend::cpu::sampling::{sample_row, RowSampling};
 use crate::backend::{AttnDims, Backend, BatchPlan, KvCacheDims};
@@ -149,11 +150,18 @@ impl<B: Backend> Model<B> {
             };
             layers.push(Layer {
                 input_norm: ld.one(&format!("{p}.input_layernorm.weight"), &[h])?,
-                qkv: ld.rows(&[
-                    (format!("{attn}.q_proj.weight"), vec![nh * hd, h]),
-                    (format!("{attn}.k_proj.weight"), vec![nkv * hd, h]),
-                    (format!("{attn}.v_proj.weight"), vec![nkv * hd, h]),
-                ])?,
+                qkv: if c.fused_projections() {
+                    ld.rows(&[(
+                        format!("{attn}.qkv_proj.weight"),
+                        vec![(nh + 2 * nkv) * hd, h],
+                    )])?
+                } else {
+                    ld.rows(&[
+                        (format!("{attn}.q_proj.weight"), vec![nh * hd, h]),
+                        (format!("{attn}.k_proj.weight"), vec![nkv * hd, h]),
+                        (format!("{attn}.v_proj.weight"), vec![nkv * hd, h]),
+                    ])?
+                },
                 qkv_bias,
                 qk_norm: if c.qk_norm {
                     Some((
@@ -170,10 +178,14 @@ impl<B: Backend> Model<B> {
                     None
                 },
                 post_norm: ld.one(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                gate_up: ld.rows(&[
-                    (format!("{p}.mlp.gate_proj.weight"), vec![inter, h]),
-                    (format!("{p}.mlp.up_proj.weight"), vec![inter, h]),
-                ])?,
+                gate_up: if c.fused_projections() {
+                    ld.rows(&[(format!("{p}.mlp.gate_up_proj.weight"), vec![2 * inter, h])])?
+                } else {
+                    ld.rows(&[
+                        (format!("{p}.mlp.gate_proj.weight"), vec![inter, h]),
+                        (format!("{p}.mlp.up_proj.weight"), vec![inter, h]),
+                    ])?
+                },
                 down: ld.one(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
                 kv_cache: backend.alloc_kv_cache(kv_dims)?,
             });

@@ -1,6 +1,6 @@
 //! Models: Hugging Face configuration and weights, and the transformer forward.
 //!
-//! [`llama::Model`] is the one forward (Llama, Mistral, Qwen2, Qwen3, SmolLM), generic over the
+//! [`llama::Model`] is the one forward (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM), generic over the
 //! [`Backend`](crate::backend::Backend); [`ModelRunner`] erases the backend type for the engine.
 pub mod config;
 pub mod hub;
@@ -25,7 +25,7 @@ pub enum ModelError {
     ConfigParse { reason: String },
     #[error("config.json field {field}: {reason}")]
     ConfigField { field: &'static str, reason: String },
-    #[error("unknown architecture {architectures:?} (model_type {model_type:?}); supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM")]
+    #[error("unknown architecture {architectures:?} (model_type {model_type:?}); supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM")]
     UnknownArchitecture {
         architectures: Vec<String>,
         model_type: Option<String>,

@@ -60,16 +60,19 @@ pub enum Arch {
     /// `Qwen3ForCausalLM`: no q/k/v bias, per-head RMSNorm of q and k (`q_norm`, `k_norm`),
     /// an explicit `head_dim`, tied embeddings.
     Qwen3,
+    /// `Phi3ForCausalLM` (Phi-3, Phi-4): fused `qkv_proj` and `gate_up_proj`, untied.
+    Phi3,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 6] = [
+    pub const ALL: [Arch; 7] = [
         Arch::Llama,
         Arch::Llama3,
         Arch::Mistral,
         Arch::Qwen2,
         Arch::SmolLm,
         Arch::Qwen3,
+        Arch::Phi3,
     ];
 
     /// The single entry of `architectures` in config.json.
@@ -79,6 +82,7 @@ impl Arch {
             Arch::Mistral => "MistralForCausalLM",
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
+            Arch::Phi3 => "Phi3ForCausalLM",
         }
     }
 
@@ -89,6 +93,7 @@ impl Arch {
             Arch::Mistral => "mistral",
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
+            Arch::Phi3 => "phi3",
         }
     }
 
@@ -105,6 +110,11 @@ impl Arch {
     /// Whether the tokenizer prepends BOS on `encode(text, add_special_tokens = true)`.
     pub fn adds_bos(self) -> bool {
         !matches!(self, Arch::Qwen2 | Arch::Qwen3)
+    }
+
+    /// Whether q/k/v and gate/up are stored fused (`qkv_proj`, `gate_up_proj`).
+    pub fn fused_projections(self) -> bool {
+        matches!(self, Arch::Phi3)
     }
 
     /// Whether each query and key head is RMS-normalized (`q_norm`/`k_norm` tensors).
@@ -193,7 +203,7 @@ impl TinyModelSpec {
 
     pub fn rope_theta(&self) -> f64 {
         match self.arch {
-            Arch::Llama => 10_000.0,
+            Arch::Llama | Arch::Phi3 => 10_000.0,
             Arch::Llama3 => 500_000.0,
             Arch::SmolLm => 100_000.0,
             Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 => 1_000_000.0,

@@ -6,11 +6,11 @@
 //! that this agrees with a single full-prompt forward. Dispatch is on config.json's
 //! `architectures`: Llama (incl. SmolLM and Llama 3 rope scaling) → `models::llama`, Mistral →
 //! `models::mistral`, Qwen2 → `models::qwen2::ModelForCausalLM`, Qwen3 →
-//! `models::qwen3::ModelForCausalLM`.
+//! `models::qwen3::ModelForCausalLM`, Phi-3 → `models::phi3::Model`.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{llama, mistral, qwen2, qwen3};
+use candle_transformers::models::{llama, mistral, phi3, qwen2, qwen3};
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
@@ -27,6 +27,7 @@ enum Oracle {
     Mistral(mistral::Model),
     Qwen2(qwen2::ModelForCausalLM),
     Qwen3(qwen3::ModelForCausalLM),
+    Phi3(phi3::Model),
 }
 
 /// The safetensors files of a checkpoint: the index's shards, or `model.safetensors`.
@@ -91,6 +92,10 @@ impl Oracle {
                 let config: qwen3::Config = ok(serde_json::from_value(config), "qwen3 config");
                 Oracle::Qwen3(ok(qwen3::ModelForCausalLM::new(&config, vb), "load qwen3"))
             }
+            "Phi3ForCausalLM" => {
+                let config: phi3::Config = ok(serde_json::from_value(config), "phi3 config");
+                Oracle::Phi3(ok(phi3::Model::new(&config, vb), "load phi3"))
+            }
             other => panic!("candle oracle: unsupported architecture {other:?}"),
         }
     }
@@ -105,6 +110,7 @@ impl Oracle {
             Oracle::Mistral(model) => model.forward(&input, pos),
             Oracle::Qwen2(model) => model.forward(&input, pos),
             Oracle::Qwen3(model) => model.forward(&input, pos),
+            Oracle::Phi3(model) => model.forward(&input, pos),
         };
         let logits = ok(logits, "forward");
         let flat = ok(logits.flatten_all(), "flatten logits");
@@ -122,6 +128,7 @@ impl Oracle {
             Oracle::Mistral(model) => model.clear_kv_cache(),
             Oracle::Qwen2(model) => model.clear_kv_cache(),
             Oracle::Qwen3(model) => model.clear_kv_cache(),
+            Oracle::Phi3(model) => model.clear_kv_cache(),
         }
     }
 }

@@ -94,7 +94,14 @@ fn tensor_defs(spec: &TinyModelSpec) -> Vec<TensorDef> {
     for l in 0..spec.layers {
         let p = format!("model.layers.{l}");
         let attn = [("q", q_out, qk), ("k", kv_out, qk), ("v", kv_out, proj)];
-        for (which, out, init) in attn {
+        if spec.arch.fused_projections() {
+            defs.push(def(
+                format!("{p}.self_attn.qkv_proj.weight"),
+                vec![q_out + 2 * kv_out, h],
+                qk,
+            ));
+        }
+        for (which, out, init) in attn.into_iter().filter(|_| !spec.arch.fused_projections()) {
             defs.push(def(
                 format!("{p}.self_attn.{which}_proj.weight"),
                 vec![out, h],
@@ -122,8 +129,16 @@ fn tensor_defs(spec: &TinyModelSpec) -> Vec<TensorDef> {
             vec![h, q_out],
             out,
         ));
-        defs.push(def(format!("{p}.mlp.gate_proj.weight"), vec![i, h], proj));
-        defs.push(def(format!("{p}.mlp.up_proj.weight"), vec![i, h], proj));
+        if spec.arch.fused_projections() {
+            defs.push(def(
+                format!("{p}.mlp.gate_up_proj.weight"),
+                vec![2 * i, h],
+                proj,
+            ));
+        } else {
+            defs.push(def(format!("{p}.mlp.gate_proj.weight"), vec![i, h], proj));
+            defs.push(def(format!("{p}.mlp.up_proj.weight"), vec![i, h], proj));
+        }
         defs.push(def(format!("{p}.mlp.down_proj.weight"), vec![h, i], out));
         defs.push(def(
             format!("{p}.input_layernorm.weight"),
@@ -414,6 +429,14 @@ fn config_json(spec: &TinyModelSpec) -> serde_json::Value {
             },
         }),
         Arch::Mistral => json!({ "head_dim": spec.head_dim(), "sliding_window": null }),
+        Arch::Phi3 => json!({
+            "attention_bias": false,
+            "embd_pdrop": 0.0,
+            "original_max_position_embeddings": spec.max_pos,
+            "resid_pdrop": 0.0,
+            "rope_scaling": null,
+            "sliding_window": null,
+        }),
         Arch::Qwen3 => json!({
             "attention_bias": false,
             "head_dim": spec.head_dim(),
