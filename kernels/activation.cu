@@ -24,3 +24,27 @@ extern "C" __global__ void add_bias_bf16(bf16* __restrict__ x, const bf16* __res
         x[k] = f32_to_bf16(bf16_to_f32(x[k]) + bf16_to_f32(bias[k % n]));
     }
 }
+
+// out[t, i] = gelu_tanh(gu[t, i]) * gu[t, inter + i] (GeGLU, Gemma); grid-stride.
+// CPU reference: `gelu_tanh_mul` in src/backend/cpu/mod.rs.
+extern "C" __global__ void gelu_tanh_mul_bf16(const bf16* __restrict__ gu,
+                                              bf16* __restrict__ out, int rows, int inter) {
+    const long n = (long)rows * inter;
+    for (long k = (long)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+         k += (long)gridDim.x * blockDim.x) {
+        const long t = k / inter, i = k - t * inter;
+        const float g = bf16_to_f32(gu[t * 2 * inter + i]);
+        const float u = bf16_to_f32(gu[t * 2 * inter + inter + i]);
+        const float a = 0.5f * g * (1.0f + tanhf(0.7978845608f * (g + 0.044715f * g * g * g)));
+        out[k] = f32_to_bf16(a * u);
+    }
+}
+
+// x[k] *= factor for k < n (Gemma's embedding scale); grid-stride.
+// CPU reference: `scale` in src/backend/cpu/mod.rs.
+extern "C" __global__ void scale_bf16(bf16* __restrict__ x, long n, float factor) {
+    for (long k = (long)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+         k += (long)gridDim.x * blockDim.x) {
+        x[k] = f32_to_bf16(bf16_to_f32(x[k]) * factor);
+    }
+}

@@ -116,6 +116,25 @@ fn norms_activation_matmul_match_cpu() {
         g.silu_mul(&g.upload(&gu).unwrap(), &mut gout, rows, inter);
         let got = g.download(&gout, rows * inter).unwrap();
         assert_close(&format!("silu_mul {rows}x{inter}"), &got, &cout, 1e-2, 1e-2);
+
+        cpu.gelu_tanh_mul(&gu, &mut cout, rows, inter);
+        g.gelu_tanh_mul(&g.upload(&gu).unwrap(), &mut gout, rows, inter);
+        let got = g.download(&gout, rows * inter).unwrap();
+        assert_close(
+            &format!("gelu_tanh_mul {rows}x{inter}"),
+            &got,
+            &cout,
+            1e-2,
+            1e-2,
+        );
+
+        // Gemma's embedding scale, √hidden.
+        let mut x = gu.clone();
+        let mut gx = g.upload(&x).unwrap();
+        cpu.scale(&mut x, rows * inter, 33.94);
+        g.scale(&mut gx, rows * inter, 33.94);
+        let got = g.download(&gx, rows * 2 * inter).unwrap();
+        assert_close(&format!("scale {rows}x{inter}"), &got, &x, 1e-2, 1e-2);
     }
     for (m, n, k, with_bias) in [
         (1, 64, 64, false),

@@ -171,6 +171,11 @@ fn generated_phi3_matches_candle() {
 }
 
 #[test]
+fn generated_gemma3_matches_candle() {
+    generated(Arch::Gemma3, DType::BF16, false);
+}
+
+#[test]
 fn generated_smollm_matches_candle() {
     generated(Arch::SmolLm, DType::F32, true);
 }

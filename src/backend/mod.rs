@@ -363,6 +363,16 @@ pub trait Backend: Send + Sync + 'static {
         rows: usize,
         dims: AttnDims,
     );
+    /// `out[t, i] = gelu_tanh(gate_up[t, i]) * gate_up[t, inter + i]` (GeGLU: Gemma).
+    fn gelu_tanh_mul(
+        &self,
+        gate_up: &Self::Buffer,
+        out: &mut Self::Buffer,
+        rows: usize,
+        inter: usize,
+    );
+    /// `x[i] *= factor` for the first `n` elements (Gemma's embedding scale).
+    fn scale(&self, x: &mut Self::Buffer, n: usize, factor: f32);
     /// `out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]`.
     fn silu_mul(&self, gate_up: &Self::Buffer, out: &mut Self::Buffer, rows: usize, inter: usize);
     /// Writes each token's K and V (from `qkv`) into its cache slot.

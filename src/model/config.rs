@@ -18,6 +18,17 @@ pub enum Architecture {
     Qwen3,
     /// Phi-3 and Phi-4: fused `qkv_proj` and `gate_up_proj` weights.
     Phi3,
+    /// Gemma 3 (text): (1 + w) RMSNorm, sandwich norms, GeGLU, embedding scaling, per-head q/k
+    /// norm, sliding-window layers with their own RoPE base between global ones.
+    Gemma3,
+}
+
+/// The MLP's gate activation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`).
+    GeluTanh,
 }
 
 impl Architecture {
@@ -28,6 +39,7 @@ impl Architecture {
             "Qwen2ForCausalLM" => Some(Self::Qwen2),
             "Qwen3ForCausalLM" => Some(Self::Qwen3),
             "Phi3ForCausalLM" => Some(Self::Phi3),
+            "Gemma3ForCausalLM" => Some(Self::Gemma3),
             _ => None,
         }
     }
@@ -67,8 +79,25 @@ pub struct ModelConfig {
     /// o_proj carries a bias (Llama with `attention_bias`).
     pub o_bias: bool,
     /// Each query and key head is RMS-normalized (`q_norm`, `k_norm`, `[head_dim]` weights)
-    /// before the rotary embedding (Qwen3).
+    /// before the rotary embedding (Qwen3, Gemma 3).
     pub qk_norm: bool,
+    /// RMSNorm multiplies by `1 + w` rather than `w` (Gemma).
+    pub norm_offset: bool,
+    /// The attention and MLP outputs are normalized before the residual add
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`), and the MLP input has its own
+    /// norm (`pre_feedforward_layernorm`) (Gemma 2/3).
+    pub sandwich_norms: bool,
+    pub activation: Activation,
+    /// The token embedding is multiplied by this (Gemma: √hidden).
+    pub embed_scale: Option<f32>,
+    /// Attention's softmax scale when not `1/√head_dim` (Gemma's `query_pre_attn_scalar`).
+    pub attn_scale: Option<f32>,
+    /// Which layers attend within `sliding_window` only (all of them when None and a window is
+    /// set, as Mistral).
+    pub sliding_layers: Option<Vec<bool>>,
+    /// The RoPE base of the sliding-window layers, when theirs differs (Gemma 3's
+    /// `rope_local_base_freq`; no scaling applies to them).
+    pub local_rope_theta: Option<f32>,
     pub sliding_window: Option<usize>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
@@ -116,6 +145,14 @@ struct RawConfig {
     /// Phi-4-mini's partial rotary embedding (refused unless 1).
     partial_rotary_factor: Option<f64>,
     hidden_act: Option<String>,
+    /// Gemma's name for the activation.
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    sliding_window_pattern: Option<usize>,
+    layer_types: Option<Vec<String>>,
+    rope_local_base_freq: Option<f32>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<OneOrMany>,
 }
@@ -241,11 +278,30 @@ impl ModelConfig {
                 architectures: names.clone(),
                 model_type: raw.model_type.clone(),
             })?;
-        if let Some(act) = &raw.hidden_act {
-            if act != "silu" {
+        let gemma = architecture == Architecture::Gemma3;
+        let (act_field, act_name) = match (&raw.hidden_activation, &raw.hidden_act) {
+            (Some(a), _) => ("hidden_activation", Some(a.as_str())),
+            (None, a) => ("hidden_act", a.as_deref()),
+        };
+        let activation = match act_name {
+            None if gemma => Activation::GeluTanh,
+            None | Some("silu") => Activation::Silu,
+            Some("gelu_pytorch_tanh" | "gelu_tanh") => Activation::GeluTanh,
+            Some(act) => {
                 return Err(ModelError::ConfigField {
-                    field: "hidden_act",
-                    reason: format!("{act:?} is not supported (only silu)"),
+                    field: act_field,
+                    reason: format!("{act:?} is not supported (silu, gelu_pytorch_tanh)"),
+                })
+            }
+        };
+        for (field, v) in [
+            ("attn_logit_softcapping", raw.attn_logit_softcapping),
+            ("final_logit_softcapping", raw.final_logit_softcapping),
+        ] {
+            if let Some(v) = v {
+                return Err(ModelError::ConfigField {
+                    field,
+                    reason: format!("{v} is not supported (Gemma 2's soft-capping)"),
                 });
             }
         }
@@ -297,7 +353,7 @@ impl ModelConfig {
             Architecture::Qwen2 | Architecture::Qwen3 if raw.use_sliding_window == Some(true) => {
                 raw.sliding_window
             }
-            Architecture::Phi3 => raw.sliding_window,
+            Architecture::Phi3 | Architecture::Gemma3 => raw.sliding_window,
             _ => None,
         };
         let attention_bias = raw.attention_bias.unwrap_or(false);
@@ -318,7 +374,51 @@ impl ModelConfig {
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: architecture == Architecture::Qwen2 || attention_bias,
             o_bias: architecture == Architecture::Llama && attention_bias,
-            qk_norm: architecture == Architecture::Qwen3,
+            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+            norm_offset: gemma,
+            sandwich_norms: gemma,
+            activation,
+            embed_scale: gemma.then(|| (hidden_size as f32).sqrt()),
+            attn_scale: match raw.query_pre_attn_scalar {
+                Some(q) if gemma => Some(1.0 / (q as f32).sqrt()),
+                _ => None,
+            },
+            sliding_layers: if gemma {
+                let layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+                Some(match (&raw.layer_types, raw.sliding_window_pattern) {
+                    (Some(types), _) => {
+                        if types.len() != layers {
+                            return Err(ModelError::ConfigField {
+                                field: "layer_types",
+                                reason: format!("{} entries for {layers} layers", types.len()),
+                            });
+                        }
+                        types
+                            .iter()
+                            .map(|t| match t.as_str() {
+                                "sliding_attention" => Ok(true),
+                                "full_attention" => Ok(false),
+                                other => Err(ModelError::ConfigField {
+                                    field: "layer_types",
+                                    reason: format!("unknown layer type {other:?}"),
+                                }),
+                            })
+                            .collect::<Result<Vec<_>, _>>()?
+                    }
+                    // Gemma 3's default: five sliding layers, then a global one.
+                    (None, p) => {
+                        let p = p.unwrap_or(6).max(1);
+                        (0..layers).map(|l| (l + 1) % p != 0).collect()
+                    }
+                })
+            } else {
+                None
+            },
+            local_rope_theta: if gemma {
+                Some(raw.rope_local_base_freq.unwrap_or(10_000.0))
+            } else {
+                None
+            },
             sliding_window,
             bos_token_id: raw.bos_token_id,
             eos_token_ids: match raw.eos_token_id {
@@ -449,6 +549,25 @@ impl ModelConfig {
             );
         }
         Ok(())
+    }
+
+    /// The sliding window of layer `l` (None: it attends to the whole context).
+    pub fn layer_window(&self, l: usize) -> Option<usize> {
+        match &self.sliding_layers {
+            Some(s) if !s.get(l).copied().unwrap_or(false) => None,
+            _ => self.sliding_window,
+        }
+    }
+
+    /// The rotary table of the sliding-window layers when it differs from the global one.
+    pub fn local_rope_table(&self, max_positions: usize) -> Option<Vec<f32>> {
+        let theta = self.local_rope_theta?;
+        let local = ModelConfig {
+            rope_theta: theta,
+            rope_scaling: None,
+            ..self.clone()
+        };
+        Some(local.rope_table(max_positions))
     }
 
     /// Whether q/k/v and gate/up are stored as single `qkv_proj` and `gate_up_proj` tensors.
@@ -649,6 +768,53 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn gemma3_layers_activation_and_scales_are_read() {
+        let gemma = r#"{"architectures":["Gemma3ForCausalLM"],"hidden_size":1152,
+          "intermediate_size":6912,"num_hidden_layers":6,"num_attention_heads":4,
+          "num_key_value_heads":1,"head_dim":256,"vocab_size":262144,"rms_norm_eps":1e-06,
+          "rope_theta":1000000.0,"rope_local_base_freq":10000.0,"rope_scaling":null,
+          "sliding_window":512,"sliding_window_pattern":6,"query_pre_attn_scalar":256,
+          "hidden_activation":"gelu_pytorch_tanh","final_logit_softcapping":null,
+          "attn_logit_softcapping":null,"max_position_embeddings":32768}"#;
+        let c = ModelConfig::from_json(gemma).unwrap();
+        assert_eq!(c.architecture, Architecture::Gemma3);
+        assert_eq!(c.activation, Activation::GeluTanh);
+        assert!(c.norm_offset && c.sandwich_norms && c.qk_norm);
+        assert_eq!(c.embed_scale, Some(1152f32.sqrt()));
+        assert_eq!(c.attn_scale, Some(1.0 / 16.0));
+        let windows: Vec<_> = (0..6).map(|l| c.layer_window(l)).collect();
+        assert_eq!(
+            windows,
+            [Some(512), Some(512), Some(512), Some(512), Some(512), None]
+        );
+        assert!(c.local_rope_table(8).is_some());
+        // transformers 5 lists the layer types instead.
+        let typed = gemma.replace(
+            "\"sliding_window_pattern\":6",
+            "\"layer_types\":[\"full_attention\",\"sliding_attention\",\"full_attention\",\"sliding_attention\",\"sliding_attention\",\"full_attention\"]",
+        );
+        let c = ModelConfig::from_json(&typed).unwrap();
+        let windows: Vec<_> = (0..6).map(|l| c.layer_window(l).is_some()).collect();
+        assert_eq!(windows, [false, true, false, true, true, false]);
+        // Gemma 2's soft-capping is refused by name.
+        let capped = gemma.replace(
+            "\"final_logit_softcapping\":null",
+            "\"final_logit_softcapping\":30.0",
+        );
+        assert!(matches!(
+            ModelConfig::from_json(&capped),
+            Err(ModelError::ConfigField {
+                field: "final_logit_softcapping",
+                ..
+            })
+        ));
+        // Llama keeps one window for every layer (or none).
+        let llama = ModelConfig::from_json(SMOLLM2).unwrap();
+        assert_eq!(llama.layer_window(3), None);
+        assert_eq!(llama.activation, Activation::Silu);
     }
 
     #[test]

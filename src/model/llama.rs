@@ -39,7 +39,14 @@ struct Layer<B: Backend> {
     /// `[hidden, heads * head_dim]`
     o: B::Weight,
     o_bias: Option<B::Weight>,
+    /// The norm before the MLP (`post_attention_layernorm`; Gemma: `pre_feedforward_layernorm`).
     post_norm: B::Weight,
+    /// Gemma's norms of the attention and MLP outputs before their residual adds
+    /// (`post_attention_layernorm`, `post_feedforward_layernorm`).
+    sandwich: Option<(B::Weight, B::Weight)>,
+    /// This layer's attention (its sliding window) and whether it uses the local rotary table.
+    dims: AttnDims,
+    local_rope: bool,
     /// `[2 * intermediate, hidden]`: gate rows then up rows.
     gate_up: B::Weight,
     /// `[hidden, intermediate]`
@@ -59,6 +66,8 @@ struct Workspace<B: Backend> {
     attn: B::Buffer,
     /// `[max_tokens, hidden]` output of o_proj and down_proj
     proj: B::Buffer,
+    /// `[max_tokens, hidden]`: a normed attention/MLP output (sandwich norms only).
+    tmp: Option<B::Buffer>,
     /// `[max_tokens, 2 * intermediate]`
     gate_up: B::Buffer,
     /// `[max_tokens, intermediate]`
@@ -73,7 +82,6 @@ pub struct Model<B: Backend> {
     backend: B,
     config: ModelConfig,
     limits: ModelLimits,
-    dims: AttnDims,
     /// `[vocab, hidden]`
     embed: B::Weight,
     /// `[vocab, hidden]`; None when tied to `embed`.
@@ -81,6 +89,8 @@ pub struct Model<B: Backend> {
     final_norm: B::Weight,
     /// `[max_positions, head_dim]` cos | sin
     cos_sin: B::Weight,
+    /// The same for the sliding-window layers when their RoPE base differs (Gemma 3).
+    cos_sin_local: Option<B::Weight>,
     layers: Vec<Layer<B>>,
     ws: Workspace<B>,
     /// Scratch: the step's per-row sampling parameters.
@@ -125,7 +135,7 @@ impl<B: Backend> Model<B> {
         } else {
             Some(ld.one("lm_head.weight", &[vocab, h])?)
         };
-        let final_norm = ld.one("model.norm.weight", &[h])?;
+        let final_norm = ld.norm("model.norm.weight", h, c.norm_offset)?;
         let kv_dims = KvCacheDims {
             num_blocks: limits.num_blocks,
             block_size: limits.block_size,
@@ -149,7 +159,7 @@ impl<B: Backend> Model<B> {
                 None
             };
             layers.push(Layer {
-                input_norm: ld.one(&format!("{p}.input_layernorm.weight"), &[h])?,
+                input_norm: ld.norm(&format!("{p}.input_layernorm.weight"), h, c.norm_offset)?,
                 qkv: if c.fused_projections() {
                     ld.rows(&[(
                         format!("{attn}.qkv_proj.weight"),
@@ -165,8 +175,8 @@ impl<B: Backend> Model<B> {
                 qkv_bias,
                 qk_norm: if c.qk_norm {
                     Some((
-                        ld.one(&format!("{attn}.q_norm.weight"), &[hd])?,
-                        ld.one(&format!("{attn}.k_norm.weight"), &[hd])?,
+                        ld.norm(&format!("{attn}.q_norm.weight"), hd, c.norm_offset)?,
+                        ld.norm(&format!("{attn}.k_norm.weight"), hd, c.norm_offset)?,
                     ))
                 } else {
                     None
@@ -177,7 +187,43 @@ impl<B: Backend> Model<B> {
                 } else {
                     None
                 },
-                post_norm: ld.one(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                post_norm: if c.sandwich_norms {
+                    ld.norm(
+                        &format!("{p}.pre_feedforward_layernorm.weight"),
+                        h,
+                        c.norm_offset,
+                    )?
+                } else {
+                    ld.norm(
+                        &format!("{p}.post_attention_layernorm.weight"),
+                        h,
+                        c.norm_offset,
+                    )?
+                },
+                sandwich: if c.sandwich_norms {
+                    Some((
+                        ld.norm(
+                            &format!("{p}.post_attention_layernorm.weight"),
+                            h,
+                            c.norm_offset,
+                        )?,
+                        ld.norm(
+                            &format!("{p}.post_feedforward_layernorm.weight"),
+                            h,
+                            c.norm_offset,
+                        )?,
+                    ))
+                } else {
+                    None
+                },
+                dims: AttnDims {
+                    num_heads: nh,
+                    num_kv_heads: nkv,
+                    head_dim: hd,
+                    scale: c.attn_scale.unwrap_or(1.0 / (hd as f32).sqrt()),
+                    sliding_window: c.layer_window(l),
+                },
+                local_rope: c.local_rope_theta.is_some() && c.layer_window(l).is_some(),
                 gate_up: if c.fused_projections() {
                     ld.rows(&[(format!("{p}.mlp.gate_up_proj.weight"), vec![2 * inter, h])])?
                 } else {
@@ -197,11 +243,19 @@ impl<B: Backend> Model<B> {
             shape: &table_shape,
             data: bytemuck::cast_slice(&table),
         })?;
+        let cos_sin_local = match config.local_rope_table(limits.max_positions) {
+            Some(t) => Some(backend.load_table(crate::backend::HostTensor {
+                dtype: crate::backend::HostDType::F32,
+                shape: &table_shape,
+                data: bytemuck::cast_slice(&t),
+            })?),
+            None => None,
+        };
         let dims = AttnDims {
             num_heads: nh,
             num_kv_heads: nkv,
             head_dim: hd,
-            scale: 1.0 / (hd as f32).sqrt(),
+            scale: c.attn_scale.unwrap_or(1.0 / (hd as f32).sqrt()),
             sliding_window: c.sliding_window,
         };
         let t = limits.max_tokens;
@@ -212,6 +266,11 @@ impl<B: Backend> Model<B> {
             qkv: backend.alloc(t * dims.qkv_width())?,
             attn: backend.alloc(t * dims.q_width())?,
             proj: backend.alloc(t * h)?,
+            tmp: if c.sandwich_norms {
+                Some(backend.alloc(t * h)?)
+            } else {
+                None
+            },
             gate_up: backend.alloc(t * 2 * inter)?,
             act: backend.alloc(t * inter)?,
             gathered: backend.alloc(r * h)?,
@@ -221,11 +280,11 @@ impl<B: Backend> Model<B> {
             backend,
             config,
             limits,
-            dims,
             embed,
             lm_head,
             final_norm,
             cos_sin,
+            cos_sin_local,
             layers,
             ws,
             row_params: Vec::new(),
@@ -316,15 +375,20 @@ impl<B: Backend> Model<B> {
         let (n, padded_rows) = (plan.num_tokens(), plan.logits_indices.len());
         let step = b.prepare_step(plan)?;
         let (layers, embed, final_norm) = (&mut self.layers, &self.embed, &self.final_norm);
-        let (cos_sin, dims, lm_head) = (&self.cos_sin, self.dims, &self.lm_head);
+        let (cos_sin, lm_head) = (&self.cos_sin, &self.lm_head);
+        let cos_sin_local = self.cos_sin_local.as_ref();
         b.run_step(&step, &mut || {
             b.embedding(embed, &step, &mut ws.residual);
+            if let Some(s) = c.embed_scale {
+                b.scale(&mut ws.residual, n * c.hidden_size, s);
+            }
             if let Some(first) = layers.first() {
                 b.rms_norm(&ws.residual, &first.input_norm, eps, &mut ws.normed, n);
             }
             for i in 0..layers.len() {
                 let (done, rest) = layers.split_at_mut(i + 1);
                 let layer = &mut done[i];
+                let dims = layer.dims;
                 // The residual add after the MLP is fused with the next layer's input norm.
                 let next_norm = rest.first().map_or(final_norm, |l| &l.input_norm);
                 b.matmul(
@@ -337,30 +401,62 @@ impl<B: Backend> Model<B> {
                 if let Some((qn, kn)) = &layer.qk_norm {
                     b.qk_norm(&mut ws.qkv, qn, kn, eps, n, dims);
                 }
-                b.rope(&mut ws.qkv, cos_sin, &step, dims);
+                let table = match (layer.local_rope, cos_sin_local) {
+                    (true, Some(t)) => t,
+                    _ => cos_sin,
+                };
+                b.rope(&mut ws.qkv, table, &step, dims);
                 b.write_kv(&ws.qkv, &mut layer.kv_cache, &step, dims);
                 b.paged_attention_decode(&ws.qkv, &layer.kv_cache, &step, dims, &mut ws.attn);
                 b.paged_attention_prefill(&ws.qkv, &layer.kv_cache, &step, dims, &mut ws.attn);
                 b.matmul(&ws.attn, &layer.o, layer.o_bias.as_ref(), &mut ws.proj, n);
-                b.add_rms_norm(
-                    &mut ws.residual,
-                    &ws.proj,
-                    &layer.post_norm,
-                    eps,
-                    &mut ws.normed,
-                    n,
-                );
+                // residual += attention (normed first with sandwich norms); normed = the MLP's
+                // input norm of the residual.
+                match (&layer.sandwich, ws.tmp.as_mut()) {
+                    (Some((post_attn, _)), Some(tmp)) => {
+                        b.rms_norm(&ws.proj, post_attn, eps, tmp, n);
+                        b.add_rms_norm(
+                            &mut ws.residual,
+                            tmp,
+                            &layer.post_norm,
+                            eps,
+                            &mut ws.normed,
+                            n,
+                        );
+                    }
+                    _ => b.add_rms_norm(
+                        &mut ws.residual,
+                        &ws.proj,
+                        &layer.post_norm,
+                        eps,
+                        &mut ws.normed,
+                        n,
+                    ),
+                }
                 b.matmul(&ws.normed, &layer.gate_up, None, &mut ws.gate_up, n);
-                b.silu_mul(&ws.gate_up, &mut ws.act, n, c.intermediate_size);
+                match c.activation {
+                    super::config::Activation::Silu => {
+                        b.silu_mul(&ws.gate_up, &mut ws.act, n, c.intermediate_size)
+                    }
+                    super::config::Activation::GeluTanh => {
+                        b.gelu_tanh_mul(&ws.gate_up, &mut ws.act, n, c.intermediate_size)
+                    }
+                }
                 b.matmul(&ws.act, &layer.down, None, &mut ws.proj, n);
-                b.add_rms_norm(
-                    &mut ws.residual,
-                    &ws.proj,
-                    next_norm,
-                    eps,
-                    &mut ws.normed,
-                    n,
-                );
+                match (&layer.sandwich, ws.tmp.as_mut()) {
+                    (Some((_, post_ff)), Some(tmp)) => {
+                        b.rms_norm(&ws.proj, post_ff, eps, tmp, n);
+                        b.add_rms_norm(&mut ws.residual, tmp, next_norm, eps, &mut ws.normed, n);
+                    }
+                    _ => b.add_rms_norm(
+                        &mut ws.residual,
+                        &ws.proj,
+                        next_norm,
+                        eps,
+                        &mut ws.normed,
+                        n,
+                    ),
+                }
             }
             b.gather_rows(&ws.normed, &step, c.hidden_size, &mut ws.gathered);
             let head = lm_head.as_ref().unwrap_or(embed);
@@ -384,6 +480,22 @@ impl<B: Backend> Loader<'_, B> {
         let t = self.files.get_checked(name, shape)?;
         self.tick(t.data.len());
         Ok(self.backend.load_weight(t)?)
+    }
+
+    /// A norm weight `[dim]`; with `offset`, stored as `1 + w` (Gemma's RMSNorm), so every
+    /// backend's plain RMSNorm applies it.
+    fn norm(&mut self, name: &str, dim: usize, offset: bool) -> Result<B::Weight, ModelError> {
+        if !offset {
+            return self.one(name, &[dim]);
+        }
+        let t = self.files.get_checked(name, &[dim])?;
+        self.tick(t.data.len());
+        let w: Vec<f32> = t.to_f32().iter().map(|v| 1.0 + v).collect();
+        Ok(self.backend.load_weight(crate::backend::HostTensor {
+            dtype: crate::backend::HostDType::F32,
+            shape: &[dim],
+            data: bytemuck::cast_slice(&w),
+        })?)
     }
 
     /// Several tensors concatenated along rows into one weight.

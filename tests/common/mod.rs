@@ -62,10 +62,13 @@ pub enum Arch {
     Qwen3,
     /// `Phi3ForCausalLM` (Phi-3, Phi-4): fused `qkv_proj` and `gate_up_proj`, untied.
     Phi3,
+    /// `Gemma3ForCausalLM`: (1 + w) norms, sandwich norms, GeGLU, scaled embedding, q/k norm,
+    /// sliding and global layers with their own RoPE bases, tied embeddings.
+    Gemma3,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 7] = [
+    pub const ALL: [Arch; 8] = [
         Arch::Llama,
         Arch::Llama3,
         Arch::Mistral,
@@ -73,6 +76,7 @@ impl Arch {
         Arch::SmolLm,
         Arch::Qwen3,
         Arch::Phi3,
+        Arch::Gemma3,
     ];
 
     /// The single entry of `architectures` in config.json.
@@ -83,6 +87,7 @@ impl Arch {
             Arch::Qwen2 => "Qwen2ForCausalLM",
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
+            Arch::Gemma3 => "Gemma3ForCausalLM",
         }
     }
 
@@ -94,12 +99,16 @@ impl Arch {
             Arch::Qwen2 => "qwen2",
             Arch::Qwen3 => "qwen3",
             Arch::Phi3 => "phi3",
+            Arch::Gemma3 => "gemma3_text",
         }
     }
 
     /// Whether `lm_head.weight` is absent and the output projection reuses the embedding.
     pub fn tie_word_embeddings(self) -> bool {
-        matches!(self, Arch::Qwen2 | Arch::SmolLm | Arch::Qwen3)
+        matches!(
+            self,
+            Arch::Qwen2 | Arch::SmolLm | Arch::Qwen3 | Arch::Gemma3
+        )
     }
 
     /// Whether q/k/v projections carry a bias (`*.bias` tensors).
@@ -119,7 +128,13 @@ impl Arch {
 
     /// Whether each query and key head is RMS-normalized (`q_norm`/`k_norm` tensors).
     pub fn qk_norm(self) -> bool {
-        matches!(self, Arch::Qwen3)
+        matches!(self, Arch::Qwen3 | Arch::Gemma3)
+    }
+
+    /// Whether the layer has Gemma's sandwich norms (`pre_feedforward_layernorm`,
+    /// `post_feedforward_layernorm`, and `post_attention_layernorm` on the attention output).
+    pub fn sandwich_norms(self) -> bool {
+        matches!(self, Arch::Gemma3)
     }
 }
 
@@ -206,13 +221,13 @@ impl TinyModelSpec {
             Arch::Llama | Arch::Phi3 => 10_000.0,
             Arch::Llama3 => 500_000.0,
             Arch::SmolLm => 100_000.0,
-            Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 => 1_000_000.0,
+            Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => 1_000_000.0,
         }
     }
 
     pub fn rms_norm_eps(&self) -> f64 {
         match self.arch {
-            Arch::Qwen2 | Arch::Qwen3 => 1e-6,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => 1e-6,
             _ => 1e-5,
         }
     }

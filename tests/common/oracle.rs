@@ -6,11 +6,12 @@
 //! that this agrees with a single full-prompt forward. Dispatch is on config.json's
 //! `architectures`: Llama (incl. SmolLM and Llama 3 rope scaling) → `models::llama`, Mistral →
 //! `models::mistral`, Qwen2 → `models::qwen2::ModelForCausalLM`, Qwen3 →
-//! `models::qwen3::ModelForCausalLM`, Phi-3 → `models::phi3::Model`.
+//! `models::qwen3::ModelForCausalLM`, Phi-3 → `models::phi3::Model`, Gemma 3 →
+//! `models::gemma3::Model`.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{llama, mistral, phi3, qwen2, qwen3};
+use candle_transformers::models::{gemma3, llama, mistral, phi3, qwen2, qwen3};
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
@@ -28,6 +29,7 @@ enum Oracle {
     Qwen2(qwen2::ModelForCausalLM),
     Qwen3(qwen3::ModelForCausalLM),
     Phi3(phi3::Model),
+    Gemma3(gemma3::Model),
 }
 
 /// The safetensors files of a checkpoint: the index's shards, or `model.safetensors`.
@@ -96,6 +98,10 @@ impl Oracle {
                 let config: phi3::Config = ok(serde_json::from_value(config), "phi3 config");
                 Oracle::Phi3(ok(phi3::Model::new(&config, vb), "load phi3"))
             }
+            "Gemma3ForCausalLM" => {
+                let config: gemma3::Config = ok(serde_json::from_value(config), "gemma3 config");
+                Oracle::Gemma3(ok(gemma3::Model::new(false, &config, vb), "load gemma3"))
+            }
             other => panic!("candle oracle: unsupported architecture {other:?}"),
         }
     }
@@ -111,6 +117,7 @@ impl Oracle {
             Oracle::Qwen2(model) => model.forward(&input, pos),
             Oracle::Qwen3(model) => model.forward(&input, pos),
             Oracle::Phi3(model) => model.forward(&input, pos),
+            Oracle::Gemma3(model) => model.forward(&input, pos),
         };
         let logits = ok(logits, "forward");
         let flat = ok(logits.flatten_all(), "flatten logits");
@@ -129,6 +136,7 @@ impl Oracle {
             Oracle::Qwen2(model) => model.clear_kv_cache(),
             Oracle::Qwen3(model) => model.clear_kv_cache(),
             Oracle::Phi3(model) => model.clear_kv_cache(),
+            Oracle::Gemma3(model) => model.clear_kv_cache(),
         }
     }
 }
@@ -162,7 +170,17 @@ pub fn candle_greedy(dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
 pub fn candle_greedy_with_margins(dir: &Path, prompt: &[u32], n: usize) -> (Vec<u32>, Vec<f32>) {
     assert!(!prompt.is_empty(), "candle_greedy needs a non-empty prompt");
     let mut oracle = Oracle::load(dir);
-    let mut logits = oracle.forward(prompt, 0);
+    let mut logits = if matches!(oracle, Oracle::Gemma3(_)) {
+        // candle 0.11's gemma3 cannot append a multi-token prompt to its KV cache (its keys
+        // are not contiguous after the rotary embedding): feed it one token at a time.
+        let mut last = Vec::new();
+        for (pos, &t) in prompt.iter().enumerate() {
+            last = oracle.forward(&[t], pos);
+        }
+        last
+    } else {
+        oracle.forward(prompt, 0)
+    };
     let (mut out, mut margins) = (Vec::with_capacity(n), Vec::with_capacity(n));
     for step in 0..n {
         let next = argmax(&logits);

@@ -59,6 +59,9 @@ enum Init {
     Bias,
     /// 1 + N(0, 0.1²).
     Norm,
+    /// `mean` + N(0, 0.1²): Gemma stores RMSNorm weights as offsets from 1 (the model
+    /// multiplies by `1 + w`).
+    NormOffset { mean: f32 },
 }
 
 /// What a writer changes relative to the faithful checkpoint, for bad-input tests.
@@ -85,6 +88,19 @@ fn tensor_defs(spec: &TinyModelSpec) -> Vec<TensorDef> {
     let qk = Init::Matrix { gain: QK_GAIN };
     let proj = Init::Matrix { gain: PROJ_GAIN };
     let out = Init::Matrix { gain: OUT_GAIN };
+    // Gemma multiplies by 1 + w: weights near 0 give unit norms; its sandwich norms scale the
+    // attention and MLP outputs up so that they are not drowned by the √hidden-scaled embedding.
+    let gemma = spec.arch.sandwich_norms();
+    let norm = if gemma {
+        Init::NormOffset { mean: 0.0 }
+    } else {
+        Init::Norm
+    };
+    let loud_norm = if gemma {
+        Init::NormOffset { mean: 12.0 }
+    } else {
+        Init::Norm
+    };
 
     let mut defs = vec![def(
         "model.embed_tokens.weight".into(),
@@ -120,7 +136,7 @@ fn tensor_defs(spec: &TinyModelSpec) -> Vec<TensorDef> {
                 defs.push(def(
                     format!("{p}.self_attn.{which}_norm.weight"),
                     vec![spec.head_dim()],
-                    Init::Norm,
+                    norm,
                 ));
             }
         }
@@ -140,18 +156,26 @@ fn tensor_defs(spec: &TinyModelSpec) -> Vec<TensorDef> {
             defs.push(def(format!("{p}.mlp.up_proj.weight"), vec![i, h], proj));
         }
         defs.push(def(format!("{p}.mlp.down_proj.weight"), vec![h, i], out));
-        defs.push(def(
-            format!("{p}.input_layernorm.weight"),
-            vec![h],
-            Init::Norm,
-        ));
+        defs.push(def(format!("{p}.input_layernorm.weight"), vec![h], norm));
         defs.push(def(
             format!("{p}.post_attention_layernorm.weight"),
             vec![h],
-            Init::Norm,
+            loud_norm,
         ));
+        if gemma {
+            defs.push(def(
+                format!("{p}.pre_feedforward_layernorm.weight"),
+                vec![h],
+                norm,
+            ));
+            defs.push(def(
+                format!("{p}.post_feedforward_layernorm.weight"),
+                vec![h],
+                loud_norm,
+            ));
+        }
     }
-    defs.push(def("model.norm.weight".into(), vec![h], Init::Norm));
+    defs.push(def("model.norm.weight".into(), vec![h], norm));
     if !spec.arch.tie_word_embeddings() {
         defs.push(def(
             "lm_head.weight".into(),
@@ -223,6 +247,7 @@ fn draw(seed: u64, def: &TensorDef, shape: &[usize]) -> Vec<f32> {
         }
         Init::Bias => (0..n).map(|_| rng.normal() * BIAS_STD).collect(),
         Init::Norm => (0..n).map(|_| 1.0 + 0.1 * rng.normal()).collect(),
+        Init::NormOffset { mean } => (0..n).map(|_| mean + 0.1 * rng.normal()).collect(),
     }
 }
 
@@ -429,6 +454,20 @@ fn config_json(spec: &TinyModelSpec) -> serde_json::Value {
             },
         }),
         Arch::Mistral => json!({ "head_dim": spec.head_dim(), "sliding_window": null }),
+        Arch::Gemma3 => json!({
+            "attention_bias": false,
+            "attn_logit_softcapping": null,
+            "final_logit_softcapping": null,
+            "head_dim": spec.head_dim(),
+            "hidden_act": "gelu_pytorch_tanh",
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": spec.head_dim(),
+            "rope_local_base_freq": 10_000.0,
+            "rope_scaling": null,
+            // Longer than the test prompts: the sliding layers differ by their RoPE base here.
+            "sliding_window": 512,
+            "sliding_window_pattern": 2,
+        }),
         Arch::Phi3 => json!({
             "attention_bias": false,
             "embd_pdrop": 0.0,

@@ -246,6 +246,22 @@ impl Backend for CpuBackend {
         });
     }
 
+    fn gelu_tanh_mul(&self, gate_up: &Vec<f32>, out: &mut Vec<f32>, rows: usize, inter: usize) {
+        out[..rows * inter]
+            .par_chunks_mut(inter)
+            .zip(gate_up[..rows * 2 * inter].par_chunks(2 * inter))
+            .for_each(|(o, gu)| {
+                let (g, u) = gu.split_at(inter);
+                for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+                    *o = gelu_tanh(*g) * u;
+                }
+            });
+    }
+
+    fn scale(&self, x: &mut Vec<f32>, n: usize, factor: f32) {
+        x[..n].par_iter_mut().for_each(|v| *v *= factor);
+    }
+
     fn silu_mul(&self, gate_up: &Vec<f32>, out: &mut Vec<f32>, rows: usize, inter: usize) {
         out[..rows * inter]
             .par_chunks_mut(inter)
@@ -315,6 +331,12 @@ pub fn rope_head(head: &mut [f32], cos: &[f32], sin: &[f32]) {
 
 pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
+}
+
+/// GELU with the tanh approximation (PyTorch's `gelu(approximate="tanh")`).
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)).tanh())
 }
 
 #[cfg(test)]

@@ -1169,6 +1169,32 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn gelu_tanh_mul(&self, gate_up: &CudaBuffer, out: &mut CudaBuffer, rows: usize, inter: usize) {
+        if rows == 0 {
+            return;
+        }
+        let (r, i) = (rows as i32, inter as i32);
+        let mut b = self.stream.launch_builder(self.func("gelu_tanh_mul_bf16"));
+        b.arg(gate_up).arg(&mut *out).arg(&r).arg(&i);
+        // SAFETY: matches `gelu_tanh_mul_bf16`.
+        if let Err(e) = unsafe { b.launch(Self::elementwise(rows * inter)) } {
+            self.record("gelu_tanh_mul", e);
+        }
+    }
+
+    fn scale(&self, x: &mut CudaBuffer, n: usize, factor: f32) {
+        if n == 0 {
+            return;
+        }
+        let len = n as i64;
+        let mut b = self.stream.launch_builder(self.func("scale_bf16"));
+        b.arg(&mut *x).arg(&len).arg(&factor);
+        // SAFETY: matches `scale_bf16`; n is within the buffer (the step's rows × hidden).
+        if let Err(e) = unsafe { b.launch(Self::elementwise(n)) } {
+            self.record("scale", e);
+        }
+    }
+
     fn silu_mul(&self, gate_up: &CudaBuffer, out: &mut CudaBuffer, rows: usize, inter: usize) {
         if rows == 0 {
             return;

@@ -45,7 +45,15 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
 
 /// The entry points of each kernel file, as the backend loads them.
 pub const KERNEL_ENTRIES: &[(&str, &[&str])] = &[
-    ("activation.cu", &["silu_mul_bf16", "add_bias_bf16"]),
+    (
+        "activation.cu",
+        &[
+            "silu_mul_bf16",
+            "add_bias_bf16",
+            "gelu_tanh_mul_bf16",
+            "scale_bf16",
+        ],
+    ),
     (
         "attention_decode.cu",
         &[
