@@ -3,12 +3,13 @@
 //! the log), so tests run in parallel without sharing engine state.
 mod common;
 
+use common::free_port;
+
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 fn model_dir() -> PathBuf {
@@ -17,8 +18,7 @@ fn model_dir() -> PathBuf {
 
 /// A running `llmd serve`, killed on drop.
 struct Server {
-    child: Child,
-    base: String,
+    p: common::LlmdProcess,
 }
 
 impl Server {
@@ -27,50 +27,24 @@ impl Server {
         Self::start_with(&model_dir(), extra).await
     }
 
-    /// Starts the server on `model` and waits until `/health` is 200.
+    /// Starts the server on `model` and waits until `/health` is 200 (503 until then).
     async fn start_with(model: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_llmd"))
-            .arg("serve")
-            .arg("--model")
-            .arg(model)
-            .args([
+        let mut args: Vec<String> = ["serve", "--model"].map(String::from).to_vec();
+        args.push(model.display().to_string());
+        args.extend(
+            [
                 "--host",
                 "127.0.0.1",
                 "--port",
                 "0",
                 "--kv-cache-memory-gb",
                 "0.02",
-            ])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning llmd serve");
-        let stderr = child.stderr.take().expect("piped stderr");
-        let (tx, rx) = mpsc::channel();
-        // Keeps draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[llmd] {line}");
-                if let Some(i) = line.find("addr=") {
-                    let addr: String = line[i + 5..]
-                        .chars()
-                        .take_while(|c| !c.is_whitespace())
-                        .collect();
-                    if let Some(tx) = tx.take() {
-                        let _ = tx.send(addr);
-                    }
-                }
-            }
-        });
-        let addr = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the server logged no listening address");
+            ]
+            .map(String::from),
+        );
+        args.extend(extra.iter().map(|a| a.to_string()));
         let server = Server {
-            child,
-            base: format!("http://{addr}"),
+            p: common::LlmdProcess::start("llmd", &args, "").await,
         };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
@@ -87,7 +61,7 @@ impl Server {
     }
 
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
+        self.p.url(path)
     }
 
     /// Sends `body` and returns the response unread (streams, status checks).
@@ -119,25 +93,18 @@ impl Server {
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.p.child.id()
     }
 
     fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
-            if let Ok(Some(s)) = self.child.try_wait() {
+            if let Ok(Some(s)) = self.p.child.try_wait() {
                 return Some(s);
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         None
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1313,8 +1280,7 @@ async fn disk_kv_tier_serves_old_prefixes_after_a_restart() {
             sample(&m, "llmd:kv_tier_loaded_blocks_total", "tier=\"disk\""),
             0.0
         );
-        let _ = s.child.kill();
-        let _ = s.child.wait();
+        s.p.kill();
         v["choices"][0]["text"].as_str().unwrap().to_string()
     };
     let s = Server::start(&args).await;
@@ -1342,14 +1308,6 @@ async fn disk_kv_tier_serves_old_prefixes_after_a_restart() {
     for tier in ["host", "disk", "remote"] {
         sample(&m, "llmd:kv_tier_load_chosen", &format!("tier=\"{tier}\""));
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The 64-bit published hashes of `tokens`' full blocks (default algorithm and seed).
@@ -1863,8 +1821,7 @@ async fn a_producer_killed_mid_transfer_costs_only_a_recompute() {
         }
     });
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let _ = p.child.kill();
-    let _ = p.child.wait();
+    p.p.kill();
     let (status, v) = decode.await.unwrap();
     assert_eq!(status, 200, "{v}");
     assert_eq!(v["choices"][0]["text"], want);
@@ -1891,8 +1848,7 @@ async fn a_restarted_producer_is_not_confused_with_its_predecessor() {
     let d = consumer().await;
     let params = prefill_params(&p, &body).await;
     // Between steps 3 and 4 the prefiller restarts on the same side-channel port.
-    let _ = p.child.kill();
-    let _ = p.child.wait();
+    p.p.kill();
     let p2 = producer(side, &[]).await;
     let (status, v) = d
         .post("/v1/completions", &with_params(&body, &params))

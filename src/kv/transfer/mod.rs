@@ -127,6 +127,39 @@ pub struct TransferLayout {
     pub payload_len: usize,
 }
 
+impl TransferLayout {
+    /// The payload of `record` if it is block `hash` under this layout, intact.
+    fn open(&self, record: &[u8], hash: &BlockHash) -> Result<Vec<u8>, String> {
+        block_record::decode(record, hash, &self.identity, self.payload_len)
+            .map(<[u8]>::to_vec)
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl Fetched {
+    /// A pull's result from its checked payloads (every one present by then).
+    fn assemble(payloads: Vec<Option<Vec<u8>>>, prompt_len: usize, reread: usize) -> Self {
+        Fetched {
+            payloads: payloads
+                .into_iter()
+                .map(|p| p.unwrap_or_default())
+                .collect(),
+            prompt_len,
+            reread,
+        }
+    }
+}
+
+/// The consumer's "send (or stage) these blocks again" message: 1 | count u32 | indices u32….
+fn resend_request(bad: &[usize]) -> Vec<u8> {
+    let mut ask = vec![1u8];
+    ask.extend_from_slice(&(bad.len() as u32).to_le_bytes());
+    for &i in bad {
+        ask.extend_from_slice(&(i as u32).to_le_bytes());
+    }
+    ask
+}
+
 /// The record hash of block `index` of `request_id`'s transfer (transferred blocks may be
 /// partial, so they have no prefix hash of their own).
 pub fn transfer_hash(request_id: &str, index: usize) -> BlockHash {
@@ -243,16 +276,7 @@ impl TcpTransport {
                 what: "block count".into(),
             });
         }
-        let check = |i: usize, record: &[u8]| -> Result<Vec<u8>, String> {
-            block_record::decode(
-                record,
-                &expected(i),
-                &self.layout.identity,
-                self.layout.payload_len,
-            )
-            .map(<[u8]>::to_vec)
-            .map_err(|e| e.to_string())
-        };
+        let check = |i: usize, record: &[u8]| self.layout.open(record, &expected(i));
         let mut payloads: Vec<Option<Vec<u8>>> = Vec::with_capacity(blocks);
         let mut bad = Vec::new();
         for i in 0..blocks {
@@ -268,12 +292,7 @@ impl TcpTransport {
         }
         let reread = bad.len();
         if !bad.is_empty() {
-            let mut ask = vec![1u8];
-            ask.extend_from_slice(&(bad.len() as u32).to_le_bytes());
-            for &i in &bad {
-                ask.extend_from_slice(&(i as u32).to_le_bytes());
-            }
-            s.write_all(&ask).await.map_err(io)?;
+            s.write_all(&resend_request(&bad)).await.map_err(io)?;
             for &i in &bad {
                 let record = self.read_record(&mut s, addr).await?;
                 match check(i, &record) {
@@ -290,14 +309,7 @@ impl TcpTransport {
             }
         }
         s.write_all(&[0]).await.map_err(io)?;
-        Ok(Fetched {
-            payloads: payloads
-                .into_iter()
-                .map(|p| p.unwrap_or_default())
-                .collect(),
-            prompt_len,
-            reread,
-        })
+        Ok(Fetched::assemble(payloads, prompt_len, reread))
     }
 
     async fn read_record(&self, s: &mut TcpStream, addr: &str) -> Result<Vec<u8>, TransferError> {

@@ -342,16 +342,9 @@ impl RdmaTransport {
             .take_or_register(n, &*self.fabric)
             .map_err(rdma)?;
         qp.connect(&producer).map_err(|e| rdma(e.to_string()))?;
-        let check = |i: usize, landing: &Slots| -> Result<Vec<u8>, String> {
+        let check = |i: usize, landing: &Slots| {
             let record = landing.region.read(landing.offsets[i], slot);
-            block_record::decode(
-                &record,
-                &expected(i),
-                &self.tcp.layout.identity,
-                self.tcp.layout.payload_len,
-            )
-            .map(<[u8]>::to_vec)
-            .map_err(|e| e.to_string())
+            self.tcp.layout.open(&record, &expected(i))
         };
         let all: Vec<usize> = (0..n).collect();
         let (q, landing) = read_all(qp, landing, &slices, &all, self.tcp.timeout)
@@ -373,12 +366,9 @@ impl RdmaTransport {
         let reread = bad.len();
         let mut landing = landing;
         if !bad.is_empty() {
-            let mut ask = vec![1u8];
-            ask.extend_from_slice(&(bad.len() as u32).to_le_bytes());
-            for &i in &bad {
-                ask.extend_from_slice(&(i as u32).to_le_bytes());
-            }
-            s.write_all(&ask).await.map_err(io)?;
+            s.write_all(&super::resend_request(&bad))
+                .await
+                .map_err(io)?;
             if s.read_u8().await.map_err(io)? != 0 {
                 return Err(TransferError::Protocol {
                     addr: addr.to_string(),
@@ -405,14 +395,7 @@ impl RdmaTransport {
         }
         s.write_all(&[0]).await.map_err(io)?;
         drop(landing);
-        Ok(Some(Fetched {
-            payloads: payloads
-                .into_iter()
-                .map(|p| p.unwrap_or_default())
-                .collect(),
-            prompt_len,
-            reread,
-        }))
+        Ok(Some(Fetched::assemble(payloads, prompt_len, reread)))
     }
 }
 
