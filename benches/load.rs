@@ -12,14 +12,14 @@
 //! request rate, then `inf` = all at once).
 #[path = "support/env.rs"]
 mod env;
+#[path = "../tests/common/process.rs"]
+mod process;
 use env::env_usize;
+use process::{Echo, LlmdProcess};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const PROMPTS: &[&str] = &[
@@ -31,51 +31,23 @@ const PROMPTS: &[&str] = &[
     "Sue wanted to bake a cake for her mom, so she",
 ];
 
-struct Server {
-    child: Child,
-    base: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server(model: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llmd"))
-        .args(["serve", "--host", "127.0.0.1", "--port", "0"])
-        .arg("--model")
-        .arg(model)
-        .env("RUST_LOG", "warn,llmd::server=info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning llmd serve");
-    let stderr = child.stderr.take().expect("piped stderr");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("addr=") {
-                let addr: String = line[i + 5..]
-                    .chars()
-                    .take_while(|c| !c.is_whitespace())
-                    .collect();
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(addr);
-                }
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("server logged no address");
-    Server {
-        child,
-        base: format!("http://{addr}"),
-    }
+/// `llmd serve` on `model` (port 0), quiet.
+fn start_server(model: &Path) -> LlmdProcess {
+    let args = [
+        "serve".to_string(),
+        "--host".into(),
+        "127.0.0.1".into(),
+        "--port".into(),
+        "0".into(),
+        "--model".into(),
+        model.display().to_string(),
+    ];
+    LlmdProcess::spawn(
+        &args,
+        "warn,llmd::server=info",
+        Echo::Silent,
+        Duration::from_secs(120),
+    )
 }
 
 /// One streamed request's timings.

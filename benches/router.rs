@@ -8,89 +8,28 @@
 //!
 //! `cargo bench --bench router` (env: ROUTER_BENCH_REQUESTS, default 48; ROUTER_BENCH_RATE
 //! req/s, default 0.5; ROUTER_BENCH_PROMPT_WORDS, default 800).
+#[path = "support/env.rs"]
+mod env;
+#[path = "../tests/common/process.rs"]
+mod process;
+use env::env_or;
+use process::{free_port, Echo, LlmdProcess};
 use rand_core::{RngCore, SeedableRng};
 use serde_json::json;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-struct Proc {
-    child: Child,
-    base: String,
+/// `llmd <args>`, quiet but for errors.
+fn spawn(args: &[String]) -> LlmdProcess {
+    LlmdProcess::spawn(
+        args,
+        "warn,llmd::server=info,llmd::router::route=info",
+        Echo::Errors,
+        Duration::from_secs(120),
+    )
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(args: &[String]) -> Proc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_llmd"))
-        .args(args)
-        .env(
-            "RUST_LOG",
-            "warn,llmd::server=info,llmd::router::route=info",
-        )
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawning llmd");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(i) = line.find("addr=") {
-                let addr: String = line[i + 5..]
-                    .chars()
-                    .take_while(|c| !c.is_whitespace())
-                    .collect();
-                if let Some(tx) = tx.take() {
-                    let _ = tx.send(addr);
-                }
-            }
-            if line.contains("ERROR") {
-                eprintln!("{line}");
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(120))
-        .expect("no listening address");
-    Proc {
-        child,
-        base: format!("http://{addr}"),
-    }
-}
-
-async fn wait_healthy(p: &Proc) {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Ok(r) = reqwest::get(format!("{}/health", p.base)).await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{} never healthy", p.base);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
-    std::env::var(k)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(d)
+async fn wait_healthy(p: &LlmdProcess) {
+    p.wait_healthy("/health", Duration::from_secs(300)).await;
 }
 
 const WORDS: &[&str] = &[

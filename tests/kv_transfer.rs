@@ -38,6 +38,15 @@ fn run(core: &mut EngineCore, id: &RequestId) -> Vec<u32> {
     out
 }
 
+/// What one engine of `cfg` generates for `prompt` alone: `n` greedy tokens.
+fn single_engine(cfg: EngineConfig, id: &RequestId, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut single = EngineCore::new(cfg).unwrap();
+    single
+        .add_request(id.clone(), &Prompt::Tokens(prompt.to_vec()), greedy(n), 0)
+        .unwrap();
+    run(&mut single, id)
+}
+
 /// Queues a producer request: one token, its prompt's KV held for `lease`.
 fn add_held(core: &mut EngineCore, id: &RequestId, prompt: &[u32], lease: Duration) {
     core.add_tokens_with_kv(
@@ -88,13 +97,7 @@ fn decode_from_transferred_kv_matches_a_single_engine() {
     for len in [48, 49, 57] {
         let p = prompt(len);
         let id = RequestId::from("r");
-        let want = {
-            let mut single = EngineCore::new(cfg.clone()).unwrap();
-            single
-                .add_request(id.clone(), &Prompt::Tokens(p.clone()), greedy(20), 0)
-                .unwrap();
-            run(&mut single, &id)
-        };
+        let want = single_engine(cfg.clone(), &id, &p, 20);
 
         let mut prefill = EngineCore::new(cfg.clone()).unwrap();
         let idle = prefill.num_free_blocks();
@@ -179,13 +182,7 @@ fn a_producer_serves_a_prefix_it_loads_from_its_host_tier() {
     };
     let p = prompt(160);
     let id = RequestId::from("t");
-    let want = {
-        let mut single = EngineCore::new(config().unwrap()).unwrap();
-        single
-            .add_request(id.clone(), &Prompt::Tokens(p.clone()), greedy(12), 0)
-            .unwrap();
-        run(&mut single, &id)
-    };
+    let want = single_engine(config().unwrap(), &id, &p, 12);
     let mut prefill = EngineCore::new(cfg.clone()).unwrap();
     // Compute the prefix once, then evict it from the device with another prompt.
     prefill
@@ -256,13 +253,7 @@ fn decode_from_kv_read_over_rdma_matches_a_single_engine() {
     let Some(cfg) = config() else { return };
     let p = prompt(57);
     let id = RequestId::from("r");
-    let want = {
-        let mut single = EngineCore::new(cfg.clone()).unwrap();
-        single
-            .add_request(id.clone(), &Prompt::Tokens(p.clone()), greedy(20), 0)
-            .unwrap();
-        run(&mut single, &id)
-    };
+    let want = single_engine(cfg.clone(), &id, &p, 20);
     let mut prefill = EngineCore::new(cfg.clone()).unwrap();
     add_held(&mut prefill, &id, &p, Duration::from_secs(30));
     run(&mut prefill, &id);
@@ -345,13 +336,7 @@ fn a_cached_prefix_is_served_from_the_disk_tier_without_the_device() {
     };
     let p = prompt(100);
     let id = RequestId::from("d");
-    let want = {
-        let mut single = EngineCore::new(cfg.clone()).unwrap();
-        single
-            .add_request(id.clone(), &Prompt::Tokens(p.clone()), greedy(12), 0)
-            .unwrap();
-        run(&mut single, &id)
-    };
+    let want = single_engine(cfg.clone(), &id, &p, 12);
     {
         let mut first = EngineCore::new(tiered.clone()).unwrap();
         first

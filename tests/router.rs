@@ -7,7 +7,6 @@ mod common;
 
 use common::{free_port, metric, LlmdProcess};
 use serde_json::{json, Value};
-use std::time::{Duration, Instant};
 
 fn stories() -> String {
     format!(
@@ -49,6 +48,12 @@ async fn worker(tag: &str, extra: &[&str]) -> (LlmdProcess, String) {
 }
 
 async fn router(extra: &[String]) -> LlmdProcess {
+    router_with(extra, "/health").await
+}
+
+/// `llmd route` with `extra` arguments, once `health_path` answers 200 (not waited for when
+/// empty).
+async fn router_with(extra: &[String], health_path: &str) -> LlmdProcess {
     let mut a = args(&[
         "route",
         "--host",
@@ -63,7 +68,7 @@ async fn router(extra: &[String]) -> LlmdProcess {
         "20",
     ]);
     a.extend(extra.iter().cloned());
-    LlmdProcess::start("route", &a, "/health").await
+    LlmdProcess::start("route", &a, health_path).await
 }
 
 /// POSTs `body` to the router; status, JSON and the worker that answered.
@@ -88,23 +93,11 @@ async fn post(r: &LlmdProcess, path: &str, body: &Value) -> (u16, Value, String)
 
 /// Waits until the router's index holds blocks for `worker`.
 async fn indexed(r: &LlmdProcess, worker: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let m = r.metrics().await;
-        if metric(
-            &m,
-            "llmd_router:index_blocks",
-            &format!("worker=\"{worker}\""),
-        ) > 0.0
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the router never indexed {worker}:\n{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let label = format!("worker=\"{worker}\"");
+    r.metrics_until(&format!("the router never indexed {worker}"), |m| {
+        metric(m, "llmd_router:index_blocks", &label) > 0.0
+    })
+    .await;
 }
 
 fn shared_prefix() -> String {
@@ -274,23 +267,11 @@ async fn a_killed_worker_is_routed_around_and_no_request_fails() {
         "{m}"
     );
     // Three failed scrapes and the dead worker's blocks leave the index.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let m = r.metrics().await;
-        if metric(
-            &m,
-            "llmd_router:index_blocks",
-            &format!("worker=\"{first}\""),
-        ) == 0.0
-        {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the dead worker is still indexed:\n{m}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let label = format!("worker=\"{first}\"");
+    r.metrics_until("the dead worker is still indexed", |m| {
+        metric(m, "llmd_router:index_blocks", &label) == 0.0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -425,16 +406,8 @@ async fn fake_kubernetes() -> (u16, tokio::task::JoinHandle<()>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_discovery_lists_the_ready_pods_by_role() {
     let (port, _api) = fake_kubernetes().await;
-    let r = LlmdProcess::start(
-        "route",
+    let r = router_with(
         &args(&[
-            "route",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--model",
-            &stories(),
             "--k8s-namespace",
             "llm",
             "--k8s-api",
@@ -447,20 +420,9 @@ async fn kubernetes_discovery_lists_the_ready_pods_by_role() {
     .await;
     // The pods' addresses are not reachable from here: the router lists them and finds them
     // down.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let m = loop {
-        let m = reqwest::get(r.url("/metrics"))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if m.contains("10.244.0.14") {
-            break m;
-        }
-        assert!(Instant::now() < deadline, "no pods discovered:\n{m}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let m = r
+        .metrics_until("no pods discovered", |m| m.contains("10.244.0.14"))
+        .await;
     for (ip, role) in [
         ("10.244.0.11", "prefill"),
         ("10.244.0.12", "decode"),

@@ -3,6 +3,11 @@
 
 /// `name` parsed as a number, else `default`.
 pub fn env_usize(name: &str, default: usize) -> usize {
+    env_or(name, default)
+}
+
+/// `name` parsed as a `T`, else `default`.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())

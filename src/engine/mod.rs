@@ -26,6 +26,7 @@ use crate::backend::{Backend, BatchPlan, SeqPlan};
 use crate::config::{DeviceKind, EngineConfig};
 use crate::error::{Error, Result};
 use crate::kv::block_record::KvIdentity;
+pub use crate::kv::connector::PrefillCost;
 use crate::kv::connector::{BlockLayout, KvConnector, StoreBlock, TierStats};
 use crate::kv::transfer::HeldKv;
 use crate::kv::{BlockHasher, KvCacheManager, KvEvent, KvEventSink, Medium};
@@ -132,31 +133,6 @@ impl PrefixRead {
             out.extend(rx.blocking_recv().unwrap_or_default());
         }
         out
-    }
-}
-
-/// A running estimate of the prefill time per token (ns), from steps that were mostly
-/// prefill; 0 until one has run (or the start-up measurement, with KV tiers on).
-#[derive(Debug, Default)]
-pub struct PrefillCost(std::sync::atomic::AtomicU64);
-
-impl PrefillCost {
-    pub fn ns_per_token(&self) -> f64 {
-        f64::from_bits(self.0.load(std::sync::atomic::Ordering::Relaxed))
-    }
-
-    pub fn observe(&self, ns_per_token: f64) {
-        if !(ns_per_token.is_finite() && ns_per_token > 0.0) {
-            return;
-        }
-        let old = self.ns_per_token();
-        let new = if old > 0.0 {
-            0.8 * old + 0.2 * ns_per_token
-        } else {
-            ns_per_token
-        };
-        self.0
-            .store(new.to_bits(), std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -391,7 +367,7 @@ impl EngineCore {
             identity: identity.canonical(),
             payload_len: kv_block_bytes,
         };
-        let prefill_cost = PrefillCost::default();
+        let prefill_cost = Arc::new(PrefillCost::default());
         if config.kv_tiers.is_enabled() {
             let limit = [
                 256,
@@ -409,11 +385,16 @@ impl EngineCore {
                 identity,
                 payload_len: kv_block_bytes,
             };
-            let connector = KvConnector::start(&config.kv_tiers, &layout, ns, kv_events.clone())
-                .map_err(|e| Error::Config {
-                    field: "kv_offloading",
-                    reason: e.to_string(),
-                })?;
+            let connector = KvConnector::start(
+                &config.kv_tiers,
+                &layout,
+                prefill_cost.clone(),
+                kv_events.clone(),
+            )
+            .map_err(|e| Error::Config {
+                field: "kv_offloading",
+                reason: e.to_string(),
+            })?;
             scheduler.set_connector(connector);
         }
         Ok(Self {
@@ -434,7 +415,7 @@ impl EngineCore {
                     config.cache.block_hash_algo,
                     &config.cache.block_hash_seed,
                 ),
-                prefill_cost: Arc::new(prefill_cost),
+                prefill_cost,
             },
             eos_token_ids,
             logits: Vec::new(),
@@ -737,10 +718,8 @@ impl EngineCore {
         let prefill = plan.num_tokens() - plan.num_decode_tokens();
         if result.is_ok() && prefill >= 64 && prefill * 10 >= plan.num_tokens() * 9 {
             let ns = started.elapsed().as_nanos() as f64 / plan.num_tokens() as f64;
+            // The tiers' load-or-recompute decision reads the same estimate.
             self.limits.prefill_cost.observe(ns);
-            if let Some(c) = self.scheduler.connector() {
-                c.observe_recompute(ns);
-            }
         }
         if let Err(e) = result {
             // Their blocks go back to the pool unpublished: the KV of this step may be

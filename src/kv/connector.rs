@@ -30,10 +30,41 @@ use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// A running estimate: `sample` folded into `estimate` (0: none yet) with weight 0.2.
+pub fn ewma(estimate: f64, sample: f64) -> f64 {
+    if estimate > 0.0 {
+        0.8 * estimate + 0.2 * sample
+    } else {
+        sample
+    }
+}
+
+/// A running estimate of the prefill time per token (ns), from steps that were mostly
+/// prefill; 0 until one has run (or the start-up measurement, with KV tiers on). Shared by the
+/// engine (which measures), the tiers' load-or-recompute decision and the P/D pull decision.
+#[derive(Debug, Default)]
+pub struct PrefillCost(std::sync::atomic::AtomicU64);
+
+impl PrefillCost {
+    pub fn ns_per_token(&self) -> f64 {
+        f64::from_bits(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    pub fn observe(&self, ns_per_token: f64) {
+        if !(ns_per_token.is_finite() && ns_per_token > 0.0) {
+            return;
+        }
+        let new = ewma(self.ns_per_token(), ns_per_token);
+        self.0
+            .store(new.to_bits(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// What one block costs to bring back from each tier vs to recompute, per block.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct TierCosts {
-    /// Recomputing one block's tokens (the model's prefill time per token × block size).
+    /// Recomputing one block's tokens (the model's prefill time per token × block size), from
+    /// the engine's [`PrefillCost`] when the stats are read.
     pub recompute_ns: f64,
     /// Loading one block from each tier (read + verify + device write), by [`Tier::index`];
     /// 0 where the tier is off.
@@ -50,21 +81,7 @@ impl TierCosts {
     /// Folds a measured block load from `tier` into the running estimate.
     fn observe_load(&mut self, tier: Tier, ns_per_block: f64) {
         let l = &mut self.load_ns[tier.index()];
-        *l = if *l > 0.0 {
-            0.8 * *l + 0.2 * ns_per_block
-        } else {
-            ns_per_block
-        };
-    }
-
-    /// Folds a measured prefill (ns per token) into the recompute estimate.
-    pub fn observe_recompute(&mut self, ns_per_block: f64) {
-        let r = &mut self.recompute_ns;
-        *r = if *r > 0.0 {
-            0.8 * *r + 0.2 * ns_per_block
-        } else {
-            ns_per_block
-        };
+        *l = ewma(*l, ns_per_block);
     }
 }
 
@@ -132,6 +149,18 @@ struct Shared {
     /// Where each block held below the device is (host or disk; the remote tier is asked).
     index: Mutex<HashMap<BlockHash, Tier>>,
     stats: Mutex<TierStats>,
+    /// What recomputing costs: the engine's estimate, per token.
+    prefill: Arc<PrefillCost>,
+    block_size: usize,
+}
+
+impl Shared {
+    /// The stats with the current recompute cost.
+    fn stats(&self) -> TierStats {
+        let mut s = *lock(&self.stats);
+        s.costs.recompute_ns = self.prefill.ns_per_token() * self.block_size as f64;
+        s
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -145,7 +174,7 @@ pub struct TierStatsHandle(Arc<Shared>);
 
 impl TierStatsHandle {
     pub fn get(&self) -> TierStats {
-        *lock(&self.0.stats)
+        self.0.stats()
     }
 }
 
@@ -176,12 +205,12 @@ pub struct BlockLayout {
 
 impl KvConnector {
     /// Opens the tiers of `config` (the disk tier indexes what an earlier run left), measures
-    /// what a load costs from each, and starts the tier thread. `recompute_ns_per_token` is the
-    /// model's measured prefill cost.
+    /// what a load costs from each, and starts the tier thread. `prefill` is the engine's
+    /// running estimate of what recomputing costs (measured at start, updated by real steps).
     pub fn start(
         config: &TierConfig,
         layout: &BlockLayout,
-        recompute_ns_per_token: f64,
+        prefill: Arc<PrefillCost>,
         events: Option<Arc<dyn KvEventSink>>,
     ) -> Result<Self, TierError> {
         let identity = layout.identity.canonical();
@@ -203,10 +232,7 @@ impl KvConnector {
             Some(u) => Some(RemoteStore::new(u, &identity)?),
             None => None,
         };
-        let mut costs = TierCosts {
-            recompute_ns: recompute_ns_per_token * layout.identity.block_size as f64,
-            load_ns: [0.0; 3],
-        };
+        let mut costs = TierCosts::default();
         let probe = Probe {
             identity: &identity,
             payload_len: layout.payload_len,
@@ -221,6 +247,8 @@ impl KvConnector {
             shared: Arc::new(Shared {
                 index: Mutex::new(HashMap::new()),
                 stats: Mutex::new(TierStats::default()),
+                prefill,
+                block_size: layout.identity.block_size,
             }),
             events,
             meta: HashMap::new(),
@@ -288,19 +316,12 @@ impl KvConnector {
 
     /// Totals and current sizes.
     pub fn stats(&self) -> TierStats {
-        *lock(&self.shared.stats)
+        self.shared.stats()
     }
 
     /// A handle that reads [`Self::stats`] from another thread.
     pub fn stats_handle(&self) -> TierStatsHandle {
         TierStatsHandle(self.shared.clone())
-    }
-
-    /// Folds a measured prefill step into the recompute estimate.
-    pub fn observe_recompute(&self, ns_per_token: f64) {
-        lock(&self.shared.stats)
-            .costs
-            .observe_recompute(ns_per_token * self.block_size as f64);
     }
 
     /// Counts prompt tokens a load served.

@@ -421,19 +421,19 @@ impl RouterState {
         Some((cands[p.index].clone(), matches[p.index].blocks))
     }
 
-    fn decide(&self, tokens: &[u32], exclude: &[Arc<Worker>]) -> Option<Decision> {
-        let keys = self.cfg.keyer.keys(tokens);
+    /// Where a prompt of `prompt_len` tokens whose full blocks have `keys` goes.
+    fn decide(&self, prompt_len: usize, keys: &[u64], exclude: &[Arc<Worker>]) -> Option<Decision> {
         let all = self.workers();
         let by_role = |r: Role| -> Vec<Arc<Worker>> {
             all.iter().filter(|w| w.spec.role == r).cloned().collect()
         };
         let (prefill, decode) = (by_role(Role::Prefill), by_role(Role::Decode));
         if !prefill.is_empty() && !decode.is_empty() {
-            let (worker, blocks) = self.pick(&decode, &keys, exclude)?;
+            let (worker, blocks) = self.pick(&decode, keys, exclude)?;
             let cached = blocks * self.cfg.keyer.block_size;
-            let uncached = tokens.len().saturating_sub(cached);
+            let uncached = prompt_len.saturating_sub(cached);
             let prefiller = if uncached > self.cfg.routing.pd_threshold {
-                self.pick(&prefill, &keys, &[]).map(|(p, _)| p)
+                self.pick(&prefill, keys, &[]).map(|(p, _)| p)
             } else {
                 None
             };
@@ -457,7 +457,7 @@ impl RouterState {
                 both
             }
         };
-        let (worker, blocks) = self.pick(&pool, &keys, exclude)?;
+        let (worker, blocks) = self.pick(&pool, keys, exclude)?;
         self.counters.aggregated.fetch_add(1, Relaxed);
         Some(Decision {
             worker,
@@ -495,10 +495,7 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
     };
     let mut headers = parts.headers;
     if !headers.contains_key(REQUEST_ID) {
-        let id = format!(
-            "router-{:016x}",
-            s.rotation.load(Relaxed) as u64 ^ rand_u64()
-        );
+        let id = format!("{:032x}", super::sidecar::rand_id());
         if let Ok(v) = HeaderValue::from_str(&id) {
             headers.insert(REQUEST_ID, v);
         }
@@ -524,19 +521,19 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
     } else {
         Vec::new()
     };
+    let keys = s.cfg.keyer.keys(&tokens);
     let mut tried: Vec<Arc<Worker>> = Vec::new();
     for attempt in 0..2 {
-        let Some(d) = s.decide(&tokens, &tried) else {
+        let Some(d) = s.decide(tokens.len(), &keys, &tried) else {
             break;
         };
         if attempt > 0 {
             s.counters.retries.fetch_add(1, Relaxed);
         }
         let w = d.worker.clone();
-        if !tokens.is_empty() {
+        if !keys.is_empty() {
             // Where this prompt will be cached: requests for it that follow before the
             // worker's events say so go there too.
-            let keys = s.cfg.keyer.keys(&tokens);
             s.index
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -627,12 +624,8 @@ fn fail(s: &RouterState, w: &Worker, why: &str) {
     w.take_out(s.cfg.backoff);
 }
 
-fn forwarded(headers: &HeaderMap) -> HeaderMap {
-    super::sidecar::forwarded(headers)
-}
-
 fn forwarded_with(headers: &HeaderMap, prefiller: Option<&Worker>) -> HeaderMap {
-    let mut h = forwarded(headers);
+    let mut h = super::sidecar::forwarded(headers);
     h.remove(PREFILLER_HEADER);
     if let Some(p) = prefiller {
         if let Ok(v) = HeaderValue::from_str(p.spec.host_port()) {
@@ -640,13 +633,6 @@ fn forwarded_with(headers: &HeaderMap, prefiller: Option<&Worker>) -> HeaderMap 
         }
     }
     h
-}
-
-fn rand_u64() -> u64 {
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    xxhash_rust::xxh3::xxh3_64(&t.to_le_bytes())
 }
 
 async fn metrics(State(s): State<Arc<RouterState>>) -> Response {

@@ -260,7 +260,7 @@ pub(crate) fn is_hop_by_hop(k: &HeaderName) -> bool {
 }
 
 /// A request id: time and a process-wide counter, mixed.
-fn rand_id() -> u128 {
+pub(crate) fn rand_id() -> u128 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let t = std::time::SystemTime::now()

@@ -238,11 +238,7 @@ impl PullCost {
             return;
         }
         let ns = elapsed.as_nanos() as f64 / blocks as f64;
-        self.ns_per_block = if self.ns_per_block > 0.0 {
-            0.8 * self.ns_per_block + 0.2 * ns
-        } else {
-            ns
-        };
+        self.ns_per_block = crate::kv::connector::ewma(self.ns_per_block, ns);
     }
 }
 
@@ -607,8 +603,22 @@ impl Disagg {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .ns_per_block;
-        let _ = writeln!(out, "# HELP llmd:kv_transfer_pull_cost_seconds_per_block Measured cost of pulling one KV block from a peer (running estimate; 0 before the first pull).\n# TYPE llmd:kv_transfer_pull_cost_seconds_per_block gauge\nllmd:kv_transfer_pull_cost_seconds_per_block{{{l}}} {}", pull_ns / 1e9);
-        let _ = writeln!(out, "# HELP llmd:kv_transfer_recompute_cost_seconds_per_block Measured cost of computing one KV block here (running estimate; 0 before the first prefill).\n# TYPE llmd:kv_transfer_recompute_cost_seconds_per_block gauge\nllmd:kv_transfer_recompute_cost_seconds_per_block{{{l}}} {}", prefill_block_ns / 1e9);
+        super::metrics::write_scalar(
+            out,
+            "llmd:kv_transfer_pull_cost_seconds_per_block",
+            "gauge",
+            "Measured cost of pulling one KV block from a peer (running estimate; 0 before the first pull).",
+            l,
+            pull_ns / 1e9,
+        );
+        super::metrics::write_scalar(
+            out,
+            "llmd:kv_transfer_recompute_cost_seconds_per_block",
+            "gauge",
+            "Measured cost of computing one KV block here (running estimate; 0 before the first prefill).",
+            l,
+            prefill_block_ns / 1e9,
+        );
         let _ = writeln!(out, "# HELP llmd:kv_transfer_fallbacks_total Pulls that failed, by cause; each request was prefilled locally instead.\n# TYPE llmd:kv_transfer_fallbacks_total counter");
         let fallbacks = m.fallbacks.lock().unwrap_or_else(|e| e.into_inner());
         for cause in [

@@ -1,4 +1,6 @@
 //! A running `llmd` subcommand (`serve`, `route`, `sidecar`) on a free port, killed on drop.
+//! Also compiled into the benches (`#[path]`), which use a subset.
+#![allow(dead_code)]
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -10,24 +12,37 @@ pub struct LlmdProcess {
     pub base: String,
 }
 
+/// Where a process's log lines go.
+pub enum Echo {
+    /// Every line, prefixed with `[tag]`.
+    Tagged(String),
+    /// Only lines with `ERROR` (benchmarks: quiet unless something breaks).
+    Errors,
+    Silent,
+}
+
 impl LlmdProcess {
-    /// Runs `llmd <args>` (which must listen on port 0 and log its `addr=`), then waits until
-    /// `health_path` answers 200. `tag` prefixes its log lines.
-    pub async fn start(tag: &str, args: &[String], health_path: &str) -> Self {
+    /// Runs `llmd <args>` (which must listen on port 0 and log its `addr=`) with
+    /// `RUST_LOG=rust_log`, and returns once it has logged the address (at most `timeout`).
+    pub fn spawn(args: &[String], rust_log: &str, echo: Echo, timeout: Duration) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_llmd"))
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawning llmd");
         let stderr = child.stderr.take().expect("piped stderr");
         let (tx, rx) = mpsc::channel();
-        let tag = tag.to_string();
+        // Keeps draining the log so the process never blocks on a full pipe.
         std::thread::spawn(move || {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                eprintln!("[{tag}] {line}");
+                match &echo {
+                    Echo::Tagged(tag) => eprintln!("[{tag}] {line}"),
+                    Echo::Errors if line.contains("ERROR") => eprintln!("{line}"),
+                    _ => {}
+                }
                 if let Some(i) = line.find("addr=") {
                     let addr: String = line[i + 5..]
                         .chars()
@@ -40,25 +55,41 @@ impl LlmdProcess {
             }
         });
         let addr = rx
-            .recv_timeout(Duration::from_secs(60))
+            .recv_timeout(timeout)
             .expect("llmd logged no listening address");
-        let p = Self {
+        Self {
             child,
             base: format!("http://{addr}"),
-        };
+        }
+    }
+
+    /// Runs `llmd <args>` (see [`Self::spawn`]), echoing its log with `tag`, then waits until
+    /// `health_path` answers 200 (not at all when it is empty).
+    pub async fn start(tag: &str, args: &[String], health_path: &str) -> Self {
+        let p = Self::spawn(
+            args,
+            "info",
+            Echo::Tagged(tag.to_string()),
+            Duration::from_secs(60),
+        );
         if !health_path.is_empty() {
-            let deadline = Instant::now() + Duration::from_secs(120);
-            loop {
-                if let Ok(r) = reqwest::get(p.url(health_path)).await {
-                    if r.status() == 200 {
-                        break;
-                    }
-                }
-                assert!(Instant::now() < deadline, "{health_path} not 200 in time");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+            p.wait_healthy(health_path, Duration::from_secs(120)).await;
         }
         p
+    }
+
+    /// Waits until `path` answers 200; panics after `timeout`.
+    pub async fn wait_healthy(&self, path: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(r) = reqwest::get(self.url(path)).await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "{path} not 200 in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -77,6 +108,20 @@ impl LlmdProcess {
             .text()
             .await
             .expect("metrics body")
+    }
+
+    /// Polls `/metrics` until `done` holds for its text, and returns that text; panics with
+    /// `what` and the last text after 20 s.
+    pub async fn metrics_until(&self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let m = self.metrics().await;
+            if done(&m) {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "{what}:\n{m}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn kill(&mut self) {

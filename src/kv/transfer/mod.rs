@@ -136,11 +136,52 @@ impl TransferLayout {
     }
 }
 
-impl Fetched {
-    /// A pull's result from its checked payloads (every one present by then).
-    fn assemble(payloads: Vec<Option<Vec<u8>>>, prompt_len: usize, reread: usize) -> Self {
+/// A pull's payloads as their checks come in, and the blocks to ask for again.
+struct Checked {
+    payloads: Vec<Option<Vec<u8>>>,
+    bad: Vec<usize>,
+}
+
+impl Checked {
+    fn new(blocks: usize) -> Self {
+        Self {
+            payloads: vec![None; blocks],
+            bad: Vec::new(),
+        }
+    }
+
+    /// Block `i`'s first check: a failure is logged and the block asked for again.
+    fn first(&mut self, addr: &str, via: &str, i: usize, r: Result<Vec<u8>, String>) {
+        match r {
+            Ok(p) => self.payloads[i] = Some(p),
+            Err(reason) => {
+                tracing::warn!(%addr, via, block = i, %reason, "a transferred KV block failed its check; asking again");
+                self.bad.push(i);
+            }
+        }
+    }
+
+    /// Block `i` checked again: a second failure ends the pull.
+    fn again(
+        &mut self,
+        addr: &str,
+        i: usize,
+        r: Result<Vec<u8>, String>,
+    ) -> Result<(), TransferError> {
+        let p = r.map_err(|reason| TransferError::Corrupt {
+            addr: addr.to_string(),
+            index: i,
+            reason,
+        })?;
+        self.payloads[i] = Some(p);
+        Ok(())
+    }
+
+    /// The pull's result (every payload present by then).
+    fn into_fetched(self, prompt_len: usize, reread: usize) -> Fetched {
         Fetched {
-            payloads: payloads
+            payloads: self
+                .payloads
                 .into_iter()
                 .map(|p| p.unwrap_or_default())
                 .collect(),
@@ -277,39 +318,24 @@ impl TcpTransport {
             });
         }
         let check = |i: usize, record: &[u8]| self.layout.open(record, &expected(i));
-        let mut payloads: Vec<Option<Vec<u8>>> = Vec::with_capacity(blocks);
-        let mut bad = Vec::new();
+        let mut got = Checked::new(blocks);
         for i in 0..blocks {
             let record = self.read_record(&mut s, addr).await?;
-            match check(i, &record) {
-                Ok(p) => payloads.push(Some(p)),
-                Err(reason) => {
-                    tracing::warn!(%addr, block = i, %reason, "a transferred KV block failed its check; asking again");
-                    payloads.push(None);
-                    bad.push(i);
-                }
-            }
+            got.first(addr, "tcp", i, check(i, &record));
         }
-        let reread = bad.len();
-        if !bad.is_empty() {
-            s.write_all(&resend_request(&bad)).await.map_err(io)?;
-            for &i in &bad {
+        let reread = got.bad.len();
+        if reread > 0 {
+            s.write_all(&resend_request(&got.bad)).await.map_err(io)?;
+            for i in got.bad.clone() {
                 let record = self.read_record(&mut s, addr).await?;
-                match check(i, &record) {
-                    Ok(p) => payloads[i] = Some(p),
-                    Err(reason) => {
-                        let _ = s.write_all(&[0]).await;
-                        return Err(TransferError::Corrupt {
-                            addr: addr.to_string(),
-                            index: i,
-                            reason,
-                        });
-                    }
+                if let Err(e) = got.again(addr, i, check(i, &record)) {
+                    let _ = s.write_all(&[0]).await;
+                    return Err(e);
                 }
             }
         }
         s.write_all(&[0]).await.map_err(io)?;
-        Ok(Fetched::assemble(payloads, prompt_len, reread))
+        Ok(got.into_fetched(prompt_len, reread))
     }
 
     async fn read_record(&self, s: &mut TcpStream, addr: &str) -> Result<Vec<u8>, TransferError> {

@@ -351,22 +351,14 @@ impl RdmaTransport {
             .await
             .map_err(rdma)?;
         qp = q;
-        let mut payloads: Vec<Option<Vec<u8>>> = Vec::with_capacity(n);
-        let mut bad = Vec::new();
+        let mut got = super::Checked::new(n);
         for i in 0..n {
-            match check(i, &landing) {
-                Ok(p) => payloads.push(Some(p)),
-                Err(reason) => {
-                    tracing::warn!(%addr, block = i, %reason, "a KV block READ over RDMA failed its check; asking again");
-                    payloads.push(None);
-                    bad.push(i);
-                }
-            }
+            got.first(addr, "rdma", i, check(i, &landing));
         }
-        let reread = bad.len();
+        let reread = got.bad.len();
         let mut landing = landing;
-        if !bad.is_empty() {
-            s.write_all(&super::resend_request(&bad))
+        if reread > 0 {
+            s.write_all(&super::resend_request(&got.bad))
                 .await
                 .map_err(io)?;
             if s.read_u8().await.map_err(io)? != 0 {
@@ -375,27 +367,20 @@ impl RdmaTransport {
                     what: "restage answer".into(),
                 });
             }
-            let (_, l) = read_all(qp, landing, &slices, &bad, self.tcp.timeout)
+            let (_, l) = read_all(qp, landing, &slices, &got.bad, self.tcp.timeout)
                 .await
                 .map_err(rdma)?;
             landing = l;
-            for &i in &bad {
-                match check(i, &landing) {
-                    Ok(p) => payloads[i] = Some(p),
-                    Err(reason) => {
-                        let _ = s.write_all(&[0]).await;
-                        return Err(TransferError::Corrupt {
-                            addr: addr.to_string(),
-                            index: i,
-                            reason,
-                        });
-                    }
+            for i in got.bad.clone() {
+                if let Err(e) = got.again(addr, i, check(i, &landing)) {
+                    let _ = s.write_all(&[0]).await;
+                    return Err(e);
                 }
             }
         }
         s.write_all(&[0]).await.map_err(io)?;
         drop(landing);
-        Ok(Some(Fetched::assemble(payloads, prompt_len, reread)))
+        Ok(Some(got.into_fetched(prompt_len, reread)))
     }
 }
 
