@@ -40,9 +40,13 @@ def main():
     env = {"LLMD_BENCH_MODEL": sys.argv[2]}
     import os
 
-    out = subprocess.run([sys.argv[1]], check=True, capture_output=True, text=True,
-                         env={**os.environ, **env}).stdout
+    run = subprocess.run([sys.argv[1]], capture_output=True, text=True,
+                         env={**os.environ, **env})
+    out = run.stdout
     print(out.strip())
+    if run.returncode != 0:
+        print(run.stderr.strip()[-4000:], file=sys.stderr)
+        sys.exit(f"the llmd bench failed with exit code {run.returncode}")
     m = re.search(r"batch64 gen=\d+ tok_s=([\d.]+)", out)
     if not m:
         sys.exit("no batch-64 figure from the llmd bench")

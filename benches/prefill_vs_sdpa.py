@@ -40,7 +40,11 @@ def sdpa_tflops(batch, n, heads, kv_heads, d, repeat=10):
 def main():
     if len(sys.argv) != 2:
         sys.exit(__doc__)
-    out = subprocess.run([sys.argv[1]], check=True, capture_output=True, text=True).stdout
+    run = subprocess.run([sys.argv[1]], capture_output=True, text=True)
+    out = run.stdout
+    if run.returncode != 0:
+        print(out.strip(), run.stderr.strip()[-4000:], sep="\n", file=sys.stderr)
+        sys.exit(f"the llmd bench failed with exit code {run.returncode}")
     pat = re.compile(
         r"prefill batch=(\d+) seq=(\d+) heads=(\d+) kv_heads=(\d+) head_dim=(\d+) ms=[\d.]+ tflops=([\d.]+)"
     )

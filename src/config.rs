@@ -48,10 +48,15 @@ impl Default for SchedulerConfig {
 pub struct CacheConfig {
     /// Tokens per KV block.
     pub block_size: usize,
-    /// Number of KV blocks; None sizes the pool from `kv_cache_memory_bytes`.
+    /// Number of KV blocks; None sizes the pool from memory (below).
     pub num_blocks: Option<usize>,
-    /// Memory given to the KV cache when `num_blocks` is None.
-    pub kv_cache_memory_bytes: usize,
+    /// Memory given to the KV cache when `num_blocks` is None (vLLM's `--kv-cache-memory`).
+    /// None: on a GPU, what `gpu_memory_utilization` leaves once the weights and step buffers
+    /// are allocated; on the CPU, [`CPU_KV_CACHE_BYTES`].
+    pub kv_cache_memory_bytes: Option<usize>,
+    /// Fraction of the GPU's total memory this engine may use (weights, step buffers and KV
+    /// cache together) when the KV size is not given (vLLM's `--gpu-memory-utilization`).
+    pub gpu_memory_utilization: f64,
     pub enable_prefix_caching: bool,
     pub block_hash_algo: BlockHashAlgo,
     /// Root of the block-hash chain (vLLM's `PYTHONHASHSEED`): workers and routers that share
@@ -59,12 +64,17 @@ pub struct CacheConfig {
     pub block_hash_seed: String,
 }
 
+/// KV cache memory on the CPU backend when none is given (the host has no allocator to ask
+/// what is free, and other processes share it).
+pub const CPU_KV_CACHE_BYTES: usize = 2 << 30;
+
 impl Default for CacheConfig {
     fn default() -> Self {
         Self {
             block_size: 16,
             num_blocks: None,
-            kv_cache_memory_bytes: 2 << 30,
+            kv_cache_memory_bytes: None,
+            gpu_memory_utilization: 0.9,
             enable_prefix_caching: true,
             block_hash_algo: BlockHashAlgo::default(),
             block_hash_seed: std::env::var("PYTHONHASHSEED").unwrap_or_else(|_| "0".into()),
@@ -185,6 +195,13 @@ impl EngineConfig {
         }
         if self.cache.num_blocks == Some(0) {
             return bad("num_blocks", "must be at least 1");
+        }
+        let u = self.cache.gpu_memory_utilization;
+        if !(u > 0.0 && u <= 1.0) {
+            return bad(
+                "gpu_memory_utilization",
+                "must be a fraction of the GPU's memory in (0, 1]",
+            );
         }
         if self.scheduler.max_num_seqs == 0 {
             return bad("max_num_seqs", "must be at least 1");

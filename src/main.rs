@@ -126,11 +126,17 @@ struct EngineArgs {
     max_num_batched_tokens: usize,
     #[arg(long, default_value_t = 16)]
     block_size: usize,
-    /// KV-cache blocks (default: sized from --kv-cache-memory-gb).
+    /// KV-cache blocks (default: sized from memory, below).
     #[arg(long)]
     num_gpu_blocks_override: Option<usize>,
-    #[arg(long, default_value_t = 2.0)]
-    kv_cache_memory_gb: f64,
+    /// GiB for the KV cache (default: on a GPU, what --gpu-memory-utilization leaves after the
+    /// weights and step buffers; on the CPU, 2).
+    #[arg(long)]
+    kv_cache_memory_gb: Option<f64>,
+    /// Fraction of the GPU's memory this worker may use in all (weights, step buffers, KV
+    /// cache), as vLLM's flag.
+    #[arg(long, default_value_t = 0.9)]
+    gpu_memory_utilization: f64,
     #[arg(long)]
     no_enable_prefix_caching: bool,
     /// Block hash for prefix caching: xxh3_64 or sha256_cbor (vLLM/llm-d compatible).
@@ -141,9 +147,8 @@ struct EngineArgs {
     prefix_caching_hash_seed: Option<String>,
     #[arg(long)]
     threads: Option<usize>,
-    /// cpu, cuda, cuda:N, or auto (the first GPU when there is one, else cpu). cpu by default
-    /// until the CUDA backend has passed its GPU tests; then the default becomes auto.
-    #[arg(long, default_value = "cpu")]
+    /// cpu, cuda, cuda:N, or auto (the first GPU when there is one, else cpu).
+    #[arg(long, default_value = "auto")]
     device: llmd::config::DeviceKind,
     /// On a GPU, run every step eagerly (no CUDA graphs for decode steps).
     #[arg(long)]
@@ -289,7 +294,7 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
     c.scheduler.max_num_batched_tokens = a.max_num_batched_tokens;
     c.cache.block_size = a.block_size;
     c.cache.num_blocks = a.num_gpu_blocks_override;
-    c.cache.kv_cache_memory_bytes = (a.kv_cache_memory_gb * (1u64 << 30) as f64) as usize;
+    c.cache.gpu_memory_utilization = a.gpu_memory_utilization;
     c.cache.enable_prefix_caching = !a.no_enable_prefix_caching;
     c.cache.block_hash_algo = a.prefix_caching_hash_algo.parse()?;
     if let Some(seed) = &a.prefix_caching_hash_seed {
@@ -306,6 +311,9 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
         }
         Ok(g * (1u64 << 30) as f64)
     };
+    if let Some(g) = a.kv_cache_memory_gb {
+        c.cache.kv_cache_memory_bytes = Some(gib(g, "--kv-cache-memory-gb")? as usize);
+    }
     c.kv_tiers.host_bytes = gib(a.kv_offloading_size, "--kv-offloading-size")? as usize;
     c.kv_tiers.disk_path = a.kv_disk_path.clone();
     c.kv_tiers.disk_bytes = gib(a.kv_disk_gb, "--kv-disk-gb")? as u64;

@@ -307,6 +307,21 @@ fn attention_matches_cpu_on_edge_shapes() {
     // Small head dims of the test models.
     attention_case(8, 4, 8, &[(40, 1), (0, 20)], None);
     attention_case(4, 2, 16, &[(40, 1), (0, 20)], None);
+    // Group sizes the kernel rounds up (3: SmolLM2, 7: Qwen2-0.5B), head dim 256 (Gemma 3)
+    // and 32, odd and partial-block contexts, single-sequence split-K over a long context.
+    attention_case(
+        9,
+        3,
+        64,
+        &[(0, 1), (16, 1), (99, 1), (1000, 1), (4095, 1)],
+        None,
+    );
+    attention_case(14, 2, 64, &[(7, 1), (333, 1), (2049, 1)], None);
+    attention_case(8, 4, 256, &[(0, 1), (17, 1), (500, 1), (3000, 1)], None);
+    attention_case(8, 2, 256, &[(100, 1)], Some(64));
+    attention_case(4, 4, 32, &[(63, 1), (65, 1), (1025, 1)], None);
+    attention_case(32, 8, 128, &[(65535, 1)], None);
+    attention_case(32, 4, 128, &[(16383, 1)], Some(4096));
 }
 
 #[test]
@@ -475,7 +490,7 @@ fn shared_models_greedy_32_tokens_match_cpu() {
         let run = |device| {
             let mut cfg = llmd::EngineConfig::new(&dir);
             cfg.device = device;
-            cfg.cache.num_blocks = Some(256);
+            // Defaults throughout: on the GPU the KV cache is sized from its memory.
             llmd::Engine::new(cfg)
                 .unwrap()
                 .generate(prompts.clone(), &params)
@@ -716,5 +731,53 @@ fn kv_block_read_write_match_cpu() {
     assert!(
         g.read_kv_block(&gcache, 0, &mut b[1..]).is_err(),
         "wrong size"
+    );
+}
+
+/// With defaults the KV cache takes what `--gpu-memory-utilization` (0.9) leaves once the
+/// weights and step buffers are in: the device ends up between 80 % and 90 % used, and a
+/// request runs. A utilization below what the weights already use is refused, naming it.
+#[test]
+#[ignore = "needs a CUDA device"]
+fn kv_cache_is_sized_from_gpu_memory() {
+    let (_, dir) = common::gpu_models()
+        .into_iter()
+        .next()
+        .expect("a GPU test model");
+    let ctx = cudarc::driver::CudaContext::new(0).unwrap();
+    let (free0, total) = ctx.mem_get_info().unwrap();
+    let mut cfg = llmd::EngineConfig::new(&dir);
+    cfg.device = llmd::config::DeviceKind::Cuda(0);
+    let engine = llmd::Engine::new(cfg).unwrap();
+    let (free, _) = ctx.mem_get_info().unwrap();
+    let used = (total - free) as f64 / total as f64;
+    let others = (total - free0) as f64 / total as f64;
+    println!(
+        "device {:.1} GiB: {:.3} used before, {used:.3} with the engine, {} KV blocks",
+        total as f64 / (1u64 << 30) as f64,
+        others,
+        engine.limits().num_blocks
+    );
+    assert!(used <= 0.9 + 0.01, "used {used}");
+    assert!(used >= 0.8, "the KV cache left memory unused: {used}");
+    let params = llmd::SamplingParams {
+        max_tokens: Some(8),
+        ..llmd::SamplingParams::greedy()
+    };
+    let out = engine
+        .generate(vec!["Once upon a time".into()], &params)
+        .unwrap();
+    assert_eq!(out[0].token_ids.len(), 8);
+    drop(engine);
+    let mut cfg = llmd::EngineConfig::new(&dir);
+    cfg.device = llmd::config::DeviceKind::Cuda(0);
+    cfg.cache.gpu_memory_utilization = 0.0001;
+    let e = llmd::Engine::new(cfg)
+        .err()
+        .expect("no room for the KV cache")
+        .to_string();
+    assert!(
+        e.contains("--gpu-memory-utilization") && e.contains("tokens"),
+        "{e}"
     );
 }

@@ -242,6 +242,11 @@ pub struct StepLimits {
     pub max_seqs: usize,
     /// Longest context (`max_model_len`).
     pub max_context: usize,
+    /// The model's widest attention (query heads and head size), so that the backend can
+    /// allocate its attention scratch before the KV cache is sized from what is left.
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
 }
 
 /// The operations of one device. Buffers are allocated once with a capacity and reused every
@@ -265,6 +270,16 @@ pub trait Backend: Send + Sync + 'static {
     /// Sizes what the backend keeps across steps.
     fn reserve(&mut self, _limits: StepLimits) -> BackendResult<()> {
         Ok(())
+    }
+    /// `(free, total)` bytes of the device's memory, where the device has its own (the CPU
+    /// backend shares the host's and says None).
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        None
+    }
+    /// Nanoseconds the device spent running steps so far (the span from each step's first
+    /// kernel to its last, on the device's clock); 0 where the backend cannot tell.
+    fn device_time_ns(&self) -> u64 {
+        0
     }
     /// The plan as the device runs it. A device that replays captured steps pads a decode batch
     /// to a captured size; rows past the original plan's are padding whose results are ignored.

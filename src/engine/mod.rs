@@ -184,6 +184,13 @@ pub struct Counters {
     pub failed_steps: u64,
     /// Held KV freed because no decode worker read it within its lease.
     pub kv_leases_expired: u64,
+    /// Wall time of the steps that ran a batch (schedule, plan, model call, outputs), in ns.
+    pub step_ns: u64,
+    /// Of that, the model call (upload, launch, wait for the device, read back), in ns.
+    pub model_ns: u64,
+    /// Device-clock time of those steps' kernels (0 where the backend cannot tell), in ns:
+    /// `step_ns - device_ns` is what the host adds.
+    pub device_ns: u64,
 }
 
 /// Bytes of K and V of one block across all layers, with `element_bytes` per cached element
@@ -205,30 +212,111 @@ pub fn kv_bytes_per_block(
     .try_fold(1usize, usize::checked_mul)
 }
 
-/// Blocks in the KV pool: `num_blocks` when given, else as many as `kv_cache_memory_bytes`
-/// holds at `element_bytes` per cached element.
-pub fn kv_pool_blocks(
-    cache: &crate::config::CacheConfig,
-    cfg: &ModelConfig,
-    element_bytes: usize,
-) -> Result<usize> {
-    let per_block = kv_bytes_per_block(cfg, cache.block_size, element_bytes)
-        .filter(|&b| b > 0)
-        .ok_or_else(|| Error::Config {
-            field: "block_size",
-            reason: format!(
-                "one KV block of {} tokens for this model overflows or is empty",
-                cache.block_size
+/// Bytes of device memory the KV cache is not given even under `gpu_memory_utilization`: CUDA
+/// graphs, cuBLAS's own allocations and the lazily grown scratch of odd step shapes.
+pub const DEVICE_HEADROOM_BYTES: usize = 256 << 20;
+
+/// Where the KV pool's size comes from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum KvBudget {
+    /// `num_blocks` (vLLM's `--num-gpu-blocks-override`).
+    Blocks(usize),
+    /// A number of bytes (`--kv-cache-memory-gb`, or the CPU's default).
+    Bytes(usize),
+    /// What `utilization` × `total` leaves once the device holds `used` bytes (weights, step
+    /// buffers, scratch) and [`DEVICE_HEADROOM_BYTES`].
+    Device {
+        utilization: f64,
+        free: usize,
+        total: usize,
+    },
+}
+
+impl KvBudget {
+    /// The budget for `cache` on a device reporting `memory` (`(free, total)`, None on the CPU).
+    pub fn new(cache: &crate::config::CacheConfig, memory: Option<(usize, usize)>) -> Self {
+        match (cache.num_blocks, cache.kv_cache_memory_bytes, memory) {
+            (Some(n), _, _) => KvBudget::Blocks(n),
+            (None, Some(b), _) => KvBudget::Bytes(b),
+            (None, None, Some((free, total))) => KvBudget::Device {
+                utilization: cache.gpu_memory_utilization,
+                free,
+                total,
+            },
+            (None, None, None) => KvBudget::Bytes(crate::config::CPU_KV_CACHE_BYTES),
+        }
+    }
+
+    /// Bytes the KV cache may take (None: a block count was given).
+    pub fn bytes(&self) -> Option<usize> {
+        match *self {
+            KvBudget::Blocks(_) => None,
+            KvBudget::Bytes(b) => Some(b),
+            KvBudget::Device {
+                utilization,
+                free,
+                total,
+            } => {
+                let allowed = (utilization * total as f64) as usize;
+                let used = total.saturating_sub(free);
+                Some(allowed.saturating_sub(used + DEVICE_HEADROOM_BYTES))
+            }
+        }
+    }
+
+    /// The pool's block count at `per_block` bytes each, refusing a pool that cannot hold one
+    /// sequence of `max_model_len` tokens with the number of tokens it could hold (as vLLM
+    /// says it) and what to change.
+    pub fn blocks(
+        &self,
+        per_block: usize,
+        block_size: usize,
+        max_model_len: usize,
+    ) -> Result<usize> {
+        let n = match (*self, self.bytes()) {
+            (KvBudget::Blocks(n), _) => {
+                if n.checked_mul(per_block).is_none() {
+                    return Err(Error::Config {
+                        field: "num_blocks",
+                        reason: format!("{n} KV blocks of {per_block} bytes overflow"),
+                    });
+                }
+                n
+            }
+            (_, Some(bytes)) => bytes / per_block.max(1),
+            (_, None) => 0,
+        };
+        let tokens = n.saturating_mul(block_size);
+        if tokens >= max_model_len {
+            return Ok(n);
+        }
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        let (field, how) = match *self {
+            KvBudget::Blocks(_) => ("num_blocks", "raise --num-gpu-blocks-override".to_string()),
+            KvBudget::Bytes(b) => (
+                "kv_cache_memory_bytes",
+                format!("{:.2} GiB of KV cache; raise --kv-cache-memory-gb", gib(b)),
             ),
-        })?;
-    match cache.num_blocks {
-        // Every size the backend derives from the pool must be representable.
-        Some(n) if n.checked_mul(per_block).is_none() => Err(Error::Config {
-            field: "num_blocks",
-            reason: format!("{n} KV blocks of {per_block} bytes overflow"),
-        }),
-        Some(n) => Ok(n),
-        None => Ok(cache.kv_cache_memory_bytes / per_block),
+            KvBudget::Device {
+                utilization,
+                free,
+                total,
+            } => (
+                "gpu_memory_utilization",
+                format!(
+                    "{:.2} GiB left for the KV cache: {utilization} of the GPU's {:.2} GiB, of which the weights and step buffers use {:.2} GiB; raise --gpu-memory-utilization",
+                    gib(self.bytes().unwrap_or(0)),
+                    gib(total),
+                    gib(total.saturating_sub(free)),
+                ),
+            ),
+        };
+        Err(Error::Config {
+            field,
+            reason: format!(
+                "the model's max_model_len ({max_model_len}) is larger than the {tokens} tokens the KV cache can hold ({n} blocks of {block_size}, {how}, or lower --max-model-len)"
+            ),
+        })
     }
 }
 
@@ -240,7 +328,9 @@ struct Loaded {
     kv_block_bytes: usize,
 }
 
-/// Loads the model on `backend`, sizing the KV pool from the backend's own element size.
+/// Loads the model on `backend`, then sizes the KV pool from the backend's own element size
+/// and, on a device, from the memory the weights and step buffers left (vLLM's
+/// `--gpu-memory-utilization`).
 fn load_on<B: Backend>(
     backend: B,
     config: &EngineConfig,
@@ -249,28 +339,50 @@ fn load_on<B: Backend>(
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Loaded> {
     let block_size = config.cache.block_size;
-    let num_blocks = kv_pool_blocks(&config.cache, model_cfg, B::KV_ELEMENT_BYTES)?;
-    if num_blocks.saturating_mul(block_size) < max_model_len {
-        return Err(Error::Config {
-            field: "num_blocks",
+    let per_block = kv_bytes_per_block(model_cfg, block_size, B::KV_ELEMENT_BYTES)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| Error::Config {
+            field: "block_size",
             reason: format!(
-                "{num_blocks} blocks of {block_size} tokens cannot hold one sequence of max_model_len {max_model_len}; add KV memory or lower max_model_len"
+                "one KV block of {block_size} tokens for this model overflows or is empty"
             ),
-        });
+        })?;
+    // A block count or byte size given outright is checked before any weight loads.
+    if config.cache.num_blocks.is_some() || config.cache.kv_cache_memory_bytes.is_some() {
+        KvBudget::new(&config.cache, None).blocks(per_block, block_size, max_model_len)?;
     }
     let limits = ModelLimits {
         max_tokens: config.scheduler.max_num_batched_tokens,
         max_logit_rows: config.scheduler.max_num_seqs,
         max_positions: max_model_len,
-        num_blocks,
+        num_blocks: 0,
         block_size,
     };
-    let model = Model::load(backend, &config.model, model_cfg.clone(), limits, progress)?;
+    let cache = &config.cache;
+    let model = Model::load_sized(
+        backend,
+        &config.model,
+        model_cfg.clone(),
+        limits,
+        |b: &B| {
+            let budget = KvBudget::new(cache, b.memory_info());
+            let n = budget.blocks(per_block, block_size, max_model_len)?;
+            tracing::info!(
+                ?budget,
+                blocks = n,
+                tokens = n * block_size,
+                gib = (n * per_block) as f64 / (1u64 << 30) as f64,
+                "KV cache sized"
+            );
+            Ok::<_, Error>(n)
+        },
+        progress,
+    )?;
+    let num_blocks = model.limits().num_blocks;
     Ok(Loaded {
         model: Box::new(model),
         num_blocks,
-        // kv_pool_blocks refused a block size whose bytes overflow.
-        kv_block_bytes: kv_bytes_per_block(model_cfg, block_size, B::KV_ELEMENT_BYTES).unwrap_or(0),
+        kv_block_bytes: per_block,
     })
 }
 
@@ -535,7 +647,10 @@ impl EngineCore {
     }
 
     pub fn counters(&self) -> Counters {
-        self.counters
+        Counters {
+            device_ns: self.model.device_time_ns(),
+            ..self.counters
+        }
     }
 
     pub fn scheduler(&self) -> &Scheduler {
@@ -675,6 +790,14 @@ impl EngineCore {
             return Ok(Vec::new());
         }
         self.counters.steps += 1;
+        let step_started = std::time::Instant::now();
+        let outputs = self.run_scheduled(sched);
+        self.counters.step_ns += step_started.elapsed().as_nanos() as u64;
+        outputs
+    }
+
+    /// [`Self::step`] once the scheduler gave it a batch.
+    fn run_scheduled(&mut self, sched: SchedulerOutput) -> Result<Vec<EngineOutput>> {
         // Loaded blocks land before the step that attends to them.
         for (block, payload) in &sched.kv_writes {
             if let Err(e) = self.model.write_kv_block(block.0 as usize, payload) {
@@ -714,6 +837,7 @@ impl EngineCore {
                 model.execute_sampled(&plan, params, tokens, logits)
             }
         });
+        self.counters.model_ns += started.elapsed().as_nanos() as u64;
         // A step of mostly prefill tokens updates what recomputing a block costs.
         let prefill = plan.num_tokens() - plan.num_decode_tokens();
         if result.is_ok() && prefill >= 64 && prefill * 10 >= plan.num_tokens() * 9 {
@@ -992,12 +1116,18 @@ mod tests {
         let elements = 30 * 2 * 16 * 3 * 64;
         assert_eq!(kv_bytes_per_block(&cfg, 16, 2), Some(elements * 2));
         let cache = CacheConfig {
-            kv_cache_memory_bytes: 1 << 30,
+            kv_cache_memory_bytes: Some(1 << 30),
             num_blocks: None,
             ..CacheConfig::default()
         };
-        let cpu = kv_pool_blocks(&cache, &cfg, 4).unwrap();
-        let cuda = kv_pool_blocks(&cache, &cfg, 2).unwrap();
+        let budget = KvBudget::new(&cache, Some((80 << 30, 80 << 30)));
+        assert_eq!(
+            budget,
+            KvBudget::Bytes(1 << 30),
+            "explicit bytes beat the device"
+        );
+        let cpu = budget.blocks(elements * 4, 16, 8192).unwrap();
+        let cuda = budget.blocks(elements * 2, 16, 8192).unwrap();
         assert_eq!(cpu, (1 << 30) / (elements * 4));
         assert_eq!(
             cuda,
@@ -1005,15 +1135,57 @@ mod tests {
             "a bf16 pool uses the whole budget"
         );
         let fixed = CacheConfig {
-            num_blocks: Some(7),
+            num_blocks: Some(7000),
             ..cache
         };
-        assert_eq!(kv_pool_blocks(&fixed, &cfg, 2).unwrap(), 7);
+        let b = KvBudget::new(&fixed, Some((1 << 30, 1 << 30)));
+        assert_eq!(b.blocks(elements * 2, 16, 8192).unwrap(), 7000);
         assert_eq!(kv_bytes_per_block(&cfg, usize::MAX, 2), None, "overflow");
-        let huge = CacheConfig {
-            num_blocks: Some(usize::MAX / 4),
-            ..CacheConfig::default()
-        };
-        assert!(kv_pool_blocks(&huge, &cfg, 2).is_err());
+        let huge = KvBudget::Blocks(usize::MAX / 4);
+        assert!(huge.blocks(elements * 2, 16, 8192).is_err());
+        // The CPU backend reports no device memory: the fixed CPU default.
+        let default = CacheConfig::default();
+        assert_eq!(
+            KvBudget::new(&default, None),
+            KvBudget::Bytes(crate::config::CPU_KV_CACHE_BYTES)
+        );
+    }
+
+    #[test]
+    fn kv_pool_on_a_device_takes_what_the_utilization_leaves() {
+        let gib = 1usize << 30;
+        let cache = CacheConfig::default();
+        assert_eq!(cache.gpu_memory_utilization, 0.9, "vLLM's default");
+        // An 80 GiB device with 20 GiB in use after loading: 0.9 × 80 − 20 − headroom.
+        let b = KvBudget::new(&cache, Some((60 * gib, 80 * gib)));
+        let want = (0.9 * (80 * gib) as f64) as usize - 20 * gib - DEVICE_HEADROOM_BYTES;
+        assert_eq!(b.bytes(), Some(want));
+        assert_eq!(b.blocks(1 << 20, 16, 8192).unwrap(), want >> 20);
+        // SmolLM2-1.7B's shape (24 layers, 32 KV heads of 64, bf16): 3 MiB per block of 16,
+        // so the old fixed 2 GiB held 682 blocks = 10912 tokens; an H200 with the weights
+        // loaded holds over 50 sequences of 8192 tokens.
+        let per_block = 24 * 2 * 16 * 32 * 64 * 2;
+        let h200 = KvBudget::new(&cache, Some((139 * gib, 143 * gib)));
+        assert!(h200.blocks(per_block, 16, 8192).unwrap() * 16 > 50 * 8192);
+        // Used beyond the fraction: nothing left, and the error says how many tokens fit and
+        // what to change.
+        let full = KvBudget::new(&cache, Some((4 * gib, 80 * gib)));
+        assert_eq!(full.bytes(), Some(0));
+        let e = full.blocks(per_block, 16, 8192).unwrap_err().to_string();
+        assert!(
+            e.contains("gpu_memory_utilization") && e.contains("0 tokens"),
+            "{e}"
+        );
+        assert!(
+            e.contains("--gpu-memory-utilization") && e.contains("--max-model-len"),
+            "{e}"
+        );
+        // A little room: the tokens that fit are named.
+        let tight = KvBudget::new(
+            &cache,
+            Some((8 * gib + DEVICE_HEADROOM_BYTES + 30 * per_block, 80 * gib)),
+        );
+        let e = tight.blocks(per_block, 16, 8192).unwrap_err().to_string();
+        assert!(e.contains("(8192)") && e.contains("480 tokens"), "{e}");
     }
 }

@@ -51,7 +51,6 @@ struct Layer<B: Backend> {
     gate_up: B::Weight,
     /// `[hidden, intermediate]`
     down: B::Weight,
-    kv_cache: B::KvCache,
 }
 
 /// Buffers reused every step, sized for `ModelLimits`.
@@ -92,6 +91,9 @@ pub struct Model<B: Backend> {
     /// The same for the sliding-window layers when their RoPE base differs (Gemma 3).
     cos_sin_local: Option<B::Weight>,
     layers: Vec<Layer<B>>,
+    /// Each layer's K/V blocks, allocated last (their number is decided once the weights and
+    /// the workspace are in memory).
+    kv: Vec<B::KvCache>,
     ws: Workspace<B>,
     /// Scratch: the step's per-row sampling parameters.
     row_params: Vec<RowSampling>,
@@ -101,6 +103,49 @@ impl<B: Backend> Model<B> {
     /// Loads the checkpoint in `dir` onto `backend`. `progress(done_bytes, total_bytes)` is
     /// called as tensors are loaded.
     pub fn load(
+        backend: B,
+        dir: &Path,
+        config: ModelConfig,
+        limits: ModelLimits,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self, ModelError> {
+        let n = limits.num_blocks;
+        Self::load_sized(backend, dir, config, limits, |_| Ok(n), progress)
+    }
+
+    /// As [`Model::load`], with the number of KV blocks (`limits.num_blocks` is ignored) given
+    /// by `kv_blocks`, called with the backend once the weights, the rotary tables and the
+    /// step workspace are allocated and before any KV block is: what the device has left then
+    /// is what the KV cache may take.
+    pub fn load_sized<E: From<ModelError>>(
+        backend: B,
+        dir: &Path,
+        config: ModelConfig,
+        limits: ModelLimits,
+        kv_blocks: impl FnOnce(&B) -> Result<usize, E>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Self, E> {
+        let mut model = Self::load_weights(backend, dir, config, limits, progress)?;
+        let num_blocks = kv_blocks(&model.backend)?;
+        model.limits.num_blocks = num_blocks;
+        let dims = KvCacheDims {
+            num_blocks,
+            block_size: model.limits.block_size,
+            num_kv_heads: model.config.num_key_value_heads,
+            head_dim: model.config.head_dim,
+        };
+        for _ in 0..model.layers.len() {
+            let cache = model
+                .backend
+                .alloc_kv_cache(dims)
+                .map_err(ModelError::from)?;
+            model.kv.push(cache);
+        }
+        Ok(model)
+    }
+
+    /// Everything but the KV cache.
+    fn load_weights(
         mut backend: B,
         dir: &Path,
         config: ModelConfig,
@@ -111,6 +156,9 @@ impl<B: Backend> Model<B> {
             max_tokens: limits.max_tokens,
             max_seqs: limits.max_logit_rows,
             max_context: limits.max_positions,
+            num_heads: config.num_attention_heads,
+            num_kv_heads: config.num_key_value_heads,
+            head_dim: config.head_dim,
         })?;
         let files = WeightFiles::open(dir)?;
         let c = &config;
@@ -136,12 +184,6 @@ impl<B: Backend> Model<B> {
             Some(ld.one("lm_head.weight", &[vocab, h])?)
         };
         let final_norm = ld.norm("model.norm.weight", h, c.norm_offset)?;
-        let kv_dims = KvCacheDims {
-            num_blocks: limits.num_blocks,
-            block_size: limits.block_size,
-            num_kv_heads: nkv,
-            head_dim: hd,
-        };
         // Not `with_capacity(num_hidden_layers)`: that count comes from config.json and is only
         // vouched for once every layer's weights are found; an absurd one would abort the
         // process on the allocation.
@@ -233,7 +275,6 @@ impl<B: Backend> Model<B> {
                     ])?
                 },
                 down: ld.one(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
-                kv_cache: backend.alloc_kv_cache(kv_dims)?,
             });
         }
         let table = config.rope_table(limits.max_positions);
@@ -286,6 +327,7 @@ impl<B: Backend> Model<B> {
             cos_sin,
             cos_sin_local,
             layers,
+            kv: Vec::new(),
             ws,
             row_params: Vec::new(),
         })
@@ -374,7 +416,8 @@ impl<B: Backend> Model<B> {
         let plan = padded.as_ref();
         let (n, padded_rows) = (plan.num_tokens(), plan.logits_indices.len());
         let step = b.prepare_step(plan)?;
-        let (layers, embed, final_norm) = (&mut self.layers, &self.embed, &self.final_norm);
+        let (layers, embed, final_norm) = (&self.layers, &self.embed, &self.final_norm);
+        let kv = &mut self.kv;
         let (cos_sin, lm_head) = (&self.cos_sin, &self.lm_head);
         let cos_sin_local = self.cos_sin_local.as_ref();
         b.run_step(&step, &mut || {
@@ -386,8 +429,8 @@ impl<B: Backend> Model<B> {
                 b.rms_norm(&ws.residual, &first.input_norm, eps, &mut ws.normed, n);
             }
             for i in 0..layers.len() {
-                let (done, rest) = layers.split_at_mut(i + 1);
-                let layer = &mut done[i];
+                let (layer, rest) = (&layers[i], &layers[i + 1..]);
+                let cache = &mut kv[i];
                 let dims = layer.dims;
                 // The residual add after the MLP is fused with the next layer's input norm.
                 let next_norm = rest.first().map_or(final_norm, |l| &l.input_norm);
@@ -406,9 +449,9 @@ impl<B: Backend> Model<B> {
                     _ => cos_sin,
                 };
                 b.rope(&mut ws.qkv, table, &step, dims);
-                b.write_kv(&ws.qkv, &mut layer.kv_cache, &step, dims);
-                b.paged_attention_decode(&ws.qkv, &layer.kv_cache, &step, dims, &mut ws.attn);
-                b.paged_attention_prefill(&ws.qkv, &layer.kv_cache, &step, dims, &mut ws.attn);
+                b.write_kv(&ws.qkv, cache, &step, dims);
+                b.paged_attention_decode(&ws.qkv, cache, &step, dims, &mut ws.attn);
+                b.paged_attention_prefill(&ws.qkv, cache, &step, dims, &mut ws.attn);
                 b.matmul(&ws.attn, &layer.o, layer.o_bias.as_ref(), &mut ws.proj, n);
                 // residual += attention (normed first with sandwich norms); normed = the MLP's
                 // input norm of the residual.
@@ -539,6 +582,10 @@ impl<B: Backend> ModelRunner for Model<B> {
         self.forward_sampled(plan, params, tokens, logits)
     }
 
+    fn device_time_ns(&self) -> u64 {
+        self.backend.device_time_ns()
+    }
+
     fn kv_dtype(&self) -> &'static str {
         match B::KV_ELEMENT_BYTES {
             4 => "f32",
@@ -547,26 +594,17 @@ impl<B: Backend> ModelRunner for Model<B> {
     }
 
     fn read_kv_block(&self, block: usize, out: &mut [u8]) -> Result<(), ModelError> {
-        let per_layer = out.len() / self.layers.len().max(1);
-        for (layer, chunk) in self
-            .layers
-            .iter()
-            .zip(out.chunks_exact_mut(per_layer.max(1)))
-        {
-            self.backend.read_kv_block(&layer.kv_cache, block, chunk)?;
+        let per_layer = out.len() / self.kv.len().max(1);
+        for (cache, chunk) in self.kv.iter().zip(out.chunks_exact_mut(per_layer.max(1))) {
+            self.backend.read_kv_block(cache, block, chunk)?;
         }
         Ok(())
     }
 
     fn write_kv_block(&mut self, block: usize, data: &[u8]) -> Result<(), ModelError> {
-        let per_layer = data.len() / self.layers.len().max(1);
-        for (layer, chunk) in self
-            .layers
-            .iter_mut()
-            .zip(data.chunks_exact(per_layer.max(1)))
-        {
-            self.backend
-                .write_kv_block(&mut layer.kv_cache, block, chunk)?;
+        let per_layer = data.len() / self.kv.len().max(1);
+        for (cache, chunk) in self.kv.iter_mut().zip(data.chunks_exact(per_layer.max(1))) {
+            self.backend.write_kv_block(cache, block, chunk)?;
         }
         Ok(())
     }

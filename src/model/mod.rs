@@ -78,4 +78,9 @@ pub trait ModelRunner: Send {
     fn read_kv_block(&self, block: usize, out: &mut [u8]) -> Result<(), ModelError>;
     /// Overwrites KV block `block` of every layer from bytes laid out as `read_kv_block`'s.
     fn write_kv_block(&mut self, block: usize, data: &[u8]) -> Result<(), ModelError>;
+    /// Nanoseconds the device spent running steps so far (0 where the backend cannot tell):
+    /// with the engine's wall time per step, what the host adds.
+    fn device_time_ns(&self) -> u64 {
+        0
+    }
 }

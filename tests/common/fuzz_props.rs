@@ -1290,7 +1290,7 @@ pub fn check_engine_config(model: PathBuf, case: (String, bool)) -> Result<(), T
         let mut c = llmd::EngineConfig::new(path);
         c.num_threads = Some(1);
         // Small either way; explicit blocks skip the memory-derived count (and its division).
-        c.cache.kv_cache_memory_bytes = 8 << 20;
+        c.cache.kv_cache_memory_bytes = Some(8 << 20);
         c.cache.num_blocks = explicit_blocks.then_some(64);
         let mut core = match llmd::EngineCore::new(c) {
             Ok(core) => core,

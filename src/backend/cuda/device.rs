@@ -24,10 +24,61 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-/// Context tokens one block of the decode kernel covers (`PARTITION` in attention_decode.cu).
-const PARTITION: usize = 512;
-/// Most query heads per KV head the decode kernel serves (`MAXG`).
+/// Most query heads per KV head the decode kernel serves (its largest `G`).
 const MAX_GROUP: usize = 8;
+
+/// The decode kernel and its reduce for a head size and a group size (rounded up to the `G`
+/// the kernel is built for).
+fn decode_kernels(head_dim: usize, group: usize) -> Option<(&'static str, &'static str)> {
+    macro_rules! by_group {
+        ($d:literal) => {
+            match group.next_power_of_two() {
+                1 => (
+                    concat!("paged_decode_d", $d, "_g1"),
+                    concat!("paged_decode_reduce_d", $d),
+                ),
+                2 => (
+                    concat!("paged_decode_d", $d, "_g2"),
+                    concat!("paged_decode_reduce_d", $d),
+                ),
+                4 => (
+                    concat!("paged_decode_d", $d, "_g4"),
+                    concat!("paged_decode_reduce_d", $d),
+                ),
+                8 => (
+                    concat!("paged_decode_d", $d, "_g8"),
+                    concat!("paged_decode_reduce_d", $d),
+                ),
+                _ => return None,
+            }
+        };
+    }
+    Some(match head_dim {
+        8 => by_group!(8),
+        16 => by_group!(16),
+        32 => by_group!(32),
+        64 => by_group!(64),
+        128 => by_group!(128),
+        256 => by_group!(256),
+        _ => return None,
+    })
+}
+
+/// Context tokens per block of the decode kernel (its `part_len`) for `queries` queries of
+/// `kv_heads` KV heads over contexts of up to `span` tokens on a GPU of `sms` multiprocessors:
+/// 512, halved (down to 64) while the blocks would not fill the GPU four times over, so that
+/// a single long sequence is split along its context across every SM. It depends only on the
+/// batch's shape and the longest possible span, so a captured graph keeps it. (Measured on an
+/// H200: capping the blocks of a big batch at a few per SM, each reading a longer stretch,
+/// was slower — more blocks in flight win.)
+pub fn decode_partition(queries: usize, kv_heads: usize, span: usize, sms: usize) -> usize {
+    let target = 4 * sms.max(1);
+    let mut p = 512;
+    while p > 64 && queries * kv_heads * span.max(1).div_ceil(p) < target {
+        p /= 2;
+    }
+    p
+}
 
 /// A bf16 activation buffer.
 pub type CudaBuffer = CudaSlice<u16>;
@@ -169,6 +220,31 @@ pub struct CudaBackend {
     block_size: std::sync::atomic::AtomicUsize,
     graphs: Mutex<Graphs>,
     step_pool: Arc<Mutex<HashMap<usize, StepBufs>>>,
+    /// Multiprocessors of the device (how finely decode attention splits a long context).
+    sm_count: usize,
+    /// The device-clock span of each step (events around its kernels), summed.
+    timing: Mutex<StepTiming>,
+}
+
+/// Events around the kernels of the step in flight, and the device time of the steps before.
+struct StepTiming {
+    start: cudarc::driver::CudaEvent,
+    end: cudarc::driver::CudaEvent,
+    /// An un-read pair was recorded (read at the next step or when asked).
+    pending: bool,
+    total_ns: u64,
+}
+
+impl StepTiming {
+    /// Adds the pending step's span (it has finished: every step ends in a synchronizing copy,
+    /// and `elapsed_ms` waits for it otherwise).
+    fn settle(&mut self) {
+        if std::mem::take(&mut self.pending) {
+            if let Ok(ms) = self.start.elapsed_ms(&self.end) {
+                self.total_ns += (ms as f64 * 1e6) as u64;
+            }
+        }
+    }
 }
 
 fn driver_err(what: &str, e: impl std::fmt::Debug) -> BackendError {
@@ -215,6 +291,23 @@ impl CudaBackend {
             });
         }
         let arch = arch_name(major, minor);
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| driver_err("reading the multiprocessor count", e))?
+            .max(1) as usize;
+        let timed = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let event = || {
+            ctx.new_event(timed)
+                .map_err(|e| driver_err("creating a timing event", e))
+        };
+        let timing = StepTiming {
+            start: event()?,
+            end: event()?,
+            pending: false,
+            total_ns: 0,
+        };
         // Not the legacy default stream: it cannot be captured.
         let stream = ctx
             .new_stream()
@@ -247,7 +340,7 @@ impl CudaBackend {
                 functions.insert(name, f);
             }
         }
-        tracing::info!(ordinal, arch, "CUDA backend ready");
+        tracing::info!(ordinal, arch, sm_count, "CUDA backend ready");
         Ok(Self {
             ordinal,
             arch,
@@ -264,6 +357,8 @@ impl CudaBackend {
             block_size: std::sync::atomic::AtomicUsize::new(0),
             graphs: Mutex::new(Graphs::default()),
             step_pool: Arc::new(Mutex::new(HashMap::new())),
+            sm_count,
+            timing: Mutex::new(timing),
         })
     }
 
@@ -380,6 +475,101 @@ impl CudaBackend {
         }
     }
 
+    /// Partition entries (queries × heads × partitions) any decode of up to `queries` queries
+    /// may need, whatever its context (up to `max_context`): [`decode_partition`] keeps
+    /// `queries × kv_heads × partitions` under twice its target unless partitions are already
+    /// the longest (512).
+    fn scratch_bound(&self, queries: usize, dims: AttnDims) -> usize {
+        let max_context = self.limits.map_or(0, |l| l.max_context);
+        let spread = 2 * 4 * self.sm_count / dims.num_kv_heads.max(1);
+        dims.num_heads * spread.max(queries * max_context.div_ceil(512)).max(queries)
+    }
+
+    /// The graph steps' partition entries: the bound for the largest captured batch.
+    fn graph_scratch_need(&self, dims: AttnDims) -> usize {
+        self.scratch_bound(self.graph_batch_limit(), dims)
+    }
+
+    /// Makes `scratch` hold at least `need` partition entries of `head_dim` values.
+    fn grow_scratch(
+        &self,
+        scratch: &mut Scratch,
+        need: usize,
+        head_dim: usize,
+    ) -> BackendResult<()> {
+        let short = |b: &Option<CudaSlice<f32>>, n: usize| b.as_ref().is_none_or(|b| b.len() < n);
+        if !short(&scratch.part_max, need) && !short(&scratch.part_out, need * head_dim) {
+            return Ok(());
+        }
+        let alloc = |n: usize| {
+            self.stream
+                .alloc_zeros::<f32>(n.max(1))
+                .map_err(|e| driver_err("allocating attention scratch", e))
+        };
+        // Drop the old buffers first: their memory is what the new ones will reuse.
+        *scratch = Scratch::default();
+        scratch.part_out = Some(alloc(need * head_dim)?);
+        scratch.part_max = Some(alloc(need)?);
+        scratch.part_sum = Some(alloc(need)?);
+        Ok(())
+    }
+
+    /// Runs a step: eagerly, or through its captured graph (capturing it the second time its
+    /// shape is seen).
+    fn launch_step(&self, step: &CudaStep, forward: &mut dyn FnMut()) -> BackendResult<()> {
+        let Some(key) = step.graph else {
+            forward();
+            return Ok(());
+        };
+        let mut graphs = self
+            .graphs
+            .lock()
+            .map_err(|_| driver_err("graphs", "lock poisoned"))?;
+        if let Some(g) = graphs.captured.get(&key) {
+            return g
+                .0
+                .launch()
+                .map_err(|e| driver_err("launching a decode graph", e));
+        }
+        if graphs.warmed.insert(key) {
+            // First time at this size: run eagerly, which makes every lazy allocation.
+            forward();
+            return Ok(());
+        }
+        self.take_error()?;
+        let captured = self
+            .stream
+            .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .and_then(|()| {
+                forward();
+                self.stream
+                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+            });
+        let failed_ops = self.take_error();
+        match (captured, failed_ops) {
+            (Ok(Some(g)), Ok(())) => {
+                g.launch()
+                    .map_err(|e| driver_err("launching a decode graph", e))?;
+                tracing::debug!(batch = key, "captured a decode graph");
+                graphs.captured.insert(key, Graph(g));
+                Ok(())
+            }
+            (r, ops) => {
+                // Capture is an optimization: say why it failed and run eagerly from now on.
+                let why = match (&r, &ops) {
+                    (Err(e), _) => format!("{e:?}"),
+                    (_, Err(e)) => e.to_string(),
+                    _ => "empty graph".to_string(),
+                };
+                tracing::warn!(batch = key, reason = %why, "CUDA graph capture failed; running eagerly");
+                self.use_graphs.store(false, Ordering::Relaxed);
+                graphs.captured.clear();
+                forward();
+                Ok(())
+            }
+        }
+    }
+
     /// Single-query paged attention for `q` (decode, or prefill token by token).
     fn attend(
         &self,
@@ -394,20 +584,6 @@ impl CudaBackend {
             return;
         }
         let group = dims.num_heads / dims.num_kv_heads;
-        let (main, reduce) = match dims.head_dim {
-            8 => ("paged_decode_d8", "paged_decode_reduce_d8"),
-            16 => ("paged_decode_d16", "paged_decode_reduce_d16"),
-            32 => ("paged_decode_d32", "paged_decode_reduce_d32"),
-            64 => ("paged_decode_d64", "paged_decode_reduce_d64"),
-            128 => ("paged_decode_d128", "paged_decode_reduce_d128"),
-            d => {
-                self.record(
-                    "attention",
-                    format!("head_dim {d} (8, 16, 32, 64, 128 are built)"),
-                );
-                return;
-            }
-        };
         if group > MAX_GROUP {
             self.record(
                 "attention",
@@ -415,40 +591,37 @@ impl CudaBackend {
             );
             return;
         }
+        let Some((main, reduce)) = decode_kernels(dims.head_dim, group) else {
+            self.record(
+                "attention",
+                format!(
+                    "head_dim {} (8, 16, 32, 64, 128, 256 are built)",
+                    dims.head_dim
+                ),
+            );
+            return;
+        };
         let window = dims.sliding_window.unwrap_or(0);
         let span = if window > 0 {
             q.max_context.min(window)
         } else {
             q.max_context
         };
-        let parts = span.div_ceil(PARTITION).max(1);
+        let part_len = decode_partition(q.n, dims.num_kv_heads, span, self.sm_count);
+        let parts = span.div_ceil(part_len).max(1);
         // A graph step is replayed with other batches: its scratch is sized for the largest
-        // one up front and never moves.
+        // need of any graph shape up front and never moves.
         let (lock, need) = match step.graph {
-            Some(_) => (
-                &self.graph_scratch,
-                self.graph_batch_limit() * dims.num_heads * parts,
-            ),
+            Some(_) => (&self.graph_scratch, self.graph_scratch_need(dims)),
             None => (&self.scratch, q.n * dims.num_heads * parts),
         };
         let Ok(mut scratch) = lock.lock() else {
             self.record("attention", "scratch lock poisoned");
             return;
         };
-        if scratch.part_max.as_ref().is_none_or(|b| b.len() < need) {
-            let alloc = |n| self.stream.alloc_zeros::<f32>(n);
-            match (alloc(need * dims.head_dim), alloc(need), alloc(need)) {
-                (Ok(o), Ok(m), Ok(s)) => {
-                    scratch.part_out = Some(o);
-                    scratch.part_max = Some(m);
-                    scratch.part_sum = Some(s);
-                }
-                (r1, r2, r3) => {
-                    let e = r1.err().or(r2.err()).or(r3.err());
-                    self.record("attention scratch", e);
-                    return;
-                }
-            }
+        if let Err(e) = self.grow_scratch(&mut scratch, need, dims.head_dim) {
+            self.record("attention scratch", e);
+            return;
         }
         let Scratch {
             part_out: Some(po),
@@ -462,6 +635,7 @@ impl CudaBackend {
         let bs = cache.dims.block_size as i32;
         let mbps = step.plan.max_blocks_per_seq as i32;
         let (window, scale, parts_i) = (window as i32, dims.scale, parts as i32);
+        let part_len_i = part_len as i32;
         let f = self.func(main);
         let mut b = self.stream.launch_builder(f);
         b.arg(qkv)
@@ -481,7 +655,8 @@ impl CudaBackend {
             .arg(&mbps)
             .arg(&window)
             .arg(&scale)
-            .arg(&parts_i);
+            .arg(&parts_i)
+            .arg(&part_len_i);
         let cfg = LaunchConfig {
             grid_dim: (dims.num_kv_heads as u32, q.n as u32, parts as u32),
             block_dim: (128, 1, 1),
@@ -504,7 +679,8 @@ impl CudaBackend {
                 .arg(&mut *out)
                 .arg(&nh)
                 .arg(&window)
-                .arg(&parts_i);
+                .arg(&parts_i)
+                .arg(&part_len_i);
             let cfg = LaunchConfig {
                 grid_dim: (dims.num_heads as u32, q.n as u32, 1),
                 block_dim: (dims.head_dim as u32, 1, 1),
@@ -865,7 +1041,35 @@ impl Backend for CudaBackend {
 
     fn reserve(&mut self, limits: StepLimits) -> BackendResult<()> {
         self.limits = Some(limits);
+        // Attention scratch now, so that the KV cache is sized from what is left: the graph
+        // steps' (which may never move) and the eager decodes' of up to max_seqs queries.
+        let dims = AttnDims {
+            num_heads: limits.num_heads,
+            num_kv_heads: limits.num_kv_heads.max(1),
+            head_dim: limits.head_dim,
+            scale: 1.0,
+            sliding_window: None,
+        };
+        let graph = self.graph_scratch_need(dims);
+        let eager = self.scratch_bound(limits.max_seqs, dims);
+        for (lock, need) in [(&self.graph_scratch, graph), (&self.scratch, eager)] {
+            let mut s = lock
+                .lock()
+                .map_err(|_| driver_err("attention scratch", "lock poisoned"))?;
+            self.grow_scratch(&mut s, need, limits.head_dim)?;
+        }
         Ok(())
+    }
+
+    fn memory_info(&self) -> Option<(usize, usize)> {
+        self._ctx.mem_get_info().ok()
+    }
+
+    fn device_time_ns(&self) -> u64 {
+        self.timing.lock().map_or(0, |mut t| {
+            t.settle();
+            t.total_ns
+        })
     }
 
     fn pad_plan<'a>(&self, plan: &'a BatchPlan) -> Cow<'a, BatchPlan> {
@@ -917,57 +1121,19 @@ impl Backend for CudaBackend {
     }
 
     fn run_step(&self, step: &CudaStep, forward: &mut dyn FnMut()) -> BackendResult<()> {
-        let Some(key) = step.graph else {
-            forward();
-            return Ok(());
-        };
-        let mut graphs = self
-            .graphs
+        // The step's span on the device's clock: events around its kernels (outside any
+        // capture), read once the step has finished.
+        let mut timing = self
+            .timing
             .lock()
-            .map_err(|_| driver_err("graphs", "lock poisoned"))?;
-        if let Some(g) = graphs.captured.get(&key) {
-            return g
-                .0
-                .launch()
-                .map_err(|e| driver_err("launching a decode graph", e));
+            .map_err(|_| driver_err("step timing", "lock poisoned"))?;
+        timing.settle();
+        let started = timing.start.record(&self.stream).is_ok();
+        let result = self.launch_step(step, forward);
+        if started && timing.end.record(&self.stream).is_ok() {
+            timing.pending = true;
         }
-        if graphs.warmed.insert(key) {
-            // First time at this size: run eagerly, which makes every lazy allocation.
-            forward();
-            return Ok(());
-        }
-        self.take_error()?;
-        let captured = self
-            .stream
-            .begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-            .and_then(|()| {
-                forward();
-                self.stream
-                    .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
-            });
-        let failed_ops = self.take_error();
-        match (captured, failed_ops) {
-            (Ok(Some(g)), Ok(())) => {
-                g.launch()
-                    .map_err(|e| driver_err("launching a decode graph", e))?;
-                tracing::debug!(batch = key, "captured a decode graph");
-                graphs.captured.insert(key, Graph(g));
-                Ok(())
-            }
-            (r, ops) => {
-                // Capture is an optimization: say why it failed and run eagerly from now on.
-                let why = match (&r, &ops) {
-                    (Err(e), _) => format!("{e:?}"),
-                    (_, Err(e)) => e.to_string(),
-                    _ => "empty graph".to_string(),
-                };
-                tracing::warn!(batch = key, reason = %why, "CUDA graph capture failed; running eagerly");
-                self.use_graphs.store(false, Ordering::Relaxed);
-                graphs.captured.clear();
-                forward();
-                Ok(())
-            }
-        }
+        result
     }
 
     fn embedding(&self, table: &CudaWeight, step: &CudaStep, out: &mut CudaBuffer) {

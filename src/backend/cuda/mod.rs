@@ -57,16 +57,36 @@ pub const KERNEL_ENTRIES: &[(&str, &[&str])] = &[
     (
         "attention_decode.cu",
         &[
-            "paged_decode_d8",
+            "paged_decode_d8_g1",
+            "paged_decode_d8_g2",
+            "paged_decode_d8_g4",
+            "paged_decode_d8_g8",
             "paged_decode_reduce_d8",
-            "paged_decode_d16",
+            "paged_decode_d16_g1",
+            "paged_decode_d16_g2",
+            "paged_decode_d16_g4",
+            "paged_decode_d16_g8",
             "paged_decode_reduce_d16",
-            "paged_decode_d32",
+            "paged_decode_d32_g1",
+            "paged_decode_d32_g2",
+            "paged_decode_d32_g4",
+            "paged_decode_d32_g8",
             "paged_decode_reduce_d32",
-            "paged_decode_d64",
+            "paged_decode_d64_g1",
+            "paged_decode_d64_g2",
+            "paged_decode_d64_g4",
+            "paged_decode_d64_g8",
             "paged_decode_reduce_d64",
-            "paged_decode_d128",
+            "paged_decode_d128_g1",
+            "paged_decode_d128_g2",
+            "paged_decode_d128_g4",
+            "paged_decode_d128_g8",
             "paged_decode_reduce_d128",
+            "paged_decode_d256_g1",
+            "paged_decode_d256_g2",
+            "paged_decode_d256_g4",
+            "paged_decode_d256_g8",
+            "paged_decode_reduce_d256",
         ],
     ),
     (
@@ -264,5 +284,37 @@ mod tests {
         }
         let e = device_count().unwrap_err().to_string();
         assert!(e.contains("libcuda") && e.contains("--device cpu"), "{e}");
+    }
+
+    #[test]
+    fn decode_partitions_fill_the_gpu_and_stay_within_the_scratch_bound() {
+        use super::device::decode_partition;
+        // One sequence of 4096 tokens, 8 KV heads, an H100/H200's 132 SMs: split into 64-token
+        // partitions, 512 blocks, every SM busy; a batch of 64 keeps 512-token partitions.
+        assert_eq!(decode_partition(1, 8, 4096, 132), 64);
+        assert_eq!(decode_partition(64, 8, 4096, 132), 512);
+        assert_eq!(decode_partition(16, 8, 32768, 132), 512);
+        assert_eq!(
+            decode_partition(1, 8, 1, 132),
+            64,
+            "a short context: the shortest"
+        );
+        // The bound the backend sizes its scratch by holds for every shape.
+        for sms in [1, 80, 132] {
+            for kv in [1, 2, 8, 32] {
+                for b in [1, 2, 3, 4, 8, 64, 256] {
+                    for s in [1, 15, 64, 100, 511, 512, 513, 4096, 8191, 32768, 131072] {
+                        let p = decode_partition(b, kv, s, sms);
+                        assert!(p.is_power_of_two() && (64..=512).contains(&p));
+                        let entries = b * s.div_ceil(p);
+                        let bound = (8 * sms / kv).max(b * s.div_ceil(512)).max(b);
+                        assert!(
+                            entries <= bound,
+                            "b {b} s {s} kv {kv} sms {sms}: {entries} > {bound}"
+                        );
+                    }
+                }
+            }
+        }
     }
 }

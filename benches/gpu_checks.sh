@@ -1,0 +1,47 @@
+#!/bin/bash
+# Every GPU check of the CUDA backend in one run, within a time budget: the GPU tests, the
+# kernel benches, and end-to-end decode on random-weight models of the shapes in BENCHMARKS.md.
+# Run from the project root on the GPU machine, with the bundle (README "On a GPU") in
+# target/gpu-bundle and stories260K plus SmolLM2's config/tokenizer files staged:
+#   STORIES=<dir> SMOL_CFG=<dir> LOG=<dir> BUDGET=<seconds> bash benches/gpu_checks.sh [steps]
+# `steps` (default: all) is a comma-separated subset of the step names below.
+set -u
+LOG=${LOG:-gpu-logs}; mkdir -p "$LOG"
+T0=$(date +%s); BUDGET=${BUDGET:-540}; ONLY=${1:-all}
+B=${BUNDLE:-target/gpu-bundle}; M=${MODELS:-/tmp/models}
+export PYTHONUNBUFFERED=1 LLMD_KERNEL_CACHE=${LLMD_KERNEL_CACHE:-/tmp/kcache} RUST_BACKTRACE=1
+SP=$(python3 -c "import site;print(site.getsitepackages()[0])")
+export LD_LIBRARY_PATH=$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
+want() { [ "$ONLY" = all ] || [[ ",$ONLY," == *",$1,"* ]]; }
+step() { # name timeout cmd...
+  local n=$1 to=$2; shift 2
+  want "$n" || return 0
+  local l; l=$(left); [ "$l" -lt 15 ] && { echo "SKIP $n (no time)" | tee -a "$LOG/summary.txt"; return; }
+  [ "$to" -gt "$l" ] && to=$l
+  local s; s=$(date +%s)
+  timeout -k 5 "$to" "$@" > "$LOG/$n.log" 2>&1; local rc=$?
+  echo "$n rc=$rc limit=${to}s took=$(( $(date +%s) - s ))s" | tee -a "$LOG/summary.txt"
+  tail -"${TAIL:-20}" "$LOG/$n.log"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOG/env.txt" 2>&1; cat "$LOG/env.txt"
+mkdir -p "$M" && cp -r "${STORIES:-../shared/models/stories260K}" "$M/"
+step models 120 python3 benches/mk_models.py "$M" smollm2-135m-shape,smol-1.7b-shape,llama3-8b-shape "${SMOL_CFG:-../shared/models/smollm2-135m-instruct}"
+export LLMD_SHARED_MODELS=$M LLMD_GPU_MODELS=stories260K
+step gpu_tests 200 "$B/gpu" --ignored --test-threads=1
+step cuda_attention 60 "$B/cuda_attention"
+step decode_135m 90 python3 benches/decode_vs_transformers.py "$B/gpu_decode" "$M/smollm2-135m-shape"
+step decode_1p7b 60 env LLMD_BENCH_MODEL="$M/smol-1.7b-shape" "$B/gpu_decode"
+step decode_8b 150 python3 benches/decode_vs_transformers.py "$B/gpu_decode" "$M/llama3-8b-shape"
+# Where a decode step's device time goes, kernel by kernel (Nsight Systems, when installed).
+NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+if [ -n "$NSYS" ]; then
+  for m in smollm2-135m-shape llama3-8b-shape; do
+    step "nsys_$m" 120 env LLMD_BENCH_MODEL="$M/$m" LLMD_BENCH_GEN=64 "$NSYS" profile -o "/tmp/nsys_$m" --force-overwrite true --stats=true "$B/gpu_decode"
+  done
+else
+  echo "nsys: not installed" | tee -a "$LOG/summary.txt"
+fi
+step cuda_prefill 90 python3 benches/prefill_vs_sdpa.py "$B/cuda_prefill"
+step cuda_sampling 45 "$B/cuda_sampling"
+echo "total $(( $(date +%s) - T0 ))s" | tee -a "$LOG/summary.txt"
