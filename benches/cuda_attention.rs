@@ -7,6 +7,10 @@
 //! (it reads and writes every byte), over its time. Both are the best of `LLMD_BENCH_REPEAT`
 //! (default 20) runs after a warm-up. Without a CUDA device it says so and exits 0.
 //!
+//! Each shape runs on both decode kernels ("kernel" column): per-lane dot products (`lanes`)
+//! and tensor cores over the GQA group's heads (`mma`, head dims 64 and 128); the engine uses
+//! `mma` from `DEFAULT_DECODE_MMA_MIN_GROUP` query heads per KV head.
+//!
 //! Run on the GPU machine: `cargo bench --bench cuda_attention`.
 use llmd::backend::cuda::device::CudaKvCache;
 #[path = "support/gpu.rs"]
@@ -25,8 +29,8 @@ fn main() {
         g.arch()
     );
     println!(
-        "{:>5} {:>7} {:>6} {:>4} {:>10} {:>10} {:>10} {:>7}",
-        "batch", "context", "heads", "hd", "attn GB/s", "copy GB/s", "time us", "ratio"
+        "{:>5} {:>7} {:>6} {:>4} {:>6} {:>10} {:>10} {:>10} {:>7}",
+        "batch", "context", "heads", "hd", "kernel", "attn GB/s", "copy GB/s", "time us", "ratio"
     );
     for (batch, ctx, nh, nkv, hd) in [
         (64, 4096, 32, 8, 128),
@@ -34,12 +38,32 @@ fn main() {
         (16, 32768, 32, 8, 128),
         (64, 4096, 32, 32, 128),
         (64, 4096, 14, 2, 64),
+        (64, 4096, 32, 4, 128),
+        (64, 4096, 9, 3, 64),
+        (1, 32768, 32, 8, 128),
     ] {
-        run(&g, batch, ctx, nh, nkv, hd, repeat);
+        for (kernel, min_group) in [("lanes", usize::MAX), ("mma", 1)] {
+            if kernel == "mma" && hd != 64 && hd != 128 {
+                continue;
+            }
+            g.set_decode_mma_min_group(min_group);
+            run(&g, kernel, batch, ctx, nh, nkv, hd, repeat);
+        }
     }
+    g.set_decode_mma_min_group(llmd::backend::cuda::device::DEFAULT_DECODE_MMA_MIN_GROUP);
 }
 
-fn run(g: &CudaBackend, batch: usize, ctx: usize, nh: usize, nkv: usize, hd: usize, repeat: usize) {
+#[allow(clippy::too_many_arguments)]
+fn run(
+    g: &CudaBackend,
+    kernel: &str,
+    batch: usize,
+    ctx: usize,
+    nh: usize,
+    nkv: usize,
+    hd: usize,
+    repeat: usize,
+) {
     let bs = 16;
     let blocks_per_seq = ctx.div_ceil(bs);
     let kd = KvCacheDims {
@@ -108,7 +132,7 @@ fn run(g: &CudaBackend, batch: usize, ctx: usize, nh: usize, nkv: usize, hd: usi
     });
     let copy_bw = 2.0 * kv_bytes as f64 / t_copy;
     println!(
-        "{batch:>5} {ctx:>7} {:>6} {hd:>4} {:>10.1} {:>10.1} {:>10.1} {:>6.2}x",
+        "{batch:>5} {ctx:>7} {:>6} {hd:>4} {kernel:>6} {:>10.1} {:>10.1} {:>10.1} {:>6.2}x",
         format!("{nh}/{nkv}"),
         attn_bw / 1e9,
         copy_bw / 1e9,

@@ -258,6 +258,214 @@ __device__ __forceinline__ void paged_decode_reduce(
     out[((long)q_rows[seq] * num_heads + head) * D + d] = f32_to_bf16(o / total);
 }
 
+// ---- Tensor-core variant for GQA groups ----
+// The group's query heads are the rows of the mma's A operand (16 rows, those past the group
+// zero), a tile's tokens its columns: S = Q·Kᵀ and O += P·V run on `mma.sync.m16n8k16` instead
+// of per-lane dot products and shuffles, which is what bounds the kernel above once a KV head
+// serves 4 or more query heads. Same grid, partitions and partial-result format (the reduce
+// above serves both). A tile of MMA_BN tokens is copied into shared memory with cp.async (no
+// register staging, every copy of the tile in flight at once); each of the 4 warps takes 16
+// of its tokens and keeps its own online-softmax state; the warps merge at the end.
+#define MMA_BN 64
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+    const unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+                 "r"(src_bytes));
+}
+
+template <int D>
+__device__ __forceinline__ void paged_decode_mma(
+    const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
+    const bf16* __restrict__ v_cache, const unsigned int* __restrict__ block_tables,
+    const unsigned int* __restrict__ q_rows, const unsigned int* __restrict__ table_rows,
+    const unsigned int* __restrict__ context_lens, bf16* __restrict__ out,
+    float* __restrict__ part_out, float* __restrict__ part_max, float* __restrict__ part_sum,
+    int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq, int window,
+    float scale, int max_partitions, int part_len) {
+    constexpr int SD = D + 8;  // padded shared row (bank conflicts)
+    constexpr int KSTEPS = D / 16;
+    constexpr int DSUB = D / 8;
+    constexpr int CHUNKS = D / 8;  // 16-byte copies per row
+    __shared__ __align__(16) bf16 ks[MMA_BN][SD];
+    __shared__ __align__(16) bf16 vs[MMA_BN][SD];
+
+    const int kvh = blockIdx.x, seq = blockIdx.y, part = blockIdx.z;
+    const long row = q_rows[seq];
+    const int group = num_heads / num_kv_heads;  // <= 8: rows g + 8 are always padding
+    const int ctx = (int)context_lens[seq];
+    const int lo_ctx = window > 0 && ctx > window ? ctx - window : 0;
+    const int start = lo_ctx + part * part_len;
+    if (start >= ctx) return;
+    const int end = min(start + part_len, ctx);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+
+    // Q as A fragments: row g is query head kvh * group + g.
+    unsigned int qf[KSTEPS][4];
+    {
+        const int qkv_w = (num_heads + 2 * num_kv_heads) * D;
+        const bool has = g < group;
+        const bf16* q = qkv + row * qkv_w + ((long)kvh * group + (has ? g : 0)) * D;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; kk++) {
+            const int c = kk * 16 + t * 2;
+            qf[kk][0] = has ? *(const unsigned int*)(q + c) : 0u;
+            qf[kk][1] = 0u;
+            qf[kk][2] = has ? *(const unsigned int*)(q + c + 8) : 0u;
+            qf[kk][3] = 0u;
+        }
+    }
+    float o[DSUB][4];
+#pragma unroll
+    for (int j = 0; j < DSUB; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    float m = neg_inf(), l = 0.0f;  // of row g, the same in the 4 lanes of a quad
+
+    const unsigned int* table = block_tables + (long)table_rows[seq] * max_blocks_per_seq;
+    const long kv_w = (long)num_kv_heads * D;
+    const int w0 = warp * 16;  // this warp's first token of a tile
+    for (int n0 = start; n0 < end; n0 += MMA_BN) {
+        __syncthreads();  // the previous tile is no longer read
+        for (int i = threadIdx.x; i < MMA_BN * CHUNKS; i += blockDim.x) {
+            const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
+            const int pos = n0 + r;
+            long off = 0;
+            int bytes = 0;  // past the partition: zero-filled
+            if (pos < end) {
+                const long slot = (long)table[pos / block_size] * block_size + pos % block_size;
+                off = slot * kv_w + (long)kvh * D + c;
+                bytes = 16;
+            }
+            cp_async16(&ks[r][c], k_cache + off, bytes);
+            cp_async16(&vs[r][c], v_cache + off, bytes);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+        asm volatile("cp.async.wait_group 0;\n" ::);
+        __syncthreads();
+
+        // S for this warp's 16 tokens (two 8-token subtiles).
+        float s[2][4];
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < KSTEPS; kk++) {
+                unsigned int b[2];
+                const bf16* krow = &ks[w0 + j * 8 + g][kk * 16 + t * 2];
+                b[0] = *(const unsigned int*)krow;
+                b[1] = *(const unsigned int*)(krow + 8);
+                mma_bf16_16816(s[j], qf[kk], b);
+            }
+        }
+        float mx = neg_inf();
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int pos = n0 + w0 + j * 8 + t * 2 + e;
+                s[j][e] = pos < end ? s[j][e] * scale : neg_inf();
+                mx = fmaxf(mx, s[j][e]);
+            }
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float mn = fmaxf(m, mx);
+        // Nothing seen yet: exponentiate against 0 so that everything stays 0, not NaN.
+        const float base = mn == neg_inf() ? 0.0f : mn;
+        const float corr = __expf(m - base);
+        m = mn;
+        float sum = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            s[j][0] = __expf(s[j][0] - base);
+            s[j][1] = __expf(s[j][1] - base);
+            sum += s[j][0] + s[j][1];
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        l = l * corr + sum;
+#pragma unroll
+        for (int j = 0; j < DSUB; j++) {
+            o[j][0] *= corr;
+            o[j][1] *= corr;
+        }
+        // O += P·V over the warp's 16 tokens (rows g + 8 of P are zero).
+        unsigned int a[4];
+        a[0] = pack_bf16(s[0][0], s[0][1]);
+        a[1] = 0u;
+        a[2] = pack_bf16(s[1][0], s[1][1]);
+        a[3] = 0u;
+        const int k_lo = w0 + t * 2;
+#pragma unroll
+        for (int j = 0; j < DSUB; j++) {
+            const int n = j * 8 + g;
+            unsigned int b[2];
+            b[0] = (unsigned int)vs[k_lo][n] | ((unsigned int)vs[k_lo + 1][n] << 16);
+            b[1] = (unsigned int)vs[k_lo + 8][n] | ((unsigned int)vs[k_lo + 9][n] << 16);
+            mma_bf16_16816(o[j], a, b);
+        }
+    }
+
+    // Merge the warps (the tiles' shared memory is free now): row g of each warp's state.
+    __syncthreads();
+    float(*acc_s)[8][D] = reinterpret_cast<float(*)[8][D]>(&ks[0][0]);
+    float(*ml_s)[8][2] = reinterpret_cast<float(*)[8][2]>(&vs[0][0]);
+    if (g < group) {
+#pragma unroll
+        for (int j = 0; j < DSUB; j++) {
+            acc_s[warp][g][j * 8 + t * 2] = o[j][0];
+            acc_s[warp][g][j * 8 + t * 2 + 1] = o[j][1];
+        }
+        if (t == 0) {
+            ml_s[warp][g][0] = m;
+            ml_s[warp][g][1] = l;
+        }
+    }
+    __syncthreads();
+    const int num_parts = (ctx - lo_ctx + part_len - 1) / part_len;
+    for (int i = threadIdx.x; i < group * D; i += blockDim.x) {
+        const int gg = i / D, d = i % D;
+        float mxw = neg_inf();
+#pragma unroll
+        for (int w = 0; w < NWARPS; w++) mxw = fmaxf(mxw, ml_s[w][gg][0]);
+        float total = 0.0f, acc = 0.0f;
+#pragma unroll
+        for (int w = 0; w < NWARPS; w++) {
+            const float c = rescale(ml_s[w][gg][0], mxw);
+            total += ml_s[w][gg][1] * c;
+            acc += acc_s[w][gg][d] * c;
+        }
+        const int head = kvh * group + gg;
+        if (num_parts == 1) {
+            out[(row * num_heads + head) * D + d] = f32_to_bf16(acc / total);
+        } else {
+            const long pi = ((long)seq * num_heads + head) * max_partitions + part;
+            part_out[pi * D + d] = acc;
+            if (d == 0) {
+                part_max[pi] = mxw;
+                part_sum[pi] = total;
+            }
+        }
+    }
+}
+
+#define DECODE_MMA(D)                                                                          \
+    extern "C" __global__ void __launch_bounds__(NWARPS * 32) paged_decode_mma_d##D(           \
+        const bf16* qkv, const bf16* k_cache, const bf16* v_cache,                             \
+        const unsigned int* block_tables, const unsigned int* q_rows,                          \
+        const unsigned int* table_rows, const unsigned int* context_lens, bf16* out,           \
+        float* part_out, float* part_max, float* part_sum, int num_heads, int num_kv_heads,    \
+        int block_size, int max_blocks_per_seq, int window, float scale, int max_partitions,   \
+        int part_len) {                                                                        \
+        paged_decode_mma<D>(qkv, k_cache, v_cache, block_tables, q_rows, table_rows,           \
+                            context_lens, out, part_out, part_max, part_sum, num_heads,        \
+                            num_kv_heads, block_size, max_blocks_per_seq, window, scale,       \
+                            max_partitions, part_len);                                         \
+    }
+
+DECODE_MMA(64)
+DECODE_MMA(128)
+
 #define DECODE_MAIN(D, G)                                                                      \
     extern "C" __global__ void __launch_bounds__(NWARPS * 32) paged_decode_d##D##_g##G(        \
         const bf16* qkv, const bf16* k_cache, const bf16* v_cache,                             \

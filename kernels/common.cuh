@@ -45,3 +45,18 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
     v = lane < nwarps ? scratch[lane] : (T)0;
     return warp_sum(v);
 }
+
+// Two floats as packed bf16 (lo in the low half), and one tensor-core step
+// D += A·B with A 16×16 (row-major fragments), B 16×8 (column-major), bf16 in, f32 accumulate.
+__device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {
+    return (unsigned int)f32_to_bf16(lo) | ((unsigned int)f32_to_bf16(hi) << 16);
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned int* a,
+                                               const unsigned int* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}

@@ -205,14 +205,18 @@ fn plan(seqs: &[(usize, usize)], block_size: usize, num_blocks: usize, seed: u64
     p
 }
 
+/// `mma`: decode on tensor cores for every group size (the kernel for head dims 64 and 128),
+/// else never.
 fn attention_case(
     nh: usize,
     nkv: usize,
     hd: usize,
     seqs: &[(usize, usize)],
     window: Option<usize>,
+    mma: bool,
 ) {
     let (cpu, g) = (CpuBackend, gpu());
+    g.set_decode_mma_min_group(if mma { 1 } else { usize::MAX });
     let bs = 16;
     let num_blocks: usize = seqs
         .iter()
@@ -267,7 +271,7 @@ fn attention_case(
     g.paged_attention_prefill(&gqkv, &gcache, &gstep, dims, &mut gout);
     let got = g.download(&gout, n * dims.q_width()).unwrap();
     assert_close(
-        &format!("attention heads {nh}/{nkv} d{hd} seqs {seqs:?} window {window:?}"),
+        &format!("attention heads {nh}/{nkv} d{hd} seqs {seqs:?} window {window:?} mma {mma}"),
         &got,
         &cout,
         1e-2,
@@ -285,43 +289,50 @@ fn attention_case(
 #[test]
 #[ignore]
 fn attention_matches_cpu_on_edge_shapes() {
-    for (nh, nkv) in [(8, 8), (32, 8), (32, 4)] {
-        for hd in [64, 128] {
-            // One token; block boundaries (15, 16, 17); decode after a long prompt; chunked
-            // prefill over a cached prefix; a mixed batch.
-            attention_case(nh, nkv, hd, &[(0, 1)], None);
-            attention_case(nh, nkv, hd, &[(14, 1), (15, 1), (16, 1), (31, 1)], None);
-            attention_case(nh, nkv, hd, &[(0, 15), (0, 16), (0, 17)], None);
-            attention_case(nh, nkv, hd, &[(600, 1), (100, 1), (48, 200), (0, 33)], None);
-            attention_case(nh, nkv, hd, &[(1000, 1), (0, 100)], Some(256));
+    // Both decode kernels: per-lane dot products, and tensor cores over the group's heads.
+    for mma in [false, true] {
+        let case = |nh, nkv, hd, seqs: &[(usize, usize)], window| {
+            attention_case(nh, nkv, hd, seqs, window, mma)
+        };
+        for (nh, nkv) in [(8, 8), (32, 8), (32, 4)] {
+            for hd in [64, 128] {
+                // One token; block boundaries (15, 16, 17); decode after a long prompt; chunked
+                // prefill over a cached prefix; a mixed batch.
+                case(nh, nkv, hd, &[(0, 1)], None);
+                case(nh, nkv, hd, &[(14, 1), (15, 1), (16, 1), (31, 1)], None);
+                case(nh, nkv, hd, &[(0, 15), (0, 16), (0, 17)], None);
+                case(nh, nkv, hd, &[(600, 1), (100, 1), (48, 200), (0, 33)], None);
+                case(nh, nkv, hd, &[(1000, 1), (0, 100)], Some(256));
+            }
         }
+        // Long contexts: split along the sequence with the reduce step.
+        case(
+            32,
+            8,
+            128,
+            &[(4095, 1), (8191, 1), (32767, 1), (511, 1), (512, 1)],
+            None,
+        );
+        // Small head dims of the test models.
+        case(8, 4, 8, &[(40, 1), (0, 20)], None);
+        case(4, 2, 16, &[(40, 1), (0, 20)], None);
+        // Group sizes the kernels round up or pad (3: SmolLM2, 7: Qwen2-0.5B), head dim 256
+        // (Gemma 3) and 32, odd and partial-block contexts, single-sequence split-K over a
+        // long context.
+        case(
+            9,
+            3,
+            64,
+            &[(0, 1), (16, 1), (99, 1), (1000, 1), (4095, 1)],
+            None,
+        );
+        case(14, 2, 64, &[(7, 1), (333, 1), (2049, 1)], None);
+        case(8, 4, 256, &[(0, 1), (17, 1), (500, 1), (3000, 1)], None);
+        case(8, 2, 256, &[(100, 1)], Some(64));
+        case(4, 4, 32, &[(63, 1), (65, 1), (1025, 1)], None);
+        case(32, 8, 128, &[(65535, 1)], None);
+        case(32, 4, 128, &[(16383, 1)], Some(4096));
     }
-    // Long contexts: split along the sequence with the reduce step.
-    attention_case(
-        32,
-        8,
-        128,
-        &[(4095, 1), (8191, 1), (32767, 1), (511, 1), (512, 1)],
-        None,
-    );
-    // Small head dims of the test models.
-    attention_case(8, 4, 8, &[(40, 1), (0, 20)], None);
-    attention_case(4, 2, 16, &[(40, 1), (0, 20)], None);
-    // Group sizes the kernel rounds up (3: SmolLM2, 7: Qwen2-0.5B), head dim 256 (Gemma 3)
-    // and 32, odd and partial-block contexts, single-sequence split-K over a long context.
-    attention_case(
-        9,
-        3,
-        64,
-        &[(0, 1), (16, 1), (99, 1), (1000, 1), (4095, 1)],
-        None,
-    );
-    attention_case(14, 2, 64, &[(7, 1), (333, 1), (2049, 1)], None);
-    attention_case(8, 4, 256, &[(0, 1), (17, 1), (500, 1), (3000, 1)], None);
-    attention_case(8, 2, 256, &[(100, 1)], Some(64));
-    attention_case(4, 4, 32, &[(63, 1), (65, 1), (1025, 1)], None);
-    attention_case(32, 8, 128, &[(65535, 1)], None);
-    attention_case(32, 4, 128, &[(16383, 1)], Some(4096));
 }
 
 #[test]

@@ -87,6 +87,8 @@ pub const KERNEL_ENTRIES: &[(&str, &[&str])] = &[
             "paged_decode_d256_g4",
             "paged_decode_d256_g8",
             "paged_decode_reduce_d256",
+            "paged_decode_mma_d64",
+            "paged_decode_mma_d128",
         ],
     ),
     (
