@@ -455,7 +455,8 @@ fn logits_both(dir: &std::path::Path, prompt: &[u32]) -> (Vec<f32>, Vec<f32>) {
 fn model_logits_match_cpu_within_bf16() {
     let mut dirs = Vec::new();
     let tmp = tempfile::tempdir().unwrap();
-    for arch in common::Arch::ALL {
+    // Mixture-of-experts models are refused on CUDA until its grouped GEMM exists.
+    for arch in common::Arch::ALL.into_iter().filter(|a| !a.moe()) {
         // head_dim 64, the smallest real-model head size, with GQA 2.
         let mut spec = common::TinyModelSpec::new(arch);
         spec.hidden = 256;

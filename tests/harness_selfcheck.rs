@@ -68,7 +68,18 @@ fn checkpoint_layout_matches_hugging_face() {
         assert_eq!(names.len(), tensor_names(&spec).len());
         assert!(tensors.iter().all(|t| t.1 == safetensors::Dtype::BF16));
         assert!(names.contains("model.embed_tokens.weight"));
-        assert!(names.contains("model.layers.1.mlp.down_proj.weight"));
+        // The last layer's MLP: dense, Mixtral's experts, or Qwen3-MoE's (its first is dense).
+        let last_mlp = match arch {
+            Arch::Mixtral => "model.layers.1.block_sparse_moe.experts.3.w2.weight",
+            Arch::Qwen3Moe => "model.layers.1.mlp.experts.3.down_proj.weight",
+            _ => "model.layers.1.mlp.down_proj.weight",
+        };
+        assert!(names.contains(last_mlp), "{arch:?}");
+        assert_eq!(
+            names.contains("model.layers.0.mlp.down_proj.weight"),
+            arch != Arch::Mixtral,
+            "{arch:?}: layer 0 dense"
+        );
         assert_eq!(
             names.contains("lm_head.weight"),
             !arch.tie_word_embeddings(),

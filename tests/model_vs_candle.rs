@@ -176,6 +176,16 @@ fn generated_gemma3_matches_candle() {
 }
 
 #[test]
+fn generated_mixtral_matches_candle() {
+    generated(Arch::Mixtral, DType::BF16, false);
+}
+
+#[test]
+fn generated_qwen3_moe_matches_candle() {
+    generated(Arch::Qwen3Moe, DType::BF16, true);
+}
+
+#[test]
 fn generated_smollm_matches_candle() {
     generated(Arch::SmolLm, DType::F32, true);
 }

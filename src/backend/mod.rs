@@ -147,6 +147,22 @@ impl AttnDims {
     }
 }
 
+/// One mixture-of-experts MLP as a backend holds it (SiLU-gated experts).
+pub struct MoeWeights<W> {
+    /// `[num_experts, hidden]`
+    pub router: W,
+    /// Per expert `[2 * intermediate, hidden]`: gate rows, then up rows.
+    pub gate_up: Vec<W>,
+    /// Per expert `[hidden, intermediate]`.
+    pub down: Vec<W>,
+    pub top_k: usize,
+    /// Rescale the chosen experts' probabilities to sum to 1 (Mixtral; Qwen3-MoE's
+    /// `norm_topk_prob`).
+    pub renormalize: bool,
+    pub hidden: usize,
+    pub intermediate: usize,
+}
+
 /// Geometry of the paged KV cache of one layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvCacheDims {
@@ -390,6 +406,21 @@ pub trait Backend: Send + Sync + 'static {
     fn scale(&self, x: &mut Self::Buffer, n: usize, factor: f32);
     /// `out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]`.
     fn silu_mul(&self, gate_up: &Self::Buffer, out: &mut Self::Buffer, rows: usize, inter: usize);
+    /// Whether [`Backend::moe`] runs on this backend.
+    fn supports_moe(&self) -> bool {
+        false
+    }
+    /// The mixture-of-experts MLP of `rows` rows of `x` (`[rows, hidden]`) into `out`
+    /// (`[rows, hidden]`): router logits, each row's experts and weights by
+    /// [`cpu::moe::route`], each expert's SiLU-gated MLP over the rows routed to it (one GEMM
+    /// per projection and expert), the outputs summed with the routing weights.
+    fn moe(
+        &self,
+        x: &Self::Buffer,
+        moe: &MoeWeights<Self::Weight>,
+        rows: usize,
+        out: &mut Self::Buffer,
+    );
     /// Writes each token's K and V (from `qkv`) into its cache slot.
     fn write_kv(
         &self,

@@ -21,6 +21,25 @@ pub enum Architecture {
     /// Gemma 3 (text): (1 + w) RMSNorm, sandwich norms, GeGLU, embedding scaling, per-head q/k
     /// norm, sliding-window layers with their own RoPE base between global ones.
     Gemma3,
+    /// Mixtral: Mistral's attention, every MLP a mixture of experts (`block_sparse_moe`).
+    Mixtral,
+    /// Qwen3-MoE: Qwen3's attention, mixture-of-experts MLPs (`mlp.experts`) in the layers
+    /// `decoder_sparse_step` and `mlp_only_layers` pick, dense MLPs in the others.
+    Qwen3Moe,
+}
+
+/// A mixture-of-experts MLP: a linear router over the experts, softmax, the top `top_k`
+/// experts per token (their probabilities renormalized to sum to 1 when `renormalize`), each a
+/// gated MLP of `intermediate_size`, their outputs summed with those weights.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MoeConfig {
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub intermediate_size: usize,
+    /// Mixtral always; Qwen3-MoE when `norm_topk_prob`.
+    pub renormalize: bool,
+    /// Which layers are MoE (the others dense, of the model's `intermediate_size`).
+    pub layers: Vec<bool>,
 }
 
 /// The MLP's gate activation.
@@ -40,6 +59,8 @@ impl Architecture {
             "Qwen3ForCausalLM" => Some(Self::Qwen3),
             "Phi3ForCausalLM" => Some(Self::Phi3),
             "Gemma3ForCausalLM" => Some(Self::Gemma3),
+            "MixtralForCausalLM" => Some(Self::Mixtral),
+            "Qwen3MoeForCausalLM" => Some(Self::Qwen3Moe),
             _ => None,
         }
     }
@@ -99,6 +120,8 @@ pub struct ModelConfig {
     /// `rope_local_base_freq`; no scaling applies to them).
     pub local_rope_theta: Option<f32>,
     pub sliding_window: Option<usize>,
+    /// The mixture-of-experts MLPs (Mixtral, Qwen3-MoE).
+    pub moe: Option<MoeConfig>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -153,6 +176,17 @@ struct RawConfig {
     rope_local_base_freq: Option<f32>,
     attn_logit_softcapping: Option<f64>,
     final_logit_softcapping: Option<f64>,
+    /// Mixtral's expert count.
+    num_local_experts: Option<usize>,
+    /// Qwen3-MoE's expert count.
+    num_experts: Option<usize>,
+    num_experts_per_tok: Option<usize>,
+    moe_intermediate_size: Option<usize>,
+    norm_topk_prob: Option<bool>,
+    decoder_sparse_step: Option<usize>,
+    mlp_only_layers: Option<Vec<usize>>,
+    /// Qwen2-MoE's shared expert (refused: not an architecture llmd runs).
+    shared_expert_intermediate_size: Option<usize>,
     bos_token_id: Option<u32>,
     eos_token_id: Option<OneOrMany>,
 }
@@ -249,6 +283,91 @@ fn rope_settings(
     Ok((new_theta.or(theta), scaling))
 }
 
+/// The MoE settings of a Mixtral or Qwen3-MoE config (None for dense architectures, which
+/// must not carry expert keys).
+fn moe_config(
+    architecture: Architecture,
+    raw: &RawConfig,
+) -> Result<Option<MoeConfig>, ModelError> {
+    if raw.shared_expert_intermediate_size.is_some_and(|n| n > 0) {
+        return Err(ModelError::ConfigField {
+            field: "shared_expert_intermediate_size",
+            reason: "shared experts (Qwen2-MoE) are not supported".into(),
+        });
+    }
+    let layers = need(raw.num_hidden_layers, "num_hidden_layers")?;
+    let (num_experts, intermediate_size, renormalize, moe_layers) = match architecture {
+        Architecture::Mixtral => (
+            need(raw.num_local_experts, "num_local_experts")?,
+            need(raw.intermediate_size, "intermediate_size")?,
+            true,
+            vec![true; layers],
+        ),
+        Architecture::Qwen3Moe => {
+            let step = raw.decoder_sparse_step.unwrap_or(1);
+            if step == 0 {
+                return Err(ModelError::ConfigField {
+                    field: "decoder_sparse_step",
+                    reason: "must be at least 1".into(),
+                });
+            }
+            let dense = raw.mlp_only_layers.clone().unwrap_or_default();
+            if let Some(&l) = dense.iter().find(|&&l| l >= layers) {
+                return Err(ModelError::ConfigField {
+                    field: "mlp_only_layers",
+                    reason: format!("layer {l} of {layers}"),
+                });
+            }
+            let experts = need(raw.num_experts, "num_experts")?;
+            (
+                experts,
+                need(raw.moe_intermediate_size, "moe_intermediate_size")?,
+                raw.norm_topk_prob.unwrap_or(false),
+                (0..layers)
+                    .map(|l| experts > 0 && !dense.contains(&l) && (l + 1) % step == 0)
+                    .collect(),
+            )
+        }
+        _ => {
+            for (field, present) in [
+                (
+                    "num_local_experts",
+                    raw.num_local_experts.is_some_and(|n| n > 0),
+                ),
+                ("num_experts", raw.num_experts.is_some_and(|n| n > 0)),
+            ] {
+                if present {
+                    return Err(ModelError::ConfigField {
+                        field,
+                        reason: "experts in a dense architecture's config".into(),
+                    });
+                }
+            }
+            return Ok(None);
+        }
+    };
+    let top_k = need(raw.num_experts_per_tok, "num_experts_per_tok")?;
+    if num_experts == 0 || top_k == 0 || top_k > num_experts {
+        return Err(ModelError::ConfigField {
+            field: "num_experts_per_tok",
+            reason: format!("{top_k} of {num_experts} experts"),
+        });
+    }
+    if intermediate_size == 0 {
+        return Err(ModelError::ConfigField {
+            field: "moe_intermediate_size",
+            reason: "must be at least 1".into(),
+        });
+    }
+    Ok(Some(MoeConfig {
+        num_experts,
+        top_k,
+        intermediate_size,
+        renormalize,
+        layers: moe_layers,
+    }))
+}
+
 fn need<T>(v: Option<T>, field: &'static str) -> Result<T, ModelError> {
     v.ok_or(ModelError::ConfigField {
         field,
@@ -319,6 +438,7 @@ impl ModelConfig {
         let head_dim = raw
             .head_dim
             .unwrap_or(hidden_size / num_attention_heads.max(1));
+        let moe = moe_config(architecture, &raw)?;
         let (rope_theta, rope_scaling) =
             rope_settings(raw.rope_theta, raw.rope_scaling, raw.rope_parameters)?;
         let rope_scaling = match rope_scaling {
@@ -349,8 +469,10 @@ impl ModelConfig {
             },
         };
         let sliding_window = match architecture {
-            Architecture::Mistral => raw.sliding_window,
-            Architecture::Qwen2 | Architecture::Qwen3 if raw.use_sliding_window == Some(true) => {
+            Architecture::Mistral | Architecture::Mixtral => raw.sliding_window,
+            Architecture::Qwen2 | Architecture::Qwen3 | Architecture::Qwen3Moe
+                if raw.use_sliding_window == Some(true) =>
+            {
                 raw.sliding_window
             }
             Architecture::Phi3 | Architecture::Gemma3 => raw.sliding_window,
@@ -374,7 +496,10 @@ impl ModelConfig {
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: architecture == Architecture::Qwen2 || attention_bias,
             o_bias: architecture == Architecture::Llama && attention_bias,
-            qk_norm: matches!(architecture, Architecture::Qwen3 | Architecture::Gemma3),
+            qk_norm: matches!(
+                architecture,
+                Architecture::Qwen3 | Architecture::Qwen3Moe | Architecture::Gemma3
+            ),
             norm_offset: gemma,
             sandwich_norms: gemma,
             activation,
@@ -420,6 +545,7 @@ impl ModelConfig {
                 None
             },
             sliding_window,
+            moe,
             bos_token_id: raw.bos_token_id,
             eos_token_ids: match raw.eos_token_id {
                 None => vec![],
@@ -952,5 +1078,72 @@ mod tests {
         assert_eq!(t[0], 1.0); // cos(0)
         assert_eq!(t[32], 0.0); // sin(0)
         assert!((t[64] - 1f32.cos()).abs() < 1e-7 && (t[64 + 32] - 1f32.sin()).abs() < 1e-7);
+    }
+
+    #[test]
+    fn mixture_of_experts_configs() {
+        let base = r#""hidden_size":64,"intermediate_size":96,"num_hidden_layers":4,
+            "num_attention_heads":4,"num_key_value_heads":2,"vocab_size":100"#;
+        let mixtral = format!(
+            r#"{{"architectures":["MixtralForCausalLM"],{base},"num_local_experts":8,
+            "num_experts_per_tok":2,"sliding_window":4096}}"#
+        );
+        let c = ModelConfig::from_json(&mixtral).unwrap();
+        assert_eq!(c.architecture, Architecture::Mixtral);
+        assert_eq!(
+            c.moe,
+            Some(MoeConfig {
+                num_experts: 8,
+                top_k: 2,
+                intermediate_size: 96,
+                renormalize: true,
+                layers: vec![true; 4],
+            })
+        );
+        assert_eq!(c.sliding_window, Some(4096));
+        // Qwen3-MoE: every second layer sparse, layer 3 forced dense, no renormalization by
+        // default; q/k norms as Qwen3.
+        let qwen = format!(
+            r#"{{"architectures":["Qwen3MoeForCausalLM"],{base},"num_experts":16,
+            "num_experts_per_tok":4,"moe_intermediate_size":32,"decoder_sparse_step":2,
+            "mlp_only_layers":[3]}}"#
+        );
+        let c = ModelConfig::from_json(&qwen).unwrap();
+        let m = c.moe.unwrap();
+        assert_eq!(m.layers, vec![false, true, false, false]);
+        assert_eq!((m.num_experts, m.top_k, m.intermediate_size), (16, 4, 32));
+        assert!(!m.renormalize && c.qk_norm);
+        let err = |json: String, field: &str| {
+            let e = ModelConfig::from_json(&json).unwrap_err().to_string();
+            assert!(e.contains(field), "{e}");
+        };
+        err(
+            mixtral.replace(r#""num_experts_per_tok":2"#, r#""num_experts_per_tok":9"#),
+            "num_experts_per_tok",
+        );
+        err(
+            mixtral.replace(r#""num_local_experts":8,"#, ""),
+            "num_local_experts",
+        );
+        err(
+            qwen.replace(r#""mlp_only_layers":[3]"#, r#""mlp_only_layers":[4]"#),
+            "mlp_only_layers",
+        );
+        err(
+            qwen.replace(r#""decoder_sparse_step":2"#, r#""decoder_sparse_step":0"#),
+            "decoder_sparse_step",
+        );
+        err(
+            qwen.replace(
+                r#""num_experts":16"#,
+                r#""num_experts":16,"shared_expert_intermediate_size":64"#,
+            ),
+            "shared_expert_intermediate_size",
+        );
+        // Experts in a dense architecture's config are not silently ignored.
+        err(
+            mixtral.replace("MixtralForCausalLM", "MistralForCausalLM"),
+            "num_local_experts",
+        );
     }
 }

@@ -47,10 +47,18 @@ struct Layer<B: Backend> {
     /// This layer's attention (its sliding window) and whether it uses the local rotary table.
     dims: AttnDims,
     local_rope: bool,
-    /// `[2 * intermediate, hidden]`: gate rows then up rows.
-    gate_up: B::Weight,
-    /// `[hidden, intermediate]`
-    down: B::Weight,
+    mlp: Mlp<B>,
+}
+
+/// A layer's MLP: dense, or a mixture of experts.
+enum Mlp<B: Backend> {
+    Dense {
+        /// `[2 * intermediate, hidden]`: gate rows then up rows.
+        gate_up: B::Weight,
+        /// `[hidden, intermediate]`
+        down: B::Weight,
+    },
+    Moe(crate::backend::MoeWeights<B::Weight>),
 }
 
 /// Buffers reused every step, sized for `ModelLimits`.
@@ -160,6 +168,23 @@ impl<B: Backend> Model<B> {
             num_kv_heads: config.num_key_value_heads,
             head_dim: config.head_dim,
         })?;
+        if let Some(m) = &config.moe {
+            if !backend.supports_moe() {
+                return Err(ModelError::Unsupported {
+                    what: format!(
+                        "mixture-of-experts layers ({} experts) on the {} backend: not implemented yet, run with --device cpu",
+                        m.num_experts,
+                        backend.name()
+                    ),
+                });
+            }
+            if config.activation != super::config::Activation::Silu {
+                return Err(ModelError::ConfigField {
+                    field: "hidden_act",
+                    reason: "experts are SiLU-gated (Mixtral, Qwen3-MoE)".into(),
+                });
+            }
+        }
         let files = WeightFiles::open(dir)?;
         let c = &config;
         let (h, hd, nh, nkv, inter, vocab) = (
@@ -266,15 +291,23 @@ impl<B: Backend> Model<B> {
                     sliding_window: c.layer_window(l),
                 },
                 local_rope: c.local_rope_theta.is_some() && c.layer_window(l).is_some(),
-                gate_up: if c.fused_projections() {
-                    ld.rows(&[(format!("{p}.mlp.gate_up_proj.weight"), vec![2 * inter, h])])?
-                } else {
-                    ld.rows(&[
-                        (format!("{p}.mlp.gate_proj.weight"), vec![inter, h]),
-                        (format!("{p}.mlp.up_proj.weight"), vec![inter, h]),
-                    ])?
+                mlp: match &c.moe {
+                    Some(m) if m.layers[l] => Mlp::Moe(ld.experts(&p, c, m)?),
+                    _ => Mlp::Dense {
+                        gate_up: if c.fused_projections() {
+                            ld.rows(&[(
+                                format!("{p}.mlp.gate_up_proj.weight"),
+                                vec![2 * inter, h],
+                            )])?
+                        } else {
+                            ld.rows(&[
+                                (format!("{p}.mlp.gate_proj.weight"), vec![inter, h]),
+                                (format!("{p}.mlp.up_proj.weight"), vec![inter, h]),
+                            ])?
+                        },
+                        down: ld.one(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
+                    },
                 },
-                down: ld.one(&format!("{p}.mlp.down_proj.weight"), &[h, inter])?,
             });
         }
         let table = config.rope_table(limits.max_positions);
@@ -476,16 +509,21 @@ impl<B: Backend> Model<B> {
                         n,
                     ),
                 }
-                b.matmul(&ws.normed, &layer.gate_up, None, &mut ws.gate_up, n);
-                match c.activation {
-                    super::config::Activation::Silu => {
-                        b.silu_mul(&ws.gate_up, &mut ws.act, n, c.intermediate_size)
+                match &layer.mlp {
+                    Mlp::Dense { gate_up, down } => {
+                        b.matmul(&ws.normed, gate_up, None, &mut ws.gate_up, n);
+                        match c.activation {
+                            super::config::Activation::Silu => {
+                                b.silu_mul(&ws.gate_up, &mut ws.act, n, c.intermediate_size)
+                            }
+                            super::config::Activation::GeluTanh => {
+                                b.gelu_tanh_mul(&ws.gate_up, &mut ws.act, n, c.intermediate_size)
+                            }
+                        }
+                        b.matmul(&ws.act, down, None, &mut ws.proj, n);
                     }
-                    super::config::Activation::GeluTanh => {
-                        b.gelu_tanh_mul(&ws.gate_up, &mut ws.act, n, c.intermediate_size)
-                    }
+                    Mlp::Moe(experts) => b.moe(&ws.normed, experts, n, &mut ws.proj),
                 }
-                b.matmul(&ws.act, &layer.down, None, &mut ws.proj, n);
                 match (&layer.sandwich, ws.tmp.as_mut()) {
                     (Some((_, post_ff)), Some(tmp)) => {
                         b.rms_norm(&ws.proj, post_ff, eps, tmp, n);
@@ -509,6 +547,28 @@ impl<B: Backend> Model<B> {
     }
 }
 
+/// The weight names of one expert's gate, up and down projections.
+fn expert_names(c: &ModelConfig, layer: &str, e: usize) -> [String; 3] {
+    match c.architecture {
+        super::config::Architecture::Mixtral => {
+            let x = format!("{layer}.block_sparse_moe.experts.{e}");
+            [
+                format!("{x}.w1.weight"),
+                format!("{x}.w3.weight"),
+                format!("{x}.w2.weight"),
+            ]
+        }
+        _ => {
+            let x = format!("{layer}.mlp.experts.{e}");
+            [
+                format!("{x}.gate_proj.weight"),
+                format!("{x}.up_proj.weight"),
+                format!("{x}.down_proj.weight"),
+            ]
+        }
+    }
+}
+
 /// Loads tensors by name onto the backend, reporting progress in bytes.
 struct Loader<'a, B: Backend> {
     files: &'a WeightFiles,
@@ -519,6 +579,36 @@ struct Loader<'a, B: Backend> {
 }
 
 impl<B: Backend> Loader<'_, B> {
+    /// The router and experts of MoE layer `layer` (its weight-name prefix).
+    fn experts(
+        &mut self,
+        layer: &str,
+        c: &ModelConfig,
+        m: &super::config::MoeConfig,
+    ) -> Result<crate::backend::MoeWeights<B::Weight>, ModelError> {
+        let (h, inter) = (c.hidden_size, m.intermediate_size);
+        let router = match c.architecture {
+            super::config::Architecture::Mixtral => format!("{layer}.block_sparse_moe.gate.weight"),
+            _ => format!("{layer}.mlp.gate.weight"),
+        };
+        let router = self.one(&router, &[m.num_experts, h])?;
+        let (mut gate_up, mut down) = (Vec::new(), Vec::new());
+        for e in 0..m.num_experts {
+            let [g, u, d] = expert_names(c, layer, e);
+            gate_up.push(self.rows(&[(g, vec![inter, h]), (u, vec![inter, h])])?);
+            down.push(self.one(&d, &[h, inter])?);
+        }
+        Ok(crate::backend::MoeWeights {
+            router,
+            gate_up,
+            down,
+            top_k: m.top_k,
+            renormalize: m.renormalize,
+            hidden: h,
+            intermediate: inter,
+        })
+    }
+
     fn one(&mut self, name: &str, shape: &[usize]) -> Result<B::Weight, ModelError> {
         let t = self.files.get_checked(name, shape)?;
         self.tick(t.data.len());

@@ -7,7 +7,7 @@ pub mod hub;
 pub mod llama;
 pub mod weights;
 
-pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use config::{Architecture, ModelConfig, MoeConfig, RopeScaling};
 pub use llama::{Model, ModelLimits};
 pub use weights::WeightFiles;
 
@@ -25,7 +25,7 @@ pub enum ModelError {
     ConfigParse { reason: String },
     #[error("config.json field {field}: {reason}")]
     ConfigField { field: &'static str, reason: String },
-    #[error("unknown architecture {architectures:?} (model_type {model_type:?}); supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM")]
+    #[error("unknown architecture {architectures:?} (model_type {model_type:?}); supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM, Gemma3ForCausalLM, MixtralForCausalLM, Qwen3MoeForCausalLM")]
     UnknownArchitecture {
         architectures: Vec<String>,
         model_type: Option<String>,
@@ -48,6 +48,8 @@ pub enum ModelError {
     Hub { model: String, reason: String },
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error("{what}")]
+    Unsupported { what: String },
     #[error("injected fault at step {step}")]
     Injected { step: u64 },
 }

@@ -65,10 +65,17 @@ pub enum Arch {
     /// `Gemma3ForCausalLM`: (1 + w) norms, sandwich norms, GeGLU, scaled embedding, q/k norm,
     /// sliding and global layers with their own RoPE bases, tied embeddings.
     Gemma3,
+    /// `MixtralForCausalLM`: Mistral's attention, every MLP a mixture of `experts` experts
+    /// (`block_sparse_moe`, `w1`/`w3`/`w2`), top-`top_k` routing renormalized, untied.
+    Mixtral,
+    /// `Qwen3MoeForCausalLM`: Qwen3's attention; with `decoder_sparse_step` 2 the first layer's
+    /// MLP is dense and the second a mixture of experts (`mlp.experts`), routing weights
+    /// renormalized (`norm_topk_prob`), untied.
+    Qwen3Moe,
 }
 
 impl Arch {
-    pub const ALL: [Arch; 8] = [
+    pub const ALL: [Arch; 10] = [
         Arch::Llama,
         Arch::Llama3,
         Arch::Mistral,
@@ -77,6 +84,8 @@ impl Arch {
         Arch::Qwen3,
         Arch::Phi3,
         Arch::Gemma3,
+        Arch::Mixtral,
+        Arch::Qwen3Moe,
     ];
 
     /// The single entry of `architectures` in config.json.
@@ -88,6 +97,8 @@ impl Arch {
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
+            Arch::Mixtral => "MixtralForCausalLM",
+            Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
         }
     }
 
@@ -100,6 +111,8 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Phi3 => "phi3",
             Arch::Gemma3 => "gemma3_text",
+            Arch::Mixtral => "mixtral",
+            Arch::Qwen3Moe => "qwen3_moe",
         }
     }
 
@@ -118,7 +131,7 @@ impl Arch {
 
     /// Whether the tokenizer prepends BOS on `encode(text, add_special_tokens = true)`.
     pub fn adds_bos(self) -> bool {
-        !matches!(self, Arch::Qwen2 | Arch::Qwen3)
+        !matches!(self, Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe)
     }
 
     /// Whether q/k/v and gate/up are stored fused (`qkv_proj`, `gate_up_proj`).
@@ -128,7 +141,21 @@ impl Arch {
 
     /// Whether each query and key head is RMS-normalized (`q_norm`/`k_norm` tensors).
     pub fn qk_norm(self) -> bool {
-        matches!(self, Arch::Qwen3 | Arch::Gemma3)
+        matches!(self, Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3)
+    }
+
+    /// Whether (some) MLPs are mixtures of experts.
+    pub fn moe(self) -> bool {
+        matches!(self, Arch::Mixtral | Arch::Qwen3Moe)
+    }
+
+    /// Whether layer `l`'s MLP is a mixture of experts (Qwen3-MoE's `decoder_sparse_step` 2).
+    pub fn moe_layer(self, l: usize) -> bool {
+        match self {
+            Arch::Mixtral => true,
+            Arch::Qwen3Moe => (l + 1) % 2 == 0,
+            _ => false,
+        }
     }
 
     /// Whether the layer has Gemma's sandwich norms (`pre_feedforward_layernorm`,
@@ -191,6 +218,11 @@ pub struct TinyModelSpec {
     /// Write 3 shards plus `model.safetensors.index.json` instead of one `model.safetensors`.
     pub sharded: bool,
     pub seed: u64,
+    /// Mixture-of-experts shape (MoE architectures only): experts, experts per token, and
+    /// each expert's intermediate size (Mixtral's experts use `intermediate`).
+    pub experts: usize,
+    pub top_k: usize,
+    pub moe_intermediate: usize,
 }
 
 impl TinyModelSpec {
@@ -209,6 +241,9 @@ impl TinyModelSpec {
             max_pos: 512,
             sharded: false,
             seed: 0x11_4d,
+            experts: 4,
+            top_k: 2,
+            moe_intermediate: 48,
         }
     }
 
@@ -221,13 +256,18 @@ impl TinyModelSpec {
             Arch::Llama | Arch::Phi3 => 10_000.0,
             Arch::Llama3 => 500_000.0,
             Arch::SmolLm => 100_000.0,
-            Arch::Mistral | Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => 1_000_000.0,
+            Arch::Mistral
+            | Arch::Qwen2
+            | Arch::Qwen3
+            | Arch::Gemma3
+            | Arch::Mixtral
+            | Arch::Qwen3Moe => 1_000_000.0,
         }
     }
 
     pub fn rms_norm_eps(&self) -> f64 {
         match self.arch {
-            Arch::Qwen2 | Arch::Qwen3 | Arch::Gemma3 => 1e-6,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3 => 1e-6,
             _ => 1e-5,
         }
     }

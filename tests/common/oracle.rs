@@ -7,11 +7,12 @@
 //! `architectures`: Llama (incl. SmolLM and Llama 3 rope scaling) → `models::llama`, Mistral →
 //! `models::mistral`, Qwen2 → `models::qwen2::ModelForCausalLM`, Qwen3 →
 //! `models::qwen3::ModelForCausalLM`, Phi-3 → `models::phi3::Model`, Gemma 3 →
-//! `models::gemma3::Model`.
+//! `models::gemma3::Model`, Mixtral → `models::mixtral::Model`, Qwen3-MoE →
+//! `models::qwen3_moe::ModelForCausalLM`.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{gemma3, llama, mistral, phi3, qwen2, qwen3};
+use candle_transformers::models::{gemma3, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe};
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
@@ -30,6 +31,8 @@ enum Oracle {
     Qwen3(qwen3::ModelForCausalLM),
     Phi3(phi3::Model),
     Gemma3(gemma3::Model),
+    Mixtral(mixtral::Model),
+    Qwen3Moe(qwen3_moe::ModelForCausalLM),
 }
 
 /// The safetensors files of a checkpoint: the index's shards, or `model.safetensors`.
@@ -102,6 +105,18 @@ impl Oracle {
                 let config: gemma3::Config = ok(serde_json::from_value(config), "gemma3 config");
                 Oracle::Gemma3(ok(gemma3::Model::new(false, &config, vb), "load gemma3"))
             }
+            "MixtralForCausalLM" => {
+                let config: mixtral::Config = ok(serde_json::from_value(config), "mixtral config");
+                Oracle::Mixtral(ok(mixtral::Model::new(&config, vb), "load mixtral"))
+            }
+            "Qwen3MoeForCausalLM" => {
+                let config: qwen3_moe::Config =
+                    ok(serde_json::from_value(config), "qwen3_moe config");
+                Oracle::Qwen3Moe(ok(
+                    qwen3_moe::ModelForCausalLM::new(&config, vb),
+                    "load qwen3_moe",
+                ))
+            }
             other => panic!("candle oracle: unsupported architecture {other:?}"),
         }
     }
@@ -118,6 +133,8 @@ impl Oracle {
             Oracle::Qwen3(model) => model.forward(&input, pos),
             Oracle::Phi3(model) => model.forward(&input, pos),
             Oracle::Gemma3(model) => model.forward(&input, pos),
+            Oracle::Mixtral(model) => model.forward(&input, pos),
+            Oracle::Qwen3Moe(model) => model.forward(&input, pos),
         };
         let logits = ok(logits, "forward");
         let flat = ok(logits.flatten_all(), "flatten logits");
@@ -137,6 +154,9 @@ impl Oracle {
             Oracle::Qwen3(model) => model.clear_kv_cache(),
             Oracle::Phi3(model) => model.clear_kv_cache(),
             Oracle::Gemma3(model) => model.clear_kv_cache(),
+            Oracle::Qwen3Moe(model) => model.clear_kv_cache(),
+            // No cache-clearing call in candle's Mixtral; callers clear only a fresh model.
+            Oracle::Mixtral(_) => {}
         }
     }
 }

@@ -33,6 +33,8 @@ const OUT_GAIN: f32 = 6.0;
 /// far more than the comparison tolerance, small enough not to collapse attention onto fixed
 /// offsets (bias terms rotated by RoPE act as a position-only score).
 const BIAS_STD: f32 = 0.15;
+/// Router gain of MoE layers: logits of std ~1.5 over the experts.
+const ROUTER_GAIN: f32 = 1.5;
 /// Factor on the output rows of special tokens (ids below `FIRST_ORDINARY_ID`).
 const SPECIAL_ROW_DAMPING: f32 = 0.05;
 /// Shards written when `spec.sharded`.
@@ -88,6 +90,8 @@ fn tensor_defs(spec: &TinyModelSpec) -> Vec<TensorDef> {
     let qk = Init::Matrix { gain: QK_GAIN };
     let proj = Init::Matrix { gain: PROJ_GAIN };
     let out = Init::Matrix { gain: OUT_GAIN };
+    // Router logits of order 1-2: routing varies from token to token, with clear winners.
+    let router = Init::Matrix { gain: ROUTER_GAIN };
     // Gemma multiplies by 1 + w: weights near 0 give unit norms; its sandwich norms scale the
     // attention and MLP outputs up so that they are not drowned by the √hidden-scaled embedding.
     let gemma = spec.arch.sandwich_norms();
@@ -145,7 +149,33 @@ fn tensor_defs(spec: &TinyModelSpec) -> Vec<TensorDef> {
             vec![h, q_out],
             out,
         ));
-        if spec.arch.fused_projections() {
+        if spec.arch == Arch::Mixtral {
+            let m = format!("{p}.block_sparse_moe");
+            defs.push(def(
+                format!("{m}.gate.weight"),
+                vec![spec.experts, h],
+                router,
+            ));
+            for e in 0..spec.experts {
+                let x = format!("{m}.experts.{e}");
+                defs.push(def(format!("{x}.w1.weight"), vec![i, h], proj));
+                defs.push(def(format!("{x}.w2.weight"), vec![h, i], out));
+                defs.push(def(format!("{x}.w3.weight"), vec![i, h], proj));
+            }
+        } else if spec.arch.moe_layer(l) {
+            let mi = spec.moe_intermediate;
+            defs.push(def(
+                format!("{p}.mlp.gate.weight"),
+                vec![spec.experts, h],
+                router,
+            ));
+            for e in 0..spec.experts {
+                let x = format!("{p}.mlp.experts.{e}");
+                defs.push(def(format!("{x}.gate_proj.weight"), vec![mi, h], proj));
+                defs.push(def(format!("{x}.up_proj.weight"), vec![mi, h], proj));
+                defs.push(def(format!("{x}.down_proj.weight"), vec![h, mi], out));
+            }
+        } else if spec.arch.fused_projections() {
             defs.push(def(
                 format!("{p}.mlp.gate_up_proj.weight"),
                 vec![2 * i, h],
@@ -155,7 +185,9 @@ fn tensor_defs(spec: &TinyModelSpec) -> Vec<TensorDef> {
             defs.push(def(format!("{p}.mlp.gate_proj.weight"), vec![i, h], proj));
             defs.push(def(format!("{p}.mlp.up_proj.weight"), vec![i, h], proj));
         }
-        defs.push(def(format!("{p}.mlp.down_proj.weight"), vec![h, i], out));
+        if !spec.arch.moe_layer(l) && spec.arch != Arch::Mixtral {
+            defs.push(def(format!("{p}.mlp.down_proj.weight"), vec![h, i], out));
+        }
         defs.push(def(format!("{p}.input_layernorm.weight"), vec![h], norm));
         defs.push(def(
             format!("{p}.post_attention_layernorm.weight"),
@@ -481,6 +513,33 @@ fn config_json(spec: &TinyModelSpec) -> serde_json::Value {
             "head_dim": spec.head_dim(),
             "max_window_layers": spec.layers,
             "rope_scaling": null,
+            "sliding_window": null,
+            "use_sliding_window": false,
+        }),
+        Arch::Mixtral => json!({
+            "head_dim": spec.head_dim(),
+            "num_experts_per_tok": spec.top_k,
+            "num_local_experts": spec.experts,
+            "output_router_logits": false,
+            "router_aux_loss_coef": 0.02,
+            "router_jitter_noise": 0.0,
+            // Longer than the test prompts (candle's Mixtral needs a number here).
+            "sliding_window": 4096,
+            "use_flash_attn": false,
+        }),
+        Arch::Qwen3Moe => json!({
+            "attention_bias": false,
+            "decoder_sparse_step": 2,
+            "head_dim": spec.head_dim(),
+            "max_window_layers": spec.layers,
+            "mlp_only_layers": [],
+            "moe_intermediate_size": spec.moe_intermediate,
+            "norm_topk_prob": true,
+            "num_experts": spec.experts,
+            "num_experts_per_tok": spec.top_k,
+            "output_router_logits": false,
+            "rope_scaling": null,
+            "router_aux_loss_coef": 0.001,
             "sliding_window": null,
             "use_sliding_window": false,
         }),

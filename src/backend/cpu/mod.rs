@@ -7,6 +7,7 @@
 //! against, so each is written to be plainly readable.
 pub mod attention;
 pub mod gemm;
+pub mod moe;
 pub mod sampling;
 
 use super::{
@@ -272,6 +273,20 @@ impl Backend for CpuBackend {
                     *o = silu(*g) * u;
                 }
             });
+    }
+
+    fn supports_moe(&self) -> bool {
+        true
+    }
+
+    fn moe(
+        &self,
+        x: &Vec<f32>,
+        moe: &crate::backend::MoeWeights<CpuWeight>,
+        rows: usize,
+        out: &mut Vec<f32>,
+    ) {
+        moe::moe(self, x, moe, rows, out);
     }
 
     fn write_kv(&self, qkv: &Vec<f32>, cache: &mut CpuKvCache, step: &BatchPlan, dims: AttnDims) {

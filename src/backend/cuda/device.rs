@@ -744,6 +744,20 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn moe(
+        &self,
+        _x: &CudaBuffer,
+        _moe: &crate::backend::MoeWeights<CudaWeight>,
+        _rows: usize,
+        _out: &mut CudaBuffer,
+    ) {
+        // Not reached: models refuse MoE layers on a backend without `supports_moe`.
+        self.record(
+            "moe",
+            "mixture-of-experts MLPs are not implemented on CUDA yet (run --device cpu)",
+        );
+    }
+
     fn write_kv(&self, qkv: &CudaBuffer, cache: &mut CudaKvCache, step: &CudaStep, dims: AttnDims) {
         let n = step.plan.num_tokens();
         if n == 0 {
