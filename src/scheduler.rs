@@ -225,6 +225,12 @@ impl Scheduler {
         !self.requests.is_empty()
     }
 
+    /// Keeps every KV block of `id` while it runs, sliding window or not (its KV is sent to
+    /// another worker when it finishes).
+    pub fn keep_all_blocks(&mut self, id: &RequestId) {
+        self.kv.keep_all(id);
+    }
+
     pub fn kv(&self) -> &KvCacheManager {
         &self.kv
     }

@@ -185,6 +185,66 @@ fn generated_qwen3_moe_matches_candle() {
     generated(Arch::Qwen3Moe, DType::BF16, true);
 }
 
+/// Mistral with a 32-token sliding window on every layer, in a pool of 6 blocks of 16 — less
+/// than the 134 tokens of the run, which fits only because blocks behind the window go back
+/// to the pool and are reused while the request runs: the same greedy tokens as the same
+/// engine with a pool large enough never to reuse a block. (candle's Mistral cannot be the
+/// reference here: it applies the window only inside one forward, not to cached positions.)
+#[test]
+fn sliding_window_frees_blocks_without_changing_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinyModelSpec::new(Arch::Mistral);
+    common::write_tiny_model(dir.path(), &spec);
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["sliding_window"] = serde_json::json!(32);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let prompt = prompt_for(spec.vocab, 70, spec.seed);
+    let n = 64;
+    let run = |num_blocks: usize| {
+        let mut c = EngineConfig::new(dir.path());
+        c.cache.num_blocks = Some(num_blocks);
+        c.scheduler.max_num_batched_tokens = 16;
+        c.max_model_len = Some(prompt.len() + n);
+        let mut core = EngineCore::new(c).unwrap();
+        let p = SamplingParams {
+            max_tokens: Some(n),
+            ignore_eos: true,
+            ..SamplingParams::greedy()
+        };
+        core.add_request(RequestId::from("w"), &Prompt::Tokens(prompt.clone()), p, 0)
+            .unwrap();
+        let (mut out, mut least_free) = (vec![], usize::MAX);
+        while core.has_unfinished_requests() {
+            for o in core.step().unwrap() {
+                out.extend(o.new_token_ids);
+            }
+            least_free = least_free.min(core.num_free_blocks());
+        }
+        assert_eq!(core.scheduler().num_preemptions(), 0, "no recompute needed");
+        assert_eq!(core.num_free_blocks(), num_blocks, "every block back");
+        (out, num_blocks - least_free)
+    };
+    let (small, held) = run(6);
+    let (large, _) = run(64);
+    assert_eq!(small.len(), n);
+    assert_eq!(small, large, "reusing freed blocks changed the tokens");
+    assert!(held <= 5, "held {held} blocks at once");
+    // Without a window the same run cannot start in that pool.
+    let full = tempfile::tempdir().unwrap();
+    common::write_tiny_model(full.path(), &spec);
+    let mut c = EngineConfig::new(full.path());
+    c.cache.num_blocks = Some(6);
+    c.scheduler.max_num_batched_tokens = 16;
+    c.max_model_len = Some(prompt.len() + n);
+    let e = EngineCore::new(c)
+        .err()
+        .expect("6 blocks for 134 tokens")
+        .to_string();
+    assert!(e.contains("(134 tokens"), "{e}");
+}
+
 #[test]
 fn generated_smollm_matches_candle() {
     generated(Arch::SmolLm, DType::F32, true);

@@ -264,15 +264,11 @@ impl KvBudget {
         }
     }
 
-    /// The pool's block count at `per_block` bytes each, refusing a pool that cannot hold one
-    /// sequence of `max_model_len` tokens with the number of tokens it could hold (as vLLM
-    /// says it) and what to change.
-    pub fn blocks(
-        &self,
-        per_block: usize,
-        block_size: usize,
-        max_model_len: usize,
-    ) -> Result<usize> {
+    /// The pool's block count at `per_block` bytes each, refusing a pool that cannot hold the
+    /// KV of one sequence — `seq_tokens`: `max_model_len`, or for a model whose every layer
+    /// has a sliding window, that window plus one step's tokens ([`sequence_kv_tokens`]) — with
+    /// the number of tokens it could hold (as vLLM says it) and what to change.
+    pub fn blocks(&self, per_block: usize, block_size: usize, seq_tokens: usize) -> Result<usize> {
         let n = match (*self, self.bytes()) {
             (KvBudget::Blocks(n), _) => {
                 if n.checked_mul(per_block).is_none() {
@@ -287,7 +283,7 @@ impl KvBudget {
             (_, None) => 0,
         };
         let tokens = n.saturating_mul(block_size);
-        if tokens >= max_model_len {
+        if tokens >= seq_tokens {
             return Ok(n);
         }
         let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
@@ -314,9 +310,23 @@ impl KvBudget {
         Err(Error::Config {
             field,
             reason: format!(
-                "the model's max_model_len ({max_model_len}) is larger than the {tokens} tokens the KV cache can hold ({n} blocks of {block_size}, {how}, or lower --max-model-len)"
+                "one sequence's KV ({seq_tokens} tokens: the model's max_model_len, or its sliding window plus one step) is larger than the {tokens} tokens the KV cache can hold ({n} blocks of {block_size}, {how}, or lower --max-model-len)"
             ),
         })
+    }
+}
+
+/// Tokens of KV one sequence may hold at once: `max_model_len`, or with a sliding window on
+/// every layer (`window`) the window, the most tokens one step adds and two partial blocks.
+pub fn sequence_kv_tokens(
+    max_model_len: usize,
+    window: Option<usize>,
+    max_step_tokens: usize,
+    block_size: usize,
+) -> usize {
+    match window {
+        Some(w) => max_model_len.min(w + max_step_tokens + 2 * block_size),
+        None => max_model_len,
     }
 }
 
@@ -348,8 +358,14 @@ fn load_on<B: Backend>(
             ),
         })?;
     // A block count or byte size given outright is checked before any weight loads.
+    let seq_tokens = sequence_kv_tokens(
+        max_model_len,
+        model_cfg.kv_window(),
+        config.scheduler.max_num_batched_tokens,
+        block_size,
+    );
     if config.cache.num_blocks.is_some() || config.cache.kv_cache_memory_bytes.is_some() {
-        KvBudget::new(&config.cache, None).blocks(per_block, block_size, max_model_len)?;
+        KvBudget::new(&config.cache, None).blocks(per_block, block_size, seq_tokens)?;
     }
     let limits = ModelLimits {
         max_tokens: config.scheduler.max_num_batched_tokens,
@@ -366,7 +382,7 @@ fn load_on<B: Backend>(
         limits,
         |b: &B| {
             let budget = KvBudget::new(cache, b.memory_info());
-            let n = budget.blocks(per_block, block_size, max_model_len)?;
+            let n = budget.blocks(per_block, block_size, seq_tokens)?;
             tracing::info!(
                 ?budget,
                 blocks = n,
@@ -447,12 +463,14 @@ impl EngineCore {
                 eos_token_ids.push(*id);
             }
         }
-        let kv = KvCacheManager::new(
+        let mut kv = KvCacheManager::new(
             num_blocks,
             block_size,
             config.cache.enable_prefix_caching,
             BlockHasher::new(config.cache.block_hash_algo, &config.cache.block_hash_seed),
         );
+        // Every layer windowed: blocks behind each request's window go back to the pool.
+        kv.set_window(model_cfg.kv_window());
         let random_on_device = config
             .device_sampling
             .unwrap_or_else(|| model.samples_on_device());
@@ -745,6 +763,7 @@ impl EngineCore {
         self.states
             .insert(id.clone(), RequestState::new(params, &ids));
         if let Some(lease) = kv.hold_for {
+            self.scheduler.keep_all_blocks(&id);
             self.hold_for.insert(id.clone(), lease);
         }
         let req = Request::new(id.clone(), ids, priority, Vec::new());
@@ -1066,14 +1085,24 @@ pub fn tokenize(tokenizer: &Tokenizer, prompt: &Prompt, vocab_size: usize) -> Re
     let ids = match prompt {
         Prompt::Text(t) => tokenizer.encode(t, true)?,
         Prompt::Tokens(ids) => ids.clone(),
-        Prompt::Chat(msgs) => {
-            let text = tokenizer.apply_chat_template(msgs, true)?;
-            // The template writes its own special tokens.
-            tokenizer.encode(&text, false)?
-        }
+        Prompt::Chat(msgs) => render_chat(tokenizer, msgs, true)?.1,
     };
     check_tokens(&ids, vocab_size)?;
     Ok(ids)
+}
+
+/// A chat prompt's text and token ids: `messages` rendered with the model's chat template
+/// (with the assistant's turn opened when `add_generation_prompt`), then tokenized without
+/// adding special tokens, since the template writes its own. [`Prompt::Chat`] goes through
+/// here; so do front ends that also need the rendered text (the Python bindings).
+pub fn render_chat(
+    tokenizer: &Tokenizer,
+    messages: &[ChatMessage],
+    add_generation_prompt: bool,
+) -> Result<(String, Vec<TokenId>)> {
+    let text = tokenizer.apply_chat_template(messages, add_generation_prompt)?;
+    let ids = tokenizer.encode(&text, false)?;
+    Ok((text, ids))
 }
 
 fn check_tokens(ids: &[TokenId], vocab_size: usize) -> Result<()> {
@@ -1186,6 +1215,9 @@ mod tests {
             Some((8 * gib + DEVICE_HEADROOM_BYTES + 30 * per_block, 80 * gib)),
         );
         let e = tight.blocks(per_block, 16, 8192).unwrap_err().to_string();
-        assert!(e.contains("(8192)") && e.contains("480 tokens"), "{e}");
+        assert!(
+            e.contains("(8192 tokens") && e.contains("480 tokens"),
+            "{e}"
+        );
     }
 }

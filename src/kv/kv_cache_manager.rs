@@ -6,9 +6,16 @@
 //! scheduled, but a hash is published to the prefix cache only by [`KvCacheManager::commit`],
 //! which the engine calls after that step's KV was written. So a step that fails — or a load
 //! or transfer that has not landed — never leaves a block findable whose KV does not exist.
+//!
+//! With a sliding window on every layer ([`KvCacheManager::set_window`]), a running request's
+//! leading blocks that no future query can attend to (every position before the window of
+//! its next token) go back to the pool as it advances, still published (another request with
+//! the same prefix may reuse them until they are evicted); their ids stay in the block table as
+//! placeholders that attention never reads. Requests whose whole KV must stay (a prefill kept
+//! for a decode worker) are marked with [`KvCacheManager::keep_all`].
 use super::{BlockHash, BlockHasher, BlockId, BlockPool, PrefixCacheStats};
 use crate::request::{RequestId, TokenId};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// Cached prefix blocks found for a new request, and the tokens they cover.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -41,6 +48,12 @@ pub struct KvCacheManager {
     stats: PrefixCacheStats,
     /// Blocks published since the last [`KvCacheManager::take_committed`], when recording.
     committed: Option<Vec<CommittedBlock>>,
+    /// The widest sliding window when every layer has one (None: some layer sees everything).
+    window: Option<usize>,
+    /// Leading blocks of each request already given back (outside its window).
+    released: HashMap<RequestId, usize>,
+    /// Requests whose blocks all stay, window or not.
+    keep: HashSet<RequestId>,
 }
 
 impl KvCacheManager {
@@ -60,7 +73,51 @@ impl KvCacheManager {
             published: HashMap::new(),
             stats: PrefixCacheStats::default(),
             committed: None,
+            window: None,
+            released: HashMap::new(),
+            keep: HashSet::new(),
         }
+    }
+
+    /// Frees blocks outside `window` tokens before each request's next token (set it only
+    /// when every layer attends within a window of at most this many tokens).
+    pub fn set_window(&mut self, window: Option<usize>) {
+        self.window = window.filter(|&w| w > 0);
+    }
+
+    /// Keeps every block of `req` until it is freed or detached, window or not.
+    pub fn keep_all(&mut self, req: &RequestId) {
+        self.keep.insert(req.clone());
+    }
+
+    /// Leading blocks of `req` given back because they fell outside the window.
+    pub fn num_released(&self, req: &RequestId) -> usize {
+        self.released.get(req).copied().unwrap_or(0)
+    }
+
+    /// Gives back the request's leading blocks that no query from token `num_computed_tokens`
+    /// on can attend to: the window of a query at position p starts at p + 1 - window. Only
+    /// published blocks go (their KV is written and findable), head first, so the oldest is
+    /// evicted first.
+    fn release_outside_window(&mut self, req: &RequestId, num_computed_tokens: usize) {
+        let Some(window) = self.window else { return };
+        if self.keep.contains(req) {
+            return;
+        }
+        let Some(table) = self.tables.get(req) else {
+            return;
+        };
+        let lo = (num_computed_tokens + 1).saturating_sub(window);
+        let mut upto = (lo / self.block_size).min(table.len());
+        if self.enable_caching {
+            upto = upto.min(self.published.get(req).copied().unwrap_or(0));
+        }
+        let done = self.released.get(req).copied().unwrap_or(0);
+        if upto <= done {
+            return;
+        }
+        self.pool.free(table[done..upto].iter().copied());
+        self.released.insert(req.clone(), upto);
     }
 
     /// Keeps what is published and evicted for [`Self::take_committed`] and
@@ -177,6 +234,7 @@ impl KvCacheManager {
         new_computed: &ComputedBlocks,
         extra_keys: &[String],
     ) -> bool {
+        self.release_outside_window(req, num_computed_tokens);
         let total = num_computed_tokens + num_new_tokens;
         let have = self.tables.get(req).map_or(0, Vec::len) + new_computed.blocks.len();
         let need = total.div_ceil(self.block_size).saturating_sub(have);
@@ -246,7 +304,12 @@ impl KvCacheManager {
     pub fn detach(&mut self, req: &RequestId) -> Vec<BlockId> {
         self.hashes.remove(req);
         self.published.remove(req);
-        self.tables.remove(req).unwrap_or_default()
+        self.keep.remove(req);
+        let released = self.released.remove(req).unwrap_or(0);
+        // Released blocks are not this request's any more (none for a kept request).
+        let mut table = self.tables.remove(req).unwrap_or_default();
+        table.drain(..released.min(table.len()));
+        table
     }
 
     /// Frees blocks taken by [`Self::detach`], tail first.
@@ -258,8 +321,10 @@ impl KvCacheManager {
     pub fn free(&mut self, req: &RequestId) {
         self.hashes.remove(req);
         self.published.remove(req);
+        self.keep.remove(req);
+        let released = self.released.remove(req).unwrap_or(0);
         if let Some(table) = self.tables.remove(req) {
-            self.pool.free(table.into_iter().rev());
+            self.pool.free(table.into_iter().skip(released).rev());
         }
     }
 
@@ -495,5 +560,48 @@ mod tests {
                 .num_computed_tokens,
             32
         );
+    }
+
+    /// With a window, blocks behind every future query's window go back to the pool as the
+    /// request advances (published, so still findable), none twice; a kept request gives back
+    /// nothing; freeing or detaching afterwards returns only what the request still owns.
+    #[test]
+    fn blocks_outside_the_window_are_released() {
+        let mut m = mgr(16, true);
+        m.set_window(Some(32));
+        let r = RequestId::from("r");
+        let tokens = toks(200, 100);
+        // 40 prompt tokens: 3 blocks; no position is outside the window yet.
+        assert!(m.allocate_slots(&r, &tokens, 0, 40, &ComputedBlocks::default(), &[]));
+        m.commit(&r, &tokens, 40);
+        assert_eq!(m.num_free_blocks(), 13);
+        // Decoding token 40: its window starts at 9, block 0 (0..16) is still in it.
+        assert!(m.allocate_slots(&r, &tokens, 40, 1, &ComputedBlocks::default(), &[]));
+        assert_eq!(m.num_released(&r), 0);
+        // At 100 computed tokens: the next query (position 100) sees 69.., blocks 0-3 go.
+        for pos in 41..100 {
+            m.commit(&r, &tokens, pos);
+            assert!(m.allocate_slots(&r, &tokens, pos, 1, &ComputedBlocks::default(), &[]));
+        }
+        m.commit(&r, &tokens, 100);
+        assert!(m.allocate_slots(&r, &tokens, 100, 1, &ComputedBlocks::default(), &[]));
+        assert_eq!(m.num_released(&r), 4);
+        assert_eq!(m.block_table(&r).len(), 7, "placeholders stay in the table");
+        assert_eq!(m.num_free_blocks(), 16 - 3);
+        // The released blocks are still published: a request with the same prefix hits them.
+        let hashes = m.prompt_block_hashes(&tokens[..80], &[]);
+        assert!(hashes.len() >= 4);
+        assert_eq!(m.cached_run(&hashes).len(), hashes.len());
+        m.free(&r);
+        assert_eq!(m.num_free_blocks(), 16, "no block freed twice");
+
+        // A kept request releases nothing, and detach hands back every block.
+        let k = RequestId::from("k");
+        m.keep_all(&k);
+        assert!(m.allocate_slots(&k, &tokens, 0, 100, &ComputedBlocks::default(), &[]));
+        m.commit(&k, &tokens, 100);
+        assert!(m.allocate_slots(&k, &tokens, 100, 1, &ComputedBlocks::default(), &[]));
+        assert_eq!(m.num_released(&k), 0);
+        assert_eq!(m.detach(&k).len(), 7);
     }
 }

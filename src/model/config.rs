@@ -678,6 +678,15 @@ impl ModelConfig {
     }
 
     /// The sliding window of layer `l` (None: it attends to the whole context).
+    /// The widest attention window when every layer has one (KV before it is never read
+    /// again), None when some layer attends to the whole context.
+    pub fn kv_window(&self) -> Option<usize> {
+        (0..self.num_hidden_layers)
+            .map(|l| self.layer_window(l))
+            .try_fold(0, |m, w| w.map(|w| m.max(w)))
+            .filter(|&w| w > 0)
+    }
+
     pub fn layer_window(&self, l: usize) -> Option<usize> {
         match &self.sliding_layers {
             Some(s) if !s.get(l).copied().unwrap_or(false) => None,

@@ -153,7 +153,7 @@ impl Arch {
     pub fn moe_layer(self, l: usize) -> bool {
         match self {
             Arch::Mixtral => true,
-            Arch::Qwen3Moe => (l + 1) % 2 == 0,
+            Arch::Qwen3Moe => (l + 1).is_multiple_of(2),
             _ => false,
         }
     }
