@@ -78,6 +78,7 @@ fn run(
         head_dim: hd,
         scale: 1.0 / (hd as f32).sqrt(),
         sliding_window: None,
+        softcap: None,
     };
     // Random-looking but cheap contents: attention time does not depend on the values.
     let fill = |n: usize, salt: u32| -> Vec<u16> {

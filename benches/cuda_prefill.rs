@@ -39,6 +39,7 @@ fn main() {
             head_dim: hd,
             scale: 1.0 / (hd as f32).sqrt(),
             sliding_window: None,
+            softcap: None,
         };
         let mut cache = CudaKvCache {
             dims: kd,

@@ -176,6 +176,11 @@ fn generated_gemma3_matches_candle() {
 }
 
 #[test]
+fn generated_gemma2_matches_candle() {
+    generated(Arch::Gemma2, DType::BF16, false);
+}
+
+#[test]
 fn generated_mixtral_matches_candle() {
     generated(Arch::Mixtral, DType::BF16, false);
 }

@@ -131,6 +131,8 @@ pub struct AttnDims {
     pub scale: f32,
     /// Attend only to the last `window` positions (Mistral-style sliding window).
     pub sliding_window: Option<usize>,
+    /// Scores soft-capped to `c · tanh(s / c)` after scaling (Gemma 2).
+    pub softcap: Option<f32>,
 }
 
 impl AttnDims {
@@ -406,6 +408,13 @@ pub trait Backend: Send + Sync + 'static {
     fn scale(&self, x: &mut Self::Buffer, n: usize, factor: f32);
     /// `out[t, i] = silu(gate_up[t, i]) * gate_up[t, inter + i]`.
     fn silu_mul(&self, gate_up: &Self::Buffer, out: &mut Self::Buffer, rows: usize, inter: usize);
+    /// Whether soft-capping (of attention scores, [`AttnDims::softcap`], and of logits,
+    /// [`Backend::softcap`]) runs on this backend.
+    fn supports_softcap(&self) -> bool {
+        false
+    }
+    /// `x[i] = cap · tanh(x[i] / cap)` for the first `n` values (Gemma 2's final logits).
+    fn softcap(&self, x: &mut Self::Buffer, n: usize, cap: f32);
     /// Whether [`Backend::moe`] runs on this backend.
     fn supports_moe(&self) -> bool {
         false

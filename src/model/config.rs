@@ -21,6 +21,10 @@ pub enum Architecture {
     /// Gemma 3 (text): (1 + w) RMSNorm, sandwich norms, GeGLU, embedding scaling, per-head q/k
     /// norm, sliding-window layers with their own RoPE base between global ones.
     Gemma3,
+    /// Gemma 2: Gemma 3 without q/k norm and local RoPE base, with soft-capping of attention
+    /// scores and final logits (`c · tanh(x / c)`), sliding-window layers alternating with
+    /// global ones (the even layers slide).
+    Gemma2,
     /// Mixtral: Mistral's attention, every MLP a mixture of experts (`block_sparse_moe`).
     Mixtral,
     /// Qwen3-MoE: Qwen3's attention, mixture-of-experts MLPs (`mlp.experts`) in the layers
@@ -59,6 +63,7 @@ impl Architecture {
             "Qwen3ForCausalLM" => Some(Self::Qwen3),
             "Phi3ForCausalLM" => Some(Self::Phi3),
             "Gemma3ForCausalLM" => Some(Self::Gemma3),
+            "Gemma2ForCausalLM" => Some(Self::Gemma2),
             "MixtralForCausalLM" => Some(Self::Mixtral),
             "Qwen3MoeForCausalLM" => Some(Self::Qwen3Moe),
             _ => None,
@@ -122,6 +127,10 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     /// The mixture-of-experts MLPs (Mixtral, Qwen3-MoE).
     pub moe: Option<MoeConfig>,
+    /// Attention scores soft-capped to `c · tanh(s / c)` after scaling (Gemma 2).
+    pub attn_softcap: Option<f32>,
+    /// Final logits soft-capped the same way (Gemma 2).
+    pub final_softcap: Option<f32>,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
 }
@@ -397,7 +406,8 @@ impl ModelConfig {
                 architectures: names.clone(),
                 model_type: raw.model_type.clone(),
             })?;
-        let gemma = architecture == Architecture::Gemma3;
+        let gemma2 = architecture == Architecture::Gemma2;
+        let gemma = gemma2 || architecture == Architecture::Gemma3;
         let (act_field, act_name) = match (&raw.hidden_activation, &raw.hidden_act) {
             (Some(a), _) => ("hidden_activation", Some(a.as_str())),
             (None, a) => ("hidden_act", a.as_deref()),
@@ -413,17 +423,28 @@ impl ModelConfig {
                 })
             }
         };
-        for (field, v) in [
+        let mut softcaps = [None, None];
+        for (cap, (field, v)) in softcaps.iter_mut().zip([
             ("attn_logit_softcapping", raw.attn_logit_softcapping),
             ("final_logit_softcapping", raw.final_logit_softcapping),
-        ] {
-            if let Some(v) = v {
-                return Err(ModelError::ConfigField {
-                    field,
-                    reason: format!("{v} is not supported (Gemma 2's soft-capping)"),
-                });
+        ]) {
+            match v {
+                Some(v) if !gemma2 => {
+                    return Err(ModelError::ConfigField {
+                        field,
+                        reason: format!("{v} is not supported here (Gemma 2's soft-capping)"),
+                    })
+                }
+                Some(v) if !(v.is_finite() && v > 0.0) => {
+                    return Err(ModelError::ConfigField {
+                        field,
+                        reason: format!("{v} is not a positive cap"),
+                    })
+                }
+                v => *cap = v.map(|v| v as f32),
             }
         }
+        let [attn_softcap, final_softcap] = softcaps;
         if let Some(f) = raw.partial_rotary_factor {
             if f != 1.0 {
                 return Err(ModelError::ConfigField {
@@ -475,7 +496,7 @@ impl ModelConfig {
             {
                 raw.sliding_window
             }
-            Architecture::Phi3 | Architecture::Gemma3 => raw.sliding_window,
+            Architecture::Phi3 | Architecture::Gemma2 | Architecture::Gemma3 => raw.sliding_window,
             _ => None,
         };
         let attention_bias = raw.attention_bias.unwrap_or(false);
@@ -530,6 +551,8 @@ impl ModelConfig {
                             })
                             .collect::<Result<Vec<_>, _>>()?
                     }
+                    // Gemma 2: the even layers slide.
+                    (None, _) if gemma2 => (0..layers).map(|l| l % 2 == 0).collect(),
                     // Gemma 3's default: five sliding layers, then a global one.
                     (None, p) => {
                         let p = p.unwrap_or(6).max(1);
@@ -539,13 +562,15 @@ impl ModelConfig {
             } else {
                 None
             },
-            local_rope_theta: if gemma {
+            local_rope_theta: if gemma && !gemma2 {
                 Some(raw.rope_local_base_freq.unwrap_or(10_000.0))
             } else {
                 None
             },
             sliding_window,
             moe,
+            attn_softcap,
+            final_softcap,
             bos_token_id: raw.bos_token_id,
             eos_token_ids: match raw.eos_token_id {
                 None => vec![],
@@ -934,7 +959,7 @@ mod tests {
         let c = ModelConfig::from_json(&typed).unwrap();
         let windows: Vec<_> = (0..6).map(|l| c.layer_window(l).is_some()).collect();
         assert_eq!(windows, [false, true, false, true, true, false]);
-        // Gemma 2's soft-capping is refused by name.
+        // Soft-capping is Gemma 2's: in another architecture's config it is refused by name.
         let capped = gemma.replace(
             "\"final_logit_softcapping\":null",
             "\"final_logit_softcapping\":30.0",
@@ -946,6 +971,25 @@ mod tests {
                 ..
             })
         ));
+        // Gemma 2: caps read, even layers slide, one RoPE base, no q/k norm.
+        let gemma2 = gemma
+            .replace("Gemma3ForCausalLM", "Gemma2ForCausalLM")
+            .replace(
+                "\"final_logit_softcapping\":null",
+                "\"final_logit_softcapping\":30.0",
+            )
+            .replace(
+                "\"attn_logit_softcapping\":null",
+                "\"attn_logit_softcapping\":50.0",
+            )
+            .replace("\"sliding_window_pattern\":6,", "");
+        let c = ModelConfig::from_json(&gemma2).unwrap();
+        assert_eq!((c.attn_softcap, c.final_softcap), (Some(50.0), Some(30.0)));
+        let windows: Vec<_> = (0..6).map(|l| c.layer_window(l).is_some()).collect();
+        assert_eq!(windows, [true, false, true, false, true, false]);
+        assert!(!c.qk_norm && c.local_rope_theta.is_none() && c.sandwich_norms);
+        let bad = gemma2.replace("50.0", "-1.0");
+        assert!(ModelConfig::from_json(&bad).is_err());
         // Llama keeps one window for every layer (or none).
         let llama = ModelConfig::from_json(SMOLLM2).unwrap();
         assert_eq!(llama.layer_window(3), None);

@@ -168,6 +168,16 @@ impl<B: Backend> Model<B> {
             num_kv_heads: config.num_key_value_heads,
             head_dim: config.head_dim,
         })?;
+        if (config.attn_softcap.is_some() || config.final_softcap.is_some())
+            && !backend.supports_softcap()
+        {
+            return Err(ModelError::Unsupported {
+                what: format!(
+                    "soft-capping (Gemma 2) on the {} backend: not implemented yet, run with --device cpu",
+                    backend.name()
+                ),
+            });
+        }
         if let Some(m) = &config.moe {
             if !backend.supports_moe() {
                 return Err(ModelError::Unsupported {
@@ -289,6 +299,7 @@ impl<B: Backend> Model<B> {
                     head_dim: hd,
                     scale: c.attn_scale.unwrap_or(1.0 / (hd as f32).sqrt()),
                     sliding_window: c.layer_window(l),
+                    softcap: c.attn_softcap,
                 },
                 local_rope: c.local_rope_theta.is_some() && c.layer_window(l).is_some(),
                 mlp: match &c.moe {
@@ -331,6 +342,7 @@ impl<B: Backend> Model<B> {
             head_dim: hd,
             scale: c.attn_scale.unwrap_or(1.0 / (hd as f32).sqrt()),
             sliding_window: c.sliding_window,
+            softcap: c.attn_softcap,
         };
         let t = limits.max_tokens;
         let r = limits.max_logit_rows;
@@ -542,6 +554,9 @@ impl<B: Backend> Model<B> {
             b.gather_rows(&ws.normed, &step, c.hidden_size, &mut ws.gathered);
             let head = lm_head.as_ref().unwrap_or(embed);
             b.matmul(&ws.gathered, head, None, &mut ws.logits, padded_rows);
+            if let Some(cap) = c.final_softcap {
+                b.softcap(&mut ws.logits, padded_rows * c.vocab_size, cap);
+            }
         })?;
         Ok(rows)
     }

@@ -65,6 +65,9 @@ pub enum Arch {
     /// `Gemma3ForCausalLM`: (1 + w) norms, sandwich norms, GeGLU, scaled embedding, q/k norm,
     /// sliding and global layers with their own RoPE bases, tied embeddings.
     Gemma3,
+    /// `Gemma2ForCausalLM`: Gemma 3's layout without q/k norm, attention and final-logit
+    /// soft-capping (caps small enough to bite in a tiny model), even layers sliding.
+    Gemma2,
     /// `MixtralForCausalLM`: Mistral's attention, every MLP a mixture of `experts` experts
     /// (`block_sparse_moe`, `w1`/`w3`/`w2`), top-`top_k` routing renormalized, untied.
     Mixtral,
@@ -75,7 +78,7 @@ pub enum Arch {
 }
 
 impl Arch {
-    pub const ALL: [Arch; 10] = [
+    pub const ALL: [Arch; 11] = [
         Arch::Llama,
         Arch::Llama3,
         Arch::Mistral,
@@ -84,6 +87,7 @@ impl Arch {
         Arch::Qwen3,
         Arch::Phi3,
         Arch::Gemma3,
+        Arch::Gemma2,
         Arch::Mixtral,
         Arch::Qwen3Moe,
     ];
@@ -97,6 +101,7 @@ impl Arch {
             Arch::Qwen3 => "Qwen3ForCausalLM",
             Arch::Phi3 => "Phi3ForCausalLM",
             Arch::Gemma3 => "Gemma3ForCausalLM",
+            Arch::Gemma2 => "Gemma2ForCausalLM",
             Arch::Mixtral => "MixtralForCausalLM",
             Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
         }
@@ -111,6 +116,7 @@ impl Arch {
             Arch::Qwen3 => "qwen3",
             Arch::Phi3 => "phi3",
             Arch::Gemma3 => "gemma3_text",
+            Arch::Gemma2 => "gemma2",
             Arch::Mixtral => "mixtral",
             Arch::Qwen3Moe => "qwen3_moe",
         }
@@ -120,7 +126,7 @@ impl Arch {
     pub fn tie_word_embeddings(self) -> bool {
         matches!(
             self,
-            Arch::Qwen2 | Arch::SmolLm | Arch::Qwen3 | Arch::Gemma3
+            Arch::Qwen2 | Arch::SmolLm | Arch::Qwen3 | Arch::Gemma3 | Arch::Gemma2
         )
     }
 
@@ -161,7 +167,12 @@ impl Arch {
     /// Whether the layer has Gemma's sandwich norms (`pre_feedforward_layernorm`,
     /// `post_feedforward_layernorm`, and `post_attention_layernorm` on the attention output).
     pub fn sandwich_norms(self) -> bool {
-        matches!(self, Arch::Gemma3)
+        matches!(self, Arch::Gemma3 | Arch::Gemma2)
+    }
+
+    /// Whether the CUDA backend refuses the model (mixtures of experts, soft-capping).
+    pub fn cpu_only(self) -> bool {
+        self.moe() || self == Arch::Gemma2
     }
 }
 
@@ -260,6 +271,7 @@ impl TinyModelSpec {
             | Arch::Qwen2
             | Arch::Qwen3
             | Arch::Gemma3
+            | Arch::Gemma2
             | Arch::Mixtral
             | Arch::Qwen3Moe => 1_000_000.0,
         }
@@ -267,7 +279,7 @@ impl TinyModelSpec {
 
     pub fn rms_norm_eps(&self) -> f64 {
         match self.arch {
-            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3 => 1e-6,
+            Arch::Qwen2 | Arch::Qwen3 | Arch::Qwen3Moe | Arch::Gemma3 | Arch::Gemma2 => 1e-6,
             _ => 1e-5,
         }
     }

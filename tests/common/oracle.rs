@@ -7,12 +7,14 @@
 //! `architectures`: Llama (incl. SmolLM and Llama 3 rope scaling) → `models::llama`, Mistral →
 //! `models::mistral`, Qwen2 → `models::qwen2::ModelForCausalLM`, Qwen3 →
 //! `models::qwen3::ModelForCausalLM`, Phi-3 → `models::phi3::Model`, Gemma 3 →
-//! `models::gemma3::Model`, Mixtral → `models::mixtral::Model`, Qwen3-MoE →
+//! `models::gemma3::Model`, Gemma 2 → `models::gemma2::Model`, Mixtral → `models::mixtral::Model`, Qwen3-MoE →
 //! `models::qwen3_moe::ModelForCausalLM`.
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{gemma3, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe};
+use candle_transformers::models::{
+    gemma2, gemma3, llama, mistral, mixtral, phi3, qwen2, qwen3, qwen3_moe,
+};
 use std::fmt::Display;
 use std::path::{Path, PathBuf};
 
@@ -31,6 +33,7 @@ enum Oracle {
     Qwen3(qwen3::ModelForCausalLM),
     Phi3(phi3::Model),
     Gemma3(gemma3::Model),
+    Gemma2(gemma2::Model),
     Mixtral(mixtral::Model),
     Qwen3Moe(qwen3_moe::ModelForCausalLM),
 }
@@ -105,6 +108,10 @@ impl Oracle {
                 let config: gemma3::Config = ok(serde_json::from_value(config), "gemma3 config");
                 Oracle::Gemma3(ok(gemma3::Model::new(false, &config, vb), "load gemma3"))
             }
+            "Gemma2ForCausalLM" => {
+                let config: gemma2::Config = ok(serde_json::from_value(config), "gemma2 config");
+                Oracle::Gemma2(ok(gemma2::Model::new(false, &config, vb), "load gemma2"))
+            }
             "MixtralForCausalLM" => {
                 let config: mixtral::Config = ok(serde_json::from_value(config), "mixtral config");
                 Oracle::Mixtral(ok(mixtral::Model::new(&config, vb), "load mixtral"))
@@ -133,6 +140,7 @@ impl Oracle {
             Oracle::Qwen3(model) => model.forward(&input, pos),
             Oracle::Phi3(model) => model.forward(&input, pos),
             Oracle::Gemma3(model) => model.forward(&input, pos),
+            Oracle::Gemma2(model) => model.forward(&input, pos),
             Oracle::Mixtral(model) => model.forward(&input, pos),
             Oracle::Qwen3Moe(model) => model.forward(&input, pos),
         };
@@ -154,6 +162,7 @@ impl Oracle {
             Oracle::Qwen3(model) => model.clear_kv_cache(),
             Oracle::Phi3(model) => model.clear_kv_cache(),
             Oracle::Gemma3(model) => model.clear_kv_cache(),
+            Oracle::Gemma2(model) => model.clear_kv_cache(),
             Oracle::Qwen3Moe(model) => model.clear_kv_cache(),
             // No cache-clearing call in candle's Mixtral; callers clear only a fresh model.
             Oracle::Mixtral(_) => {}

@@ -500,6 +500,18 @@ fn config_json(spec: &TinyModelSpec) -> serde_json::Value {
             "sliding_window": 512,
             "sliding_window_pattern": 2,
         }),
+        Arch::Gemma2 => json!({
+            "attention_bias": false,
+            // Caps that bite: the tiny model's scores (std ~1.4) and logits (std ~4) reach them.
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 5.0,
+            "head_dim": spec.head_dim(),
+            "hidden_act": "gelu_pytorch_tanh",
+            "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": spec.head_dim(),
+            // Longer than the test prompts (candle's Gemma 2 has no window on cached positions).
+            "sliding_window": 512,
+        }),
         Arch::Phi3 => json!({
             "attention_bias": false,
             "embd_pdrop": 0.0,

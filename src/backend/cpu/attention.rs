@@ -85,6 +85,9 @@ fn attend_one_token(
             let base = slot(lo + j) * kv_w + kvh * hd;
             let k = &cache.k[base..base + hd];
             *s = dot(qh, k) * dims.scale;
+            if let Some(c) = dims.softcap {
+                *s = c * (*s / c).tanh();
+            }
             max = max.max(*s);
         }
         let mut sum = 0f32;
@@ -134,6 +137,7 @@ mod tests {
             head_dim: hd,
             scale: 1.0 / (hd as f32).sqrt(),
             sliding_window: None,
+            softcap: None,
         }
     }
 
@@ -299,6 +303,7 @@ mod tests {
     fn sliding_window_limits_context() {
         let d = AttnDims {
             sliding_window: Some(2),
+            softcap: None,
             scale: 1.0,
             ..dims(1, 1, 1)
         };

@@ -279,6 +279,16 @@ impl Backend for CpuBackend {
         true
     }
 
+    fn supports_softcap(&self) -> bool {
+        true
+    }
+
+    fn softcap(&self, x: &mut Vec<f32>, n: usize, cap: f32) {
+        x[..n]
+            .par_iter_mut()
+            .for_each(|v| *v = cap * (*v / cap).tanh());
+    }
+
     fn moe(
         &self,
         x: &Vec<f32>,

@@ -475,6 +475,7 @@ impl Backend for CudaBackend {
             head_dim: limits.head_dim,
             scale: 1.0,
             sliding_window: None,
+            softcap: None,
         };
         let graph = self.graph_scratch_need(dims);
         let eager = self.scratch_bound(limits.max_seqs, dims);
@@ -742,6 +743,14 @@ impl Backend for CudaBackend {
         if let Err(e) = unsafe { b.launch(Self::elementwise(rows * inter)) } {
             self.record("silu_mul", e);
         }
+    }
+
+    fn softcap(&self, _x: &mut CudaBuffer, _n: usize, _cap: f32) {
+        // Not reached: models refuse soft-capping on a backend without `supports_softcap`.
+        self.record(
+            "softcap",
+            "soft-capping (Gemma 2) is not implemented on CUDA yet (run --device cpu)",
+        );
     }
 
     fn moe(

@@ -129,6 +129,14 @@ impl CudaBackend {
         if q.n == 0 {
             return;
         }
+        if dims.softcap.is_some() {
+            // Not reached: models refuse soft-capping on a backend without `supports_softcap`.
+            self.record(
+                "attention",
+                "soft-capped attention is not implemented on CUDA yet",
+            );
+            return;
+        }
         let group = dims.num_heads / dims.num_kv_heads;
         if group > MAX_GROUP {
             self.record(
@@ -259,6 +267,14 @@ impl CudaBackend {
         dims: AttnDims,
         out: &mut CudaBuffer,
     ) {
+        if dims.softcap.is_some() {
+            // Not reached: models refuse soft-capping on a backend without `supports_softcap`.
+            self.record(
+                "attention",
+                "soft-capped attention is not implemented on CUDA yet",
+            );
+            return;
+        }
         let kernel = match dims.head_dim {
             64 => "paged_prefill_d64",
             128 => "paged_prefill_d128",
