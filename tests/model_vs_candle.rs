@@ -207,12 +207,16 @@ fn sliding_window_frees_blocks_without_changing_tokens() {
     std::fs::write(&cfg_path, cfg.to_string()).unwrap();
     let prompt = prompt_for(spec.vocab, 70, spec.seed);
     let n = 64;
-    let run = |num_blocks: usize| {
-        let mut c = EngineConfig::new(dir.path());
+    // Chunks of 16 prompt tokens, room for the whole run, `num_blocks` blocks.
+    let config = |dir: &Path, num_blocks: usize| {
+        let mut c = EngineConfig::new(dir);
         c.cache.num_blocks = Some(num_blocks);
         c.scheduler.max_num_batched_tokens = 16;
         c.max_model_len = Some(prompt.len() + n);
-        let mut core = EngineCore::new(c).unwrap();
+        c
+    };
+    let run = |num_blocks: usize| {
+        let mut core = EngineCore::new(config(dir.path(), num_blocks)).unwrap();
         let p = SamplingParams {
             max_tokens: Some(n),
             ignore_eos: true,
@@ -239,11 +243,7 @@ fn sliding_window_frees_blocks_without_changing_tokens() {
     // Without a window the same run cannot start in that pool.
     let full = tempfile::tempdir().unwrap();
     common::write_tiny_model(full.path(), &spec);
-    let mut c = EngineConfig::new(full.path());
-    c.cache.num_blocks = Some(6);
-    c.scheduler.max_num_batched_tokens = 16;
-    c.max_model_len = Some(prompt.len() + n);
-    let e = EngineCore::new(c)
+    let e = EngineCore::new(config(full.path(), 6))
         .err()
         .expect("6 blocks for 134 tokens")
         .to_string();

@@ -423,28 +423,20 @@ impl ModelConfig {
                 })
             }
         };
-        let mut softcaps = [None, None];
-        for (cap, (field, v)) in softcaps.iter_mut().zip([
-            ("attn_logit_softcapping", raw.attn_logit_softcapping),
-            ("final_logit_softcapping", raw.final_logit_softcapping),
-        ]) {
-            match v {
-                Some(v) if !gemma2 => {
-                    return Err(ModelError::ConfigField {
-                        field,
-                        reason: format!("{v} is not supported here (Gemma 2's soft-capping)"),
-                    })
-                }
-                Some(v) if !(v.is_finite() && v > 0.0) => {
-                    return Err(ModelError::ConfigField {
-                        field,
-                        reason: format!("{v} is not a positive cap"),
-                    })
-                }
-                v => *cap = v.map(|v| v as f32),
-            }
-        }
-        let [attn_softcap, final_softcap] = softcaps;
+        // Soft-capping is Gemma 2's; a cap must be a positive number.
+        let softcap = |field: &'static str, v: Option<f64>| match v {
+            Some(v) if !gemma2 => Err(ModelError::ConfigField {
+                field,
+                reason: format!("{v} is not supported here (Gemma 2's soft-capping)"),
+            }),
+            Some(v) if !(v.is_finite() && v > 0.0) => Err(ModelError::ConfigField {
+                field,
+                reason: format!("{v} is not a positive cap"),
+            }),
+            v => Ok(v.map(|v| v as f32)),
+        };
+        let attn_softcap = softcap("attn_logit_softcapping", raw.attn_logit_softcapping)?;
+        let final_softcap = softcap("final_logit_softcapping", raw.final_logit_softcapping)?;
         if let Some(f) = raw.partial_rotary_factor {
             if f != 1.0 {
                 return Err(ModelError::ConfigField {

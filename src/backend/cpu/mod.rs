@@ -248,15 +248,7 @@ impl Backend for CpuBackend {
     }
 
     fn gelu_tanh_mul(&self, gate_up: &Vec<f32>, out: &mut Vec<f32>, rows: usize, inter: usize) {
-        out[..rows * inter]
-            .par_chunks_mut(inter)
-            .zip(gate_up[..rows * 2 * inter].par_chunks(2 * inter))
-            .for_each(|(o, gu)| {
-                let (g, u) = gu.split_at(inter);
-                for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-                    *o = gelu_tanh(*g) * u;
-                }
-            });
+        gated_mul(gate_up, out, rows, inter, gelu_tanh);
     }
 
     fn scale(&self, x: &mut Vec<f32>, n: usize, factor: f32) {
@@ -264,15 +256,7 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate_up: &Vec<f32>, out: &mut Vec<f32>, rows: usize, inter: usize) {
-        out[..rows * inter]
-            .par_chunks_mut(inter)
-            .zip(gate_up[..rows * 2 * inter].par_chunks(2 * inter))
-            .for_each(|(o, gu)| {
-                let (g, u) = gu.split_at(inter);
-                for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
-                    *o = silu(*g) * u;
-                }
-            });
+        gated_mul(gate_up, out, rows, inter, silu);
     }
 
     fn supports_moe(&self) -> bool {
@@ -352,6 +336,20 @@ pub fn rope_head(head: &mut [f32], cos: &[f32], sin: &[f32]) {
         a[i] = x1 * cos[i] - x2 * sin[i];
         b[i] = x2 * cos[i] + x1 * sin[i];
     }
+}
+
+/// `out[t, i] = act(gate_up[t, i]) * gate_up[t, inter + i]` for `rows` rows (the gated MLPs:
+/// SwiGLU, GeGLU).
+fn gated_mul(gate_up: &[f32], out: &mut [f32], rows: usize, inter: usize, act: fn(f32) -> f32) {
+    out[..rows * inter]
+        .par_chunks_mut(inter)
+        .zip(gate_up[..rows * 2 * inter].par_chunks(2 * inter))
+        .for_each(|(o, gu)| {
+            let (g, u) = gu.split_at(inter);
+            for ((o, g), u) in o.iter_mut().zip(g).zip(u) {
+                *o = act(*g) * u;
+            }
+        });
 }
 
 pub fn silu(x: f32) -> f32 {

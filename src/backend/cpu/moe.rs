@@ -5,7 +5,7 @@
 //! renormalized to sum to 1 when asked. The experts run as batched GEMMs: each expert's rows
 //! gathered, `gate_up`, SiLU-gate, `down`, then added into the output with the row's weight
 //! for that expert, experts in id order.
-use super::{CpuBackend, CpuWeight};
+use super::{gemm::matmul_nt, CpuBackend, CpuWeight};
 use crate::backend::{Backend, MoeWeights};
 
 /// The `top_k` experts of one row of router logits and their weights, most probable first.
@@ -62,11 +62,11 @@ pub fn moe(be: &CpuBackend, x: &[f32], moe: &MoeWeights<CpuWeight>, rows: usize,
             xe[i * h..(i + 1) * h].copy_from_slice(&x[r * h..(r + 1) * h]);
         }
         let mut gate_up = vec![0f32; m * 2 * inter];
-        be.matmul(&xe, &moe.gate_up[e], None, &mut gate_up, m);
+        matmul_nt(&xe, &moe.gate_up[e].data, &mut gate_up, m, h, 2 * inter);
         let mut act = vec![0f32; m * inter];
         be.silu_mul(&gate_up, &mut act, m, inter);
         let mut ye = vec![0f32; m * h];
-        be.matmul(&act, &moe.down[e], None, &mut ye, m);
+        matmul_nt(&act, &moe.down[e].data, &mut ye, m, inter, h);
         for (i, &(r, w)) in rows_e.iter().enumerate() {
             for (o, y) in out[r * h..(r + 1) * h]
                 .iter_mut()
