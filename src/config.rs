@@ -266,4 +266,17 @@ mod tests {
             assert!(bad.parse::<DeviceKind>().is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn gpu_memory_utilization_must_be_a_fraction() {
+        for bad in [0.0, -0.5, 1.5, f64::NAN] {
+            let mut c = EngineConfig::new("m");
+            c.cache.gpu_memory_utilization = bad;
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("gpu_memory_utilization"), "{bad}: {e}");
+        }
+        let mut c = EngineConfig::new("m");
+        c.cache.gpu_memory_utilization = 1.0;
+        assert!(c.validate().is_ok());
+    }
 }

@@ -599,3 +599,29 @@ fn device_argmax_path_matches_the_logits_path() {
         core.scheduler().kv().num_total_blocks()
     );
 }
+
+/// The step-time counters behind `gpu_decode`'s host/device split: wall time per step covers
+/// the model call, and the CPU backend reports no device time.
+#[test]
+fn step_time_counters_cover_the_model_call() {
+    let Some(c) = config(None) else { return };
+    let mut core = EngineCore::new(c).unwrap();
+    let p = SamplingParams {
+        max_tokens: Some(8),
+        ..SamplingParams::greedy()
+    };
+    core.add_request(
+        RequestId::from("t"),
+        &Prompt::Text("Once upon a time".into()),
+        p,
+        0,
+    )
+    .unwrap();
+    while core.has_unfinished_requests() {
+        core.step().unwrap();
+    }
+    let k = core.counters();
+    assert!(k.steps > 0);
+    assert!(k.model_ns > 0 && k.step_ns >= k.model_ns, "{k:?}");
+    assert_eq!(k.device_ns, 0, "the CPU backend has no device clock");
+}
