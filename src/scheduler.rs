@@ -408,7 +408,7 @@ impl Scheduler {
                     Default::default()
                 };
                 let bs = self.kv.block_size();
-                let device_blocks = hit.blocks.len();
+                let device_blocks = hit.num_positions();
                 if let Some(c) = &mut self.connector {
                     if !r.kv_probed && r.num_computed_tokens == 0 && r.staged.is_none() {
                         let hashes = self.kv.prompt_block_hashes(&r.tokens, &r.extra_keys);

@@ -250,6 +250,68 @@ fn sliding_window_frees_blocks_without_changing_tokens() {
     assert!(e.contains("(134 tokens"), "{e}");
 }
 
+/// On a model whose every layer slides, a request whose prompt continues a finished one hits
+/// the prefix cache on the blocks its window needs although the head of that prompt was
+/// evicted long ago (the first request's blocks were recycled as it ran, in a 6-block pool),
+/// and its tokens equal those of an engine that computes the whole prompt.
+#[test]
+fn windowed_prefix_hit_without_the_evicted_head_gives_the_same_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinyModelSpec::new(Arch::Mistral);
+    common::write_tiny_model(dir.path(), &spec);
+    let cfg_path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["sliding_window"] = serde_json::json!(32);
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    let prompt = prompt_for(spec.vocab, 70, spec.seed);
+    let n = 40;
+    let greedy = SamplingParams {
+        max_tokens: Some(n),
+        ignore_eos: true,
+        ..SamplingParams::greedy()
+    };
+    let engine = |num_blocks: usize, caching: bool| {
+        let mut c = EngineConfig::new(dir.path());
+        c.cache.num_blocks = Some(num_blocks);
+        c.cache.enable_prefix_caching = caching;
+        c.scheduler.max_num_batched_tokens = 16;
+        c.max_model_len = Some(256);
+        EngineCore::new(c).unwrap()
+    };
+    // (tokens, cached prompt tokens) of one request run alone.
+    let run = |core: &mut EngineCore, id: &str, prompt: &[u32]| {
+        core.add_request(
+            RequestId::from(id),
+            &Prompt::Tokens(prompt.to_vec()),
+            greedy.clone(),
+            0,
+        )
+        .unwrap();
+        let (mut out, mut cached) = (vec![], 0);
+        while core.has_unfinished_requests() {
+            for o in core.step().unwrap() {
+                out.extend(o.new_token_ids);
+                cached = o.num_cached_tokens;
+            }
+        }
+        (out, cached)
+    };
+    let mut small = engine(6, true);
+    let (first, cached) = run(&mut small, "a", &prompt);
+    assert_eq!((first.len(), cached), (n, 0));
+    // The whole first sequence is the next prompt: 109 tokens, 6 full blocks.
+    let next: Vec<u32> = prompt.iter().chain(&first[..n - 1]).copied().collect();
+    let (second, cached) = run(&mut small, "b", &next);
+    // The query at token 96 sees 65..: blocks 4 and 5 hit, 0-3 are skipped.
+    assert_eq!(cached, 96, "a windowed hit");
+    assert_eq!(small.num_free_blocks(), 6, "every block back");
+    let mut reference = engine(64, false);
+    let (want, cached) = run(&mut reference, "b", &next);
+    assert_eq!(cached, 0);
+    assert_eq!(second, want, "the windowed hit changed the tokens");
+}
+
 #[test]
 fn generated_smollm_matches_candle() {
     generated(Arch::SmolLm, DType::F32, true);

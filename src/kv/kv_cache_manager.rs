@@ -13,6 +13,11 @@
 //! the same prefix may reuse them until they are evicted); their ids stay in the block table as
 //! placeholders that attention never reads. Requests whose whole KV must stay (a prefill kept
 //! for a decode worker) are marked with [`KvCacheManager::keep_all`].
+//!
+//! The prefix lookup follows the window too: a new request needs only the cached blocks its
+//! first computed query can attend to, so a hit may start after the prompt's first blocks
+//! (long evicted, or released by the request that computed them). The blocks before it are
+//! [`ComputedBlocks::skipped`]: placeholders in the table, never owned, read or published.
 use super::{BlockHash, BlockHasher, BlockId, BlockPool, PrefixCacheStats};
 use crate::request::{RequestId, TokenId};
 use std::collections::{HashMap, HashSet};
@@ -20,8 +25,19 @@ use std::collections::{HashMap, HashSet};
 /// Cached prefix blocks found for a new request, and the tokens they cover.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ComputedBlocks {
+    /// The cached blocks, for block positions `skipped..skipped + blocks.len()`.
     pub blocks: Vec<BlockId>,
+    /// Leading block positions counted as computed but outside the window of every query
+    /// still to run (0 without a sliding window): no KV is kept or read for them.
+    pub skipped: usize,
     pub num_computed_tokens: usize,
+}
+
+impl ComputedBlocks {
+    /// Block positions the hit covers, skipped ones included.
+    pub fn num_positions(&self) -> usize {
+        self.skipped + self.blocks.len()
+    }
 }
 
 /// A block newly published to the prefix cache (its KV written by a committed step).
@@ -198,9 +214,14 @@ impl KvCacheManager {
 
     /// [`Self::get_computed_blocks`] without counting the lookup (a probe before the request
     /// is really admitted).
+    ///
+    /// Without a window this is the longest run of cached blocks from the first. With one
+    /// (and `req` not kept whole) it is the longest prefix of `L` blocks whose last blocks —
+    /// those the query at token `L * block_size` can attend to — are all cached, as vLLM's
+    /// sliding-window manager finds it.
     pub fn find_computed_blocks(
         &self,
-        _req: &RequestId,
+        req: &RequestId,
         tokens: &[TokenId],
         extra_keys: &[String],
     ) -> ComputedBlocks {
@@ -208,17 +229,40 @@ impl KvCacheManager {
         if !self.enable_caching || tokens.is_empty() {
             return out;
         }
-        let max_blocks = (tokens.len() - 1) / self.block_size;
+        let bs = self.block_size;
+        let max_blocks = (tokens.len() - 1) / bs;
+        let window = self.window.filter(|_| !self.keep.contains(req));
+        let mut found: Vec<Option<BlockId>> = Vec::with_capacity(max_blocks);
         let mut parent: Option<BlockHash> = None;
-        for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
+        for chunk in tokens.chunks_exact(bs).take(max_blocks) {
             let h = self.hasher.hash(parent.as_ref(), chunk, extra_keys);
-            match self.pool.get_cached_block(&h) {
-                Some(b) => out.blocks.push(b),
-                None => break,
+            let b = self.pool.get_cached_block(&h);
+            if b.is_none() && window.is_none() {
+                break;
             }
+            found.push(b);
             parent = Some(h);
         }
-        out.num_computed_tokens = out.blocks.len() * self.block_size;
+        // `run` = cached blocks ending at block `len - 1`; a prefix of `len` blocks is a hit
+        // when its blocks from the first one the next query sees are all in that run.
+        let mut best = (0, 0);
+        let mut run = 0;
+        for (i, b) in found.iter().enumerate() {
+            run = if b.is_some() { run + 1 } else { 0 };
+            let len = i + 1;
+            // At least the last block stays real (a window of one token needs none).
+            let first_seen = window.map_or(0, |w| ((len * bs + 1).saturating_sub(w) / bs).min(i));
+            if run > 0 && len - first_seen <= run {
+                best = (first_seen, len);
+            }
+        }
+        let (first, len) = best;
+        out.skipped = first;
+        out.blocks = found[first..len]
+            .iter()
+            .map(|b| b.expect("in the run"))
+            .collect();
+        out.num_computed_tokens = len * bs;
         out
     }
 
@@ -236,7 +280,7 @@ impl KvCacheManager {
     ) -> bool {
         self.release_outside_window(req, num_computed_tokens);
         let total = num_computed_tokens + num_new_tokens;
-        let have = self.tables.get(req).map_or(0, Vec::len) + new_computed.blocks.len();
+        let have = self.tables.get(req).map_or(0, Vec::len) + new_computed.num_positions();
         let need = total.div_ceil(self.block_size).saturating_sub(have);
         // Hits sitting in the free queue stop being free once touched.
         let hits_from_free = new_computed
@@ -250,6 +294,13 @@ impl KvCacheManager {
         self.pool.touch(&new_computed.blocks);
         let fresh = self.pool.allocate(need).expect("free blocks were counted");
         let table = self.tables.entry(req.clone()).or_default();
+        if new_computed.skipped > 0 {
+            // Placeholders for the skipped positions (attention never reads them): the first
+            // cached block, so the table holds only ids of this pool.
+            let placeholder = new_computed.blocks[0];
+            table.extend(std::iter::repeat_n(placeholder, new_computed.skipped));
+            self.released.insert(req.clone(), new_computed.skipped);
+        }
         table.extend_from_slice(&new_computed.blocks);
         table.extend(fresh);
         if self.enable_caching {
@@ -262,7 +313,7 @@ impl KvCacheManager {
             }
             // Cache hits are published already: their KV exists.
             let published = self.published.entry(req.clone()).or_default();
-            *published = (*published).max(new_computed.blocks.len());
+            *published = (*published).max(new_computed.num_positions());
         }
         true
     }
@@ -603,5 +654,70 @@ mod tests {
         assert!(m.allocate_slots(&k, &tokens, 100, 1, &ComputedBlocks::default(), &[]));
         assert_eq!(m.num_released(&k), 0);
         assert_eq!(m.detach(&k).len(), 7);
+    }
+
+    /// With a window, a new request's hit needs only the blocks its first query can see:
+    /// the prompt's head may be gone from the cache (here: released by the request that
+    /// computed it, then evicted) and the hit still covers the prompt, the head as
+    /// placeholders that are never owned, freed or published. A kept request (a prefill for
+    /// a decode worker) and a model without a window need the whole run.
+    #[test]
+    fn windowed_lookup_skips_blocks_outside_the_window() {
+        let mut m = mgr(16, true);
+        m.set_window(Some(32));
+        let tokens = toks(112, 100);
+        let a = RequestId::from("a");
+        assert!(m.allocate_slots(&a, &tokens, 0, 100, &ComputedBlocks::default(), &[]));
+        m.commit(&a, &tokens, 100);
+        // Decoding token 100: blocks 0-3 fall outside the window (it starts at 69).
+        assert!(m.allocate_slots(&a, &tokens, 100, 1, &ComputedBlocks::default(), &[]));
+        assert_eq!(m.num_released(&a), 4);
+        // Another request takes the 9 unused blocks and two of the released: 0 and 1 evicted.
+        let c = RequestId::from("c");
+        let other = toks(176, 5000);
+        assert!(m.allocate_slots(&c, &other, 0, 176, &ComputedBlocks::default(), &[]));
+        assert_eq!(m.num_free_blocks(), 2);
+        let hashes = m.prompt_block_hashes(&tokens[..97], &[]);
+        assert_eq!(m.cached_run(&hashes).len(), 0, "the head is evicted");
+
+        // 97 tokens: 6 full blocks; the query at token 96 sees 65.., i.e. blocks 4 and 5.
+        let b = RequestId::from("b");
+        let hit = m.find_computed_blocks(&b, &tokens[..97], &[]);
+        assert_eq!(hit.skipped, 4);
+        assert_eq!(hit.blocks, &m.block_table(&a)[4..6]);
+        assert_eq!(hit.num_computed_tokens, 96);
+        // 65 tokens: the query at 64 sees 33.. = blocks 2 and 3, which are cached (released
+        // by `a`, not evicted): skipped 2.
+        let short = m.find_computed_blocks(&b, &tokens[..65], &[]);
+        assert_eq!((short.skipped, short.blocks.len()), (2, 2));
+        // 49 tokens: the query at 48 sees 17.. = blocks 1 and 2, and block 1 is gone; shorter
+        // prefixes need block 0 or 1 too: no hit.
+        let none = m.find_computed_blocks(&b, &tokens[..49], &[]);
+        assert_eq!(none.num_computed_tokens, 0);
+
+        assert!(m.allocate_slots(&b, &tokens, 96, 1, &hit, &[]));
+        assert_eq!(m.block_table(&b).len(), 7);
+        assert_eq!(m.num_released(&b), 4, "placeholders are not b's");
+        assert_eq!(m.num_free_blocks(), 1);
+        // Freeing gives back only what each request owns: every block exactly once.
+        for r in [&a, &b, &c] {
+            m.free(r);
+        }
+        assert_eq!(m.num_free_blocks(), 16);
+
+        // A kept request needs the whole run; so does any request without a window.
+        let k = RequestId::from("k");
+        m.keep_all(&k);
+        assert_eq!(
+            m.find_computed_blocks(&k, &tokens[..97], &[])
+                .num_computed_tokens,
+            0
+        );
+        m.set_window(None);
+        assert_eq!(
+            m.find_computed_blocks(&b, &tokens[..97], &[])
+                .num_computed_tokens,
+            0
+        );
     }
 }
