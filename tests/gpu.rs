@@ -3,7 +3,8 @@
 //! `#[ignore]`d so CI, which has none, skips them).
 //!
 //! - every kernel vs the CPU backend on random and edge-case shapes (block boundaries, one
-//!   token, GQA ratios 1/4/8, head dims 64/128, contexts up to 32k);
+//!   token, GQA ratios 1/4/8, head dims 64/128, contexts up to 32k; mixture-of-experts
+//!   routing and grouped GEMMs over odd row counts, starved experts and ties);
 //! - model logits on GPU vs CPU at every position of a 64-token prompt, within bf16 tolerance;
 //! - greedy output of the shared models on GPU equals CPU for the first 32 tokens.
 //!
@@ -14,7 +15,9 @@ mod common;
 use llmd::backend::cpu::{CpuBackend, CpuKvCache};
 use llmd::backend::cuda::device::{CudaKvCache, WeightData};
 use llmd::backend::cuda::CudaBackend;
-use llmd::backend::{AttnDims, Backend, BatchPlan, HostDType, HostTensor, KvCacheDims, SeqPlan};
+use llmd::backend::{
+    AttnDims, Backend, BatchPlan, HostDType, HostTensor, KvCacheDims, MoeWeights, SeqPlan,
+};
 use rand_chacha::ChaCha8Rng;
 use rand_core::{RngCore, SeedableRng};
 
@@ -372,17 +375,23 @@ fn embedding_rope_gather_match_cpu() {
         0.0,
     );
 
-    for (nh, nkv, hd) in [(4, 2, 64), (32, 8, 128)] {
+    // (heads, kv heads, head_dim, rotated dimensions): partial rotary (Phi-4-mini) too.
+    for (nh, nkv, hd, rot) in [
+        (4, 2, 64, 64),
+        (32, 8, 128, 128),
+        (6, 2, 128, 96),
+        (4, 4, 64, 16),
+    ] {
         let max_pos = 64;
-        let mut cos_sin = vec![0f32; max_pos * hd];
+        let mut cos_sin = vec![0f32; max_pos * rot];
         for pos in 0..max_pos {
-            for i in 0..hd / 2 {
-                let f = (pos as f32) * 10000f32.powf(-2.0 * i as f32 / hd as f32);
-                cos_sin[pos * hd + i] = f.cos();
-                cos_sin[pos * hd + hd / 2 + i] = f.sin();
+            for i in 0..rot / 2 {
+                let f = (pos as f32) * 10000f32.powf(-2.0 * i as f32 / rot as f32);
+                cos_sin[pos * rot + i] = f.cos();
+                cos_sin[pos * rot + rot / 2 + i] = f.sin();
             }
         }
-        let ts = [max_pos, hd];
+        let ts = [max_pos, rot];
         let ctab = cpu.load_table(tensor(&ts, &cos_sin)).unwrap();
         let gtab = g.load_table(tensor(&ts, &cos_sin)).unwrap();
         assert!(matches!(gtab.data, WeightData::F32(_)));
@@ -399,7 +408,13 @@ fn embedding_rope_gather_match_cpu() {
         cpu.rope(&mut qkv, &ctab, &cs, dims);
         g.rope(&mut gq, &gtab, &gs, dims);
         let got = g.download(&gq, 8 * dims.qkv_width()).unwrap();
-        assert_close(&format!("rope {nh}/{nkv} d{hd}"), &got, &qkv, 1e-2, 1e-2);
+        assert_close(
+            &format!("rope {nh}/{nkv} d{hd} rot{rot}"),
+            &got,
+            &qkv,
+            1e-2,
+            1e-2,
+        );
 
         // Qwen3's per-head q/k RMSNorm (the V heads are left alone).
         let hs = [hd];
@@ -422,6 +437,105 @@ fn embedding_rope_gather_match_cpu() {
         let got = g.download(&gq, 8 * dims.qkv_width()).unwrap();
         assert_close(&format!("qk_norm {nh}/{nkv} d{hd}"), &got, &qkv, 2e-2, 2e-2);
     }
+}
+
+/// One MoE layer on both backends: `rows` rows, `n_exp` experts of `[2 * inter, hidden]` /
+/// `[hidden, inter]`. Expert 1 is starved (every row's first feature is 1 and its router row
+/// weighs it -16) so that one segment in the middle is empty; with 8 experts, router rows 2
+/// and 3 are equal, so they tie exactly and the lower id must win.
+fn moe_case(
+    rows: usize,
+    n_exp: usize,
+    top_k: usize,
+    renormalize: bool,
+    hidden: usize,
+    inter: usize,
+) {
+    let (cpu, g) = (CpuBackend, gpu());
+    let seed = (rows * 131 + n_exp * 17 + top_k * 7 + hidden + inter) as u64;
+    let mut x = rand_vec(rows * hidden, seed, 1.0);
+    for r in 0..rows {
+        x[r * hidden] = 1.0;
+    }
+    let mut router = rand_vec(n_exp * hidden, seed + 1, 0.2);
+    for e in 0..n_exp {
+        router[e * hidden] = if e == 1 { -16.0 } else { 0.0 };
+    }
+    if n_exp == 8 {
+        let (a, b) = router.split_at_mut(3 * hidden);
+        b[..hidden].copy_from_slice(&a[2 * hidden..]);
+    }
+    let gate_up: Vec<Vec<f32>> = (0..n_exp)
+        .map(|e| rand_vec(2 * inter * hidden, seed + 10 + e as u64, 0.2))
+        .collect();
+    let down: Vec<Vec<f32>> = (0..n_exp)
+        .map(|e| rand_vec(hidden * inter, seed + 100 + e as u64, 0.2))
+        .collect();
+    let (rs, gs, ds) = ([n_exp, hidden], [2 * inter, hidden], [hidden, inter]);
+    macro_rules! weights {
+        ($be:expr) => {
+            MoeWeights {
+                router: $be.load_weight(tensor(&rs, &router)).unwrap(),
+                gate_up: gate_up
+                    .iter()
+                    .map(|w| $be.load_weight(tensor(&gs, w)).unwrap())
+                    .collect(),
+                down: down
+                    .iter()
+                    .map(|w| $be.load_weight(tensor(&ds, w)).unwrap())
+                    .collect(),
+                top_k,
+                renormalize,
+                hidden,
+                intermediate: inter,
+            }
+        };
+    }
+    let (cw, gw) = (weights!(cpu), weights!(g));
+    let mut cout = vec![0f32; rows * hidden];
+    cpu.moe(&x, &cw, rows, &mut cout);
+    let gx = g.upload(&x).unwrap();
+    let mut gout = g.alloc(rows * hidden).unwrap();
+    g.moe(&gx, &gw, rows, &mut gout);
+    let got = g.download(&gout, rows * hidden).unwrap();
+    let what = format!(
+        "moe rows {rows} experts {n_exp} top_k {top_k} renormalize {renormalize} \
+         hidden {hidden} inter {inter}"
+    );
+    assert_close(&what, &got, &cout, 2e-2, 2e-2);
+    // Batch invariance: the last row alone gives the same bits as within the batch.
+    let last = (rows - 1) * hidden;
+    let gx1 = g.upload(&x[last..]).unwrap();
+    let mut gout1 = g.alloc(hidden).unwrap();
+    g.moe(&gx1, &gw, 1, &mut gout1);
+    let alone = g.download(&gout1, hidden).unwrap();
+    assert_close(
+        &format!("{what}: last row alone"),
+        &alone,
+        &got[last..],
+        0.0,
+        0.0,
+    );
+}
+
+#[test]
+#[ignore]
+fn moe_matches_cpu() {
+    // Hidden and intermediate sizes off the 32/64 tiles; 100 and 36 are not multiples of 8
+    // either (the element-by-element copy path of the GEMM tiles).
+    for (hidden, inter) in [(200, 72), (100, 36), (256, 160)] {
+        for rows in [1, 7, 64, 300] {
+            for n_exp in [4, 8] {
+                for top_k in [1, 2] {
+                    for renormalize in [false, true] {
+                        moe_case(rows, n_exp, top_k, renormalize, hidden, inter);
+                    }
+                }
+            }
+        }
+    }
+    // Qwen3-MoE's routing width: 128 experts, 8 per token, more rows than a tile.
+    moe_case(130, 128, 8, true, 128, 64);
 }
 
 /// Logits of all 64 positions of one prompt through `Model` on both backends.
@@ -457,7 +571,7 @@ fn logits_both(dir: &std::path::Path, prompt: &[u32]) -> (Vec<f32>, Vec<f32>) {
 fn model_logits_match_cpu_within_bf16() {
     let mut dirs = Vec::new();
     let tmp = tempfile::tempdir().unwrap();
-    // Mixture-of-experts and soft-capped models are refused on CUDA for now.
+    // Soft-capped models are refused on CUDA for now.
     for arch in common::Arch::ALL.into_iter().filter(|a| !a.cpu_only()) {
         // head_dim 64, the smallest real-model head size, with GQA 2.
         let mut spec = common::TinyModelSpec::new(arch);
@@ -525,12 +639,27 @@ fn shared_models_greedy_32_tokens_match_cpu() {
 #[test]
 #[ignore]
 fn cuda_graphs_give_the_eager_tokens() {
-    // Decode batches of several sizes (padded to the captured sizes 1, 2, 4, 8, 16 ...), each
-    // size seen three times (eager warm-up, capture, replay): the same tokens as eager mode.
     // The largest model of the run (the last of LLMD_GPU_MODELS), never a silent fallback.
     let (_, dir) = common::gpu_models()
         .pop()
         .expect("LLMD_GPU_MODELS names no model");
+    graphs_give_the_eager_tokens(&dir);
+}
+
+#[test]
+#[ignore]
+fn moe_models_give_the_eager_tokens_in_cuda_graphs() {
+    // Routing, permutation and the grouped GEMMs captured in decode graphs and replayed with
+    // other batches (and padding rows, which are routed too).
+    for arch in [common::Arch::Mixtral, common::Arch::Qwen3Moe] {
+        let dir = common::tiny_model_dir(&common::TinyModelSpec::new(arch));
+        graphs_give_the_eager_tokens(dir.path());
+    }
+}
+
+/// Decode batches of several sizes (padded to the captured sizes 1, 2, 4, 8, 16 ...), each
+/// size seen three times (eager warm-up, capture, replay): the same tokens as eager mode.
+fn graphs_give_the_eager_tokens(dir: &std::path::Path) {
     let params = llmd::SamplingParams {
         max_tokens: Some(24),
         ignore_eos: true,
@@ -540,7 +669,7 @@ fn cuda_graphs_give_the_eager_tokens() {
         .map(|i| format!("Story number {i}: once upon a time").into())
         .collect();
     let run = |eager: bool| {
-        let mut cfg = llmd::EngineConfig::new(&dir);
+        let mut cfg = llmd::EngineConfig::new(dir);
         cfg.device = llmd::config::DeviceKind::Cuda(0);
         cfg.enforce_eager = eager;
         cfg.cache.num_blocks = Some(512);

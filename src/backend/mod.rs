@@ -265,6 +265,18 @@ pub struct StepLimits {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    /// The model's mixture-of-experts layers (None: dense), so that the backend can allocate
+    /// their routing and expert scratch for `max_tokens` before the KV cache is sized too.
+    pub moe: Option<MoeLimits>,
+}
+
+/// The shape of a model's mixture-of-experts layers, as [`StepLimits`] tells it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeLimits {
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
 }
 
 /// The operations of one device. Buffers are allocated once with a capacity and reused every

@@ -167,6 +167,12 @@ impl<B: Backend> Model<B> {
             num_heads: config.num_attention_heads,
             num_kv_heads: config.num_key_value_heads,
             head_dim: config.head_dim,
+            moe: config.moe.as_ref().map(|m| crate::backend::MoeLimits {
+                num_experts: m.num_experts,
+                top_k: m.top_k,
+                hidden: config.hidden_size,
+                intermediate: m.intermediate_size,
+            }),
         })?;
         if (config.attn_softcap.is_some() || config.final_softcap.is_some())
             && !backend.supports_softcap()

@@ -170,9 +170,9 @@ impl Arch {
         matches!(self, Arch::Gemma3 | Arch::Gemma2)
     }
 
-    /// Whether the CUDA backend refuses the model (mixtures of experts, soft-capping).
+    /// Whether the CUDA backend refuses the model (soft-capping).
     pub fn cpu_only(self) -> bool {
-        self.moe() || self == Arch::Gemma2
+        self == Arch::Gemma2
     }
 }
 

@@ -8,7 +8,8 @@
 //! as a failed step rather than wrong tokens.
 //!
 //! Split by concern: `attention` (decode and prefill attention launches and their scratch),
-//! `graphs` (CUDA graphs of decode steps, step timing), `step` (a step's arrays on the device).
+//! `graphs` (CUDA graphs of decode steps, step timing), `moe` (mixture-of-experts MLPs and
+//! their scratch), `step` (a step's arrays on the device).
 use super::{check_device, compile_ptx, KERNEL_ENTRIES};
 use crate::backend::cpu::sampling::RowSampling;
 use crate::backend::{
@@ -27,11 +28,13 @@ use std::sync::{Arc, Mutex};
 
 mod attention;
 mod graphs;
+mod moe;
 mod step;
 
 use attention::Scratch;
 pub use attention::{decode_partition, DEFAULT_DECODE_MMA_MIN_GROUP};
 use graphs::{Graphs, StepTiming};
+use moe::MoeState;
 use step::{is_pure_decode, Queries};
 pub use step::{CudaStep, StepBufs};
 
@@ -81,6 +84,8 @@ pub struct CudaBackend {
     decode_mma_min_group: std::sync::atomic::AtomicUsize,
     /// The device-clock span of each step (events around its kernels), summed.
     timing: Mutex<StepTiming>,
+    /// Mixture-of-experts scratch (sized at `reserve`) and expert address tables.
+    moe: Mutex<MoeState>,
 }
 
 fn driver_err(what: &str, e: impl std::fmt::Debug) -> BackendError {
@@ -196,6 +201,7 @@ impl CudaBackend {
             sm_count,
             decode_mma_min_group: std::sync::atomic::AtomicUsize::new(DEFAULT_DECODE_MMA_MIN_GROUP),
             timing: Mutex::new(timing),
+            moe: Mutex::new(MoeState::default()),
         })
     }
 
@@ -295,6 +301,53 @@ impl CudaBackend {
             grid_dim: (n as u32, 1, 1),
             block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
+        }
+    }
+
+    /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (`w` of shape `(n, k)`) on cuBLAS, bf16 in, f32
+    /// accumulate, `out` of `out_type` (bf16 activations; f32 router logits).
+    ///
+    /// # Safety
+    /// `x` must point at `m·k` bf16 values and `out` at room for `m·n` values of `out_type`,
+    /// both on this backend's device.
+    unsafe fn gemm_nt(
+        &self,
+        w: &CudaSlice<u16>,
+        (n, k): (usize, usize),
+        x: cudarc::driver::sys::CUdeviceptr,
+        out: cudarc::driver::sys::CUdeviceptr,
+        out_type: blas_sys::cudaDataType,
+        m: usize,
+    ) -> Result<(), cudarc::cublas::result::CublasError> {
+        let (n, k) = (n as i32, k as i32);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (a, _ga) = w.device_ptr(&self.stream);
+        // Row-major out[m, n] = x[m, k] · w[n, k]ᵀ is column-major out(n×m) = wᵀ(n×k) · x(k×m):
+        // A = w read transposed (ld k), B = x (ld k), C ld n.
+        // SAFETY: w holds n·k bf16 values; x and out as the caller promises; the scalars are
+        // f32 as the 32F compute type requires.
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                n,
+                m as i32,
+                k,
+                &alpha as *const f32 as *const _,
+                a as *const _,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k,
+                x as *const _,
+                blas_sys::cudaDataType::CUDA_R_16BF,
+                k,
+                &beta as *const f32 as *const _,
+                out as *mut _,
+                out_type,
+                n,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
         }
     }
 
@@ -485,6 +538,14 @@ impl Backend for CudaBackend {
                 .map_err(|_| driver_err("attention scratch", "lock poisoned"))?;
             self.grow_scratch(&mut s, need, limits.head_dim)?;
         }
+        // MoE scratch for the largest step, also before the KV cache takes what is left.
+        if let Some(shape) = limits.moe {
+            let mut state = self
+                .moe
+                .lock()
+                .map_err(|_| driver_err("MoE scratch", "lock poisoned"))?;
+            self.grow_moe_scratch(&mut state, limits.max_tokens, shape)?;
+        }
         Ok(())
     }
 
@@ -538,39 +599,13 @@ impl Backend for CudaBackend {
         if m == 0 {
             return;
         }
-        let (n, k) = (w.shape[0] as i32, w.shape[1] as i32);
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        let (n, k) = (w.shape[0], w.shape[1]);
         {
-            let (a, _ga) = wd.device_ptr(&self.stream);
             let (bp, _gb) = x.device_ptr(&self.stream);
             let (c, _gc) = out.device_ptr_mut(&self.stream);
-            // Row-major out[m, n] = x[m, k] · w[n, k]ᵀ is column-major out(n×m) = wᵀ(n×k) ·
-            // x(k×m): A = w read transposed (ld k), B = x (ld k), C ld n.
-            // SAFETY: the pointers cover w (n·k), x (m·k) and out (m·n) bf16 elements; the
-            // scalars are f32 as the 32F compute type requires.
-            let r = unsafe {
-                blas::gemm_ex(
-                    *self.blas.handle(),
-                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                    n,
-                    m as i32,
-                    k,
-                    &alpha as *const f32 as *const _,
-                    a as *const _,
-                    blas_sys::cudaDataType::CUDA_R_16BF,
-                    k,
-                    bp as *const _,
-                    blas_sys::cudaDataType::CUDA_R_16BF,
-                    k,
-                    &beta as *const f32 as *const _,
-                    c as *mut _,
-                    blas_sys::cudaDataType::CUDA_R_16BF,
-                    n,
-                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                )
-            };
+            // SAFETY: x holds m·k and out m·n bf16 elements (the op's contract).
+            let r =
+                unsafe { self.gemm_nt(wd, (n, k), bp, c, blas_sys::cudaDataType::CUDA_R_16BF, m) };
             if let Err(e) = r {
                 self.record("matmul", e);
                 return;
@@ -580,11 +615,11 @@ impl Backend for CudaBackend {
             let Some(bd) = self.bf16_weight(bias, "bias") else {
                 return;
             };
-            let (rows, n) = (m as i32, n);
+            let (rows, n_i) = (m as i32, n as i32);
             let mut b = self.stream.launch_builder(self.func("add_bias_bf16"));
-            b.arg(&mut *out).arg(bd).arg(&rows).arg(&n);
+            b.arg(&mut *out).arg(bd).arg(&rows).arg(&n_i);
             // SAFETY: matches `add_bias_bf16`; out holds m·n elements, bias n.
-            if let Err(e) = unsafe { b.launch(Self::elementwise(m * n as usize)) } {
+            if let Err(e) = unsafe { b.launch(Self::elementwise(m * n)) } {
                 self.record("bias", e);
             }
         }
@@ -753,18 +788,18 @@ impl Backend for CudaBackend {
         );
     }
 
+    fn supports_moe(&self) -> bool {
+        true
+    }
+
     fn moe(
         &self,
-        _x: &CudaBuffer,
-        _moe: &crate::backend::MoeWeights<CudaWeight>,
-        _rows: usize,
-        _out: &mut CudaBuffer,
+        x: &CudaBuffer,
+        moe: &crate::backend::MoeWeights<CudaWeight>,
+        rows: usize,
+        out: &mut CudaBuffer,
     ) {
-        // Not reached: models refuse MoE layers on a backend without `supports_moe`.
-        self.record(
-            "moe",
-            "mixture-of-experts MLPs are not implemented on CUDA yet (run --device cpu)",
-        );
+        self.moe_forward(x, moe, rows, out);
     }
 
     fn write_kv(&self, qkv: &CudaBuffer, cache: &mut CudaKvCache, step: &CudaStep, dims: AttnDims) {

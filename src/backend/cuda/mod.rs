@@ -38,6 +38,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
         include_str!("../../../kernels/embedding.cu"),
     ),
     ("kv_cache.cu", include_str!("../../../kernels/kv_cache.cu")),
+    ("moe.cu", include_str!("../../../kernels/moe.cu")),
     ("norm.cu", include_str!("../../../kernels/norm.cu")),
     ("rotary.cu", include_str!("../../../kernels/rotary.cu")),
     ("sampling.cu", include_str!("../../../kernels/sampling.cu")),
@@ -97,6 +98,16 @@ pub const KERNEL_ENTRIES: &[(&str, &[&str])] = &[
     ),
     ("embedding.cu", &["embedding_bf16", "gather_rows_bf16"]),
     ("kv_cache.cu", &["write_kv_bf16"]),
+    (
+        "moe.cu",
+        &[
+            "moe_route",
+            "moe_permute",
+            "moe_gate_up_bf16",
+            "moe_down_bf16",
+            "moe_combine_bf16",
+        ],
+    ),
     (
         "norm.cu",
         &["rms_norm_bf16", "add_rms_norm_bf16", "qk_norm_bf16"],
