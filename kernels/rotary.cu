@@ -1,17 +1,18 @@
 // Rotary position embedding, neox / Hugging Face "rotate_half" layout, applied in place to the
-// query and key heads of the fused qkv rows. `cos_sin` is `[max_positions, head_dim]` f32 with
+// query and key heads of the fused qkv rows. `cos_sin` is `[max_positions, rotary_dim]` f32 with
 // cos in the first half of a row and sin in the second, precomputed on the host with any
-// scaling (llama3, linear) already folded into the frequencies.
+// scaling (llama3, linear, longrope) already folded in. The first `rotary_dim` dimensions of
+// each head rotate (all of them but with a partial rotary embedding); the rest pass through.
 // CPU reference: `rope` in src/backend/cpu/mod.rs.
 
 // grid: one block per token; threads stride over (head, pair) of the q and k heads.
 extern "C" __global__ void rope_bf16(bf16* __restrict__ qkv, const float* __restrict__ cos_sin,
                                      const unsigned int* __restrict__ positions, int num_heads,
-                                     int num_kv_heads, int head_dim) {
-    const int half = head_dim / 2;
+                                     int num_kv_heads, int head_dim, int rotary_dim) {
+    const int half = rotary_dim / 2;
     const int width = (num_heads + 2 * num_kv_heads) * head_dim;
     bf16* row = qkv + (long)blockIdx.x * width;
-    const float* cs = cos_sin + (long)positions[blockIdx.x] * head_dim;
+    const float* cs = cos_sin + (long)positions[blockIdx.x] * rotary_dim;
     const int pairs = (num_heads + num_kv_heads) * half;  // q heads then k heads
     for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
         const int h = p / half, i = p - h * half;

@@ -375,17 +375,23 @@ fn embedding_rope_gather_match_cpu() {
         0.0,
     );
 
-    for (nh, nkv, hd) in [(4, 2, 64), (32, 8, 128)] {
+    // (heads, kv heads, head_dim, rotated dimensions): partial rotary (Phi-4-mini) too.
+    for (nh, nkv, hd, rot) in [
+        (4, 2, 64, 64),
+        (32, 8, 128, 128),
+        (6, 2, 128, 96),
+        (4, 4, 64, 16),
+    ] {
         let max_pos = 64;
-        let mut cos_sin = vec![0f32; max_pos * hd];
+        let mut cos_sin = vec![0f32; max_pos * rot];
         for pos in 0..max_pos {
-            for i in 0..hd / 2 {
-                let f = (pos as f32) * 10000f32.powf(-2.0 * i as f32 / hd as f32);
-                cos_sin[pos * hd + i] = f.cos();
-                cos_sin[pos * hd + hd / 2 + i] = f.sin();
+            for i in 0..rot / 2 {
+                let f = (pos as f32) * 10000f32.powf(-2.0 * i as f32 / rot as f32);
+                cos_sin[pos * rot + i] = f.cos();
+                cos_sin[pos * rot + rot / 2 + i] = f.sin();
             }
         }
-        let ts = [max_pos, hd];
+        let ts = [max_pos, rot];
         let ctab = cpu.load_table(tensor(&ts, &cos_sin)).unwrap();
         let gtab = g.load_table(tensor(&ts, &cos_sin)).unwrap();
         assert!(matches!(gtab.data, WeightData::F32(_)));
@@ -402,7 +408,13 @@ fn embedding_rope_gather_match_cpu() {
         cpu.rope(&mut qkv, &ctab, &cs, dims);
         g.rope(&mut gq, &gtab, &gs, dims);
         let got = g.download(&gq, 8 * dims.qkv_width()).unwrap();
-        assert_close(&format!("rope {nh}/{nkv} d{hd}"), &got, &qkv, 1e-2, 1e-2);
+        assert_close(
+            &format!("rope {nh}/{nkv} d{hd} rot{rot}"),
+            &got,
+            &qkv,
+            1e-2,
+            1e-2,
+        );
 
         // Qwen3's per-head q/k RMSNorm (the V heads are left alone).
         let hs = [hd];

@@ -4,71 +4,9 @@
 mod common;
 
 use common::{Arch, DType, TinyModelSpec};
-use llmd::backend::cpu::CpuBackend;
-use llmd::backend::{BatchPlan, SeqPlan};
 use llmd::engine::{EngineCore, Prompt};
-use llmd::model::{Model, ModelConfig, ModelLimits};
 use llmd::{EngineConfig, RequestId, SamplingParams};
 use std::path::Path;
-
-const BLOCK: usize = 16;
-
-/// Our logits for every position of `tokens`, from one prefill through the paged cache.
-fn llmd_logits_all_positions(dir: &Path, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let cfg = ModelConfig::from_dir(dir).unwrap();
-    let n = tokens.len();
-    let blocks = n.div_ceil(BLOCK);
-    let limits = ModelLimits {
-        max_tokens: n,
-        max_logit_rows: n,
-        max_positions: n,
-        num_blocks: blocks + 2,
-        block_size: BLOCK,
-    };
-    let mut model = Model::load(CpuBackend, dir, cfg.clone(), limits, &mut |_, _| {}).unwrap();
-    // Blocks in reverse physical order, so the block table really is followed.
-    let table: Vec<u32> = (0..blocks as u32).rev().map(|b| b + 2).collect();
-    let plan = BatchPlan {
-        token_ids: tokens.to_vec(),
-        positions: (0..n as u32).collect(),
-        slot_mapping: (0..n)
-            .map(|p| table[p / BLOCK] * BLOCK as u32 + (p % BLOCK) as u32)
-            .collect(),
-        seqs: vec![SeqPlan {
-            query_start: 0,
-            query_len: n,
-            context_len: n,
-        }],
-        num_decode_seqs: 0,
-        block_tables: table.clone(),
-        max_blocks_per_seq: blocks,
-        logits_indices: (0..n as u32).collect(),
-    };
-    let mut logits = Vec::new();
-    model.forward(&plan, &mut logits).unwrap();
-    logits.chunks(cfg.vocab_size).map(|c| c.to_vec()).collect()
-}
-
-fn llmd_greedy(dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut c = EngineConfig::new(dir);
-    c.cache.num_blocks = Some(64);
-    c.max_model_len = Some(prompt.len() + n);
-    let mut core = EngineCore::new(c).unwrap();
-    let p = SamplingParams {
-        max_tokens: Some(n),
-        ignore_eos: true,
-        ..SamplingParams::greedy()
-    };
-    core.add_request(RequestId::from("g"), &Prompt::Tokens(prompt.to_vec()), p, 0)
-        .unwrap();
-    let mut out = vec![];
-    while core.has_unfinished_requests() {
-        for o in core.step().unwrap() {
-            out.extend(o.new_token_ids);
-        }
-    }
-    out
-}
 
 fn prompt_for(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
     let mut s = seed;
@@ -83,7 +21,7 @@ fn prompt_for(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
 }
 
 fn check_model(dir: &Path, prompt: &[u32], label: &str) {
-    let ours = llmd_logits_all_positions(dir, prompt);
+    let ours = common::llmd_logits_all_positions(dir, prompt, prompt.len());
     let theirs = common::candle_logits_all_positions(dir, prompt);
     assert_eq!(ours.len(), theirs.len());
     let mut worst = 0f32;
@@ -97,7 +35,7 @@ fn check_model(dir: &Path, prompt: &[u32], label: &str) {
         prompt.len()
     );
     let n = 64;
-    let ours = llmd_greedy(dir, prompt, n);
+    let ours = common::llmd_greedy(dir, prompt, n, prompt.len() + n);
     let theirs = common::candle_greedy(dir, prompt, n);
     assert_eq!(ours, theirs, "{label}: greedy continuation differs");
 }
@@ -168,6 +106,21 @@ fn generated_qwen3_matches_candle() {
 #[test]
 fn generated_phi3_matches_candle() {
     generated(Arch::Phi3, DType::F16, false);
+}
+
+/// Phi-4-mini's partial rotary embedding: only the first half of each head rotates.
+#[test]
+fn generated_phi3_partial_rotary_matches_candle() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = TinyModelSpec::new(Arch::Phi3);
+    common::write_tiny_model(dir.path(), &spec);
+    let path = dir.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["partial_rotary_factor"] = serde_json::json!(0.5);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    let prompt = prompt_for(spec.vocab, 70, spec.seed);
+    check_model(dir.path(), &prompt, "Phi3/partial rotary 0.5");
 }
 
 #[test]
@@ -347,12 +300,12 @@ fn transformers5_rope_parameters_layout_gives_identical_logits() {
     std::fs::write(&cfg_path, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
 
     let prompt = prompt_for(spec.vocab, 40, spec.seed);
-    let a = llmd_logits_all_positions(old.path(), &prompt);
-    let b = llmd_logits_all_positions(new.path(), &prompt);
+    let a = common::llmd_logits_all_positions(old.path(), &prompt, prompt.len());
+    let b = common::llmd_logits_all_positions(new.path(), &prompt, prompt.len());
     assert_eq!(a, b, "the two layouts give different logits");
     assert_eq!(
-        llmd_greedy(old.path(), &prompt, 16),
-        llmd_greedy(new.path(), &prompt, 16)
+        common::llmd_greedy(old.path(), &prompt, 16, prompt.len() + 16),
+        common::llmd_greedy(new.path(), &prompt, 16, prompt.len() + 16)
     );
     // The check has teeth: the default base gives other logits.
     let plain = tempfile::tempdir().unwrap();
@@ -366,5 +319,8 @@ fn transformers5_rope_parameters_layout_gives_identical_logits() {
         serde_json::to_string(&cfg).unwrap(),
     )
     .unwrap();
-    assert_ne!(llmd_logits_all_positions(plain.path(), &prompt), a);
+    assert_ne!(
+        common::llmd_logits_all_positions(plain.path(), &prompt, prompt.len()),
+        a
+    );
 }

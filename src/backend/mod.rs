@@ -388,8 +388,9 @@ pub trait Backend: Send + Sync + 'static {
         rows: usize,
     );
     /// Rotates the query and key heads of `qkv` in place (neox/HF "rotate_half" layout) using
-    /// `cos_sin`: `[max_positions, head_dim]` with cos in the first half of a row and sin in the
-    /// second.
+    /// `cos_sin`: `[max_positions, rotary_dim]` with cos in the first half of a row and sin in
+    /// the second. The first `rotary_dim` dimensions of each head rotate (all of them unless
+    /// the model's rotary embedding is partial); the others are left as they are.
     fn rope(
         &self,
         qkv: &mut Self::Buffer,

@@ -3,8 +3,8 @@
 //! Supported: `LlamaForCausalLM` (Llama 2, Llama 3.x with `rope_scaling` type `llama3`,
 //! SmolLM/SmolLM2), `MistralForCausalLM` (optional sliding window), `Qwen2ForCausalLM`
 //! (q/k/v bias), `Qwen3ForCausalLM` (per-head RMSNorm of q and k before the rotary
-//! embedding) and `Phi3ForCausalLM` (Phi-3/Phi-4: fused q/k/v and gate/up weights; LongRoPE
-//! and partial rotary are refused). All are the same decoder with pre-RMSNorm, rotary embeddings (HF
+//! embedding) and `Phi3ForCausalLM` (Phi-3/Phi-4: fused q/k/v and gate/up weights, LongRoPE,
+//! partial rotary). All are the same decoder with pre-RMSNorm, rotary embeddings (HF
 //! "rotate_half" layout), grouped-query attention and a SiLU-gated MLP.
 use super::ModelError;
 use serde::Deserialize;
@@ -72,7 +72,7 @@ impl Architecture {
 }
 
 /// Rotary frequency scaling.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum RopeScaling {
     /// Llama 3.1's piecewise scaling of the inverse frequencies.
     Llama3 {
@@ -83,6 +83,17 @@ pub enum RopeScaling {
     },
     /// Positions divided by `factor`.
     Linear { factor: f32 },
+    /// Phi-3's LongRoPE: each frequency divided by its own factor, `long_factor` when the
+    /// engine's context (`max_model_len`) exceeds `original_max_position_embeddings`, else
+    /// `short_factor`, for every position (vLLM's rule: one table, so KV written early stays
+    /// valid as a sequence grows; transformers switches per forward by its length); cos and
+    /// sin multiplied by `attention_factor`.
+    LongRope {
+        short_factor: Vec<f32>,
+        long_factor: Vec<f32>,
+        original_max_position_embeddings: usize,
+        attention_factor: f32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -98,6 +109,9 @@ pub struct ModelConfig {
     pub rms_norm_eps: f32,
     pub rope_theta: f32,
     pub rope_scaling: Option<RopeScaling>,
+    /// Leading dimensions of each head that rotate (`head_dim` unless a
+    /// `partial_rotary_factor` below 1 says fewer: Phi-4-mini); the rest pass through.
+    pub rotary_dim: usize,
     pub max_position_embeddings: usize,
     pub tie_word_embeddings: bool,
     /// q/k/v projections carry a bias (Qwen2, or Llama with `attention_bias`).
@@ -150,6 +164,9 @@ struct RawRopeScaling {
     low_freq_factor: Option<f32>,
     high_freq_factor: Option<f32>,
     original_max_position_embeddings: Option<usize>,
+    short_factor: Option<Vec<f32>>,
+    long_factor: Option<Vec<f32>>,
+    attention_factor: Option<f32>,
 }
 
 #[derive(Deserialize)]
@@ -170,11 +187,13 @@ struct RawConfig {
     /// instead of `rope_theta` and `rope_scaling`.
     rope_parameters: Option<serde_json::Value>,
     max_position_embeddings: Option<usize>,
+    /// Phi-3's pretraining context (LongRoPE), beside `rope_scaling`.
+    original_max_position_embeddings: Option<usize>,
     tie_word_embeddings: Option<bool>,
     attention_bias: Option<bool>,
     sliding_window: Option<usize>,
     use_sliding_window: Option<bool>,
-    /// Phi-4-mini's partial rotary embedding (refused unless 1).
+    /// Phi-4-mini's partial rotary embedding.
     partial_rotary_factor: Option<f64>,
     hidden_act: Option<String>,
     /// Gemma's name for the activation.
@@ -206,11 +225,12 @@ struct RawConfig {
 fn rope_settings(
     theta: Option<f32>,
     scaling: Option<RawRopeScaling>,
+    partial: Option<f64>,
     params: Option<serde_json::Value>,
-) -> Result<(Option<f32>, Option<RawRopeScaling>), ModelError> {
+) -> Result<RopeSettings, ModelError> {
     let bad = |field: &'static str, reason: String| ModelError::ConfigField { field, reason };
     let params = match params {
-        None | Some(serde_json::Value::Null) => return Ok((theta, scaling)),
+        None | Some(serde_json::Value::Null) => return Ok((theta, scaling, partial)),
         Some(serde_json::Value::Object(m)) => m,
         Some(other) => return Err(bad("rope_parameters", format!("{other} is not an object"))),
     };
@@ -256,6 +276,9 @@ fn rope_settings(
         "high_freq_factor",
         "original_max_position_embeddings",
         "partial_rotary_factor",
+        "short_factor",
+        "long_factor",
+        "attention_factor",
     ];
     if let Some(k) = params.keys().find(|k| !known.contains(&k.as_str())) {
         return Err(bad(
@@ -263,11 +286,20 @@ fn rope_settings(
             format!("unknown key {k:?} (llmd reads {known:?})"),
         ));
     }
-    if let Some(p) = params.get("partial_rotary_factor") {
-        if p.as_f64() != Some(1.0) {
+    let new_partial = match params.get("partial_rotary_factor") {
+        None => None,
+        Some(v) => Some(v.as_f64().ok_or_else(|| {
+            bad(
+                "rope_parameters.partial_rotary_factor",
+                format!("{v} is not a number"),
+            )
+        })?),
+    };
+    if let (Some(a), Some(b)) = (partial, new_partial) {
+        if a != b {
             return Err(bad(
                 "rope_parameters.partial_rotary_factor",
-                format!("{p} is not supported (only 1.0)"),
+                format!("{b} disagrees with the top-level partial_rotary_factor {a}"),
             ));
         }
     }
@@ -281,16 +313,19 @@ fn rope_settings(
     }
     let scaling = match parsed.rope_type.as_deref() {
         None | Some("default") => None,
-        Some("llama3" | "linear") => Some(parsed),
+        Some("llama3" | "linear" | "longrope") => Some(parsed),
         Some(other) => {
             return Err(bad(
                 "rope_parameters.rope_type",
-                format!("{other:?} is not supported (default, llama3, linear)"),
+                format!("{other:?} is not supported (default, llama3, linear, longrope)"),
             ))
         }
     };
-    Ok((new_theta.or(theta), scaling))
+    Ok((new_theta.or(theta), scaling, new_partial.or(partial)))
 }
+
+/// RoPE base, scaling and partial rotary factor, as read from either layout.
+type RopeSettings = (Option<f32>, Option<RawRopeScaling>, Option<f64>);
 
 /// The MoE settings of a Mixtral or Qwen3-MoE config (None for dense architectures, which
 /// must not carry expert keys).
@@ -437,14 +472,6 @@ impl ModelConfig {
         };
         let attn_softcap = softcap("attn_logit_softcapping", raw.attn_logit_softcapping)?;
         let final_softcap = softcap("final_logit_softcapping", raw.final_logit_softcapping)?;
-        if let Some(f) = raw.partial_rotary_factor {
-            if f != 1.0 {
-                return Err(ModelError::ConfigField {
-                    field: "partial_rotary_factor",
-                    reason: format!("{f} is not supported (only 1.0: every dimension rotated)"),
-                });
-            }
-        }
         let hidden_size = need(raw.hidden_size, "hidden_size")?;
         let num_attention_heads = need(raw.num_attention_heads, "num_attention_heads")?;
         let num_key_value_heads = raw.num_key_value_heads.unwrap_or(num_attention_heads);
@@ -452,8 +479,34 @@ impl ModelConfig {
             .head_dim
             .unwrap_or(hidden_size / num_attention_heads.max(1));
         let moe = moe_config(architecture, &raw)?;
-        let (rope_theta, rope_scaling) =
-            rope_settings(raw.rope_theta, raw.rope_scaling, raw.rope_parameters)?;
+        let (rope_theta, rope_scaling, partial) = rope_settings(
+            raw.rope_theta,
+            raw.rope_scaling,
+            raw.partial_rotary_factor,
+            raw.rope_parameters,
+        )?;
+        // transformers rotates int(head_dim * factor) dimensions, in pairs.
+        let rotary_dim = match partial {
+            None => head_dim,
+            Some(f) if f > 0.0 && f <= 1.0 && (head_dim as f64 * f) as usize % 2 == 0 => {
+                (head_dim as f64 * f) as usize
+            }
+            Some(f) => {
+                return Err(ModelError::ConfigField {
+                    field: "partial_rotary_factor",
+                    reason: format!(
+                        "{f} must be in (0, 1] and rotate an even, non-zero number of the \
+                         {head_dim} head dimensions"
+                    ),
+                })
+            }
+        };
+        if rotary_dim == 0 {
+            return Err(ModelError::ConfigField {
+                field: "partial_rotary_factor",
+                reason: format!("{partial:?} rotates none of the {head_dim} head dimensions"),
+            });
+        }
         let rope_scaling = match rope_scaling {
             None => None,
             Some(r) => match r.rope_type.as_deref() {
@@ -469,13 +522,36 @@ impl ModelConfig {
                 Some("linear") => Some(RopeScaling::Linear {
                     factor: need(r.factor, "rope_scaling.factor")?,
                 }),
+                // Phi-3 keeps the pretraining context beside rope_scaling; transformers 5
+                // moves it inside.
+                Some("longrope" | "su") => {
+                    let original = need(
+                        raw.original_max_position_embeddings
+                            .or(r.original_max_position_embeddings),
+                        "original_max_position_embeddings",
+                    )?;
+                    let max_pos = need(raw.max_position_embeddings, "max_position_embeddings")?;
+                    // transformers: `factor` if given, else the context's growth.
+                    let factor = r.factor.unwrap_or(max_pos as f32 / original as f32);
+                    Some(RopeScaling::LongRope {
+                        short_factor: need(r.short_factor, "rope_scaling.short_factor")?,
+                        long_factor: need(r.long_factor, "rope_scaling.long_factor")?,
+                        original_max_position_embeddings: original,
+                        attention_factor: match r.attention_factor {
+                            Some(a) => a,
+                            None if factor <= 1.0 => 1.0,
+                            None => {
+                                (1.0 + (factor as f64).ln() / (original as f64).ln()).sqrt() as f32
+                            }
+                        },
+                    })
+                }
                 Some("default") => None,
                 other => {
                     return Err(ModelError::ConfigField {
                         field: "rope_scaling",
                         reason: format!(
-                            "type {other:?} is not supported (llama3, linear; Phi-3's longrope \
-                             is not implemented)"
+                            "type {other:?} is not supported (llama3, linear, longrope)"
                         ),
                     })
                 }
@@ -505,6 +581,7 @@ impl ModelConfig {
             // transformers' default for Llama-family configs that name none.
             rope_theta: rope_theta.unwrap_or(10_000.0),
             rope_scaling,
+            rotary_dim,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: architecture == Architecture::Qwen2 || attention_bias,
@@ -655,22 +732,55 @@ impl ModelConfig {
                 format!("{} is not a finite value >= 1", self.rope_theta),
             );
         }
-        let factor = match self.rope_scaling {
+        let factor = match &self.rope_scaling {
             None => 1.0,
-            Some(RopeScaling::Linear { factor }) => factor,
+            Some(RopeScaling::Linear { factor }) => *factor,
+            Some(RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                attention_factor,
+                ..
+            }) => {
+                let pairs = self.rotary_dim / 2;
+                for (field, f) in [
+                    ("rope_scaling.short_factor", short_factor),
+                    ("rope_scaling.long_factor", long_factor),
+                ] {
+                    if f.len() != pairs {
+                        return bad(
+                            field,
+                            format!("{} factors for {pairs} rotary pairs", f.len()),
+                        );
+                    }
+                    if let Some(x) = f.iter().find(|x| !(x.is_finite() && **x >= 1e-3)) {
+                        return bad(field, format!("{x} is not a finite factor >= 0.001"));
+                    }
+                }
+                if !(attention_factor.is_finite() && *attention_factor > 0.0) {
+                    return bad(
+                        "rope_scaling.attention_factor",
+                        format!("{attention_factor} is not a finite positive value"),
+                    );
+                }
+                // Each factor divides a frequency: the largest bounds the underflow check.
+                short_factor
+                    .iter()
+                    .chain(long_factor)
+                    .fold(1.0f32, |m, &x| m.max(x))
+            }
             Some(RopeScaling::Llama3 {
                 factor,
                 low_freq_factor: low,
                 high_freq_factor: high,
                 ..
             }) => {
-                if !(low.is_finite() && low > 0.0 && high.is_finite() && high > low) {
+                if !(low.is_finite() && *low > 0.0 && high.is_finite() && high > low) {
                     return bad(
                         "rope_scaling",
                         format!("need 0 < low_freq_factor ({low}) < high_freq_factor ({high})"),
                     );
                 }
-                factor
+                *factor
             }
         };
         if !(factor.is_finite() && factor >= 1.0) {
@@ -727,22 +837,39 @@ impl ModelConfig {
         self.architecture == Architecture::Phi3
     }
 
-    /// Inverse rotary frequencies `[head_dim / 2]`, with `rope_scaling` applied.
-    pub fn rope_inv_freq(&self) -> Vec<f32> {
-        let d = self.head_dim;
+    /// Inverse rotary frequencies `[rotary_dim / 2]`, with `rope_scaling` applied for an
+    /// engine whose positions run to `max_positions` (LongRoPE picks its factors by it).
+    pub fn rope_inv_freq(&self, max_positions: usize) -> Vec<f32> {
+        let d = self.rotary_dim;
         let base: Vec<f32> = (0..d / 2)
             .map(|i| 1.0 / self.rope_theta.powf((2 * i) as f32 / d as f32))
             .collect();
-        match self.rope_scaling {
+        match &self.rope_scaling {
             None => base,
             Some(RopeScaling::Linear { factor }) => base.iter().map(|f| f / factor).collect(),
+            Some(RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                ..
+            }) => {
+                let ext = if max_positions > *original_max_position_embeddings {
+                    long_factor
+                } else {
+                    short_factor
+                };
+                // transformers: 1 / (ext * theta^(2i/d)).
+                base.iter().zip(ext).map(|(f, e)| f / e).collect()
+            }
             Some(RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
                 high_freq_factor,
                 original_max_position_embeddings,
             }) => {
-                let old = original_max_position_embeddings as f32;
+                let (factor, low_freq_factor, high_freq_factor) =
+                    (*factor, *low_freq_factor, *high_freq_factor);
+                let old = *original_max_position_embeddings as f32;
                 let low_wavelen = old / low_freq_factor;
                 let high_wavelen = old / high_freq_factor;
                 base.iter()
@@ -763,10 +890,16 @@ impl ModelConfig {
         }
     }
 
-    /// Rotary table `[max_positions, head_dim]`: cos of each frequency in the first half of a
-    /// row, sin in the second.
+    /// Rotary table `[max_positions, rotary_dim]`: cos of each frequency in the first half of
+    /// a row, sin in the second (both times LongRoPE's attention factor).
     pub fn rope_table(&self, max_positions: usize) -> Vec<f32> {
-        let inv = self.rope_inv_freq();
+        let inv = self.rope_inv_freq(max_positions);
+        let mscale = match &self.rope_scaling {
+            Some(RopeScaling::LongRope {
+                attention_factor, ..
+            }) => *attention_factor as f64,
+            _ => 1.0,
+        };
         let half = inv.len();
         let mut t = vec![0f32; max_positions * 2 * half];
         for p in 0..max_positions {
@@ -774,8 +907,8 @@ impl ModelConfig {
             for (i, f) in inv.iter().enumerate() {
                 // Angles in f64 so long positions keep precision; stored as f32 like HF's.
                 let a = p as f64 * *f as f64;
-                row[i] = a.cos() as f32;
-                row[half + i] = a.sin() as f32;
+                row[i] = (a.cos() * mscale) as f32;
+                row[half + i] = (a.sin() * mscale) as f32;
             }
         }
         t
@@ -868,9 +1001,14 @@ mod tests {
         let (f, _) = field_of(&with(r#"{"rope_theta":"big"}"#));
         assert_eq!(f, "rope_parameters.rope_theta");
         let (f, _) = field_of(&with(
-            r#"{"rope_type":"default","rope_theta":1e5,"partial_rotary_factor":0.5}"#,
+            r#"{"rope_type":"default","rope_theta":1e5,"partial_rotary_factor":"half"}"#,
         ));
         assert_eq!(f, "rope_parameters.partial_rotary_factor");
+        let half = ModelConfig::from_json(&with(
+            r#"{"rope_type":"default","rope_theta":1e5,"partial_rotary_factor":0.5}"#,
+        ))
+        .unwrap();
+        assert_eq!((half.rotary_dim, half.head_dim), (32, 64));
         let (f, r) = field_of(&with(
             r#"{"full_attention":{"rope_theta":1e6},"sliding_attention":{"rope_theta":1e4}}"#,
         ));
@@ -887,7 +1025,7 @@ mod tests {
     }
 
     #[test]
-    fn phi3_reads_fused_and_refuses_longrope_and_partial_rotary() {
+    fn phi3_reads_fused_longrope_and_partial_rotary() {
         let phi = SMOLLM2
             .replace("LlamaForCausalLM", "Phi3ForCausalLM")
             .replace(
@@ -898,28 +1036,95 @@ mod tests {
         assert_eq!(c.architecture, Architecture::Phi3);
         assert!(c.fused_projections());
         assert_eq!(c.sliding_window, Some(2047));
+        assert_eq!(c.rotary_dim, 64);
+        // LongRoPE, Phi-3-mini-128k style: 32 pairs, 8192 positions grown from 1024.
+        let (short, long): (Vec<f32>, Vec<f32>) = (0..32)
+            .map(|i| (1.0 + i as f32 / 64.0, 1.0 + i as f32))
+            .unzip();
         let longrope = phi.replace(
             "\"rope_scaling\":null",
-            "\"rope_scaling\":{\"type\":\"longrope\",\"short_factor\":[1.0],\"long_factor\":[2.0]}",
+            &format!(
+                "\"rope_scaling\":{{\"type\":\"longrope\",\"short_factor\":{short:?},\
+                 \"long_factor\":{long:?}}},\"original_max_position_embeddings\":1024"
+            ),
         );
-        match ModelConfig::from_json(&longrope) {
+        let c = ModelConfig::from_json(&longrope).unwrap();
+        let want_mscale = (1.0 + (8.0f64).ln() / (1024f64).ln()).sqrt() as f32;
+        match &c.rope_scaling {
+            Some(RopeScaling::LongRope {
+                original_max_position_embeddings: 1024,
+                attention_factor,
+                ..
+            }) => assert!((attention_factor - want_mscale).abs() < 1e-7),
+            other => panic!("{other:?}"),
+        }
+        // Up to the original context the short factors divide the frequencies, past it the
+        // long ones; cos and sin carry the attention factor.
+        let base = |i: usize| 1.0 / 100000f32.powf((2 * i) as f32 / 64.0);
+        for (max_pos, ext) in [(1024, &short), (1025, &long)] {
+            let f = c.rope_inv_freq(max_pos);
+            for i in [0, 7, 31] {
+                assert!(
+                    (f[i] - base(i) / ext[i]).abs() <= 1e-6 * f[i],
+                    "{max_pos} {i}"
+                );
+            }
+        }
+        let t = c.rope_table(2);
+        assert!(
+            (t[0] - want_mscale).abs() < 1e-6 && t[32].abs() < 1e-9,
+            "position 0"
+        );
+        // A transformers-5 layout of the same settings gives the same table.
+        let v5 = phi.replace(
+            "\"rope_theta\":100000.0,\"rope_scaling\":null",
+            &format!(
+                "\"rope_parameters\":{{\"rope_type\":\"longrope\",\"rope_theta\":100000.0,\
+                 \"short_factor\":{short:?},\"long_factor\":{long:?},\
+                 \"original_max_position_embeddings\":1024}}"
+            ),
+        );
+        let c5 = ModelConfig::from_json(&v5).unwrap();
+        assert_eq!(c5.rope_table(2048), c.rope_table(2048));
+        // Factors that do not cover the rotary pairs are refused, naming the field.
+        let short_list = longrope.replacen(&format!("{short:?}"), "[1.0, 1.0]", 1);
+        match ModelConfig::from_json(&short_list) {
             Err(ModelError::ConfigField { field, reason }) => {
-                assert_eq!(field, "rope_scaling");
-                assert!(reason.contains("longrope"), "{reason}");
+                assert_eq!(field, "rope_scaling.short_factor");
+                assert!(reason.contains("32 rotary pairs"), "{reason}");
             }
             other => panic!("{other:?}"),
         }
-        let partial = phi.replace(
-            "\"rope_scaling\":null",
-            "\"rope_scaling\":null,\"partial_rotary_factor\":0.75",
-        );
+        let no_orig = longrope.replace(",\"original_max_position_embeddings\":1024", "");
         assert!(matches!(
-            ModelConfig::from_json(&partial),
+            ModelConfig::from_json(&no_orig),
             Err(ModelError::ConfigField {
-                field: "partial_rotary_factor",
+                field: "original_max_position_embeddings",
                 ..
             })
         ));
+        // Partial rotary (Phi-4-mini): 0.75 of 64 dimensions rotate; odd or empty is refused.
+        let partial = |f: &str| {
+            ModelConfig::from_json(&phi.replace(
+                "\"rope_scaling\":null",
+                &format!("\"rope_scaling\":null,\"partial_rotary_factor\":{f}"),
+            ))
+        };
+        let c = partial("0.75").unwrap();
+        assert_eq!(c.rotary_dim, 48);
+        assert_eq!(c.rope_table(3).len(), 3 * 48);
+        for bad in ["0.0", "1.5", "0.015625"] {
+            assert!(
+                matches!(
+                    partial(bad),
+                    Err(ModelError::ConfigField {
+                        field: "partial_rotary_factor",
+                        ..
+                    })
+                ),
+                "{bad}"
+            );
+        }
     }
 
     #[test]
@@ -1101,7 +1306,7 @@ mod tests {
                 r#""rope_scaling":{"rope_type":"llama3","factor":8.0,"low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
             );
         let c = ModelConfig::from_json(&j).unwrap();
-        let f = c.rope_inv_freq();
+        let f = c.rope_inv_freq(8192);
         // High frequencies (short wavelengths) unchanged, the lowest divided by the factor.
         assert_eq!(f[0], 1.0);
         let base_last = 1.0 / 500000f32.powf(126.0 / 128.0);

@@ -328,7 +328,7 @@ impl<B: Backend> Model<B> {
             });
         }
         let table = config.rope_table(limits.max_positions);
-        let table_shape = [limits.max_positions, hd];
+        let table_shape = [limits.max_positions, c.rotary_dim];
         let cos_sin = backend.load_table(crate::backend::HostTensor {
             dtype: crate::backend::HostDType::F32,
             shape: &table_shape,

@@ -1245,14 +1245,14 @@ pub fn check_config(text: String) -> Result<(), TestCaseError> {
                 .and_then(|rows| rows.checked_mul(c.head_dim));
             prop_assert!(kv_token.is_some() && qkv.is_some(), "sizes overflow: {c:?}");
             if c.head_dim <= MAX_TABLE_HEAD_DIM {
-                let inv = c.rope_inv_freq();
-                prop_assert_eq!(inv.len(), c.head_dim / 2);
+                let inv = c.rope_inv_freq(4);
+                prop_assert_eq!(inv.len(), c.rotary_dim / 2);
                 prop_assert!(
                     inv.iter().all(|f| f.is_finite() && *f > 0.0),
                     "rotary frequencies {inv:?} of {c:?}"
                 );
                 let table = c.rope_table(4);
-                prop_assert_eq!(table.len(), 4 * c.head_dim);
+                prop_assert_eq!(table.len(), 4 * c.rotary_dim);
                 prop_assert!(table.iter().all(|x| x.is_finite()), "rotary table of {c:?}");
             }
             prop_assert!(c.rms_norm_eps.is_finite() && c.rms_norm_eps >= 0.0, "{c:?}");

@@ -17,6 +17,7 @@
 
 mod corrupt;
 mod oracle;
+mod ours;
 mod process;
 mod python;
 mod redis;
@@ -31,6 +32,7 @@ pub use oracle::{
     argmax, candle_greedy, candle_greedy_with_margins, candle_logits_all_positions,
     candle_logits_last, clear_margin_prompt, max_abs_diff, top1_margin,
 };
+pub use ours::{llmd_greedy, llmd_logits_all_positions};
 pub use process::{free_port, metric, LlmdProcess};
 pub use python::python_has_zmq;
 pub use redis::RedisServer;

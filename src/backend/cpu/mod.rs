@@ -206,15 +206,16 @@ impl Backend for CpuBackend {
     fn rope(&self, qkv: &mut Vec<f32>, cos_sin: &CpuWeight, step: &BatchPlan, dims: AttnDims) {
         let width = dims.qkv_width();
         let hd = dims.head_dim;
+        let rot = cos_sin.shape.get(1).copied().unwrap_or(hd).min(hd);
         let rotated_heads = dims.num_heads + dims.num_kv_heads;
         qkv[..step.num_tokens() * width]
             .par_chunks_mut(width)
             .zip(step.positions.par_iter())
             .for_each(|(row, &pos)| {
-                let table = &cos_sin.data[pos as usize * hd..(pos as usize + 1) * hd];
-                let (cos, sin) = table.split_at(hd / 2);
+                let table = &cos_sin.data[pos as usize * rot..(pos as usize + 1) * rot];
+                let (cos, sin) = table.split_at(rot / 2);
                 for head in row[..rotated_heads * hd].chunks_mut(hd) {
-                    rope_head(head, cos, sin);
+                    rope_head(&mut head[..rot], cos, sin);
                 }
             });
     }

@@ -691,14 +691,18 @@ impl Backend for CudaBackend {
             dims.num_kv_heads as i32,
             dims.head_dim as i32,
         );
+        // The table's width: the rotated dimensions of each head (partial rotary: fewer).
+        let rot = cos_sin.shape.get(1).map_or(hd, |&w| (w as i32).min(hd));
         let mut b = self.stream.launch_builder(self.func("rope_bf16"));
         b.arg(&mut *qkv)
             .arg(table)
             .arg(&step.positions)
             .arg(&nh)
             .arg(&nkv)
-            .arg(&hd);
-        // SAFETY: matches `rope_bf16`; positions are below the table's rows (max_model_len).
+            .arg(&hd)
+            .arg(&rot);
+        // SAFETY: matches `rope_bf16`; positions are below the table's rows (max_model_len),
+        // and the table rows are `rot` wide.
         if let Err(e) = unsafe { b.launch(Self::rows(n, 128)) } {
             self.record("rope", e);
         }

@@ -1,0 +1,131 @@
+//! Model correctness against Hugging Face transformers (PyTorch, f32, CPU; `tests/hf_reference.py`)
+//! where candle-transformers cannot be the reference: Phi-3's LongRoPE (candle's phi3 multiplies
+//! the frequencies by the factors where transformers divides, and drops the attention factor).
+//! Logits at every prompt position within 1e-3 and 64 greedy tokens identical, as against candle.
+//!
+//! Needs `python3` with torch and transformers (`.ci/run` installs them); without them a test
+//! skips on a developer's machine and fails under `CI`.
+mod common;
+
+use common::{Arch, TinyModelSpec};
+use serde_json::json;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn python_has_transformers() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import torch, transformers"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok || std::env::var_os("CI").is_none(),
+        "the transformers reference needs Python 3 with torch and transformers under CI: run \
+         `python3 -m pip install torch transformers` (.ci/run does)"
+    );
+    if !ok {
+        eprintln!("skipping: python3 with torch and transformers is needed");
+    }
+    ok
+}
+
+/// transformers' logits at every position of `prompt` and its `n` greedy tokens.
+fn transformers_reference(dir: &Path, prompt: &[u32], n: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf_reference.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 runs");
+    let req = json!({"model": dir, "prompt": prompt, "new_tokens": n});
+    serde_json::to_writer(child.stdin.take().unwrap(), &req).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "hf_reference.py failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let logits = serde_json::from_value(v["logits"].clone()).unwrap();
+    let greedy = serde_json::from_value(v["greedy"].clone()).unwrap();
+    (logits, greedy)
+}
+
+/// A generated Phi-3 model whose config carries LongRoPE with `original` pretraining
+/// positions grown to 512, optionally a partial rotary factor (Phi-4-mini), and distinct
+/// short and long factors large enough to change every logit.
+fn phi3_longrope(dir: &Path, original: usize, partial: Option<f64>) -> TinyModelSpec {
+    let spec = TinyModelSpec::new(Arch::Phi3);
+    common::write_tiny_model(dir, &spec);
+    let head_dim = spec.hidden / spec.heads;
+    let pairs = (head_dim as f64 * partial.unwrap_or(1.0)) as usize / 2;
+    let short: Vec<f64> = (0..pairs).map(|i| 1.0 + 0.5 * i as f64).collect();
+    let long: Vec<f64> = (0..pairs).map(|i| 2.0 + 3.0 * i as f64).collect();
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    cfg["max_position_embeddings"] = json!(512);
+    // Phi3Config's default pad id (32000) is outside the tiny vocabulary: transformers refuses it.
+    cfg["pad_token_id"] = json!(0);
+    cfg["original_max_position_embeddings"] = json!(original);
+    cfg["rope_scaling"] = json!({"type": "longrope", "short_factor": short, "long_factor": long});
+    if let Some(f) = partial {
+        cfg["partial_rotary_factor"] = json!(f);
+    }
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    spec
+}
+
+/// Compares logits at every prompt position and 64 greedy tokens, with the engine's context
+/// at `max_model_len` (which picks LongRoPE's factors).
+fn check(dir: &Path, prompt: &[u32], max_model_len: usize, label: &str) {
+    let n = 64;
+    let (theirs, their_tokens) = transformers_reference(dir, prompt, n);
+    let ours = common::llmd_logits_all_positions(dir, prompt, max_model_len);
+    assert_eq!(ours.len(), theirs.len());
+    let mut worst = 0f32;
+    for (p, (a, b)) in ours.iter().zip(&theirs).enumerate() {
+        let d = common::max_abs_diff(a, b);
+        assert!(d <= 1e-3, "{label}: position {p}: max |diff| {d}");
+        worst = worst.max(d);
+    }
+    eprintln!(
+        "{label}: max |logit diff| over {} positions: {worst:e}",
+        prompt.len()
+    );
+    let ours = common::llmd_greedy(dir, prompt, n, max_model_len);
+    assert_eq!(ours, their_tokens, "{label}: greedy continuation differs");
+}
+
+/// Within the original context: the short factors, and transformers' attention factor.
+#[test]
+fn phi3_longrope_short_factors_match_transformers() {
+    if !python_has_transformers() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = phi3_longrope(dir.path(), 160, None);
+    let prompt = common::random_prompt(spec.vocab, 70, spec.seed);
+    // 70 + 64 tokens stay inside the 160 original positions, as does the engine's context.
+    check(dir.path(), &prompt, 160, "phi3 longrope short");
+}
+
+/// Past the original context (a 70-token prompt over 48 original positions, and an engine
+/// whose context exceeds them): the long factors for every position, with partial rotary
+/// (Phi-4-mini's 0.75).
+#[test]
+fn phi4_longrope_long_factors_partial_rotary_match_transformers() {
+    if !python_has_transformers() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = phi3_longrope(dir.path(), 48, Some(0.75));
+    let prompt = common::random_prompt(spec.vocab, 70, spec.seed + 1);
+    check(
+        dir.path(),
+        &prompt,
+        256,
+        "phi4 longrope long, partial rotary",
+    );
+}
