@@ -583,6 +583,23 @@ fn model_logits_match_cpu_within_bf16() {
         common::write_tiny_model(&d, &spec);
         dirs.push(d);
     }
+    // Phi-3 LongRoPE (long factors: 512 positions over 32 original) with Phi-4-mini's partial
+    // rotary (48 of 64 dimensions): the rope kernel reads the narrower table.
+    let mut spec = common::TinyModelSpec::new(common::Arch::Phi3);
+    (spec.hidden, spec.heads, spec.kv_heads, spec.intermediate) = (256, 4, 2, 512);
+    let d = tmp.path().join("Phi3-longrope-partial");
+    common::write_tiny_model(&d, &spec);
+    let path = d.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let (short, long): (Vec<f64>, Vec<f64>) =
+        (0..24).map(|i| (1.0 + 0.5 * i as f64, 2.0 + 3.0 * i as f64)).unzip();
+    cfg["original_max_position_embeddings"] = serde_json::json!(32);
+    cfg["partial_rotary_factor"] = serde_json::json!(0.75);
+    cfg["rope_scaling"] =
+        serde_json::json!({"type": "longrope", "short_factor": short, "long_factor": long});
+    std::fs::write(&path, cfg.to_string()).unwrap();
+    dirs.push(d);
     dirs.extend(common::gpu_models().into_iter().map(|(_, d)| d));
     for dir in dirs {
         let vocab = llmd::model::ModelConfig::from_dir(&dir).unwrap().vocab_size as u32;
