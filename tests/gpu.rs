@@ -592,8 +592,9 @@ fn model_logits_match_cpu_within_bf16() {
     let path = d.join("config.json");
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    let (short, long): (Vec<f64>, Vec<f64>) =
-        (0..24).map(|i| (1.0 + 0.5 * i as f64, 2.0 + 3.0 * i as f64)).unzip();
+    let (short, long): (Vec<f64>, Vec<f64>) = (0..24)
+        .map(|i| (1.0 + 0.5 * i as f64, 2.0 + 3.0 * i as f64))
+        .unzip();
     cfg["original_max_position_embeddings"] = serde_json::json!(32);
     cfg["partial_rotary_factor"] = serde_json::json!(0.75);
     cfg["rope_scaling"] =
