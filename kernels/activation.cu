@@ -40,6 +40,15 @@ extern "C" __global__ void gelu_tanh_mul_bf16(const bf16* __restrict__ gu,
     }
 }
 
+// x[k] = cap · tanh(x[k] / cap) for k < n (Gemma 2's final logits); grid-stride.
+// CPU reference: `softcap` in src/backend/cpu/mod.rs.
+extern "C" __global__ void softcap_bf16(bf16* __restrict__ x, long n, float cap) {
+    for (long k = (long)blockIdx.x * blockDim.x + threadIdx.x; k < n;
+         k += (long)gridDim.x * blockDim.x) {
+        x[k] = f32_to_bf16(soft_cap(bf16_to_f32(x[k]), cap));
+    }
+}
+
 // x[k] *= factor for k < n (Gemma's embedding scale); grid-stride.
 // CPU reference: `scale` in src/backend/cpu/mod.rs.
 extern "C" __global__ void scale_bf16(bf16* __restrict__ x, long n, float factor) {

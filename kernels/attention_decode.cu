@@ -23,9 +23,10 @@
 //   score buffer; the lanes' states are merged by shuffles inside the warp, then across warps
 //   in shared memory.
 // A query attends to positions `lo..context_len` with `lo = max(0, context_len - window)`
-// (window 0: no window). With one partition the block writes the normalized bf16 output;
-// otherwise its unnormalized output, running max and exp-sum, which `paged_decode_reduce_*`
-// combines.
+// (window 0: no window). Scores are soft-capped to softcap · tanh(s / softcap) after scaling
+// when softcap > 0 (Gemma 2; 0: no cap). With one partition the block writes the normalized
+// bf16 output; otherwise its unnormalized output, running max and exp-sum, which
+// `paged_decode_reduce_*` combines.
 
 #define NWARPS 4
 #define UNROLL 4
@@ -54,7 +55,7 @@ __device__ __forceinline__ void paged_decode(
     const unsigned int* __restrict__ context_lens, bf16* __restrict__ out,
     float* __restrict__ part_out, float* __restrict__ part_max, float* __restrict__ part_sum,
     int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq, int window,
-    float scale, int max_partitions, int part_len) {
+    float scale, float softcap, int max_partitions, int part_len) {
     constexpr int VEC = 8;       // dimensions per lane: one 16-byte load
     constexpr int NV = VEC / 8;  // 16-byte loads per row and lane
     constexpr int TL = D / VEC;  // lanes per K/V row
@@ -140,7 +141,7 @@ __device__ __forceinline__ void paged_decode(
                 for (int j = 0; j < VEC; j++) d += q[g][j] * kf[j];
 #pragma unroll
                 for (int o = TL / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-                s[u][g] = ok[u] ? d : neg_inf();
+                s[u][g] = ok[u] ? soft_cap(d, softcap) : neg_inf();
             }
         }
 #pragma unroll
@@ -282,7 +283,7 @@ __device__ __forceinline__ void paged_decode_mma(
     const unsigned int* __restrict__ context_lens, bf16* __restrict__ out,
     float* __restrict__ part_out, float* __restrict__ part_max, float* __restrict__ part_sum,
     int num_heads, int num_kv_heads, int block_size, int max_blocks_per_seq, int window,
-    float scale, int max_partitions, int part_len) {
+    float scale, float softcap, int max_partitions, int part_len) {
     constexpr int SD = D + 8;  // padded shared row (bank conflicts)
     constexpr int KSTEPS = D / 16;
     constexpr int DSUB = D / 8;
@@ -363,7 +364,7 @@ __device__ __forceinline__ void paged_decode_mma(
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 const int pos = n0 + w0 + j * 8 + t * 2 + e;
-                s[j][e] = pos < end ? s[j][e] * scale : neg_inf();
+                s[j][e] = pos < end ? soft_cap(s[j][e] * scale, softcap) : neg_inf();
                 mx = fmaxf(mx, s[j][e]);
             }
         }
@@ -455,12 +456,12 @@ __device__ __forceinline__ void paged_decode_mma(
         const unsigned int* block_tables, const unsigned int* q_rows,                          \
         const unsigned int* table_rows, const unsigned int* context_lens, bf16* out,           \
         float* part_out, float* part_max, float* part_sum, int num_heads, int num_kv_heads,    \
-        int block_size, int max_blocks_per_seq, int window, float scale, int max_partitions,   \
-        int part_len) {                                                                        \
+        int block_size, int max_blocks_per_seq, int window, float scale, float softcap,        \
+        int max_partitions, int part_len) {                                                    \
         paged_decode_mma<D>(qkv, k_cache, v_cache, block_tables, q_rows, table_rows,           \
                             context_lens, out, part_out, part_max, part_sum, num_heads,        \
                             num_kv_heads, block_size, max_blocks_per_seq, window, scale,       \
-                            max_partitions, part_len);                                         \
+                            softcap, max_partitions, part_len);                                \
     }
 
 DECODE_MMA(64)
@@ -472,12 +473,12 @@ DECODE_MMA(128)
         const unsigned int* block_tables, const unsigned int* q_rows,                          \
         const unsigned int* table_rows, const unsigned int* context_lens, bf16* out,           \
         float* part_out, float* part_max, float* part_sum, int num_heads, int num_kv_heads,    \
-        int block_size, int max_blocks_per_seq, int window, float scale, int max_partitions,   \
-        int part_len) {                                                                        \
+        int block_size, int max_blocks_per_seq, int window, float scale, float softcap,        \
+        int max_partitions, int part_len) {                                                    \
         paged_decode<D, G>(qkv, k_cache, v_cache, block_tables, q_rows, table_rows,            \
                            context_lens, out, part_out, part_max, part_sum, num_heads,         \
                            num_kv_heads, block_size, max_blocks_per_seq, window, scale,        \
-                           max_partitions, part_len);                                          \
+                           softcap, max_partitions, part_len);                                 \
     }
 
 #define DECODE_INSTANCE(D)                                                                     \

@@ -9,7 +9,8 @@
 // run on `mma.sync.m16n8k16` (bf16 in, f32 accumulate), P staying in registers between the two.
 //
 // Per-sequence arrays (prefill sequences only): first qkv/out row, query_len, context_len,
-// block-table row.
+// block-table row. `softcap` > 0 caps the scaled scores to softcap · tanh(s / softcap) before
+// masking and softmax (Gemma 2); 0: no cap.
 
 #define BM 64
 #define BN 64
@@ -22,7 +23,7 @@ __device__ __forceinline__ void paged_prefill(
     const unsigned int* __restrict__ seq_rows, const unsigned int* __restrict__ seq_qlens,
     const unsigned int* __restrict__ seq_ctxs, const unsigned int* __restrict__ seq_tables,
     bf16* __restrict__ out, int num_heads, int num_kv_heads, int block_size,
-    int max_blocks_per_seq, int window, float scale) {
+    int max_blocks_per_seq, int window, float scale, float softcap) {
     constexpr int SD = D + 8;  // padded smem row (bank conflicts)
     constexpr int KSTEPS = D / 16;
     constexpr int NSUB = BN / 8;  // 8-wide key subtiles per tile
@@ -119,7 +120,7 @@ __device__ __forceinline__ void paged_prefill(
                 const int qpos = e < 2 ? pos_lo : pos_hi;
                 const bool masked = kpos > qpos || kpos >= ctx ||
                                     (window > 0 && kpos <= qpos - window);
-                s[j][e] = masked ? NEG_INF : s[j][e] * scale;
+                s[j][e] = masked ? NEG_INF : soft_cap(s[j][e] * scale, softcap);
             }
             tmax_lo = fmaxf(tmax_lo, fmaxf(s[j][0], s[j][1]));
             tmax_hi = fmaxf(tmax_hi, fmaxf(s[j][2], s[j][3]));
@@ -202,10 +203,10 @@ __device__ __forceinline__ void paged_prefill(
         const unsigned int* block_tables, const unsigned int* seq_rows,                        \
         const unsigned int* seq_qlens, const unsigned int* seq_ctxs,                           \
         const unsigned int* seq_tables, bf16* out, int num_heads, int num_kv_heads,            \
-        int block_size, int max_blocks_per_seq, int window, float scale) {                     \
+        int block_size, int max_blocks_per_seq, int window, float scale, float softcap) {      \
         paged_prefill<D>(qkv, k_cache, v_cache, block_tables, seq_rows, seq_qlens, seq_ctxs,   \
                          seq_tables, out, num_heads, num_kv_heads, block_size,                 \
-                         max_blocks_per_seq, window, scale);                                   \
+                         max_blocks_per_seq, window, scale, softcap);                          \
     }
 
 PREFILL_INSTANCE(64)

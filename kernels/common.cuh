@@ -46,6 +46,11 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
     return warp_sum(v);
 }
 
+// Gemma 2's soft-capping: cap · tanh(s / cap); cap 0 is none (one uniform branch).
+__device__ __forceinline__ float soft_cap(float s, float cap) {
+    return cap > 0.0f ? cap * tanhf(s / cap) : s;
+}
+
 // Two floats as packed bf16 (lo in the low half), and one tensor-core step
 // D += A·B with A 16×16 (row-major fragments), B 16×8 (column-major), bf16 in, f32 accumulate.
 __device__ __forceinline__ unsigned int pack_bf16(float lo, float hi) {

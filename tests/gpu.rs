@@ -138,6 +138,14 @@ fn norms_activation_matmul_match_cpu() {
         g.scale(&mut gx, rows * inter, 33.94);
         let got = g.download(&gx, rows * 2 * inter).unwrap();
         assert_close(&format!("scale {rows}x{inter}"), &got, &x, 1e-2, 1e-2);
+
+        // Gemma 2's final-logit soft-capping (30), on logits that reach past it.
+        let mut x = rand_vec(rows * inter, 8, 100.0);
+        let mut gx = g.upload(&x).unwrap();
+        cpu.softcap(&mut x, rows * inter, 30.0);
+        g.softcap(&mut gx, rows * inter, 30.0);
+        let got = g.download(&gx, rows * inter).unwrap();
+        assert_close(&format!("softcap {rows}x{inter}"), &got, &x, 1e-2, 1e-2);
     }
     for (m, n, k, with_bias) in [
         (1, 64, 64, false),
@@ -209,7 +217,9 @@ fn plan(seqs: &[(usize, usize)], block_size: usize, num_blocks: usize, seed: u64
 }
 
 /// `mma`: decode on tensor cores for every group size (the kernel for head dims 64 and 128),
-/// else never.
+/// else never. `softcap`: Gemma 2's score cap, with scale 1 (Gemma's query scaling is
+/// separate), so that scores reach the cap; the case checks that the cap changes the CPU's
+/// output beyond the tolerance, so a kernel that ignores it fails.
 fn attention_case(
     nh: usize,
     nkv: usize,
@@ -217,6 +227,7 @@ fn attention_case(
     seqs: &[(usize, usize)],
     window: Option<usize>,
     mma: bool,
+    softcap: Option<f32>,
 ) {
     let (cpu, g) = (CpuBackend, gpu());
     g.set_decode_mma_min_group(if mma { 1 } else { usize::MAX });
@@ -231,9 +242,13 @@ fn attention_case(
         num_heads: nh,
         num_kv_heads: nkv,
         head_dim: hd,
-        scale: 1.0 / (hd as f32).sqrt(),
+        scale: if softcap.is_some() {
+            1.0
+        } else {
+            1.0 / (hd as f32).sqrt()
+        },
         sliding_window: window,
-        softcap: None,
+        softcap,
     };
     let kd = KvCacheDims {
         num_blocks,
@@ -274,13 +289,25 @@ fn attention_case(
     g.paged_attention_decode(&gqkv, &gcache, &gstep, dims, &mut gout);
     g.paged_attention_prefill(&gqkv, &gcache, &gstep, dims, &mut gout);
     let got = g.download(&gout, n * dims.q_width()).unwrap();
-    assert_close(
-        &format!("attention heads {nh}/{nkv} d{hd} seqs {seqs:?} window {window:?} mma {mma}"),
-        &got,
-        &cout,
-        1e-2,
-        2e-2,
+    let what = format!(
+        "attention heads {nh}/{nkv} d{hd} seqs {seqs:?} window {window:?} mma {mma} \
+         softcap {softcap:?}"
     );
+    assert_close(&what, &got, &cout, 1e-2, 2e-2);
+    if softcap.is_some() {
+        let uncapped = AttnDims {
+            softcap: None,
+            ..dims
+        };
+        let mut plain = vec![0f32; n * dims.q_width()];
+        cpu.paged_attention_decode(&qkv, &ccache, &cstep, uncapped, &mut plain);
+        cpu.paged_attention_prefill(&qkv, &ccache, &cstep, uncapped, &mut plain);
+        let bite = common::max_abs_diff(&plain, &cout);
+        assert!(
+            bite > 0.1,
+            "{what}: the cap changes the output by only {bite}"
+        );
+    }
     // The cache written by write_kv matches too.
     let gk: Vec<u16> = g.stream().clone_dtoh(&gcache.k).unwrap();
     let gk: Vec<f32> = gk
@@ -296,7 +323,7 @@ fn attention_matches_cpu_on_edge_shapes() {
     // Both decode kernels: per-lane dot products, and tensor cores over the group's heads.
     for mma in [false, true] {
         let case = |nh, nkv, hd, seqs: &[(usize, usize)], window| {
-            attention_case(nh, nkv, hd, seqs, window, mma)
+            attention_case(nh, nkv, hd, seqs, window, mma, None)
         };
         for (nh, nkv) in [(8, 8), (32, 8), (32, 4)] {
             for hd in [64, 128] {
@@ -336,6 +363,18 @@ fn attention_matches_cpu_on_edge_shapes() {
         case(4, 4, 32, &[(63, 1), (65, 1), (1025, 1)], None);
         case(32, 8, 128, &[(65535, 1)], None);
         case(32, 4, 128, &[(16383, 1)], Some(4096));
+
+        // Gemma 2's soft-capped scores: decode (one and split partitions), prefill on tensor
+        // cores (head dims 64, 128 and Gemma 2's 256 token by token), a window, small heads.
+        let capped = |nh, nkv, hd, seqs: &[(usize, usize)], window| {
+            attention_case(nh, nkv, hd, seqs, window, mma, Some(2.0))
+        };
+        for (nh, nkv, hd) in [(8, 8, 64), (32, 8, 128), (8, 4, 256)] {
+            capped(nh, nkv, hd, &[(0, 1), (15, 1), (600, 1), (4095, 1)], None);
+            capped(nh, nkv, hd, &[(100, 1), (48, 200), (0, 33)], None);
+            capped(nh, nkv, hd, &[(1000, 1), (0, 100)], Some(256));
+        }
+        capped(4, 2, 16, &[(40, 1), (0, 20)], None);
     }
 }
 
@@ -571,8 +610,9 @@ fn logits_both(dir: &std::path::Path, prompt: &[u32]) -> (Vec<f32>, Vec<f32>) {
 fn model_logits_match_cpu_within_bf16() {
     let mut dirs = Vec::new();
     let tmp = tempfile::tempdir().unwrap();
-    // Soft-capped models are refused on CUDA for now.
-    for arch in common::Arch::ALL.into_iter().filter(|a| !a.cpu_only()) {
+    // Every architecture: mixtures of experts (Mixtral, Qwen3-MoE) and soft-capping (Gemma 2)
+    // included.
+    for arch in common::Arch::ALL {
         // head_dim 64, the smallest real-model head size, with GQA 2.
         let mut spec = common::TinyModelSpec::new(arch);
         spec.hidden = 256;

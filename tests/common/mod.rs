@@ -171,11 +171,6 @@ impl Arch {
     pub fn sandwich_norms(self) -> bool {
         matches!(self, Arch::Gemma3 | Arch::Gemma2)
     }
-
-    /// Whether the CUDA backend refuses the model (soft-capping).
-    pub fn cpu_only(self) -> bool {
-        self == Arch::Gemma2
-    }
 }
 
 /// Storage dtype of the weights on disk.

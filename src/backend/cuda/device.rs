@@ -784,12 +784,21 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn softcap(&self, _x: &mut CudaBuffer, _n: usize, _cap: f32) {
-        // Not reached: models refuse soft-capping on a backend without `supports_softcap`.
-        self.record(
-            "softcap",
-            "soft-capping (Gemma 2) is not implemented on CUDA yet (run --device cpu)",
-        );
+    fn supports_softcap(&self) -> bool {
+        true
+    }
+
+    fn softcap(&self, x: &mut CudaBuffer, n: usize, cap: f32) {
+        if n == 0 {
+            return;
+        }
+        let len = n as i64;
+        let mut b = self.stream.launch_builder(self.func("softcap_bf16"));
+        b.arg(&mut *x).arg(&len).arg(&cap);
+        // SAFETY: matches `softcap_bf16`; n is within the buffer (the step's logits rows).
+        if let Err(e) = unsafe { b.launch(Self::elementwise(n)) } {
+            self.record("softcap", e);
+        }
     }
 
     fn supports_moe(&self) -> bool {

@@ -53,6 +53,7 @@ pub const KERNEL_ENTRIES: &[(&str, &[&str])] = &[
             "add_bias_bf16",
             "gelu_tanh_mul_bf16",
             "scale_bf16",
+            "softcap_bf16",
         ],
     ),
     (

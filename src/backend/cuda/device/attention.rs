@@ -129,14 +129,6 @@ impl CudaBackend {
         if q.n == 0 {
             return;
         }
-        if dims.softcap.is_some() {
-            // Not reached: models refuse soft-capping on a backend without `supports_softcap`.
-            self.record(
-                "attention",
-                "soft-capped attention is not implemented on CUDA yet",
-            );
-            return;
-        }
         let group = dims.num_heads / dims.num_kv_heads;
         if group > MAX_GROUP {
             self.record(
@@ -199,6 +191,8 @@ impl CudaBackend {
         let bs = cache.dims.block_size as i32;
         let mbps = step.plan.max_blocks_per_seq as i32;
         let (window, scale, parts_i) = (window as i32, dims.scale, parts as i32);
+        // 0: no cap (the kernels' one uniform branch).
+        let softcap = dims.softcap.unwrap_or(0.0);
         let part_len_i = part_len as i32;
         let f = self.func(main);
         let mut b = self.stream.launch_builder(f);
@@ -219,6 +213,7 @@ impl CudaBackend {
             .arg(&mbps)
             .arg(&window)
             .arg(&scale)
+            .arg(&softcap)
             .arg(&parts_i)
             .arg(&part_len_i);
         let cfg = LaunchConfig {
@@ -267,14 +262,6 @@ impl CudaBackend {
         dims: AttnDims,
         out: &mut CudaBuffer,
     ) {
-        if dims.softcap.is_some() {
-            // Not reached: models refuse soft-capping on a backend without `supports_softcap`.
-            self.record(
-                "attention",
-                "soft-capped attention is not implemented on CUDA yet",
-            );
-            return;
-        }
         let kernel = match dims.head_dim {
             64 => "paged_prefill_d64",
             128 => "paged_prefill_d128",
@@ -289,7 +276,7 @@ impl CudaBackend {
         let bs = cache.dims.block_size as i32;
         let mbps = step.plan.max_blocks_per_seq as i32;
         let window = dims.sliding_window.unwrap_or(0) as i32;
-        let scale = dims.scale;
+        let (scale, softcap) = (dims.scale, dims.softcap.unwrap_or(0.0));
         let mut b = self.stream.launch_builder(self.func(kernel));
         b.arg(qkv)
             .arg(&cache.k)
@@ -305,7 +292,8 @@ impl CudaBackend {
             .arg(&bs)
             .arg(&mbps)
             .arg(&window)
-            .arg(&scale);
+            .arg(&scale)
+            .arg(&softcap);
         let cfg = LaunchConfig {
             grid_dim: (
                 p.max_query_len.div_ceil(64) as u32,
