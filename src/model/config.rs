@@ -488,7 +488,9 @@ impl ModelConfig {
         // transformers rotates int(head_dim * factor) dimensions, in pairs.
         let rotary_dim = match partial {
             None => head_dim,
-            Some(f) if f > 0.0 && f <= 1.0 && (head_dim as f64 * f) as usize % 2 == 0 => {
+            Some(f)
+                if f > 0.0 && f <= 1.0 && ((head_dim as f64 * f) as usize).is_multiple_of(2) =>
+            {
                 (head_dim as f64 * f) as usize
             }
             Some(f) => {
