@@ -1,11 +1,12 @@
-//! Paged prefill attention on the GPU (tensor-core kernel): TFLOP/s of causal attention over
-//! whole prompts, one line per shape in a form `benches/prefill_vs_sdpa.py` reads to compare
-//! with PyTorch's flash SDPA on the same GPU in the same run.
+//! Paged prefill attention on the GPU (tensor-core kernels): TFLOP/s of causal attention over
+//! whole prompts, one line per shape and kernel (`tiled`, `pipelined`) in a form
+//! `benches/prefill_vs_sdpa.py` reads to compare with PyTorch's flash SDPA on the same GPU in
+//! the same run.
 //!
 //! FLOPs counted as a causal attention does them: 4 · heads · d · n(n+1)/2 (Q·Kᵀ and P·V).
 //! Best of `LLMD_BENCH_REPEAT` (default 10) after a warm-up. Without a CUDA device it says so
 //! and exits 0. Run: `cargo bench --bench cuda_prefill`.
-use llmd::backend::cuda::device::CudaKvCache;
+use llmd::backend::cuda::device::{CudaKvCache, PrefillKernel};
 #[path = "support/gpu.rs"]
 mod gpu;
 
@@ -75,14 +76,18 @@ fn main() {
         let qkv = g.upload(&qkv).unwrap();
         g.write_kv(&qkv, &mut cache, &step, dims);
         let mut out = g.alloc(rows * dims.q_width()).unwrap();
-        let best = gpu::best_secs(&g, repeat, || {
-            g.paged_attention_prefill(&qkv, &cache, &step, dims, &mut out)
-        });
-        let flops = 4.0 * (batch * nh * hd) as f64 * (n * (n + 1) / 2) as f64;
-        println!(
-            "prefill batch={batch} seq={n} heads={nh} kv_heads={nkv} head_dim={hd} ms={:.3} tflops={:.2}",
-            best * 1e3,
-            flops / best / 1e12
-        );
+        for kernel in PrefillKernel::ALL {
+            g.set_prefill_kernel(kernel);
+            let best = gpu::best_secs(&g, repeat, || {
+                g.paged_attention_prefill(&qkv, &cache, &step, dims, &mut out)
+            });
+            let flops = 4.0 * (batch * nh * hd) as f64 * (n * (n + 1) / 2) as f64;
+            println!(
+                "prefill kernel={} batch={batch} seq={n} heads={nh} kv_heads={nkv} head_dim={hd} ms={:.3} tflops={:.2}",
+                kernel.name(),
+                best * 1e3,
+                flops / best / 1e12
+            );
+        }
     }
 }

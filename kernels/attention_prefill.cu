@@ -211,3 +211,251 @@ __device__ __forceinline__ void paged_prefill(
 
 PREFILL_INSTANCE(64)
 PREFILL_INSTANCE(128)
+
+// ---- Pipelined variant (`paged_prefill_pipe_d*`) ----
+// The same attention with the shared-memory traffic of FlashAttention-2: K/V tiles gathered with
+// cp.async into two stages (the next tile's copy runs under this tile's math), fragments read
+// with ldmatrix (K as is, V transposed: one instruction per four 8×8 fragments where the tiled
+// kernel above reads V element by element), masks evaluated only on the tiles that cross the
+// diagonal, the window's edge or the context's end, and the grid's heaviest (last) query tiles
+// started first. Tiles: BM = 64 queries (4 warps × 16 rows), PIPE_BN keys (32 for d128 and 64
+// for d64, so two stages of K and V fit the 48 KiB of static shared memory). Chosen at run time
+// by `CudaBackend::set_prefill_kernel`; same arguments as `paged_prefill_d*`.
+
+__device__ __forceinline__ void pf_cp_async16(void* smem, const void* gmem, int src_bytes) {
+    const unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+                 "r"(src_bytes));
+}
+
+// Four 8×8 b16 matrices; lane i gives the address of row i % 8 of matrix i / 8.
+__device__ __forceinline__ void ldmatrix_x4(unsigned int* r, const void* smem) {
+    const unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned int* r, const void* smem) {
+    const unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(s));
+}
+
+template <int D, int TBN>
+__device__ __forceinline__ void paged_prefill_pipe(
+    const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
+    const bf16* __restrict__ v_cache, const unsigned int* __restrict__ block_tables,
+    const unsigned int* __restrict__ seq_rows, const unsigned int* __restrict__ seq_qlens,
+    const unsigned int* __restrict__ seq_ctxs, const unsigned int* __restrict__ seq_tables,
+    bf16* __restrict__ out, int num_heads, int num_kv_heads, int block_size,
+    int max_blocks_per_seq, int window, float scale, float softcap) {
+    constexpr int SD = D + 8;  // padded row: ldmatrix's 8 row addresses hit 8 distinct bank groups
+    constexpr int KSTEPS = D / 16;
+    constexpr int NSUB = TBN / 8;
+    constexpr int DSUB = D / 8;
+    constexpr int CHUNKS = D / 8;  // 16-byte copies per row
+    __shared__ __align__(16) bf16 ks[2][TBN][SD];
+    __shared__ __align__(16) bf16 vs[2][TBN][SD];
+
+    const int seq = blockIdx.z, head = blockIdx.y;
+    const int qlen = (int)seq_qlens[seq];
+    // Heaviest tiles first: with causal masking the last query tile reads the most keys.
+    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    if (m0 >= qlen) return;
+    const int ctx = (int)seq_ctxs[seq];
+    const int first_pos = ctx - qlen;
+    const long row0 = seq_rows[seq];
+    const int kvh = head / (num_heads / num_kv_heads);
+    const unsigned int* table = block_tables + (long)seq_tables[seq] * max_blocks_per_seq;
+    const int qkv_w = (num_heads + 2 * num_kv_heads) * D;
+    const long kv_w = (long)num_kv_heads * D;
+    const bf16* k_head = k_cache + (long)kvh * D;
+    const bf16* v_head = v_cache + (long)kvh * D;
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int r_lo = m0 + warp * 16 + g, r_hi = r_lo + 8;
+    const int pos_lo = first_pos + r_lo, pos_hi = first_pos + r_hi;
+
+    // Keys of the block: from the window start of its first row to its last row.
+    const int last_pos = min(first_pos + m0 + BM, ctx) - 1;
+    int k_begin = 0;
+    if (window > 0) k_begin = max(0, first_pos + m0 + 1 - window);
+    k_begin = (k_begin / TBN) * TBN;
+    const int num_tiles = (last_pos - k_begin) / TBN + 1;
+
+    // Gathers K and V of positions n0 .. n0 + TBN into `stage` (zeros past the context).
+    auto load = [&](int stage, int n0) {
+        for (int i = threadIdx.x; i < TBN * CHUNKS; i += PF_WARPS * 32) {
+            const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
+            const int pos = n0 + r;
+            const bool ok = pos < ctx;
+            const long slot =
+                ok ? (long)table[pos / block_size] * block_size + pos % block_size : 0;
+            pf_cp_async16(&ks[stage][r][c], k_head + slot * kv_w + c, ok ? 16 : 0);
+            pf_cp_async16(&vs[stage][r][c], v_head + slot * kv_w + c, ok ? 16 : 0);
+        }
+        asm volatile("cp.async.commit_group;\n" ::);
+    };
+    load(0, k_begin);
+
+    // Q as A fragments, straight from global memory (rows past qlen read as zero), while the
+    // first tile is in flight.
+    unsigned int qf[KSTEPS][4];
+    {
+        const bf16* q_lo = qkv + (row0 + r_lo) * qkv_w + (long)head * D;
+        const bf16* q_hi = qkv + (row0 + r_hi) * qkv_w + (long)head * D;
+        const bool ok_lo = r_lo < qlen, ok_hi = r_hi < qlen;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; kk++) {
+            const int c = kk * 16 + t * 2;
+            qf[kk][0] = ok_lo ? *(const unsigned int*)(q_lo + c) : 0u;
+            qf[kk][1] = ok_hi ? *(const unsigned int*)(q_hi + c) : 0u;
+            qf[kk][2] = ok_lo ? *(const unsigned int*)(q_lo + c + 8) : 0u;
+            qf[kk][3] = ok_hi ? *(const unsigned int*)(q_hi + c + 8) : 0u;
+        }
+    }
+
+    float o[DSUB][4];
+#pragma unroll
+    for (int j = 0; j < DSUB; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    float m_lo = NEG_INF, m_hi = NEG_INF, l_lo = 0.0f, l_hi = 0.0f;
+    // ldmatrix row of this lane: row lane % 8 of matrix lane / 8.
+    const int lm_row = lane & 7, lm_mat = lane >> 3;
+
+    for (int it = 0; it < num_tiles; it++) {
+        const int n0 = k_begin + it * TBN;
+        const int st = it & 1;
+        if (it + 1 < num_tiles) {
+            load(st ^ 1, n0 + TBN);  // that stage was last read before the previous barrier
+            asm volatile("cp.async.wait_group 1;\n" ::);
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::);
+        }
+        __syncthreads();
+
+        // S = Q·Kᵀ: per k-step, one ldmatrix.x4 gives the B fragments of two 8-key groups.
+        float s[NSUB][4];
+#pragma unroll
+        for (int j = 0; j < NSUB; j++) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; kk++) {
+#pragma unroll
+            for (int j = 0; j < NSUB; j += 2) {
+                // Matrices: (keys j, dims lo), (keys j, dims hi), (keys j+1, lo), (j+1, hi).
+                unsigned int b[4];
+                ldmatrix_x4(b, &ks[st][(j + (lm_mat >> 1)) * 8 + lm_row]
+                                  [kk * 16 + (lm_mat & 1) * 8]);
+                mma_bf16_16816(s[j], qf[kk], b);
+                mma_bf16_16816(s[j + 1], qf[kk], b + 2);
+            }
+        }
+        // Scale and cap; mask only where the tile crosses the diagonal, the window's edge or
+        // the context's end (a block-uniform test).
+        const bool edge = n0 + TBN - 1 > first_pos + m0 || n0 + TBN > ctx ||
+                          (window > 0 && n0 <= first_pos + m0 + BM - 1 - window);
+        float tmax_lo = NEG_INF, tmax_hi = NEG_INF;
+#pragma unroll
+        for (int j = 0; j < NSUB; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float v = soft_cap(s[j][e] * scale, softcap);
+                if (edge) {
+                    const int kpos = n0 + j * 8 + t * 2 + (e & 1);
+                    const int qpos = e < 2 ? pos_lo : pos_hi;
+                    if (kpos > qpos || kpos >= ctx || (window > 0 && kpos <= qpos - window))
+                        v = NEG_INF;
+                }
+                s[j][e] = v;
+            }
+            tmax_lo = fmaxf(tmax_lo, fmaxf(s[j][0], s[j][1]));
+            tmax_hi = fmaxf(tmax_hi, fmaxf(s[j][2], s[j][3]));
+        }
+#pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+            tmax_lo = fmaxf(tmax_lo, __shfl_xor_sync(0xffffffffu, tmax_lo, x));
+            tmax_hi = fmaxf(tmax_hi, __shfl_xor_sync(0xffffffffu, tmax_hi, x));
+        }
+        const float mn_lo = fmaxf(m_lo, tmax_lo), mn_hi = fmaxf(m_hi, tmax_hi);
+        const float base_lo = mn_lo == NEG_INF ? 0.0f : mn_lo;
+        const float base_hi = mn_hi == NEG_INF ? 0.0f : mn_hi;
+        const float corr_lo = __expf(m_lo - base_lo), corr_hi = __expf(m_hi - base_hi);
+        m_lo = mn_lo;
+        m_hi = mn_hi;
+        float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+        for (int j = 0; j < NSUB; j++) {
+            s[j][0] = __expf(s[j][0] - base_lo);
+            s[j][1] = __expf(s[j][1] - base_lo);
+            s[j][2] = __expf(s[j][2] - base_hi);
+            s[j][3] = __expf(s[j][3] - base_hi);
+            sum_lo += s[j][0] + s[j][1];
+            sum_hi += s[j][2] + s[j][3];
+        }
+#pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, x);
+            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, x);
+        }
+        l_lo = l_lo * corr_lo + sum_lo;
+        l_hi = l_hi * corr_hi + sum_hi;
+#pragma unroll
+        for (int j = 0; j < DSUB; j++) {
+            o[j][0] *= corr_lo;
+            o[j][1] *= corr_lo;
+            o[j][2] *= corr_hi;
+            o[j][3] *= corr_hi;
+        }
+        // O += P·V: P's accumulators are the A fragments; one ldmatrix.x4.trans gives the B
+        // fragments of two 8-dimension groups for 16 keys.
+#pragma unroll
+        for (int kk = 0; kk < TBN / 16; kk++) {
+            unsigned int a[4];
+            a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+            a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+            a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+            a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+#pragma unroll
+            for (int j = 0; j < DSUB; j += 2) {
+                // Matrices: (keys lo, dims j), (keys hi, dims j), (lo, j+1), (hi, j+1).
+                unsigned int b[4];
+                ldmatrix_x4_trans(b, &vs[st][kk * 16 + (lm_mat & 1) * 8 + lm_row]
+                                        [(j + (lm_mat >> 1)) * 8]);
+                mma_bf16_16816(o[j], a, b);
+                mma_bf16_16816(o[j + 1], a, b + 2);
+            }
+        }
+        __syncthreads();  // this stage is refilled two tiles from now
+    }
+
+    const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
+    const float inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+    bf16* out_lo = out + ((row0 + r_lo) * num_heads + head) * D;
+    bf16* out_hi = out + ((row0 + r_hi) * num_heads + head) * D;
+#pragma unroll
+    for (int j = 0; j < DSUB; j++) {
+        const int c = j * 8 + t * 2;
+        if (r_lo < qlen)
+            *(unsigned int*)(out_lo + c) = pack_bf16(o[j][0] * inv_lo, o[j][1] * inv_lo);
+        if (r_hi < qlen)
+            *(unsigned int*)(out_hi + c) = pack_bf16(o[j][2] * inv_hi, o[j][3] * inv_hi);
+    }
+}
+
+#define PREFILL_PIPE_INSTANCE(D, TBN)                                                          \
+    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) paged_prefill_pipe_d##D(       \
+        const bf16* qkv, const bf16* k_cache, const bf16* v_cache,                             \
+        const unsigned int* block_tables, const unsigned int* seq_rows,                        \
+        const unsigned int* seq_qlens, const unsigned int* seq_ctxs,                           \
+        const unsigned int* seq_tables, bf16* out, int num_heads, int num_kv_heads,            \
+        int block_size, int max_blocks_per_seq, int window, float scale, float softcap) {      \
+        paged_prefill_pipe<D, TBN>(qkv, k_cache, v_cache, block_tables, seq_rows, seq_qlens,   \
+                                   seq_ctxs, seq_tables, out, num_heads, num_kv_heads,         \
+                                   block_size, max_blocks_per_seq, window, scale, softcap);    \
+    }
+
+PREFILL_PIPE_INSTANCE(64, 64)
+PREFILL_PIPE_INSTANCE(128, 32)

@@ -13,7 +13,7 @@
 mod common;
 
 use llmd::backend::cpu::{CpuBackend, CpuKvCache};
-use llmd::backend::cuda::device::{CudaKvCache, WeightData};
+use llmd::backend::cuda::device::{CudaKvCache, PrefillKernel, WeightData};
 use llmd::backend::cuda::CudaBackend;
 use llmd::backend::{
     AttnDims, Backend, BatchPlan, HostDType, HostTensor, KvCacheDims, MoeWeights, SeqPlan,
@@ -285,15 +285,25 @@ fn attention_case(
     let mut cout = vec![0f32; n * dims.q_width()];
     cpu.paged_attention_decode(&qkv, &ccache, &cstep, dims, &mut cout);
     cpu.paged_attention_prefill(&qkv, &ccache, &cstep, dims, &mut cout);
-    let mut gout = g.alloc(n * dims.q_width()).unwrap();
-    g.paged_attention_decode(&gqkv, &gcache, &gstep, dims, &mut gout);
-    g.paged_attention_prefill(&gqkv, &gcache, &gstep, dims, &mut gout);
-    let got = g.download(&gout, n * dims.q_width()).unwrap();
     let what = format!(
         "attention heads {nh}/{nkv} d{hd} seqs {seqs:?} window {window:?} mma {mma} \
          softcap {softcap:?}"
     );
-    assert_close(&what, &got, &cout, 1e-2, 2e-2);
+    // Both prefill kernels (the choice matters for head dims 64 and 128).
+    for kernel in PrefillKernel::ALL {
+        g.set_prefill_kernel(kernel);
+        let mut gout = g.alloc(n * dims.q_width()).unwrap();
+        g.paged_attention_decode(&gqkv, &gcache, &gstep, dims, &mut gout);
+        g.paged_attention_prefill(&gqkv, &gcache, &gstep, dims, &mut gout);
+        let got = g.download(&gout, n * dims.q_width()).unwrap();
+        assert_close(
+            &format!("{what} prefill {}", kernel.name()),
+            &got,
+            &cout,
+            1e-2,
+            2e-2,
+        );
+    }
     if softcap.is_some() {
         let uncapped = AttnDims {
             softcap: None,
@@ -334,6 +344,17 @@ fn attention_matches_cpu_on_edge_shapes() {
                 case(nh, nkv, hd, &[(0, 15), (0, 16), (0, 17)], None);
                 case(nh, nkv, hd, &[(600, 1), (100, 1), (48, 200), (0, 33)], None);
                 case(nh, nkv, hd, &[(1000, 1), (0, 100)], Some(256));
+                // Prefills of many key tiles (the pipelined kernel's two stages and its
+                // edge-only masks): whole prompts, chunks over a cached prefix, tile edges,
+                // a window narrower than the chunk.
+                case(
+                    nh,
+                    nkv,
+                    hd,
+                    &[(0, 1000), (700, 300), (0, 64), (0, 65)],
+                    None,
+                );
+                case(nh, nkv, hd, &[(0, 700), (300, 129)], Some(100));
             }
         }
         // Long contexts: split along the sequence with the reduce step.

@@ -78,6 +78,10 @@ fn every_kernel_compiles_for_sm80_and_sm90() {
                     if file == "attention_prefill.cu" {
                         // Prefill runs on tensor cores.
                         assert!(ptx.contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"));
+                        // The pipelined kernel's fragments come from ldmatrix (V transposed)
+                        // and its tiles from cp.async.
+                        assert!(ptx.contains("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"));
+                        assert!(ptx.contains("cp.async.wait_group"));
                     }
                     println!(
                         "{file} {arch}: {} entry points, {} bytes of PTX",

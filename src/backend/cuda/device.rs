@@ -32,7 +32,7 @@ mod moe;
 mod step;
 
 use attention::Scratch;
-pub use attention::{decode_partition, DEFAULT_DECODE_MMA_MIN_GROUP};
+pub use attention::{decode_partition, PrefillKernel, DEFAULT_DECODE_MMA_MIN_GROUP};
 use graphs::{Graphs, StepTiming};
 use moe::MoeState;
 use step::{is_pure_decode, Queries};
@@ -82,6 +82,8 @@ pub struct CudaBackend {
     sm_count: usize,
     /// Smallest group decoded on tensor cores ([`DEFAULT_DECODE_MMA_MIN_GROUP`]).
     decode_mma_min_group: std::sync::atomic::AtomicUsize,
+    /// The prefill attention kernel ([`PrefillKernel`] as u8).
+    prefill_kernel: std::sync::atomic::AtomicU8,
     /// The device-clock span of each step (events around its kernels), summed.
     timing: Mutex<StepTiming>,
     /// Mixture-of-experts scratch (sized at `reserve`) and expert address tables.
@@ -200,6 +202,7 @@ impl CudaBackend {
             step_pool: Arc::new(Mutex::new(HashMap::new())),
             sm_count,
             decode_mma_min_group: std::sync::atomic::AtomicUsize::new(DEFAULT_DECODE_MMA_MIN_GROUP),
+            prefill_kernel: std::sync::atomic::AtomicU8::new(PrefillKernel::from_env()? as u8),
             timing: Mutex::new(timing),
             moe: Mutex::new(MoeState::default()),
         })
@@ -209,6 +212,16 @@ impl CudaBackend {
     /// cores (`usize::MAX`: never), for benches and tests that compare the two kernels.
     pub fn set_decode_mma_min_group(&self, group: usize) {
         self.decode_mma_min_group.store(group, Ordering::Relaxed);
+    }
+
+    /// Runs prefill attention (head dims 64 and 128) with `kernel`, for benches and tests
+    /// that compare the kernels.
+    pub fn set_prefill_kernel(&self, kernel: PrefillKernel) {
+        self.prefill_kernel.store(kernel as u8, Ordering::Relaxed);
+    }
+
+    pub fn prefill_kernel(&self) -> PrefillKernel {
+        PrefillKernel::ALL[self.prefill_kernel.load(Ordering::Relaxed) as usize]
     }
 
     pub fn arch(&self) -> &'static str {

@@ -95,7 +95,12 @@ pub const KERNEL_ENTRIES: &[(&str, &[&str])] = &[
     ),
     (
         "attention_prefill.cu",
-        &["paged_prefill_d64", "paged_prefill_d128"],
+        &[
+            "paged_prefill_d64",
+            "paged_prefill_d128",
+            "paged_prefill_pipe_d64",
+            "paged_prefill_pipe_d128",
+        ],
     ),
     ("embedding.cu", &["embedding_bf16", "gather_rows_bf16"]),
     ("kv_cache.cu", &["write_kv_bf16"]),

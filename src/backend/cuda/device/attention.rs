@@ -1,7 +1,7 @@
 //! Paged attention launches: the decode kernels (per-lane, and tensor cores for GQA groups),
 //! their split-K partitions and scratch, and the tensor-core prefill kernel.
 use super::{driver_err, CudaBackend, CudaBuffer, CudaKvCache, CudaStep, Queries};
-use crate::backend::{AttnDims, BackendResult};
+use crate::backend::{AttnDims, BackendError, BackendResult};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use std::sync::atomic::Ordering;
 
@@ -14,6 +14,57 @@ pub(super) const MAX_GROUP: usize = 8;
 /// 64, context 4096): groups of 3, 4, 7 and 8 are 1.3–2.2× faster on tensor cores; without
 /// GQA the per-lane kernel is (1.05× vs 0.80× copy bandwidth); groups of 2 were not measured.
 pub const DEFAULT_DECODE_MMA_MIN_GROUP: usize = 3;
+
+/// The tensor-core prefill attention kernels (`kernels/attention_prefill.cu`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// `paged_prefill_d*`: 64×64 tiles loaded synchronously, V fragments read element by
+    /// element. Measured on an H200 at 0.36–0.44× torch's flash SDPA; the default until the
+    /// pipelined kernel has run on hardware.
+    Tiled = 0,
+    /// `paged_prefill_pipe_d*`: two cp.async stages, ldmatrix fragments, masks only on edge
+    /// tiles, heaviest tiles first. Written without a GPU: not yet run on hardware.
+    Pipelined = 1,
+}
+
+impl PrefillKernel {
+    pub const ALL: [PrefillKernel; 2] = [PrefillKernel::Tiled, PrefillKernel::Pipelined];
+    /// The variable that picks the kernel at start-up (`tiled` or `pipelined`), so a GPU
+    /// machine without a Rust toolchain can compare them with the built binaries.
+    pub const ENV: &'static str = "LLMD_PREFILL_KERNEL";
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PrefillKernel::Tiled => "tiled",
+            PrefillKernel::Pipelined => "pipelined",
+        }
+    }
+
+    /// [`Self::ENV`]'s kernel ([`PrefillKernel::Tiled`] when unset); another value is an error
+    /// naming the variable.
+    pub fn from_env() -> BackendResult<Self> {
+        match std::env::var(Self::ENV) {
+            Err(_) => Ok(PrefillKernel::Tiled),
+            Ok(v) => Self::ALL
+                .into_iter()
+                .find(|k| k.name() == v)
+                .ok_or_else(|| BackendError::DeviceUnavailable {
+                    requested: "cuda".into(),
+                    reason: format!("{}={v:?}: expected tiled or pipelined", Self::ENV),
+                }),
+        }
+    }
+
+    fn entry(self, head_dim: usize) -> Option<&'static str> {
+        Some(match (self, head_dim) {
+            (PrefillKernel::Tiled, 64) => "paged_prefill_d64",
+            (PrefillKernel::Tiled, 128) => "paged_prefill_d128",
+            (PrefillKernel::Pipelined, 64) => "paged_prefill_pipe_d64",
+            (PrefillKernel::Pipelined, 128) => "paged_prefill_pipe_d128",
+            _ => return None,
+        })
+    }
+}
 
 /// The decode kernel and its reduce for a head size and a group size (rounded up to the `G`
 /// the kernel is built for).
@@ -262,11 +313,9 @@ impl CudaBackend {
         dims: AttnDims,
         out: &mut CudaBuffer,
     ) {
-        let kernel = match dims.head_dim {
-            64 => "paged_prefill_d64",
-            128 => "paged_prefill_d128",
-            // Small test-model heads: token by token through the split-K kernel.
-            _ => return self.attend(qkv, cache, step, &step.prefill, dims, out),
+        let Some(kernel) = self.prefill_kernel().entry(dims.head_dim) else {
+            // Other heads (test models, Gemma's 256): token by token through split-K decode.
+            return self.attend(qkv, cache, step, &step.prefill, dims, out);
         };
         let p = &step.prefill_seqs;
         if p.n == 0 {
@@ -303,7 +352,8 @@ impl CudaBackend {
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: matches `paged_prefill_d*`; rows, lengths and tables come from the plan.
+        // SAFETY: matches `paged_prefill_d*` and `paged_prefill_pipe_d*` (the same arguments,
+        // 128 threads, static shared memory); rows, lengths and tables come from the plan.
         if let Err(e) = unsafe { b.launch(cfg) } {
             self.record(kernel, e);
         }
