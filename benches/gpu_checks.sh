@@ -44,6 +44,16 @@ if [ -n "$NSYS" ]; then
 else
   echo "nsys: not installed" | tee -a "$LOG/summary.txt"
 fi
+# Where batch-1 decode of the 8B shape loses to the roofline, kernel by kernel (Nsight Compute,
+# eager so every kernel is its own launch; ~2 decode steps after the prompt's prefill).
+NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+if [ -n "$NCU" ]; then
+  step ncu_8b 150 env LLMD_BENCH_MODEL="$M/llama3-8b-shape" LLMD_BENCH_EAGER=1 LLMD_BENCH_BATCH=1 LLMD_BENCH_GEN=4 "$NCU" --metrics gpu__time_duration.sum --csv --log-file "$LOG/ncu_8b.csv" -c 1000 "$B/gpu_decode"
+  want ncu_8b && python3 benches/ncu_summary.py "$LOG/ncu_8b.csv" 2>&1 | tee "$LOG/ncu_8b_summary.txt"
+else
+  echo "ncu: not installed" | tee -a "$LOG/summary.txt"
+fi
+# Both prefill kernels (tiled, pipelined) against torch's flash SDPA.
 step cuda_prefill 90 python3 benches/prefill_vs_sdpa.py "$B/cuda_prefill"
 step cuda_sampling 45 "$B/cuda_sampling"
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$LOG/summary.txt"
