@@ -1,10 +1,10 @@
-"""Reference logits and greedy tokens from Hugging Face transformers (PyTorch, f32, CPU).
+"""Hugging Face transformers (PyTorch, f32, CPU) as a reference, for tests/model_vs_transformers.rs.
 
-Used by tests/model_vs_transformers.rs for what candle-transformers gets wrong or lacks
-(Phi-3's LongRoPE). Reads one JSON request on stdin:
-    {"model": dir, "prompt": [ids], "new_tokens": n}
-and writes one JSON object on stdout:
-    {"logits": [[f32 per vocab] per prompt position], "greedy": [n ids]}
+Reads one JSON request on stdin and writes one JSON object on stdout:
+- {"model": dir, "prompt": [ids], "new_tokens": n} -> {"logits": [[f32 per vocab] per prompt
+  position], "greedy": [n ids]}: what candle-transformers gets wrong or lacks (Phi-3's LongRoPE);
+- {"resave_config": src, "to": dst} -> {"config": the written dict}: the checkpoint's
+  config.json as this transformers version writes it (transformers 5: `rope_parameters`).
 """
 
 import json
@@ -16,6 +16,13 @@ from transformers import AutoModelForCausalLM
 
 def main() -> None:
     req = json.load(sys.stdin)
+    if "resave_config" in req:
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(req["resave_config"]).save_pretrained(req["to"])
+        with open(f"{req['to']}/config.json") as f:
+            json.dump({"config": json.load(f)}, sys.stdout)
+        return
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(req["model"], dtype=torch.float32)
     model.eval()

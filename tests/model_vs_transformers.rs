@@ -3,6 +3,10 @@
 //! the frequencies by the factors where transformers divides, and drops the attention factor).
 //! Logits at every prompt position within 1e-3 and 64 greedy tokens identical, as against candle.
 //!
+//! And the config layout transformers 5 writes: every architecture's generated checkpoint, its
+//! `config.json` re-saved by transformers (`rope_parameters`, per layer type for Gemma 3), gives
+//! bit-identical logits.
+//!
 //! Needs `python3` with torch and transformers (`.ci/run` installs them); without them a test
 //! skips on a developer's machine and fails under `CI`.
 mod common;
@@ -28,8 +32,8 @@ fn python_has_transformers() -> bool {
     ok
 }
 
-/// transformers' logits at every position of `prompt` and its `n` greedy tokens.
-fn transformers_reference(dir: &Path, prompt: &[u32], n: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
+/// One request to `tests/hf_reference.py` and its answer.
+fn hf(req: serde_json::Value) -> serde_json::Value {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf_reference.py");
     let mut child = Command::new("python3")
         .arg(script)
@@ -38,15 +42,19 @@ fn transformers_reference(dir: &Path, prompt: &[u32], n: usize) -> (Vec<Vec<f32>
         .stderr(Stdio::piped())
         .spawn()
         .expect("python3 runs");
-    let req = json!({"model": dir, "prompt": prompt, "new_tokens": n});
     serde_json::to_writer(child.stdin.take().unwrap(), &req).unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
-        "hf_reference.py failed:\n{}",
+        "hf_reference.py failed on {req}:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// transformers' logits at every position of `prompt` and its `n` greedy tokens.
+fn transformers_reference(dir: &Path, prompt: &[u32], n: usize) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let v = hf(json!({"model": dir, "prompt": prompt, "new_tokens": n}));
     let logits = serde_json::from_value(v["logits"].clone()).unwrap();
     let greedy = serde_json::from_value(v["greedy"].clone()).unwrap();
     (logits, greedy)
@@ -128,4 +136,42 @@ fn phi4_longrope_long_factors_partial_rotary_match_transformers() {
         256,
         "phi4 longrope long, partial rotary",
     );
+}
+
+/// transformers 5 re-saves each architecture's config in its own layout (RoPE settings under
+/// `rope_parameters`, Gemma 3's per layer type); llmd reads it to bit-identical logits.
+#[test]
+fn configs_resaved_by_transformers_5_give_identical_logits() {
+    if !python_has_transformers() {
+        return;
+    }
+    for arch in Arch::ALL {
+        let old = tempfile::tempdir().unwrap();
+        let mut spec = TinyModelSpec::new(arch);
+        if arch == Arch::Gemma3 {
+            // Gemma 3's long-context checkpoints scale the global layers' RoPE.
+            spec.layers = 6;
+        }
+        common::write_tiny_model(old.path(), &spec);
+        let new = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(old.path()).unwrap() {
+            let p = entry.unwrap().path();
+            if p.file_name().unwrap() != "config.json" {
+                std::fs::copy(&p, new.path().join(p.file_name().unwrap())).unwrap();
+            }
+        }
+        let v = hf(json!({"resave_config": old.path(), "to": new.path()}));
+        let cfg = &v["config"];
+        assert!(
+            cfg.get("rope_parameters").is_some() && cfg.get("rope_theta").is_none(),
+            "{arch:?}: transformers wrote {cfg}"
+        );
+        let prompt = common::random_prompt(spec.vocab, 40, spec.seed);
+        let a = common::llmd_logits_all_positions(old.path(), &prompt, 64);
+        let b = common::llmd_logits_all_positions(new.path(), &prompt, 64);
+        assert!(
+            a == b,
+            "{arch:?}: logits differ after transformers re-saved {cfg}"
+        );
+    }
 }

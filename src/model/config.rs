@@ -219,9 +219,19 @@ struct RawConfig {
     eos_token_id: Option<OneOrMany>,
 }
 
+/// RoPE settings as read from either layout.
+struct RopeSettings {
+    theta: Option<f32>,
+    scaling: Option<RawRopeScaling>,
+    partial: Option<f64>,
+    /// The sliding-window layers' own base (transformers 5's `sliding_attention` entry).
+    local_theta: Option<f32>,
+}
+
 /// The RoPE base and scaling from either layout: transformers 4's top-level `rope_theta` and
-/// `rope_scaling`, or transformers 5's `rope_parameters` (one object, or one per layer type of
-/// which llmd's architectures use `full_attention`). Both layouts in one file must agree.
+/// `rope_scaling`, or transformers 5's `rope_parameters` (one object, or one per layer type:
+/// `full_attention`, and `sliding_attention` with a base of its own and no scaling, as Gemma 3
+/// writes it). Both layouts in one file must agree.
 fn rope_settings(
     theta: Option<f32>,
     scaling: Option<RawRopeScaling>,
@@ -229,28 +239,86 @@ fn rope_settings(
     params: Option<serde_json::Value>,
 ) -> Result<RopeSettings, ModelError> {
     let bad = |field: &'static str, reason: String| ModelError::ConfigField { field, reason };
+    let number = |field: &'static str, v: &serde_json::Value| {
+        v.as_f64()
+            .ok_or_else(|| bad(field, format!("{v} is not a number")))
+    };
     let params = match params {
-        None | Some(serde_json::Value::Null) => return Ok((theta, scaling, partial)),
+        None | Some(serde_json::Value::Null) => {
+            return Ok(RopeSettings {
+                theta,
+                scaling,
+                partial,
+                local_theta: None,
+            })
+        }
         Some(serde_json::Value::Object(m)) => m,
         Some(other) => return Err(bad("rope_parameters", format!("{other} is not an object"))),
     };
     // Per layer type ({"full_attention": {...}, "sliding_attention": {...}}).
-    let params = if params.values().all(serde_json::Value::is_object) && !params.is_empty() {
-        match params.get("full_attention") {
-            Some(serde_json::Value::Object(m)) if params.len() == 1 => m.clone(),
-            _ => {
-                return Err(bad(
-                    "rope_parameters",
-                    format!(
-                        "per-layer-type RoPE settings for {:?}: only full_attention is supported",
-                        params.keys().collect::<Vec<_>>()
-                    ),
-                ))
-            }
+    let (mut params, local_theta) =
+        if params.values().all(serde_json::Value::is_object) && !params.is_empty() {
+            let types: Vec<&String> = params.keys().collect();
+            let full = match params.get("full_attention") {
+                Some(serde_json::Value::Object(m))
+                    if types
+                        .iter()
+                        .all(|t| *t == "full_attention" || *t == "sliding_attention") =>
+                {
+                    m.clone()
+                }
+                _ => {
+                    return Err(bad(
+                        "rope_parameters",
+                        format!(
+                            "per-layer-type RoPE settings for {types:?}: llmd reads \
+                             full_attention and sliding_attention"
+                        ),
+                    ))
+                }
+            };
+            let local = match params.get("sliding_attention") {
+                Some(serde_json::Value::Object(m)) => {
+                    let field = "rope_parameters.sliding_attention";
+                    for (k, v) in m {
+                        let ok = match k.as_str() {
+                            "rope_type" | "type" => v.as_str() == Some("default"),
+                            "rope_theta" => true,
+                            _ => false,
+                        };
+                        if !ok {
+                            return Err(bad(
+                                field,
+                                format!(
+                                    "{k:?}: {v} is not supported (sliding layers take a \
+                                     rope_theta of their own and no scaling)"
+                                ),
+                            ));
+                        }
+                    }
+                    match m.get("rope_theta") {
+                        Some(v) => {
+                            Some(number("rope_parameters.sliding_attention.rope_theta", v)? as f32)
+                        }
+                        None => None,
+                    }
+                }
+                _ => None,
+            };
+            (full, local)
+        } else {
+            (params, None)
+        };
+    // transformers 5 keeps Phi-3's `type` beside `rope_type`: they must agree.
+    if let (Some(a), Some(b)) = (params.get("rope_type"), params.get("type")) {
+        if a != b {
+            return Err(bad(
+                "rope_parameters.type",
+                format!("{b} disagrees with rope_type {a}"),
+            ));
         }
-    } else {
-        params
-    };
+        params.remove("type");
+    }
     let new_theta = match params.get("rope_theta") {
         None => None,
         Some(v) => Some(
@@ -321,11 +389,13 @@ fn rope_settings(
             ))
         }
     };
-    Ok((new_theta.or(theta), scaling, new_partial.or(partial)))
+    Ok(RopeSettings {
+        theta: new_theta.or(theta),
+        scaling,
+        partial: new_partial.or(partial),
+        local_theta,
+    })
 }
-
-/// RoPE base, scaling and partial rotary factor, as read from either layout.
-type RopeSettings = (Option<f32>, Option<RawRopeScaling>, Option<f64>);
 
 /// The MoE settings of a Mixtral or Qwen3-MoE config (None for dense architectures, which
 /// must not carry expert keys).
@@ -362,7 +432,16 @@ fn moe_config(
                     reason: format!("layer {l} of {layers}"),
                 });
             }
-            let experts = need(raw.num_experts, "num_experts")?;
+            // transformers 5 writes Qwen3-MoE's expert count as `num_local_experts`.
+            let experts = match (raw.num_experts, raw.num_local_experts) {
+                (Some(a), Some(b)) if a != b => {
+                    return Err(ModelError::ConfigField {
+                        field: "num_local_experts",
+                        reason: format!("{b} disagrees with num_experts {a}"),
+                    })
+                }
+                (a, b) => need(a.or(b), "num_experts")?,
+            };
             (
                 experts,
                 need(raw.moe_intermediate_size, "moe_intermediate_size")?,
@@ -479,12 +558,38 @@ impl ModelConfig {
             .head_dim
             .unwrap_or(hidden_size / num_attention_heads.max(1));
         let moe = moe_config(architecture, &raw)?;
-        let (rope_theta, rope_scaling, partial) = rope_settings(
+        let RopeSettings {
+            theta: rope_theta,
+            scaling: rope_scaling,
+            partial,
+            local_theta,
+        } = rope_settings(
             raw.rope_theta,
             raw.rope_scaling,
             raw.partial_rotary_factor,
             raw.rope_parameters,
         )?;
+        // The sliding layers' base: Gemma 3's own (either layout; both must agree); any other
+        // architecture rotates every layer alike, so a different one cannot be honoured.
+        let local_rope_theta = match (local_theta, raw.rope_local_base_freq) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(ModelError::ConfigField {
+                    field: "rope_parameters.sliding_attention.rope_theta",
+                    reason: format!("{a} disagrees with rope_local_base_freq {b}"),
+                })
+            }
+            (a, b) if gemma && !gemma2 => Some(a.or(b).unwrap_or(10_000.0)),
+            (Some(a), _) if Some(a) != rope_theta => {
+                return Err(ModelError::ConfigField {
+                    field: "rope_parameters.sliding_attention.rope_theta",
+                    reason: format!(
+                        "{a} differs from the full-attention layers' base, which {architecture:?} \
+                         does not support"
+                    ),
+                })
+            }
+            _ => None,
+        };
         // transformers rotates int(head_dim * factor) dimensions, in pairs.
         let rotary_dim = match partial {
             None => head_dim,
@@ -633,11 +738,7 @@ impl ModelConfig {
             } else {
                 None
             },
-            local_rope_theta: if gemma && !gemma2 {
-                Some(raw.rope_local_base_freq.unwrap_or(10_000.0))
-            } else {
-                None
-            },
+            local_rope_theta,
             sliding_window,
             moe,
             attn_softcap,
@@ -1011,11 +1112,22 @@ mod tests {
         ))
         .unwrap();
         assert_eq!((half.rotary_dim, half.head_dim), (32, 64));
+        // Per layer type: a sliding-attention base of its own only where the architecture has
+        // one (Gemma 3), and no layer types llmd does not know.
         let (f, r) = field_of(&with(
             r#"{"full_attention":{"rope_theta":1e6},"sliding_attention":{"rope_theta":1e4}}"#,
         ));
+        assert_eq!(f, "rope_parameters.sliding_attention.rope_theta");
+        assert!(r.contains("Llama"), "{r}");
+        let (f, r) = field_of(&with(
+            r#"{"full_attention":{"rope_theta":1e6},"chunked_attention":{"rope_theta":1e4}}"#,
+        ));
         assert_eq!(f, "rope_parameters");
-        assert!(r.contains("sliding_attention"), "{r}");
+        assert!(r.contains("chunked_attention"), "{r}");
+        let (f, _) = field_of(&with(
+            r#"{"full_attention":{"rope_theta":1e6},"sliding_attention":{"rope_type":"linear","factor":2.0}}"#,
+        ));
+        assert_eq!(f, "rope_parameters.sliding_attention");
         // Both layouts at once must agree.
         let both = SMOLLM2.replace(
             "\"rope_scaling\":null",
@@ -1158,6 +1270,17 @@ mod tests {
         let c = ModelConfig::from_json(&typed).unwrap();
         let windows: Vec<_> = (0..6).map(|l| c.layer_window(l).is_some()).collect();
         assert_eq!(windows, [false, true, false, true, true, false]);
+        // ... and the RoPE settings per layer type: the same tables as the old layout.
+        let v4 = ModelConfig::from_json(gemma).unwrap();
+        let v5 = ModelConfig::from_json(&gemma.replace(
+            "\"rope_theta\":1000000.0,\"rope_local_base_freq\":10000.0,\"rope_scaling\":null,",
+            "\"rope_parameters\":{\"sliding_attention\":{\"rope_type\":\"default\",\
+             \"rope_theta\":10000.0},\"full_attention\":{\"rope_type\":\"default\",\
+             \"rope_theta\":1000000.0}},",
+        ))
+        .unwrap();
+        assert_eq!(v5, v4);
+        assert_eq!(v5.local_rope_theta, Some(10_000.0));
         // Soft-capping is Gemma 2's: in another architecture's config it is refused by name.
         let capped = gemma.replace(
             "\"final_logit_softcapping\":null",
