@@ -175,3 +175,36 @@ fn configs_resaved_by_transformers_5_give_identical_logits() {
         );
     }
 }
+
+/// Sliding windows shorter than the prompt, where candle cannot be the reference (its Mistral
+/// and Gemma 2 apply the window only inside one forward): Mistral and Mixtral (every layer),
+/// Gemma 2 and Gemma 3 (alternating with global layers), against transformers' logits over the
+/// prompt and its greedy decoding past the window.
+#[test]
+fn sliding_windows_shorter_than_the_prompt_match_transformers() {
+    if !python_has_transformers() {
+        return;
+    }
+    for (arch, window) in [
+        (Arch::Mistral, 24),
+        (Arch::Mixtral, 40),
+        (Arch::Gemma2, 16),
+        (Arch::Gemma3, 20),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = TinyModelSpec::new(arch);
+        common::write_tiny_model(dir.path(), &spec);
+        let path = dir.path().join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg["sliding_window"] = json!(window);
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        let prompt = common::random_prompt(spec.vocab, 70, spec.seed + 2);
+        check(
+            dir.path(),
+            &prompt,
+            prompt.len() + 64,
+            &format!("{arch:?} window {window}"),
+        );
+    }
+}
