@@ -662,6 +662,20 @@ fn model_logits_match_cpu_within_bf16() {
         serde_json::json!({"type": "longrope", "short_factor": short, "long_factor": long});
     std::fs::write(&path, cfg.to_string()).unwrap();
     dirs.push(d);
+    // Windows shorter than the 64-token prompt: every layer (Mistral), alternating (Gemma 2,
+    // with its soft-capping).
+    for (arch, window) in [(common::Arch::Mistral, 24), (common::Arch::Gemma2, 16)] {
+        let mut spec = common::TinyModelSpec::new(arch);
+        (spec.hidden, spec.heads, spec.kv_heads, spec.intermediate) = (256, 4, 2, 512);
+        let d = tmp.path().join(format!("{arch:?}-window{window}"));
+        common::write_tiny_model(&d, &spec);
+        let path = d.join("config.json");
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        cfg["sliding_window"] = serde_json::json!(window);
+        std::fs::write(&path, cfg.to_string()).unwrap();
+        dirs.push(d);
+    }
     dirs.extend(common::gpu_models().into_iter().map(|(_, d)| d));
     for dir in dirs {
         let vocab = llmd::model::ModelConfig::from_dir(&dir).unwrap().vocab_size as u32;
