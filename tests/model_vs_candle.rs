@@ -23,17 +23,7 @@ fn prompt_for(vocab: usize, n: usize, seed: u64) -> Vec<u32> {
 fn check_model(dir: &Path, prompt: &[u32], label: &str) {
     let ours = common::llmd_logits_all_positions(dir, prompt, prompt.len());
     let theirs = common::candle_logits_all_positions(dir, prompt);
-    assert_eq!(ours.len(), theirs.len());
-    let mut worst = 0f32;
-    for (p, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-        let d = common::max_abs_diff(a, b);
-        assert!(d <= 1e-3, "{label}: position {p}: max |diff| {d}");
-        worst = worst.max(d);
-    }
-    eprintln!(
-        "{label}: max |logit diff| over {} positions: {worst:e}",
-        prompt.len()
-    );
+    common::assert_logits_match(&ours, &theirs, label);
     let n = 64;
     let ours = common::llmd_greedy(dir, prompt, n, prompt.len() + n);
     let theirs = common::candle_greedy(dir, prompt, n);
@@ -114,11 +104,9 @@ fn generated_phi3_partial_rotary_matches_candle() {
     let dir = tempfile::tempdir().unwrap();
     let spec = TinyModelSpec::new(Arch::Phi3);
     common::write_tiny_model(dir.path(), &spec);
-    let path = dir.path().join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    cfg["partial_rotary_factor"] = serde_json::json!(0.5);
-    std::fs::write(&path, cfg.to_string()).unwrap();
+    common::edit_config(dir.path(), |cfg| {
+        cfg["partial_rotary_factor"] = serde_json::json!(0.5)
+    });
     let prompt = prompt_for(spec.vocab, 70, spec.seed);
     check_model(dir.path(), &prompt, "Phi3/partial rotary 0.5");
 }
@@ -153,11 +141,9 @@ fn sliding_window_frees_blocks_without_changing_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let spec = TinyModelSpec::new(Arch::Mistral);
     common::write_tiny_model(dir.path(), &spec);
-    let cfg_path = dir.path().join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["sliding_window"] = serde_json::json!(32);
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    common::edit_config(dir.path(), |cfg| {
+        cfg["sliding_window"] = serde_json::json!(32)
+    });
     let prompt = prompt_for(spec.vocab, 70, spec.seed);
     let n = 64;
     // Chunks of 16 prompt tokens, room for the whole run, `num_blocks` blocks.
@@ -212,11 +198,9 @@ fn windowed_prefix_hit_without_the_evicted_head_gives_the_same_tokens() {
     let dir = tempfile::tempdir().unwrap();
     let spec = TinyModelSpec::new(Arch::Mistral);
     common::write_tiny_model(dir.path(), &spec);
-    let cfg_path = dir.path().join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
-    cfg["sliding_window"] = serde_json::json!(32);
-    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    common::edit_config(dir.path(), |cfg| {
+        cfg["sliding_window"] = serde_json::json!(32)
+    });
     let prompt = prompt_for(spec.vocab, 70, spec.seed);
     let n = 40;
     let greedy = SamplingParams {

@@ -17,19 +17,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 fn python_has_transformers() -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import torch, transformers"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok || std::env::var_os("CI").is_none(),
-        "the transformers reference needs Python 3 with torch and transformers under CI: run \
-         `python3 -m pip install torch transformers` (.ci/run does)"
-    );
-    if !ok {
-        eprintln!("skipping: python3 with torch and transformers is needed");
-    }
-    ok
+    common::python_imports(
+        &["torch", "transformers"],
+        "python3 -m pip install torch transformers",
+    )
 }
 
 /// One request to `tests/hf_reference.py` and its answer.
@@ -70,18 +61,18 @@ fn phi3_longrope(dir: &Path, original: usize, partial: Option<f64>) -> TinyModel
     let pairs = (head_dim as f64 * partial.unwrap_or(1.0)) as usize / 2;
     let short: Vec<f64> = (0..pairs).map(|i| 1.0 + 0.5 * i as f64).collect();
     let long: Vec<f64> = (0..pairs).map(|i| 2.0 + 3.0 * i as f64).collect();
-    let path = dir.join("config.json");
-    let mut cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    cfg["max_position_embeddings"] = json!(512);
-    // Phi3Config's default pad id (32000) is outside the tiny vocabulary: transformers refuses it.
-    cfg["pad_token_id"] = json!(0);
-    cfg["original_max_position_embeddings"] = json!(original);
-    cfg["rope_scaling"] = json!({"type": "longrope", "short_factor": short, "long_factor": long});
-    if let Some(f) = partial {
-        cfg["partial_rotary_factor"] = json!(f);
-    }
-    std::fs::write(&path, cfg.to_string()).unwrap();
+    common::edit_config(dir, |cfg| {
+        cfg["max_position_embeddings"] = json!(512);
+        // Phi3Config's default pad id (32000) is outside the tiny vocabulary: transformers
+        // refuses it.
+        cfg["pad_token_id"] = json!(0);
+        cfg["original_max_position_embeddings"] = json!(original);
+        cfg["rope_scaling"] =
+            json!({"type": "longrope", "short_factor": short, "long_factor": long});
+        if let Some(f) = partial {
+            cfg["partial_rotary_factor"] = json!(f);
+        }
+    });
     spec
 }
 
@@ -194,11 +185,7 @@ fn sliding_windows_shorter_than_the_prompt_match_transformers() {
         let dir = tempfile::tempdir().unwrap();
         let spec = TinyModelSpec::new(arch);
         common::write_tiny_model(dir.path(), &spec);
-        let path = dir.path().join("config.json");
-        let mut cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-        cfg["sliding_window"] = json!(window);
-        std::fs::write(&path, cfg.to_string()).unwrap();
+        common::edit_config(dir.path(), |cfg| cfg["sliding_window"] = json!(window));
         let prompt = common::random_prompt(spec.vocab, 70, spec.seed + 2);
         check(
             dir.path(),

@@ -29,18 +29,20 @@ pub use corrupt::{
     corrupt_header, truncate_file, write_model_with_wrong_shape, write_model_without_tensor,
 };
 pub use oracle::{
-    argmax, candle_greedy, candle_greedy_with_margins, candle_logits_all_positions,
-    candle_logits_last, clear_margin_prompt, max_abs_diff, top1_margin,
+    argmax, assert_logits_match, candle_greedy, candle_greedy_with_margins,
+    candle_logits_all_positions, candle_logits_last, clear_margin_prompt, max_abs_diff,
+    top1_margin,
 };
 pub use ours::{llmd_greedy, llmd_logits_all_positions};
 pub use process::{free_port, metric, LlmdProcess};
-pub use python::python_has_zmq;
+pub use python::{python_has_zmq, python_imports};
 pub use redis::RedisServer;
 pub use shared::{
     find_shared_model, gpu_models, shared_model, shared_model_or_fail, shared_models_dir,
 };
 pub use tiny_model::{
-    random_prompt, tensor_names, tiny_model_dir, tiny_model_weights, write_tiny_model, TensorData,
+    edit_config, random_prompt, tensor_names, tiny_model_dir, tiny_model_weights, write_tiny_model,
+    TensorData,
 };
 pub use tiny_tokenizer::load_tokenizer;
 

@@ -282,6 +282,22 @@ pub fn top1_margin(logits: &[f32]) -> f32 {
 }
 
 /// max |a[i] - b[i]|; panics on length mismatch, and NaN anywhere gives NaN (so `<= tol` fails).
+/// Asserts that two sets of per-position logits agree within 1e-3 everywhere (naming the
+/// first position that does not) and prints the largest difference.
+pub fn assert_logits_match(ours: &[Vec<f32>], theirs: &[Vec<f32>], label: &str) {
+    assert_eq!(ours.len(), theirs.len(), "{label}: positions");
+    let mut worst = 0f32;
+    for (p, (a, b)) in ours.iter().zip(theirs).enumerate() {
+        let d = max_abs_diff(a, b);
+        assert!(d <= 1e-3, "{label}: position {p}: max |diff| {d}");
+        worst = worst.max(d);
+    }
+    eprintln!(
+        "{label}: max |logit diff| over {} positions: {worst:e}",
+        ours.len()
+    );
+}
+
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "max_abs_diff: lengths differ");
     a.iter().zip(b).fold(0.0f32, |m, (x, y)| {

@@ -336,6 +336,16 @@ pub fn write_tiny_model(dir: &Path, spec: &TinyModelSpec) {
     write_with_damage(dir, spec, Damage::None);
 }
 
+/// Rewrites the `config.json` in `dir` after `edit` changes it (a variant of a written model:
+/// a sliding window, RoPE scaling, ...).
+pub fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let path = dir.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&path, cfg.to_string()).unwrap();
+}
+
 /// A fresh temporary directory holding the checkpoint for `spec`; deleted on drop.
 pub fn tiny_model_dir(spec: &TinyModelSpec) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("create temp dir for tiny model");
