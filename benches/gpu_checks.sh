@@ -35,6 +35,9 @@ step decode_1p7b 60 env LLMD_BENCH_MODEL="$M/smol-1.7b-shape" "$B/gpu_decode"
 step decode_8b 150 python3 benches/decode_vs_transformers.py "$B/gpu_decode" "$M/llama3-8b-shape"
 # The same without the transformers side (llmd's figures only, a third of the time).
 step decode_8b_llmd 60 env LLMD_BENCH_MODEL="$M/llama3-8b-shape" "$B/gpu_decode"
+# The skinny decode GEMM (opt-in until measured): its matmuls vs cuBLAS, then end to end.
+step cuda_gemm 90 "$B/cuda_gemm"
+step decode_8b_skinny 60 env LLMD_DECODE_GEMM=skinny LLMD_BENCH_MODEL="$M/llama3-8b-shape" "$B/gpu_decode"
 # Where a decode step's device time goes, kernel by kernel (Nsight Systems, when installed).
 NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
 if [ -n "$NSYS" ]; then

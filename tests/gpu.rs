@@ -13,7 +13,7 @@
 mod common;
 
 use llmd::backend::cpu::{CpuBackend, CpuKvCache};
-use llmd::backend::cuda::device::{CudaKvCache, PrefillKernel, WeightData};
+use llmd::backend::cuda::device::{CudaKvCache, DecodeGemm, PrefillKernel, WeightData};
 use llmd::backend::cuda::CudaBackend;
 use llmd::backend::{
     AttnDims, Backend, BatchPlan, HostDType, HostTensor, KvCacheDims, MoeWeights, SeqPlan,
@@ -173,6 +173,81 @@ fn norms_activation_matmul_match_cpu() {
         let got = g.download(&gout, m * n).unwrap();
         assert_close(&format!("matmul {m}x{n}x{k}"), &got, &cout, 2e-2, 2e-2);
     }
+}
+
+/// The skinny decode GEMM against the CPU's matmul on bf16 inputs (1 to 16 rows; odd, partial-
+/// tile and large shapes, reductions that split unevenly over the warps), bit for bit batch
+/// invariant (a row alone or among 16 gives the same bits), and against cuBLAS.
+#[test]
+#[ignore]
+fn skinny_gemm_matches_cpu_and_is_batch_invariant() {
+    let (cpu, g) = (CpuBackend, gpu());
+    let round = |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(bf16).collect() };
+    for (n, k) in [
+        (16, 64),
+        (17, 72),
+        (40, 8),
+        (1000, 4104),
+        (6144, 4096),
+        (33, 14336),
+        (8016, 576),
+    ] {
+        let w = round(rand_vec(n * k, 20, 0.05));
+        let ws = [n, k];
+        let cw = cpu.load_weight(tensor(&ws, &w)).unwrap();
+        let gw = g.load_weight(tensor(&ws, &w)).unwrap();
+        let x16 = round(rand_vec(16 * k, 21, 1.0));
+        let gx16 = g.upload(&x16).unwrap();
+        let mut rows16 = Vec::new();
+        for m in [1, 2, 7, 8, 9, 16] {
+            let x = &x16[..m * k];
+            let mut cout = vec![0f32; m * n];
+            cpu.matmul(&x.to_vec(), &cw, None, &mut cout, m);
+            let gx = g.upload(x).unwrap();
+            let mut gout = g.alloc(m * n).unwrap();
+            g.set_decode_gemm(DecodeGemm::Skinny);
+            g.matmul(&gx, &gw, None, &mut gout, m);
+            let got = g.download(&gout, m * n).unwrap();
+            assert_close(&format!("skinny {m}x{n}x{k}"), &got, &cout, 2e-2, 2e-2);
+            g.set_decode_gemm(DecodeGemm::Cublas);
+            g.matmul(&gx, &gw, None, &mut gout, m);
+            let blas = g.download(&gout, m * n).unwrap();
+            assert_close(
+                &format!("skinny vs cuBLAS {m}x{n}x{k}"),
+                &got,
+                &blas,
+                2e-2,
+                2e-2,
+            );
+            if m == 16 {
+                rows16 = got;
+            } else {
+                // The same rows among 16 give the same bits.
+                assert_eq!(
+                    got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    rows16_prefix(&g, &gx16, &gw, m, n),
+                    "skinny {m}x{n}x{k}: rows depend on the batch"
+                );
+            }
+        }
+        assert_eq!(rows16.len(), 16 * n);
+    }
+    g.set_decode_gemm(DecodeGemm::Cublas);
+}
+
+/// The first `m` rows of a 16-row skinny matmul, as bits.
+fn rows16_prefix(
+    g: &CudaBackend,
+    x16: &llmd::backend::cuda::device::CudaBuffer,
+    w: &llmd::backend::cuda::device::CudaWeight,
+    m: usize,
+    n: usize,
+) -> Vec<u32> {
+    g.set_decode_gemm(DecodeGemm::Skinny);
+    let mut out = g.alloc(16 * n).unwrap();
+    g.matmul(x16, w, None, &mut out, 16);
+    let all = g.download(&out, 16 * n).unwrap();
+    all[..m * n].iter().map(|v| v.to_bits()).collect()
 }
 
 /// A plan of `seqs` = (cached tokens, new tokens), decodes (new = 1) first, with block tables

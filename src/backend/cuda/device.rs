@@ -1,6 +1,6 @@
 //! [`CudaBackend`]: the [`Backend`] trait on one NVIDIA GPU. Activations, weights and the KV
 //! cache are bf16 on the device (f32 math inside the kernels); GEMMs are cuBLAS (bf16 in, f32
-//! accumulate); everything else is the kernels of `kernels/`, compiled by NVRTC for the
+//! accumulate; or, opt-in, the skinny kernel for decode-sized ones); everything else is the kernels of `kernels/`, compiled by NVRTC for the
 //! device's architecture at start-up.
 //!
 //! Ops return nothing (the trait is shaped for the CPU): a failed launch is recorded and
@@ -8,8 +8,9 @@
 //! as a failed step rather than wrong tokens.
 //!
 //! Split by concern: `attention` (decode and prefill attention launches and their scratch),
-//! `graphs` (CUDA graphs of decode steps, step timing), `moe` (mixture-of-experts MLPs and
-//! their scratch), `step` (a step's arrays on the device).
+//! `gemm` (the GEMM of decode-sized matmuls), `graphs` (CUDA graphs of decode steps, step
+//! timing), `moe` (mixture-of-experts MLPs and their scratch), `step` (a step's arrays on the
+//! device).
 use super::{check_device, compile_ptx, KERNEL_ENTRIES};
 use crate::backend::cpu::sampling::RowSampling;
 use crate::backend::{
@@ -27,12 +28,15 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 mod attention;
+mod gemm;
 mod graphs;
 mod moe;
 mod step;
 
 use attention::Scratch;
 pub use attention::{decode_partition, PrefillKernel, DEFAULT_DECODE_MMA_MIN_GROUP};
+use gemm::SKINNY_THREADS;
+pub use gemm::{DecodeGemm, SKINNY_MAX_ROWS};
 use graphs::{Graphs, StepTiming};
 use moe::MoeState;
 use step::{is_pure_decode, Queries};
@@ -84,6 +88,8 @@ pub struct CudaBackend {
     decode_mma_min_group: std::sync::atomic::AtomicUsize,
     /// The prefill attention kernel ([`PrefillKernel`] as u8).
     prefill_kernel: std::sync::atomic::AtomicU8,
+    /// The GEMM of decode-sized matmuls ([`DecodeGemm`] as u8).
+    decode_gemm: std::sync::atomic::AtomicU8,
     /// The device-clock span of each step (events around its kernels), summed.
     timing: Mutex<StepTiming>,
     /// Mixture-of-experts scratch (sized at `reserve`) and expert address tables.
@@ -203,6 +209,7 @@ impl CudaBackend {
             sm_count,
             decode_mma_min_group: std::sync::atomic::AtomicUsize::new(DEFAULT_DECODE_MMA_MIN_GROUP),
             prefill_kernel: std::sync::atomic::AtomicU8::new(PrefillKernel::from_env()? as u8),
+            decode_gemm: std::sync::atomic::AtomicU8::new(DecodeGemm::from_env()? as u8),
             timing: Mutex::new(timing),
             moe: Mutex::new(MoeState::default()),
         })
@@ -222,6 +229,16 @@ impl CudaBackend {
 
     pub fn prefill_kernel(&self) -> PrefillKernel {
         PrefillKernel::ALL[self.prefill_kernel.load(Ordering::Relaxed) as usize]
+    }
+
+    /// Runs matmuls of at most [`SKINNY_MAX_ROWS`] rows with `gemm`, for benches and tests
+    /// that compare it with cuBLAS.
+    pub fn set_decode_gemm(&self, gemm: DecodeGemm) {
+        self.decode_gemm.store(gemm as u8, Ordering::Relaxed);
+    }
+
+    pub fn decode_gemm(&self) -> DecodeGemm {
+        DecodeGemm::ALL[self.decode_gemm.load(Ordering::Relaxed) as usize]
     }
 
     pub fn arch(&self) -> &'static str {
@@ -613,7 +630,27 @@ impl Backend for CudaBackend {
             return;
         }
         let (n, k) = (w.shape[0], w.shape[1]);
-        {
+        if let Some(kernel) = self.skinny_kernel(m, k) {
+            let (m_i, n_i, k_i) = (m as i32, n as i32, k as i32);
+            let mut b = self.stream.launch_builder(self.func(kernel));
+            b.arg(x)
+                .arg(wd)
+                .arg(&mut *out)
+                .arg(&m_i)
+                .arg(&n_i)
+                .arg(&k_i);
+            let cfg = LaunchConfig {
+                grid_dim: (n.div_ceil(16) as u32, 1, 1),
+                block_dim: (SKINNY_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches `gemm_skinny_m*_bf16`; x holds m·k and out m·n bf16 values, w
+            // n·k; k % 8 == 0 and every buffer starts 16-byte aligned (its own allocation).
+            if let Err(e) = unsafe { b.launch(cfg) } {
+                self.record(kernel, e);
+                return;
+            }
+        } else {
             let (bp, _gb) = x.device_ptr(&self.stream);
             let (c, _gc) = out.device_ptr_mut(&self.stream);
             // SAFETY: x holds m·k and out m·n bf16 elements (the op's contract).

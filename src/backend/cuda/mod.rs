@@ -37,6 +37,7 @@ pub const KERNEL_FILES: &[(&str, &str)] = &[
         "embedding.cu",
         include_str!("../../../kernels/embedding.cu"),
     ),
+    ("gemm.cu", include_str!("../../../kernels/gemm.cu")),
     ("kv_cache.cu", include_str!("../../../kernels/kv_cache.cu")),
     ("moe.cu", include_str!("../../../kernels/moe.cu")),
     ("norm.cu", include_str!("../../../kernels/norm.cu")),
@@ -103,6 +104,7 @@ pub const KERNEL_ENTRIES: &[(&str, &[&str])] = &[
         ],
     ),
     ("embedding.cu", &["embedding_bf16", "gather_rows_bf16"]),
+    ("gemm.cu", &["gemm_skinny_m8_bf16", "gemm_skinny_m16_bf16"]),
     ("kv_cache.cu", &["write_kv_bf16"]),
     (
         "moe.cu",
