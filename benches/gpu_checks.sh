@@ -28,7 +28,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOG/env
 mkdir -p "$M" && cp -r "${STORIES:-../shared/models/stories260K}" "$M/"
 step models 120 python3 benches/mk_models.py "$M" "${SHAPES:-smollm2-135m-shape,smol-1.7b-shape,llama3-8b-shape}" "${SMOL_CFG:-../shared/models/smollm2-135m-instruct}"
 export LLMD_SHARED_MODELS=$M LLMD_GPU_MODELS=stories260K
-step gpu_tests 200 "$B/gpu" --ignored --test-threads=1
+step gpu_tests 280 "$B/gpu" --ignored --test-threads=1
 step cuda_attention 60 "$B/cuda_attention"
 step decode_135m 90 python3 benches/decode_vs_transformers.py "$B/gpu_decode" "$M/smollm2-135m-shape"
 step decode_1p7b 60 env LLMD_BENCH_MODEL="$M/smol-1.7b-shape" "$B/gpu_decode"
