@@ -218,9 +218,14 @@ PREFILL_INSTANCE(128)
 // with ldmatrix (K as is, V transposed: one instruction per four 8×8 fragments where the tiled
 // kernel above reads V element by element), masks evaluated only on the tiles that cross the
 // diagonal, the window's edge or the context's end, and the grid's heaviest (last) query tiles
-// started first. Tiles: BM = 64 queries (4 warps × 16 rows), PIPE_BN keys (32 for d128 and 64
-// for d64, so two stages of K and V fit the 48 KiB of static shared memory). Chosen at run time
-// by `CudaBackend::set_prefill_kernel`; same arguments as `paged_prefill_d*`.
+// started first. Tiles: PIPE_BM = 128 queries (8 warps × 16 rows: each K/V tile copied serves
+// twice the queries of the tiled kernel's), TBN keys (32 for d128 and 64 for d64, so two stages
+// of K and V fit the 48 KiB of static shared memory). Chosen at run time by
+// `CudaBackend::set_prefill_kernel`; same arguments as `paged_prefill_d*`, PIPE_WARPS * 32
+// threads and a grid of ceil(max query_len / PIPE_BM) query tiles.
+
+#define PIPE_BM 128
+#define PIPE_WARPS 8
 
 __device__ __forceinline__ void pf_cp_async16(void* smem, const void* gmem, int src_bytes) {
     const unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
@@ -262,7 +267,7 @@ __device__ __forceinline__ void paged_prefill_pipe(
     const int seq = blockIdx.z, head = blockIdx.y;
     const int qlen = (int)seq_qlens[seq];
     // Heaviest tiles first: with causal masking the last query tile reads the most keys.
-    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;
+    const int m0 = (gridDim.x - 1 - blockIdx.x) * PIPE_BM;
     if (m0 >= qlen) return;
     const int ctx = (int)seq_ctxs[seq];
     const int first_pos = ctx - qlen;
@@ -280,7 +285,7 @@ __device__ __forceinline__ void paged_prefill_pipe(
     const int pos_lo = first_pos + r_lo, pos_hi = first_pos + r_hi;
 
     // Keys of the block: from the window start of its first row to its last row.
-    const int last_pos = min(first_pos + m0 + BM, ctx) - 1;
+    const int last_pos = min(first_pos + m0 + PIPE_BM, ctx) - 1;
     int k_begin = 0;
     if (window > 0) k_begin = max(0, first_pos + m0 + 1 - window);
     k_begin = (k_begin / TBN) * TBN;
@@ -288,7 +293,7 @@ __device__ __forceinline__ void paged_prefill_pipe(
 
     // Gathers K and V of positions n0 .. n0 + TBN into `stage` (zeros past the context).
     auto load = [&](int stage, int n0) {
-        for (int i = threadIdx.x; i < TBN * CHUNKS; i += PF_WARPS * 32) {
+        for (int i = threadIdx.x; i < TBN * CHUNKS; i += PIPE_WARPS * 32) {
             const int r = i / CHUNKS, c = (i % CHUNKS) * 8;
             const int pos = n0 + r;
             const bool ok = pos < ctx;
@@ -356,7 +361,7 @@ __device__ __forceinline__ void paged_prefill_pipe(
         // Scale and cap; mask only where the tile crosses the diagonal, the window's edge or
         // the context's end (a block-uniform test).
         const bool edge = n0 + TBN - 1 > first_pos + m0 || n0 + TBN > ctx ||
-                          (window > 0 && n0 <= first_pos + m0 + BM - 1 - window);
+                          (window > 0 && n0 <= first_pos + m0 + PIPE_BM - 1 - window);
         float tmax_lo = NEG_INF, tmax_hi = NEG_INF;
 #pragma unroll
         for (int j = 0; j < NSUB; j++) {
@@ -446,7 +451,7 @@ __device__ __forceinline__ void paged_prefill_pipe(
 }
 
 #define PREFILL_PIPE_INSTANCE(D, TBN)                                                          \
-    extern "C" __global__ void __launch_bounds__(PF_WARPS * 32) paged_prefill_pipe_d##D(       \
+    extern "C" __global__ void __launch_bounds__(PIPE_WARPS * 32) paged_prefill_pipe_d##D(     \
         const bf16* qkv, const bf16* k_cache, const bf16* v_cache,                             \
         const unsigned int* block_tables, const unsigned int* seq_rows,                        \
         const unsigned int* seq_qlens, const unsigned int* seq_ctxs,                           \

@@ -22,8 +22,9 @@ pub enum PrefillKernel {
     /// element. Measured on an H200 at 0.36–0.44× torch's flash SDPA; the default until the
     /// pipelined kernel has run on hardware.
     Tiled = 0,
-    /// `paged_prefill_pipe_d*`: two cp.async stages, ldmatrix fragments, masks only on edge
-    /// tiles, heaviest tiles first. Written without a GPU: not yet run on hardware.
+    /// `paged_prefill_pipe_d*`: 128-query tiles (8 warps), two cp.async stages, ldmatrix
+    /// fragments, masks only on edge tiles, heaviest tiles first. Written without a GPU: not
+    /// yet run on hardware.
     Pipelined = 1,
 }
 
@@ -52,6 +53,14 @@ impl PrefillKernel {
                     requested: "cuda".into(),
                     reason: format!("{}={v:?}: expected tiled or pipelined", Self::ENV),
                 }),
+        }
+    }
+
+    /// Query rows per block and threads per block.
+    fn geometry(self) -> (usize, u32) {
+        match self {
+            PrefillKernel::Tiled => (64, 128),
+            PrefillKernel::Pipelined => (128, 256),
         }
     }
 
@@ -313,7 +322,8 @@ impl CudaBackend {
         dims: AttnDims,
         out: &mut CudaBuffer,
     ) {
-        let Some(kernel) = self.prefill_kernel().entry(dims.head_dim) else {
+        let choice = self.prefill_kernel();
+        let Some(kernel) = choice.entry(dims.head_dim) else {
             // Other heads (test models, Gemma's 256): token by token through split-K decode.
             return self.attend(qkv, cache, step, &step.prefill, dims, out);
         };
@@ -343,17 +353,19 @@ impl CudaBackend {
             .arg(&window)
             .arg(&scale)
             .arg(&softcap);
+        let (rows_per_block, threads) = choice.geometry();
         let cfg = LaunchConfig {
             grid_dim: (
-                p.max_query_len.div_ceil(64) as u32,
+                p.max_query_len.div_ceil(rows_per_block) as u32,
                 dims.num_heads as u32,
                 p.n as u32,
             ),
-            block_dim: (128, 1, 1),
+            block_dim: (threads, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: matches `paged_prefill_d*` and `paged_prefill_pipe_d*` (the same arguments,
-        // 128 threads, static shared memory); rows, lengths and tables come from the plan.
+        // their block sizes, static shared memory); rows, lengths and tables come from the
+        // plan.
         if let Err(e) = unsafe { b.launch(cfg) } {
             self.record(kernel, e);
         }
