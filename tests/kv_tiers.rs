@@ -403,3 +403,76 @@ fn smollm2_prefix_from_host_and_from_disk_matches_an_unbounded_pool() {
         assert!(s.load_hit_tokens >= 16, "{tier:?}");
     }
 }
+
+/// LongRoPE's factors depend on the engine's context (`max_model_len` past the model's
+/// original context: the long ones), so the same tokens give other KV: blocks a short-context
+/// engine wrote to disk are never loaded by a long-context one on the same model files (its
+/// KV identity differs), and are loaded by another short-context engine; each gives the
+/// tokens of an engine without tiers of its own context.
+#[test]
+fn longrope_blocks_are_shared_only_between_engines_with_the_same_factors() {
+    let model = tempfile::tempdir().unwrap();
+    let spec = common::TinyModelSpec::new(common::Arch::Phi3);
+    common::write_tiny_model(model.path(), &spec);
+    let pairs = spec.hidden / spec.heads / 2;
+    let (short, long): (Vec<f64>, Vec<f64>) = (0..pairs)
+        .map(|i| (1.0 + 0.5 * i as f64, 2.0 + 3.0 * i as f64))
+        .unzip();
+    common::edit_config(model.path(), |cfg| {
+        cfg["max_position_embeddings"] = serde_json::json!(512);
+        cfg["original_max_position_embeddings"] = serde_json::json!(160);
+        cfg["rope_scaling"] =
+            serde_json::json!({"type": "longrope", "short_factor": short, "long_factor": long});
+    });
+    let disk = tempfile::tempdir().unwrap();
+    // A device pool of one sequence and a block (the writer's 140-token filler evicts the
+    // prompt's blocks), or a large pool without tiers; `max_model_len` 150 keeps the short
+    // factors, 256 takes the long.
+    let engine = |max_model_len: usize, tiers: bool| {
+        let mut c = EngineConfig::new(model.path());
+        c.max_model_len = Some(max_model_len);
+        c.scheduler.max_num_batched_tokens = 64;
+        c.cache.num_blocks = Some(if tiers {
+            max_model_len.div_ceil(16) + 1
+        } else {
+            64
+        });
+        if tiers {
+            c.kv_tiers = TierConfig {
+                host_bytes: 1,
+                disk_path: Some(disk.path().to_path_buf()),
+                disk_bytes: 64 << 20,
+                always_load: true,
+                ..Default::default()
+            };
+        }
+        EngineCore::new(c).unwrap()
+    };
+    let a = prompt(96, 21, spec.vocab as u32);
+    let filler = prompt(140, 22, spec.vocab as u32);
+    {
+        let mut writer = engine(150, true);
+        run(&mut writer, "a", &a, 8);
+        run(&mut writer, "filler", &filler, 8);
+    }
+    let mut long = engine(256, true);
+    let got_long = run(&mut long, "a", &a, 8);
+    assert_eq!(
+        tier_stats(&long).loaded_blocks,
+        [0; 3],
+        "long-context engine loaded short KV"
+    );
+    assert_eq!(got_long, run(&mut engine(256, false), "a", &a, 8));
+    let mut short = engine(150, true);
+    let got_short = run(&mut short, "a", &a, 8);
+    assert!(
+        tier_stats(&short).loaded_blocks[Tier::Disk.index()] > 0,
+        "{:?}",
+        tier_stats(&short)
+    );
+    assert_eq!(got_short, run(&mut engine(150, false), "a", &a, 8));
+    assert_ne!(
+        got_short, got_long,
+        "the two factor sets should differ on this model"
+    );
+}

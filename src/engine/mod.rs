@@ -485,8 +485,13 @@ impl EngineCore {
                 field: "model",
                 reason: format!("fingerprinting the model's files for KV identity: {e}"),
             })?;
+        // KV crosses processes (tiers, transfers) only between engines that computed it alike:
+        // LongRoPE's factor set depends on this engine's context, not only on the files.
         let identity = KvIdentity {
-            model: fingerprint,
+            model: match model_cfg.rope_variant(max_model_len) {
+                Some(v) => format!("{fingerprint}+{v}"),
+                None => fingerprint,
+            },
             num_layers: model_cfg.num_hidden_layers,
             num_kv_heads: model_cfg.num_key_value_heads,
             head_dim: model_cfg.head_dim,

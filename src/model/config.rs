@@ -993,6 +993,23 @@ impl ModelConfig {
         }
     }
 
+    /// What an engine's context adds to the model's identity for the KV it computes: LongRoPE's
+    /// factor set (`longrope-short`, `longrope-long`), chosen by `max_positions` (the same
+    /// tokens give other K under the other set). None for every other RoPE.
+    pub fn rope_variant(&self, max_positions: usize) -> Option<&'static str> {
+        match &self.rope_scaling {
+            Some(RopeScaling::LongRope {
+                original_max_position_embeddings,
+                ..
+            }) => Some(if max_positions > *original_max_position_embeddings {
+                "longrope-long"
+            } else {
+                "longrope-short"
+            }),
+            _ => None,
+        }
+    }
+
     /// Rotary table `[max_positions, rotary_dim]`: cos of each frequency in the first half of
     /// a row, sin in the second (both times LongRoPE's attention factor).
     pub fn rope_table(&self, max_positions: usize) -> Vec<f32> {
