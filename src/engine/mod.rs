@@ -30,7 +30,7 @@ pub use crate::kv::connector::PrefillCost;
 use crate::kv::connector::{BlockLayout, KvConnector, StoreBlock, TierStats};
 use crate::kv::transfer::HeldKv;
 use crate::kv::{BlockHasher, KvCacheManager, KvEvent, KvEventSink, Medium};
-use crate::model::{Model, ModelConfig, ModelError, ModelLimits, ModelRunner};
+use crate::model::{Model, ModelConfig, ModelError, ModelLimits, ModelRunner, RopeScaling};
 use crate::request::{FinishReason, RequestId, TokenId};
 use crate::sampling::{mask_tokens, SamplingParams};
 use crate::scheduler::{Request, Scheduler, SchedulerOutput};
@@ -485,6 +485,23 @@ impl EngineCore {
                 field: "model",
                 reason: format!("fingerprinting the model's files for KV identity: {e}"),
             })?;
+        if let (
+            Some("longrope-long"),
+            Some(RopeScaling::LongRope {
+                original_max_position_embeddings: original,
+                ..
+            }),
+        ) = (
+            model_cfg.rope_variant(max_model_len),
+            &model_cfg.rope_scaling,
+        ) {
+            tracing::warn!(
+                max_model_len,
+                original,
+                "LongRoPE: the long factors serve every position, which costs some quality on \
+                 short sequences; a --max-model-len of at most {original} keeps the short ones"
+            );
+        }
         // KV crosses processes (tiers, transfers) only between engines that computed it alike:
         // LongRoPE's factor set depends on this engine's context, not only on the files.
         let identity = KvIdentity {
