@@ -47,6 +47,42 @@ __device__ __forceinline__ float rescale(float a, float b) {
     return a == neg_inf() ? 0.0f : __expf(a - b);
 }
 
+// The end of both decode kernels: merges the NWARPS warps' states of each of the group's
+// heads (acc_s: unnormalized outputs, ml_s: running max and exp-sum, in shared memory) and
+// writes the block's result — the normalized bf16 output when the context is one partition,
+// else this partition's unnormalized output, max and sum for `paged_decode_reduce_*`. Every
+// thread of the block calls it, after the barrier that publishes the states.
+template <int D, int R>
+__device__ __forceinline__ void decode_merge_write(
+    float (*acc_s)[R][D], float (*ml_s)[R][2], int group, int num_parts, int kvh,
+    long row, int seq, int part, int num_heads, int max_partitions, bf16* __restrict__ out,
+    float* __restrict__ part_out, float* __restrict__ part_max, float* __restrict__ part_sum) {
+    for (int i = threadIdx.x; i < group * D; i += blockDim.x) {
+        const int g = i / D, d = i % D;
+        float mx = neg_inf();
+#pragma unroll
+        for (int w = 0; w < NWARPS; w++) mx = fmaxf(mx, ml_s[w][g][0]);
+        float sum = 0.0f, o = 0.0f;
+#pragma unroll
+        for (int w = 0; w < NWARPS; w++) {
+            const float c = rescale(ml_s[w][g][0], mx);
+            sum += ml_s[w][g][1] * c;
+            o += acc_s[w][g][d] * c;
+        }
+        const int head = kvh * group + g;
+        if (num_parts == 1) {
+            out[(row * num_heads + head) * D + d] = f32_to_bf16(o / sum);
+        } else {
+            const long pi = ((long)seq * num_heads + head) * max_partitions + part;
+            part_out[pi * D + d] = o;
+            if (d == 0) {
+                part_max[pi] = mx;
+                part_sum[pi] = sum;
+            }
+        }
+    }
+}
+
 template <int D, int G>
 __device__ __forceinline__ void paged_decode(
     const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
@@ -205,31 +241,9 @@ __device__ __forceinline__ void paged_decode(
     }
     __syncthreads();
 
-    const int num_parts = (ctx - lo_ctx + part_len - 1) / part_len;
-    for (int i = threadIdx.x; i < group * D; i += blockDim.x) {
-        const int g = i / D, d = i % D;
-        float mx = neg_inf();
-#pragma unroll
-        for (int w = 0; w < NWARPS; w++) mx = fmaxf(mx, ml_s[w][g][0]);
-        float sum = 0.0f, o = 0.0f;
-#pragma unroll
-        for (int w = 0; w < NWARPS; w++) {
-            const float c = rescale(ml_s[w][g][0], mx);
-            sum += ml_s[w][g][1] * c;
-            o += acc_s[w][g][d] * c;
-        }
-        const int head = kvh * group + g;
-        if (num_parts == 1) {
-            out[(row * num_heads + head) * D + d] = f32_to_bf16(o / sum);
-        } else {
-            const long pi = ((long)seq * num_heads + head) * max_partitions + part;
-            part_out[pi * D + d] = o;
-            if (d == 0) {
-                part_max[pi] = mx;
-                part_sum[pi] = sum;
-            }
-        }
-    }
+    decode_merge_write<D>(acc_s, ml_s, group, (ctx - lo_ctx + part_len - 1) / part_len, kvh, row,
+                          seq, part, num_heads, max_partitions, out, part_out, part_max,
+                          part_sum);
 }
 
 // Combines the partitions of queries whose context spans more than one. Grid (num_heads,
@@ -268,12 +282,6 @@ __device__ __forceinline__ void paged_decode_reduce(
 // register staging, every copy of the tile in flight at once); each of the 4 warps takes 16
 // of its tokens and keeps its own online-softmax state; the warps merge at the end.
 #define MMA_BN 64
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
-    const unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
-                 "r"(src_bytes));
-}
 
 template <int D>
 __device__ __forceinline__ void paged_decode_mma(
@@ -423,31 +431,9 @@ __device__ __forceinline__ void paged_decode_mma(
         }
     }
     __syncthreads();
-    const int num_parts = (ctx - lo_ctx + part_len - 1) / part_len;
-    for (int i = threadIdx.x; i < group * D; i += blockDim.x) {
-        const int gg = i / D, d = i % D;
-        float mxw = neg_inf();
-#pragma unroll
-        for (int w = 0; w < NWARPS; w++) mxw = fmaxf(mxw, ml_s[w][gg][0]);
-        float total = 0.0f, acc = 0.0f;
-#pragma unroll
-        for (int w = 0; w < NWARPS; w++) {
-            const float c = rescale(ml_s[w][gg][0], mxw);
-            total += ml_s[w][gg][1] * c;
-            acc += acc_s[w][gg][d] * c;
-        }
-        const int head = kvh * group + gg;
-        if (num_parts == 1) {
-            out[(row * num_heads + head) * D + d] = f32_to_bf16(acc / total);
-        } else {
-            const long pi = ((long)seq * num_heads + head) * max_partitions + part;
-            part_out[pi * D + d] = acc;
-            if (d == 0) {
-                part_max[pi] = mxw;
-                part_sum[pi] = total;
-            }
-        }
-    }
+    decode_merge_write<D>(acc_s, ml_s, group, (ctx - lo_ctx + part_len - 1) / part_len, kvh, row,
+                          seq, part, num_heads, max_partitions, out, part_out, part_max,
+                          part_sum);
 }
 
 #define DECODE_MMA(D)                                                                          \

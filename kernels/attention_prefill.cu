@@ -16,6 +16,100 @@
 #define BN 64
 #define PF_WARPS 4
 
+// ---- Shared by both prefill kernels ----
+// A warp owns 16 query rows; a thread holds rows g ("lo") and g + 8 ("hi") of them, as the
+// mma's A and C fragments lay them out.
+
+// Q of the thread's two rows (q_lo, q_hi: head_dim D each) as A fragments, zero for a row
+// past the queries.
+template <int D>
+__device__ __forceinline__ void pf_load_q(unsigned int (*qf)[4], const bf16* q_lo,
+                                          const bf16* q_hi, bool ok_lo, bool ok_hi, int t) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const int c = kk * 16 + t * 2;
+        qf[kk][0] = ok_lo ? *(const unsigned int*)(q_lo + c) : 0u;
+        qf[kk][1] = ok_hi ? *(const unsigned int*)(q_hi + c) : 0u;
+        qf[kk][2] = ok_lo ? *(const unsigned int*)(q_lo + c + 8) : 0u;
+        qf[kk][3] = ok_hi ? *(const unsigned int*)(q_hi + c + 8) : 0u;
+    }
+}
+
+// One key tile of the online softmax. `s` holds the tile's scaled, capped and masked scores
+// (NSUB 8-key groups); updates the running maxima `m` and sums `l` of the two rows, rescales
+// the output accumulators `o` (DSUB 8-dimension groups), and leaves P = exp(s - max) in `s`.
+template <int NSUB, int DSUB>
+__device__ __forceinline__ void pf_softmax_tile(float (*s)[4], float (*o)[4], float& m_lo,
+                                                float& m_hi, float& l_lo, float& l_hi) {
+    const float NEG_INF = -__int_as_float(0x7f800000);
+    float tmax_lo = NEG_INF, tmax_hi = NEG_INF;
+#pragma unroll
+    for (int j = 0; j < NSUB; j++) {
+        tmax_lo = fmaxf(tmax_lo, fmaxf(s[j][0], s[j][1]));
+        tmax_hi = fmaxf(tmax_hi, fmaxf(s[j][2], s[j][3]));
+    }
+    // A row lives in the 4 threads of a quad.
+#pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+        tmax_lo = fmaxf(tmax_lo, __shfl_xor_sync(0xffffffffu, tmax_lo, x));
+        tmax_hi = fmaxf(tmax_hi, __shfl_xor_sync(0xffffffffu, tmax_hi, x));
+    }
+    const float mn_lo = fmaxf(m_lo, tmax_lo), mn_hi = fmaxf(m_hi, tmax_hi);
+    // Fully masked so far: exponentiate against 0 so that everything stays 0, not NaN.
+    const float base_lo = mn_lo == NEG_INF ? 0.0f : mn_lo;
+    const float base_hi = mn_hi == NEG_INF ? 0.0f : mn_hi;
+    const float corr_lo = __expf(m_lo - base_lo), corr_hi = __expf(m_hi - base_hi);
+    m_lo = mn_lo;
+    m_hi = mn_hi;
+    float sum_lo = 0.0f, sum_hi = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NSUB; j++) {
+        s[j][0] = __expf(s[j][0] - base_lo);
+        s[j][1] = __expf(s[j][1] - base_lo);
+        s[j][2] = __expf(s[j][2] - base_hi);
+        s[j][3] = __expf(s[j][3] - base_hi);
+        sum_lo += s[j][0] + s[j][1];
+        sum_hi += s[j][2] + s[j][3];
+    }
+#pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+        sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, x);
+        sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, x);
+    }
+    l_lo = l_lo * corr_lo + sum_lo;
+    l_hi = l_hi * corr_hi + sum_hi;
+#pragma unroll
+    for (int j = 0; j < DSUB; j++) {
+        o[j][0] *= corr_lo;
+        o[j][1] *= corr_lo;
+        o[j][2] *= corr_hi;
+        o[j][3] *= corr_hi;
+    }
+}
+
+// P's accumulators of keys 16·kk .. 16·kk + 16 as an A fragment, in place.
+__device__ __forceinline__ void pf_p_fragment(unsigned int* a, const float (*s)[4], int kk) {
+    a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
+    a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
+    a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+    a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+}
+
+// Normalizes the thread's two rows of `o` by their sums and writes those inside the queries.
+template <int DSUB>
+__device__ __forceinline__ void pf_store_rows(const float (*o)[4], float l_lo, float l_hi,
+                                              bf16* out_lo, bf16* out_hi, bool ok_lo, bool ok_hi,
+                                              int t) {
+    const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
+    const float inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
+#pragma unroll
+    for (int j = 0; j < DSUB; j++) {
+        const int c = j * 8 + t * 2;
+        if (ok_lo) *(unsigned int*)(out_lo + c) = pack_bf16(o[j][0] * inv_lo, o[j][1] * inv_lo);
+        if (ok_hi) *(unsigned int*)(out_hi + c) = pack_bf16(o[j][2] * inv_hi, o[j][3] * inv_hi);
+    }
+}
+
 template <int D>
 __device__ __forceinline__ void paged_prefill(
     const bf16* __restrict__ qkv, const bf16* __restrict__ k_cache,
@@ -52,19 +146,8 @@ __device__ __forceinline__ void paged_prefill(
 
     // Q as A fragments, straight from global memory (rows past qlen read as zero).
     unsigned int qf[KSTEPS][4];
-    {
-        const bf16* q_lo = qkv + (row0 + r_lo) * qkv_w + (long)head * D;
-        const bf16* q_hi = qkv + (row0 + r_hi) * qkv_w + (long)head * D;
-        const bool ok_lo = r_lo < qlen, ok_hi = r_hi < qlen;
-#pragma unroll
-        for (int kk = 0; kk < KSTEPS; kk++) {
-            const int c = kk * 16 + t * 2;
-            qf[kk][0] = ok_lo ? *(const unsigned int*)(q_lo + c) : 0u;
-            qf[kk][1] = ok_hi ? *(const unsigned int*)(q_hi + c) : 0u;
-            qf[kk][2] = ok_lo ? *(const unsigned int*)(q_lo + c + 8) : 0u;
-            qf[kk][3] = ok_hi ? *(const unsigned int*)(q_hi + c + 8) : 0u;
-        }
-    }
+    pf_load_q<D>(qf, qkv + (row0 + r_lo) * qkv_w + (long)head * D,
+                 qkv + (row0 + r_hi) * qkv_w + (long)head * D, r_lo < qlen, r_hi < qlen, t);
 
     float o[DSUB][4];
 #pragma unroll
@@ -110,8 +193,7 @@ __device__ __forceinline__ void paged_prefill(
                 mma_bf16_16816(s[j], qf[kk], b);
             }
         }
-        // Scale, mask (causal, window, past the context), and the tile's row maxima.
-        float tmax_lo = NEG_INF, tmax_hi = NEG_INF;
+        // Scale, cap and mask (causal, window, past the context).
 #pragma unroll
         for (int j = 0; j < NSUB; j++) {
 #pragma unroll
@@ -122,54 +204,13 @@ __device__ __forceinline__ void paged_prefill(
                                     (window > 0 && kpos <= qpos - window);
                 s[j][e] = masked ? NEG_INF : soft_cap(s[j][e] * scale, softcap);
             }
-            tmax_lo = fmaxf(tmax_lo, fmaxf(s[j][0], s[j][1]));
-            tmax_hi = fmaxf(tmax_hi, fmaxf(s[j][2], s[j][3]));
         }
-        // A row lives in the 4 threads of a quad.
-#pragma unroll
-        for (int x = 1; x < 4; x <<= 1) {
-            tmax_lo = fmaxf(tmax_lo, __shfl_xor_sync(0xffffffffu, tmax_lo, x));
-            tmax_hi = fmaxf(tmax_hi, __shfl_xor_sync(0xffffffffu, tmax_hi, x));
-        }
-        const float mn_lo = fmaxf(m_lo, tmax_lo), mn_hi = fmaxf(m_hi, tmax_hi);
-        // Fully masked so far: exponentiate against 0 so that everything stays 0, not NaN.
-        const float base_lo = mn_lo == NEG_INF ? 0.0f : mn_lo;
-        const float base_hi = mn_hi == NEG_INF ? 0.0f : mn_hi;
-        const float corr_lo = __expf(m_lo - base_lo), corr_hi = __expf(m_hi - base_hi);
-        m_lo = mn_lo;
-        m_hi = mn_hi;
-        float sum_lo = 0.0f, sum_hi = 0.0f;
-#pragma unroll
-        for (int j = 0; j < NSUB; j++) {
-            s[j][0] = __expf(s[j][0] - base_lo);
-            s[j][1] = __expf(s[j][1] - base_lo);
-            s[j][2] = __expf(s[j][2] - base_hi);
-            s[j][3] = __expf(s[j][3] - base_hi);
-            sum_lo += s[j][0] + s[j][1];
-            sum_hi += s[j][2] + s[j][3];
-        }
-#pragma unroll
-        for (int x = 1; x < 4; x <<= 1) {
-            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, x);
-            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, x);
-        }
-        l_lo = l_lo * corr_lo + sum_lo;
-        l_hi = l_hi * corr_hi + sum_hi;
-#pragma unroll
-        for (int j = 0; j < DSUB; j++) {
-            o[j][0] *= corr_lo;
-            o[j][1] *= corr_lo;
-            o[j][2] *= corr_hi;
-            o[j][3] *= corr_hi;
-        }
+        pf_softmax_tile<NSUB, DSUB>(s, o, m_lo, m_hi, l_lo, l_hi);
         // O += P·V: P's accumulators become A fragments in place (16 keys per k-step).
 #pragma unroll
         for (int kk = 0; kk < BN / 16; kk++) {
             unsigned int a[4];
-            a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            pf_p_fragment(a, s, kk);
             const int k_lo = kk * 16 + t * 2;
 #pragma unroll
             for (int j = 0; j < DSUB; j++) {
@@ -183,18 +224,9 @@ __device__ __forceinline__ void paged_prefill(
     }
 
     // Normalize and write this thread's two rows.
-    const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
-    const float inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
-    bf16* out_lo = out + ((row0 + r_lo) * num_heads + head) * D;
-    bf16* out_hi = out + ((row0 + r_hi) * num_heads + head) * D;
-#pragma unroll
-    for (int j = 0; j < DSUB; j++) {
-        const int c = j * 8 + t * 2;
-        if (r_lo < qlen)
-            *(unsigned int*)(out_lo + c) = pack_bf16(o[j][0] * inv_lo, o[j][1] * inv_lo);
-        if (r_hi < qlen)
-            *(unsigned int*)(out_hi + c) = pack_bf16(o[j][2] * inv_hi, o[j][3] * inv_hi);
-    }
+    pf_store_rows<DSUB>(o, l_lo, l_hi, out + ((row0 + r_lo) * num_heads + head) * D,
+                        out + ((row0 + r_hi) * num_heads + head) * D, r_lo < qlen, r_hi < qlen,
+                        t);
 }
 
 #define PREFILL_INSTANCE(D)                                                                    \
@@ -226,12 +258,6 @@ PREFILL_INSTANCE(128)
 
 #define PIPE_BM 128
 #define PIPE_WARPS 8
-
-__device__ __forceinline__ void pf_cp_async16(void* smem, const void* gmem, int src_bytes) {
-    const unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
-                 "r"(src_bytes));
-}
 
 // Four 8×8 b16 matrices; lane i gives the address of row i % 8 of matrix i / 8.
 __device__ __forceinline__ void ldmatrix_x4(unsigned int* r, const void* smem) {
@@ -299,8 +325,8 @@ __device__ __forceinline__ void paged_prefill_pipe(
             const bool ok = pos < ctx;
             const long slot =
                 ok ? (long)table[pos / block_size] * block_size + pos % block_size : 0;
-            pf_cp_async16(&ks[stage][r][c], k_head + slot * kv_w + c, ok ? 16 : 0);
-            pf_cp_async16(&vs[stage][r][c], v_head + slot * kv_w + c, ok ? 16 : 0);
+            cp_async16(&ks[stage][r][c], k_head + slot * kv_w + c, ok ? 16 : 0);
+            cp_async16(&vs[stage][r][c], v_head + slot * kv_w + c, ok ? 16 : 0);
         }
         asm volatile("cp.async.commit_group;\n" ::);
     };
@@ -309,19 +335,8 @@ __device__ __forceinline__ void paged_prefill_pipe(
     // Q as A fragments, straight from global memory (rows past qlen read as zero), while the
     // first tile is in flight.
     unsigned int qf[KSTEPS][4];
-    {
-        const bf16* q_lo = qkv + (row0 + r_lo) * qkv_w + (long)head * D;
-        const bf16* q_hi = qkv + (row0 + r_hi) * qkv_w + (long)head * D;
-        const bool ok_lo = r_lo < qlen, ok_hi = r_hi < qlen;
-#pragma unroll
-        for (int kk = 0; kk < KSTEPS; kk++) {
-            const int c = kk * 16 + t * 2;
-            qf[kk][0] = ok_lo ? *(const unsigned int*)(q_lo + c) : 0u;
-            qf[kk][1] = ok_hi ? *(const unsigned int*)(q_hi + c) : 0u;
-            qf[kk][2] = ok_lo ? *(const unsigned int*)(q_lo + c + 8) : 0u;
-            qf[kk][3] = ok_hi ? *(const unsigned int*)(q_hi + c + 8) : 0u;
-        }
-    }
+    pf_load_q<D>(qf, qkv + (row0 + r_lo) * qkv_w + (long)head * D,
+                 qkv + (row0 + r_hi) * qkv_w + (long)head * D, r_lo < qlen, r_hi < qlen, t);
 
     float o[DSUB][4];
 #pragma unroll
@@ -362,7 +377,6 @@ __device__ __forceinline__ void paged_prefill_pipe(
         // the context's end (a block-uniform test).
         const bool edge = n0 + TBN - 1 > first_pos + m0 || n0 + TBN > ctx ||
                           (window > 0 && n0 <= first_pos + m0 + PIPE_BM - 1 - window);
-        float tmax_lo = NEG_INF, tmax_hi = NEG_INF;
 #pragma unroll
         for (int j = 0; j < NSUB; j++) {
 #pragma unroll
@@ -376,53 +390,14 @@ __device__ __forceinline__ void paged_prefill_pipe(
                 }
                 s[j][e] = v;
             }
-            tmax_lo = fmaxf(tmax_lo, fmaxf(s[j][0], s[j][1]));
-            tmax_hi = fmaxf(tmax_hi, fmaxf(s[j][2], s[j][3]));
         }
-#pragma unroll
-        for (int x = 1; x < 4; x <<= 1) {
-            tmax_lo = fmaxf(tmax_lo, __shfl_xor_sync(0xffffffffu, tmax_lo, x));
-            tmax_hi = fmaxf(tmax_hi, __shfl_xor_sync(0xffffffffu, tmax_hi, x));
-        }
-        const float mn_lo = fmaxf(m_lo, tmax_lo), mn_hi = fmaxf(m_hi, tmax_hi);
-        const float base_lo = mn_lo == NEG_INF ? 0.0f : mn_lo;
-        const float base_hi = mn_hi == NEG_INF ? 0.0f : mn_hi;
-        const float corr_lo = __expf(m_lo - base_lo), corr_hi = __expf(m_hi - base_hi);
-        m_lo = mn_lo;
-        m_hi = mn_hi;
-        float sum_lo = 0.0f, sum_hi = 0.0f;
-#pragma unroll
-        for (int j = 0; j < NSUB; j++) {
-            s[j][0] = __expf(s[j][0] - base_lo);
-            s[j][1] = __expf(s[j][1] - base_lo);
-            s[j][2] = __expf(s[j][2] - base_hi);
-            s[j][3] = __expf(s[j][3] - base_hi);
-            sum_lo += s[j][0] + s[j][1];
-            sum_hi += s[j][2] + s[j][3];
-        }
-#pragma unroll
-        for (int x = 1; x < 4; x <<= 1) {
-            sum_lo += __shfl_xor_sync(0xffffffffu, sum_lo, x);
-            sum_hi += __shfl_xor_sync(0xffffffffu, sum_hi, x);
-        }
-        l_lo = l_lo * corr_lo + sum_lo;
-        l_hi = l_hi * corr_hi + sum_hi;
-#pragma unroll
-        for (int j = 0; j < DSUB; j++) {
-            o[j][0] *= corr_lo;
-            o[j][1] *= corr_lo;
-            o[j][2] *= corr_hi;
-            o[j][3] *= corr_hi;
-        }
+        pf_softmax_tile<NSUB, DSUB>(s, o, m_lo, m_hi, l_lo, l_hi);
         // O += P·V: P's accumulators are the A fragments; one ldmatrix.x4.trans gives the B
         // fragments of two 8-dimension groups for 16 keys.
 #pragma unroll
         for (int kk = 0; kk < TBN / 16; kk++) {
             unsigned int a[4];
-            a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-            a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-            a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-            a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            pf_p_fragment(a, s, kk);
 #pragma unroll
             for (int j = 0; j < DSUB; j += 2) {
                 // Matrices: (keys lo, dims j), (keys hi, dims j), (lo, j+1), (hi, j+1).
@@ -436,18 +411,9 @@ __device__ __forceinline__ void paged_prefill_pipe(
         __syncthreads();  // this stage is refilled two tiles from now
     }
 
-    const float inv_lo = l_lo > 0.0f ? 1.0f / l_lo : 0.0f;
-    const float inv_hi = l_hi > 0.0f ? 1.0f / l_hi : 0.0f;
-    bf16* out_lo = out + ((row0 + r_lo) * num_heads + head) * D;
-    bf16* out_hi = out + ((row0 + r_hi) * num_heads + head) * D;
-#pragma unroll
-    for (int j = 0; j < DSUB; j++) {
-        const int c = j * 8 + t * 2;
-        if (r_lo < qlen)
-            *(unsigned int*)(out_lo + c) = pack_bf16(o[j][0] * inv_lo, o[j][1] * inv_lo);
-        if (r_hi < qlen)
-            *(unsigned int*)(out_hi + c) = pack_bf16(o[j][2] * inv_hi, o[j][3] * inv_hi);
-    }
+    pf_store_rows<DSUB>(o, l_lo, l_hi, out + ((row0 + r_lo) * num_heads + head) * D,
+                        out + ((row0 + r_hi) * num_heads + head) * D, r_lo < qlen, r_hi < qlen,
+                        t);
 }
 
 #define PREFILL_PIPE_INSTANCE(D, TBN)                                                          \

@@ -65,3 +65,11 @@ __device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned int* a,
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+
+// 16 bytes global -> shared, asynchronously (cp.async, sm_80+); the bytes past `src_bytes`
+// (0 or 16) are zero-filled. Completed by cp.async.commit_group / wait_group.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+    const unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
+                 "r"(src_bytes));
+}

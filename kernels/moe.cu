@@ -159,12 +159,6 @@ extern "C" __global__ void __launch_bounds__(PERM_THREADS)
 // whichever rows share its tile, so results are batch invariant.
 // Single-stage (no copy/compute overlap): correct and simple, not tuned.
 
-__device__ __forceinline__ void moe_cp_async16(void* smem, const void* gmem, int src_bytes) {
-    const unsigned int s = (unsigned int)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem),
-                 "r"(src_bytes));
-}
-
 // Copies columns k0 .. k0 + MOE_BK of `rows` rows (row r starts at src + off[r], -1: none)
 // into tile[rows][MOE_SK].
 template <int ROWS>
@@ -177,7 +171,7 @@ __device__ __forceinline__ void moe_load_tile(bf16 (*tile)[MOE_SK], const bf16* 
         const long o = off[r];
         if (vec) {
             const bool ok = o >= 0 && k < K;  // K % 8 == 0: a chunk is all in or all out
-            moe_cp_async16(&tile[r][c], ok ? (const void*)(src + o + k) : (const void*)src,
+            cp_async16(&tile[r][c], ok ? (const void*)(src + o + k) : (const void*)src,
                            ok ? 16 : 0);
         } else {
 #pragma unroll
