@@ -7,7 +7,7 @@
 #[path = "support/gpu.rs"]
 mod gpu;
 
-use llmd::backend::cuda::device::DecodeGemm;
+use llmd::backend::cuda::device::{DecodeGemm, KernelChoice};
 use llmd::backend::{Backend, HostDType, HostTensor};
 
 /// (name, n, k): output features and reduction of each matmul.
@@ -56,7 +56,7 @@ fn main() {
         for m in [1, 8, 16] {
             let x = g.upload(&vec![0.5f32; m * k]).unwrap();
             let mut out = g.alloc(m * n).unwrap();
-            for gemm in DecodeGemm::ALL {
+            for &gemm in DecodeGemm::ALL {
                 g.set_decode_gemm(gemm);
                 let t = gpu::best_secs(&g, repeat, || g.matmul(&x, &wt, None, &mut out, m));
                 let bw = ((n * k + m * k + m * n) * 2) as f64 / t;

@@ -6,7 +6,7 @@
 //! FLOPs counted as a causal attention does them: 4 · heads · d · n(n+1)/2 (Q·Kᵀ and P·V).
 //! Best of `LLMD_BENCH_REPEAT` (default 10) after a warm-up. Without a CUDA device it says so
 //! and exits 0. Run: `cargo bench --bench cuda_prefill`.
-use llmd::backend::cuda::device::{CudaKvCache, PrefillKernel};
+use llmd::backend::cuda::device::{CudaKvCache, KernelChoice, PrefillKernel};
 #[path = "support/gpu.rs"]
 mod gpu;
 
@@ -76,7 +76,7 @@ fn main() {
         let qkv = g.upload(&qkv).unwrap();
         g.write_kv(&qkv, &mut cache, &step, dims);
         let mut out = g.alloc(rows * dims.q_width()).unwrap();
-        for kernel in PrefillKernel::ALL {
+        for &kernel in PrefillKernel::ALL {
             g.set_prefill_kernel(kernel);
             let best = gpu::best_secs(&g, repeat, || {
                 g.paged_attention_prefill(&qkv, &cache, &step, dims, &mut out)

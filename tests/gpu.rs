@@ -13,7 +13,9 @@
 mod common;
 
 use llmd::backend::cpu::{CpuBackend, CpuKvCache};
-use llmd::backend::cuda::device::{CudaKvCache, DecodeGemm, PrefillKernel, WeightData};
+use llmd::backend::cuda::device::{
+    CudaKvCache, DecodeGemm, KernelChoice, PrefillKernel, WeightData,
+};
 use llmd::backend::cuda::CudaBackend;
 use llmd::backend::{
     AttnDims, Backend, BatchPlan, HostDType, HostTensor, KvCacheDims, MoeWeights, SeqPlan,
@@ -365,7 +367,7 @@ fn attention_case(
          softcap {softcap:?}"
     );
     // Both prefill kernels (the choice matters for head dims 64 and 128).
-    for kernel in PrefillKernel::ALL {
+    for &kernel in PrefillKernel::ALL {
         g.set_prefill_kernel(kernel);
         let mut gout = g.alloc(n * dims.q_width()).unwrap();
         g.paged_attention_decode(&gqkv, &gcache, &gstep, dims, &mut gout);

@@ -35,6 +35,36 @@ mod step;
 
 use attention::Scratch;
 pub use attention::{decode_partition, PrefillKernel, DEFAULT_DECODE_MMA_MIN_GROUP};
+
+/// A kernel chosen at start-up by an environment variable, so that a GPU machine with the
+/// built binaries but no Rust toolchain can compare kernels (the backend keeps a choice as its
+/// index in [`KernelChoice::ALL`]).
+pub trait KernelChoice: Copy + 'static {
+    /// Every choice, the default first.
+    const ALL: &'static [Self];
+    /// The variable naming the choice.
+    const ENV: &'static str;
+    fn name(self) -> &'static str;
+
+    /// [`Self::ENV`]'s choice, the default when unset; any other value is an error naming the
+    /// variable and the choices.
+    fn from_env() -> BackendResult<Self> {
+        match std::env::var(Self::ENV) {
+            Err(_) => Ok(Self::ALL[0]),
+            Ok(v) => Self::ALL
+                .iter()
+                .copied()
+                .find(|k| k.name() == v)
+                .ok_or_else(|| {
+                    let names: Vec<_> = Self::ALL.iter().map(|k| k.name()).collect();
+                    BackendError::DeviceUnavailable {
+                        requested: "cuda".into(),
+                        reason: format!("{}={v:?}: expected {}", Self::ENV, names.join(" or ")),
+                    }
+                }),
+        }
+    }
+}
 use gemm::SKINNY_THREADS;
 pub use gemm::{DecodeGemm, SKINNY_MAX_ROWS};
 use graphs::{Graphs, StepTiming};

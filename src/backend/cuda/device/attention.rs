@@ -1,7 +1,7 @@
 //! Paged attention launches: the decode kernels (per-lane, and tensor cores for GQA groups),
 //! their split-K partitions and scratch, and the tensor-core prefill kernel.
-use super::{driver_err, CudaBackend, CudaBuffer, CudaKvCache, CudaStep, Queries};
-use crate::backend::{AttnDims, BackendError, BackendResult};
+use super::{driver_err, CudaBackend, CudaBuffer, CudaKvCache, CudaStep, KernelChoice, Queries};
+use crate::backend::{AttnDims, BackendResult};
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use std::sync::atomic::Ordering;
 
@@ -28,34 +28,19 @@ pub enum PrefillKernel {
     Pipelined = 1,
 }
 
-impl PrefillKernel {
-    pub const ALL: [PrefillKernel; 2] = [PrefillKernel::Tiled, PrefillKernel::Pipelined];
-    /// The variable that picks the kernel at start-up (`tiled` or `pipelined`), so a GPU
-    /// machine without a Rust toolchain can compare them with the built binaries.
-    pub const ENV: &'static str = "LLMD_PREFILL_KERNEL";
+impl KernelChoice for PrefillKernel {
+    const ALL: &'static [Self] = &[PrefillKernel::Tiled, PrefillKernel::Pipelined];
+    const ENV: &'static str = "LLMD_PREFILL_KERNEL";
 
-    pub fn name(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             PrefillKernel::Tiled => "tiled",
             PrefillKernel::Pipelined => "pipelined",
         }
     }
+}
 
-    /// [`Self::ENV`]'s kernel ([`PrefillKernel::Tiled`] when unset); another value is an error
-    /// naming the variable.
-    pub fn from_env() -> BackendResult<Self> {
-        match std::env::var(Self::ENV) {
-            Err(_) => Ok(PrefillKernel::Tiled),
-            Ok(v) => Self::ALL
-                .into_iter()
-                .find(|k| k.name() == v)
-                .ok_or_else(|| BackendError::DeviceUnavailable {
-                    requested: "cuda".into(),
-                    reason: format!("{}={v:?}: expected tiled or pipelined", Self::ENV),
-                }),
-        }
-    }
-
+impl PrefillKernel {
     /// Query rows per block and threads per block.
     fn geometry(self) -> (usize, u32) {
         match self {

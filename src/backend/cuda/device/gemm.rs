@@ -1,7 +1,6 @@
 //! The choice of GEMM for decode-sized matmuls: cuBLAS, or the skinny kernel of
 //! `kernels/gemm.cu` that streams the weight once at the device's bandwidth for a few rows.
-use super::CudaBackend;
-use crate::backend::{BackendError, BackendResult};
+use super::{CudaBackend, KernelChoice};
 
 /// Most rows the skinny kernel takes (`gemm_skinny_m16_bf16`).
 pub const SKINNY_MAX_ROWS: usize = 16;
@@ -20,31 +19,14 @@ pub enum DecodeGemm {
     Skinny = 1,
 }
 
-impl DecodeGemm {
-    pub const ALL: [DecodeGemm; 2] = [DecodeGemm::Cublas, DecodeGemm::Skinny];
-    /// The variable that picks the GEMM at start-up (`cublas` or `skinny`), so a GPU machine
-    /// without a Rust toolchain can compare them with the built binaries.
-    pub const ENV: &'static str = "LLMD_DECODE_GEMM";
+impl KernelChoice for DecodeGemm {
+    const ALL: &'static [Self] = &[DecodeGemm::Cublas, DecodeGemm::Skinny];
+    const ENV: &'static str = "LLMD_DECODE_GEMM";
 
-    pub fn name(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             DecodeGemm::Cublas => "cublas",
             DecodeGemm::Skinny => "skinny",
-        }
-    }
-
-    /// [`Self::ENV`]'s GEMM ([`DecodeGemm::Cublas`] when unset); another value is an error
-    /// naming the variable.
-    pub fn from_env() -> BackendResult<Self> {
-        match std::env::var(Self::ENV) {
-            Err(_) => Ok(DecodeGemm::Cublas),
-            Ok(v) => Self::ALL
-                .into_iter()
-                .find(|g| g.name() == v)
-                .ok_or_else(|| BackendError::DeviceUnavailable {
-                    requested: "cuda".into(),
-                    reason: format!("{}={v:?}: expected cublas or skinny", Self::ENV),
-                }),
         }
     }
 }
@@ -87,6 +69,23 @@ mod tests {
             skinny_entry(Skinny, 4, 4100),
             None,
             "rows of 4100 bf16 are not 16-byte multiples"
+        );
+    }
+
+    /// The variable picks a choice by name, unset is the default, and any other value is an
+    /// error naming the variable and the choices.
+    #[test]
+    fn the_environment_picks_the_kernel() {
+        std::env::remove_var(DecodeGemm::ENV);
+        assert_eq!(DecodeGemm::from_env().unwrap(), DecodeGemm::Cublas);
+        std::env::set_var(DecodeGemm::ENV, "skinny");
+        assert_eq!(DecodeGemm::from_env().unwrap(), DecodeGemm::Skinny);
+        std::env::set_var(DecodeGemm::ENV, "fast");
+        let e = DecodeGemm::from_env().unwrap_err().to_string();
+        std::env::remove_var(DecodeGemm::ENV);
+        assert!(
+            e.contains("LLMD_DECODE_GEMM=\"fast\": expected cublas or skinny"),
+            "{e}"
         );
     }
 }
