@@ -727,15 +727,7 @@ fn model_logits_match_cpu_within_bf16() {
     (spec.hidden, spec.heads, spec.kv_heads, spec.intermediate) = (256, 4, 2, 512);
     let d = tmp.path().join("Phi3-longrope-partial");
     common::write_tiny_model(&d, &spec);
-    let (short, long): (Vec<f64>, Vec<f64>) = (0..24)
-        .map(|i| (1.0 + 0.5 * i as f64, 2.0 + 3.0 * i as f64))
-        .unzip();
-    common::edit_config(&d, |cfg| {
-        cfg["original_max_position_embeddings"] = serde_json::json!(32);
-        cfg["partial_rotary_factor"] = serde_json::json!(0.75);
-        cfg["rope_scaling"] =
-            serde_json::json!({"type": "longrope", "short_factor": short, "long_factor": long});
-    });
+    common::set_longrope(&d, &spec, 32, Some(0.75));
     dirs.push(d);
     // Windows shorter than the 64-token prompt: every layer (Mistral), alternating (Gemma 2,
     // with its soft-capping).

@@ -414,16 +414,9 @@ fn longrope_blocks_are_shared_only_between_engines_with_the_same_factors() {
     let model = tempfile::tempdir().unwrap();
     let spec = common::TinyModelSpec::new(common::Arch::Phi3);
     common::write_tiny_model(model.path(), &spec);
-    let pairs = spec.hidden / spec.heads / 2;
-    let (short, long): (Vec<f64>, Vec<f64>) = (0..pairs)
-        .map(|i| (1.0 + 0.5 * i as f64, 2.0 + 3.0 * i as f64))
-        .unzip();
-    common::edit_config(model.path(), |cfg| {
-        cfg["max_position_embeddings"] = serde_json::json!(512);
-        cfg["original_max_position_embeddings"] = serde_json::json!(160);
-        cfg["rope_scaling"] =
-            serde_json::json!({"type": "longrope", "short_factor": short, "long_factor": long});
-    });
+    // 512 positions grown from 160.
+    assert_eq!(spec.max_pos, 512);
+    common::set_longrope(model.path(), &spec, 160, None);
     let disk = tempfile::tempdir().unwrap();
     // A device pool of one sequence and a block (the writer's 140-token filler evicts the
     // prompt's blocks), or a large pool without tiers; `max_model_len` 150 keeps the short

@@ -51,28 +51,13 @@ fn transformers_reference(dir: &Path, prompt: &[u32], n: usize) -> (Vec<Vec<f32>
     (logits, greedy)
 }
 
-/// A generated Phi-3 model whose config carries LongRoPE with `original` pretraining
-/// positions grown to 512, optionally a partial rotary factor (Phi-4-mini), and distinct
-/// short and long factors large enough to change every logit.
+/// A generated Phi-3 model with LongRoPE over `original` pretraining positions grown to 512
+/// (`common::set_longrope`), optionally with a partial rotary factor.
 fn phi3_longrope(dir: &Path, original: usize, partial: Option<f64>) -> TinyModelSpec {
     let spec = TinyModelSpec::new(Arch::Phi3);
+    assert_eq!(spec.max_pos, 512);
     common::write_tiny_model(dir, &spec);
-    let head_dim = spec.hidden / spec.heads;
-    let pairs = (head_dim as f64 * partial.unwrap_or(1.0)) as usize / 2;
-    let short: Vec<f64> = (0..pairs).map(|i| 1.0 + 0.5 * i as f64).collect();
-    let long: Vec<f64> = (0..pairs).map(|i| 2.0 + 3.0 * i as f64).collect();
-    common::edit_config(dir, |cfg| {
-        cfg["max_position_embeddings"] = json!(512);
-        // Phi3Config's default pad id (32000) is outside the tiny vocabulary: transformers
-        // refuses it.
-        cfg["pad_token_id"] = json!(0);
-        cfg["original_max_position_embeddings"] = json!(original);
-        cfg["rope_scaling"] =
-            json!({"type": "longrope", "short_factor": short, "long_factor": long});
-        if let Some(f) = partial {
-            cfg["partial_rotary_factor"] = json!(f);
-        }
-    });
+    common::set_longrope(dir, &spec, original, partial);
     spec
 }
 
@@ -82,17 +67,7 @@ fn check(dir: &Path, prompt: &[u32], max_model_len: usize, label: &str) {
     let n = 64;
     let (theirs, their_tokens) = transformers_reference(dir, prompt, n);
     let ours = common::llmd_logits_all_positions(dir, prompt, max_model_len);
-    assert_eq!(ours.len(), theirs.len());
-    let mut worst = 0f32;
-    for (p, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-        let d = common::max_abs_diff(a, b);
-        assert!(d <= 1e-3, "{label}: position {p}: max |diff| {d}");
-        worst = worst.max(d);
-    }
-    eprintln!(
-        "{label}: max |logit diff| over {} positions: {worst:e}",
-        prompt.len()
-    );
+    common::assert_logits_match(&ours, &theirs, label);
     let ours = common::llmd_greedy(dir, prompt, n, max_model_len);
     assert_eq!(ours, their_tokens, "{label}: greedy continuation differs");
 }

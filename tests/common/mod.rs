@@ -41,8 +41,8 @@ pub use shared::{
     find_shared_model, gpu_models, shared_model, shared_model_or_fail, shared_models_dir,
 };
 pub use tiny_model::{
-    edit_config, random_prompt, tensor_names, tiny_model_dir, tiny_model_weights, write_tiny_model,
-    TensorData,
+    edit_config, random_prompt, set_longrope, tensor_names, tiny_model_dir, tiny_model_weights,
+    write_tiny_model, TensorData,
 };
 pub use tiny_tokenizer::load_tokenizer;
 

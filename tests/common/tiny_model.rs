@@ -336,6 +336,27 @@ pub fn write_tiny_model(dir: &Path, spec: &TinyModelSpec) {
     write_with_damage(dir, spec, Damage::None);
 }
 
+/// Gives the Phi-3 checkpoint written in `dir` for `spec` LongRoPE over `original` pretraining
+/// positions (its `max_position_embeddings` stays `spec.max_pos`), with distinct short and long
+/// factors large enough to change every logit, and optionally a partial rotary factor
+/// (Phi-4-mini). Its pad id moves inside the tiny vocabulary: transformers refuses Phi3Config's
+/// default (32000) there.
+pub fn set_longrope(dir: &Path, spec: &TinyModelSpec, original: usize, partial: Option<f64>) {
+    let pairs = (spec.head_dim() as f64 * partial.unwrap_or(1.0)) as usize / 2;
+    let (short, long): (Vec<f64>, Vec<f64>) = (0..pairs)
+        .map(|i| (1.0 + 0.5 * i as f64, 2.0 + 3.0 * i as f64))
+        .unzip();
+    edit_config(dir, |cfg| {
+        cfg["pad_token_id"] = serde_json::json!(0);
+        cfg["original_max_position_embeddings"] = serde_json::json!(original);
+        cfg["rope_scaling"] =
+            serde_json::json!({"type": "longrope", "short_factor": short, "long_factor": long});
+        if let Some(f) = partial {
+            cfg["partial_rotary_factor"] = serde_json::json!(f);
+        }
+    });
+}
+
 /// Rewrites the `config.json` in `dir` after `edit` changes it (a variant of a written model:
 /// a sliding window, RoPE scaling, ...).
 pub fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
