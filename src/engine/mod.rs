@@ -485,16 +485,15 @@ impl EngineCore {
                 field: "model",
                 reason: format!("fingerprinting the model's files for KV identity: {e}"),
             })?;
+        let rope_variant = model_cfg.rope_variant(max_model_len);
         if let (
             Some("longrope-long"),
             Some(RopeScaling::LongRope {
                 original_max_position_embeddings: original,
                 ..
             }),
-        ) = (
-            model_cfg.rope_variant(max_model_len),
-            &model_cfg.rope_scaling,
-        ) {
+        ) = (rope_variant, &model_cfg.rope_scaling)
+        {
             tracing::warn!(
                 max_model_len,
                 original,
@@ -505,7 +504,7 @@ impl EngineCore {
         // KV crosses processes (tiers, transfers) only between engines that computed it alike:
         // LongRoPE's factor set depends on this engine's context, not only on the files.
         let identity = KvIdentity {
-            model: match model_cfg.rope_variant(max_model_len) {
+            model: match rope_variant {
                 Some(v) => format!("{fingerprint}+{v}"),
                 None => fingerprint,
             },

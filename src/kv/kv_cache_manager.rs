@@ -116,15 +116,15 @@ impl KvCacheManager {
     /// published blocks go (their KV is written and findable), head first, so the oldest is
     /// evicted first.
     fn release_outside_window(&mut self, req: &RequestId, num_computed_tokens: usize) {
-        let Some(window) = self.window else { return };
-        if self.keep.contains(req) {
+        let Some(window) = self.window_of(req) else {
             return;
-        }
+        };
         let Some(table) = self.tables.get(req) else {
             return;
         };
-        let lo = (num_computed_tokens + 1).saturating_sub(window);
-        let mut upto = (lo / self.block_size).min(table.len());
+        let mut upto = self
+            .first_visible_block(window, num_computed_tokens)
+            .min(table.len());
         if self.enable_caching {
             upto = upto.min(self.published.get(req).copied().unwrap_or(0));
         }
@@ -134,6 +134,17 @@ impl KvCacheManager {
         }
         self.pool.free(table[done..upto].iter().copied());
         self.released.insert(req.clone(), upto);
+    }
+
+    /// The window `req`'s blocks follow: none for a request kept whole.
+    fn window_of(&self, req: &RequestId) -> Option<usize> {
+        self.window.filter(|_| !self.keep.contains(req))
+    }
+
+    /// The first block the query at token `pos` can attend to with a `window`: its window
+    /// starts at `pos + 1 - window`.
+    fn first_visible_block(&self, window: usize, pos: usize) -> usize {
+        (pos + 1).saturating_sub(window) / self.block_size
     }
 
     /// Keeps what is published and evicted for [`Self::take_committed`] and
@@ -231,7 +242,7 @@ impl KvCacheManager {
         }
         let bs = self.block_size;
         let max_blocks = (tokens.len() - 1) / bs;
-        let window = self.window.filter(|_| !self.keep.contains(req));
+        let window = self.window_of(req);
         let mut found: Vec<Option<BlockId>> = Vec::with_capacity(max_blocks);
         let mut parent: Option<BlockHash> = None;
         for chunk in tokens.chunks_exact(bs).take(max_blocks) {
@@ -251,7 +262,7 @@ impl KvCacheManager {
             run = if b.is_some() { run + 1 } else { 0 };
             let len = i + 1;
             // At least the last block stays real (a window of one token needs none).
-            let first_seen = window.map_or(0, |w| ((len * bs + 1).saturating_sub(w) / bs).min(i));
+            let first_seen = window.map_or(0, |w| self.first_visible_block(w, len * bs).min(i));
             if run > 0 && len - first_seen <= run {
                 best = (first_seen, len);
             }
