@@ -239,9 +239,17 @@ fn rope_settings(
     params: Option<serde_json::Value>,
 ) -> Result<RopeSettings, ModelError> {
     let bad = |field: &'static str, reason: String| ModelError::ConfigField { field, reason };
-    let number = |field: &'static str, v: &serde_json::Value| {
-        v.as_f64()
-            .ok_or_else(|| bad(field, format!("{v} is not a number")))
+    // The number under `key` of a `rope_parameters` object, if any (`field` names it).
+    let number = |m: &serde_json::Map<String, serde_json::Value>,
+                  key: &str,
+                  field: &'static str|
+     -> Result<Option<f64>, ModelError> {
+        m.get(key)
+            .map(|v| {
+                v.as_f64()
+                    .ok_or_else(|| bad(field, format!("{v} is not a number")))
+            })
+            .transpose()
     };
     let params = match params {
         None | Some(serde_json::Value::Null) => {
@@ -296,12 +304,12 @@ fn rope_settings(
                             ));
                         }
                     }
-                    match m.get("rope_theta") {
-                        Some(v) => {
-                            Some(number("rope_parameters.sliding_attention.rope_theta", v)? as f32)
-                        }
-                        None => None,
-                    }
+                    number(
+                        m,
+                        "rope_theta",
+                        "rope_parameters.sliding_attention.rope_theta",
+                    )?
+                    .map(|t| t as f32)
                 }
                 _ => None,
             };
@@ -319,22 +327,9 @@ fn rope_settings(
         }
         params.remove("type");
     }
-    let new_theta = match params.get("rope_theta") {
-        None => None,
-        Some(v) => Some(
-            v.as_f64()
-                .ok_or_else(|| bad("rope_parameters.rope_theta", format!("{v} is not a number")))?
-                as f32,
-        ),
-    };
-    if let (Some(a), Some(b)) = (theta, new_theta) {
-        if a != b {
-            return Err(bad(
-                "rope_parameters.rope_theta",
-                format!("{b} disagrees with the top-level rope_theta {a}"),
-            ));
-        }
-    }
+    let field = "rope_parameters.rope_theta";
+    let new_theta = number(&params, "rope_theta", field)?.map(|t| t as f32);
+    let theta = agreeing(theta, new_theta, field, "rope_theta")?;
     let known = [
         "rope_type",
         "type",
@@ -354,23 +349,9 @@ fn rope_settings(
             format!("unknown key {k:?} (llmd reads {known:?})"),
         ));
     }
-    let new_partial = match params.get("partial_rotary_factor") {
-        None => None,
-        Some(v) => Some(v.as_f64().ok_or_else(|| {
-            bad(
-                "rope_parameters.partial_rotary_factor",
-                format!("{v} is not a number"),
-            )
-        })?),
-    };
-    if let (Some(a), Some(b)) = (partial, new_partial) {
-        if a != b {
-            return Err(bad(
-                "rope_parameters.partial_rotary_factor",
-                format!("{b} disagrees with the top-level partial_rotary_factor {a}"),
-            ));
-        }
-    }
+    let field = "rope_parameters.partial_rotary_factor";
+    let new_partial = number(&params, "partial_rotary_factor", field)?;
+    let partial = agreeing(partial, new_partial, field, "partial_rotary_factor")?;
     let parsed: RawRopeScaling = serde_json::from_value(serde_json::Value::Object(params.clone()))
         .map_err(|e| bad("rope_parameters", e.to_string()))?;
     if scaling.is_some() {
@@ -390,11 +371,30 @@ fn rope_settings(
         }
     };
     Ok(RopeSettings {
-        theta: new_theta.or(theta),
+        theta,
         scaling,
-        partial: new_partial.or(partial),
+        partial,
         local_theta,
     })
+}
+
+/// A setting given under `rope_parameters` (`inner`, named `field` there) or else at the top
+/// level (`top`, named `name`); when both are, they must agree.
+fn agreeing<T: PartialEq + std::fmt::Display + Copy>(
+    top: Option<T>,
+    inner: Option<T>,
+    field: &'static str,
+    name: &str,
+) -> Result<Option<T>, ModelError> {
+    if let (Some(a), Some(b)) = (top, inner) {
+        if a != b {
+            return Err(ModelError::ConfigField {
+                field,
+                reason: format!("{b} disagrees with the top-level {name} {a}"),
+            });
+        }
+    }
+    Ok(inner.or(top))
 }
 
 /// The MoE settings of a Mixtral or Qwen3-MoE config (None for dense architectures, which
