@@ -126,12 +126,7 @@ fn run(
     let kv_bytes = 2 * batch * ctx * nkv * hd * 2;
     let q_bytes = batch * nh * hd * 2;
     let attn_bw = (kv_bytes + q_bytes) as f64 / t_attn;
-    let src = g.alloc(kv_bytes / 2).unwrap();
-    let mut dst = g.alloc(kv_bytes / 2).unwrap();
-    let t_copy = gpu::best_secs(g, repeat, || {
-        g.stream().memcpy_dtod(&src, &mut dst).unwrap()
-    });
-    let copy_bw = 2.0 * kv_bytes as f64 / t_copy;
+    let copy_bw = gpu::copy_bandwidth(g, kv_bytes / 2, repeat);
     println!(
         "{batch:>5} {ctx:>7} {:>6} {hd:>4} {kernel:>6} {:>10.1} {:>10.1} {:>10.1} {:>6.2}x",
         format!("{nh}/{nkv}"),

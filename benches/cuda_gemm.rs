@@ -47,12 +47,7 @@ fn main() {
             })
             .unwrap();
         drop(w);
-        let src = g.alloc(n * k).unwrap();
-        let mut dst = g.alloc(n * k).unwrap();
-        let t_copy = gpu::best_secs(&g, repeat, || {
-            g.stream().memcpy_dtod(&src, &mut dst).unwrap()
-        });
-        let copy_bw = 2.0 * (n * k * 2) as f64 / t_copy;
+        let copy_bw = gpu::copy_bandwidth(&g, n * k, repeat);
         for m in [1, 8, 16] {
             let x = g.upload(&vec![0.5f32; m * k]).unwrap();
             let mut out = g.alloc(m * n).unwrap();

@@ -13,9 +13,10 @@
 //! Run: `cargo bench --bench gpu_decode`.
 #[path = "support/env.rs"]
 mod env;
+#[path = "support/gpu.rs"]
+mod gpu;
 
 use llmd::backend::cuda::{driver_available, CudaBackend};
-use llmd::backend::Backend;
 use llmd::config::DeviceKind;
 use llmd::engine::Counters;
 use llmd::{Engine, EngineConfig, Prompt, SamplingParams};
@@ -87,17 +88,7 @@ fn main() {
     // Copy bandwidth of this device, measured now.
     let copy_bw = {
         let g = CudaBackend::new(0).expect("CUDA device");
-        let n = 256 << 20; // 512 MiB of bf16
-        let src = g.alloc(n).unwrap();
-        let mut dst = g.alloc(n).unwrap();
-        let mut best = f64::MAX;
-        for _ in 0..10 {
-            let t = Instant::now();
-            g.stream().memcpy_dtod(&src, &mut dst).unwrap();
-            g.synchronize().unwrap();
-            best = best.min(t.elapsed().as_secs_f64());
-        }
-        2.0 * (n * 2) as f64 / best
+        gpu::copy_bandwidth(&g, 256 << 20, 10) // 512 MiB of bf16
     };
     let mut cfg = EngineConfig::new(&dir);
     cfg.device = DeviceKind::Cuda(0);

@@ -1,5 +1,7 @@
-//! Set-up shared by the GPU benches.
+//! Set-up shared by the GPU benches. Each bench uses a subset, hence the `dead_code` allowance.
+#![allow(dead_code)]
 use llmd::backend::cuda::{driver_available, CudaBackend};
+use llmd::backend::Backend;
 use std::time::Instant;
 
 /// Device 0, or `None` after saying why there is nothing to measure (no driver, no device), so
@@ -39,4 +41,15 @@ pub fn best_secs(g: &CudaBackend, repeat: usize, mut f: impl FnMut()) -> f64 {
             t.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min)
+}
+
+/// The device's copy bandwidth in bytes per second: 2 × the bytes of a device-to-device copy of
+/// `elements` bf16 values (read and written) over its best time of `repeat`.
+pub fn copy_bandwidth(g: &CudaBackend, elements: usize, repeat: usize) -> f64 {
+    let src = g.alloc(elements).unwrap();
+    let mut dst = g.alloc(elements).unwrap();
+    let t = best_secs(g, repeat, || {
+        g.stream().memcpy_dtod(&src, &mut dst).unwrap()
+    });
+    2.0 * (elements * 2) as f64 / t
 }
