@@ -2,7 +2,9 @@
 //!
 //! For each model and batch size (1 and 16): `batch` distinct random prompts of PROMPT tokens are
 //! prefilled, then GEN greedy tokens are decoded; the figure is decode tokens per second (all
-//! sequences) over the decode phase only. Prints both figures and llmd / candle.
+//! sequences) over the decode phase only. Prints both figures and llmd / candle, and llmd's
+//! engine time per decode step outside the model call (scheduling, plans, sampling, outputs:
+//! what the CUDA path adds its own host work to).
 //!
 //! Models: the shared real models that are complete, plus a random-weight model with
 //! SmolLM2-135M's exact shape (so the figure is meaningful while that checkpoint is incomplete).
@@ -40,7 +42,8 @@ fn prompts(batch: usize, len: usize, vocab: usize) -> Vec<Vec<u32>> {
 }
 
 /// Decode tokens/s of llmd.
-fn llmd_decode(dir: &Path, ps: &[Vec<u32>], gen: usize) -> f64 {
+/// Decode tokens/s of llmd, and the engine's µs per decode step outside the model call.
+fn llmd_decode(dir: &Path, ps: &[Vec<u32>], gen: usize) -> (f64, f64) {
     let mut c = EngineConfig::new(dir);
     c.max_model_len = Some(ps[0].len() + gen + 1);
     c.scheduler.max_num_seqs = ps.len();
@@ -64,12 +67,16 @@ fn llmd_decode(dir: &Path, ps: &[Vec<u32>], gen: usize) -> f64 {
     // Prefill: every prompt fits the budget, so one step samples every first token.
     let first = core.step().unwrap();
     assert_eq!(first.len(), ps.len());
-    let start = Instant::now();
+    let (before, start) = (core.counters(), Instant::now());
     let mut tokens = 0;
     while core.has_unfinished_requests() {
         tokens += core.step().unwrap().len();
     }
-    tokens as f64 / start.elapsed().as_secs_f64()
+    let rate = tokens as f64 / start.elapsed().as_secs_f64();
+    let after = core.counters();
+    let engine_ns = (after.step_ns - before.step_ns) - (after.model_ns - before.model_ns);
+    let steps = (after.steps - before.steps).max(1);
+    (rate, engine_ns as f64 / steps as f64 / 1e3)
 }
 
 /// Decode tokens/s of candle-transformers' Llama (f32, KV cache on).
@@ -144,8 +151,8 @@ fn main() {
         rayon::current_num_threads()
     );
     println!(
-        "{:<36} {:>5} {:>12} {:>12} {:>8}",
-        "model", "batch", "llmd tok/s", "candle tok/s", "ratio"
+        "{:<36} {:>5} {:>12} {:>12} {:>8} {:>15}",
+        "model", "batch", "llmd tok/s", "candle tok/s", "ratio", "engine us/step"
     );
     for (name, dir) in &models {
         let vocab: usize = {
@@ -156,11 +163,14 @@ fn main() {
         };
         for batch in [1, 16] {
             let ps = prompts(batch, prompt_len, vocab);
-            let best = |f: &dyn Fn() -> f64| (0..repeat).map(|_| f()).fold(0.0, f64::max);
-            let ours = best(&|| llmd_decode(dir, &ps, gen));
-            let theirs = best(&|| candle_decode(dir, &ps, gen));
+            let runs: Vec<(f64, f64)> = (0..repeat).map(|_| llmd_decode(dir, &ps, gen)).collect();
+            let ours = runs.iter().map(|r| r.0).fold(0.0, f64::max);
+            let engine_us = runs.iter().map(|r| r.1).fold(f64::INFINITY, f64::min);
+            let theirs = (0..repeat)
+                .map(|_| candle_decode(dir, &ps, gen))
+                .fold(0.0, f64::max);
             println!(
-                "{name:<36} {batch:>5} {ours:>12.1} {theirs:>12.1} {:>7.2}x",
+                "{name:<36} {batch:>5} {ours:>12.1} {theirs:>12.1} {:>7.2}x {engine_us:>15.1}",
                 ours / theirs
             );
         }
