@@ -1,6 +1,7 @@
 //! The paged KV cache's bookkeeping (pure Rust, device-agnostic): block hashing for prefix
 //! caching, the block pool that owns physical blocks, and the per-request cache manager.
 //! The device memory holding K/V lives in the backend; this module only hands out block ids.
+pub mod auth;
 pub mod block_hash;
 pub mod block_pool;
 pub mod block_record;
