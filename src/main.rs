@@ -217,10 +217,23 @@ struct ServeArgs {
     /// $VLLM_NIXL_SIDE_CHANNEL_PORT, else 5600).
     #[arg(long)]
     kv_transfer_port: Option<u16>,
-    /// Host a producer advertises to decoders in `remote_host` (default:
-    /// $VLLM_NIXL_SIDE_CHANNEL_HOST, else 127.0.0.1; in a pod, its IP).
+    /// Host a producer binds its side channel to and advertises to decoders in `remote_host`
+    /// (default: $VLLM_NIXL_SIDE_CHANNEL_HOST, else 127.0.0.1; in a pod, its IP).
     #[arg(long)]
     kv_transfer_host: Option<String>,
+    /// File holding the cluster secret shared by the deployment's workers, sidecars and
+    /// routers: the KV side channel's mutual proof (needed for east/west pulls) and the
+    /// trusted-hop header that makes `kv_transfer_params` believed.
+    #[arg(long)]
+    kv_transfer_secret_file: Option<PathBuf>,
+    /// Believe `kv_transfer_params` from any client, not only a trusted hop (behind llm-d's
+    /// own routing sidecar, which does not send the trusted-hop header).
+    #[arg(long)]
+    allow_client_kv_transfer_params: bool,
+    /// Report `usage.prompt_tokens_details.cached_tokens` (as vLLM's flag: off by default,
+    /// since a cache hit tells one client what others sent).
+    #[arg(long)]
+    enable_prompt_tokens_details: bool,
     /// Seconds a producer keeps a finished prompt's KV for its decoder before freeing it.
     #[arg(long, default_value_t = 30.0)]
     kv_transfer_lease_secs: f64,
@@ -445,6 +458,15 @@ fn serve(a: ServeArgs) -> Result<()> {
             let mut c = llmd::server::disagg::KvTransferConfig::parse(json, port, host, lease)
                 .map_err(|e| anyhow::anyhow!(e))?;
             c.fault = a.kv_transfer_fault;
+            c.allow_client_params = a.allow_client_kv_transfer_params;
+            if let Some(path) = &a.kv_transfer_secret_file {
+                c.secret = Some(std::sync::Arc::new(
+                    llmd::kv::auth::ClusterSecret::from_file(path)
+                        .map_err(|e| anyhow::anyhow!(e))?,
+                ));
+            } else if !c.allow_client_params {
+                tracing::warn!("--kv-transfer-config without --kv-transfer-secret-file: kv_transfer_params are believed from no client (add the secret to llmd's sidecar/router and here, or --allow-client-kv-transfer-params behind llm-d's sidecar)");
+            }
             if let llmd::server::disagg::TransportKind::Rdma { device, .. } = &c.transport {
                 // Before the model loads: a missing device is the first thing to hear about.
                 llmd::kv::transfer::verbs::open_device(device)?;
@@ -462,6 +484,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         max_choices_per_request: a.max_choices_per_request,
         request_timeout,
         kv_transfer,
+        prompt_tokens_details: a.enable_prompt_tokens_details,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

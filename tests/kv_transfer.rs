@@ -4,7 +4,8 @@
 //! the pool when released or when their lease runs out.
 mod common;
 
-use llmd::engine::{EngineCore, KvOptions, Prompt, ReceivedKv};
+use llmd::engine::{EngineCore, Hold, KvOptions, Prompt, ReceivedKv};
+use llmd::kv::auth::TransferToken;
 use llmd::kv::transfer::HeldKv;
 use llmd::{EngineConfig, RequestId, SamplingParams};
 use std::time::Duration;
@@ -47,15 +48,32 @@ fn single_engine(cfg: EngineConfig, id: &RequestId, prompt: &[u32], n: usize) ->
     run(&mut single, id)
 }
 
-/// Queues a producer request: one token, its prompt's KV held for `lease`.
+/// The token the tests' held KV is read with.
+const TOKEN: TransferToken = TransferToken([5; 16]);
+
+/// Queues a producer request: one token, its prompt's KV held for `lease` under [`TOKEN`].
 fn add_held(core: &mut EngineCore, id: &RequestId, prompt: &[u32], lease: Duration) {
+    add_held_salted(core, id, prompt, lease, None);
+}
+
+fn add_held_salted(
+    core: &mut EngineCore,
+    id: &RequestId,
+    prompt: &[u32],
+    lease: Duration,
+    cache_salt: Option<&str>,
+) {
     core.add_tokens_with_kv(
         id.clone(),
         prompt.to_vec(),
         greedy(1),
         0,
         KvOptions {
-            hold_for: Some(lease),
+            hold: Some(Hold {
+                lease,
+                token: TOKEN,
+            }),
+            cache_salt: cache_salt.map(str::to_string),
             ..Default::default()
         },
     )
@@ -105,9 +123,17 @@ fn decode_from_transferred_kv_matches_a_single_engine() {
         let first = run(&mut prefill, &id);
         assert_eq!(first, want[..1], "len {len}: the prefiller's token");
         assert_eq!(prefill.num_held(), 1);
-        let held = prefill.read_held(&id).unwrap().expect("held");
+        let held = prefill.read_held(&id, &TOKEN).unwrap().expect("held");
         assert_eq!(held.prompt_len, len);
         assert_eq!(held.payloads.len(), len.div_ceil(16));
+        // What binds the blocks to the prompt is what a decoder computes for it; another
+        // token reads nothing.
+        let hasher = &prefill.limits().block_hasher;
+        assert_eq!(held.hashes, hasher.hash_prompt(&p, 16, &[]));
+        assert!(prefill
+            .read_held(&id, &TransferToken([6; 16]))
+            .unwrap()
+            .is_none());
         assert!(prefill.num_free_blocks() < idle, "held blocks are not free");
         assert!(prefill.release_held(&id));
         assert_eq!(prefill.num_free_blocks(), idle, "released");
@@ -139,7 +165,7 @@ fn held_kv_is_freed_when_its_lease_runs_out() {
     std::thread::sleep(Duration::from_millis(80));
     assert_eq!(prefill.expire_held(), 1);
     assert_eq!(prefill.num_free_blocks(), idle);
-    assert!(prefill.read_held(&id).unwrap().is_none());
+    assert!(prefill.read_held(&id, &TOKEN).unwrap().is_none());
     assert_eq!(prefill.counters().kv_leases_expired, 1);
 }
 
@@ -203,7 +229,7 @@ fn a_producer_serves_a_prefix_it_loads_from_its_host_tier() {
         prefill.counters().prompt_tokens_computed - before < 160,
         "the producer recomputed its whole prefix"
     );
-    let held = prefill.read_held(&id).unwrap().expect("held");
+    let held = prefill.read_held(&id, &TOKEN).unwrap().expect("held");
     prefill.release_held(&id);
     let mut cfg_decode = config().unwrap();
     cfg_decode.cache.num_blocks = Some(64);
@@ -225,6 +251,7 @@ impl llmd::kv::transfer::HeldKvSource for Holding {
     fn read(
         &self,
         _id: &str,
+        _token: &TransferToken,
     ) -> futures_util::future::BoxFuture<'_, Result<Option<HeldKv>, String>> {
         let h = self.held.lock().unwrap().clone();
         Box::pin(async move { Ok(h) })
@@ -247,7 +274,8 @@ impl llmd::kv::transfer::HeldKvSource for Holding {
 fn decode_from_kv_read_over_rdma_matches_a_single_engine() {
     use llmd::kv::transfer::verbs::LoopbackNet;
     use llmd::kv::transfer::{
-        serve, KvTransport, RdmaProducer, RdmaTransport, RemoteKv, TcpTransport, TransferStats,
+        serve, Expected, KvTransport, Producer, RdmaProducer, RdmaTransport, RemoteKv,
+        TcpTransport, TransferStats,
     };
     use std::sync::Arc;
     let Some(cfg) = config() else { return };
@@ -257,8 +285,12 @@ fn decode_from_kv_read_over_rdma_matches_a_single_engine() {
     let mut prefill = EngineCore::new(cfg.clone()).unwrap();
     add_held(&mut prefill, &id, &p, Duration::from_secs(30));
     run(&mut prefill, &id);
-    let held = prefill.read_held(&id).unwrap().expect("held");
+    let held = prefill.read_held(&id, &TOKEN).unwrap().expect("held");
     let layout = prefill.limits().kv_layout.clone();
+    let expected = Expected {
+        prompt_len: p.len(),
+        hashes: prefill.limits().block_hasher.hash_prompt(&p, 16, &[]),
+    };
 
     let rt = tokio::runtime::Runtime::new().unwrap();
     let net = LoopbackNet::new();
@@ -271,23 +303,31 @@ fn decode_from_kv_read_over_rdma_matches_a_single_engine() {
         let port = listener.local_addr().unwrap().port();
         tokio::spawn(serve(
             listener,
-            source.clone(),
-            layout.clone(),
-            Arc::new(TransferStats::default()),
-            Some(Arc::new(producer)),
+            Producer {
+                source: source.clone(),
+                layout: layout.clone(),
+                stats: Arc::new(TransferStats::default()),
+                rdma: Some(Arc::new(producer)),
+                secret: None,
+            },
         ));
         let tcp = TcpTransport {
             layout: layout.clone(),
             timeout: Duration::from_secs(30),
+            secret: None,
         };
         let consumer = RdmaTransport::new(tcp, net.fabric(), 16 << 20).unwrap();
         let f = consumer
-            .fetch(&RemoteKv {
-                host: "127.0.0.1".into(),
-                port,
-                engine_id: "prefill@1".into(),
-                request_id: "r".into(),
-            })
+            .fetch(
+                &RemoteKv {
+                    host: "127.0.0.1".into(),
+                    port,
+                    engine_id: "prefill@1".into(),
+                    request_id: "r".into(),
+                    token: TOKEN,
+                },
+                &expected,
+            )
             .await
             .unwrap();
         assert_eq!(
@@ -315,6 +355,7 @@ fn decode_from_kv_read_over_rdma_matches_a_single_engine() {
         HeldKv {
             payloads: fetched.payloads,
             prompt_len: fetched.prompt_len,
+            hashes: expected.hashes,
         },
     );
     assert_eq!(run(&mut decode, &id), want);
@@ -376,6 +417,7 @@ fn a_cached_prefix_is_served_from_the_disk_tier_without_the_device() {
         HeldKv {
             payloads,
             prompt_len: 96,
+            hashes: Vec::new(),
         },
     );
     assert_eq!(run(&mut decode, &id), want);
@@ -384,4 +426,62 @@ fn a_cached_prefix_is_served_from_the_disk_tier_without_the_device() {
         4,
         "only the 4 tokens past the last full block were computed"
     );
+}
+
+/// Held KV cannot take more than half the pool: past it the oldest held request is freed
+/// first (a client asking only for prefills, or decoders that never pull, cannot pin the
+/// pool until their leases run out).
+#[test]
+fn held_kv_is_capped_at_half_the_pool_oldest_freed_first() {
+    let Some(cfg) = config() else { return };
+    let mut prefill = EngineCore::new(cfg).unwrap();
+    let idle = prefill.num_free_blocks();
+    // 64 blocks: each 160-token prompt holds 10, so the fourth crosses 32.
+    let ids: Vec<RequestId> = (0..4).map(|i| RequestId(format!("h{i}"))).collect();
+    for (i, id) in ids.iter().enumerate() {
+        let p: Vec<u32> = prompt(160)
+            .iter()
+            .map(|t| 4 + (t + i as u32 * 11) % 500)
+            .collect();
+        add_held(&mut prefill, id, &p, Duration::from_secs(30 + i as u64));
+        run(&mut prefill, id);
+    }
+    assert_eq!(prefill.num_held(), 3, "the oldest was freed");
+    assert!(prefill.read_held(&ids[0], &TOKEN).unwrap().is_none());
+    assert!(prefill.read_held(&ids[3], &TOKEN).unwrap().is_some());
+    assert_eq!(prefill.counters().kv_held_evicted, 1);
+    for id in &ids[1..] {
+        assert!(prefill.release_held(id));
+    }
+    assert_eq!(prefill.num_free_blocks(), idle);
+}
+
+/// A cache salt is part of the hashes that bind held KV to its prompt: a decoder with
+/// another salt (another tenant) computes other hashes and would refuse the blocks.
+#[test]
+fn the_cache_salt_is_part_of_the_binding_hashes() {
+    let Some(cfg) = config() else { return };
+    let p = prompt(40);
+    let mut prefill = EngineCore::new(cfg).unwrap();
+    let id = RequestId::from("s");
+    add_held_salted(
+        &mut prefill,
+        &id,
+        &p,
+        Duration::from_secs(30),
+        Some("tenant-a"),
+    );
+    run(&mut prefill, &id);
+    let held = prefill.read_held(&id, &TOKEN).unwrap().expect("held");
+    let hasher = &prefill.limits().block_hasher;
+    let salted = |s: &str| hasher.hash_prompt(&p, 16, &[s.to_string()]);
+    assert_eq!(held.hashes, salted("tenant-a"));
+    assert_ne!(held.hashes, salted("tenant-b"));
+    assert_ne!(held.hashes, hasher.hash_prompt(&p, 16, &[]));
+    // Every block differs, not only the first: the salt goes down the chain.
+    assert!(held
+        .hashes
+        .iter()
+        .zip(salted("tenant-b"))
+        .all(|(a, b)| *a != b));
 }

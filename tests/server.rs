@@ -43,6 +43,13 @@ impl Server {
             .map(String::from),
         );
         args.extend(extra.iter().map(|a| a.to_string()));
+        if extra.contains(&"--kv-transfer-config") && !extra.contains(&"--kv-transfer-secret-file")
+        {
+            // The P/D workers of these tests share a cluster secret, and the tests send the
+            // trusted-hop header a sidecar would ([`Server::send`]).
+            args.push("--kv-transfer-secret-file".into());
+            args.push(common::secret_file().display().to_string());
+        }
         let server = Server {
             p: common::LlmdProcess::start("llmd", &args, "").await,
         };
@@ -65,9 +72,12 @@ impl Server {
     }
 
     /// Sends `body` and returns the response unread (streams, status checks).
+    /// Posts `body` as llmd's sidecar or router would: with the trusted-hop header of the
+    /// tests' cluster secret (which workers without one ignore).
     async fn send(&self, path: &str, body: &Value) -> reqwest::Response {
         reqwest::Client::new()
             .post(self.url(path))
+            .header(llmd::kv::auth::TRUSTED_HOP_HEADER, common::hop_token())
             .json(body)
             .send()
             .await
@@ -1567,11 +1577,13 @@ async fn prefill_on_one_worker_decode_on_another() {
         &side_s,
         "--kv-transfer-lease-secs",
         "30",
+        "--enable-prompt-tokens-details",
     ])
     .await;
     let decoder = Server::start(&[
         "--kv-transfer-config",
         r#"{"kv_connector": "NixlConnector", "kv_role": "kv_consumer"}"#,
+        "--enable-prompt-tokens-details",
     ])
     .await;
     let single = Server::start(&[]).await;
@@ -1813,6 +1825,7 @@ async fn a_producer_killed_mid_transfer_costs_only_a_recompute() {
         async move {
             let r = reqwest::Client::new()
                 .post(url)
+                .header(llmd::kv::auth::TRUSTED_HOP_HEADER, common::hop_token())
                 .json(&b)
                 .send()
                 .await

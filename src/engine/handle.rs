@@ -50,6 +50,7 @@ enum Command {
     /// The K/V of a finished request held for a decode worker.
     ReadHeld {
         id: RequestId,
+        token: crate::kv::auth::TransferToken,
         reply: tokio::sync::oneshot::Sender<Result<Option<crate::kv::transfer::HeldKv>>>,
     },
     ReleaseHeld(RequestId),
@@ -337,10 +338,15 @@ impl Engine {
     }
 
     /// The K/V a finished request holds for a decode worker (see
-    /// [`super::KvOptions::hold_for`]); Ok(None) when nothing is held under `id`.
-    pub async fn read_held(&self, id: &RequestId) -> Result<Option<crate::kv::transfer::HeldKv>> {
+    /// [`super::KvOptions::hold`]); Ok(None) when nothing is held under `id` with `token`.
+    pub async fn read_held(
+        &self,
+        id: &RequestId,
+        token: &crate::kv::auth::TransferToken,
+    ) -> Result<Option<crate::kv::transfer::HeldKv>> {
         self.ask(|reply| Command::ReadHeld {
             id: id.clone(),
+            token: *token,
             reply,
         })
         .await
@@ -649,8 +655,8 @@ fn step_loop(
                     core.abort_request(&id);
                     senders.remove(&id);
                 }
-                Command::ReadHeld { id, reply } => {
-                    let _ = reply.send(core.read_held(&id));
+                Command::ReadHeld { id, token, reply } => {
+                    let _ = reply.send(core.read_held(&id, &token));
                 }
                 Command::ReleaseHeld(id) => {
                     core.release_held(&id);

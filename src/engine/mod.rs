@@ -62,14 +62,31 @@ impl From<String> for Prompt {
     }
 }
 
-/// How a request's KV crosses workers (disaggregated prefill/decode).
+/// How a request's KV is keyed, and how it crosses workers (disaggregated prefill/decode).
 #[derive(Clone, Debug, Default)]
 pub struct KvOptions {
-    /// Keep the request's KV blocks when it finishes, for a decode worker to read, for at most
-    /// this long (its lease); [`EngineCore::release_held`] frees them sooner.
-    pub hold_for: Option<std::time::Duration>,
+    /// Keep the request's KV blocks when it finishes, for a decode worker to read.
+    pub hold: Option<Hold>,
     /// KV received from a prefill worker for the prompt's first tokens.
     pub received: Option<ReceivedKv>,
+    /// vLLM's `cache_salt`: mixed into the first block's hash, so only requests with the same
+    /// salt share cached blocks (one tenant's prefix is never another's cache hit).
+    pub cache_salt: Option<String>,
+}
+
+impl KvOptions {
+    /// The request's extra block-hash keys ([`crate::kv::block_hash::block_extra`]).
+    pub fn extra_keys(&self) -> Vec<String> {
+        self.cache_salt.iter().cloned().collect()
+    }
+}
+
+/// A finished request's KV kept for a decode worker: for at most `lease` (sooner when
+/// [`EngineCore::release_held`] frees it), readable only with `token`.
+#[derive(Clone, Debug)]
+pub struct Hold {
+    pub lease: std::time::Duration,
+    pub token: crate::kv::auth::TransferToken,
 }
 
 /// Verified K/V of a prompt's first blocks: `payloads[i]` is block `i` (all layers), covering
@@ -85,6 +102,9 @@ pub struct ReceivedKv {
 struct Held {
     blocks: Vec<crate::kv::BlockId>,
     prompt_len: usize,
+    /// What binds the blocks to the prompt ([`crate::kv::BlockHasher::hash_prompt`]).
+    hashes: Vec<crate::kv::BlockHash>,
+    token: crate::kv::auth::TransferToken,
     expires: std::time::Instant,
 }
 
@@ -160,8 +180,8 @@ pub struct EngineCore {
     kv_events: Option<Arc<dyn KvEventSink>>,
     /// Bytes of one block's K and V over all layers (a tier record's payload).
     kv_block_bytes: usize,
-    /// Leases of requests to keep the KV of when they finish.
-    hold_for: HashMap<RequestId, std::time::Duration>,
+    /// Requests to keep the KV of when they finish.
+    hold_for: HashMap<RequestId, Hold>,
     /// Finished requests' KV kept for decode workers.
     held: HashMap<RequestId, Held>,
     /// Prompt tokens of each request whose KV came from a prefill worker.
@@ -184,6 +204,8 @@ pub struct Counters {
     pub failed_steps: u64,
     /// Held KV freed because no decode worker read it within its lease.
     pub kv_leases_expired: u64,
+    /// Held KV freed before its lease ended to keep held blocks under their cap.
+    pub kv_held_evicted: u64,
     /// Wall time of the steps that ran a batch (schedule, plan, model call, outputs), in ns.
     pub step_ns: u64,
     /// Of that, the model call (upload, launch, wait for the device, read back), in ns.
@@ -215,6 +237,10 @@ pub fn kv_bytes_per_block(
 /// Bytes of device memory the KV cache is not given even under `gpu_memory_utilization`: CUDA
 /// graphs, cuBLAS's own allocations and the lazily grown scratch of odd step shapes.
 pub const DEVICE_HEADROOM_BYTES: usize = 256 << 20;
+
+/// Most of the KV pool that finished requests' KV held for decode workers may take; past it the
+/// oldest held KV is freed first.
+pub const MAX_HELD_FRACTION: f64 = 0.5;
 
 /// Where the KV pool's size comes from.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -588,15 +614,22 @@ impl EngineCore {
         self.held.len()
     }
 
-    /// The K/V of a held request's prompt blocks (for a decode worker) and its prompt length;
-    /// None when nothing is held under `id` (never held, released, or its lease expired).
-    pub fn read_held(&self, id: &RequestId) -> Result<Option<HeldKv>> {
-        let Some(h) = self.held.get(id) else {
+    /// The K/V of a held request's prompt blocks (for a decode worker), its prompt length and
+    /// the hashes binding the blocks to the prompt; None when nothing is held under `id` with
+    /// `token` (never held, released, its lease expired, or the token is not its own: the
+    /// caller cannot tell which).
+    pub fn read_held(
+        &self,
+        id: &RequestId,
+        token: &crate::kv::auth::TransferToken,
+    ) -> Result<Option<HeldKv>> {
+        let Some(h) = self.held.get(id).filter(|h| h.token.matches(token)) else {
             return Ok(None);
         };
         Ok(Some(HeldKv {
             payloads: self.read_blocks(&h.blocks)?,
             prompt_len: h.prompt_len,
+            hashes: h.hashes.clone(),
         }))
     }
 
@@ -638,6 +671,28 @@ impl EngineCore {
                 true
             }
             None => false,
+        }
+    }
+
+    /// Frees the oldest held requests until `more` blocks fit under the cap on held blocks
+    /// ([`MAX_HELD_FRACTION`] of the pool): decoders that never pull (or a client that only
+    /// asks for prefills) cannot pin the whole pool until their leases run out.
+    fn make_room_to_hold(&mut self, more: usize) {
+        let cap = ((self.limits.num_blocks as f64 * MAX_HELD_FRACTION) as usize).max(more);
+        let mut total: usize = self.held.values().map(|h| h.blocks.len()).sum();
+        while total + more > cap {
+            let Some(oldest) = self
+                .held
+                .iter()
+                .min_by_key(|(_, h)| h.expires)
+                .map(|(id, _)| id.clone())
+            else {
+                break;
+            };
+            tracing::warn!(request_id = %oldest, "held KV over its cap; freeing the oldest before its lease ends");
+            total -= self.held.get(&oldest).map_or(0, |h| h.blocks.len());
+            self.release_held(&oldest);
+            self.counters.kv_held_evicted += 1;
         }
     }
 
@@ -783,11 +838,11 @@ impl EngineCore {
         self.counters.prompt_tokens += ids.len() as u64;
         self.states
             .insert(id.clone(), RequestState::new(params, &ids));
-        if let Some(lease) = kv.hold_for {
+        if let Some(hold) = &kv.hold {
             self.scheduler.keep_all_blocks(&id);
-            self.hold_for.insert(id.clone(), lease);
+            self.hold_for.insert(id.clone(), hold.clone());
         }
-        let req = Request::new(id.clone(), ids, priority, Vec::new());
+        let req = Request::new(id.clone(), ids, priority, kv.extra_keys());
         match kv.received {
             Some(r) => {
                 self.received.insert(id, r.covered);
@@ -947,21 +1002,30 @@ impl EngineCore {
                 self.states.remove(&s.id);
                 self.received.remove(&s.id);
                 match self.hold_for.remove(&s.id) {
-                    Some(lease) => {
+                    Some(hold) => {
                         if let Some((r, blocks)) =
                             self.scheduler.finish_keeping_blocks(&s.id, reason)
                         {
                             // Only the prompt's blocks: the decoder computes the rest.
-                            let keep = r.prompt_len.div_ceil(self.limits.block_size);
+                            let bs = self.limits.block_size;
+                            let keep = r.prompt_len.div_ceil(bs);
                             let mut blocks = blocks;
                             let extra = blocks.split_off(keep.min(blocks.len()));
                             self.scheduler.release_blocks(extra);
+                            let hashes = self.limits.block_hasher.hash_prompt(
+                                &r.tokens[..r.prompt_len],
+                                bs,
+                                &r.extra_keys,
+                            );
+                            self.make_room_to_hold(blocks.len());
                             self.held.insert(
                                 s.id.clone(),
                                 Held {
                                     blocks,
                                     prompt_len: r.prompt_len,
-                                    expires: std::time::Instant::now() + lease,
+                                    hashes,
+                                    token: hold.token,
+                                    expires: std::time::Instant::now() + hold.lease,
                                 },
                             );
                         }

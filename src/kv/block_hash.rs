@@ -1,9 +1,11 @@
 //! Prefix-cache block hashes: a chain over full blocks of token ids.
 //!
 //! Block `i` of a sequence hashes `(hash of block i-1, its block_size token ids, extra keys)`;
-//! block 0's parent is a root derived from a seed string. Two blocks share a hash only when
-//! their whole prefixes (and extra keys such as a LoRA name or cache salt) are equal, so the
-//! longest cached prefix is found by walking hashes until the first miss.
+//! block 0's parent is a root derived from a seed string. A request's extra keys (its
+//! `cache_salt`) are mixed into its first block only, as vLLM does ([`block_extra`]): the
+//! chain carries them into every later block. Two blocks share a hash only when their whole
+//! prefixes (and extra keys) are equal, so the longest cached prefix is found by walking
+//! hashes until the first miss.
 //!
 //! Hashes cross processes (a router indexes them, another worker reuses them), so both schemes
 //! are stable: no per-process randomness, fixed seeds.
@@ -159,7 +161,8 @@ impl BlockHasher {
         }
     }
 
-    /// Chained hashes of every full block of `tokens` (a partial last block is not hashed).
+    /// Chained hashes of every full block of `tokens` (a partial last block is not hashed);
+    /// `extra` (the request's extra keys) goes into the first block.
     pub fn hash_blocks(
         &self,
         tokens: &[TokenId],
@@ -167,11 +170,40 @@ impl BlockHasher {
         extra: &[String],
     ) -> Vec<BlockHash> {
         let mut out: Vec<BlockHash> = Vec::with_capacity(tokens.len() / block_size);
-        for chunk in tokens.chunks_exact(block_size) {
-            let h = self.hash(out.last(), chunk, extra);
+        for (i, chunk) in tokens.chunks_exact(block_size).enumerate() {
+            let h = self.hash(out.last(), chunk, block_extra(i, extra));
             out.push(h);
         }
         out
+    }
+
+    /// The hashes that bind a prompt's transferred KV to the prompt: every block's chained hash,
+    /// the partial last block's included (over its tokens alone, so it differs from any full
+    /// block's). The full blocks' are their prefix-cache hashes. A prefill worker sends these
+    /// with the blocks; a decode worker computes them for the prompt it was given and uses the
+    /// blocks only where they agree.
+    pub fn hash_prompt(
+        &self,
+        tokens: &[TokenId],
+        block_size: usize,
+        extra: &[String],
+    ) -> Vec<BlockHash> {
+        let mut out: Vec<BlockHash> = Vec::with_capacity(tokens.len().div_ceil(block_size));
+        for (i, chunk) in tokens.chunks(block_size).enumerate() {
+            let h = self.hash(out.last(), chunk, block_extra(i, extra));
+            out.push(h);
+        }
+        out
+    }
+}
+
+/// The extra keys of block `i` of a request whose extra keys are `extra`: all of them for the
+/// first block, none after it (the chain carries them on), as vLLM mixes `cache_salt` in.
+pub fn block_extra(i: usize, extra: &[String]) -> &[String] {
+    if i == 0 {
+        extra
+    } else {
+        &[]
     }
 }
 

@@ -18,6 +18,7 @@
 //! first computed query can attend to, so a hit may start after the prompt's first blocks
 //! (long evicted, or released by the request that computed them). The blocks before it are
 //! [`ComputedBlocks::skipped`]: placeholders in the table, never owned, read or published.
+use super::block_hash::block_extra;
 use super::{BlockHash, BlockHasher, BlockId, BlockPool, PrefixCacheStats};
 use crate::request::{RequestId, TokenId};
 use std::collections::{HashMap, HashSet};
@@ -175,8 +176,14 @@ impl KvCacheManager {
             return out;
         }
         let max_blocks = (tokens.len() - 1) / self.block_size;
-        for chunk in tokens.chunks_exact(self.block_size).take(max_blocks) {
-            let h = self.hasher.hash(out.last(), chunk, extra_keys);
+        for (i, chunk) in tokens
+            .chunks_exact(self.block_size)
+            .take(max_blocks)
+            .enumerate()
+        {
+            let h = self
+                .hasher
+                .hash(out.last(), chunk, block_extra(i, extra_keys));
             out.push(h);
         }
         out
@@ -245,8 +252,10 @@ impl KvCacheManager {
         let window = self.window_of(req);
         let mut found: Vec<Option<BlockId>> = Vec::with_capacity(max_blocks);
         let mut parent: Option<BlockHash> = None;
-        for chunk in tokens.chunks_exact(bs).take(max_blocks) {
-            let h = self.hasher.hash(parent.as_ref(), chunk, extra_keys);
+        for (i, chunk) in tokens.chunks_exact(bs).take(max_blocks).enumerate() {
+            let h = self
+                .hasher
+                .hash(parent.as_ref(), chunk, block_extra(i, extra_keys));
             let b = self.pool.get_cached_block(&h);
             if b.is_none() && window.is_none() {
                 break;
@@ -320,7 +329,10 @@ impl KvCacheManager {
             while hashes.len() < full {
                 let i = hashes.len();
                 let chunk = &tokens[i * self.block_size..(i + 1) * self.block_size];
-                hashes.push(self.hasher.hash(hashes.last(), chunk, extra_keys));
+                hashes.push(
+                    self.hasher
+                        .hash(hashes.last(), chunk, block_extra(i, extra_keys)),
+                );
             }
             // Cache hits are published already: their KV exists.
             let published = self.published.entry(req.clone()).or_default();

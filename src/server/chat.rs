@@ -22,6 +22,7 @@ use std::sync::Arc;
 
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<ChatRequest>,
 ) -> Result<Response, ApiError> {
     let arrival = std::time::Instant::now();
@@ -70,7 +71,9 @@ pub async fn chat_completions(
     let prompt_tokens = prompt.len();
     let kv = super::disagg::kv_options(
         ready,
+        &headers,
         req.kv_transfer_params.as_ref(),
+        req.cache_salt.as_deref(),
         std::slice::from_ref(&prompt),
         n,
         req.stream,
@@ -84,7 +87,7 @@ pub async fn chat_completions(
         })
         .collect();
     let id = state.next_id("chatcmpl");
-    let kv_reply = super::disagg::reply(ready, &kv, &format!("{id}-0"), prompt_tokens);
+    let kv_reply = super::disagg::reply(ready, &kv, &format!("{id}-0"), &prompt);
     let generation = submit(&state, &id, choices, arrival).await?;
     let created = unix_now();
     if req.stream {
@@ -122,7 +125,8 @@ pub async fn chat_completions(
         created,
         model: state.model_name.clone(),
         choices,
-        usage: Usage::new(prompt_tokens, completion_tokens).with_cached(cached_tokens),
+        usage: Usage::new(prompt_tokens, completion_tokens)
+            .with_cached(state.prompt_tokens_details.then_some(cached_tokens)),
         kv_transfer_params: kv_reply,
     })
     .into_response())

@@ -23,6 +23,7 @@ const DEFAULT_MAX_TOKENS: usize = 16;
 
 pub async fn completions(
     State(state): State<Arc<AppState>>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let arrival = std::time::Instant::now();
@@ -82,7 +83,9 @@ pub async fn completions(
     }
     let kv = super::disagg::kv_options(
         ready,
+        &headers,
         req.kv_transfer_params.as_ref(),
+        req.cache_salt.as_deref(),
         &choices.iter().map(|c| c.prompt.clone()).collect::<Vec<_>>(),
         n,
         req.stream,
@@ -92,7 +95,9 @@ pub async fn completions(
         c.kv = kv.clone();
     }
     let id = state.next_id("cmpl");
-    let kv_reply = super::disagg::reply(ready, &kv, &format!("{id}-0"), prompt_tokens);
+    let kv_reply = choices
+        .first()
+        .and_then(|c| super::disagg::reply(ready, &kv, &format!("{id}-0"), &c.prompt));
     let generation = submit(&state, &id, choices, arrival).await?;
     let created = unix_now();
     let want_logprobs = req.logprobs.is_some();
@@ -135,7 +140,10 @@ pub async fn completions(
         created,
         model: state.model_name.clone(),
         choices,
-        usage: Some(Usage::new(prompt_tokens, completion_tokens).with_cached(cached_tokens)),
+        usage: Some(
+            Usage::new(prompt_tokens, completion_tokens)
+                .with_cached(state.prompt_tokens_details.then_some(cached_tokens)),
+        ),
         kv_transfer_params: kv_reply,
     })
     .into_response())

@@ -15,13 +15,22 @@
 //!
 //! The producer frees held blocks as soon as the consumer has read them, when its connection
 //! drops, or when the lease (`--kv-transfer-lease-secs`) runs out.
+//!
+//! Trust (README "Security"): `kv_transfer_params` steer this worker's KV, so by default they
+//! are believed only from a trusted hop — llmd's sidecar or router, proven by
+//! [`crate::kv::auth::TRUSTED_HOP_HEADER`] under the cluster secret — and ignored (counted)
+//! from anyone else; `--allow-client-kv-transfer-params` believes every request (behind
+//! llm-d's own sidecar, which cannot prove the secret). Either way the KV pulled is used only
+//! if it is the prompt's own ([`crate::kv::transfer`]'s binding), and held KV is read only with
+//! the token its producer issued.
 use super::error::ApiError;
 use super::AppState;
-use crate::engine::{KvOptions, ReceivedKv};
+use crate::engine::{Hold, KvOptions, ReceivedKv};
+use crate::kv::auth::{ClusterSecret, TransferToken, TRUSTED_HOP_HEADER};
 use crate::kv::transfer::verbs::DeviceChoice;
 use crate::kv::transfer::{
-    HeldKv, HeldKvSource, KvTransport, RdmaProducer, RdmaTransport, RemoteKv, TcpTransport,
-    TransferLayout, TransferStats,
+    Expected, HeldKv, HeldKvSource, KvTransport, Producer, RdmaProducer, RdmaTransport, RemoteKv,
+    TcpTransport, TransferLayout, TransferStats,
 };
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -69,6 +78,11 @@ pub struct KvTransferConfig {
     pub fault: Option<crate::kv::transfer::TransferFault>,
     /// How blocks move: TCP, or RDMA READs (with TCP for producers without RDMA).
     pub transport: TransportKind,
+    /// The cluster secret (`--kv-transfer-secret-file`): the side channel's handshake, and
+    /// the trusted-hop header that makes a request's `kv_transfer_params` believed.
+    pub secret: Option<Arc<ClusterSecret>>,
+    /// `--allow-client-kv-transfer-params`: believe `kv_transfer_params` from any client.
+    pub allow_client_params: bool,
 }
 
 /// The KV transport `kv_connector_extra_config.transport` picks.
@@ -153,6 +167,8 @@ impl KvTransferConfig {
             timeout: Duration::from_secs(30),
             fault: None,
             transport,
+            secret: None,
+            allow_client_params: false,
         })
     }
 }
@@ -170,6 +186,13 @@ pub struct KvTransferParams {
     pub remote_host: Option<String>,
     pub remote_port: Option<u16>,
     pub tp_size: Option<u32>,
+    /// llmd: the token the held KV is read with (hex, 128 bits).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_transfer_token: Option<String>,
+    /// llmd: the last block's chained hash of the prompt the KV was computed for (hex), so a
+    /// decoder given another prompt does not pull at all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_prompt_hash: Option<String>,
 }
 
 /// Transfer counters for `/metrics`.
@@ -188,6 +211,8 @@ pub struct TransferMetrics {
     pub skipped: Mutex<BTreeMap<&'static str, u64>>,
     /// What an east/west pull costs per block, measured.
     pub pull_cost: Mutex<PullCost>,
+    /// Requests whose `kv_transfer_params` were ignored: not from a trusted hop.
+    pub untrusted_params: AtomicU64,
 }
 
 /// Every how many pulls skipped as dearer than recompute one is made anyway, so that the
@@ -269,6 +294,7 @@ impl Disagg {
         let tcp = TcpTransport {
             layout: layout.clone(),
             timeout: config.timeout,
+            secret: config.secret.clone(),
         };
         let (transport, rdma): (Box<dyn KvTransport>, _) = match (&config.transport, fabric) {
             (TransportKind::Tcp, _) => (Box::new(tcp), None),
@@ -309,8 +335,23 @@ impl Disagg {
         })
     }
 
+    /// Whether a request with `headers` may steer KV with its `kv_transfer_params`.
+    pub fn trusts(&self, headers: &axum::http::HeaderMap) -> bool {
+        if self.config.allow_client_params {
+            return true;
+        }
+        let Some(secret) = &self.config.secret else {
+            return false;
+        };
+        headers
+            .get(TRUSTED_HOP_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| secret.is_trusted_hop(v))
+    }
+
     /// What a request's `kv_transfer_params` asks of this worker: KV to hold (producer) or
     /// KV pulled from a producer (consumer; a failed pull is counted and gives no KV).
+    /// `salt` is the request's `cache_salt`, part of the hashes binding KV to the prompt.
     pub async fn prepare(
         &self,
         engine: &crate::engine::Engine,
@@ -318,6 +359,7 @@ impl Disagg {
         prompts: &[Vec<u32>],
         n: usize,
         stream: bool,
+        salt: Option<&str>,
     ) -> Result<KvOptions, ApiError> {
         let Some(p) = params else {
             return Ok(KvOptions::default());
@@ -336,7 +378,10 @@ impl Disagg {
                 ));
             }
             return Ok(KvOptions {
-                hold_for: Some(self.config.lease),
+                hold: Some(Hold {
+                    lease: self.config.lease,
+                    token: TransferToken::random(),
+                }),
                 ..Default::default()
             });
         }
@@ -361,33 +406,60 @@ impl Disagg {
                 "do_remote_prefill needs remote_host and remote_port",
             ));
         };
+        let extra: Vec<String> = salt.iter().map(|s| s.to_string()).collect();
         let (Some(engine_id), Some(request_id)) =
             (p.remote_engine_id.clone(), p.remote_request_id.clone())
         else {
             // No request named: an east/west pull of whatever prefix of this prompt the peer
             // has cached.
-            return Ok(self.pull_prefix(engine, &host, port, &prompts[0]).await);
+            return Ok(self
+                .pull_prefix(engine, &host, port, &prompts[0], &extra)
+                .await);
         };
+        let Some(token) = p
+            .remote_transfer_token
+            .as_deref()
+            .and_then(TransferToken::from_hex)
+        else {
+            self.fallback(
+                "unauthorized",
+                "kv_transfer_params without a remote_transfer_token",
+            );
+            return Ok(KvOptions::default());
+        };
+        let limits = engine.limits();
+        let expected = Expected {
+            prompt_len: prompts[0].len(),
+            hashes: limits
+                .block_hasher
+                .hash_prompt(&prompts[0], limits.block_size, &extra),
+        };
+        if let Some(h) = &p.remote_prompt_hash {
+            let ours = expected
+                .hashes
+                .last()
+                .map(|h| h.to_hex())
+                .unwrap_or_default();
+            if !h.eq_ignore_ascii_case(&ours) {
+                // Another prompt's KV (or another salt, hash scheme or seed): not pulled, so
+                // the producer keeps it for its own decoder.
+                self.fallback(
+                    "prompt_mismatch",
+                    "remote_prompt_hash is not this prompt's: the KV was computed for another",
+                );
+                return Ok(KvOptions::default());
+            }
+        }
         let remote = RemoteKv {
             host,
             port,
             engine_id,
             request_id,
+            token,
         };
         let started = Instant::now();
-        let fetched = match self.transport.fetch(&remote).await {
-            Ok(f) if f.prompt_len == prompts[0].len() => f,
-            Ok(f) => {
-                self.fallback(
-                    "prompt_mismatch",
-                    &format!(
-                        "the producer held {} prompt tokens, this prompt has {}",
-                        f.prompt_len,
-                        prompts[0].len()
-                    ),
-                );
-                return Ok(KvOptions::default());
-            }
+        let fetched = match self.transport.fetch(&remote, &expected).await {
+            Ok(f) => f,
             Err(e) => {
                 self.fallback(e.cause(), &e.to_string());
                 return Ok(KvOptions::default());
@@ -411,17 +483,13 @@ impl Disagg {
         host: &str,
         port: u16,
         prompt: &[u32],
+        extra: &[String],
     ) -> KvOptions {
         let limits = engine.limits();
         let bs = limits.block_size;
-        let mut hashes: Vec<crate::kv::BlockHash> = Vec::new();
-        for chunk in prompt
-            .chunks_exact(bs)
-            .take(prompt.len().saturating_sub(1) / bs)
-        {
-            let h = limits.block_hasher.hash(hashes.last(), chunk, &[]);
-            hashes.push(h);
-        }
+        // Full blocks short of the last token (which must run here).
+        let mut hashes = limits.block_hasher.hash_blocks(prompt, bs, extra);
+        hashes.truncate(prompt.len().saturating_sub(1) / bs);
         if hashes.is_empty() {
             return KvOptions::default();
         }
@@ -511,7 +579,7 @@ impl Disagg {
         let m = &self.metrics;
         let p = &m.producer;
         let n = |a: &AtomicU64| a.load(Relaxed);
-        let series: [(&str, &str, &str, u64); 10] = [
+        let series: [(&str, &str, &str, u64); 14] = [
             (
                 "llmd:kv_transfer_blocks_sent_total",
                 "counter",
@@ -572,6 +640,30 @@ impl Disagg {
                 "Held KV freed because no decode worker read it within its lease.",
                 stats.counters.kv_leases_expired,
             ),
+            (
+                "llmd:kv_held_evicted_total",
+                "counter",
+                "Held KV freed before its lease ended to keep held blocks under half the pool.",
+                stats.counters.kv_held_evicted,
+            ),
+            (
+                "llmd:kv_transfer_params_untrusted_total",
+                "counter",
+                "Requests whose kv_transfer_params were ignored: not from a trusted hop.",
+                n(&m.untrusted_params),
+            ),
+            (
+                "llmd:kv_transfer_unauthorized_total",
+                "counter",
+                "Side-channel connections refused: no or a wrong proof of the cluster secret.",
+                n(&p.unauthorized),
+            ),
+            (
+                "llmd:kv_transfer_connections_refused_total",
+                "counter",
+                "Side-channel connections closed unread: the connection cap was reached.",
+                n(&p.over_capacity),
+            ),
         ];
         for (name, kind, help, v) in series {
             super::metrics::write_scalar(out, name, kind, help, l, v);
@@ -631,6 +723,7 @@ impl Disagg {
             "timeout",
             "rdma",
             "prompt_mismatch",
+            "unauthorized",
         ] {
             let n = fallbacks.get(cause).copied().unwrap_or(0);
             let _ = writeln!(
@@ -651,12 +744,15 @@ impl Disagg {
             .or_default() += 1;
     }
 
-    /// The response's `kv_transfer_params` for a request held for a decoder.
+    /// The response's `kv_transfer_params` for a request held for a decoder under `hold`;
+    /// `prompt_hash` is its prompt's last binding hash.
     pub fn producer_reply(
         &self,
         request_id: &str,
         prompt_len: usize,
         block_size: usize,
+        hold: &Hold,
+        prompt_hash: Option<crate::kv::BlockHash>,
     ) -> KvTransferParams {
         KvTransferParams {
             do_remote_decode: false,
@@ -667,6 +763,8 @@ impl Disagg {
             remote_host: Some(self.config.advertise_host.clone()),
             remote_port: Some(self.config.port),
             tp_size: Some(1),
+            remote_transfer_token: Some(hold.token.to_hex()),
+            remote_prompt_hash: prompt_hash.map(|h| h.to_hex()),
         }
     }
 
@@ -688,32 +786,63 @@ impl Disagg {
         });
         tokio::spawn(crate::kv::transfer::serve(
             listener,
-            source,
-            self.layout.clone(),
-            self.metrics.producer.clone(),
-            self.rdma.clone(),
+            Producer {
+                source,
+                layout: self.layout.clone(),
+                stats: self.metrics.producer.clone(),
+                rdma: self.rdma.clone(),
+                secret: self.config.secret.clone(),
+            },
         ));
         Ok(addr)
     }
 }
 
-/// What `params` asks of this worker (see [`Disagg::prepare`]); without
+/// The most bytes of a `cache_salt` (vLLM sets none; a tenant id or a digest fits well under).
+pub const MAX_CACHE_SALT: usize = 1024;
+
+/// How a request's KV is keyed (`cache_salt`) and what its `kv_transfer_params` ask of this
+/// worker (see [`Disagg::prepare`]). Params from a client that is not a trusted hop are
+/// ignored (and counted) unless `--allow-client-kv-transfer-params`; without
 /// `--kv-transfer-config`, a request that asks for a transfer is refused.
 pub async fn kv_options(
     ready: &super::Ready,
+    headers: &axum::http::HeaderMap,
     params: Option<&KvTransferParams>,
+    cache_salt: Option<&str>,
     prompts: &[Vec<u32>],
     n: usize,
     stream: bool,
 ) -> Result<KvOptions, ApiError> {
-    match (&ready.disagg, params) {
-        (Some(d), p) => d.prepare(&ready.engine, p, prompts, n, stream).await,
-        (None, Some(p)) if p.do_remote_decode || p.do_remote_prefill => Err(ApiError::invalid(
-            "kv_transfer_params",
-            "this worker has no --kv-transfer-config",
-        )),
-        (None, _) => Ok(KvOptions::default()),
+    if let Some(s) = cache_salt {
+        if s.is_empty() || s.len() > MAX_CACHE_SALT {
+            return Err(ApiError::invalid(
+                "cache_salt",
+                format!("cache_salt must be a non-empty string of at most {MAX_CACHE_SALT} bytes"),
+            ));
+        }
     }
+    let asks = params.is_some_and(|p| p.do_remote_decode || p.do_remote_prefill);
+    let mut kv = match (&ready.disagg, params) {
+        (Some(d), Some(_)) if asks && !d.trusts(headers) => {
+            d.metrics.untrusted_params.fetch_add(1, Relaxed);
+            tracing::warn!("kv_transfer_params from a client that is not a trusted hop; ignored (--allow-client-kv-transfer-params believes them)");
+            KvOptions::default()
+        }
+        (Some(d), p) => {
+            d.prepare(&ready.engine, p, prompts, n, stream, cache_salt)
+                .await?
+        }
+        (None, Some(_)) if asks => {
+            return Err(ApiError::invalid(
+                "kv_transfer_params",
+                "this worker has no --kv-transfer-config",
+            ))
+        }
+        (None, _) => KvOptions::default(),
+    };
+    kv.cache_salt = cache_salt.map(str::to_string);
+    Ok(kv)
 }
 
 /// The response's `kv_transfer_params` when the request's KV is held for a decoder.
@@ -721,11 +850,21 @@ pub fn reply(
     ready: &super::Ready,
     kv: &KvOptions,
     request_id: &str,
-    prompt_len: usize,
+    prompt: &[u32],
 ) -> Option<KvTransferParams> {
     let d = ready.disagg.as_ref()?;
-    kv.hold_for?;
-    Some(d.producer_reply(request_id, prompt_len, ready.engine.limits().block_size))
+    let hold = kv.hold.as_ref()?;
+    let limits = ready.engine.limits();
+    let hashes = limits
+        .block_hasher
+        .hash_prompt(prompt, limits.block_size, &kv.extra_keys());
+    Some(d.producer_reply(
+        request_id,
+        prompt.len(),
+        limits.block_size,
+        hold,
+        hashes.last().copied(),
+    ))
 }
 
 /// The engine as the side channel's source of held KV.
@@ -739,14 +878,23 @@ impl HeldKvSource for EngineSource {
         &self.engine_id
     }
 
-    fn read(&self, request_id: &str) -> BoxFuture<'_, Result<Option<HeldKv>, String>> {
+    fn read(
+        &self,
+        request_id: &str,
+        token: &TransferToken,
+    ) -> BoxFuture<'_, Result<Option<HeldKv>, String>> {
         let id = crate::RequestId::from(request_id);
+        let token = *token;
         Box::pin(async move {
             let state = self.state.upgrade().ok_or("the server is shutting down")?;
             let ready = state
                 .ready()
                 .map_err(|_| "the engine is not ready".to_string())?;
-            ready.engine.read_held(&id).await.map_err(|e| e.to_string())
+            ready
+                .engine
+                .read_held(&id, &token)
+                .await
+                .map_err(|e| e.to_string())
         })
     }
 

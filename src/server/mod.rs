@@ -59,6 +59,8 @@ pub struct ServerConfig {
     pub request_timeout: Option<Duration>,
     /// Disaggregated prefill/decode (`--kv-transfer-config`); None: off.
     pub kv_transfer: Option<disagg::KvTransferConfig>,
+    /// `--enable-prompt-tokens-details`: report `usage.prompt_tokens_details.cached_tokens`.
+    pub prompt_tokens_details: bool,
 }
 
 /// Default of [`ServerConfig::max_choices_per_request`]: OpenAI's largest `n` (128) twice over,
@@ -92,6 +94,8 @@ pub struct AppState {
     pub request_timeout: Option<Duration>,
     /// Where prompts are tokenized and chat templates rendered.
     pub text_pool: text_pool::TextPool,
+    /// Report cached prompt tokens in `usage` (`--enable-prompt-tokens-details`).
+    pub prompt_tokens_details: bool,
 }
 
 pub fn unix_now() -> u64 {
@@ -114,6 +118,7 @@ impl AppState {
             max_choices_per_request: cfg.max_choices_per_request,
             request_timeout: cfg.request_timeout,
             text_pool: text_pool::TextPool::new(text_pool::default_threads())?,
+            prompt_tokens_details: cfg.prompt_tokens_details,
         })
     }
 
@@ -379,7 +384,8 @@ where
                     "disaggregated prefill/decode on"
                 );
                 if d.config.role.produces() {
-                    let side = d.start_producer(&state, &cfg.host).await?;
+                    // On the host it advertises (the pod IP), never every interface.
+                    let side = d.start_producer(&state, &d.config.advertise_host).await?;
                     tracing::info!(
                         side_channel = %side,
                         advertised = %format!("{}:{}", d.config.advertise_host, d.config.port),
@@ -481,6 +487,7 @@ mod tests {
             max_choices_per_request: 4,
             request_timeout: None,
             kv_transfer: None,
+            prompt_tokens_details: false,
         })
         .unwrap();
         assert!(s.check_model(None).is_ok());

@@ -72,6 +72,8 @@ pub struct CompletionRequest {
     pub suffix: Option<String>,
     /// Disaggregated prefill/decode (llm-d's sidecar, vLLM's field).
     pub kv_transfer_params: Option<super::disagg::KvTransferParams>,
+    /// vLLM's `cache_salt`: only requests with the same salt share prefix-cache blocks.
+    pub cache_salt: Option<String>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -112,6 +114,8 @@ pub struct ChatRequest {
     pub top_logprobs: Option<usize>,
     /// Disaggregated prefill/decode (llm-d's sidecar, vLLM's field).
     pub kv_transfer_params: Option<super::disagg::KvTransferParams>,
+    /// vLLM's `cache_salt`: only requests with the same salt share prefix-cache blocks.
+    pub cache_salt: Option<String>,
     #[serde(flatten)]
     pub sampling: SamplingFields,
 }
@@ -220,9 +224,11 @@ pub struct PromptTokensDetails {
 }
 
 impl Usage {
-    /// With `prompt_tokens_details.cached_tokens`.
-    pub fn with_cached(mut self, cached_tokens: usize) -> Self {
-        self.prompt_tokens_details = Some(PromptTokensDetails { cached_tokens });
+    /// With `prompt_tokens_details.cached_tokens` when given (`--enable-prompt-tokens-details`:
+    /// off by default, as in vLLM, since a hit tells one client what others sent).
+    pub fn with_cached(mut self, cached_tokens: Option<usize>) -> Self {
+        self.prompt_tokens_details =
+            cached_tokens.map(|cached_tokens| PromptTokensDetails { cached_tokens });
         self
     }
 

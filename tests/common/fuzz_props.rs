@@ -2016,6 +2016,7 @@ impl HttpServer {
             max_choices_per_request: llmd::server::DEFAULT_MAX_CHOICES_PER_REQUEST,
             request_timeout: None,
             kv_transfer: None,
+            prompt_tokens_details: false,
         };
         let config = std::fs::read_to_string(model.join("config.json"))
             .unwrap_or_else(|e| panic!("reading config.json: {e}"));

@@ -9,18 +9,40 @@
 //!
 //! Wire protocol (integers little-endian):
 //! ```text
-//! consumer → producer: "LLMDKVT1" | engine_id_len u32 | engine_id | request_id_len u32 | request_id
+//! [with a cluster secret: the handshake of crate::kv::auth::Handshake first]
+//! consumer → producer: "LLMDKVT2" | engine_id_len u32 | engine_id | request_id_len u32 | request_id
+//!                      | transfer token (16)
+//!                   or "LLMDKVH2" | count u32 | hashes (32 bytes each)     (east/west, by hash)
 //! producer → consumer: status u8 | message_len u32 | message | prompt_len u64 | blocks u32
 //!                      then per block: record_len u64 | record (block_record, checksummed)
 //! consumer → producer: 0 (done) | 1 (resend: count u32, indices u32…, then the blocks again, then 0)
 //! ```
-//! Status: 0 ok, 1 nothing held under that id, 2 the consumer named another engine (a stale
-//! id from before a restart: ids carry the start time), 3 the producer failed to read.
+//! Status: 0 ok, 1 nothing held under that id with that token, 2 the consumer named another
+//! engine (a stale id from before a restart: ids carry the start time), 3 the producer failed
+//! to read, 4 no RDMA here ([`rdma`]), 5 not authorized (the secret's handshake is required,
+//! or east/west pulls are off because this producer has no secret).
 //!
-//! Integrity: each block travels as a [`super::block_record`] whose hash is derived from the
-//! request id and block index and whose identity is the model and layout; the consumer checks
-//! each, asks once for the bad ones again, and otherwise gives up (its caller recomputes).
-use super::block_record;
+//! Security (see README "Security"):
+//! - **Binding**: each block travels as a [`super::block_record`] under the prompt's own chained
+//!   block hash ([`super::BlockHasher::hash_prompt`], cache salt included) and the model and
+//!   layout identity. The consumer computes the hashes of the prompt *it* was given and takes
+//!   a block only under its own hash: KV computed for another prompt is refused
+//!   ([`TransferError::Mismatch`]) and the prompt is computed instead, so nobody can bind
+//!   someone else's KV to their prompt and from there into the prefix cache. The block count
+//!   and prompt length are checked against the consumer's own before any payload is read.
+//! - **Authorization**: a held request is read only with its [`TransferToken`] (128 random
+//!   bits the producer issued in its `kv_transfer_params`); a wrong token, a wrong request id
+//!   and a released request are the same answer. With a cluster secret both ends prove it
+//!   before anything else ([`Handshake`]), so a forged producer is refused; east/west pulls by
+//!   hash need it. A wrong engine id is refused without naming the real one.
+//! - **Exhaustion**: at most [`MAX_CONNECTIONS`] connections are served at once (more are
+//!   closed unread); a consumer has [`HELLO_DEADLINE`] to say what it wants and
+//!   [`IDLE_DEADLINE`] for each later message.
+//!
+//! Integrity: the consumer checks each record, asks once for the damaged ones again, and
+//! otherwise gives up (its caller recomputes).
+use super::auth::{ClusterSecret, Handshake, TransferToken};
+use super::block_record::{self, RecordError};
 use super::BlockHash;
 
 mod rdma;
@@ -32,9 +54,18 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const MAGIC: &[u8; 8] = b"LLMDKVT1";
+const MAGIC: &[u8; 8] = b"LLMDKVT2";
 /// A pull of a cached prefix by block hash (east/west, between peers).
-const PREFIX_MAGIC: &[u8; 8] = b"LLMDKVH1";
+const PREFIX_MAGIC: &[u8; 8] = b"LLMDKVH2";
+/// Most side-channel connections a producer serves at once: past it new ones are closed
+/// before anything is read (a pull is one connection; decoders pull a few at a time).
+pub const MAX_CONNECTIONS: usize = 256;
+/// How long a consumer has, once connected, to prove the secret and say what it wants.
+pub const HELLO_DEADLINE: Duration = Duration::from_secs(5);
+/// How long the producer waits for each later message of a consumer (its done or resend).
+pub const IDLE_DEADLINE: Duration = Duration::from_secs(30);
+/// The producer's status: not authorized.
+const UNAUTHORIZED: u8 = 5;
 /// Longest id or message accepted on the wire.
 const MAX_STR: usize = 4096;
 /// Most blocks one transfer may carry (a million-token prompt at 16 tokens per block).
@@ -49,6 +80,16 @@ pub struct RemoteKv {
     pub engine_id: String,
     /// The prefiller's request whose KV is held.
     pub request_id: String,
+    /// The token the prefiller issued for that KV: nothing is read without it.
+    pub token: TransferToken,
+}
+
+/// What a consumer knows of the KV it pulls for a prompt: the prompt's length and its
+/// blocks' hashes as the consumer computes them ([`super::BlockHasher::hash_prompt`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expected {
+    pub prompt_len: usize,
+    pub hashes: Vec<BlockHash>,
 }
 
 /// A transfer's result: `payloads[i]` is block `i` of the prompt (all layers' K and V).
@@ -86,6 +127,10 @@ pub enum TransferError {
     Timeout { addr: String, seconds: f64 },
     #[error("KV transfer from {addr} over RDMA: {message}")]
     Rdma { addr: String, message: String },
+    #[error("KV transfer from {addr}: not authorized: {what}")]
+    Unauthorized { addr: String, what: String },
+    #[error("KV transfer from {addr}: the KV is not this prompt's: {what}")]
+    Mismatch { addr: String, what: String },
 }
 
 impl TransferError {
@@ -100,14 +145,21 @@ impl TransferError {
             TransferError::Corrupt { .. } => "corrupt",
             TransferError::Timeout { .. } => "timeout",
             TransferError::Rdma { .. } => "rdma",
+            TransferError::Unauthorized { .. } => "unauthorized",
+            TransferError::Mismatch { .. } => "prompt_mismatch",
         }
     }
 }
 
 /// Pulls KV from another worker.
 pub trait KvTransport: Send + Sync {
-    /// A request's KV held by a prefill worker.
-    fn fetch<'a>(&'a self, from: &'a RemoteKv) -> BoxFuture<'a, Result<Fetched, TransferError>>;
+    /// A request's KV held by a prefill worker, for a prompt as `expected` describes it (the
+    /// pull fails with [`TransferError::Mismatch`] unless the KV is that prompt's).
+    fn fetch<'a>(
+        &'a self,
+        from: &'a RemoteKv,
+        expected: &'a Expected,
+    ) -> BoxFuture<'a, Result<Fetched, TransferError>>;
     /// The leading run of `hashes` that peer `host:port` has cached (east/west: a prefix one
     /// worker computed, pulled by another instead of recomputed). `prompt_len` is 0.
     fn fetch_prefix<'a>(
@@ -129,10 +181,8 @@ pub struct TransferLayout {
 
 impl TransferLayout {
     /// The payload of `record` if it is block `hash` under this layout, intact.
-    fn open(&self, record: &[u8], hash: &BlockHash) -> Result<Vec<u8>, String> {
-        block_record::decode(record, hash, &self.identity, self.payload_len)
-            .map(<[u8]>::to_vec)
-            .map_err(|e| e.to_string())
+    fn open(&self, record: &[u8], hash: &BlockHash) -> Result<Vec<u8>, RecordError> {
+        block_record::decode(record, hash, &self.identity, self.payload_len).map(<[u8]>::to_vec)
     }
 }
 
@@ -150,15 +200,24 @@ impl Checked {
         }
     }
 
-    /// Block `i`'s first check: a failure is logged and the block asked for again.
-    fn first(&mut self, addr: &str, via: &str, i: usize, r: Result<Vec<u8>, String>) {
+    /// Block `i`'s first check: damage is logged and the block asked for again; an intact
+    /// block of another prompt ends the pull (asking again would bring the same).
+    fn first(
+        &mut self,
+        addr: &str,
+        via: &str,
+        i: usize,
+        r: Result<Vec<u8>, RecordError>,
+    ) -> Result<(), TransferError> {
         match r {
             Ok(p) => self.payloads[i] = Some(p),
+            Err(e @ RecordError::WrongBlock { .. }) => return Err(mismatch(addr, i, &e)),
             Err(reason) => {
                 tracing::warn!(%addr, via, block = i, %reason, "a transferred KV block failed its check; asking again");
                 self.bad.push(i);
             }
         }
+        Ok(())
     }
 
     /// Block `i` checked again: a second failure ends the pull.
@@ -166,12 +225,15 @@ impl Checked {
         &mut self,
         addr: &str,
         i: usize,
-        r: Result<Vec<u8>, String>,
+        r: Result<Vec<u8>, RecordError>,
     ) -> Result<(), TransferError> {
-        let p = r.map_err(|reason| TransferError::Corrupt {
-            addr: addr.to_string(),
-            index: i,
-            reason,
+        let p = r.map_err(|e| match e {
+            RecordError::WrongBlock { .. } => mismatch(addr, i, &e),
+            reason => TransferError::Corrupt {
+                addr: addr.to_string(),
+                index: i,
+                reason: reason.to_string(),
+            },
         })?;
         self.payloads[i] = Some(p);
         Ok(())
@@ -201,15 +263,68 @@ fn resend_request(bad: &[usize]) -> Vec<u8> {
     ask
 }
 
-/// The record hash of block `index` of `request_id`'s transfer (transferred blocks may be
-/// partial, so they have no prefix hash of their own).
-pub fn transfer_hash(request_id: &str, index: usize) -> BlockHash {
-    let mut h = [0u8; 32];
-    let a = xxhash_rust::xxh3::xxh3_64(request_id.as_bytes());
-    h[..8].copy_from_slice(b"TRANSFER");
-    h[8..16].copy_from_slice(&a.to_le_bytes());
-    h[24..].copy_from_slice(&(index as u64).to_be_bytes());
-    BlockHash(h)
+fn mismatch(addr: &str, i: usize, e: &RecordError) -> TransferError {
+    TransferError::Mismatch {
+        addr: addr.to_string(),
+        what: format!("block {i}: {e}"),
+    }
+}
+
+/// Checks a producer's header against what the consumer expects, before any payload is read.
+fn check_shape(
+    addr: &str,
+    expected: &Expected,
+    prompt_len: usize,
+    blocks: usize,
+) -> Result<(), TransferError> {
+    if prompt_len != expected.prompt_len || blocks != expected.hashes.len() {
+        return Err(TransferError::Mismatch {
+            addr: addr.to_string(),
+            what: format!(
+                "the producer holds {blocks} blocks of a {prompt_len}-token prompt, this prompt                  has {} tokens in {} blocks",
+                expected.prompt_len,
+                expected.hashes.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Connects to a producer; with a secret, proves it and checks the producer's proof first.
+async fn connect(addr: &str, secret: Option<&ClusterSecret>) -> Result<TcpStream, TransferError> {
+    let io = |source| TransferError::Io {
+        addr: addr.to_string(),
+        source,
+    };
+    let mut s = TcpStream::connect(addr).await.map_err(io)?;
+    s.set_nodelay(true).map_err(io)?;
+    let Some(secret) = secret else {
+        return Ok(s);
+    };
+    let unauthorized = |what: String| TransferError::Unauthorized {
+        addr: addr.to_string(),
+        what,
+    };
+    let cn = Handshake::nonce();
+    let mut hello = Handshake::MAGIC.to_vec();
+    hello.extend_from_slice(&cn);
+    s.write_all(&hello).await.map_err(io)?;
+    let mut reply = [0u8; Handshake::NONCE + 32];
+    s.read_exact(&mut reply).await.map_err(|e| {
+        unauthorized(format!(
+            "no answer to the secret's handshake ({e}): a producer without the cluster secret?"
+        ))
+    })?;
+    let (pn, proof) = reply.split_at(Handshake::NONCE);
+    if !Handshake::check_producer(secret, &cn, pn, proof) {
+        return Err(unauthorized(
+            "the producer did not prove the cluster secret".into(),
+        ));
+    }
+    s.write_all(&Handshake::consumer_proof(secret, &cn, pn))
+        .await
+        .map_err(io)?;
+    Ok(s)
 }
 
 /// The TCP transport.
@@ -217,13 +332,20 @@ pub struct TcpTransport {
     pub layout: TransferLayout,
     /// Limit on a whole pull.
     pub timeout: Duration,
+    /// The cluster secret both ends prove before a pull (None: held pulls by token only, and
+    /// no east/west pulls).
+    pub secret: Option<Arc<ClusterSecret>>,
 }
 
 impl KvTransport for TcpTransport {
-    fn fetch<'a>(&'a self, from: &'a RemoteKv) -> BoxFuture<'a, Result<Fetched, TransferError>> {
+    fn fetch<'a>(
+        &'a self,
+        from: &'a RemoteKv,
+        expected: &'a Expected,
+    ) -> BoxFuture<'a, Result<Fetched, TransferError>> {
         Box::pin(async move {
             let addr = format!("{}:{}", from.host, from.port);
-            match tokio::time::timeout(self.timeout, self.pull(&addr, from)).await {
+            match tokio::time::timeout(self.timeout, self.pull(&addr, from, expected)).await {
                 Ok(r) => r,
                 Err(_) => Err(TransferError::Timeout {
                     addr,
@@ -252,15 +374,27 @@ impl KvTransport for TcpTransport {
     }
 }
 
+/// The hello of a pull of held KV (after the handshake, if any), behind `magic`.
+fn held_hello(magic: &[u8; 8], from: &RemoteKv) -> Vec<u8> {
+    let mut hello = magic.to_vec();
+    put_str(&mut hello, &from.engine_id);
+    put_str(&mut hello, &from.request_id);
+    hello.extend_from_slice(&from.token.0);
+    hello
+}
+
 impl TcpTransport {
-    async fn pull(&self, addr: &str, from: &RemoteKv) -> Result<Fetched, TransferError> {
-        let mut hello = Vec::new();
-        hello.extend_from_slice(MAGIC);
-        put_str(&mut hello, &from.engine_id);
-        put_str(&mut hello, &from.request_id);
-        let request_id = from.request_id.clone();
-        self.exchange(addr, &hello, &request_id, |i| transfer_hash(&request_id, i))
-            .await
+    async fn pull(
+        &self,
+        addr: &str,
+        from: &RemoteKv,
+        expected: &Expected,
+    ) -> Result<Fetched, TransferError> {
+        let hello = held_hello(MAGIC, from);
+        self.exchange(addr, &hello, &from.request_id, Some(expected), |i| {
+            expected.hashes[i]
+        })
+        .await
     }
 
     async fn pull_prefix(
@@ -275,7 +409,7 @@ impl TcpTransport {
             hello.extend_from_slice(&h.0);
         }
         let mut f = self
-            .exchange(addr, &hello, "prefix", |i| {
+            .exchange(addr, &hello, "prefix", None, |i| {
                 hashes.get(i).copied().unwrap_or(BlockHash([0; 32]))
             })
             .await?;
@@ -289,21 +423,22 @@ impl TcpTransport {
         Ok(f)
     }
 
-    /// Sends `hello`, reads the header and the records (block `i` checked against
-    /// `expected(i)`), asks once for the bad ones again, and says it is done.
+    /// Connects (with the handshake when there is a secret), sends `hello`, reads the header
+    /// (checked against `shape` when given) and the records (block `i` checked against
+    /// `hash(i)`), asks once for the damaged ones again, and says it is done.
     async fn exchange(
         &self,
         addr: &str,
         hello: &[u8],
         request_id: &str,
-        expected: impl Fn(usize) -> BlockHash,
+        shape: Option<&Expected>,
+        hash: impl Fn(usize) -> BlockHash,
     ) -> Result<Fetched, TransferError> {
         let io = |source| TransferError::Io {
             addr: addr.to_string(),
             source,
         };
-        let mut s = TcpStream::connect(addr).await.map_err(io)?;
-        s.set_nodelay(true).map_err(io)?;
+        let mut s = connect(addr, self.secret.as_deref()).await?;
         s.write_all(hello).await.map_err(io)?;
         let status = s.read_u8().await.map_err(io)?;
         let message = read_str(&mut s).await.map_err(io)?;
@@ -317,11 +452,14 @@ impl TcpTransport {
                 what: "block count".into(),
             });
         }
-        let check = |i: usize, record: &[u8]| self.layout.open(record, &expected(i));
+        if let Some(e) = shape {
+            check_shape(addr, e, prompt_len, blocks)?;
+        }
+        let check = |i: usize, record: &[u8]| self.layout.open(record, &hash(i));
         let mut got = Checked::new(blocks);
         for i in 0..blocks {
             let record = self.read_record(&mut s, addr).await?;
-            got.first(addr, "tcp", i, check(i, &record));
+            got.first(addr, "tcp", i, check(i, &record))?;
         }
         let reread = got.bad.len();
         if reread > 0 {
@@ -376,6 +514,10 @@ fn check_status(
             request_id: request_id.to_string(),
         }),
         2 => Err(TransferError::StaleEngine { addr, message }),
+        UNAUTHORIZED => Err(TransferError::Unauthorized {
+            addr,
+            what: message,
+        }),
         _ => Err(TransferError::Producer { addr, message }),
     }
 }
@@ -398,20 +540,26 @@ async fn read_str(s: &mut TcpStream) -> std::io::Result<String> {
     String::from_utf8(b).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-/// A finished request's KV held by the producer: `payloads[i]` is prompt block `i`.
+/// A finished request's KV held by the producer: `payloads[i]` is prompt block `i`, whose
+/// hash binding it to the prompt is `hashes[i]` ([`super::BlockHasher::hash_prompt`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeldKv {
     pub payloads: Vec<Vec<u8>>,
     pub prompt_len: usize,
+    pub hashes: Vec<BlockHash>,
 }
 
 /// Where the producer finds held KV: the engine.
 pub trait HeldKvSource: Send + Sync + 'static {
     /// This engine's id (with its start time).
     fn engine_id(&self) -> &str;
-    /// The payloads of `request_id`'s held prompt blocks and its prompt length; Ok(None) when
-    /// nothing is held under it.
-    fn read(&self, request_id: &str) -> BoxFuture<'_, Result<Option<HeldKv>, String>>;
+    /// The payloads of `request_id`'s held prompt blocks, its prompt length and block hashes;
+    /// Ok(None) when nothing is held under it with `token`.
+    fn read(
+        &self,
+        request_id: &str,
+        token: &TransferToken,
+    ) -> BoxFuture<'_, Result<Option<HeldKv>, String>>;
     /// Frees the blocks held for `request_id`.
     fn release(&self, request_id: &str);
     /// The payloads of the leading run of `hashes` in the engine's prefix cache.
@@ -425,6 +573,11 @@ pub struct TransferStats {
     pub bytes_sent: std::sync::atomic::AtomicU64,
     pub transfers: std::sync::atomic::AtomicU64,
     pub refused: std::sync::atomic::AtomicU64,
+    /// Connections refused as unauthorized (no or a wrong proof of the secret, east/west
+    /// without one).
+    pub unauthorized: std::sync::atomic::AtomicU64,
+    /// Connections closed unread: [`MAX_CONNECTIONS`] were being served.
+    pub over_capacity: std::sync::atomic::AtomicU64,
     /// Flip a byte of block `.0`'s record the next `.1` times it is sent.
     pub corrupt: std::sync::Mutex<Option<(usize, u32)>>,
     /// Pause this long after sending block `.0` (tests that kill the producer mid-transfer).
@@ -499,16 +652,24 @@ impl TransferStats {
     }
 }
 
+/// What a producer serves pulls with.
+pub struct Producer {
+    pub source: Arc<dyn HeldKvSource>,
+    pub layout: TransferLayout,
+    pub stats: Arc<TransferStats>,
+    /// The RDMA side, when consumers may READ the blocks ([`RdmaTransport`]).
+    pub rdma: Option<Arc<RdmaProducer>>,
+    /// The cluster secret every consumer must prove (None: held pulls by token only, and no
+    /// east/west pulls by hash).
+    pub secret: Option<Arc<ClusterSecret>>,
+}
+
 /// Serves pulls on `listener` until the task is dropped: each connection is one request's
-/// transfer; its held blocks are released when the consumer is done or goes away. With
-/// `rdma`, consumers may also READ the blocks over RDMA ([`RdmaTransport`]).
-pub async fn serve(
-    listener: TcpListener,
-    source: Arc<dyn HeldKvSource>,
-    layout: TransferLayout,
-    stats: Arc<TransferStats>,
-    rdma: Option<Arc<RdmaProducer>>,
-) {
+/// transfer; its held blocks are released when the consumer is done or goes away.
+pub async fn serve(listener: TcpListener, producer: Producer) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let producer = Arc::new(producer);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let (conn, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -519,14 +680,102 @@ pub async fn serve(
                 continue;
             }
         };
-        let (source, layout, stats, rdma) =
-            (source.clone(), layout.clone(), stats.clone(), rdma.clone());
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            producer.stats.over_capacity.fetch_add(1, Relaxed);
+            tracing::warn!(%peer, limit = MAX_CONNECTIONS, "KV side channel: too many connections; closing a new one");
+            drop(conn);
+            continue;
+        };
+        let p = producer.clone();
         tokio::spawn(async move {
-            if let Err(e) = answer(conn, &*source, &layout, &stats, rdma.as_deref()).await {
+            let _slot = slot;
+            if let Err(e) = answer(conn, &p).await {
                 tracing::warn!(%peer, error = %e, "KV transfer connection ended with an error");
             }
         });
     }
+}
+
+fn timed_out(what: &str) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::TimedOut, what.to_string())
+}
+
+/// One read or write of a transfer, bounded by [`IDLE_DEADLINE`] (a consumer that stops
+/// reading or answering does not hold the connection, and its blocks, forever).
+pub(super) async fn within<T>(
+    f: impl std::future::Future<Output = std::io::Result<T>>,
+) -> std::io::Result<T> {
+    tokio::time::timeout(IDLE_DEADLINE, f)
+        .await
+        .map_err(|_| timed_out("the KV consumer went quiet"))?
+}
+
+/// Reads the consumer's request within [`HELLO_DEADLINE`]: the handshake when this producer
+/// has a secret, then the magic and what it wants. `Err` closes the connection; `Ok(None)`
+/// means the consumer was refused (already answered).
+async fn read_request(
+    s: &mut TcpStream,
+    secret: Option<&ClusterSecret>,
+    stats: &TransferStats,
+) -> std::io::Result<Option<(bool, bool, Wanted)>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut magic = [0u8; 8];
+    s.read_exact(&mut magic).await?;
+    let refuse = |stats: &TransferStats| stats.unauthorized.fetch_add(1, Relaxed);
+    match (secret, &magic == Handshake::MAGIC) {
+        (Some(k), true) => {
+            let mut cn = [0u8; Handshake::NONCE];
+            s.read_exact(&mut cn).await?;
+            let pn = Handshake::nonce();
+            let mut reply = pn.to_vec();
+            reply.extend_from_slice(&Handshake::producer_proof(k, &cn, &pn));
+            s.write_all(&reply).await?;
+            let mut proof = [0u8; 32];
+            s.read_exact(&mut proof).await?;
+            if !Handshake::check_consumer(k, &cn, &pn, &proof) {
+                refuse(stats);
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::PermissionDenied,
+                    "a consumer without the cluster secret",
+                ));
+            }
+            s.read_exact(&mut magic).await?;
+        }
+        (None, true) => {
+            // Not ours to prove: the consumer sees the connection close and gives up.
+            refuse(stats);
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::PermissionDenied,
+                "a consumer with a cluster secret; this producer has none",
+            ));
+        }
+        (Some(_), false) => {
+            refuse(stats);
+            let msg = "this producer requires the cluster secret (--kv-transfer-secret-file)";
+            s.write_all(&header(UNAUTHORIZED, msg, 0, 0)).await?;
+            return Ok(None);
+        }
+        (None, false) => {}
+    }
+    let (prefix, over_rdma) = match &magic {
+        m if m == MAGIC => (false, false),
+        m if m == PREFIX_MAGIC => (true, false),
+        m if m == rdma::RDMA_MAGIC => (false, true),
+        m if m == rdma::RDMA_PREFIX_MAGIC => (true, true),
+        _ => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not a KV transfer request",
+            ))
+        }
+    };
+    if prefix && secret.is_none() {
+        refuse(stats);
+        let msg = "east/west pulls by hash need a cluster secret on both workers";
+        s.write_all(&header(UNAUTHORIZED, msg, 0, 0)).await?;
+        return Ok(None);
+    }
+    Ok(Some((prefix, over_rdma, read_wanted(s, prefix).await?)))
 }
 
 /// The producer's reply header.
@@ -540,8 +789,8 @@ fn header(status: u8, message: &str, prompt_len: usize, blocks: usize) -> Vec<u8
 
 /// What a consumer asks for.
 enum Wanted {
-    /// A request's held KV (its engine id, its request id).
-    Held(String, String),
+    /// A request's held KV (its engine id, its request id, its token).
+    Held(String, String, TransferToken),
     /// The leading run of these hashes in the prefix cache.
     Prefix(Vec<BlockHash>),
 }
@@ -550,7 +799,9 @@ async fn read_wanted(s: &mut TcpStream, prefix: bool) -> std::io::Result<Wanted>
     if !prefix {
         let engine_id = read_str(s).await?;
         let request_id = read_str(s).await?;
-        return Ok(Wanted::Held(engine_id, request_id));
+        let mut token = [0u8; 16];
+        s.read_exact(&mut token).await?;
+        return Ok(Wanted::Held(engine_id, request_id, TransferToken(token)));
     }
     let n = s.read_u32_le().await? as usize;
     if n > MAX_BLOCKS {
@@ -568,50 +819,42 @@ async fn read_wanted(s: &mut TcpStream, prefix: bool) -> std::io::Result<Wanted>
     Ok(Wanted::Prefix(hashes))
 }
 
-async fn answer(
-    mut s: TcpStream,
-    source: &dyn HeldKvSource,
-    layout: &TransferLayout,
-    stats: &TransferStats,
-    rdma: Option<&RdmaProducer>,
-) -> std::io::Result<()> {
+async fn answer(mut s: TcpStream, p: &Producer) -> std::io::Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
+    let (source, layout, stats, rdma) = (&*p.source, &p.layout, &*p.stats, p.rdma.as_deref());
     s.set_nodelay(true)?;
-    let mut magic = [0u8; 8];
-    s.read_exact(&mut magic).await?;
-    let (prefix, over_rdma) = match &magic {
-        m if m == MAGIC => (false, false),
-        m if m == PREFIX_MAGIC => (true, false),
-        m if m == rdma::RDMA_MAGIC => (false, true),
-        m if m == rdma::RDMA_PREFIX_MAGIC => (true, true),
-        _ => {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "not a KV transfer request",
-            ))
-        }
+    let hello = async {
+        let Some((_, over_rdma, wanted)) = read_request(&mut s, p.secret.as_deref(), stats).await?
+        else {
+            return Ok(None);
+        };
+        let consumer = if over_rdma {
+            Some(rdma::read_endpoint(&mut s).await?)
+        } else {
+            None
+        };
+        Ok::<_, std::io::Error>(Some((over_rdma, wanted, consumer)))
     };
-    let wanted = read_wanted(&mut s, prefix).await?;
-    let consumer = if over_rdma {
-        Some(rdma::read_endpoint(&mut s).await?)
-    } else {
-        None
+    let Some((over_rdma, wanted, consumer)) =
+        tokio::time::timeout(HELLO_DEADLINE, hello)
+            .await
+            .map_err(|_| timed_out("no KV transfer request within the deadline"))??
+    else {
+        return Ok(());
     };
     if over_rdma && rdma.is_none() {
         // Before anything is read or released: the consumer pulls again over TCP.
         return rdma::refuse_no_rdma(&mut s).await;
     }
     let (hashes, held, release) = match wanted {
-        Wanted::Held(engine_id, request_id) => {
+        Wanted::Held(engine_id, request_id, token) => {
             if engine_id != source.engine_id() {
                 stats.refused.fetch_add(1, Relaxed);
-                let msg = format!(
-                    "this is engine {}, the request named {engine_id} (the producer restarted?)",
-                    source.engine_id()
-                );
-                return s.write_all(&header(2, &msg, 0, 0)).await;
+                // The real id is not named: it would tell a stranger what to ask for.
+                let msg = "this producer is not the engine named (it restarted since?)";
+                return s.write_all(&header(2, msg, 0, 0)).await;
             }
-            let held = match source.read(&request_id).await {
+            let held = match source.read(&request_id, &token).await {
                 Ok(Some(h)) => h,
                 Ok(None) => {
                     stats.refused.fetch_add(1, Relaxed);
@@ -619,10 +862,11 @@ async fn answer(
                 }
                 Err(e) => return s.write_all(&header(3, &e, 0, 0)).await,
             };
-            let hashes: Vec<BlockHash> = (0..held.payloads.len())
-                .map(|i| transfer_hash(&request_id, i))
-                .collect();
-            (hashes, held, Some(request_id))
+            if held.hashes.len() != held.payloads.len() {
+                let msg = "held KV without a hash per block";
+                return s.write_all(&header(3, msg, 0, 0)).await;
+            }
+            (held.hashes.clone(), held, Some(request_id))
         }
         Wanted::Prefix(hashes) => {
             let payloads = match source.read_prefix(hashes.clone()).await {
@@ -635,6 +879,7 @@ async fn answer(
             let held = HeldKv {
                 prompt_len: 0,
                 payloads,
+                hashes: Vec::new(),
             };
             (hashes, held, None)
         }
@@ -674,7 +919,7 @@ async fn send_blocks(
     };
     for i in 0..payloads.len() {
         let r = record(i);
-        s.write_all(&r).await?;
+        within(s.write_all(&r)).await?;
         stats.blocks_sent.fetch_add(1, Relaxed);
         stats.bytes_sent.fetch_add(r.len() as u64, Relaxed);
         if let Some(d) = stats.stall(i) {
@@ -682,13 +927,19 @@ async fn send_blocks(
             tokio::time::sleep(d).await;
         }
     }
-    match s.read_u8().await? {
+    match within(s.read_u8()).await? {
         0 => Ok(()),
         1 => {
-            let n = s.read_u32_le().await? as usize;
-            let mut idx = Vec::with_capacity(n.min(payloads.len()));
-            for _ in 0..n.min(MAX_BLOCKS) {
-                idx.push(s.read_u32_le().await? as usize);
+            let n = within(s.read_u32_le()).await? as usize;
+            if n > payloads.len() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("resend of {n} blocks of {}", payloads.len()),
+                ));
+            }
+            let mut idx = Vec::with_capacity(n);
+            for _ in 0..n {
+                idx.push(within(s.read_u32_le()).await? as usize);
             }
             for i in idx {
                 if i >= payloads.len() {
@@ -697,9 +948,9 @@ async fn send_blocks(
                         format!("resend of block {i} of {}", payloads.len()),
                     ));
                 }
-                s.write_all(&record(i)).await?;
+                within(s.write_all(&record(i))).await?;
             }
-            s.read_u8().await.map(|_| ())
+            within(s.read_u8()).await.map(|_| ())
         }
         other => Err(std::io::Error::new(
             std::io::ErrorKind::InvalidData,
@@ -712,19 +963,34 @@ async fn send_blocks(
 mod tests {
     use super::*;
     use std::collections::HashMap;
+    use std::sync::atomic::Ordering::Relaxed;
     use std::sync::Mutex;
+
+    /// The token `req-1` is held under.
+    pub(super) const TOKEN: TransferToken = TransferToken([7; 16]);
 
     pub(super) struct Fake {
         pub id: String,
-        pub held: Mutex<HashMap<String, HeldKv>>,
+        /// Held KV and its token.
+        pub held: Mutex<HashMap<String, (HeldKv, TransferToken)>>,
     }
 
     impl HeldKvSource for Fake {
         fn engine_id(&self) -> &str {
             &self.id
         }
-        fn read(&self, request_id: &str) -> BoxFuture<'_, Result<Option<HeldKv>, String>> {
-            let r = self.held.lock().unwrap().get(request_id).cloned();
+        fn read(
+            &self,
+            request_id: &str,
+            token: &TransferToken,
+        ) -> BoxFuture<'_, Result<Option<HeldKv>, String>> {
+            let r = self
+                .held
+                .lock()
+                .unwrap()
+                .get(request_id)
+                .filter(|(_, t)| t.matches(token))
+                .map(|(h, _)| h.clone());
             Box::pin(async move { Ok(r) })
         }
         fn release(&self, request_id: &str) {
@@ -746,23 +1012,71 @@ mod tests {
         }
     }
 
+    pub(super) fn secret(s: &str) -> Arc<ClusterSecret> {
+        Arc::new(ClusterSecret::new(format!("{s}-0123456789abcdef").as_bytes()).unwrap())
+    }
+
     #[tokio::test]
     async fn a_peer_serves_the_leading_run_of_a_prefix_it_has_cached() {
-        let (_, _, port) = producer().await;
+        let (_, _, port) = producer_with(None, Some(secret("k"))).await;
         let want: Vec<BlockHash> = [1u8, 2, 3, 9, 1]
             .iter()
             .map(|&i| BlockHash([i; 32]))
             .collect();
-        let got = client()
-            .fetch_prefix("127.0.0.1", port, &want)
-            .await
-            .unwrap();
+        let peer = client_with(Some(secret("k")));
+        let got = peer.fetch_prefix("127.0.0.1", port, &want).await.unwrap();
         assert_eq!(got.payloads, vec![vec![1u8; 64], vec![2; 64], vec![3; 64]]);
-        let none = client()
+        let none = peer
             .fetch_prefix("127.0.0.1", port, &[BlockHash([9; 32])])
             .await
             .unwrap();
         assert!(none.payloads.is_empty());
+    }
+
+    #[tokio::test]
+    async fn east_west_pulls_need_the_cluster_secret_on_both_ends() {
+        let want = [BlockHash([1; 32])];
+        // A producer without a secret serves no pull by hash.
+        let (_, stats, port) = producer().await;
+        let e = client()
+            .fetch_prefix("127.0.0.1", port, &want)
+            .await
+            .unwrap_err();
+        assert_eq!(e.cause(), "unauthorized", "{e}");
+        assert_eq!(stats.unauthorized.load(Relaxed), 1);
+        // A producer with one refuses a consumer without it, and one with another.
+        let (_, stats, port) = producer_with(None, Some(secret("k"))).await;
+        for c in [client(), client_with(Some(secret("other")))] {
+            let e = c.fetch_prefix("127.0.0.1", port, &want).await.unwrap_err();
+            assert_eq!(e.cause(), "unauthorized", "{e}");
+        }
+        // The one with another secret refused the producer's proof first and hung up, so
+        // the producer counted only the one without.
+        assert_eq!(stats.unauthorized.load(Relaxed), 1);
+        assert_eq!(stats.blocks_sent.load(Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_forged_producer_without_the_secret_is_refused_before_anything_is_read() {
+        // The consumer holds the secret; the "producer" does not (a stranger's listener that
+        // answers the handshake with bytes of its choosing).
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let mut hello = [0u8; 24];
+                let _ = c.read_exact(&mut hello).await;
+                let _ = c.write_all(&[0x42; 48]).await;
+                let mut rest = [0u8; 64];
+                let _ = c.read(&mut rest).await;
+            }
+        });
+        let e = client_with(Some(secret("k")))
+            .fetch(&remote(port, "engine-a@1", "req-1"), &expected())
+            .await
+            .unwrap_err();
+        assert_eq!(e.cause(), "unauthorized", "{e}");
+        assert!(e.to_string().contains("did not prove"), "{e}");
     }
 
     pub(super) fn layout() -> TransferLayout {
@@ -772,14 +1086,27 @@ mod tests {
         }
     }
 
-    async fn producer() -> (Arc<Fake>, Arc<TransferStats>, u16) {
-        producer_with(None).await
+    /// The hashes `req-1`'s prompt has (as its consumer computes them).
+    pub(super) fn hashes() -> Vec<BlockHash> {
+        (0..3u8).map(|b| BlockHash([100 + b; 32])).collect()
     }
 
-    /// A producer holding `req-1` (3 blocks of 64 bytes, 40 tokens) under engine `engine-a@1`,
-    /// and blocks 1..=3 of a prefix cache.
+    pub(super) fn expected() -> Expected {
+        Expected {
+            prompt_len: 40,
+            hashes: hashes(),
+        }
+    }
+
+    async fn producer() -> (Arc<Fake>, Arc<TransferStats>, u16) {
+        producer_with(None, None).await
+    }
+
+    /// A producer holding `req-1` (3 blocks of 64 bytes, 40 tokens, under [`hashes`] and
+    /// [`TOKEN`]) under engine `engine-a@1`, and blocks 1..=3 of a prefix cache.
     pub(super) async fn producer_with(
         rdma: Option<Arc<RdmaProducer>>,
+        secret: Option<Arc<ClusterSecret>>,
     ) -> (Arc<Fake>, Arc<TransferStats>, u16) {
         let fake = Arc::new(Fake {
             id: "engine-a@1".into(),
@@ -788,15 +1115,28 @@ mod tests {
         let payloads: Vec<Vec<u8>> = (0..3u8).map(|b| vec![b; 64]).collect();
         fake.held.lock().unwrap().insert(
             "req-1".into(),
-            HeldKv {
-                payloads,
-                prompt_len: 40,
-            },
+            (
+                HeldKv {
+                    payloads,
+                    prompt_len: 40,
+                    hashes: hashes(),
+                },
+                TOKEN,
+            ),
         );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let stats = Arc::new(TransferStats::default());
-        tokio::spawn(serve(listener, fake.clone(), layout(), stats.clone(), rdma));
+        tokio::spawn(serve(
+            listener,
+            Producer {
+                source: fake.clone(),
+                layout: layout(),
+                stats: stats.clone(),
+                rdma,
+                secret,
+            },
+        ));
         (fake, stats, port)
     }
 
@@ -806,52 +1146,112 @@ mod tests {
             port,
             engine_id: engine.into(),
             request_id: req.into(),
+            token: TOKEN,
         }
     }
 
     pub(super) fn client() -> TcpTransport {
+        client_with(None)
+    }
+
+    pub(super) fn client_with(secret: Option<Arc<ClusterSecret>>) -> TcpTransport {
         TcpTransport {
             layout: layout(),
             timeout: Duration::from_secs(10),
+            secret,
         }
     }
 
     #[tokio::test]
     async fn pulls_verified_blocks_and_the_producer_releases_them() {
-        let (fake, stats, port) = producer().await;
-        let got = client()
-            .fetch(&remote(port, "engine-a@1", "req-1"))
-            .await
-            .unwrap();
-        assert_eq!(got.prompt_len, 40);
-        assert_eq!(
-            got.payloads,
-            (0..3u8).map(|b| vec![b; 64]).collect::<Vec<_>>()
-        );
-        assert_eq!(got.reread, 0);
-        // Released once read: a second pull finds nothing.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        assert!(fake.held.lock().unwrap().is_empty());
-        let e = client()
-            .fetch(&remote(port, "engine-a@1", "req-1"))
-            .await
-            .unwrap_err();
-        assert_eq!(e.cause(), "not_held", "{e}");
-        assert_eq!(
-            stats.blocks_sent.load(std::sync::atomic::Ordering::Relaxed),
-            3
-        );
+        for secret in [None, Some(secret("k"))] {
+            let (fake, stats, port) = producer_with(None, secret.clone()).await;
+            let got = client_with(secret)
+                .fetch(&remote(port, "engine-a@1", "req-1"), &expected())
+                .await
+                .unwrap();
+            assert_eq!(got.prompt_len, 40);
+            assert_eq!(
+                got.payloads,
+                (0..3u8).map(|b| vec![b; 64]).collect::<Vec<_>>()
+            );
+            assert_eq!(got.reread, 0);
+            // Released once read: a second pull finds nothing.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            assert!(fake.held.lock().unwrap().is_empty());
+            let e = client()
+                .fetch(&remote(port, "engine-a@1", "req-1"), &expected())
+                .await
+                .unwrap_err();
+            assert!(matches!(e.cause(), "not_held" | "unauthorized"), "{e}");
+            assert_eq!(stats.blocks_sent.load(Relaxed), 3);
+        }
     }
 
     #[tokio::test]
-    async fn a_stale_engine_id_is_a_clear_error_and_keeps_the_blocks() {
+    async fn a_wrong_token_reads_nothing_and_keeps_the_blocks() {
+        let (fake, stats, port) = producer().await;
+        let mut r = remote(port, "engine-a@1", "req-1");
+        r.token = TransferToken([8; 16]);
+        let e = client().fetch(&r, &expected()).await.unwrap_err();
+        // The same answer as for an id never held: a guess learns nothing.
+        assert_eq!(e.cause(), "not_held", "{e}");
+        assert_eq!(stats.blocks_sent.load(Relaxed), 0);
+        assert_eq!(fake.held.lock().unwrap().len(), 1);
+        // The right token still works.
+        client()
+            .fetch(&remote(port, "engine-a@1", "req-1"), &expected())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn kv_of_another_prompt_is_refused_not_read_again() {
+        let (_, stats, port) = producer().await;
+        let mut other = expected();
+        other.hashes[1] = BlockHash([9; 32]);
+        let e = client()
+            .fetch(&remote(port, "engine-a@1", "req-1"), &other)
+            .await
+            .unwrap_err();
+        assert_eq!(e.cause(), "prompt_mismatch", "{e}");
+        assert!(e.to_string().contains("block 1"), "{e}");
+        // Not asked for again: an intact block of another prompt is not damage.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(stats.blocks_sent.load(Relaxed), 3);
+    }
+
+    #[tokio::test]
+    async fn a_prompt_of_another_length_is_refused_before_any_block_is_read() {
+        for (len, blocks) in [(41, 3), (40, 2), (56, 4)] {
+            let (_, _, port) = producer().await;
+            let e = client()
+                .fetch(
+                    &remote(port, "engine-a@1", "req-1"),
+                    &Expected {
+                        prompt_len: len,
+                        hashes: hashes().into_iter().cycle().take(blocks).collect(),
+                    },
+                )
+                .await
+                .unwrap_err();
+            assert_eq!(e.cause(), "prompt_mismatch", "{e}");
+            assert!(
+                e.to_string().contains("3 blocks of a 40-token prompt"),
+                "{e}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stale_engine_id_is_a_clear_error_that_names_no_engine_and_keeps_the_blocks() {
         let (fake, _, port) = producer().await;
         let e = client()
-            .fetch(&remote(port, "engine-a@0", "req-1"))
+            .fetch(&remote(port, "engine-a@0", "req-1"), &expected())
             .await
             .unwrap_err();
         assert_eq!(e.cause(), "stale_engine");
-        assert!(e.to_string().contains("engine-a@1"), "{e}");
+        assert!(!e.to_string().contains("engine-a@1"), "{e}");
         assert_eq!(fake.held.lock().unwrap().len(), 1);
     }
 
@@ -860,22 +1260,30 @@ mod tests {
         let (fake, stats, port) = producer().await;
         *stats.corrupt.lock().unwrap() = Some((1, 1));
         let got = client()
-            .fetch(&remote(port, "engine-a@1", "req-1"))
+            .fetch(&remote(port, "engine-a@1", "req-1"), &expected())
             .await
             .unwrap();
         assert_eq!(got.reread, 1);
         assert_eq!(got.payloads[1], vec![1u8; 64]);
 
-        fake.held.lock().unwrap().insert(
-            "req-2".into(),
-            HeldKv {
-                payloads: vec![vec![7; 64]; 2],
-                prompt_len: 20,
-            },
-        );
+        let two = HeldKv {
+            payloads: vec![vec![7; 64]; 2],
+            prompt_len: 20,
+            hashes: hashes()[..2].to_vec(),
+        };
+        fake.held
+            .lock()
+            .unwrap()
+            .insert("req-2".into(), (two, TOKEN));
         *stats.corrupt.lock().unwrap() = Some((0, 2));
         let e = client()
-            .fetch(&remote(port, "engine-a@1", "req-2"))
+            .fetch(
+                &remote(port, "engine-a@1", "req-2"),
+                &Expected {
+                    prompt_len: 20,
+                    hashes: hashes()[..2].to_vec(),
+                },
+            )
             .await
             .unwrap_err();
         assert_eq!(e.cause(), "corrupt", "{e}");
@@ -892,7 +1300,10 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let e = client().fetch(&remote(port, "x", "y")).await.unwrap_err();
+        let e = client()
+            .fetch(&remote(port, "x", "y"), &expected())
+            .await
+            .unwrap_err();
         assert_eq!(e.cause(), "io", "{e}");
     }
 
@@ -905,9 +1316,10 @@ mod tests {
                 payload_len: 64,
             },
             timeout: Duration::from_secs(10),
+            secret: None,
         };
         let e = other
-            .fetch(&remote(port, "engine-a@1", "req-1"))
+            .fetch(&remote(port, "engine-a@1", "req-1"), &expected())
             .await
             .unwrap_err();
         assert_eq!(e.cause(), "corrupt", "{e}");

@@ -6,8 +6,9 @@
 //!
 //! Wire protocol, on the same side-channel connection as [`super::TcpTransport`]'s:
 //! ```text
-//! consumer → producer: "LLMDKVR1" | engine_id | request_id | consumer endpoint (26 bytes)
-//!                   or "LLMDKVQ1" | count u32 | hashes (32 bytes each) | consumer endpoint
+//! [with a cluster secret: the handshake of crate::kv::auth::Handshake first]
+//! consumer → producer: "LLMDKVR2" | engine_id | request_id | token (16) | consumer endpoint
+//!                   or "LLMDKVQ2" | count u32 | hashes (32 bytes each) | consumer endpoint
 //! producer → consumer: status u8 | message | prompt_len u64 | blocks u32
 //!                      [status 0:] producer endpoint | per block: addr u64 | rkey u32 | len u32
 //! consumer → producer: 0 (done) | 1 (stage again: count u32, indices u32…; the producer
@@ -20,9 +21,16 @@
 //! The producer stages host copies (pinned by registration) rather than registering its KV
 //! pool: on CUDA that means one device-to-host copy per block before the READ. Registering
 //! device memory (GPUDirect RDMA, `ibv_reg_dmabuf_mr`) would remove it; not done.
+//!
+//! Staging is bounded: a transfer takes slots of the registered pool or is refused (the
+//! consumer recomputes); nothing is registered beyond `rdma_staging_mb` on either side. Slots
+//! are zeroed when a transfer gives them back, so a consumer that READs outside its own
+//! slices (the pool shares one rkey) finds no other transfer's KV left behind; KV of
+//! transfers in flight at the same moment is not hidden from it — only consumers that proved
+//! the cluster secret get an rkey at all when one is configured.
 use super::verbs::{Endpoint, Fabric, QueuePair, ReadOp, Region, RemoteSlice};
 use super::{
-    block_record, header, put_str, read_str, BlockHash, Fetched, HeldKv, KvTransport, RemoteKv,
+    block_record, header, read_str, BlockHash, Expected, Fetched, HeldKv, KvTransport, RemoteKv,
     TcpTransport, TransferError, TransferLayout, TransferStats, MAX_BLOCKS,
 };
 use futures_util::future::BoxFuture;
@@ -32,8 +40,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-pub(super) const RDMA_MAGIC: &[u8; 8] = b"LLMDKVR1";
-pub(super) const RDMA_PREFIX_MAGIC: &[u8; 8] = b"LLMDKVQ1";
+pub(super) const RDMA_MAGIC: &[u8; 8] = b"LLMDKVR2";
+pub(super) const RDMA_PREFIX_MAGIC: &[u8; 8] = b"LLMDKVQ2";
 /// The producer's status when it has no RDMA device.
 const NO_RDMA: u8 = 4;
 
@@ -55,6 +63,11 @@ pub struct Slots {
 impl Drop for Slots {
     fn drop(&mut self) {
         if let Some(pool) = &self.pool {
+            // Nothing of this transfer stays readable in the shared region.
+            let zeros = vec![0u8; pool.slot_len];
+            for &o in &self.offsets {
+                self.region.write(o, &zeros);
+            }
             let mut free = pool.free.lock().unwrap_or_else(|e| e.into_inner());
             free.extend(self.offsets.iter().map(|o| o / pool.slot_len));
         }
@@ -97,18 +110,15 @@ impl Staging {
         })
     }
 
-    /// `n` slots from the pool, or a region registered for this transfer alone.
-    fn take_or_register(self: &Arc<Self>, n: usize, fabric: &dyn Fabric) -> Result<Slots, String> {
-        if let Some(s) = self.take(n) {
-            return Ok(s);
-        }
-        let region = fabric
-            .register(n * self.slot_len)
-            .map_err(|e| e.to_string())?;
-        Ok(Slots {
-            region,
-            offsets: (0..n).map(|i| i * self.slot_len).collect(),
-            pool: None,
+    /// `n` slots from the pool; an error when fewer are free (staging is capped: the caller
+    /// falls back instead of registering more memory).
+    fn take_or_refuse(self: &Arc<Self>, n: usize) -> Result<Slots, String> {
+        self.take(n).ok_or_else(|| {
+            format!(
+                "{n} blocks do not fit the RDMA staging now ({} of {} slots free;                  kv_connector_extra_config.rdma_staging_mb sets its size)",
+                self.free_slots(),
+                self.region.len() / self.slot_len
+            )
         })
     }
 }
@@ -165,7 +175,7 @@ pub(super) async fn serve_reads(
         return refuse_no_rdma(s).await;
     };
     let n = held.payloads.len();
-    let slots = match p.staging.take_or_register(n, &*p.fabric) {
+    let slots = match p.staging.take_or_refuse(n) {
         Ok(sl) => sl,
         Err(e) => {
             let msg = format!("RDMA staging for {n} blocks: {e}");
@@ -283,12 +293,14 @@ impl RdmaTransport {
         }
     }
 
-    /// One RDMA pull: `Ok(None)` when the producer has no RDMA.
+    /// One RDMA pull: `Ok(None)` when the producer has no RDMA. The header is checked
+    /// against `shape` when given, block `i` against `expected(i)`.
     async fn exchange(
         &self,
         addr: &str,
         mut hello: Vec<u8>,
         request_id: &str,
+        shape: Option<&Expected>,
         expected: impl Fn(usize) -> BlockHash,
     ) -> Result<Option<Fetched>, TransferError> {
         let io = |source| TransferError::Io {
@@ -301,8 +313,7 @@ impl RdmaTransport {
         };
         let mut qp = self.fabric.queue_pair().map_err(|e| rdma(e.to_string()))?;
         hello.extend_from_slice(&qp.endpoint().to_wire());
-        let mut s = TcpStream::connect(addr).await.map_err(io)?;
-        s.set_nodelay(true).map_err(io)?;
+        let mut s = super::connect(addr, self.tcp.secret.as_deref()).await?;
         s.write_all(&hello).await.map_err(io)?;
         let status = s.read_u8().await.map_err(io)?;
         let message = read_str(&mut s).await.map_err(io)?;
@@ -317,6 +328,9 @@ impl RdmaTransport {
                 addr: addr.to_string(),
                 what: "block count".into(),
             });
+        }
+        if let Some(e) = shape {
+            super::check_shape(addr, e, prompt_len, n)?;
         }
         let producer = read_endpoint(&mut s).await.map_err(io)?;
         let mut slices = Vec::with_capacity(n);
@@ -337,10 +351,7 @@ impl RdmaTransport {
                 ),
             });
         }
-        let landing = self
-            .landing
-            .take_or_register(n, &*self.fabric)
-            .map_err(rdma)?;
+        let landing = self.landing.take_or_refuse(n).map_err(rdma)?;
         qp.connect(&producer).map_err(|e| rdma(e.to_string()))?;
         let check = |i: usize, landing: &Slots| {
             let record = landing.region.read(landing.offsets[i], slot);
@@ -353,7 +364,10 @@ impl RdmaTransport {
         qp = q;
         let mut got = super::Checked::new(n);
         for i in 0..n {
-            got.first(addr, "rdma", i, check(i, &landing));
+            if let Err(e) = got.first(addr, "rdma", i, check(i, &landing)) {
+                let _ = s.write_all(&[0]).await;
+                return Err(e);
+            }
         }
         let reread = got.bad.len();
         let mut landing = landing;
@@ -413,18 +427,19 @@ async fn read_all(
 }
 
 impl KvTransport for RdmaTransport {
-    fn fetch<'a>(&'a self, from: &'a RemoteKv) -> BoxFuture<'a, Result<Fetched, TransferError>> {
+    fn fetch<'a>(
+        &'a self,
+        from: &'a RemoteKv,
+        expected: &'a Expected,
+    ) -> BoxFuture<'a, Result<Fetched, TransferError>> {
         Box::pin(async move {
             let addr = format!("{}:{}", from.host, from.port);
-            let mut hello = RDMA_MAGIC.to_vec();
-            put_str(&mut hello, &from.engine_id);
-            put_str(&mut hello, &from.request_id);
-            let request_id = from.request_id.clone();
+            let hello = super::held_hello(RDMA_MAGIC, from);
             let got = self
                 .timed(
                     addr.clone(),
-                    self.exchange(&addr, hello, &request_id, |i| {
-                        super::transfer_hash(&request_id, i)
+                    self.exchange(&addr, hello, &from.request_id, Some(expected), |i| {
+                        expected.hashes[i]
                     }),
                 )
                 .await?;
@@ -432,7 +447,7 @@ impl KvTransport for RdmaTransport {
                 Some(f) => Ok(f),
                 None => {
                     self.tcp_pulls.fetch_add(1, Relaxed);
-                    self.tcp.fetch(from).await
+                    self.tcp.fetch(from, expected).await
                 }
             }
         })
@@ -455,7 +470,7 @@ impl KvTransport for RdmaTransport {
             let got = self
                 .timed(
                     addr.clone(),
-                    self.exchange(&addr, hello, "prefix", |i| {
+                    self.exchange(&addr, hello, "prefix", None, |i| {
                         hashes.get(i).copied().unwrap_or(BlockHash([0; 32]))
                     }),
                 )
@@ -481,7 +496,9 @@ impl KvTransport for RdmaTransport {
 
 #[cfg(test)]
 mod tests {
-    use super::super::tests::{client, layout, producer_with, remote};
+    use super::super::tests::{
+        client_with, expected, hashes, layout, producer_with, remote, secret, TOKEN,
+    };
     use super::super::verbs::{loopback_node, LoopbackNet};
     use super::*;
 
@@ -500,12 +517,14 @@ mod tests {
         let node = loopback_node(&*fabric).unwrap();
         let p = RdmaProducer::new(fabric, &layout(), slots * slot_len(&layout())).unwrap();
         let staging = p.staging.clone();
-        let (fake, stats, port) = producer_with(Some(Arc::new(p))).await;
+        // With the cluster secret: every RDMA pull also goes through the handshake.
+        let (fake, stats, port) = producer_with(Some(Arc::new(p)), Some(secret("k"))).await;
         (fake, stats, port, node, staging)
     }
 
     fn consumer(net: &Arc<LoopbackNet>, slots: usize) -> RdmaTransport {
-        RdmaTransport::new(client(), net.fabric(), slots * slot_len(&layout())).unwrap()
+        let tcp = client_with(Some(secret("k")));
+        RdmaTransport::new(tcp, net.fabric(), slots * slot_len(&layout())).unwrap()
     }
 
     async fn settle() {
@@ -517,7 +536,10 @@ mod tests {
         let net = LoopbackNet::new();
         let (fake, stats, port, _, staging) = rdma_producer(&net, 8).await;
         let c = consumer(&net, 8);
-        let got = c.fetch(&remote(port, "engine-a@1", "req-1")).await.unwrap();
+        let got = c
+            .fetch(&remote(port, "engine-a@1", "req-1"), &expected())
+            .await
+            .unwrap();
         assert_eq!(got.prompt_len, 40);
         assert_eq!(
             got.payloads,
@@ -533,7 +555,7 @@ mod tests {
         assert_eq!(c.free_landing_slots(), 8, "consumer landing returned");
         assert_eq!(stats.blocks_sent.load(Relaxed), 3);
         let e = c
-            .fetch(&remote(port, "engine-a@1", "req-1"))
+            .fetch(&remote(port, "engine-a@1", "req-1"), &expected())
             .await
             .unwrap_err();
         assert_eq!(e.cause(), "not_held", "{e}");
@@ -542,9 +564,12 @@ mod tests {
     #[tokio::test]
     async fn a_producer_without_rdma_is_pulled_from_over_tcp() {
         let net = LoopbackNet::new();
-        let (fake, _, port) = producer_with(None).await;
+        let (fake, _, port) = producer_with(None, Some(secret("k"))).await;
         let c = consumer(&net, 8);
-        let got = c.fetch(&remote(port, "engine-a@1", "req-1")).await.unwrap();
+        let got = c
+            .fetch(&remote(port, "engine-a@1", "req-1"), &expected())
+            .await
+            .unwrap();
         assert_eq!(got.payloads.len(), 3);
         assert_eq!(got.payloads[2], vec![2u8; 64]);
         assert_eq!(c.tcp_pulls.load(Relaxed), 1);
@@ -559,21 +584,30 @@ mod tests {
         let (fake, stats, port, _, staging) = rdma_producer(&net, 8).await;
         let c = consumer(&net, 8);
         *stats.corrupt.lock().unwrap() = Some((1, 1));
-        let got = c.fetch(&remote(port, "engine-a@1", "req-1")).await.unwrap();
+        let got = c
+            .fetch(&remote(port, "engine-a@1", "req-1"), &expected())
+            .await
+            .unwrap();
         assert_eq!(got.reread, 1);
         assert_eq!(got.payloads[1], vec![1u8; 64]);
         assert_eq!(net.reads.load(Relaxed), 4, "three READs and one again");
 
-        fake.held.lock().unwrap().insert(
-            "req-2".into(),
-            HeldKv {
-                payloads: vec![vec![7; 64]; 2],
-                prompt_len: 20,
-            },
-        );
+        let two = HeldKv {
+            payloads: vec![vec![7; 64]; 2],
+            prompt_len: 20,
+            hashes: hashes()[..2].to_vec(),
+        };
+        fake.held
+            .lock()
+            .unwrap()
+            .insert("req-2".into(), (two, TOKEN));
         *stats.corrupt.lock().unwrap() = Some((0, 2));
+        let expected_two = super::super::Expected {
+            prompt_len: 20,
+            hashes: hashes()[..2].to_vec(),
+        };
         let e = c
-            .fetch(&remote(port, "engine-a@1", "req-2"))
+            .fetch(&remote(port, "engine-a@1", "req-2"), &expected_two)
             .await
             .unwrap_err();
         assert_eq!(e.cause(), "corrupt", "{e}");
@@ -588,11 +622,11 @@ mod tests {
         let net = LoopbackNet::new();
         let (fake, _, port, _, staging) = rdma_producer(&net, 8).await;
         let e = consumer(&net, 8)
-            .fetch(&remote(port, "engine-a@0", "req-1"))
+            .fetch(&remote(port, "engine-a@0", "req-1"), &expected())
             .await
             .unwrap_err();
         assert_eq!(e.cause(), "stale_engine", "{e}");
-        assert!(e.to_string().contains("engine-a@1"), "{e}");
+        assert!(!e.to_string().contains("engine-a@1"), "{e}");
         assert_eq!(
             fake.held.lock().unwrap().len(),
             1,
@@ -609,7 +643,7 @@ mod tests {
         net.die_after(node, 1);
         let c = consumer(&net, 8);
         let e = c
-            .fetch(&remote(port, "engine-a@1", "req-1"))
+            .fetch(&remote(port, "engine-a@1", "req-1"), &expected())
             .await
             .unwrap_err();
         assert_eq!(e.cause(), "rdma", "{e}");
@@ -623,16 +657,48 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn more_blocks_than_the_pools_hold_use_regions_registered_for_the_transfer() {
+    async fn staging_is_capped_a_transfer_that_does_not_fit_is_refused_and_slots_are_zeroed() {
         let net = LoopbackNet::new();
-        let (_, _, port, _, staging) = rdma_producer(&net, 2).await;
-        let c = consumer(&net, 1);
-        let got = c.fetch(&remote(port, "engine-a@1", "req-1")).await.unwrap();
-        assert_eq!(got.payloads.len(), 3);
-        assert_eq!(got.payloads[0], vec![0u8; 64]);
-        settle().await;
+        // The producer's staging holds 2 records, the transfer needs 3: refused, nothing
+        // registered beyond the pool.
+        let (fake, _, port, _, staging) = rdma_producer(&net, 2).await;
+        let regions = net.regions();
+        let e = consumer(&net, 8)
+            .fetch(&remote(port, "engine-a@1", "req-1"), &expected())
+            .await
+            .unwrap_err();
+        assert_eq!(e.cause(), "producer", "{e}");
+        assert!(e.to_string().contains("RDMA staging"), "{e}");
+        assert_eq!(
+            net.regions(),
+            regions + 1,
+            "only the consumer's landing pool"
+        );
         assert_eq!(staging.free_slots(), 2);
+        // The consumer's landing holds 1: refused the same way.
+        settle().await;
+        let (_, _, port, _, _) = rdma_producer(&net, 8).await;
+        let c = consumer(&net, 1);
+        let e = c
+            .fetch(&remote(port, "engine-a@1", "req-1"), &expected())
+            .await
+            .unwrap_err();
+        assert_eq!(e.cause(), "rdma", "{e}");
         assert_eq!(c.free_landing_slots(), 1);
+        drop(fake);
+        // Slots given back hold zeros, not the last transfer's KV.
+        let (_, _, port, _, staging) = rdma_producer(&net, 4).await;
+        consumer(&net, 4)
+            .fetch(&remote(port, "engine-a@1", "req-1"), &expected())
+            .await
+            .unwrap();
+        settle().await;
+        assert_eq!(staging.free_slots(), 4);
+        let all = staging.region.read(0, staging.region.len());
+        assert!(
+            all.iter().all(|&b| b == 0),
+            "staging zeroed when given back"
+        );
     }
 
     #[tokio::test]
@@ -660,10 +726,11 @@ mod tests {
                 payload_len: 64,
             },
             timeout: Duration::from_secs(10),
+            secret: Some(secret("k")),
         };
         let c = RdmaTransport::new(other, net.fabric(), 1 << 16).unwrap();
         let e = c
-            .fetch(&remote(port, "engine-a@1", "req-1"))
+            .fetch(&remote(port, "engine-a@1", "req-1"), &expected())
             .await
             .unwrap_err();
         assert_eq!(e.cause(), "corrupt", "{e}");
@@ -676,10 +743,11 @@ mod tests {
                 payload_len: 128,
             },
             timeout: Duration::from_secs(10),
+            secret: Some(secret("k")),
         };
         let c = RdmaTransport::new(wider, net.fabric(), 1 << 16).unwrap();
         let e = c
-            .fetch(&remote(port, "engine-a@1", "req-1"))
+            .fetch(&remote(port, "engine-a@1", "req-1"), &expected())
             .await
             .unwrap_err();
         assert_eq!(e.cause(), "corrupt", "{e}");

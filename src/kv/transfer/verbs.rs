@@ -181,6 +181,11 @@ impl LoopbackNet {
         self.dead.lock().unwrap().push(node);
     }
 
+    /// Regions registered on this net so far.
+    pub fn regions(&self) -> usize {
+        self.regions.lock().unwrap().len()
+    }
+
     /// Node `node` dies after serving `reads` more READs.
     pub fn die_after(&self, node: u32, reads: usize) {
         self.die_after.lock().unwrap().insert(node, reads);
