@@ -19,9 +19,11 @@ mod env;
 use env::env_usize;
 
 use futures_util::future::BoxFuture;
-use llmd::engine::{EngineCore, KvOptions, Prompt, ReceivedKv};
+use llmd::engine::{EngineCore, Hold, KvOptions, Prompt, ReceivedKv};
+use llmd::kv::auth::{ClusterSecret, TransferToken};
 use llmd::kv::transfer::{
-    serve, HeldKv, HeldKvSource, KvTransport, RemoteKv, TcpTransport, TransferLayout, TransferStats,
+    serve, Expected, HeldKv, HeldKvSource, KvTransport, Producer, RemoteKv, TcpTransport,
+    TransferLayout, TransferStats,
 };
 use llmd::{EngineConfig, RequestId, SamplingParams};
 use std::sync::{Arc, Mutex};
@@ -35,11 +37,15 @@ struct Source {
     released: Mutex<Vec<Instant>>,
 }
 
-/// Serves `keep` on a loopback side channel under `layout`; its port, the source and the
-/// serving task.
+/// The token every bench pull presents.
+const TOKEN: TransferToken = TransferToken([3; 16]);
+
+/// Serves `keep` on a loopback side channel under `layout` (with `secret`: every pull proves
+/// it first); its port, the source and the serving task.
 async fn start_producer(
     keep: HeldKv,
     layout: TransferLayout,
+    secret: Option<Arc<ClusterSecret>>,
 ) -> (u16, Arc<Source>, tokio::task::JoinHandle<()>) {
     let source = Arc::new(Source {
         keep,
@@ -49,20 +55,31 @@ async fn start_producer(
     let port = listener.local_addr().unwrap().port();
     let task = tokio::spawn(serve(
         listener,
-        source.clone(),
-        layout,
-        Arc::new(TransferStats::default()),
-        None,
+        Producer {
+            source: source.clone(),
+            layout,
+            stats: Arc::new(TransferStats::default()),
+            rdma: None,
+            secret,
+        },
     ));
     (port, source, task)
+}
+
+fn bench_secret() -> Arc<ClusterSecret> {
+    Arc::new(ClusterSecret::new(b"bench-cluster-secret-0123456789").unwrap())
 }
 
 impl HeldKvSource for Source {
     fn engine_id(&self) -> &str {
         "bench"
     }
-    fn read(&self, _id: &str) -> BoxFuture<'_, Result<Option<HeldKv>, String>> {
-        let r = Some(self.keep.clone());
+    fn read(
+        &self,
+        _id: &str,
+        token: &TransferToken,
+    ) -> BoxFuture<'_, Result<Option<HeldKv>, String>> {
+        let r = token.matches(&TOKEN).then(|| self.keep.clone());
         Box::pin(async move { Ok(r) })
     }
     fn release(&self, _id: &str) {
@@ -70,9 +87,18 @@ impl HeldKvSource for Source {
     }
     fn read_prefix(
         &self,
-        _hashes: Vec<llmd::kv::BlockHash>,
+        hashes: Vec<llmd::kv::BlockHash>,
     ) -> BoxFuture<'_, Result<Vec<Vec<u8>>, String>> {
-        Box::pin(async { Ok(Vec::new()) })
+        // The held blocks, under their hashes: a peer's cached prefix.
+        let n = self
+            .keep
+            .hashes
+            .iter()
+            .zip(&hashes)
+            .take_while(|(a, b)| a == b)
+            .count();
+        let r = self.keep.payloads[..n].to_vec();
+        Box::pin(async move { Ok(r) })
     }
 }
 
@@ -110,26 +136,51 @@ async fn throughput(repeat: usize) {
         identity: "model=bench;layers=30".into(),
         payload_len: block,
     };
+    let hashes: Vec<llmd::kv::BlockHash> = (0..blocks)
+        .map(|b| llmd::kv::BlockHash([b as u8; 32]))
+        .collect();
     let keep = HeldKv {
         payloads: payloads.clone(),
         prompt_len: 2048,
+        hashes: hashes.clone(),
     };
-    let (port, _, _) = start_producer(keep, layout.clone()).await;
-    let client = TcpTransport {
-        layout,
+    let expected = Expected {
+        prompt_len: 2048,
+        hashes: hashes.clone(),
+    };
+    // P/D pulls (by request and token) and E/W pulls (by hash), without and with the cluster
+    // secret's handshake, interleaved so both see the same machine.
+    let (open_port, _, _) = start_producer(keep.clone(), layout.clone(), None).await;
+    let (auth_port, _, _) = start_producer(keep, layout.clone(), Some(bench_secret())).await;
+    let client = |secret| TcpTransport {
+        layout: layout.clone(),
         timeout: Duration::from_secs(60),
+        secret,
     };
-    let remote = RemoteKv {
+    let (open, auth) = (client(None), client(Some(bench_secret())));
+    let remote = |port| RemoteKv {
         host: "127.0.0.1".into(),
         port,
         engine_id: "bench".into(),
         request_id: "r".into(),
+        token: TOKEN,
     };
-    let mut ours = f64::INFINITY;
+    let (mut ours, mut ours_auth, mut ew_auth) = (f64::INFINITY, f64::INFINITY, f64::INFINITY);
     for _ in 0..repeat {
         let t = Instant::now();
-        let got = client.fetch(&remote).await.unwrap();
+        let got = open.fetch(&remote(open_port), &expected).await.unwrap();
         ours = ours.min(t.elapsed().as_secs_f64());
+        assert_eq!(got.payloads.len(), blocks);
+        let t = Instant::now();
+        let got = auth.fetch(&remote(auth_port), &expected).await.unwrap();
+        ours_auth = ours_auth.min(t.elapsed().as_secs_f64());
+        assert_eq!(got.payloads.len(), blocks);
+        let t = Instant::now();
+        let got = auth
+            .fetch_prefix("127.0.0.1", auth_port, &hashes)
+            .await
+            .unwrap();
+        ew_auth = ew_auth.min(t.elapsed().as_secs_f64());
         assert_eq!(got.payloads.len(), blocks);
     }
 
@@ -176,6 +227,13 @@ async fn throughput(repeat: usize) {
     });
     let gbs = |s: f64| bytes / s / 1e9;
     println!(
+        "with the cluster secret (handshake on every pull): P/D pull {:.2} GB/s, E/W pull {:.2} GB/s; unauthenticated/authenticated P/D {:.3} (target >= 0.95), E/W {:.3}",
+        gbs(ours_auth),
+        gbs(ew_auth),
+        ours / ours_auth,
+        ours / ew_auth
+    );
+    println!(
         "transfer of {blocks} blocks x {block} B ({:.1} MB): ours {:.2} GB/s, plain loopback TCP {:.2} GB/s, memcpy {:.2} GB/s; ours/plain {:.3} (target >= 0.5), ours/memcpy {:.3}",
         bytes / 1e6,
         gbs(ours),
@@ -191,21 +249,23 @@ async fn hold_after_drop() {
     let keep = HeldKv {
         payloads: vec![vec![7u8; block]; 128],
         prompt_len: 2048,
+        hashes: vec![llmd::kv::BlockHash([7; 32]); 128],
     };
     let layout = TransferLayout {
         identity: "model=bench".into(),
         payload_len: block,
     };
-    let (port, source, _) = start_producer(keep, layout).await;
+    let (port, source, _) = start_producer(keep, layout, None).await;
     // A decoder that asks, reads a little, and dies.
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
-    let mut hello = b"LLMDKVT1".to_vec();
+    let mut hello = b"LLMDKVT2".to_vec();
     for part in ["bench", "r"] {
         hello.extend_from_slice(&(part.len() as u32).to_le_bytes());
         hello.extend_from_slice(part.as_bytes());
     }
+    hello.extend_from_slice(&TOKEN.0);
     s.write_all(&hello).await.unwrap();
     let mut some = vec![0u8; 1 << 20];
     s.read_exact(&mut some).await.unwrap();
@@ -280,7 +340,10 @@ fn ttft(rt: &tokio::runtime::Runtime, dir: &std::path::Path, prompt_len: usize, 
                 greedy(1),
                 0,
                 KvOptions {
-                    hold_for: Some(Duration::from_secs(30)),
+                    hold: Some(Hold {
+                        lease: Duration::from_secs(30),
+                        token: TOKEN,
+                    }),
                     ..Default::default()
                 },
             )
@@ -288,22 +351,31 @@ fn ttft(rt: &tokio::runtime::Runtime, dir: &std::path::Path, prompt_len: usize, 
         while prefill.has_unfinished_requests() {
             prefill.step().unwrap();
         }
-        let held = prefill.read_held(&id).unwrap().unwrap();
+        let held = prefill.read_held(&id, &TOKEN).unwrap().unwrap();
         prefill.release_held(&id);
+        let expected = Expected {
+            prompt_len: prompt.len(),
+            hashes: held.hashes.clone(),
+        };
         let t_pull = Instant::now();
         let fetched = rt.block_on(async {
-            let (port, _, server) = start_producer(held, layout.clone()).await;
+            let (port, _, server) = start_producer(held, layout.clone(), None).await;
             let client = TcpTransport {
                 layout: layout.clone(),
                 timeout: Duration::from_secs(60),
+                secret: None,
             };
             let r = client
-                .fetch(&RemoteKv {
-                    host: "127.0.0.1".into(),
-                    port,
-                    engine_id: "bench".into(),
-                    request_id: id.0.clone(),
-                })
+                .fetch(
+                    &RemoteKv {
+                        host: "127.0.0.1".into(),
+                        port,
+                        engine_id: "bench".into(),
+                        request_id: id.0.clone(),
+                        token: TOKEN,
+                    },
+                    &expected,
+                )
                 .await
                 .unwrap();
             server.abort();
