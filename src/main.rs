@@ -172,9 +172,28 @@ struct EngineArgs {
     /// GiB the disk KV tier may use.
     #[arg(long, default_value_t = 10.0)]
     kv_disk_gb: f64,
-    /// Remote KV tier shared by workers: `redis://host:port` (Redis or Valkey).
+    /// Remote KV tier shared by workers: `redis://host:port[/db]`, or `rediss://` for TLS
+    /// (Redis or Valkey). A password belongs in --kv-remote-password-file, not here.
     #[arg(long)]
     kv_remote_url: Option<String>,
+    /// File holding the remote tier's password (one line; the server's `requirepass` or the
+    /// URL user's ACL password). Default: $LLMD_KV_REMOTE_PASSWORD when set.
+    #[arg(long)]
+    kv_remote_password_file: Option<PathBuf>,
+    /// PEM file of the CA that signed the remote server's TLS certificate (a `rediss://`
+    /// URL; default: the Mozilla roots built in).
+    #[arg(long)]
+    kv_remote_tls_ca_file: Option<PathBuf>,
+    /// The cluster secret shared by a deployment's workers, sidecars and routers (a file of at
+    /// least 16 bytes): the KV side channel's mutual proof (needed for east/west pulls), the
+    /// trusted-hop header that makes `kv_transfer_params` believed, and the remote tier's
+    /// record HMACs (records that do not verify are refused).
+    #[arg(long)]
+    kv_transfer_secret_file: Option<PathBuf>,
+    /// KV blocks that may wait for the tier thread at most; past it newly committed blocks
+    /// are not stored (llmd:kv_tier_dropped_blocks_total).
+    #[arg(long, default_value_t = llmd::kv::tiers::DEFAULT_QUEUE_BLOCKS)]
+    kv_tier_queue_blocks: usize,
     /// Load from the KV tiers whatever the measured costs say (tests, benchmarks).
     #[arg(long, hide = true)]
     kv_tier_always_load: bool,
@@ -221,11 +240,6 @@ struct ServeArgs {
     /// (default: $VLLM_NIXL_SIDE_CHANNEL_HOST, else 127.0.0.1; in a pod, its IP).
     #[arg(long)]
     kv_transfer_host: Option<String>,
-    /// File holding the cluster secret shared by the deployment's workers, sidecars and
-    /// routers: the KV side channel's mutual proof (needed for east/west pulls) and the
-    /// trusted-hop header that makes `kv_transfer_params` believed.
-    #[arg(long)]
-    kv_transfer_secret_file: Option<PathBuf>,
     /// Believe `kv_transfer_params` from any client, not only a trusted hop (behind llm-d's
     /// own routing sidecar, which does not send the trusted-hop header).
     #[arg(long)]
@@ -331,6 +345,22 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
     c.kv_tiers.disk_path = a.kv_disk_path.clone();
     c.kv_tiers.disk_bytes = gib(a.kv_disk_gb, "--kv-disk-gb")? as u64;
     c.kv_tiers.remote_url = a.kv_remote_url.clone();
+    if a.kv_remote_url.is_some() {
+        c.kv_tiers.remote.password = llmd::kv::tiers::RemotePassword::from_file_or_env(
+            a.kv_remote_password_file.as_deref(),
+        )?;
+        c.kv_tiers.remote.tls_ca_file = a.kv_remote_tls_ca_file.clone();
+        if let Some(p) = &a.kv_transfer_secret_file {
+            c.kv_tiers.remote.secret =
+                Some(llmd::kv::auth::ClusterSecret::from_file(p).map_err(anyhow::Error::msg)?);
+        }
+    } else if a.kv_remote_password_file.is_some() || a.kv_remote_tls_ca_file.is_some() {
+        bail!("--kv-remote-password-file and --kv-remote-tls-ca-file need --kv-remote-url");
+    }
+    if a.kv_tier_queue_blocks == 0 {
+        bail!("--kv-tier-queue-blocks must be at least 1");
+    }
+    c.kv_tiers.queue_blocks = a.kv_tier_queue_blocks;
     c.kv_tiers.always_load = a.kv_tier_always_load;
     Ok(c)
 }
@@ -459,7 +489,7 @@ fn serve(a: ServeArgs) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!(e))?;
             c.fault = a.kv_transfer_fault;
             c.allow_client_params = a.allow_client_kv_transfer_params;
-            if let Some(path) = &a.kv_transfer_secret_file {
+            if let Some(path) = &a.engine.kv_transfer_secret_file {
                 c.secret = Some(std::sync::Arc::new(
                     llmd::kv::auth::ClusterSecret::from_file(path)
                         .map_err(|e| anyhow::anyhow!(e))?,

@@ -12,6 +12,12 @@
 //!   (and writes through to the remote tier), serves loads, verifies every record it returns
 //!   and publishes the tiers' KV events.
 //!
+//! The queue to the tier thread is bounded: at most [`TierConfig::queue_capacity`] blocks wait
+//! to be stored, and at most [`QUEUE_JOBS`] jobs of any kind. A store that finds it full is
+//! dropped (counted in [`TierStats::dropped_blocks`]), a load that finds it full is not started
+//! (the request recomputes; [`TierStats::skipped_loads`]): a slow or stuck tier (a full disk, a
+//! server that answers slowly) never blocks the engine thread or holds unbounded memory.
+//!
 //! Blocks are stored when their step commits (write-through), not when the device pool evicts
 //! them: eviction happens while a step is being planned, with the evicted block about to be
 //! overwritten, so copying then would sit on the critical path; a block already held below is
@@ -22,11 +28,13 @@
 //! that block hash, this model's identity and this layout's size.
 use super::block_record::{self, KvIdentity};
 use super::events::{KvEvent, KvEventSink};
+use super::tiers::remote::Fetched;
 use super::tiers::{DiskStore, HostStore, RemoteStore, Storage, Tier, TierConfig, TierError};
 use super::BlockHash;
 use crate::request::RequestId;
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -98,8 +106,18 @@ pub struct TierStats {
     pub loaded_blocks: [u64; 3],
     /// Blocks read from the host and disk tiers for a peer's pull (not into the device).
     pub peer_read_blocks: u64,
-    /// Records refused by the check (corrupt, truncated, foreign) and dropped.
+    /// Records refused by the check (corrupt, truncated, foreign, or a remote value whose
+    /// MAC did not verify) and dropped.
     pub checksum_failures: u64,
+    /// Of those, remote values whose MAC under the cluster secret did not verify: planted by
+    /// someone without the secret.
+    pub auth_failures: u64,
+    /// Newly committed blocks not stored because the tier queue was full.
+    pub dropped_blocks: u64,
+    /// Loads not started because the tier queue was full (the request recomputed).
+    pub skipped_loads: u64,
+    /// Blocks waiting in the queue for the tier thread now (at most the queue's capacity).
+    pub queued_blocks: usize,
     /// Store or read calls that failed (I/O, server down).
     pub errors: [u64; 3],
     /// Prompt tokens served by loads instead of recompute.
@@ -152,6 +170,8 @@ struct Shared {
     /// What recomputing costs: the engine's estimate, per token.
     prefill: Arc<PrefillCost>,
     block_size: usize,
+    /// Blocks of the store jobs queued and not yet taken by the tier thread.
+    queued_blocks: AtomicUsize,
 }
 
 impl Shared {
@@ -159,9 +179,13 @@ impl Shared {
     fn stats(&self) -> TierStats {
         let mut s = *lock(&self.stats);
         s.costs.recompute_ns = self.prefill.ns_per_token() * self.block_size as f64;
+        s.queued_blocks = self.queued_blocks.load(Ordering::Relaxed);
         s
     }
 }
+
+/// Jobs of any kind (stores, loads, peer reads) that may wait for the tier thread at most.
+pub const QUEUE_JOBS: usize = 64;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -180,7 +204,9 @@ impl TierStatsHandle {
 
 /// The scheduler half, and the handle of the tier thread.
 pub struct KvConnector {
-    jobs: Option<mpsc::Sender<Job>>,
+    jobs: Option<mpsc::SyncSender<Job>>,
+    /// Blocks that may wait in the queue at most.
+    queue_blocks: usize,
     done: mpsc::Receiver<LoadDone>,
     shared: Arc<Shared>,
     identity: String,
@@ -229,7 +255,7 @@ impl KvConnector {
             None => None,
         };
         let remote = match &config.remote_url {
-            Some(u) => Some(RemoteStore::new(u, &identity)?),
+            Some(u) => Some(RemoteStore::open(u, &identity, &config.remote)?),
             None => None,
         };
         let mut costs = TierCosts::default();
@@ -249,6 +275,7 @@ impl KvConnector {
                 stats: Mutex::new(TierStats::default()),
                 prefill,
                 block_size: layout.identity.block_size,
+                queued_blocks: AtomicUsize::new(0),
             }),
             events,
             meta: HashMap::new(),
@@ -270,7 +297,7 @@ impl KvConnector {
         worker.refresh_sizes();
         let shared = worker.shared.clone();
         let remote = worker.remote.is_some();
-        let (jobs, jobs_rx) = mpsc::channel();
+        let (jobs, jobs_rx) = mpsc::sync_channel(QUEUE_JOBS);
         let (done_tx, done) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("llmd-kv-tiers".into())
@@ -278,6 +305,7 @@ impl KvConnector {
             .map_err(|e| TierError::Config(format!("starting the KV tier thread: {e}")))?;
         let c = Self {
             jobs: Some(jobs),
+            queue_blocks: config.queue_capacity(),
             done,
             shared,
             identity,
@@ -359,18 +387,45 @@ impl KvConnector {
             hashes: hashes.to_vec(),
             reply,
         };
-        self.jobs.as_ref()?.send(job).ok()?;
+        // A full queue: the peer is answered from the device or recomputes.
+        self.jobs.as_ref()?.try_send(job).ok()?;
         Some(rx)
     }
 
-    /// Hands newly committed device blocks to the tiers.
-    pub fn store(&self, blocks: Vec<StoreBlock>) {
+    /// Hands newly committed device blocks to the tiers, as many as the queue has room for;
+    /// the rest are dropped and counted (never waits).
+    pub fn store(&self, mut blocks: Vec<StoreBlock>) {
         if blocks.is_empty() {
             return;
         }
-        // Encoded (copied and checksummed) on the tier thread, off the step's path.
-        if let Some(j) = &self.jobs {
-            let _ = j.send(Job::Store(blocks));
+        let Some(j) = &self.jobs else { return };
+        // Only this thread adds to the count (the tier thread takes away), so the room seen
+        // here is at least the room there is.
+        let queued = self.shared.queued_blocks.load(Ordering::Acquire);
+        let room = self.queue_blocks.saturating_sub(queued);
+        let mut dropped = blocks.len().saturating_sub(room);
+        blocks.truncate(room);
+        if !blocks.is_empty() {
+            let n = blocks.len();
+            self.shared.queued_blocks.fetch_add(n, Ordering::AcqRel);
+            // Encoded (copied and checksummed) on the tier thread, off the step's path.
+            if let Err(e) = j.try_send(Job::Store(blocks)) {
+                self.shared.queued_blocks.fetch_sub(n, Ordering::AcqRel);
+                if matches!(e, mpsc::TrySendError::Full(_)) {
+                    dropped += n;
+                }
+            }
+        }
+        if dropped > 0 {
+            let mut s = lock(&self.shared.stats);
+            if s.dropped_blocks == 0 {
+                tracing::warn!(
+                    capacity = self.queue_blocks,
+                    "KV tier queue full: dropping new blocks instead of waiting for the tiers \
+                     (counted in llmd:kv_tier_dropped_blocks_total)"
+                );
+            }
+            s.dropped_blocks += dropped as u64;
         }
     }
 
@@ -406,7 +461,11 @@ impl KvConnector {
             hashes: hashes.to_vec(),
             allowed,
         };
-        self.jobs.as_ref()?.send(job).ok()?;
+        if self.jobs.as_ref()?.try_send(job).is_err() {
+            // The tier thread is behind: recomputing beats waiting for it.
+            lock(&self.shared.stats).skipped_loads += 1;
+            return None;
+        }
         self.pending.insert(ticket, (req.clone(), first_block));
         Some(ticket)
     }
@@ -470,6 +529,9 @@ impl TierWorker {
             let mut events = Vec::new();
             match job {
                 Job::Store(blocks) => {
+                    self.shared
+                        .queued_blocks
+                        .fetch_sub(blocks.len(), Ordering::AcqRel);
                     let records = blocks
                         .into_iter()
                         .map(|b| {
@@ -603,7 +665,7 @@ impl TierWorker {
     fn load(&mut self, hashes: &[BlockHash], allowed: [bool; 3]) -> (Vec<Vec<u8>>, Option<Tier>) {
         let mut out = Vec::new();
         let mut slowest = None;
-        let mut remote_batch: Option<std::vec::IntoIter<Option<Vec<u8>>>> = None;
+        let mut remote_batch: Option<std::vec::IntoIter<Fetched>> = None;
         for (i, hash) in hashes.iter().enumerate() {
             let local = lock(&self.shared.index).get(hash).copied();
             let (tier, record) = match local {
@@ -631,8 +693,20 @@ impl TierWorker {
                             }
                         }
                     }
-                    let rec = remote_batch.as_mut().and_then(Iterator::next).flatten();
-                    (Tier::Remote, rec)
+                    match remote_batch.as_mut().and_then(Iterator::next) {
+                        Some(Fetched::Record(r)) => (Tier::Remote, Some(r)),
+                        Some(Fetched::Forged) => {
+                            tracing::warn!(block = %format!("{:016x}", hash.external()), "remote KV tier: refusing a record whose MAC does not verify under the cluster secret (planted by a writer without it?); recomputing it");
+                            {
+                                let mut s = lock(&self.shared.stats);
+                                s.auth_failures += 1;
+                                s.checksum_failures += 1;
+                            }
+                            self.drop_block(Tier::Remote, hash);
+                            break;
+                        }
+                        Some(Fetched::Missing) | None => (Tier::Remote, None),
+                    }
                 }
                 None => break,
             };
@@ -738,7 +812,9 @@ impl TierWorker {
                     let s = self.remote.as_mut()?;
                     s.put(h, record.clone()).ok()?;
                     let t = Instant::now();
-                    let r = s.get_many(&[h]).ok()?.pop()??;
+                    let Fetched::Record(r) = s.get_many(&[h]).ok()?.pop()? else {
+                        return None;
+                    };
                     block_record::decode(&r, &h, probe.identity, probe.payload_len).ok()?;
                     let ns = t.elapsed().as_nanos() as f64;
                     s.remove(&h);

@@ -311,7 +311,7 @@ pub fn write_scalar(
 }
 
 /// The KV tiers' metrics: one series per tier where it applies.
-fn render_tiers(out: &mut String, l: &str, t: &crate::kv::connector::TierStats) {
+pub fn render_tiers(out: &mut String, l: &str, t: &crate::kv::connector::TierStats) {
     use crate::kv::tiers::Tier;
     let per_tier =
         |out: &mut String, name: &str, kind: &str, help: &str, v: &dyn Fn(usize) -> String| {
@@ -414,8 +414,36 @@ fn render_tiers(out: &mut String, l: &str, t: &crate::kv::connector::TierStats) 
         out,
         "llmd:kv_tier_checksum_failures_total",
         "counter",
-        "KV block records refused by their check (corrupt, truncated, foreign) and recomputed.",
+        "KV block records refused by their check (corrupt, truncated, foreign, bad MAC) and recomputed.",
         t.checksum_failures.to_string(),
+    );
+    scalar(
+        out,
+        "llmd:kv_tier_auth_failures_total",
+        "counter",
+        "Remote-tier values whose MAC under the cluster secret did not verify (planted by a writer without the secret), refused and recomputed.",
+        t.auth_failures.to_string(),
+    );
+    scalar(
+        out,
+        "llmd:kv_tier_dropped_blocks_total",
+        "counter",
+        "Newly committed KV blocks not stored in the tiers because the tier queue was full.",
+        t.dropped_blocks.to_string(),
+    );
+    scalar(
+        out,
+        "llmd:kv_tier_skipped_loads_total",
+        "counter",
+        "Loads from the tiers not started because the tier queue was full (recomputed instead).",
+        t.skipped_loads.to_string(),
+    );
+    scalar(
+        out,
+        "llmd:kv_tier_queued_blocks",
+        "gauge",
+        "KV blocks waiting for the tier thread now (bounded by --kv-tier-queue-blocks).",
+        t.queued_blocks.to_string(),
     );
 }
 

@@ -37,7 +37,7 @@ pub use oracle::{
 pub use ours::{llmd_greedy, llmd_logits_all_positions};
 pub use process::{free_port, metric, LlmdProcess};
 pub use python::{python_has_zmq, python_imports};
-pub use redis::RedisServer;
+pub use redis::{RedisOptions, RedisServer};
 pub use secret::{hop_token, secret_file};
 pub use shared::{
     find_shared_model, gpu_models, shared_model, shared_model_or_fail, shared_models_dir,

@@ -2,13 +2,15 @@
 //! digest of the model and KV layout identity, so workers of different models can share a
 //! volume and never see each other's blocks.
 //!
-//! A record is written to `<hash>.tmp` and renamed to `<hash>.kvb`, so a crash leaves at worst
-//! a `.tmp` file (removed on start) or, without an fsync, a renamed file with missing bytes —
-//! which the record's length and checksum catch when it is read. On start the directory is the
-//! index: every `.kvb` file of the right size is taken, oldest modification first in the LRU
-//! order, and the rest (wrong size, stray names) are removed. Plain buffered I/O: the page
-//! cache keeps recently written blocks hot, which is what a reload shortly after eviction
-//! wants.
+//! A record is written to `<hash>.tmp` and renamed to `<hash>.kvb` before any older record is
+//! evicted to make room, so a full disk costs only the new block: on any write error the
+//! `.tmp` is removed, the block is not indexed and the caller publishes no `BlockStored`. A
+//! crash leaves at worst a `.tmp` file (removed on start) or, without an fsync, a renamed file
+//! with missing bytes — which the record's length and checksum catch when it is read. On start
+//! the directory is the index: every `.kvb` file of the right size is taken, oldest
+//! modification first in the LRU order, and the rest (wrong size, stray names) are removed.
+//! Plain buffered I/O: the page cache keeps recently written blocks hot, which is what a
+//! reload shortly after eviction wants.
 use super::{LruOrder, Storage, Tier, TierError};
 use crate::kv::BlockHash;
 use std::path::{Path, PathBuf};
@@ -113,6 +115,19 @@ impl Storage for DiskStore {
         if self.capacity == 0 || record.len() != self.record_len {
             return Ok(vec![(hash, record)]);
         }
+        // Write first: the new record is whole under its name before anything is evicted, so
+        // a full disk (or any write error) costs the new block only — the old ones and the
+        // index stay as they were, and no partial file is left.
+        let path = self.path(&hash);
+        let tmp = path.with_extension("tmp");
+        let written = std::fs::write(&tmp, &record)
+            .map_err(|e| self.io(&tmp, e))
+            .and_then(|()| std::fs::rename(&tmp, &path).map_err(|e| self.io(&path, e)));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        // Then make room: the least recently used records other than this one.
         let mut evicted = Vec::new();
         if !self.lru.contains(&hash) {
             while self.lru.len() >= self.capacity {
@@ -124,10 +139,6 @@ impl Storage for DiskStore {
                 evicted.push((old, Vec::new()));
             }
         }
-        let path = self.path(&hash);
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &record).map_err(|e| self.io(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| self.io(&path, e))?;
         self.lru.touch(hash);
         Ok(evicted)
     }
@@ -197,5 +208,29 @@ mod tests {
         drop(s);
         let s = DiskStore::open(root.path(), "id-a", 1, 4).unwrap();
         assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn a_failed_write_evicts_nothing_and_leaves_no_file() {
+        let root = tempfile::tempdir().unwrap();
+        let h = |i: u8| BlockHash([i; 32]);
+        let mut s = DiskStore::open(root.path(), "id", 2, 4).unwrap();
+        s.put(h(1), vec![1; 4]).unwrap();
+        s.put(h(2), vec![2; 4]).unwrap();
+        // The store is full, and writing h(3) fails (its .tmp name is taken by a directory):
+        // the records held stay held, on disk and in the index, and nothing is evicted.
+        let tmp = s.path(&h(3)).with_extension("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        assert!(s.put(h(3), vec![3; 4]).is_err());
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.get(&h(1)).unwrap(), Some(vec![1; 4]));
+        assert_eq!(s.get(&h(2)).unwrap(), Some(vec![2; 4]));
+        assert_eq!(s.get(&h(3)).unwrap(), None);
+        assert!(!s.path(&h(3)).exists());
+        // Once it can be written, the least recently used (h(1) was read first) goes.
+        std::fs::remove_dir(&tmp).unwrap();
+        let ev = s.put(h(3), vec![3; 4]).unwrap();
+        assert_eq!(ev.iter().map(|e| e.0).collect::<Vec<_>>(), vec![h(1)]);
+        assert!(!tmp.exists() && !s.path(&h(1)).exists() && s.path(&h(3)).exists());
     }
 }

@@ -16,7 +16,7 @@ pub mod remote;
 
 pub use disk::DiskStore;
 pub use host::HostStore;
-pub use remote::RemoteStore;
+pub use remote::{redact_url, RemoteOptions, RemotePassword, RemoteStore};
 
 use super::{BlockHash, Medium};
 use std::path::PathBuf;
@@ -57,7 +57,7 @@ impl Tier {
 
 /// What the tiers hold and where (vLLM's `--kv-offloading-size`, `--kv-offloading-backend`,
 /// plus our disk and remote flags). All off by default.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Default)]
 pub struct TierConfig {
     /// Host tier capacity in bytes (0: no host tier).
     pub host_bytes: usize,
@@ -65,16 +65,49 @@ pub struct TierConfig {
     pub disk_path: Option<PathBuf>,
     /// Disk tier capacity in bytes.
     pub disk_bytes: u64,
-    /// `redis://host:port[/db]` of the remote tier (None: no remote tier).
+    /// `redis[s]://[user[:password]@]host:port[/db]` of the remote tier (None: no remote
+    /// tier). Printed only through [`remote::redact_url`].
     pub remote_url: Option<String>,
+    /// The remote tier's password, TLS trust and record authentication.
+    pub remote: RemoteOptions,
+    /// Blocks that may wait for the tier thread at most (0: [`DEFAULT_QUEUE_BLOCKS`]); past
+    /// it, newly committed blocks are not stored (counted), so a slow tier never blocks the
+    /// engine or grows memory without bound.
+    pub queue_blocks: usize,
     /// Load from every tier whatever the measured costs say (tests and benchmarks that must
     /// exercise a tier; production leaves the decision to the measurement).
     pub always_load: bool,
 }
 
+/// Default of [`TierConfig::queue_blocks`].
+pub const DEFAULT_QUEUE_BLOCKS: usize = 256;
+
+impl std::fmt::Debug for TierConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TierConfig")
+            .field("host_bytes", &self.host_bytes)
+            .field("disk_path", &self.disk_path)
+            .field("disk_bytes", &self.disk_bytes)
+            .field("remote_url", &self.remote_url.as_deref().map(redact_url))
+            .field("remote", &self.remote)
+            .field("queue_blocks", &self.queue_blocks)
+            .field("always_load", &self.always_load)
+            .finish()
+    }
+}
+
 impl TierConfig {
     pub fn is_enabled(&self) -> bool {
         self.host_bytes > 0 || self.disk_path.is_some() || self.remote_url.is_some()
+    }
+
+    /// [`Self::queue_blocks`], its default applied.
+    pub fn queue_capacity(&self) -> usize {
+        if self.queue_blocks == 0 {
+            DEFAULT_QUEUE_BLOCKS
+        } else {
+            self.queue_blocks
+        }
     }
 }
 
