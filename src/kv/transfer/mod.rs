@@ -1325,3 +1325,192 @@ mod tests {
         assert_eq!(e.cause(), "corrupt", "{e}");
     }
 }
+
+/// Fuzzing of the side-channel protocol (both ends), bounded for CI: `LLMD_FUZZ_CASES` sets the
+/// cases per property (default 200), `LLMD_FUZZ_SEED` replays a failure.
+#[cfg(test)]
+mod fuzz {
+    use super::tests::{expected, layout, producer_with, remote};
+    use super::*;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+
+    fn runner() -> TestRunner {
+        let cases = std::env::var("LLMD_FUZZ_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(200);
+        let seed: u64 = std::env::var("LLMD_FUZZ_SEED")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(20);
+        let mut s = [0u8; 32];
+        s[..8].copy_from_slice(&seed.to_le_bytes());
+        TestRunner::new_with_rng(
+            Config {
+                cases,
+                failure_persistence: None,
+                ..Config::default()
+            },
+            TestRng::from_seed(RngAlgorithm::ChaCha, &s),
+        )
+    }
+
+    /// Bytes that start like the protocol's messages more often than chance would.
+    fn wire() -> BoxedStrategy<Vec<u8>> {
+        let magics: Vec<Vec<u8>> = [
+            MAGIC,
+            PREFIX_MAGIC,
+            rdma::RDMA_MAGIC,
+            rdma::RDMA_PREFIX_MAGIC,
+            Handshake::MAGIC,
+        ]
+        .iter()
+        .map(|m| m.to_vec())
+        .collect();
+        let valid = held_hello(MAGIC, &remote(1, "engine-a@1", "req-1"));
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..200),
+            (
+                proptest::sample::select(magics),
+                proptest::collection::vec(any::<u8>(), 0..200)
+            )
+                .prop_map(|(mut m, tail)| {
+                    m.extend(tail);
+                    m
+                }),
+            (0..valid.len(), any::<u8>(), 0..valid.len() + 8, Just(valid)).prop_map(
+                |(at, x, cut, mut v)| {
+                    v[at] ^= x | 1;
+                    v.truncate(cut);
+                    v
+                }
+            ),
+        ]
+        .boxed()
+    }
+
+    /// Whatever a consumer sends, the producer's connection ends without a panic, and the KV
+    /// it holds stays held for the consumer with the token (and is served to it).
+    #[test]
+    fn the_producer_survives_any_request() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (fake, _, port) = rt.block_on(producer_with(None, None));
+        let producer = Arc::new(Producer {
+            source: fake.clone() as Arc<dyn HeldKvSource>,
+            layout: layout(),
+            stats: Arc::new(TransferStats::default()),
+            rdma: None,
+            secret: Some(super::tests::secret("k")),
+        });
+        let open = Arc::new(Producer {
+            secret: None,
+            source: fake.clone(),
+            layout: layout(),
+            stats: Arc::new(TransferStats::default()),
+            rdma: None,
+        });
+        runner()
+            .run(&(wire(), any::<bool>()), |(bytes, with_secret)| {
+                let p = if with_secret { &producer } else { &open }.clone();
+                let joined = rt.block_on(async move {
+                    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                    let addr = l.local_addr().unwrap();
+                    let task = tokio::spawn(async move {
+                        let (s, _) = l.accept().await.unwrap();
+                        let _ = answer(s, &p).await;
+                    });
+                    let mut c = TcpStream::connect(addr).await.unwrap();
+                    let _ = c.write_all(&bytes).await;
+                    let _ = c.shutdown().await;
+                    let mut sink = Vec::new();
+                    let _ = tokio::time::timeout(Duration::from_secs(10), c.read_to_end(&mut sink))
+                        .await;
+                    drop(c);
+                    tokio::time::timeout(Duration::from_secs(10), task).await
+                });
+                let joined = joined.map_err(|_| TestCaseError::fail("the producer hung"))?;
+                prop_assert!(joined.is_ok(), "the producer panicked: {joined:?}");
+                prop_assert_eq!(fake.held.lock().unwrap().len(), 1, "held KV was released");
+                Ok(())
+            })
+            .unwrap();
+        // Still served, whole, to its consumer.
+        let got = rt
+            .block_on(
+                super::tests::client().fetch(&remote(port, "engine-a@1", "req-1"), &expected()),
+            )
+            .unwrap();
+        assert_eq!(got.payloads.len(), 3);
+    }
+
+    /// A real producer's answer to a pull, as bytes: what the fuzzed producers mutate.
+    fn valid_answer() -> Vec<u8> {
+        let held = HeldKv {
+            payloads: (0..3u8).map(|b| vec![b; 64]).collect(),
+            prompt_len: 40,
+            hashes: super::tests::hashes(),
+        };
+        let mut out = header(0, "", 40, 3);
+        for (h, p) in held.hashes.iter().zip(&held.payloads) {
+            let r = block_record::encode(h, &layout().identity, p);
+            out.extend_from_slice(&(r.len() as u64).to_le_bytes());
+            out.extend_from_slice(&r);
+        }
+        out
+    }
+
+    /// Whatever a producer answers, the consumer returns an error or exactly the KV the
+    /// prompt's hashes name — never a panic, never other bytes.
+    #[test]
+    fn the_consumer_takes_nothing_unverified_from_any_answer() {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let valid = valid_answer();
+        let answers = prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..300),
+            (
+                proptest::collection::vec((0..valid.len(), any::<u8>()), 1..4),
+                0..valid.len() + 16,
+                Just(valid.clone())
+            )
+                .prop_map(|(flips, cut, mut v)| {
+                    for (at, x) in flips {
+                        v[at] ^= x | 1;
+                    }
+                    v.truncate(cut);
+                    v
+                }),
+        ];
+        let want: Vec<Vec<u8>> = (0..3u8).map(|b| vec![b; 64]).collect();
+        runner()
+            .run(&answers, |answer| {
+                let got = rt.block_on(async move {
+                    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                    let port = l.local_addr().unwrap().port();
+                    tokio::spawn(async move {
+                        let (mut s, _) = l.accept().await.unwrap();
+                        let mut hello =
+                            vec![0u8; held_hello(MAGIC, &remote(1, "engine-a@1", "req-1")).len()];
+                        let _ = s.read_exact(&mut hello).await;
+                        let _ = s.write_all(&answer).await;
+                        let _ = s.shutdown().await;
+                        let mut rest = Vec::new();
+                        let _ = s.read_to_end(&mut rest).await;
+                    });
+                    let c = TcpTransport {
+                        layout: layout(),
+                        timeout: Duration::from_secs(10),
+                        secret: None,
+                    };
+                    c.fetch(&remote(port, "engine-a@1", "req-1"), &expected())
+                        .await
+                });
+                if let Ok(f) = got {
+                    prop_assert_eq!(&f.payloads, &want);
+                    prop_assert_eq!(f.prompt_len, 40);
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+}
