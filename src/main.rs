@@ -94,6 +94,29 @@ struct RouteArgs {
     /// Seconds a failed worker is left out.
     #[arg(long, default_value_t = 5.0)]
     backoff: f64,
+    /// Require `Authorization: Bearer <key>` on /v1/* routes (/health and /metrics stay open).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// The cluster secret (a file holding at least 16 bytes): requests the router forwards
+    /// carry the trusted-hop header that proves it to the workers.
+    #[arg(long)]
+    kv_transfer_secret_file: Option<PathBuf>,
+    /// Longest prompt routed, in tokens; a longer one is a 400 from the router.
+    #[arg(long, default_value_t = llmd::router::route::DEFAULT_MAX_MODEL_LEN)]
+    max_model_len: usize,
+    /// KV blocks the prefix index keeps per worker; past it the least recently used go.
+    #[arg(long, default_value_t = llmd::router::index::DEFAULT_MAX_INDEX_BLOCKS_PER_WORKER)]
+    max_index_blocks_per_worker: usize,
+    /// The service account token for --k8s-namespace, read again for every list (default: the
+    /// pod's, /var/run/secrets/kubernetes.io/serviceaccount/token, when it exists).
+    #[arg(long)]
+    k8s_token_file: Option<PathBuf>,
+    /// Seconds between two lists of the pods.
+    #[arg(long, default_value_t = 5.0)]
+    k8s_refresh_interval: f64,
+    /// Seconds one Kubernetes API call may take (connecting: at most 5).
+    #[arg(long, default_value_t = 15.0)]
+    k8s_timeout: f64,
 }
 
 #[derive(Args)]
@@ -110,6 +133,18 @@ struct SidecarArgs {
     /// Seconds the prefill request may take before the decoder prefills itself.
     #[arg(long, default_value_t = 60.0)]
     prefill_timeout: f64,
+    /// The prefillers `x-prefiller-host-port` may name: comma-separated `host:port` patterns,
+    /// `*` matching anything in the host or port (e.g. `10.0.*:8000,prefill-*.svc:*`). Without
+    /// it no prefiller is allowed and a request naming one gets 403.
+    #[arg(long)]
+    prefiller_allowlist: Option<String>,
+    /// Require `Authorization: Bearer <key>` on /v1/* routes (/health and /metrics stay open).
+    #[arg(long)]
+    api_key: Option<String>,
+    /// The cluster secret (a file holding at least 16 bytes): requests the sidecar forwards
+    /// carry the trusted-hop header that proves it to the workers.
+    #[arg(long)]
+    kv_transfer_secret_file: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -524,15 +559,31 @@ fn serve(a: ServeArgs) -> Result<()> {
     runtime.block_on(llmd::server::serve(cfg, move || load_engine(config)))
 }
 
+/// The cluster secret of `--kv-transfer-secret-file`, when given.
+fn cluster_secret(path: Option<&Path>) -> Result<Option<llmd::kv::auth::ClusterSecret>> {
+    path.map(|p| {
+        llmd::kv::auth::ClusterSecret::from_file(p)
+            .map_err(|e| anyhow::anyhow!("--kv-transfer-secret-file: {e}"))
+    })
+    .transpose()
+}
+
 fn sidecar(a: SidecarArgs) -> Result<()> {
     if !(a.prefill_timeout.is_finite() && a.prefill_timeout > 0.0) {
         bail!("--prefill-timeout must be a positive number of seconds");
     }
+    let prefiller_allowlist = llmd::router::sidecar::PrefillerAllowlist::parse(
+        a.prefiller_allowlist.as_deref().unwrap_or(""),
+    )
+    .map_err(|e| anyhow::anyhow!("--prefiller-allowlist: {e}"))?;
     let cfg = llmd::router::sidecar::SidecarConfig {
         host: a.host,
         port: a.port,
         decoder: format!("http://{}:{}", a.decoder_host, a.decoder_port),
         prefill_timeout: std::time::Duration::from_secs_f64(a.prefill_timeout),
+        prefiller_allowlist,
+        api_key: a.api_key,
+        secret: cluster_secret(a.kv_transfer_secret_file.as_deref())?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -575,25 +626,35 @@ fn route(a: RouteArgs) -> Result<()> {
                     format!("https://{host}:{port}")
                 }
             };
-            let token =
-                std::fs::read_to_string("/var/run/secrets/kubernetes.io/serviceaccount/token").ok();
-            let mut client = reqwest::Client::builder();
-            if let Ok(ca) = std::fs::read("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt") {
-                if let Ok(cert) = reqwest::Certificate::from_pem(&ca) {
-                    client = client.add_root_certificate(cert);
+            let token_file = match &a.k8s_token_file {
+                Some(p) => {
+                    std::fs::metadata(p)
+                        .with_context(|| format!("--k8s-token-file {}", p.display()))?;
+                    Some(p.clone())
                 }
-            }
+                None => Some(PathBuf::from(
+                    "/var/run/secrets/kubernetes.io/serviceaccount/token",
+                ))
+                .filter(|p| p.exists()),
+            };
+            let ca = std::fs::read("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt").ok();
+            let timeout = secs(a.k8s_timeout, "--k8s-timeout")?;
             let k = KubernetesSource {
                 api,
                 namespace: ns.clone(),
                 selector: a.k8s_selector.clone(),
-                token,
+                token_file,
+                timeout,
                 http_port: a.k8s_http_port,
                 events_port: a.k8s_events_port,
                 replay_port: a.k8s_replay_port,
-                client: client.build()?,
+                client: KubernetesSource::client(ca.as_deref(), timeout)
+                    .map_err(|e| anyhow::anyhow!(e))?,
             };
-            (Box::new(k), Some(std::time::Duration::from_secs(5)))
+            (
+                Box::new(k),
+                Some(secs(a.k8s_refresh_interval, "--k8s-refresh-interval")?),
+            )
         }
         None => {
             if specs.is_empty() {
@@ -621,6 +682,12 @@ fn route(a: RouteArgs) -> Result<()> {
     if a.block_size == 0 {
         bail!("--block-size must be at least 1");
     }
+    if a.max_model_len == 0 {
+        bail!("--max-model-len must be at least 1");
+    }
+    if a.max_index_blocks_per_worker == 0 {
+        bail!("--max-index-blocks-per-worker must be at least 1");
+    }
     let scheme: llmd::router::index::KeyScheme = a
         .key_scheme
         .parse()
@@ -645,6 +712,10 @@ fn route(a: RouteArgs) -> Result<()> {
         scrape_interval: secs(a.scrape_interval, "--scrape-interval")?,
         timeout: secs(a.worker_timeout, "--worker-timeout")?,
         backoff: secs(a.backoff, "--backoff")?,
+        api_key: a.api_key,
+        secret: cluster_secret(a.kv_transfer_secret_file.as_deref())?,
+        max_model_len: a.max_model_len,
+        max_index_blocks_per_worker: a.max_index_blocks_per_worker,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

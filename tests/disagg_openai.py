@@ -53,7 +53,8 @@ def cluster():
         decode = serve("--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_role": "kv_consumer"}')
         procs.append(decode[0])
         decoder_port = decode[1].rsplit(":", 1)[1]
-        sidecar = start(["sidecar", "--host", "127.0.0.1", "--port", "0", "--decoder-port", decoder_port])
+        sidecar = start(["sidecar", "--host", "127.0.0.1", "--port", "0", "--decoder-port", decoder_port,
+                         "--prefiller-allowlist", "127.0.0.1:*"])
         procs.append(sidecar[0])
         yield {
             "single": single[1],

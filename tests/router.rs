@@ -2,8 +2,13 @@
 //! sharing a prefix land on the worker whose KV events said it has the prefix (checked by the
 //! workers' own `vllm:prefix_cache_hits_total`), a killed worker is routed around without a
 //! failed request, long prompts go through a decode worker's sidecar with a prefiller, and
-//! Kubernetes discovery reads a pod list from an API server.
+//! Kubernetes discovery reads a pod list from an API server. Against fake workers that record
+//! what reaches them: the client's `kv_transfer_params` and trusted-hop header never do, prompts
+//! longer than `--max-model-len` are refused before routing, `--api-key`; against a fake API
+//! server: the service account token is read again when it rotates, and a call that never
+//! answers times out.
 mod common;
+mod fake_http;
 
 use common::{free_port, metric, LlmdProcess};
 use serde_json::{json, Value};
@@ -301,6 +306,8 @@ async fn long_prompts_go_through_the_sidecar_with_a_prefiller_short_ones_do_not(
             "0",
             "--decoder-port",
             &decoder_port,
+            "--prefiller-allowlist",
+            "127.0.0.1:*",
         ]),
         "/health",
     )
@@ -472,4 +479,242 @@ async fn a_router_started_after_the_workers_learns_their_caches_from_the_replay(
         metric(&w1.metrics().await, "vllm:prefix_cache_hits_total", ""),
         0.0
     );
+}
+
+const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+/// POSTs raw `body` to `path` with `headers`: status and body as JSON.
+async fn post_raw(
+    r: &LlmdProcess,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .post(r.url(path))
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let text = resp.text().await.expect("body");
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (status, v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_transfer_params_and_hop_headers_never_reach_a_worker_nor_do_long_prompts() {
+    use llmd::kv::auth::{ClusterSecret, TRUSTED_HOP_HEADER};
+    let w = fake_http::Fake::start(fake_http::worker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+    let secret = ClusterSecret::new(SECRET).unwrap();
+    let r = router(&args(&[
+        "--worker",
+        &w.url(),
+        "--kv-transfer-secret-file",
+        secret_file.to_str().unwrap(),
+        "--max-model-len",
+        "64",
+    ]))
+    .await;
+    let params = json!({"do_remote_prefill": true, "remote_engine_id": "victim",
+        "remote_block_ids": [1, 2, 3], "remote_host": "127.0.0.1", "remote_port": 5600});
+    let forged = [(TRUSTED_HOP_HEADER, "00ff")];
+    let completion = json!({"prompt": "Once upon a time", "max_tokens": 4,
+        "kv_transfer_params": params});
+    let chat = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4,
+        "kv_transfer_params": params});
+    for (path, body) in [
+        ("/v1/completions", &completion),
+        ("/v1/chat/completions", &chat),
+    ] {
+        let (status, v) = post_raw(&r, path, &body.to_string(), &forged).await;
+        assert_eq!(status, 200, "{path}: {v}");
+    }
+    let got = w.requests();
+    assert_eq!(got.len(), 2);
+    for g in &got {
+        let v = g.json();
+        assert!(v.get("kv_transfer_params").is_none(), "{}: {v}", g.path);
+        assert_eq!(v["max_tokens"], 4, "the rest of the request is intact");
+        let hop: Vec<_> = g.headers.get_all(TRUSTED_HOP_HEADER).iter().collect();
+        assert_eq!(hop.len(), 1, "{:?}", g.headers);
+        assert!(secret.is_trusted_hop(hop[0].to_str().unwrap()));
+    }
+    // Longer than --max-model-len, as token ids or as text: 400 before any routing.
+    let ids: Vec<u32> = (1..=65).collect();
+    let text = "Once upon a time there was a little girl. ".repeat(20);
+    for body in [
+        json!({"prompt": ids, "max_tokens": 1}),
+        json!({"prompt": text, "max_tokens": 1}),
+        json!({"prompt": ["Once", text], "max_tokens": 1}),
+    ] {
+        let (status, v) = post_raw(&r, "/v1/completions", &body.to_string(), &[]).await;
+        assert_eq!(status, 400, "{v}");
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains("maximum context length is 64"), "{v}");
+    }
+    // JSON that is not an object is the client's error too.
+    for body in ["[1,2]", "\"x\"", "3", "{\"prompt\": "] {
+        let (status, v) = post_raw(&r, "/v1/completions", body, &[]).await;
+        assert_eq!(status, 400, "{body}: {v}");
+        assert!(v["error"]["message"].is_string(), "{v}");
+    }
+    assert_eq!(w.requests().len(), 2, "none of them reached the worker");
+    let ok: Vec<u32> = (1..=64).collect();
+    let (status, v) = post_raw(
+        &r,
+        "/v1/completions",
+        &json!({"prompt": ok}).to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 200, "at the limit: {v}");
+    // Without the secret the router proves nothing and passes on no client's proof, even a
+    // valid one.
+    let w2 = fake_http::Fake::start(fake_http::worker).await;
+    let plain = router(&args(&["--worker", &w2.url()])).await;
+    let token = secret.hop_token();
+    let (status, v) = post_raw(
+        &plain,
+        "/v1/completions",
+        &completion.to_string(),
+        &[(TRUSTED_HOP_HEADER, &token)],
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let got = w2.requests();
+    assert_eq!(got.len(), 1);
+    assert!(got[0].headers.get(TRUSTED_HOP_HEADER).is_none());
+    assert!(got[0].json().get("kv_transfer_params").is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_api_key_guards_v1_and_leaves_health_and_metrics_open() {
+    let w = fake_http::Fake::start(fake_http::worker).await;
+    let r = router(&args(&["--worker", &w.url(), "--api-key", "s3cret"])).await;
+    let body = r#"{"prompt": "Once", "max_tokens": 1}"#;
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Bearer s3cre"),
+        Some("s3cret"),
+    ] {
+        let headers: Vec<(&str, &str)> = auth.map(|a| ("authorization", a)).into_iter().collect();
+        let (status, v) = post_raw(&r, "/v1/completions", body, &headers).await;
+        assert_eq!(status, 401, "{auth:?}: {v}");
+        assert_eq!(v["error"]["type"], "authentication_error", "{v}");
+        assert_eq!(v["error"]["code"], "invalid_api_key", "{v}");
+    }
+    assert_eq!(
+        reqwest::get(r.url("/v1/models")).await.unwrap().status(),
+        401
+    );
+    assert!(w.requests().is_empty(), "{:?}", w.requests());
+    let (status, v) = post_raw(
+        &r,
+        "/v1/completions",
+        body,
+        &[("authorization", "Bearer s3cret")],
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(w.requests().len(), 1);
+    for open in ["/health", "/metrics"] {
+        assert_eq!(
+            reqwest::get(r.url(open)).await.unwrap().status(),
+            200,
+            "{open}"
+        );
+    }
+}
+
+/// Waits until `api` got a request with `Authorization: Bearer <token>`; panics after 20 s.
+async fn bearer_seen(api: &fake_http::Fake, token: &str) {
+    let want = format!("Bearer {token}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let all = api.all();
+        if all.iter().any(|s| {
+            s.headers
+                .get("authorization")
+                .is_some_and(|v| v == want.as_str())
+        }) {
+            return;
+        }
+        let sent: Vec<_> = all.iter().map(|s| s.headers.get("authorization")).collect();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the API never got {want:?}; it got {sent:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_token_is_read_again_when_it_rotates() {
+    let list = std::fs::read_to_string(format!(
+        "{}/tests/fixtures/k8s_pod_list.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let api = fake_http::Fake::start(move |_| {
+        let mut r = axum::response::Response::new(axum::body::Body::from(list.clone()));
+        r.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        r
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "token-one\n").unwrap();
+    let r = router_with(
+        &args(&[
+            "--k8s-namespace",
+            "llm",
+            "--k8s-api",
+            &api.url(),
+            "--k8s-token-file",
+            token.to_str().unwrap(),
+            "--k8s-refresh-interval",
+            "0.1",
+        ]),
+        "",
+    )
+    .await;
+    bearer_seen(&api, "token-one").await;
+    // Kubelet rotates a projected token by swapping the file.
+    let next = dir.path().join("token.new");
+    std::fs::write(&next, "token-two\n").unwrap();
+    std::fs::rename(&next, &token).unwrap();
+    bearer_seen(&api, "token-two").await;
+    drop(r);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_api_that_never_answers_is_an_error_not_a_hang() {
+    use llmd::router::workers::{KubernetesSource, WorkerSource};
+    // Accepts connections (the kernel's backlog) and never answers.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let timeout = std::time::Duration::from_millis(300);
+    let k = KubernetesSource {
+        api: format!("http://{}", silent.local_addr().unwrap()),
+        namespace: "llm".into(),
+        selector: None,
+        token_file: None,
+        timeout,
+        http_port: 8000,
+        events_port: None,
+        replay_port: None,
+        client: KubernetesSource::client(None, timeout).unwrap(),
+    };
+    let got = tokio::time::timeout(std::time::Duration::from_secs(60), k.list())
+        .await
+        .expect("the list hung");
+    let e = got.unwrap_err();
+    assert!(e.starts_with("Kubernetes API:"), "{e}");
 }

@@ -12,6 +12,7 @@
 //! hashes to its keys as events arrive and never needs the worker's scheme.
 use crate::kv::block_hash::cbor;
 use crate::kv::{KvEvent, Medium};
+use lru::LruCache;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 
@@ -139,15 +140,96 @@ impl TierWeights {
     }
 }
 
-#[derive(Default)]
+/// One block a worker holds, under the router's key.
+struct Block {
+    /// Tiers holding it.
+    media: u8,
+    /// The worker's hash of it (events name blocks by it)…
+    hash: u64,
+    /// …and any other hash the worker published for the same key (rare: no allocation when
+    /// there is none).
+    aliases: Vec<u64>,
+}
+
+impl Block {
+    fn hashes(&self) -> impl Iterator<Item = u64> + '_ {
+        std::iter::once(self.hash).chain(self.aliases.iter().copied())
+    }
+}
+
+/// What one worker holds. `blocks` is kept in least-recently-used order (stored or matched by
+/// a request); `keys` has exactly the hashes of `blocks`, so both are bounded by
+/// [`IndexLimits::max_blocks_per_worker`].
 struct WorkerBlocks {
     /// The worker's own block hash → the router's key.
     keys: HashMap<u64, u64>,
-    /// Key → tiers holding it.
-    media: HashMap<u64, u8>,
+    /// Key → the block.
+    blocks: LruCache<u64, Block>,
     /// Keys of prompts the router sent here whose blocks no event has confirmed yet (their
-    /// prefill may still be running), until when they count.
-    pending: HashMap<u64, std::time::Instant>,
+    /// prefill may still be running), until when they count; oldest first.
+    pending: LruCache<u64, std::time::Instant>,
+}
+
+impl Default for WorkerBlocks {
+    fn default() -> Self {
+        Self {
+            keys: HashMap::new(),
+            // Bounded by hand, so that an evicted block's hashes leave `keys` with it.
+            blocks: LruCache::unbounded(),
+            pending: LruCache::unbounded(),
+        }
+    }
+}
+
+impl WorkerBlocks {
+    /// Forgets the block of `key` and its hashes.
+    fn forget(&mut self, key: u64) {
+        if let Some(b) = self.blocks.pop(&key) {
+            for h in b.hashes() {
+                if self.keys.get(&h) == Some(&key) {
+                    self.keys.remove(&h);
+                }
+            }
+        }
+    }
+
+    /// Evicts least recently used blocks down to `cap`; how many went.
+    fn evict_to(&mut self, cap: usize) -> u64 {
+        let mut n = 0;
+        while self.blocks.len() > cap {
+            let Some((&key, _)) = self.blocks.peek_lru() else {
+                break;
+            };
+            self.forget(key);
+            n += 1;
+        }
+        n
+    }
+}
+
+/// How much the index may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IndexLimits {
+    /// Blocks indexed per worker (`--max-index-blocks-per-worker`); past it the least recently
+    /// used go.
+    pub max_blocks_per_worker: usize,
+    /// Pending keys ([`PrefixIndex::expect`]) per worker; past it the oldest go.
+    pub max_pending_per_worker: usize,
+    /// Pending keys over all workers; past it the oldest of the worker with the most go.
+    pub max_pending_total: usize,
+}
+
+/// Default of `--max-index-blocks-per-worker`.
+pub const DEFAULT_MAX_INDEX_BLOCKS_PER_WORKER: usize = 1_000_000;
+
+impl Default for IndexLimits {
+    fn default() -> Self {
+        Self {
+            max_blocks_per_worker: DEFAULT_MAX_INDEX_BLOCKS_PER_WORKER,
+            max_pending_per_worker: 1 << 16,
+            max_pending_total: 1 << 20,
+        }
+    }
 }
 
 /// A worker's cached prefix of a request.
@@ -162,20 +244,32 @@ pub struct PrefixMatch {
 /// The index: per worker, the blocks it holds.
 pub struct PrefixIndex {
     keyer: Keyer,
+    limits: IndexLimits,
     workers: HashMap<String, WorkerBlocks>,
     /// `BlockStored` blocks whose parent the router had never seen (events missed): skipped.
     pub orphans: u64,
     /// Events whose block size is not the router's.
     pub foreign_block_size: u64,
+    /// Blocks dropped because their worker's share of the index was full.
+    pub evicted: u64,
 }
 
 impl PrefixIndex {
     pub fn new(keyer: Keyer) -> Self {
+        Self::with_limits(keyer, IndexLimits::default())
+    }
+
+    pub fn with_limits(keyer: Keyer, limits: IndexLimits) -> Self {
         Self {
             keyer,
+            limits: IndexLimits {
+                max_blocks_per_worker: limits.max_blocks_per_worker.max(1),
+                ..limits
+            },
             workers: HashMap::new(),
             orphans: 0,
             foreign_block_size: 0,
+            evicted: 0,
         }
     }
 
@@ -186,6 +280,7 @@ impl PrefixIndex {
     /// Applies one batch of `worker`'s events.
     pub fn apply(&mut self, worker: &str, events: &[KvEvent]) {
         let bs = self.keyer.block_size;
+        let cap = self.limits.max_blocks_per_worker;
         for e in events {
             match e {
                 KvEvent::BlockStored {
@@ -212,10 +307,19 @@ impl PrefixIndex {
                     };
                     for (h, chunk) in block_hashes.iter().zip(token_ids.chunks_exact(bs)) {
                         let key = self.keyer.key(parent, chunk);
-                        w.pending.remove(&key);
+                        w.pending.pop(&key);
                         w.keys.insert(*h, key);
-                        *w.media.entry(key).or_default() |= bit(*medium);
+                        let b = w.blocks.get_or_insert_mut(key, || Block {
+                            media: 0,
+                            hash: *h,
+                            aliases: Vec::new(),
+                        });
+                        if b.hash != *h && !b.aliases.contains(h) {
+                            b.aliases.push(*h);
+                        }
+                        b.media |= bit(*medium);
                         parent = Some(key);
+                        self.evicted += w.evict_to(cap);
                     }
                 }
                 KvEvent::BlockRemoved {
@@ -227,16 +331,16 @@ impl PrefixIndex {
                     };
                     for h in block_hashes {
                         let Some(&key) = w.keys.get(h) else { continue };
-                        let gone = match w.media.get_mut(&key) {
-                            Some(m) => {
-                                *m &= !bit(*medium);
-                                *m == 0
+                        let gone = match w.blocks.peek_mut(&key) {
+                            Some(b) => {
+                                b.media &= !bit(*medium);
+                                b.media == 0
                             }
                             None => true,
                         };
                         if gone {
-                            w.media.remove(&key);
                             w.keys.remove(h);
+                            w.forget(key);
                         }
                     }
                 }
@@ -249,18 +353,36 @@ impl PrefixIndex {
 
     /// Records that a prompt of `keys` was sent to `worker`: until an event confirms (or
     /// `ttl` passes), its blocks count as held there, so the prompts that follow it while it
-    /// is still being prefilled go to the same worker.
+    /// is still being prefilled go to the same worker. Pending keys are capped per worker and
+    /// in all ([`IndexLimits`]): the oldest go first.
     pub fn expect(&mut self, worker: &str, keys: &[u64], ttl: std::time::Duration) {
-        let until = std::time::Instant::now() + ttl;
+        let now = std::time::Instant::now();
+        let until = now + ttl;
+        let per_worker = self.limits.max_pending_per_worker;
         let w = self.workers.entry(worker.to_string()).or_default();
         for k in keys {
-            if !w.media.contains_key(k) {
-                w.pending.insert(*k, until);
+            if !w.blocks.contains(k) {
+                w.pending.put(*k, until);
             }
         }
-        if w.pending.len() > 1 << 16 {
-            let now = std::time::Instant::now();
-            w.pending.retain(|_, t| *t > now);
+        // One TTL for all: the least recently put are the first to expire.
+        while w.pending.peek_lru().is_some_and(|(_, t)| *t <= now) {
+            w.pending.pop_lru();
+        }
+        while w.pending.len() > per_worker {
+            w.pending.pop_lru();
+        }
+        let total: usize = self.workers.values().map(|w| w.pending.len()).sum();
+        let mut excess = total.saturating_sub(self.limits.max_pending_total);
+        while excess > 0 {
+            let Some(largest) = self.workers.values_mut().max_by_key(|w| w.pending.len()) else {
+                break;
+            };
+            let n = excess.min(largest.pending.len());
+            for _ in 0..n {
+                largest.pending.pop_lru();
+            }
+            excess -= n;
         }
     }
 
@@ -271,23 +393,28 @@ impl PrefixIndex {
 
     /// Blocks indexed for `worker`.
     pub fn num_blocks(&self, worker: &str) -> usize {
-        self.workers.get(worker).map_or(0, |w| w.media.len())
+        self.workers.get(worker).map_or(0, |w| w.blocks.len())
     }
 
-    /// The leading run of `keys` that `worker` holds.
-    pub fn prefix(&self, worker: &str, keys: &[u64], weights: &TierWeights) -> PrefixMatch {
-        let Some(w) = self.workers.get(worker) else {
+    /// Pending keys ([`Self::expect`]) held for `worker`, expired or not.
+    pub fn num_pending(&self, worker: &str) -> usize {
+        self.workers.get(worker).map_or(0, |w| w.pending.len())
+    }
+
+    /// The leading run of `keys` that `worker` holds (the blocks matched count as used).
+    pub fn prefix(&mut self, worker: &str, keys: &[u64], weights: &TierWeights) -> PrefixMatch {
+        let Some(w) = self.workers.get_mut(worker) else {
             return PrefixMatch::default();
         };
         let now = std::time::Instant::now();
         let mut m = PrefixMatch::default();
         for k in keys {
-            match w.media.get(k) {
-                Some(&media) if media != 0 => {
+            match w.blocks.get(k) {
+                Some(b) if b.media != 0 => {
                     m.blocks += 1;
-                    m.weighted += weights.of(media);
+                    m.weighted += weights.of(b.media);
                 }
-                _ if w.pending.get(k).is_some_and(|t| *t > now) => {
+                _ if w.pending.peek(k).is_some_and(|t| *t > now) => {
                     // On its way into the device.
                     m.blocks += 1;
                     m.weighted += weights.gpu;
@@ -412,6 +539,101 @@ mod tests {
         assert_eq!(ix.prefix("a", &keys, &w).blocks, 0);
         ix.expect("b", &keys, std::time::Duration::ZERO);
         assert_eq!(ix.prefix("b", &keys, &w).blocks, 0, "expired");
+    }
+
+    #[test]
+    fn a_full_worker_share_evicts_the_least_recently_used_blocks() {
+        let k = Keyer::new(KeyScheme::Fnv64a, "", 4);
+        let limits = IndexLimits {
+            max_blocks_per_worker: 4,
+            ..IndexLimits::default()
+        };
+        let mut ix = PrefixIndex::with_limits(k.clone(), limits);
+        let w = TierWeights::default();
+        // Six one-block prompts, each stored by its own event: the two oldest go.
+        let prompts: Vec<Vec<u32>> = (0..6u32).map(|i| vec![i * 10; 4]).collect();
+        for (i, p) in prompts.iter().enumerate() {
+            ix.apply("a", &[stored(&[100 + i as u64], None, p, Medium::Gpu)]);
+            assert!(ix.num_blocks("a") <= 4, "over the cap after {i}");
+        }
+        assert_eq!(ix.num_blocks("a"), 4);
+        assert_eq!(ix.evicted, 2);
+        let held = |ix: &mut PrefixIndex, i: usize| ix.prefix("a", &k.keys(&prompts[i]), &w).blocks;
+        assert_eq!(
+            (held(&mut ix, 0), held(&mut ix, 1)),
+            (0, 0),
+            "the oldest went"
+        );
+        // A match counts as a use: prompt 2 is matched, so storing one more evicts prompt 3.
+        assert_eq!(held(&mut ix, 2), 1);
+        ix.apply("a", &[stored(&[200], None, &[7; 4], Medium::Gpu)]);
+        assert_eq!(ix.num_blocks("a"), 4);
+        assert_eq!((held(&mut ix, 2), held(&mut ix, 3)), (1, 0));
+        // An evicted block's hash is forgotten with it: its removal and its children are no-ops
+        // (the child is an orphan), nothing grows past the cap.
+        ix.apply(
+            "a",
+            &[
+                KvEvent::BlockRemoved {
+                    block_hashes: vec![100, 103],
+                    medium: Medium::Gpu,
+                },
+                stored(&[300], Some(103), &[1; 4], Medium::Gpu),
+            ],
+        );
+        assert_eq!(ix.orphans, 1);
+        assert_eq!(ix.num_blocks("a"), 4);
+        // A long chain in one event: the count stays at the cap, the newest blocks are kept.
+        let long: Vec<u32> = (0..40).collect();
+        let hashes: Vec<u64> = (1000..1010).collect();
+        ix.apply("a", &[stored(&hashes, None, &long, Medium::Gpu)]);
+        assert_eq!(ix.num_blocks("a"), 4);
+        let keys = k.keys(&long);
+        assert_eq!(ix.prefix("a", &keys, &w).blocks, 0, "the chain's head went");
+        assert_eq!(ix.prefix("a", &keys[6..], &w).blocks, 4);
+        assert_eq!(
+            ix.workers["a"].keys.len(),
+            4,
+            "hashes leave with their blocks"
+        );
+    }
+
+    #[test]
+    fn pending_keys_are_capped_per_worker_and_in_all() {
+        let k = Keyer::new(KeyScheme::Fnv64a, "", 4);
+        let limits = IndexLimits {
+            max_blocks_per_worker: 100,
+            max_pending_per_worker: 8,
+            max_pending_total: 12,
+        };
+        let mut ix = PrefixIndex::with_limits(k.clone(), limits);
+        let w = TierWeights::default();
+        let ttl = std::time::Duration::from_secs(30);
+        let first: Vec<u32> = (0..16).collect();
+        ix.expect("a", &k.keys(&first), ttl);
+        let second: Vec<u32> = (100..124).collect();
+        ix.expect("a", &k.keys(&second), ttl);
+        assert_eq!(ix.num_pending("a"), 8, "the per-worker cap");
+        assert_eq!(
+            ix.prefix("a", &k.keys(&first), &w).blocks,
+            0,
+            "the oldest went"
+        );
+        assert_eq!(ix.prefix("a", &k.keys(&second), &w).blocks, 6);
+        let third: Vec<u32> = (200..224).collect();
+        ix.expect("b", &k.keys(&third), ttl);
+        assert_eq!(ix.num_pending("b"), 6);
+        assert_eq!(
+            ix.num_pending("a") + ix.num_pending("b"),
+            12,
+            "the total cap"
+        );
+        assert_eq!(
+            ix.num_pending("a"),
+            6,
+            "taken from the worker with the most"
+        );
+        assert_eq!(ix.prefix("b", &k.keys(&third), &w).blocks, 6);
     }
 
     #[test]

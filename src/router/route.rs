@@ -13,10 +13,18 @@
 //! A worker that fails (no connection, a 5xx, no answer within the timeout) is taken out for a
 //! back-off and the request is sent once more to the next best; one that fails its scrapes
 //! three times in a row is dropped from the index until it answers again.
+//!
+//! What a client cannot do through the router: send `kv_transfer_params` (removed from every
+//! generation request) or `x-llmd-trusted-hop` (removed; the router sets its own when it has
+//! the cluster secret), reach `/v1/*` without `--api-key`'s key when one is set, or make it
+//! route a prompt longer than `max_model_len` (400). Parsing, tokenizing and keying the prompt
+//! run on blocking threads, never on the async ones; the prefix index is bounded
+//! ([`super::index::IndexLimits`]).
 use super::events::{SubStats, Update};
-use super::index::{Keyer, PrefixIndex};
+use super::index::{IndexLimits, Keyer, PrefixIndex};
 use super::scorers::{self, Candidate, RoutingConfig};
 use super::workers::{Role, WorkerSource, WorkerSpec};
+use crate::kv::auth::ClusterSecret;
 use crate::tokenizer::Tokenizer;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -45,7 +53,18 @@ pub struct RouteConfig {
     pub timeout: Duration,
     /// How long a failed worker is left out.
     pub backoff: Duration,
+    /// `/v1/*` needs `Authorization: Bearer` this key.
+    pub api_key: Option<String>,
+    /// The cluster secret: what the router forwards carries the trusted-hop header.
+    pub secret: Option<ClusterSecret>,
+    /// Longest prompt routed, in tokens (longer: 400 from the router).
+    pub max_model_len: usize,
+    /// Blocks the prefix index holds per worker.
+    pub max_index_blocks_per_worker: usize,
 }
+
+/// Default of `llmd route --max-model-len`.
+pub const DEFAULT_MAX_MODEL_LEN: usize = 131_072;
 
 /// What the router scraped from a worker's `/metrics`.
 #[derive(Clone, Copy, Debug, Default)]
@@ -113,6 +132,8 @@ struct RouterState {
     index: Arc<Mutex<PrefixIndex>>,
     rotation: AtomicUsize,
     counters: Counters,
+    /// The trusted-hop header's value, with a cluster secret.
+    hop: Option<HeaderValue>,
 }
 
 const MAX_BODY: usize = 32 << 20;
@@ -138,7 +159,14 @@ pub async fn serve(
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .context("building the HTTP client")?,
-        index: Arc::new(Mutex::new(PrefixIndex::new(cfg.keyer.clone()))),
+        index: Arc::new(Mutex::new(PrefixIndex::with_limits(
+            cfg.keyer.clone(),
+            IndexLimits {
+                max_blocks_per_worker: cfg.max_index_blocks_per_worker,
+                ..IndexLimits::default()
+            },
+        ))),
+        hop: cfg.secret.as_ref().map(super::sidecar::hop_header),
         cfg,
         workers: RwLock::new(Vec::new()),
         rotation: AtomicUsize::new(0),
@@ -337,29 +365,74 @@ async fn health(State(s): State<Arc<RouterState>>) -> Response {
     }
 }
 
-/// The prompt's token ids as the workers will see them (empty when the body is not a
-/// request the router understands: the worker answers it).
-fn prompt_tokens(tok: &Tokenizer, path: &str, body: &[u8]) -> Vec<u32> {
-    let Ok(v) = serde_json::from_slice::<Value>(body) else {
-        return Vec::new();
+/// A generation request as the router forwards it.
+#[derive(Debug)]
+struct Prepared {
+    /// The body without the client's `kv_transfer_params`.
+    body: axum::body::Bytes,
+    /// Tokens of the (first) prompt.
+    prompt_len: usize,
+    /// Keys of its full blocks.
+    keys: Vec<u64>,
+}
+
+/// Reads a generation request's body: drops the client's `kv_transfer_params`, tokenizes the
+/// prompts as the workers will (none when the router cannot: the worker answers), refuses one
+/// longer than `max_model_len` and keys the first. Runs on a blocking thread. Errors are the
+/// client's (400).
+fn prepare(
+    tok: &Tokenizer,
+    keyer: &Keyer,
+    max_model_len: usize,
+    path: &str,
+    body: &[u8],
+) -> Result<Prepared, String> {
+    let mut v: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("the request body is not valid JSON: {e}"))?;
+    let Some(obj) = v.as_object_mut() else {
+        return Err("the request body must be a JSON object".into());
     };
+    // Only a producer's answer, relayed by a sidecar, may tell a worker where KV is.
+    obj.remove("kv_transfer_params");
+    let prompts = prompt_tokens(tok, path, &v);
+    if let Some(longest) = prompts.iter().map(Vec::len).max() {
+        if longest > max_model_len {
+            return Err(format!(
+                "This model's maximum context length is {max_model_len} tokens. However, the \
+                 prompt has {longest} tokens. Please reduce the length of the prompt."
+            ));
+        }
+    }
+    let first = prompts.into_iter().next().unwrap_or_default();
+    Ok(Prepared {
+        body: serde_json::to_vec(&v)
+            .map_err(|e| format!("re-encoding the request: {e}"))?
+            .into(),
+        prompt_len: first.len(),
+        keys: keyer.keys(&first),
+    })
+}
+
+/// The prompts' token ids as the workers will see them (none when the body is not a request
+/// the router understands: the worker answers it).
+fn prompt_tokens(tok: &Tokenizer, path: &str, v: &Value) -> Vec<Vec<u32>> {
     if path == "/v1/chat/completions" {
         let Ok(messages) = serde_json::from_value::<Vec<crate::server::openai::ChatMessageIn>>(
             v["messages"].clone(),
         ) else {
             return Vec::new();
         };
-        return crate::server::chat::render(tok, &messages).unwrap_or_default();
+        return crate::server::chat::render(tok, &messages)
+            .ok()
+            .into_iter()
+            .collect();
     }
     let Ok(prompt) =
         serde_json::from_value::<crate::server::openai::PromptField>(v["prompt"].clone())
     else {
         return Vec::new();
     };
-    crate::server::completions::tokenize_prompts(tok, prompt)
-        .ok()
-        .and_then(|mut p| (!p.is_empty()).then(|| p.swap_remove(0)))
-        .unwrap_or_default()
+    crate::server::completions::tokenize_prompts(tok, prompt).unwrap_or_default()
 }
 
 /// Where a request goes.
@@ -390,7 +463,7 @@ impl RouterState {
         }
         let weights = self.cfg.routing.tier_weights;
         let matches: Vec<_> = {
-            let ix = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            let mut ix = self.index.lock().unwrap_or_else(|e| e.into_inner());
             cands
                 .iter()
                 .map(|w| ix.prefix(w.name(), keys, &weights))
@@ -478,6 +551,12 @@ impl Drop for InFlight {
 
 async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
+    // Everything but /health and /metrics (their own routes) needs the key.
+    if let Some(key) = &s.cfg.api_key {
+        if !super::sidecar::bearer_ok(&parts.headers, key) {
+            return super::sidecar::unauthorized();
+        }
+    }
     let path = parts.uri.path().to_string();
     let path_q = parts
         .uri
@@ -512,19 +591,36 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
             format!("no route {} {path} on the router", parts.method),
         );
     }
-    let tokens = if generation {
-        let tok = s.cfg.tokenizer.clone();
-        let (p, b) = (path.clone(), body.clone());
-        tokio::task::spawn_blocking(move || prompt_tokens(&tok, &p, &b))
-            .await
-            .unwrap_or_default()
+    let (body, prompt_len, keys) = if generation {
+        let st = s.clone();
+        let p = path.clone();
+        let prepared = tokio::task::spawn_blocking(move || {
+            prepare(
+                &st.cfg.tokenizer,
+                &st.cfg.keyer,
+                st.cfg.max_model_len,
+                &p,
+                &body,
+            )
+        })
+        .await;
+        match prepared {
+            Ok(Ok(p)) => (p.body, p.prompt_len, p.keys),
+            Ok(Err(why)) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", why),
+            Err(e) => {
+                return error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "router_error",
+                    format!("reading the request: {e}"),
+                )
+            }
+        }
     } else {
-        Vec::new()
+        (body, 0, Vec::new())
     };
-    let keys = s.cfg.keyer.keys(&tokens);
     let mut tried: Vec<Arc<Worker>> = Vec::new();
     for attempt in 0..2 {
-        let Some(d) = s.decide(tokens.len(), &keys, &tried) else {
+        let Some(d) = s.decide(prompt_len, &keys, &tried) else {
             break;
         };
         if attempt > 0 {
@@ -545,7 +641,11 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
         let built = s
             .client
             .request(parts.method.clone(), &url)
-            .headers(forwarded_with(&headers, d.prefiller.as_deref()))
+            .headers(forwarded_with(
+                &headers,
+                d.prefiller.as_deref(),
+                s.hop.as_ref(),
+            ))
             .body(body.clone())
             .build();
         let built = match built {
@@ -624,8 +724,14 @@ fn fail(s: &RouterState, w: &Worker, why: &str) {
     w.take_out(s.cfg.backoff);
 }
 
-fn forwarded_with(headers: &HeaderMap, prefiller: Option<&Worker>) -> HeaderMap {
-    let mut h = super::sidecar::forwarded(headers);
+/// What goes to a worker: the client's headers less its hop-by-hop ones, any
+/// `x-prefiller-host-port` and `x-llmd-trusted-hop` it sent, plus the router's own of both.
+fn forwarded_with(
+    headers: &HeaderMap,
+    prefiller: Option<&Worker>,
+    hop: Option<&HeaderValue>,
+) -> HeaderMap {
+    let mut h = super::sidecar::forwarded(headers, hop);
     h.remove(PREFILLER_HEADER);
     if let Some(p) = prefiller {
         if let Ok(v) = HeaderValue::from_str(p.spec.host_port()) {
@@ -675,6 +781,7 @@ async fn metrics(State(s): State<Arc<RouterState>>) -> Response {
             w.name()
         );
     }
+    let _ = writeln!(out, "# HELP llmd_router:index_evictions_total Blocks dropped from the prefix index because their worker's share (--max-index-blocks-per-worker) was full, least recently used first.\n# TYPE llmd_router:index_evictions_total counter\nllmd_router:index_evictions_total {}", ix.evicted);
     drop(ix);
     let _ = writeln!(out, "# HELP llmd_router:decisions_total Routing decisions by the scorer that made them (the one separating the winner most from the runner-up; tie, round_robin or only_candidate otherwise).\n# TYPE llmd_router:decisions_total counter");
     for (by, n) in s
@@ -713,5 +820,47 @@ mod tests {
         assert_eq!(sample(text, "vllm:num_requests_waiting"), Some(3.0));
         assert_eq!(sample(text, "vllm:kv_cache_usage_perc"), Some(0.25));
         assert_eq!(sample(text, "vllm:num_requests_running"), None);
+    }
+
+    fn tiny() -> Tokenizer {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/stories260K");
+        Tokenizer::from_dir(&dir).expect("the stories260K tokenizer")
+    }
+
+    #[test]
+    fn prepare_drops_client_transfer_params_and_refuses_long_prompts_and_non_objects() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models/stories260K");
+        if !dir.exists() {
+            eprintln!("skipped: no {}", dir.display());
+            return;
+        }
+        let tok = tiny();
+        let keyer = Keyer::new(super::super::index::KeyScheme::Fnv64a, "0", 4);
+        let body = br#"{"prompt": [1, 2, 3, 4, 5, 6, 7, 8, 9], "max_tokens": 2,
+            "kv_transfer_params": {"do_remote_prefill": true, "remote_engine_id": "x"}}"#;
+        let p = prepare(&tok, &keyer, 64, "/v1/completions", body).unwrap();
+        let v: Value = serde_json::from_slice(&p.body).unwrap();
+        assert!(v.get("kv_transfer_params").is_none(), "{v}");
+        assert_eq!(v["max_tokens"], 2);
+        assert_eq!((p.prompt_len, p.keys.len()), (9, 2));
+        assert_eq!(p.keys, keyer.keys(&[1, 2, 3, 4, 5, 6, 7, 8, 9]));
+        // Every prompt of a list counts; the limit is on tokens.
+        let long = json!({"prompt": [[1, 2], vec![5u32; 65]]}).to_string();
+        let e = prepare(&tok, &keyer, 64, "/v1/completions", long.as_bytes()).unwrap_err();
+        assert!(
+            e.contains("maximum context length is 64") && e.contains("65"),
+            "{e}"
+        );
+        assert!(prepare(&tok, &keyer, 65, "/v1/completions", long.as_bytes()).is_ok());
+        for bad in [&b"[1,2]"[..], b"\"x\"", b"3", b"null", b"{"] {
+            assert!(prepare(&tok, &keyer, 64, "/v1/completions", bad).is_err());
+        }
+        // What the router cannot tokenize goes on (the worker answers it), still stripped.
+        let odd = br#"{"prompt": {"no": 1}, "kv_transfer_params": {}}"#;
+        let p = prepare(&tok, &keyer, 64, "/v1/completions", odd).unwrap();
+        assert_eq!(p.prompt_len, 0);
+        assert!(!String::from_utf8_lossy(&p.body).contains("kv_transfer_params"));
     }
 }

@@ -3,6 +3,8 @@
 //! interface.
 use futures_util::future::BoxFuture;
 use serde_json::Value;
+use std::path::PathBuf;
+use std::time::Duration;
 
 /// What a worker does in disaggregated serving.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -100,20 +102,58 @@ pub struct KubernetesSource {
     pub namespace: String,
     /// Extra label selector ANDed with the role label (e.g. `llm-d.ai/model=smollm2`).
     pub selector: Option<String>,
-    /// The service account token (in a pod:
-    /// `/var/run/secrets/kubernetes.io/serviceaccount/token`).
-    pub token: Option<String>,
+    /// The service account token's file (in a pod:
+    /// `/var/run/secrets/kubernetes.io/serviceaccount/token`), read again for every list:
+    /// projected tokens are rotated (hourly by default) and the old one stops working.
+    pub token_file: Option<PathBuf>,
+    /// Limit on one API call, from connecting to the last byte of the answer.
+    pub timeout: Duration,
     /// Ports on each pod: HTTP (a decode pod's sidecar), KV events, replay.
     pub http_port: u16,
     pub events_port: Option<u16>,
     pub replay_port: Option<u16>,
+    /// Made by [`KubernetesSource::client`] (which bounds connecting).
     pub client: reqwest::Client,
 }
+
+/// Limit on connecting to the Kubernetes API.
+pub const K8S_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default limit on one Kubernetes API call.
+pub const K8S_TIMEOUT: Duration = Duration::from_secs(15);
+/// Largest pod list read (a namespace of thousands of pods is a few MiB).
+const MAX_POD_LIST: usize = 64 << 20;
 
 /// llm-d's role label.
 pub const ROLE_LABEL: &str = "llm-d.ai/role";
 
 impl KubernetesSource {
+    /// An HTTP client for the API: connecting is bounded by [`K8S_CONNECT_TIMEOUT`] and every
+    /// call by `timeout`; `ca_pem` is the cluster's CA (in a pod: the service account's
+    /// `ca.crt`).
+    pub fn client(ca_pem: Option<&[u8]>, timeout: Duration) -> Result<reqwest::Client, String> {
+        let mut b = reqwest::Client::builder()
+            .connect_timeout(K8S_CONNECT_TIMEOUT.min(timeout))
+            .timeout(timeout);
+        if let Some(pem) = ca_pem {
+            let cert = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| format!("the Kubernetes CA certificate: {e}"))?;
+            b = b.add_root_certificate(cert);
+        }
+        b.build()
+            .map_err(|e| format!("building the Kubernetes API client: {e}"))
+    }
+
+    /// The token as the file holds it now.
+    async fn token(&self) -> Result<Option<String>, String> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let t = tokio::fs::read_to_string(path)
+            .await
+            .map_err(|e| format!("reading the service account token {}: {e}", path.display()))?;
+        Ok(Some(t.trim().to_string()))
+    }
+
     /// The pod-list URL this source polls.
     pub fn url(&self) -> String {
         let mut selector = format!("{ROLE_LABEL} in (prefill,decode,prefill-decode,both)");
@@ -144,16 +184,39 @@ fn urlencode(s: &str) -> String {
 impl WorkerSource for KubernetesSource {
     fn list(&self) -> BoxFuture<'_, Result<Vec<WorkerSpec>, String>> {
         Box::pin(async move {
-            let mut req = self.client.get(self.url());
-            if let Some(t) = &self.token {
-                req = req.bearer_auth(t.trim());
+            let mut req = self.client.get(self.url()).timeout(self.timeout);
+            if let Some(t) = self.token().await? {
+                req = req.bearer_auth(t);
             }
-            let r = req
-                .send()
-                .await
-                .map_err(|e| format!("Kubernetes API: {e}"))?;
-            let status = r.status();
-            let body = r.text().await.map_err(|e| format!("Kubernetes API: {e}"))?;
+            let call = async {
+                let mut r = req.send().await?;
+                let status = r.status();
+                let mut body = Vec::new();
+                while let Some(chunk) = r.chunk().await? {
+                    if body.len() + chunk.len() > MAX_POD_LIST {
+                        return Ok((status, None));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok::<_, reqwest::Error>((status, Some(body)))
+            };
+            // The client's own limit bounds each step; this bounds the whole call.
+            let (status, body) = match tokio::time::timeout(self.timeout, call).await {
+                Ok(Ok(got)) => got,
+                Ok(Err(e)) => return Err(format!("Kubernetes API: {e}")),
+                Err(_) => {
+                    return Err(format!(
+                        "Kubernetes API: no answer within {:?}",
+                        self.timeout
+                    ))
+                }
+            };
+            let Some(body) = body else {
+                return Err(format!(
+                    "Kubernetes API: a pod list over {MAX_POD_LIST} bytes"
+                ));
+            };
+            let body = String::from_utf8_lossy(&body);
             if !status.is_success() {
                 return Err(format!(
                     "Kubernetes API: {status}: {}",
@@ -265,7 +328,8 @@ mod tests {
             api: "https://k8s:6443/".into(),
             namespace: "llm".into(),
             selector: Some("llm-d.ai/model=smollm2".into()),
-            token: None,
+            token_file: None,
+            timeout: K8S_TIMEOUT,
             http_port: 8000,
             events_port: None,
             replay_port: None,
