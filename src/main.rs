@@ -385,10 +385,7 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
             a.kv_remote_password_file.as_deref(),
         )?;
         c.kv_tiers.remote.tls_ca_file = a.kv_remote_tls_ca_file.clone();
-        if let Some(p) = &a.kv_transfer_secret_file {
-            c.kv_tiers.remote.secret =
-                Some(llmd::kv::auth::ClusterSecret::from_file(p).map_err(anyhow::Error::msg)?);
-        }
+        c.kv_tiers.remote.secret = cluster_secret(a.kv_transfer_secret_file.as_deref())?;
     } else if a.kv_remote_password_file.is_some() || a.kv_remote_tls_ca_file.is_some() {
         bail!("--kv-remote-password-file and --kv-remote-tls-ca-file need --kv-remote-url");
     }
@@ -524,12 +521,9 @@ fn serve(a: ServeArgs) -> Result<()> {
                 .map_err(|e| anyhow::anyhow!(e))?;
             c.fault = a.kv_transfer_fault;
             c.allow_client_params = a.allow_client_kv_transfer_params;
-            if let Some(path) = &a.engine.kv_transfer_secret_file {
-                c.secret = Some(std::sync::Arc::new(
-                    llmd::kv::auth::ClusterSecret::from_file(path)
-                        .map_err(|e| anyhow::anyhow!(e))?,
-                ));
-            } else if !c.allow_client_params {
+            c.secret = cluster_secret(a.engine.kv_transfer_secret_file.as_deref())?
+                .map(std::sync::Arc::new);
+            if c.secret.is_none() && !c.allow_client_params {
                 tracing::warn!("--kv-transfer-config without --kv-transfer-secret-file: kv_transfer_params are believed from no client (add the secret to llmd's sidecar/router and here, or --allow-client-kv-transfer-params behind llm-d's sidecar)");
             }
             if let llmd::server::disagg::TransportKind::Rdma { device, .. } = &c.transport {

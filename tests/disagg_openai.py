@@ -41,20 +41,26 @@ def metric(base, name):
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     side = free_port()
+    # The deployment's cluster secret: the workers believe the sidecar's kv_transfer_params
+    # (it proves the secret) and the decoder and prefiller prove it to each other.
+    secret = tmp_path_factory.mktemp("secret") / "cluster-secret"
+    secret.write_text(os.urandom(32).hex())
+    with_secret = ("--kv-transfer-secret-file", str(secret))
     procs = []
     try:
         single = serve()
         procs.append(single[0])
         prefill = serve("--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_role": "kv_producer"}',
-                        "--kv-transfer-port", str(side))
+                        "--kv-transfer-port", str(side), *with_secret)
         procs.append(prefill[0])
-        decode = serve("--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_role": "kv_consumer"}')
+        decode = serve("--kv-transfer-config", '{"kv_connector": "NixlConnector", "kv_role": "kv_consumer"}',
+                       *with_secret)
         procs.append(decode[0])
         decoder_port = decode[1].rsplit(":", 1)[1]
         sidecar = start(["sidecar", "--host", "127.0.0.1", "--port", "0", "--decoder-port", decoder_port,
-                         "--prefiller-allowlist", "127.0.0.1:*"])
+                         "--prefiller-allowlist", "127.0.0.1:*", *with_secret])
         procs.append(sidecar[0])
         yield {
             "single": single[1],

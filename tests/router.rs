@@ -284,6 +284,8 @@ async fn long_prompts_go_through_the_sidecar_with_a_prefiller_short_ones_do_not(
     let producer = r#"{"kv_connector": "NixlConnector", "kv_role": "kv_producer"}"#;
     let consumer = r#"{"kv_connector": "NixlConnector", "kv_role": "kv_consumer"}"#;
     let side = free_port().to_string();
+    // The workers believe the sidecar's kv_transfer_params: it proves the cluster secret.
+    let secret = common::secret_file().display().to_string();
     let (prefill, p_spec) = worker(
         "prefill",
         &[
@@ -291,10 +293,21 @@ async fn long_prompts_go_through_the_sidecar_with_a_prefiller_short_ones_do_not(
             producer,
             "--kv-transfer-port",
             &side,
+            "--kv-transfer-secret-file",
+            &secret,
         ],
     )
     .await;
-    let (decode, _) = worker("decode", &["--kv-transfer-config", consumer]).await;
+    let (decode, _) = worker(
+        "decode",
+        &[
+            "--kv-transfer-config",
+            consumer,
+            "--kv-transfer-secret-file",
+            &secret,
+        ],
+    )
+    .await;
     let decoder_port = decode.base.rsplit(':').next().unwrap().to_string();
     let sidecar = LlmdProcess::start(
         "sidecar",
@@ -308,6 +321,8 @@ async fn long_prompts_go_through_the_sidecar_with_a_prefiller_short_ones_do_not(
             &decoder_port,
             "--prefiller-allowlist",
             "127.0.0.1:*",
+            "--kv-transfer-secret-file",
+            &secret,
         ]),
         "/health",
     )
