@@ -78,8 +78,9 @@ impl HeldKvSource for Source {
         &self,
         _id: &str,
         token: &TransferToken,
+        blocks: std::ops::Range<usize>,
     ) -> BoxFuture<'_, Result<Option<HeldKv>, String>> {
-        let r = token.matches(&TOKEN).then(|| self.keep.clone());
+        let r = token.matches(&TOKEN).then(|| self.keep.slice(blocks));
         Box::pin(async move { Ok(r) })
     }
     fn release(&self, _id: &str) {
@@ -351,7 +352,10 @@ fn ttft(rt: &tokio::runtime::Runtime, dir: &std::path::Path, prompt_len: usize, 
         while prefill.has_unfinished_requests() {
             prefill.step().unwrap();
         }
-        let held = prefill.read_held(&id, &TOKEN).unwrap().unwrap();
+        let held = prefill
+            .read_held(&id, &TOKEN, 0..usize::MAX)
+            .unwrap()
+            .unwrap();
         prefill.release_held(&id);
         let expected = Expected {
             prompt_len: prompt.len(),

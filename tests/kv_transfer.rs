@@ -50,6 +50,8 @@ fn single_engine(cfg: EngineConfig, id: &RequestId, prompt: &[u32], n: usize) ->
 
 /// The token the tests' held KV is read with.
 const TOKEN: TransferToken = TransferToken([5; 16]);
+/// Every block of a held request.
+const ALL: std::ops::Range<usize> = 0..usize::MAX;
 
 /// Queues a producer request: one token, its prompt's KV held for `lease` under [`TOKEN`].
 fn add_held(core: &mut EngineCore, id: &RequestId, prompt: &[u32], lease: Duration) {
@@ -123,7 +125,7 @@ fn decode_from_transferred_kv_matches_a_single_engine() {
         let first = run(&mut prefill, &id);
         assert_eq!(first, want[..1], "len {len}: the prefiller's token");
         assert_eq!(prefill.num_held(), 1);
-        let held = prefill.read_held(&id, &TOKEN).unwrap().expect("held");
+        let held = prefill.read_held(&id, &TOKEN, ALL).unwrap().expect("held");
         assert_eq!(held.prompt_len, len);
         assert_eq!(held.payloads.len(), len.div_ceil(16));
         // What binds the blocks to the prompt is what a decoder computes for it; another
@@ -131,7 +133,7 @@ fn decode_from_transferred_kv_matches_a_single_engine() {
         let hasher = &prefill.limits().block_hasher;
         assert_eq!(held.hashes, hasher.hash_prompt(&p, 16, &[]));
         assert!(prefill
-            .read_held(&id, &TransferToken([6; 16]))
+            .read_held(&id, &TransferToken([6; 16]), ALL)
             .unwrap()
             .is_none());
         assert!(prefill.num_free_blocks() < idle, "held blocks are not free");
@@ -165,7 +167,7 @@ fn held_kv_is_freed_when_its_lease_runs_out() {
     std::thread::sleep(Duration::from_millis(80));
     assert_eq!(prefill.expire_held(), 1);
     assert_eq!(prefill.num_free_blocks(), idle);
-    assert!(prefill.read_held(&id, &TOKEN).unwrap().is_none());
+    assert!(prefill.read_held(&id, &TOKEN, ALL).unwrap().is_none());
     assert_eq!(prefill.counters().kv_leases_expired, 1);
 }
 
@@ -229,7 +231,7 @@ fn a_producer_serves_a_prefix_it_loads_from_its_host_tier() {
         prefill.counters().prompt_tokens_computed - before < 160,
         "the producer recomputed its whole prefix"
     );
-    let held = prefill.read_held(&id, &TOKEN).unwrap().expect("held");
+    let held = prefill.read_held(&id, &TOKEN, ALL).unwrap().expect("held");
     prefill.release_held(&id);
     let mut cfg_decode = config().unwrap();
     cfg_decode.cache.num_blocks = Some(64);
@@ -252,8 +254,9 @@ impl llmd::kv::transfer::HeldKvSource for Holding {
         &self,
         _id: &str,
         _token: &TransferToken,
+        blocks: std::ops::Range<usize>,
     ) -> futures_util::future::BoxFuture<'_, Result<Option<HeldKv>, String>> {
-        let h = self.held.lock().unwrap().clone();
+        let h = self.held.lock().unwrap().as_ref().map(|h| h.slice(blocks));
         Box::pin(async move { Ok(h) })
     }
     fn release(&self, _id: &str) {
@@ -285,7 +288,7 @@ fn decode_from_kv_read_over_rdma_matches_a_single_engine() {
     let mut prefill = EngineCore::new(cfg.clone()).unwrap();
     add_held(&mut prefill, &id, &p, Duration::from_secs(30));
     run(&mut prefill, &id);
-    let held = prefill.read_held(&id, &TOKEN).unwrap().expect("held");
+    let held = prefill.read_held(&id, &TOKEN, ALL).unwrap().expect("held");
     let layout = prefill.limits().kv_layout.clone();
     let expected = Expected {
         prompt_len: p.len(),
@@ -447,8 +450,8 @@ fn held_kv_is_capped_at_half_the_pool_oldest_freed_first() {
         run(&mut prefill, id);
     }
     assert_eq!(prefill.num_held(), 3, "the oldest was freed");
-    assert!(prefill.read_held(&ids[0], &TOKEN).unwrap().is_none());
-    assert!(prefill.read_held(&ids[3], &TOKEN).unwrap().is_some());
+    assert!(prefill.read_held(&ids[0], &TOKEN, ALL).unwrap().is_none());
+    assert!(prefill.read_held(&ids[3], &TOKEN, ALL).unwrap().is_some());
     assert_eq!(prefill.counters().kv_held_evicted, 1);
     for id in &ids[1..] {
         assert!(prefill.release_held(id));
@@ -472,7 +475,7 @@ fn the_cache_salt_is_part_of_the_binding_hashes() {
         Some("tenant-a"),
     );
     run(&mut prefill, &id);
-    let held = prefill.read_held(&id, &TOKEN).unwrap().expect("held");
+    let held = prefill.read_held(&id, &TOKEN, ALL).unwrap().expect("held");
     let hasher = &prefill.limits().block_hasher;
     let salted = |s: &str| hasher.hash_prompt(&p, 16, &[s.to_string()]);
     assert_eq!(held.hashes, salted("tenant-a"));

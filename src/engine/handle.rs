@@ -51,6 +51,7 @@ enum Command {
     ReadHeld {
         id: RequestId,
         token: crate::kv::auth::TransferToken,
+        blocks: std::ops::Range<usize>,
         reply: tokio::sync::oneshot::Sender<Result<Option<crate::kv::transfer::HeldKv>>>,
     },
     ReleaseHeld(RequestId),
@@ -343,10 +344,12 @@ impl Engine {
         &self,
         id: &RequestId,
         token: &crate::kv::auth::TransferToken,
+        blocks: std::ops::Range<usize>,
     ) -> Result<Option<crate::kv::transfer::HeldKv>> {
         self.ask(|reply| Command::ReadHeld {
             id: id.clone(),
             token: *token,
+            blocks,
             reply,
         })
         .await
@@ -655,8 +658,13 @@ fn step_loop(
                     core.abort_request(&id);
                     senders.remove(&id);
                 }
-                Command::ReadHeld { id, token, reply } => {
-                    let _ = reply.send(core.read_held(&id, &token));
+                Command::ReadHeld {
+                    id,
+                    token,
+                    blocks,
+                    reply,
+                } => {
+                    let _ = reply.send(core.read_held(&id, &token, blocks));
                 }
                 Command::ReleaseHeld(id) => {
                     core.release_held(&id);

@@ -618,16 +618,20 @@ impl EngineCore {
     /// the hashes binding the blocks to the prompt; None when nothing is held under `id` with
     /// `token` (never held, released, its lease expired, or the token is not its own: the
     /// caller cannot tell which).
+    /// `blocks` (clamped) names the blocks whose payloads are read, so a transfer reads a
+    /// chunk between two steps instead of a whole prompt at once.
     pub fn read_held(
         &self,
         id: &RequestId,
         token: &crate::kv::auth::TransferToken,
+        blocks: std::ops::Range<usize>,
     ) -> Result<Option<HeldKv>> {
         let Some(h) = self.held.get(id).filter(|h| h.token.matches(token)) else {
             return Ok(None);
         };
+        let n = h.blocks.len();
         Ok(Some(HeldKv {
-            payloads: self.read_blocks(&h.blocks)?,
+            payloads: self.read_blocks(&h.blocks[blocks.start.min(n)..blocks.end.min(n)])?,
             prompt_len: h.prompt_len,
             hashes: h.hashes.clone(),
         }))

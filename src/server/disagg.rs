@@ -882,6 +882,7 @@ impl HeldKvSource for EngineSource {
         &self,
         request_id: &str,
         token: &TransferToken,
+        blocks: std::ops::Range<usize>,
     ) -> BoxFuture<'_, Result<Option<HeldKv>, String>> {
         let id = crate::RequestId::from(request_id);
         let token = *token;
@@ -892,7 +893,7 @@ impl HeldKvSource for EngineSource {
                 .map_err(|_| "the engine is not ready".to_string())?;
             ready
                 .engine
-                .read_held(&id, &token)
+                .read_held(&id, &token, blocks)
                 .await
                 .map_err(|e| e.to_string())
         })

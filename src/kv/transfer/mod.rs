@@ -540,8 +540,9 @@ async fn read_str(s: &mut TcpStream) -> std::io::Result<String> {
     String::from_utf8(b).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
 }
 
-/// A finished request's KV held by the producer: `payloads[i]` is prompt block `i`, whose
-/// hash binding it to the prompt is `hashes[i]` ([`super::BlockHasher::hash_prompt`]).
+/// A finished request's KV held by the producer: `payloads[i]` is prompt block `i` (or of the
+/// range read, [`HeldKvSource::read`]), whose hash binding it to the prompt is `hashes[i]`
+/// ([`super::BlockHasher::hash_prompt`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HeldKv {
     pub payloads: Vec<Vec<u8>>,
@@ -549,16 +550,34 @@ pub struct HeldKv {
     pub hashes: Vec<BlockHash>,
 }
 
+impl HeldKv {
+    /// This KV with only the payloads of `blocks` (clamped), as a source answers a read.
+    pub fn slice(&self, blocks: std::ops::Range<usize>) -> HeldKv {
+        let n = self.payloads.len();
+        HeldKv {
+            payloads: self.payloads[blocks.start.min(n)..blocks.end.min(n)].to_vec(),
+            prompt_len: self.prompt_len,
+            hashes: self.hashes.clone(),
+        }
+    }
+}
+
+/// Blocks the producer reads from the engine at a time while it sends a held request's KV.
+pub const CHUNK_BLOCKS: usize = 32;
+
 /// Where the producer finds held KV: the engine.
 pub trait HeldKvSource: Send + Sync + 'static {
     /// This engine's id (with its start time).
     fn engine_id(&self) -> &str;
-    /// The payloads of `request_id`'s held prompt blocks, its prompt length and block hashes;
-    /// Ok(None) when nothing is held under it with `token`.
+    /// The payloads of blocks `blocks` (clamped to what is held) of `request_id`'s held
+    /// prompt, its prompt length and every block's hash; Ok(None) when nothing is held under
+    /// it with `token`. The producer reads [`CHUNK_BLOCKS`] at a time while it sends, so no
+    /// pull copies a whole prompt's KV at once.
     fn read(
         &self,
         request_id: &str,
         token: &TransferToken,
+        blocks: std::ops::Range<usize>,
     ) -> BoxFuture<'_, Result<Option<HeldKv>, String>>;
     /// Frees the blocks held for `request_id`.
     fn release(&self, request_id: &str);
@@ -846,7 +865,7 @@ async fn answer(mut s: TcpStream, p: &Producer) -> std::io::Result<()> {
         // Before anything is read or released: the consumer pulls again over TCP.
         return rdma::refuse_no_rdma(&mut s).await;
     }
-    let (hashes, held, release) = match wanted {
+    let (hashes, held, blocks, release) = match wanted {
         Wanted::Held(engine_id, request_id, token) => {
             if engine_id != source.engine_id() {
                 stats.refused.fetch_add(1, Relaxed);
@@ -854,7 +873,9 @@ async fn answer(mut s: TcpStream, p: &Producer) -> std::io::Result<()> {
                 let msg = "this producer is not the engine named (it restarted since?)";
                 return s.write_all(&header(2, msg, 0, 0)).await;
             }
-            let held = match source.read(&request_id, &token).await {
+            // Over TCP only the shape now, the blocks as they are sent; RDMA stages them all.
+            let first = if consumer.is_some() { usize::MAX } else { 0 };
+            let held = match source.read(&request_id, &token, 0..first).await {
                 Ok(Some(h)) => h,
                 Ok(None) => {
                     stats.refused.fetch_add(1, Relaxed);
@@ -862,11 +883,12 @@ async fn answer(mut s: TcpStream, p: &Producer) -> std::io::Result<()> {
                 }
                 Err(e) => return s.write_all(&header(3, &e, 0, 0)).await,
             };
-            if held.hashes.len() != held.payloads.len() {
-                let msg = "held KV without a hash per block";
-                return s.write_all(&header(3, msg, 0, 0)).await;
-            }
-            (held.hashes.clone(), held, Some(request_id))
+            let blocks = Payloads::Held {
+                source,
+                id: request_id.clone(),
+                token,
+            };
+            (held.hashes.clone(), held, blocks, Some(request_id))
         }
         Wanted::Prefix(hashes) => {
             let payloads = match source.read_prefix(hashes.clone()).await {
@@ -876,18 +898,19 @@ async fn answer(mut s: TcpStream, p: &Producer) -> std::io::Result<()> {
             if payloads.is_empty() {
                 stats.refused.fetch_add(1, Relaxed);
             }
+            let hashes = hashes[..payloads.len()].to_vec();
             let held = HeldKv {
                 prompt_len: 0,
                 payloads,
-                hashes: Vec::new(),
+                hashes: hashes.clone(),
             };
-            (hashes, held, None)
+            (hashes, held, Payloads::Loaded, None)
         }
     };
     // From here held blocks are released however the connection ends.
     let result = match consumer {
         Some(c) => rdma::serve_reads(&mut s, c, &hashes, &held, layout, stats, rdma).await,
-        None => send_blocks(&mut s, &hashes, &held, layout, stats).await,
+        None => send_blocks(&mut s, &hashes, &held, blocks, layout, stats).await,
     };
     if let Some(id) = release {
         source.release(&id);
@@ -896,19 +919,53 @@ async fn answer(mut s: TcpStream, p: &Producer) -> std::io::Result<()> {
     result
 }
 
+/// Where [`send_blocks`] takes payloads from: those already read (a prefix), or a held
+/// request's, read from the engine [`CHUNK_BLOCKS`] at a time as they are sent.
+enum Payloads<'a> {
+    Loaded,
+    Held {
+        source: &'a dyn HeldKvSource,
+        id: String,
+        token: TransferToken,
+    },
+}
+
+impl Payloads<'_> {
+    /// The payloads of `blocks`, from `loaded` or the source.
+    async fn get(
+        &self,
+        loaded: &[Vec<u8>],
+        blocks: std::ops::Range<usize>,
+    ) -> std::io::Result<Vec<Vec<u8>>> {
+        match self {
+            Payloads::Loaded => Ok(loaded[blocks].to_vec()),
+            Payloads::Held { source, id, token } => {
+                let want = blocks.len();
+                match source.read(id, token, blocks).await {
+                    Ok(Some(h)) if h.payloads.len() == want => Ok(h.payloads),
+                    Ok(_) => Err(std::io::Error::other(
+                        "the held KV was released during its transfer",
+                    )),
+                    Err(e) => Err(std::io::Error::other(e)),
+                }
+            }
+        }
+    }
+}
+
 async fn send_blocks(
     s: &mut TcpStream,
     hashes: &[BlockHash],
     held: &HeldKv,
+    payloads: Payloads<'_>,
     layout: &TransferLayout,
     stats: &TransferStats,
 ) -> std::io::Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
-    let (payloads, prompt_len) = (&held.payloads, held.prompt_len);
-    s.write_all(&header(0, "", prompt_len, payloads.len()))
-        .await?;
-    let record = |i: usize| {
-        let mut r = block_record::encode(&hashes[i], &layout.identity, &payloads[i]);
+    let n = hashes.len();
+    s.write_all(&header(0, "", held.prompt_len, n)).await?;
+    let record = |i: usize, payload: &[u8]| {
+        let mut r = block_record::encode(&hashes[i], &layout.identity, payload);
         if stats.take_corrupt(i) {
             let mid = r.len() / 2;
             r[mid] ^= 0x40;
@@ -917,38 +974,44 @@ async fn send_blocks(
         out.extend_from_slice(&r);
         out
     };
-    for i in 0..payloads.len() {
-        let r = record(i);
-        within(s.write_all(&r)).await?;
-        stats.blocks_sent.fetch_add(1, Relaxed);
-        stats.bytes_sent.fetch_add(r.len() as u64, Relaxed);
-        if let Some(d) = stats.stall(i) {
-            s.flush().await?;
-            tokio::time::sleep(d).await;
+    for start in (0..n).step_by(CHUNK_BLOCKS) {
+        let chunk = payloads
+            .get(&held.payloads, start..(start + CHUNK_BLOCKS).min(n))
+            .await?;
+        for (i, p) in (start..).zip(&chunk) {
+            let r = record(i, p);
+            within(s.write_all(&r)).await?;
+            stats.blocks_sent.fetch_add(1, Relaxed);
+            stats.bytes_sent.fetch_add(r.len() as u64, Relaxed);
+            if let Some(d) = stats.stall(i) {
+                s.flush().await?;
+                tokio::time::sleep(d).await;
+            }
         }
     }
     match within(s.read_u8()).await? {
         0 => Ok(()),
         1 => {
-            let n = within(s.read_u32_le()).await? as usize;
-            if n > payloads.len() {
+            let k = within(s.read_u32_le()).await? as usize;
+            if k > n {
                 return Err(std::io::Error::new(
                     std::io::ErrorKind::InvalidData,
-                    format!("resend of {n} blocks of {}", payloads.len()),
+                    format!("resend of {k} blocks of {n}"),
                 ));
             }
-            let mut idx = Vec::with_capacity(n);
-            for _ in 0..n {
+            let mut idx = Vec::with_capacity(k);
+            for _ in 0..k {
                 idx.push(within(s.read_u32_le()).await? as usize);
             }
             for i in idx {
-                if i >= payloads.len() {
+                if i >= n {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
-                        format!("resend of block {i} of {}", payloads.len()),
+                        format!("resend of block {i} of {n}"),
                     ));
                 }
-                within(s.write_all(&record(i))).await?;
+                let p = payloads.get(&held.payloads, i..i + 1).await?;
+                within(s.write_all(&record(i, &p[0]))).await?;
             }
             within(s.read_u8()).await.map(|_| ())
         }
@@ -973,6 +1036,8 @@ mod tests {
         pub id: String,
         /// Held KV and its token.
         pub held: Mutex<HashMap<String, (HeldKv, TransferToken)>>,
+        /// The block ranges read, in order.
+        pub reads: Mutex<Vec<std::ops::Range<usize>>>,
     }
 
     impl HeldKvSource for Fake {
@@ -983,14 +1048,16 @@ mod tests {
             &self,
             request_id: &str,
             token: &TransferToken,
+            blocks: std::ops::Range<usize>,
         ) -> BoxFuture<'_, Result<Option<HeldKv>, String>> {
+            self.reads.lock().unwrap().push(blocks.clone());
             let r = self
                 .held
                 .lock()
                 .unwrap()
                 .get(request_id)
                 .filter(|(_, t)| t.matches(token))
-                .map(|(h, _)| h.clone());
+                .map(|(h, _)| h.slice(blocks));
             Box::pin(async move { Ok(r) })
         }
         fn release(&self, request_id: &str) {
@@ -1111,6 +1178,7 @@ mod tests {
         let fake = Arc::new(Fake {
             id: "engine-a@1".into(),
             held: Mutex::new(HashMap::new()),
+            reads: Mutex::new(Vec::new()),
         });
         let payloads: Vec<Vec<u8>> = (0..3u8).map(|b| vec![b; 64]).collect();
         fake.held.lock().unwrap().insert(
@@ -1186,6 +1254,44 @@ mod tests {
             assert!(matches!(e.cause(), "not_held" | "unauthorized"), "{e}");
             assert_eq!(stats.blocks_sent.load(Relaxed), 3);
         }
+    }
+
+    #[tokio::test]
+    async fn a_long_prompts_blocks_are_read_a_chunk_at_a_time_as_they_are_sent() {
+        let (fake, _, port) = producer().await;
+        let n = 2 * CHUNK_BLOCKS + 5;
+        let hashes: Vec<BlockHash> = (0..n).map(|i| BlockHash([i as u8; 32])).collect();
+        let long = HeldKv {
+            payloads: (0..n).map(|i| vec![i as u8; 64]).collect(),
+            prompt_len: n * 16,
+            hashes: hashes.clone(),
+        };
+        fake.held
+            .lock()
+            .unwrap()
+            .insert("long".into(), (long.clone(), TOKEN));
+        let got = client()
+            .fetch(
+                &remote(port, "engine-a@1", "long"),
+                &Expected {
+                    prompt_len: n * 16,
+                    hashes,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(got.payloads, long.payloads);
+        let reads = fake.reads.lock().unwrap().clone();
+        // The shape first, then the blocks in chunks: never the whole prompt at once.
+        assert_eq!(reads[0], 0..0);
+        assert_eq!(
+            reads[1..],
+            [
+                0..CHUNK_BLOCKS,
+                CHUNK_BLOCKS..2 * CHUNK_BLOCKS,
+                2 * CHUNK_BLOCKS..n
+            ]
+        );
     }
 
     #[tokio::test]
