@@ -51,6 +51,15 @@ fn main() {
             check_kv_record,
         ));
     }
+    if wanted("kv_event_batches") {
+        print(check(
+            "kv_event_batches",
+            cases,
+            seed,
+            kv_batch_case(),
+            check_kv_batch,
+        ));
+    }
     if wanted("safetensors_sharded") {
         print(check(
             "safetensors_sharded",

@@ -1,6 +1,7 @@
 //! Property-based fuzzing of llmd's untrusted inputs, bounded for CI: safetensors files and shard
-//! indexes, KV block records, `config.json` (parsed, and loaded by an engine), `tokenizer_config.json` with chat
-//! templates, and HTTP bodies against the OpenAI routes. Each property must answer — `Ok`, a typed
+//! indexes, KV block records, the KV event batches the router receives from workers,
+//! `config.json` (parsed, and loaded by an engine), `tokenizer_config.json` with chat templates,
+//! and HTTP bodies against the OpenAI routes. Each property must answer — `Ok`, a typed
 //! error, a 4xx in OpenAI's shape — never panic, hang or answer 5xx.
 //!
 //! `LLMD_FUZZ_CASES` sets the cases per property (default below); `LLMD_FUZZ_SEED` replays a
@@ -76,6 +77,18 @@ fn kv_block_records() {
         seed(),
         kv_record_case(),
         check_kv_record,
+    ));
+}
+
+/// The router's decoder of the workers' KV event batches (a worker is a network peer).
+#[test]
+fn kv_event_batches() {
+    report(check(
+        "kv_event_batches",
+        cases(CI_CASES),
+        seed(),
+        kv_batch_case(),
+        check_kv_batch,
     ));
 }
 

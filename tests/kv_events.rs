@@ -4,13 +4,17 @@
 mod common;
 
 use llmd::kv::{KvEvent, KvEventSink, Medium};
-use llmd::server::kv_events::{KvEventsConfig, Publisher, ZmqEventPublisher, END_SEQ};
+use llmd::router::events::{subscribe, SubStats, Update, MAX_BATCH_BYTES};
+use llmd::server::kv_events::{
+    encode_batch, KvEventsConfig, Publisher, ZmqEventPublisher, END_SEQ, MAX_REPLAYS_IN_FLIGHT,
+};
 use std::io::{BufRead, BufReader, Read};
-use std::net::TcpListener;
+use std::net::{IpAddr, TcpListener};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
+use zeromq::{DealerSocket, PubSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
 const TOPIC: &str = "kv@test-pod@tiny-model";
 
@@ -159,6 +163,12 @@ fn python_subscriber_checks_vllm_wire_format_and_replay() {
     let publisher =
         ZmqEventPublisher::start(&config("tcp://*:0", Some("tcp://127.0.0.1:0")), Some(0))
             .expect("binding the publisher");
+    python_subscriber_checks(&publisher, "127.0.0.1");
+}
+
+/// Publishes pattern batches: 5 before a pyzmq subscriber (connecting to `host`) joins, then
+/// until it has received [`LIVE`] of them live and replayed everything from 0.
+fn python_subscriber_checks(publisher: &ZmqEventPublisher, host: &str) {
     let replay = publisher.replay_endpoint().expect("replay endpoint");
     let mut published = 0u64;
     let publish = |published: &mut u64| {
@@ -172,9 +182,9 @@ fn python_subscriber_checks_vllm_wire_format_and_replay() {
 
     let mut sub = Subscriber::spawn(&[
         "--endpoint".to_string(),
-        format!("tcp://127.0.0.1:{}", port(publisher.endpoint())),
+        format!("tcp://{host}:{}", port(publisher.endpoint())),
         "--replay".to_string(),
-        format!("tcp://127.0.0.1:{}", port(replay)),
+        format!("tcp://{host}:{}", port(replay)),
         "--topic".to_string(),
         TOPIC.to_string(),
         "--expect".to_string(),
@@ -215,6 +225,10 @@ async fn replay_over_dealer(n: u64, start: u64) -> (Vec<ZmqMessage>, ZmqMessage)
             .expect("binding the publisher");
     for seq in 0..n {
         publisher.publish(batch_for_seq(seq));
+    }
+    // The replay socket has a thread of its own: it sees a batch once the publisher sent it.
+    if n > 0 {
+        wait_until_kept(publisher.replay_endpoint().expect("replay endpoint"), n - 1).await;
     }
     let mut dealer = DealerSocket::new();
     dealer
@@ -358,4 +372,399 @@ fn data_parallel_rank_offsets_both_ports() {
         port(publisher.replay_endpoint().expect("replay endpoint")),
         replay_port
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Security (issue 20): bind addresses, the replay off the publisher's thread, the router's
+// subscriber against a hostile publisher.
+// ---------------------------------------------------------------------------------------------
+
+/// The local addresses of the listening TCP sockets on `port`, as the kernel reports them
+/// (`/proc/net/tcp` and `/proc/net/tcp6`); `None` where those files do not exist (not Linux).
+fn listeners_on(port: u16) -> Option<Vec<IpAddr>> {
+    let mut found = Vec::new();
+    let mut any_file = false;
+    for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        any_file = true;
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // `sl local_address rem_address st ...`; state 0A is LISTEN.
+            let (Some(local), Some("0A")) = (fields.get(1), fields.get(3).copied()) else {
+                continue;
+            };
+            let (addr, p) = local.split_once(':').expect("ADDR:PORT");
+            if u16::from_str_radix(p, 16).expect("hex port") != port {
+                continue;
+            }
+            // The address is written as 32-bit words in the host's (little-endian) order.
+            let words: Vec<[u8; 4]> = (0..addr.len() / 8)
+                .map(|i| {
+                    u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16)
+                        .expect("hex address")
+                        .to_le_bytes()
+                })
+                .collect();
+            found.push(match words.as_slice() {
+                [w] => IpAddr::from(*w),
+                [a, b, c, d] => {
+                    let mut bytes = [0u8; 16];
+                    for (i, w) in [a, b, c, d].into_iter().enumerate() {
+                        bytes[i * 4..i * 4 + 4].copy_from_slice(w);
+                    }
+                    IpAddr::from(bytes)
+                }
+                _ => panic!("odd address {addr} in {file}"),
+            });
+        }
+    }
+    any_file.then_some(found)
+}
+
+/// Asserts that the kernel's only listener on `endpoint`'s port is bound to `ip`.
+fn assert_listens_only_on(endpoint: &str, ip: IpAddr) {
+    let port = port(endpoint);
+    if let Some(listeners) = listeners_on(port) {
+        assert_eq!(listeners, [ip], "the listeners on port {port}");
+    }
+}
+
+/// `tcp://127.0.0.1:PORT` (the pod-local form; a pod IP works the same way) binds both sockets
+/// to loopback alone — vLLM would have connected, and llmd used to refuse it — and a real pyzmq
+/// subscriber gets the live batches and the replay over it.
+#[test]
+fn sockets_bind_loopback_only_and_pyzmq_receives_the_events() {
+    let _serial = serial();
+    let publisher = ZmqEventPublisher::start(
+        &config("tcp://127.0.0.1:0", Some("tcp://127.0.0.1:0")),
+        Some(0),
+    )
+    .expect("binding the publisher to loopback");
+    let loopback = IpAddr::from([127, 0, 0, 1]);
+    assert!(
+        publisher.endpoint().starts_with("tcp://127.0.0.1:"),
+        "{}",
+        publisher.endpoint()
+    );
+    let replay = publisher.replay_endpoint().expect("replay endpoint");
+    assert!(replay.starts_with("tcp://127.0.0.1:"), "{replay}");
+    assert_listens_only_on(publisher.endpoint(), loopback);
+    assert_listens_only_on(replay, loopback);
+    if common::python_has_zmq() {
+        python_subscriber_checks(&publisher, "127.0.0.1");
+    }
+}
+
+/// `tcp://[::1]:PORT` binds IPv6 loopback alone, and a subscriber receives over it.
+#[test]
+fn sockets_bind_ipv6_loopback() {
+    let _serial = serial();
+    if TcpListener::bind("[::1]:0").is_err() {
+        eprintln!("skipping: no IPv6 loopback here");
+        return;
+    }
+    let publisher = ZmqEventPublisher::start(&config("tcp://[::1]:0", Some("tcp://[::1]:0")), None)
+        .expect("binding the publisher to [::1]");
+    let v6_loopback = IpAddr::from(std::net::Ipv6Addr::LOCALHOST);
+    assert!(
+        publisher.endpoint().starts_with("tcp://[::1]:"),
+        "{}",
+        publisher.endpoint()
+    );
+    assert_listens_only_on(publisher.endpoint(), v6_loopback);
+    assert_listens_only_on(publisher.replay_endpoint().expect("replay"), v6_loopback);
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async {
+        let mut sub = SubSocket::new();
+        sub.connect(publisher.endpoint()).await.expect("connecting");
+        sub.subscribe("").await.expect("subscribing");
+        let joined = join_sub(&publisher, &mut sub, || vec![KvEvent::AllBlocksCleared]).await;
+        publisher.publish(vec![KvEvent::AllBlocksCleared]);
+        let next = receive(&mut sub).await.expect("a batch");
+        assert_eq!(seq_of(&next), joined + 1);
+    });
+}
+
+/// Publishes `batch()` until `sub` receives one; the sequence number of the first received.
+async fn join_sub(
+    publisher: &ZmqEventPublisher,
+    sub: &mut SubSocket,
+    batch: impl Fn() -> Vec<KvEvent>,
+) -> u64 {
+    // A SUB misses what is published before its subscription reaches the PUB socket.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "the subscriber never joined");
+        publisher.publish(batch());
+        if let Ok(message) = tokio::time::timeout(Duration::from_millis(100), sub.recv()).await {
+            return seq_of(&message.expect("receiving"));
+        }
+    }
+}
+
+async fn receive(sub: &mut SubSocket) -> Option<ZmqMessage> {
+    tokio::time::timeout(Duration::from_secs(30), sub.recv())
+        .await
+        .ok()
+        .map(|m| m.expect("receiving"))
+}
+
+/// The sequence number of a live `[topic, seq, payload]` or replayed `[b"", topic, seq,
+/// payload]` message.
+fn seq_of(message: &ZmqMessage) -> u64 {
+    let seq = message.get(message.len() - 2).expect("a seq frame");
+    u64::from_be_bytes(seq.as_ref().try_into().expect("8-byte seq"))
+}
+
+/// A DEALER that asked for the replay from `start`.
+async fn replay_request(endpoint: &str, start: u64) -> DealerSocket {
+    let mut dealer = DealerSocket::new();
+    dealer
+        .connect(endpoint)
+        .await
+        .expect("connecting the DEALER");
+    let request = vec![
+        bytes::Bytes::new(),
+        bytes::Bytes::from(start.to_be_bytes().to_vec()),
+    ];
+    dealer
+        .send(ZmqMessage::try_from(request).expect("frames"))
+        .await
+        .expect("sending the replay request");
+    dealer
+}
+
+async fn recv_replay(dealer: &mut DealerSocket, what: &str) -> ZmqMessage {
+    tokio::time::timeout(Duration::from_secs(10), dealer.recv())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: nothing within 10 s"))
+        .expect("receiving")
+}
+
+fn is_end_marker(message: &ZmqMessage) -> bool {
+    message.get(2).map(|f| f.as_ref()) == Some(&END_SEQ[..])
+}
+
+/// A replay whose client stops reading is served by a task of its own: live batches keep
+/// reaching a subscriber while it is stalled, the replay then completes, and replays past
+/// [`MAX_REPLAYS_IN_FLIGHT`] are refused (the end marker alone) instead of queued.
+///
+/// For the replay to stall, it must outgrow what the sockets buffer for a client that does not
+/// read: zeromq 0.7 queues 100,000 messages per peer, and the kernel's TCP buffers take
+/// `tcp_wmem` + `tcp_rmem` bytes more. Before the fix the publisher's own thread served the
+/// replay, so live batches waited until it gave up on the client, and the replay never ended.
+// The guard only orders whole tests, each on its own runtime and thread.
+#[allow(clippy::await_holding_lock)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_batches_flow_while_a_stalled_replay_is_served() {
+    let _serial = serial();
+    // ~500-byte payloads: 100 token ids of 5 bytes each in msgpack.
+    let batch = |seq: u64| {
+        vec![KvEvent::BlockStored {
+            block_hashes: vec![seq],
+            parent_block_hash: None,
+            token_ids: (100_000..100_100).collect(),
+            block_size: 100,
+            medium: Medium::Gpu,
+        }]
+    };
+    let payload_bytes = 500;
+    let tcp_max = |file: &str| {
+        std::fs::read_to_string(file)
+            .ok()
+            .and_then(|t| t.split_whitespace().nth(2)?.parse::<u64>().ok())
+            .unwrap_or(32 << 20)
+    };
+    let tcp_buffered =
+        tcp_max("/proc/sys/net/ipv4/tcp_rmem") + tcp_max("/proc/sys/net/ipv4/tcp_wmem");
+    let n = 100_000 + 1024 + tcp_buffered / payload_bytes + 50_000;
+    let cfg = KvEventsConfig {
+        buffer_steps: n as usize,
+        max_queue_size: 20_000,
+        ..config("tcp://127.0.0.1:0", Some("tcp://127.0.0.1:0"))
+    };
+    let publisher = ZmqEventPublisher::start(&cfg, Some(0)).expect("binding the publisher");
+    let replay = publisher.replay_endpoint().expect("replay").to_string();
+    for seq in 0..n {
+        publisher.publish(batch(seq));
+        if seq % 10_000 == 9_999 {
+            // Lets the publisher thread catch up with the bounded queue.
+            wait_until_kept(&replay, seq).await;
+        }
+    }
+    wait_until_kept(&replay, n - 1).await;
+    assert_eq!(publisher.dropped_batches(), 0);
+    let served_before = publisher.served_replays();
+
+    // The stalled client: reads the first batch (the replay has begun), then nothing.
+    let mut stalled = replay_request(&replay, 0).await;
+    let first = recv_replay(&mut stalled, "the stalled replay's first batch").await;
+    assert_eq!(seq_of(&first), 0);
+
+    // Live batches reach a subscriber meanwhile.
+    let mut sub = SubSocket::new();
+    sub.connect(publisher.endpoint()).await.expect("connecting");
+    sub.subscribe("").await.expect("subscribing");
+    join_sub(&publisher, &mut sub, || batch(0)).await;
+    const LAST: u64 = 0xfeed;
+    for _ in 0..20 {
+        publisher.publish(batch(0));
+    }
+    publisher.publish(batch(LAST));
+    loop {
+        let message = receive(&mut sub)
+            .await
+            .expect("live batches while the replay is stalled");
+        let payload = message.get(2).expect("payload");
+        let events = llmd::router::events::decode_batch(payload).expect("a valid batch");
+        if matches!(&events[0], KvEvent::BlockStored { block_hashes, .. } if block_hashes[0] == LAST)
+        {
+            break;
+        }
+    }
+    assert_eq!(
+        publisher.served_replays(),
+        served_before,
+        "the replay ended before the live batches arrived, so it did not stall: the sockets \
+         buffered all {n} batches (raise n)"
+    );
+
+    // Replays past the bound are refused at once, not queued behind the stalled ones.
+    let mut more = Vec::new();
+    for _ in 1..MAX_REPLAYS_IN_FLIGHT {
+        let mut dealer = replay_request(&replay, 0).await;
+        let first = recv_replay(&mut dealer, "a replay within the bound").await;
+        // The live batches since have pushed the oldest out of the buffer.
+        assert!(
+            !is_end_marker(&first),
+            "a replay within the bound was refused"
+        );
+        more.push(dealer);
+    }
+    let mut refused = replay_request(&replay, 0).await;
+    let answer = recv_replay(&mut refused, "the refused replay").await;
+    assert!(is_end_marker(&answer), "a replay past the bound was served");
+    assert_eq!(publisher.refused_replays(), 1);
+    drop(more);
+
+    // The stalled replay was never abandoned: every batch, in order, then the end marker.
+    let mut expected = 1;
+    loop {
+        let message = recv_replay(&mut stalled, &format!("replayed batch {expected}")).await;
+        if is_end_marker(&message) {
+            break;
+        }
+        assert_eq!(seq_of(&message), expected);
+        expected += 1;
+    }
+    assert!(expected >= n, "the replay ended at {expected} of {n}");
+}
+
+/// Waits until the replay buffer holds batch `seq` (asking for the replay from `seq`).
+async fn wait_until_kept(replay: &str, seq: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "batch {seq} was never kept");
+        let mut dealer = replay_request(replay, seq).await;
+        let message = recv_replay(&mut dealer, "a replay").await;
+        if !is_end_marker(&message) {
+            assert_eq!(seq_of(&message), seq);
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// The router's subscriber, against a real ZeroMQ publisher on loopback sending a batch over
+/// [`MAX_BATCH_BYTES`] (a valid one: before the cap it was decoded and applied), a garbage
+/// payload and a message of the wrong shape: the first is counted as oversized and never
+/// applied, the others as malformed, and the good batch after them arrives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriber_drops_oversized_and_malformed_batches_and_keeps_going() {
+    let mut publisher = PubSocket::new();
+    let endpoint = publisher
+        .bind("tcp://127.0.0.1:0")
+        .await
+        .expect("binding a PUB socket")
+        .to_string();
+    let stats = Arc::new(SubStats::default());
+    let (tx, mut updates) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(subscribe(endpoint, None, stats.clone(), move |u| {
+        let _ = tx.send(u);
+    }));
+    let mut seq = 0u64;
+    let message = |seq: &mut u64, payload: Vec<u8>| {
+        let frames = vec![
+            bytes::Bytes::from(TOPIC.as_bytes().to_vec()),
+            bytes::Bytes::from(seq.to_be_bytes().to_vec()),
+            bytes::Bytes::from(payload),
+        ];
+        *seq += 1;
+        ZmqMessage::try_from(frames).expect("frames")
+    };
+    let batch = |events: &[KvEvent]| encode_batch(0.0, events, Some(0)).expect("encoding");
+    let stored = |hash: u64, tokens: u32| KvEvent::BlockStored {
+        block_hashes: vec![hash],
+        parent_block_hash: None,
+        token_ids: (1 << 20..(1 << 20) + tokens).collect(),
+        block_size: tokens as usize,
+        medium: Medium::Gpu,
+    };
+    const PROBE: u64 = 1;
+    const OVERSIZED: u64 = 2;
+    const GOOD: u64 = 3;
+    let hashes = |u: &Update| match u {
+        Update::Events(events) => events
+            .iter()
+            .filter_map(|e| match e {
+                KvEvent::BlockStored { block_hashes, .. } => block_hashes.first().copied(),
+                _ => None,
+            })
+            .collect(),
+        Update::Reset => Vec::new(),
+    };
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(Instant::now() < deadline, "the subscriber never joined");
+        let probe = message(&mut seq, batch(&[stored(PROBE, 1)]));
+        publisher.send(probe).await.expect("sending");
+        if let Ok(u) = tokio::time::timeout(Duration::from_millis(100), updates.recv()).await {
+            assert_eq!(hashes(&u.expect("an update")), [PROBE]);
+            break;
+        }
+    }
+    // 5 bytes per token id: a valid batch just over the cap.
+    let tokens = u32::try_from(MAX_BATCH_BYTES / 5 + 1).expect("fits");
+    let oversized = batch(&[stored(OVERSIZED, tokens)]);
+    assert!(oversized.len() > MAX_BATCH_BYTES);
+    let oversized = message(&mut seq, oversized);
+    publisher.send(oversized).await.expect("sending");
+    let garbage = message(&mut seq, b"\x93\xcb\x00\xc1 not msgpack".to_vec());
+    publisher.send(garbage).await.expect("sending");
+    let wrong_shape = vec![
+        bytes::Bytes::from(TOPIC.as_bytes().to_vec()),
+        bytes::Bytes::from(seq.to_be_bytes().to_vec()),
+    ];
+    let wrong_shape = ZmqMessage::try_from(wrong_shape).expect("frames");
+    publisher.send(wrong_shape).await.expect("sending");
+    let good = message(&mut seq, batch(&[stored(GOOD, 16)]));
+    publisher.send(good).await.expect("sending");
+
+    loop {
+        let u = tokio::time::timeout(Duration::from_secs(30), updates.recv())
+            .await
+            .expect("the good batch within 30 s")
+            .expect("an update");
+        let got = hashes(&u);
+        assert!(!got.contains(&OVERSIZED), "the oversized batch was applied");
+        if got.contains(&GOOD) {
+            break;
+        }
+    }
+    assert_eq!(stats.oversized.load(Relaxed), 1);
+    assert_eq!(stats.malformed.load(Relaxed), 2);
+    task.abort();
 }

@@ -8,15 +8,36 @@
 //! asks the replay socket (a DEALER sending `[b"", start (8 bytes BE)]`) for everything from
 //! there; an earlier one means the worker restarted, and what the index held for it is
 //! dropped before the new stream is applied.
+//!
+//! The publisher is a network peer: a batch over [`MAX_BATCH_BYTES`] is dropped and counted
+//! without being decoded, a malformed one is counted, and neither ends the subscription.
+//! (The frame is still received whole by the ZeroMQ library first: zeromq 0.7 has no limit on
+//! message size, so the cap bounds the decoding, not the receive buffer.)
 use crate::kv::{KvEvent, Medium};
 use rmpv::Value;
 use std::time::Duration;
 use zeromq::{DealerSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqMessage};
 
-/// The events of one payload; Err says what is malformed.
+/// The largest batch payload decoded. One engine step's batch holds at most the step's new
+/// blocks — a few bytes per token id and per hash, under 1 MiB even at 100k tokens per step —
+/// so a bigger frame is not a batch; decoding it into msgpack values would take tens of times
+/// its size in memory. 16 MiB leaves room for the largest steps and the longest prefixes.
+pub const MAX_BATCH_BYTES: usize = 16 << 20;
+
+/// The events of one payload; Err says what is malformed (or that it is over
+/// [`MAX_BATCH_BYTES`], checked before anything is decoded).
 pub fn decode_batch(payload: &[u8]) -> Result<Vec<KvEvent>, String> {
+    if payload.len() > MAX_BATCH_BYTES {
+        return Err(format!(
+            "{} bytes, more than the {MAX_BATCH_BYTES} a batch may have",
+            payload.len()
+        ));
+    }
     let mut slice = payload;
     let v = rmpv::decode::read_value(&mut slice).map_err(|e| format!("msgpack: {e}"))?;
+    if !slice.is_empty() {
+        return Err(format!("{} bytes after the batch", slice.len()));
+    }
     let batch = v.as_array().ok_or("a batch is not an array")?;
     let events = batch
         .get(1)
@@ -56,8 +77,12 @@ fn decode_event(v: &Value) -> Result<KvEvent, String> {
                 .as_array()
                 .ok_or("token_ids is not an array")?
                 .iter()
-                .map(|t| uint(t, "a token id").map(|t| t as u32))
+                .map(|t| {
+                    let t = uint(t, "a token id")?;
+                    u32::try_from(t).map_err(|_| format!("token id {t} is past 32 bits"))
+                })
                 .collect::<Result<Vec<_>, _>>()?;
+            let block_size = uint(field(4), "block_size")?;
             Ok(KvEvent::BlockStored {
                 block_hashes: hashes(field(1))?,
                 parent_block_hash: match field(2) {
@@ -65,7 +90,8 @@ fn decode_event(v: &Value) -> Result<KvEvent, String> {
                     p => Some(uint(p, "parent_block_hash")?),
                 },
                 token_ids,
-                block_size: uint(field(4), "block_size")? as usize,
+                block_size: usize::try_from(block_size)
+                    .map_err(|_| format!("block_size {block_size} is too large"))?,
                 medium: medium(field(6))?,
             })
         }
@@ -94,6 +120,42 @@ pub struct SubStats {
     pub gaps: std::sync::atomic::AtomicU64,
     pub replayed: std::sync::atomic::AtomicU64,
     pub malformed: std::sync::atomic::AtomicU64,
+    /// Batches over [`MAX_BATCH_BYTES`], dropped undecoded (live and replayed).
+    pub oversized: std::sync::atomic::AtomicU64,
+}
+
+/// What became of one received batch payload.
+fn decode_counted(
+    payload: &[u8],
+    endpoint: &str,
+    seq: u64,
+    stats: &SubStats,
+) -> Option<Vec<KvEvent>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    if payload.len() > MAX_BATCH_BYTES {
+        let n = stats.oversized.fetch_add(1, Relaxed) + 1;
+        // Once per power of two: a hostile publisher cannot flood the log.
+        if n.is_power_of_two() {
+            tracing::warn!(
+                %endpoint,
+                seq,
+                bytes = payload.len(),
+                oversized_batches = n,
+                "KV events: a batch over {MAX_BATCH_BYTES} bytes dropped undecoded"
+            );
+        }
+        return None;
+    }
+    match decode_batch(payload) {
+        Ok(events) => Some(events),
+        Err(e) => {
+            let n = stats.malformed.fetch_add(1, Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(%endpoint, seq, error = %e, malformed_batches = n, "KV events: a malformed batch");
+            }
+            None
+        }
+    }
 }
 
 /// Subscribes to `endpoint` (and replays from `replay`) until the task is dropped, calling
@@ -166,12 +228,8 @@ pub async fn subscribe(
                 }
                 _ => {}
             }
-            match decode_batch(&payload) {
-                Ok(events) => apply(Update::Events(events)),
-                Err(e) => {
-                    stats.malformed.fetch_add(1, Relaxed);
-                    tracing::warn!(%endpoint, seq, error = %e, "KV events: a malformed batch");
-                }
+            if let Some(events) = decode_counted(&payload, &endpoint, seq, &stats) {
+                apply(Update::Events(events));
             }
             stats.batches.fetch_add(1, Relaxed);
             next = Some(seq + 1);
@@ -228,11 +286,8 @@ async fn replay_from(
         if seq < next {
             continue;
         }
-        match decode_batch(m.get(3)?) {
-            Ok(events) => apply(Update::Events(events)),
-            Err(_) => {
-                stats.malformed.fetch_add(1, Relaxed);
-            }
+        if let Some(events) = decode_counted(m.get(3)?, endpoint, seq, stats) {
+            apply(Update::Events(events));
         }
         stats.replayed.fetch_add(1, Relaxed);
         next = seq + 1;
@@ -280,5 +335,27 @@ mod tests {
         ] {
             assert!(decode_batch(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn trailing_bytes_and_out_of_range_fields_are_errors() {
+        let good = crate::server::kv_events::encode_batch(1.0, &[KvEvent::AllBlocksCleared], None)
+            .unwrap();
+        assert!(decode_batch(&good).is_ok());
+        let mut trailing = good.clone();
+        trailing.push(0xc0);
+        let e = decode_batch(&trailing).unwrap_err();
+        assert!(e.contains("after the batch"), "{e}");
+        // ["BlockStored", [1], nil, [2^32], 16]: a token id past u32 was silently truncated.
+        let mut stored = vec![0x93, 0x00, 0x91, 0x95, 0xab];
+        stored.extend_from_slice(b"BlockStored");
+        stored.extend_from_slice(&[
+            0x91, 0x01, 0xc0, 0x91, 0xcf, 0, 0, 0, 1, 0, 0, 0, 0, 0x10, 0xc0,
+        ]);
+        let e = decode_batch(&stored).unwrap_err();
+        assert!(e.contains("past 32 bits"), "{e}");
+        let huge = vec![0x90; MAX_BATCH_BYTES + 1];
+        let e = decode_batch(&huge).unwrap_err();
+        assert!(e.contains("more than"), "{e}");
     }
 }

@@ -23,33 +23,39 @@
 //!   `seq >= start_seq` in order, `[b"", topic, seq (8 bytes BE), payload]`, then the end marker
 //!   `[b"", b"", -1 (8 bytes BE, signed), b""]`. The last `buffer_steps` batches are kept.
 //!
+//! - Binding: the PUB and replay sockets bind `tcp://*:PORT` (every IPv4 interface),
+//!   `tcp://[::]:PORT` (every interface) or `tcp://IP:PORT` for one address of this machine: the
+//!   pod IP, `127.0.0.1`, `[::1]`. vLLM binds only the wildcard forms and *connects* its PUB
+//!   socket to any other host; llmd always binds, and refuses a host name.
+//!
+//! Security: the events carry every cached prompt's token ids (and the replay socket the last
+//! `buffer_steps` batches of them), so the ports must be reachable only by the router or
+//! indexer; bind them to the pod IP or loopback rather than `*` where that is all they need.
+//!
 //! Invariants: [`ZmqEventPublisher::publish`] never blocks the engine — it stamps the time and
 //! queues the batch in a bounded channel, dropping (and counting) it when the channel is full.
-//! One thread, `llmd-kv-events`, owns both sockets, numbers, encodes, sends and keeps each
-//! batch; dropping the last handle drains the queue, closes the sockets and joins that thread,
-//! so the ports are free again when the drop returns.
+//! One thread, `llmd-kv-events`, owns the PUB socket, numbers, encodes, sends and keeps each
+//! batch; the replay socket has a thread of its own (`replay`), so no replay client can delay
+//! live publishing. Dropping the last handle drains the queue, closes the sockets and joins
+//! both threads, so the ports are free again when the drop returns.
 mod config;
+mod replay;
 mod wire;
 
 pub use config::{KvEventsConfig, Publisher};
+pub use replay::MAX_REPLAYS_IN_FLIGHT;
 pub use wire::{encode_batch, TooLong, END_SEQ};
 
 use crate::kv::{KvEvent, KvEventSink};
 use anyhow::{anyhow, bail, Context};
-use std::collections::VecDeque;
+use replay::{ReplayBuffer, ReplayServer, SharedBuffer};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
-use zeromq::{PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
-
-/// How long one replay message may wait for a slow replay client before the replay is
-/// abandoned, so a client that stops reading cannot hold up live publishing for long.
-const REPLAY_SEND_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// Pause after the replay socket fails to receive.
-const REPLAY_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+use zeromq::{PubSocket, Socket, SocketSend, ZmqMessage};
 
 /// Least time between two "queue full" warnings.
 const DROP_WARNING_INTERVAL: Duration = Duration::from_secs(10);
@@ -64,7 +70,8 @@ pub struct ZmqEventPublisher {
     tx: Option<mpsc::Sender<QueuedBatch>>,
     thread: Option<JoinHandle<()>>,
     endpoint: String,
-    replay_endpoint: Option<String>,
+    /// Dropped after the publisher thread, so the buffer it pushes to outlives it either way.
+    replay: Option<ReplayServer>,
 }
 
 /// One `publish` call, waiting for the publisher thread.
@@ -75,35 +82,26 @@ struct QueuedBatch {
 }
 
 impl ZmqEventPublisher {
-    /// Binds the PUB socket (and the ROUTER replay socket when `replay_endpoint` is set) on a
-    /// new `llmd-kv-events` thread and returns once both are bound, or with the bind error
-    /// (an address in use, a bad endpoint).
+    /// Binds the PUB socket on a new `llmd-kv-events` thread (and the ROUTER replay socket, when
+    /// `replay_endpoint` is set, on a `llmd-kv-replay` thread) and returns once both are bound,
+    /// or with the bind error (an address in use or not of this machine, a bad endpoint).
     ///
     /// `data_parallel_rank`, as in vLLM, is written into every batch and offsets the TCP port
     /// of both endpoints (`tcp://*:5557` binds 5557 + rank). vLLM always has a rank (0 without
     /// data parallelism); pass `Some(0)` to send what vLLM sends, `None` to send nil.
     ///
-    /// Endpoints are `tcp://host:port`; a port of 0 binds a free port ([`Self::endpoint`] tells
-    /// which). Like vLLM, the PUB socket binds only a wildcard endpoint (host `*` or one with
-    /// `::`); vLLM connects the PUB socket to any other host, which llmd refuses rather than
-    /// silently binding instead.
+    /// Endpoints are `tcp://HOST:PORT` with HOST `*`, `[::]` or an IP address of this machine
+    /// (see [`bind_endpoint`]); a port of 0 binds a free port ([`Self::endpoint`] tells which).
     pub fn start(
         cfg: &KvEventsConfig,
         data_parallel_rank: Option<u32>,
     ) -> anyhow::Result<Arc<Self>> {
         let rank = data_parallel_rank.unwrap_or(0);
-        let endpoint = bind_address(&offset_endpoint_port(&cfg.endpoint, rank)?);
-        if !is_vllm_bind_endpoint(&cfg.endpoint) {
-            bail!(
-                "KV events endpoint {:?}: vLLM would connect its PUB socket to this host; llmd \
-                 only binds, so give a wildcard endpoint such as tcp://*:5557",
-                cfg.endpoint
-            );
-        }
+        let endpoint = bind_endpoint(&cfg.endpoint, rank)?;
         let replay = cfg
             .replay_endpoint
             .as_deref()
-            .map(|e| offset_endpoint_port(e, rank).map(|e| bind_address(&e)))
+            .map(|e| bind_endpoint(e, rank))
             .transpose()?;
         if cfg.hwm != FIXED_HWM {
             tracing::warn!(
@@ -113,24 +111,31 @@ impl ZmqEventPublisher {
             );
         }
 
+        let topic = bytes::Bytes::from(cfg.topic.clone().into_bytes());
+        let buffer: SharedBuffer = Arc::new(Mutex::new(ReplayBuffer::new(cfg.buffer_steps)));
+        // Bound first: if the PUB socket then fails, dropping it stops its thread.
+        let replay = replay
+            .map(|e| ReplayServer::start(e, topic.clone(), buffer.clone()))
+            .transpose()?;
+
         let (tx, rx) = mpsc::channel(cfg.max_queue_size);
         let (bound_tx, bound_rx) = std_mpsc::channel();
         let worker = Worker {
-            topic: bytes::Bytes::from(cfg.topic.clone().into_bytes()),
+            topic,
             data_parallel_rank,
-            buffer: ReplayBuffer::new(cfg.buffer_steps),
+            buffer,
             next_seq: 0,
         };
         let thread = std::thread::Builder::new()
             .name("llmd-kv-events".to_string())
-            .spawn(move || worker.run(endpoint, replay, rx, bound_tx))
+            .spawn(move || worker.run(endpoint, rx, bound_tx))
             .context("spawning the KV events thread")?;
         let bound = bound_rx
             .recv()
-            .map_err(|_| anyhow!("the KV events thread exited before binding its sockets"))
+            .map_err(|_| anyhow!("the KV events thread exited before binding its socket"))
             .and_then(|r| r);
-        let (endpoint, replay_endpoint) = match bound {
-            Ok(endpoints) => endpoints,
+        let endpoint = match bound {
+            Ok(endpoint) => endpoint,
             Err(e) => {
                 let _ = thread.join();
                 return Err(e);
@@ -138,7 +143,7 @@ impl ZmqEventPublisher {
         };
         tracing::info!(
             %endpoint,
-            replay_endpoint = replay_endpoint.as_deref().unwrap_or("none"),
+            replay_endpoint = replay.as_ref().map_or("none", ReplayServer::endpoint),
             topic = %cfg.topic,
             "publishing KV cache events"
         );
@@ -147,7 +152,7 @@ impl ZmqEventPublisher {
             tx: Some(tx),
             thread: Some(thread),
             endpoint,
-            replay_endpoint,
+            replay,
         }))
     }
 
@@ -158,7 +163,21 @@ impl ZmqEventPublisher {
 
     /// The ROUTER replay socket's bound endpoint, with the port actually bound.
     pub fn replay_endpoint(&self) -> Option<&str> {
-        self.replay_endpoint.as_deref()
+        self.replay.as_ref().map(ReplayServer::endpoint)
+    }
+
+    /// Replay requests refused because [`MAX_REPLAYS_IN_FLIGHT`] replays were being served.
+    pub fn refused_replays(&self) -> u64 {
+        self.replay
+            .as_ref()
+            .map_or(0, |r| r.stats.refused.load(Ordering::Relaxed))
+    }
+
+    /// Replays that sent every batch asked for and the end marker.
+    pub fn served_replays(&self) -> u64 {
+        self.replay
+            .as_ref()
+            .map_or(0, |r| r.stats.served.load(Ordering::Relaxed))
     }
 
     /// Batches dropped because the queue to the publisher thread was full.
@@ -192,6 +211,8 @@ impl Drop for ZmqEventPublisher {
                 tracing::error!("the KV events thread panicked");
             }
         }
+        // Stops the replay thread and joins it.
+        self.replay.take();
     }
 }
 
@@ -249,55 +270,20 @@ impl BatchQueue {
     }
 }
 
-/// The last `capacity` batches sent, `(seq, payload)`, oldest first.
-struct ReplayBuffer {
-    capacity: usize,
-    batches: VecDeque<(u64, bytes::Bytes)>,
-}
-
-impl ReplayBuffer {
-    fn new(capacity: usize) -> Self {
-        Self {
-            capacity,
-            batches: VecDeque::with_capacity(capacity.min(1024)),
-        }
-    }
-
-    fn push(&mut self, seq: u64, payload: bytes::Bytes) {
-        if self.capacity == 0 {
-            return;
-        }
-        if self.batches.len() == self.capacity {
-            self.batches.pop_front();
-        }
-        self.batches.push_back((seq, payload));
-    }
-
-    /// The kept batches with `seq >= start`, oldest first.
-    fn since(&self, start: u64) -> impl Iterator<Item = &(u64, bytes::Bytes)> {
-        let first = self.batches.partition_point(|(seq, _)| *seq < start);
-        self.batches.range(first..)
-    }
-}
-
-/// Everything the `llmd-kv-events` thread owns besides its sockets.
+/// Everything the `llmd-kv-events` thread owns besides its socket.
 struct Worker {
     topic: bytes::Bytes,
     data_parallel_rank: Option<u32>,
-    buffer: ReplayBuffer,
+    buffer: SharedBuffer,
     next_seq: u64,
 }
-
-/// What the thread reports once bound: the PUB and replay endpoints with their real ports.
-type Bound = anyhow::Result<(String, Option<String>)>;
 
 impl Worker {
     fn run(
         self,
         endpoint: String,
-        replay: Option<String>,
         rx: mpsc::Receiver<QueuedBatch>,
-        bound: std_mpsc::Sender<Bound>,
+        bound: std_mpsc::Sender<anyhow::Result<String>>,
     ) {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -309,55 +295,36 @@ impl Worker {
                 return;
             }
         };
-        runtime.block_on(self.serve(endpoint, replay, rx, bound));
-        // Dropping the runtime drops the sockets' connection tasks, closing every connection.
+        runtime.block_on(self.serve(endpoint, rx, bound));
+        // Dropping the runtime drops the socket's connection tasks, closing every connection.
         drop(runtime);
     }
 
     async fn serve(
         mut self,
         endpoint: String,
-        replay: Option<String>,
         mut rx: mpsc::Receiver<QueuedBatch>,
-        bound: std_mpsc::Sender<Bound>,
+        bound: std_mpsc::Sender<anyhow::Result<String>>,
     ) {
-        let (mut publisher, mut router) = match bind_sockets(&endpoint, replay.as_deref()).await {
-            Ok((publisher, pub_endpoint, router)) => {
-                let replay_endpoint = router.as_ref().map(|(_, e)| e.clone());
-                let _ = bound.send(Ok((pub_endpoint, replay_endpoint)));
-                (publisher, router.map(|(r, _)| r))
+        let mut publisher = PubSocket::new();
+        match publisher
+            .bind(&endpoint)
+            .await
+            .with_context(|| format!("binding the KV events PUB socket to {endpoint}"))
+        {
+            Ok(bound_endpoint) => {
+                let _ = bound.send(Ok(bound_endpoint.to_string()));
             }
             Err(e) => {
                 let _ = bound.send(Err(e));
                 return;
             }
-        };
-        loop {
-            tokio::select! {
-                // Live batches first: replay is the non-critical path, as in vLLM.
-                biased;
-                batch = rx.recv() => match batch {
-                    Some(batch) => self.send_live(&mut publisher, batch).await,
-                    None => break,
-                },
-                request = recv_replay_request(&mut router) => match (request, router.as_mut()) {
-                    (Ok(request), Some(router)) => self.serve_replay(router, request).await,
-                    (Err(e), _) => {
-                        tracing::warn!(error = %e, "KV events replay socket");
-                        // Not a tight loop if the socket keeps failing.
-                        tokio::time::sleep(REPLAY_ERROR_BACKOFF).await;
-                    }
-                    (Ok(_), None) => {}
-                },
-            }
+        }
+        while let Some(batch) = rx.recv().await {
+            self.send_live(&mut publisher, batch).await;
         }
         for e in publisher.close().await {
             tracing::debug!(error = %e, "closing the KV events PUB socket");
-        }
-        if let Some(router) = router {
-            for e in router.close().await {
-                tracing::debug!(error = %e, "closing the KV events replay socket");
-            }
         }
     }
 
@@ -378,82 +345,13 @@ impl Worker {
             payload.clone(),
         ];
         // Kept even if the send fails: a subscriber that noticed can still replay it.
-        self.buffer.push(seq, payload);
+        self.buffer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(seq, payload);
         if let Err(e) = send_frames(publisher, frames).await {
             tracing::warn!(error = %e, seq, "KV events batch not sent");
         }
-    }
-
-    /// Answers `[client, b"", start_seq]` with every kept batch from `start_seq` on and the
-    /// end marker.
-    async fn serve_replay(&self, router: &mut RouterSocket, request: ZmqMessage) {
-        let frames = request.into_vec();
-        let (client, start) = match frames.as_slice() {
-            [client, delimiter, start] if delimiter.is_empty() && start.len() <= 8 => {
-                // Read as vLLM does (`int.from_bytes(start, "big")`), so a short frame works.
-                let mut be = [0u8; 8];
-                be[8 - start.len()..].copy_from_slice(start);
-                (client.clone(), u64::from_be_bytes(be))
-            }
-            _ => {
-                tracing::warn!(frames = frames.len(), "invalid KV events replay request");
-                return;
-            }
-        };
-        let empty = bytes::Bytes::new();
-        for (seq, payload) in self.buffer.since(start) {
-            let reply = vec![
-                client.clone(),
-                empty.clone(),
-                self.topic.clone(),
-                bytes::Bytes::copy_from_slice(&seq.to_be_bytes()),
-                payload.clone(),
-            ];
-            if let Err(e) = send_replay(router, reply).await {
-                tracing::warn!(error = %e, seq, "KV events replay abandoned");
-                return;
-            }
-        }
-        let end = vec![
-            client,
-            empty.clone(),
-            empty.clone(),
-            bytes::Bytes::from_static(&END_SEQ),
-            empty,
-        ];
-        if let Err(e) = send_replay(router, end).await {
-            tracing::warn!(error = %e, "KV events replay end marker not sent");
-        }
-    }
-}
-
-async fn bind_sockets(
-    endpoint: &str,
-    replay: Option<&str>,
-) -> anyhow::Result<(PubSocket, String, Option<(RouterSocket, String)>)> {
-    let mut publisher = PubSocket::new();
-    let bound = publisher
-        .bind(endpoint)
-        .await
-        .with_context(|| format!("binding the KV events PUB socket to {endpoint}"))?;
-    let router = match replay {
-        Some(replay) => {
-            let mut router = RouterSocket::new();
-            let replay_bound = router
-                .bind(replay)
-                .await
-                .with_context(|| format!("binding the KV events replay socket to {replay}"))?;
-            Some((router, replay_bound.to_string()))
-        }
-        None => None,
-    };
-    Ok((publisher, bound.to_string(), router))
-}
-
-async fn recv_replay_request(router: &mut Option<RouterSocket>) -> zeromq::ZmqResult<ZmqMessage> {
-    match router {
-        Some(router) => router.recv().await,
-        None => std::future::pending().await,
     }
 }
 
@@ -464,12 +362,6 @@ async fn send_frames(
     let message = ZmqMessage::try_from(frames).map_err(|e| anyhow!("{e}"))?;
     socket.send(message).await?;
     Ok(())
-}
-
-async fn send_replay(router: &mut RouterSocket, frames: Vec<bytes::Bytes>) -> anyhow::Result<()> {
-    tokio::time::timeout(REPLAY_SEND_TIMEOUT, send_frames(router, frames))
-        .await
-        .map_err(|_| anyhow!("the client read nothing for {REPLAY_SEND_TIMEOUT:?}"))?
 }
 
 /// vLLM's `offset_endpoint_port`: rank r > 0 moves a TCP endpoint's port up by r, so each data
@@ -494,16 +386,31 @@ fn offset_endpoint_port(endpoint: &str, rank: u32) -> anyhow::Result<String> {
     Ok(format!("tcp://{host}:{port}"))
 }
 
-/// vLLM's test for binding rather than connecting the PUB socket.
-fn is_vllm_bind_endpoint(endpoint: &str) -> bool {
-    endpoint.contains('*') || endpoint.contains("::")
-}
-
-/// ZeroMQ's `*` host (every IPv4 interface) spelled as the address the OS binds.
-fn bind_address(endpoint: &str) -> String {
-    match endpoint.strip_prefix("tcp://*:") {
-        Some(port) => format!("tcp://0.0.0.0:{port}"),
-        None => endpoint.to_string(),
+/// The address a KV events socket binds for `endpoint`, moved up by the data parallel `rank`:
+/// `tcp://*:PORT` binds every IPv4 interface (`0.0.0.0`), `tcp://[::]:PORT` every interface,
+/// `tcp://IP:PORT` (`[IPv6]` in brackets) that address alone — the pod IP, or loopback for a
+/// router in the same pod. A host name is refused: vLLM would connect its PUB socket to it.
+pub fn bind_endpoint(endpoint: &str, rank: u32) -> anyhow::Result<String> {
+    let endpoint = offset_endpoint_port(endpoint, rank)?;
+    let rest = endpoint.trim_start_matches("tcp://");
+    let (host, port) = rest
+        .rsplit_once(':')
+        .with_context(|| format!("KV events endpoint {endpoint:?} has no port"))?;
+    if host == "*" {
+        return Ok(format!("tcp://0.0.0.0:{port}"));
+    }
+    let bare = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    match bare.parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => Ok(format!("tcp://{ip}:{port}")),
+        Ok(IpAddr::V6(ip)) => Ok(format!("tcp://[{ip}]:{port}")),
+        Err(_) => bail!(
+            "KV events endpoint {endpoint:?}: llmd binds its KV event sockets, to `*` (every \
+             interface) or to an IP address of this machine (the pod IP, 127.0.0.1, [::1]); \
+             {host:?} is not one (vLLM would connect to a host name, which llmd does not do)"
+        ),
     }
 }
 
@@ -533,19 +440,47 @@ mod tests {
     }
 
     #[test]
-    fn only_wildcard_endpoints_bind_the_pub_socket() {
-        assert!(is_vllm_bind_endpoint("tcp://*:5557"));
-        assert!(is_vllm_bind_endpoint("tcp://[::]:5557"));
-        assert!(!is_vllm_bind_endpoint("tcp://indexer:5557"));
-        assert!(!is_vllm_bind_endpoint("tcp://127.0.0.1:5557"));
-        assert_eq!(bind_address("tcp://*:5557"), "tcp://0.0.0.0:5557");
-        assert_eq!(bind_address("tcp://127.0.0.1:1"), "tcp://127.0.0.1:1");
+    fn endpoints_bind_a_wildcard_or_an_ip_of_this_machine() {
+        assert_eq!(
+            bind_endpoint("tcp://*:5557", 0).unwrap(),
+            "tcp://0.0.0.0:5557"
+        );
+        assert_eq!(
+            bind_endpoint("tcp://*:5557", 2).unwrap(),
+            "tcp://0.0.0.0:5559"
+        );
+        assert_eq!(
+            bind_endpoint("tcp://[::]:5557", 0).unwrap(),
+            "tcp://[::]:5557"
+        );
+        assert_eq!(
+            bind_endpoint("tcp://127.0.0.1:5557", 1).unwrap(),
+            "tcp://127.0.0.1:5558"
+        );
+        assert_eq!(
+            bind_endpoint("tcp://10.1.2.3:0", 0).unwrap(),
+            "tcp://10.1.2.3:0"
+        );
+        assert_eq!(bind_endpoint("tcp://[::1]:7", 0).unwrap(), "tcp://[::1]:7");
+        assert_eq!(bind_endpoint("tcp://::1:7", 0).unwrap(), "tcp://[::1]:7");
+        for bad in ["tcp://indexer:5557", "tcp://localhost:5557", "tcp://:5557"] {
+            let e = bind_endpoint(bad, 0).unwrap_err().to_string();
+            assert!(e.contains("IP address of this machine"), "{bad}: {e}");
+        }
+        assert!(bind_endpoint("ipc:///tmp/kv", 0).is_err());
         let cfg = KvEventsConfig {
             endpoint: "tcp://indexer:5557".to_string(),
             ..KvEventsConfig::default()
         };
         let e = ZmqEventPublisher::start(&cfg, None).err().expect("refused");
-        assert!(e.to_string().contains("wildcard"), "{e}");
+        assert!(e.to_string().contains("indexer"), "{e}");
+        let cfg = KvEventsConfig {
+            endpoint: "tcp://127.0.0.1:0".to_string(),
+            replay_endpoint: Some("tcp://replayer:5558".to_string()),
+            ..KvEventsConfig::default()
+        };
+        let e = ZmqEventPublisher::start(&cfg, None).err().expect("refused");
+        assert!(e.to_string().contains("replayer"), "{e}");
     }
 
     #[test]
@@ -574,21 +509,5 @@ mod tests {
         assert!(queue.may_warn());
         assert!(!queue.may_warn());
         assert!(!queue.may_warn());
-    }
-
-    #[test]
-    fn replay_buffer_keeps_the_latest_batches() {
-        let mut buffer = ReplayBuffer::new(3);
-        for seq in 0..5 {
-            buffer.push(seq, bytes::Bytes::from(vec![seq as u8]));
-        }
-        let seqs = |start| buffer.since(start).map(|(seq, _)| *seq).collect::<Vec<_>>();
-        assert_eq!(seqs(0), [2, 3, 4]);
-        assert_eq!(seqs(3), [3, 4]);
-        assert_eq!(seqs(5), Vec::<u64>::new());
-        assert_eq!(buffer.since(4).next().unwrap().1.as_ref(), [4]);
-        let mut none = ReplayBuffer::new(0);
-        none.push(0, bytes::Bytes::new());
-        assert_eq!(none.since(0).count(), 0);
     }
 }

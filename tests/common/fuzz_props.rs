@@ -2174,3 +2174,266 @@ pub fn check_kv_record((payload, rec): (Vec<u8>, Vec<u8>)) -> Result<(), TestCas
     }
     Ok(())
 }
+
+// ---- KV event batches (what the router's subscriber decodes from a worker) ----
+
+/// A msgpack scalar of any type, with the edge values of each.
+fn msgpack_scalar() -> BoxedStrategy<rmpv::Value> {
+    use rmpv::Value;
+    prop_oneof![
+        Just(Value::Nil),
+        any::<bool>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        select(vec![
+            0u64,
+            1,
+            127,
+            128,
+            255,
+            256,
+            65535,
+            65536,
+            u32::MAX as u64,
+            1 << 32,
+            u64::MAX
+        ])
+        .prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(Value::from),
+        any::<f32>().prop_map(Value::F32),
+        select(vec![
+            "",
+            "GPU",
+            "CPU",
+            "DISK",
+            "gpu",
+            "BlockStored",
+            "BlockRemoved",
+            "AllBlocksCleared",
+            "full_attention",
+            "\u{0}"
+        ])
+        .prop_map(Value::from),
+        ".{0,8}".prop_map(Value::from),
+        proptest::collection::vec(any::<u8>(), 0..8).prop_map(Value::Binary),
+        (any::<i8>(), proptest::collection::vec(any::<u8>(), 0..4))
+            .prop_map(|(t, d)| Value::Ext(t, d)),
+    ]
+    .boxed()
+}
+
+/// Any msgpack value: scalars, arrays and maps nested a few levels.
+fn msgpack_value() -> BoxedStrategy<rmpv::Value> {
+    use rmpv::Value;
+    msgpack_scalar()
+        .prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                proptest::collection::vec((inner.clone(), inner), 0..4).prop_map(Value::Map),
+            ]
+        })
+        .boxed()
+}
+
+/// An event as vLLM writes it (see `server::kv_events`), every field well typed.
+fn kv_event_valid() -> BoxedStrategy<rmpv::Value> {
+    use rmpv::Value;
+    let hashes = proptest::collection::vec(any::<u64>(), 0..6)
+        .prop_map(|h| Value::Array(h.into_iter().map(Value::from).collect()));
+    let medium = select(vec!["GPU", "CPU", "DISK"]).prop_map(Value::from);
+    let stored = (
+        hashes.clone(),
+        proptest::option::of(any::<u64>()),
+        proptest::collection::vec(any::<u32>(), 0..40),
+        0u64..1 << 20,
+        medium.clone(),
+    )
+        .prop_map(|(hashes, parent, tokens, block_size, medium)| {
+            let n = hashes.as_array().map_or(0, Vec::len);
+            Value::Array(vec![
+                Value::from("BlockStored"),
+                hashes,
+                parent.map_or(Value::Nil, Value::from),
+                Value::Array(tokens.into_iter().map(Value::from).collect()),
+                Value::from(block_size),
+                Value::Nil,
+                medium,
+                Value::Nil,
+                Value::Array(vec![Value::Nil; n]),
+                Value::from(0),
+                Value::from("full_attention"),
+                Value::Nil,
+            ])
+        });
+    let removed = (hashes, medium).prop_map(|(hashes, medium)| {
+        Value::Array(vec![
+            Value::from("BlockRemoved"),
+            hashes,
+            medium,
+            Value::from(0),
+        ])
+    });
+    prop_oneof![
+        3 => stored,
+        2 => removed,
+        1 => Just(Value::Array(vec![Value::from("AllBlocksCleared")])),
+    ]
+    .boxed()
+}
+
+/// An event with one field replaced by an arbitrary value, cut short, or lengthened.
+fn kv_event_damaged() -> BoxedStrategy<rmpv::Value> {
+    use rmpv::Value;
+    (kv_event_valid(), any::<Index>(), msgpack_value(), 0u8..3)
+        .prop_map(|(event, at, value, how)| {
+            let Value::Array(mut fields) = event else {
+                return event;
+            };
+            match how {
+                0 => {
+                    let i = at.index(fields.len());
+                    fields[i] = value;
+                }
+                1 => fields.truncate(at.index(fields.len() + 1)),
+                _ => fields.push(value),
+            }
+            Value::Array(fields)
+        })
+        .boxed()
+}
+
+/// A `[ts, [events], rank]` batch of `events`.
+fn kv_batch_value(events: Vec<rmpv::Value>, rank: Option<u32>) -> rmpv::Value {
+    use rmpv::Value;
+    Value::Array(vec![
+        Value::F64(1.5),
+        Value::Array(events),
+        rank.map_or(Value::Nil, Value::from),
+    ])
+}
+
+fn msgpack_bytes(v: &rmpv::Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    rmpv::encode::write_value(&mut out, v).expect("writing to a Vec");
+    out
+}
+
+/// One payload for the event decoder, and whether it is a well-formed batch (which must
+/// decode).
+#[derive(Clone, Debug)]
+pub struct KvBatchCase {
+    pub payload: Bytes,
+    pub well_formed: bool,
+}
+
+/// Well-formed batches; batches with damaged events or a damaged outer shape; well-formed
+/// bytes flipped, cut or extended; arbitrary bytes and msgpack values; and the classic bombs
+/// (nesting past any stack, lengths of 2^32 elements with nothing behind them).
+pub fn kv_batch_case() -> BoxedStrategy<KvBatchCase> {
+    use rmpv::Value;
+    let valid = (
+        proptest::collection::vec(kv_event_valid(), 0..6),
+        proptest::option::of(any::<u32>()),
+    )
+        .prop_map(|(events, rank)| msgpack_bytes(&kv_batch_value(events, rank)));
+    let well_formed = valid.clone().prop_map(|b| KvBatchCase {
+        payload: Bytes(b),
+        well_formed: true,
+    });
+    let damaged_events = proptest::collection::vec(
+        prop_oneof![kv_event_valid(), kv_event_damaged(), msgpack_value()],
+        1..6,
+    )
+    .prop_map(|events| msgpack_bytes(&kv_batch_value(events, Some(0))));
+    let damaged_shape = (
+        proptest::collection::vec(kv_event_valid(), 0..3),
+        msgpack_value(),
+        any::<Index>(),
+    )
+        .prop_map(|(events, value, at)| {
+            let Value::Array(mut batch) = kv_batch_value(events, Some(0)) else {
+                unreachable!("a batch is an array")
+            };
+            match at.index(4) {
+                0 => batch[0] = value,
+                1 => batch[1] = value,
+                2 => batch.truncate(1),
+                _ => batch.push(value),
+            }
+            msgpack_bytes(&Value::Array(batch))
+        });
+    let mutated_bytes = (
+        valid,
+        proptest::collection::vec((any::<Index>(), any::<u8>()), 0..4),
+        proptest::option::of(any::<Index>()),
+        proptest::collection::vec(any::<u8>(), 0..3),
+    )
+        .prop_map(|(mut b, flips, cut, extra)| {
+            for (i, x) in flips {
+                if !b.is_empty() {
+                    let i = i.index(b.len());
+                    b[i] ^= x;
+                }
+            }
+            if let Some(c) = cut {
+                b.truncate(c.index(b.len() + 1));
+            }
+            b.extend(extra);
+            b
+        });
+    let bombs = prop_oneof![
+        (1usize..5000).prop_map(|depth| {
+            let mut b = vec![0x93, 0x00, 0x91];
+            b.extend(std::iter::repeat_n(0x91, depth));
+            b.push(0xc0);
+            b
+        }),
+        select(vec![
+            // array32, map32, str32, bin32 and ext32 claiming 2^32 - 1 elements or bytes
+            vec![0x93, 0x00, 0xdd, 0xff, 0xff, 0xff, 0xff],
+            vec![0x93, 0x00, 0x91, 0xdf, 0xff, 0xff, 0xff, 0xff],
+            vec![0x93, 0x00, 0x91, 0x92, 0xdb, 0xff, 0xff, 0xff, 0xff],
+            vec![0x93, 0x00, 0x91, 0x92, 0xc6, 0xff, 0xff, 0xff, 0xff],
+            vec![0x93, 0x00, 0x91, 0x92, 0xc9, 0xff, 0xff, 0xff, 0xff, 0x01],
+            vec![0xc1],
+        ]),
+    ];
+    let as_case = |b: Vec<u8>| KvBatchCase {
+        payload: Bytes(b),
+        well_formed: false,
+    };
+    prop_oneof![
+        2 => well_formed,
+        2 => damaged_events.prop_map(as_case),
+        1 => damaged_shape.prop_map(as_case),
+        3 => mutated_bytes.prop_map(as_case),
+        1 => msgpack_value().prop_map(move |v| as_case(msgpack_bytes(&v))),
+        1 => proptest::collection::vec(any::<u8>(), 0..256).prop_map(as_case),
+        1 => bombs.prop_map(as_case),
+    ]
+    .boxed()
+}
+
+/// The decoder answers every payload, on a thread with tokio's stack size: `Ok` or an error
+/// that says something, never a panic or a hang. A well-formed batch decodes, and whatever
+/// decodes is what the publisher would encode again for those events.
+pub fn check_kv_batch(case: KvBatchCase) -> Result<(), TestCaseError> {
+    let payload = case.payload.0.clone();
+    let decoded = within(CASE_LIMIT, move || {
+        llmd::router::events::decode_batch(&payload)
+    })?;
+    match decoded {
+        Ok(events) => {
+            let again = llmd::server::kv_events::encode_batch(1.5, &events, Some(0))
+                .map_err(|e| TestCaseError::fail(format!("re-encoding: {e}")))?;
+            let round = llmd::router::events::decode_batch(&again)
+                .map_err(|e| TestCaseError::fail(format!("the re-encoded batch: {e}")))?;
+            prop_assert_eq!(round, events);
+        }
+        Err(e) => {
+            prop_assert!(!case.well_formed, "a well-formed batch was refused: {}", e);
+            prop_assert!(!e.is_empty(), "an empty error");
+        }
+    }
+    Ok(())
+}
