@@ -59,6 +59,7 @@ fn batch_for_seq(seq: u64) -> Vec<KvEvent> {
         token_ids: (first_token..first_token + 8).collect(),
         block_size: 4,
         medium,
+        extra_keys: vec![Vec::new(); hashes.len()],
     };
     match seq % 3 {
         0 => vec![stored(Medium::Gpu)],
@@ -568,6 +569,7 @@ async fn live_batches_flow_while_a_stalled_replay_is_served() {
             token_ids: (100_000..100_100).collect(),
             block_size: 100,
             medium: Medium::Gpu,
+            extra_keys: vec![Vec::new()],
         }]
     };
     let payload_bytes = 500;
@@ -711,6 +713,7 @@ async fn subscriber_drops_oversized_and_malformed_batches_and_keeps_going() {
         token_ids: (1 << 20..(1 << 20) + tokens).collect(),
         block_size: tokens as usize,
         medium: Medium::Gpu,
+        extra_keys: vec![Vec::new()],
     };
     const PROBE: u64 = 1;
     const OVERSIZED: u64 = 2;

@@ -488,3 +488,58 @@ fn the_cache_salt_is_part_of_the_binding_hashes() {
         .zip(salted("tenant-b"))
         .all(|(a, b)| *a != b));
 }
+
+/// A salted request's published blocks carry the salt as their first block's extra keys, and
+/// the router, keying the same prompt with the same salt, finds them (and not with another
+/// salt or none): the router hashes as the workers do.
+#[test]
+fn salted_blocks_are_published_with_their_salt_and_the_router_keys_them_alike() {
+    use llmd::kv::events::{KvEvent, RecordingSink};
+    use llmd::router::index::{KeyScheme, Keyer, PrefixIndex, TierWeights};
+    use std::sync::Arc;
+    let Some(mut cfg) = config() else { return };
+    let sink = Arc::new(RecordingSink::default());
+    cfg.kv_events = Some(llmd::config::KvEventsHandle(sink.clone()));
+    let mut core = EngineCore::new(cfg).unwrap();
+    let p = prompt(50);
+    let id = RequestId::from("salted");
+    core.add_tokens_with_kv(
+        id.clone(),
+        p.clone(),
+        greedy(1),
+        0,
+        KvOptions {
+            cache_salt: Some("tenant-a".into()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    run(&mut core, &id);
+    let events: Vec<KvEvent> = sink.0.lock().unwrap().iter().flatten().cloned().collect();
+    let stored: Vec<&Vec<Vec<String>>> = events
+        .iter()
+        .filter_map(|e| match e {
+            KvEvent::BlockStored { extra_keys, .. } => Some(extra_keys),
+            _ => None,
+        })
+        .collect();
+    assert!(!stored.is_empty(), "{events:?}");
+    assert_eq!(stored[0][0], vec!["tenant-a".to_string()]);
+    assert!(stored[0][1..].iter().all(Vec::is_empty));
+    let keyer = Keyer::new(KeyScheme::Fnv64a, "0", 16);
+    let mut ix = PrefixIndex::new(keyer.clone());
+    ix.apply("w", &events);
+    let w = TierWeights::default();
+    let salt = |s: &str| vec![s.to_string()];
+    assert_eq!(
+        ix.prefix("w", &keyer.keys_salted(&p, &salt("tenant-a")), &w)
+            .blocks,
+        3
+    );
+    assert_eq!(
+        ix.prefix("w", &keyer.keys_salted(&p, &salt("tenant-b")), &w)
+            .blocks,
+        0
+    );
+    assert_eq!(ix.prefix("w", &keyer.keys(&p), &w).blocks, 0);
+}

@@ -1061,6 +1061,7 @@ impl EngineCore {
                         hash: b.hash,
                         parent: b.parent,
                         tokens: b.tokens.clone(),
+                        extra_keys: b.extra_keys.clone(),
                         payload,
                     }),
                     Err(e) => tracing::warn!(error = %e, "reading a KV block for the tiers failed"),
@@ -1078,7 +1079,14 @@ impl EngineCore {
             }
             let blocks: Vec<_> = committed
                 .iter()
-                .map(|b| (b.hash, b.parent, b.tokens.as_slice()))
+                .map(|b| {
+                    (
+                        b.hash,
+                        b.parent,
+                        b.tokens.as_slice(),
+                        b.extra_keys.as_slice(),
+                    )
+                })
                 .collect();
             events.extend(crate::kv::events::stored_in_runs(
                 &blocks,

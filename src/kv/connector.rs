@@ -137,6 +137,8 @@ pub struct StoreBlock {
     /// the tiers' `BlockStored` events carry.
     pub parent: Option<BlockHash>,
     pub tokens: Vec<u32>,
+    /// The extra keys of its hash (a first block's cache salt).
+    pub extra_keys: Vec<String>,
     /// Its K and V over all layers.
     pub payload: Vec<u8>,
 }
@@ -519,9 +521,12 @@ struct TierWorker {
     block_size: usize,
     shared: Arc<Shared>,
     events: Option<Arc<dyn KvEventSink>>,
-    /// Parent and tokens of the blocks the local tiers hold (for their events).
-    meta: HashMap<BlockHash, (Option<BlockHash>, Vec<u32>)>,
+    /// Parent, tokens and extra keys of the blocks the local tiers hold (for their events).
+    meta: HashMap<BlockHash, BlockMeta>,
 }
+
+/// What a tier's `BlockStored` event says of a block besides its hash.
+type BlockMeta = (Option<BlockHash>, Vec<u32>, Vec<String>);
 
 impl TierWorker {
     fn run(mut self, jobs: mpsc::Receiver<Job>, done: mpsc::Sender<LoadDone>) {
@@ -535,7 +540,7 @@ impl TierWorker {
                     let records = blocks
                         .into_iter()
                         .map(|b| {
-                            self.meta.insert(b.hash, (b.parent, b.tokens));
+                            self.meta.insert(b.hash, (b.parent, b.tokens, b.extra_keys));
                             let r = block_record::encode(&b.hash, &self.identity, &b.payload);
                             (b.hash, r)
                         })
@@ -654,6 +659,7 @@ impl TierWorker {
                     *h,
                     m.and_then(|m| m.0),
                     m.map_or(&[][..], |m| m.1.as_slice()),
+                    m.map_or(&[][..], |m| m.2.as_slice()),
                 )
             })
             .collect();

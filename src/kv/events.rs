@@ -29,14 +29,16 @@ impl Medium {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KvEvent {
     /// Consecutive blocks of one sequence became available: `block_hashes[i]` covers
-    /// `token_ids[i * block_size..(i + 1) * block_size]`; the first block's parent is
-    /// `parent_block_hash` (None for a sequence's first block).
+    /// `token_ids[i * block_size..(i + 1) * block_size]` and was hashed with `extra_keys[i]`
+    /// (a first block's cache salt; empty, nil on the wire, for the others); the first block's
+    /// parent is `parent_block_hash` (None for a sequence's first block).
     BlockStored {
         block_hashes: Vec<u64>,
         parent_block_hash: Option<u64>,
         token_ids: Vec<u32>,
         block_size: usize,
         medium: Medium,
+        extra_keys: Vec<Vec<String>>,
     },
     /// The blocks are no longer held by this tier.
     BlockRemoved {
@@ -48,8 +50,13 @@ pub enum KvEvent {
 }
 
 /// One block for [`stored_in_runs`]: its hash, its parent's (None for a sequence's first
-/// block) and its tokens.
-pub type StoredBlock<'a> = (super::BlockHash, Option<super::BlockHash>, &'a [u32]);
+/// block), its tokens and its extra keys.
+pub type StoredBlock<'a> = (
+    super::BlockHash,
+    Option<super::BlockHash>,
+    &'a [u32],
+    &'a [String],
+);
 
 /// `BlockStored` events for `blocks` in `medium`: one per run of consecutive blocks that chain
 /// (each the parent of the next), as vLLM sends a sequence's new blocks, with the run's
@@ -73,6 +80,7 @@ pub fn stored_in_runs(
             token_ids: run.iter().flat_map(|b| b.2.iter().copied()).collect(),
             block_size,
             medium,
+            extra_keys: run.iter().map(|b| b.3.to_vec()).collect(),
         });
         i = j;
     }
@@ -108,10 +116,11 @@ mod tests {
         let h = |i: u8| BlockHash([i; 32]);
         let (t1, t2, t3) = ([1u32, 2], [3u32, 4], [5u32, 6]);
         // 1 → 2 chain, then 3 from another sequence (its parent is 9, not 2).
+        let salt = ["s".to_string()];
         let blocks = [
-            (h(1), None, &t1[..]),
-            (h(2), Some(h(1)), &t2[..]),
-            (h(3), Some(h(9)), &t3[..]),
+            (h(1), None, &t1[..], &salt[..]),
+            (h(2), Some(h(1)), &t2[..], &[][..]),
+            (h(3), Some(h(9)), &t3[..], &[][..]),
         ];
         let ev = stored_in_runs(&blocks, 2, Medium::Cpu);
         assert_eq!(
@@ -123,6 +132,7 @@ mod tests {
                     token_ids: vec![1, 2, 3, 4],
                     block_size: 2,
                     medium: Medium::Cpu,
+                    extra_keys: vec![salt.to_vec(), Vec::new()],
                 },
                 KvEvent::BlockStored {
                     block_hashes: vec![h(3).external()],
@@ -130,6 +140,7 @@ mod tests {
                     token_ids: vec![5, 6],
                     block_size: 2,
                     medium: Medium::Cpu,
+                    extra_keys: vec![Vec::new()],
                 },
             ]
         );

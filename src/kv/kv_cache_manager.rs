@@ -50,6 +50,8 @@ pub struct CommittedBlock {
     pub parent: Option<BlockHash>,
     /// The block's `block_size` token ids.
     pub tokens: Vec<TokenId>,
+    /// The extra keys mixed into its hash (a first block's cache salt; empty after it).
+    pub extra_keys: Vec<String>,
 }
 
 pub struct KvCacheManager {
@@ -60,6 +62,9 @@ pub struct KvCacheManager {
     tables: HashMap<RequestId, Vec<BlockId>>,
     /// Hashes of each request's full blocks, in order.
     hashes: HashMap<RequestId, Vec<BlockHash>>,
+    /// Each request's extra keys (cache salt), for the record of what its blocks were hashed
+    /// with; absent when it has none.
+    extra: HashMap<RequestId, Vec<String>>,
     /// How many of each request's leading blocks are published in the prefix cache.
     published: HashMap<RequestId, usize>,
     stats: PrefixCacheStats,
@@ -87,6 +92,7 @@ impl KvCacheManager {
             hasher,
             tables: HashMap::new(),
             hashes: HashMap::new(),
+            extra: HashMap::new(),
             published: HashMap::new(),
             stats: PrefixCacheStats::default(),
             committed: None,
@@ -324,6 +330,9 @@ impl KvCacheManager {
         table.extend_from_slice(&new_computed.blocks);
         table.extend(fresh);
         if self.enable_caching {
+            if !extra_keys.is_empty() {
+                self.extra.insert(req.clone(), extra_keys.to_vec());
+            }
             let hashes = self.hashes.entry(req.clone()).or_default();
             let full = total.min(tokens.len()) / self.block_size;
             while hashes.len() < full {
@@ -365,6 +374,11 @@ impl KvCacheManager {
                             .get(i * bs..(i + 1) * bs)
                             .unwrap_or_default()
                             .to_vec(),
+                        extra_keys: self
+                            .extra
+                            .get(req)
+                            .map_or(&[][..], |e| block_extra(i, e))
+                            .to_vec(),
                     });
                 }
             }
@@ -377,6 +391,7 @@ impl KvCacheManager {
     /// finished request's KV this way until its decoder has read it.
     pub fn detach(&mut self, req: &RequestId) -> Vec<BlockId> {
         self.hashes.remove(req);
+        self.extra.remove(req);
         self.published.remove(req);
         self.keep.remove(req);
         let released = self.released.remove(req).unwrap_or(0);
@@ -394,6 +409,7 @@ impl KvCacheManager {
     /// Releases the request's blocks, tail first; unknown ids are ignored.
     pub fn free(&mut self, req: &RequestId) {
         self.hashes.remove(req);
+        self.extra.remove(req);
         self.published.remove(req);
         self.keep.remove(req);
         let released = self.released.remove(req).unwrap_or(0);

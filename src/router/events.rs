@@ -68,6 +68,40 @@ fn medium(v: &Value) -> Result<Medium, String> {
     }
 }
 
+/// A `BlockStored`'s `extra_keys` for `blocks` blocks: nil (none for every block), or one
+/// entry per block — nil, or an array of keys (strings; vLLM's integers as their decimals).
+fn extra_keys(v: &Value, blocks: usize) -> Result<Vec<Vec<String>>, String> {
+    let per_block = match v {
+        Value::Nil => return Ok(vec![Vec::new(); blocks]),
+        Value::Array(a) if a.len() == blocks => a,
+        Value::Array(a) => {
+            return Err(format!(
+                "{} extra_keys entries for {blocks} blocks",
+                a.len()
+            ))
+        }
+        _ => return Err("extra_keys is not an array".into()),
+    };
+    per_block
+        .iter()
+        .map(|e| match e {
+            Value::Nil => Ok(Vec::new()),
+            Value::Array(keys) => keys
+                .iter()
+                .map(|k| match k {
+                    Value::String(s) => s
+                        .as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| "an extra key is not UTF-8".to_string()),
+                    Value::Integer(i) => Ok(i.to_string()),
+                    _ => Err("an extra key is neither a string nor an integer".to_string()),
+                })
+                .collect(),
+            _ => Err("an extra_keys entry is neither nil nor an array".into()),
+        })
+        .collect()
+}
+
 fn decode_event(v: &Value) -> Result<KvEvent, String> {
     let a = v.as_array().ok_or("an event is not an array")?;
     let field = |i: usize| a.get(i).unwrap_or(&Value::Nil);
@@ -83,8 +117,11 @@ fn decode_event(v: &Value) -> Result<KvEvent, String> {
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             let block_size = uint(field(4), "block_size")?;
+            let block_hashes = hashes(field(1))?;
+            let extra_keys = extra_keys(field(8), block_hashes.len())?;
             Ok(KvEvent::BlockStored {
-                block_hashes: hashes(field(1))?,
+                block_hashes,
+                extra_keys,
                 parent_block_hash: match field(2) {
                     Value::Nil => None,
                     p => Some(uint(p, "parent_block_hash")?),
@@ -307,6 +344,7 @@ mod tests {
                 token_ids: (0..32).collect(),
                 block_size: 16,
                 medium: Medium::Cpu,
+                extra_keys: vec![vec!["tenant-a".into()], Vec::new()],
             },
             KvEvent::BlockStored {
                 block_hashes: vec![3],
@@ -314,6 +352,7 @@ mod tests {
                 token_ids: (0..16).collect(),
                 block_size: 16,
                 medium: Medium::Gpu,
+                extra_keys: vec![Vec::new()],
             },
             KvEvent::BlockRemoved {
                 block_hashes: vec![1],

@@ -10,7 +10,7 @@
 //! string of the hash seed (vLLM's `PYTHONHASHSEED`). A `BlockStored` event carries its
 //! blocks' tokens and the worker's hash of their parent, so the router maps each worker's own
 //! hashes to its keys as events arrive and never needs the worker's scheme.
-use crate::kv::block_hash::cbor;
+use crate::kv::block_hash::{block_extra, cbor};
 use crate::kv::{KvEvent, Medium};
 use lru::LruCache;
 use sha2::{Digest, Sha256};
@@ -78,6 +78,12 @@ impl Keyer {
 
     /// The key of a block of `tokens` after `parent` (None: the first block).
     pub fn key(&self, parent: Option<u64>, tokens: &[u32]) -> u64 {
+        self.key_with(parent, tokens, &[])
+    }
+
+    /// [`Self::key`] of a block hashed with extra keys (a first block's cache salt): the
+    /// CBOR's third element is then the array of their text strings instead of null.
+    pub fn key_with(&self, parent: Option<u64>, tokens: &[u32], extra: &[String]) -> u64 {
         let mut enc = Vec::with_capacity(12 + tokens.len() * 5);
         cbor::array_header(&mut enc, 3);
         cbor::uint(&mut enc, parent.unwrap_or(self.root));
@@ -85,15 +91,28 @@ impl Keyer {
         for &t in tokens {
             cbor::uint(&mut enc, t as u64);
         }
-        cbor::null(&mut enc);
+        if extra.is_empty() {
+            cbor::null(&mut enc);
+        } else {
+            cbor::array_header(&mut enc, extra.len() as u64);
+            for e in extra {
+                cbor::text(&mut enc, e);
+            }
+        }
         Self::digest(self.scheme, &enc)
     }
 
     /// Keys of every full block of `tokens`.
     pub fn keys(&self, tokens: &[u32]) -> Vec<u64> {
+        self.keys_salted(tokens, &[])
+    }
+
+    /// Keys of every full block of `tokens` for a request with extra keys `extra` (its
+    /// `cache_salt`), mixed into the first block as the workers hash it.
+    pub fn keys_salted(&self, tokens: &[u32], extra: &[String]) -> Vec<u64> {
         let mut out: Vec<u64> = Vec::with_capacity(tokens.len() / self.block_size);
-        for chunk in tokens.chunks_exact(self.block_size) {
-            out.push(self.key(out.last().copied(), chunk));
+        for (i, chunk) in tokens.chunks_exact(self.block_size).enumerate() {
+            out.push(self.key_with(out.last().copied(), chunk, block_extra(i, extra)));
         }
         out
     }
@@ -289,6 +308,7 @@ impl PrefixIndex {
                     token_ids,
                     block_size,
                     medium,
+                    extra_keys,
                 } => {
                     if *block_size != bs {
                         self.foreign_block_size += 1;
@@ -305,8 +325,13 @@ impl PrefixIndex {
                             }
                         },
                     };
-                    for (h, chunk) in block_hashes.iter().zip(token_ids.chunks_exact(bs)) {
-                        let key = self.keyer.key(parent, chunk);
+                    for (i, (h, chunk)) in block_hashes
+                        .iter()
+                        .zip(token_ids.chunks_exact(bs))
+                        .enumerate()
+                    {
+                        let extra = extra_keys.get(i).map_or(&[][..], Vec::as_slice);
+                        let key = self.keyer.key_with(parent, chunk, extra);
                         w.pending.pop(&key);
                         w.keys.insert(*h, key);
                         let b = w.blocks.get_or_insert_mut(key, || Block {
@@ -437,7 +462,35 @@ mod tests {
             token_ids: tokens.to_vec(),
             block_size: 4,
             medium,
+            extra_keys: vec![Vec::new(); hashes.len()],
         }
+    }
+
+    #[test]
+    fn a_cache_salt_keys_the_first_block_and_salted_events_map_to_salted_keys() {
+        let k = Keyer::new(KeyScheme::Fnv64a, "0", 4);
+        // [1, [2, 3], ["t"]] is 83 01 82 02 03 81 61 74: the keys where null was.
+        assert_eq!(
+            k.key_with(Some(1), &[2, 3], &["t".to_string()]),
+            fnv64a(&[0x83, 0x01, 0x82, 0x02, 0x03, 0x81, 0x61, 0x74])
+        );
+        let tokens = [1u32, 2, 3, 4, 5, 6, 7, 8];
+        let salt = ["tenant-a".to_string()];
+        let salted = k.keys_salted(&tokens, &salt);
+        assert_eq!(salted[1], k.key(Some(salted[0]), &tokens[4..]));
+        assert_ne!(salted, k.keys(&tokens));
+        // A worker's salted blocks (the salt on the first only) are found by salted keys.
+        let mut ix = PrefixIndex::new(k.clone());
+        let mut e = stored(&[11, 12], None, &tokens, Medium::Gpu);
+        if let KvEvent::BlockStored { extra_keys, .. } = &mut e {
+            extra_keys[0] = salt.to_vec();
+        }
+        ix.apply("w", &[e]);
+        let w = TierWeights::default();
+        assert_eq!(ix.prefix("w", &salted, &w).blocks, 2);
+        assert_eq!(ix.prefix("w", &k.keys(&tokens), &w).blocks, 0);
+        let other = k.keys_salted(&tokens, &["tenant-b".to_string()]);
+        assert_eq!(ix.prefix("w", &other, &w).blocks, 0);
     }
 
     #[test]

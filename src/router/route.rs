@@ -404,12 +404,19 @@ fn prepare(
         }
     }
     let first = prompts.into_iter().next().unwrap_or_default();
+    // A cache salt is in the first block's hash on the workers: in its key here too, so one
+    // tenant's cached prefix never draws another's requests.
+    let salt: Vec<String> = v["cache_salt"]
+        .as_str()
+        .map(str::to_string)
+        .into_iter()
+        .collect();
     Ok(Prepared {
         body: serde_json::to_vec(&v)
             .map_err(|e| format!("re-encoding the request: {e}"))?
             .into(),
         prompt_len: first.len(),
-        keys: keyer.keys(&first),
+        keys: keyer.keys_salted(&first, &salt),
     })
 }
 
@@ -846,6 +853,15 @@ mod tests {
         assert_eq!(v["max_tokens"], 2);
         assert_eq!((p.prompt_len, p.keys.len()), (9, 2));
         assert_eq!(p.keys, keyer.keys(&[1, 2, 3, 4, 5, 6, 7, 8, 9]));
+        // A cache salt keys the prompt as the workers hash it: other keys, all of them.
+        let salted = br#"{"prompt": [1, 2, 3, 4, 5, 6, 7, 8, 9], "cache_salt": "tenant-a"}"#;
+        let s = prepare(&tok, &keyer, 64, "/v1/completions", salted).unwrap();
+        let salt = ["tenant-a".to_string()];
+        assert_eq!(
+            s.keys,
+            keyer.keys_salted(&[1, 2, 3, 4, 5, 6, 7, 8, 9], &salt)
+        );
+        assert!(s.keys.iter().zip(&p.keys).all(|(a, b)| a != b));
         // Every prompt of a list counts; the limit is on tokens.
         let long = json!({"prompt": [[1, 2], vec![5u32; 65]]}).to_string();
         let e = prepare(&tok, &keyer, 64, "/v1/completions", long.as_bytes()).unwrap_err();

@@ -49,6 +49,7 @@ fn encode_event(w: &mut rmp::encode::ByteBuf, event: &KvEvent) -> Result<(), Too
             token_ids,
             block_size,
             medium,
+            extra_keys,
         } => {
             array_len(w, 12, "BlockStored")?;
             string(w, "BlockStored");
@@ -66,10 +67,19 @@ fn encode_event(w: &mut rmp::encode::ByteBuf, event: &KvEvent) -> Result<(), Too
             string(w, medium.as_str());
             nil(w); // lora_name
 
-            // extra_keys: one entry per block, nil for a block hashed from its tokens alone.
+            // extra_keys: one entry per block, nil for a block hashed from its tokens alone,
+            // else the array of its keys (a first block's cache salt).
             array_len(w, block_hashes.len(), "extra_keys")?;
-            for _ in block_hashes {
-                nil(w);
+            for i in 0..block_hashes.len() {
+                match extra_keys.get(i).filter(|e| !e.is_empty()) {
+                    None => nil(w),
+                    Some(keys) => {
+                        array_len(w, keys.len(), "extra_keys")?;
+                        for k in keys {
+                            string(w, k);
+                        }
+                    }
+                }
             }
             uint(w, 0); // group_idx
             string(w, FULL_ATTENTION); // kv_cache_spec_kind
@@ -152,6 +162,7 @@ mod tests {
             token_ids: vec![1, 2, 3, 4, 5, 6, 7, 200_000],
             block_size: 4,
             medium: Medium::Gpu,
+            extra_keys: vec![vec!["tenant-a".into()], Vec::new()],
         };
         let payload = encode_batch(1.5, &[event], Some(3)).unwrap();
         let expected = arr(vec![
@@ -165,7 +176,8 @@ mod tests {
                 Value::Nil, // lora_id
                 s("GPU"),
                 Value::Nil, // lora_name
-                arr(vec![Value::Nil, Value::Nil]),
+                // extra_keys: the first block's cache salt, nil for the second.
+                arr(vec![arr(vec![s("tenant-a")]), Value::Nil]),
                 u(0), // group_idx
                 s("full_attention"),
                 Value::Nil, // kv_cache_spec_sliding_window
@@ -183,6 +195,7 @@ mod tests {
             token_ids: vec![1, 2],
             block_size: 2,
             medium: Medium::Cpu,
+            extra_keys: vec![Vec::new()],
         };
         let Value::Array(batch) = decode(&encode_batch(0.0, &[event], Some(0)).unwrap()) else {
             panic!("batch is not an array");
