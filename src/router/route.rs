@@ -788,6 +788,19 @@ async fn metrics(State(s): State<Arc<RouterState>>) -> Response {
             w.name()
         );
     }
+    let _ = writeln!(out, "# HELP llmd_router:kv_event_batches_dropped_total KV event batches not applied: over the size cap (oversized) or not decodable (malformed).\n# TYPE llmd_router:kv_event_batches_dropped_total counter");
+    for w in &workers {
+        let (big, bad) = w.events.as_ref().map_or((0, 0), |(_, st)| {
+            (st.oversized.load(Relaxed), st.malformed.load(Relaxed))
+        });
+        for (reason, n) in [("oversized", big), ("malformed", bad)] {
+            let _ = writeln!(
+                out,
+                "llmd_router:kv_event_batches_dropped_total{{worker=\"{}\",reason=\"{reason}\"}} {n}",
+                w.name()
+            );
+        }
+    }
     let _ = writeln!(out, "# HELP llmd_router:index_evictions_total Blocks dropped from the prefix index because their worker's share (--max-index-blocks-per-worker) was full, least recently used first.\n# TYPE llmd_router:index_evictions_total counter\nllmd_router:index_evictions_total {}", ix.evicted);
     drop(ix);
     let _ = writeln!(out, "# HELP llmd_router:decisions_total Routing decisions by the scorer that made them (the one separating the winner most from the runner-up; tie, round_robin or only_candidate otherwise).\n# TYPE llmd_router:decisions_total counter");
