@@ -77,11 +77,30 @@ fn with_params(prompt: &str, params: &Value) -> Value {
     b
 }
 
-fn secret_args() -> [String; 2] {
-    [
-        "--kv-transfer-secret-file".to_string(),
-        common::secret_file().display().to_string(),
-    ]
+/// A prefiller with its side channel on `side` and a decoder (with `decoder_extra` flags),
+/// sharing the tests' cluster secret.
+async fn prefiller_and_decoder(
+    model: &std::path::Path,
+    side: u16,
+    decoder_extra: &[&str],
+) -> (LlmdProcess, LlmdProcess) {
+    let secret = common::secret_file().display().to_string();
+    let side = side.to_string();
+    let with_secret = ["--kv-transfer-secret-file", secret.as_str()];
+    let mut p = vec![
+        "--kv-transfer-config",
+        PRODUCER,
+        "--kv-transfer-port",
+        &side,
+    ];
+    p.extend(with_secret);
+    let mut d = vec!["--kv-transfer-config", CONSUMER];
+    d.extend(with_secret);
+    d.extend(decoder_extra);
+    (
+        serve("producer", model, &p).await,
+        serve("decoder", model, &d).await,
+    )
 }
 
 /// The reproduction: prompt A's KV held by a prefiller, offered to a decoder with
@@ -95,23 +114,8 @@ async fn another_prompts_kv_is_never_bound_to_a_prompt_nor_cached_for_the_next_c
     let Some(model) = common::shared_model("smollm2-135m-instruct") else {
         return;
     };
-    let side = free_port().to_string();
-    let secret = secret_args();
-    let mut pargs = vec![
-        "--kv-transfer-config",
-        PRODUCER,
-        "--kv-transfer-port",
-        &side,
-    ];
-    pargs.extend(secret.iter().map(String::as_str));
-    let producer = serve("producer", &model, &pargs).await;
-    let mut cargs = vec![
-        "--kv-transfer-config",
-        CONSUMER,
-        "--enable-prompt-tokens-details",
-    ];
-    cargs.extend(secret.iter().map(String::as_str));
-    let decoder = serve("decoder", &model, &cargs).await;
+    let (producer, decoder) =
+        prefiller_and_decoder(&model, free_port(), &["--enable-prompt-tokens-details"]).await;
     let clean = serve("clean", &model, &[]).await;
     let b_alone = text(&post(&clean, "/v1/completions", &completion(B), false).await);
     let b2 = format!("{B} ");
@@ -185,19 +189,7 @@ async fn a_wrong_or_missing_token_and_a_forged_producer_get_nothing() {
     let Some(model) = common::shared_model("stories260K") else {
         return;
     };
-    let side = free_port().to_string();
-    let secret = secret_args();
-    let mut pargs = vec![
-        "--kv-transfer-config",
-        PRODUCER,
-        "--kv-transfer-port",
-        &side,
-    ];
-    pargs.extend(secret.iter().map(String::as_str));
-    let producer = serve("producer", &model, &pargs).await;
-    let mut cargs = vec!["--kv-transfer-config", CONSUMER];
-    cargs.extend(secret.iter().map(String::as_str));
-    let decoder = serve("decoder", &model, &cargs).await;
+    let (producer, decoder) = prefiller_and_decoder(&model, free_port(), &[]).await;
     let prompt = "Once upon a time, there was a little girl named Lily who loved to play outside in the park with her friends.";
     let clean = serve("clean", &model, &[]).await;
     let want = text(&post(&clean, "/v1/completions", &completion(prompt), false).await);
@@ -311,20 +303,8 @@ async fn idle_side_channel_connections_do_not_stop_a_producer() {
     let Some(model) = common::shared_model("stories260K") else {
         return;
     };
-    let side: u16 = free_port();
-    let side_s = side.to_string();
-    let secret = secret_args();
-    let mut pargs = vec![
-        "--kv-transfer-config",
-        PRODUCER,
-        "--kv-transfer-port",
-        &side_s,
-    ];
-    pargs.extend(secret.iter().map(String::as_str));
-    let producer = serve("producer", &model, &pargs).await;
-    let mut cargs = vec!["--kv-transfer-config", CONSUMER];
-    cargs.extend(secret.iter().map(String::as_str));
-    let decoder = serve("decoder", &model, &cargs).await;
+    let side = free_port();
+    let (producer, decoder) = prefiller_and_decoder(&model, side, &[]).await;
     let prompt = "Once upon a time, there was a little boy named Tim who had a big red ball.";
     let before = rss(producer.child.id());
 
