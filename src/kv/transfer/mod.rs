@@ -931,18 +931,20 @@ enum Payloads<'a> {
 }
 
 impl Payloads<'_> {
-    /// The payloads of `blocks`, from `loaded` or the source.
-    async fn get(
+    /// The payloads of `blocks`: borrowed from `loaded`, or read from the source.
+    async fn get<'l>(
         &self,
-        loaded: &[Vec<u8>],
+        loaded: &'l [Vec<u8>],
         blocks: std::ops::Range<usize>,
-    ) -> std::io::Result<Vec<Vec<u8>>> {
+    ) -> std::io::Result<std::borrow::Cow<'l, [Vec<u8>]>> {
         match self {
-            Payloads::Loaded => Ok(loaded[blocks].to_vec()),
+            Payloads::Loaded => Ok(std::borrow::Cow::Borrowed(&loaded[blocks])),
             Payloads::Held { source, id, token } => {
                 let want = blocks.len();
                 match source.read(id, token, blocks).await {
-                    Ok(Some(h)) if h.payloads.len() == want => Ok(h.payloads),
+                    Ok(Some(h)) if h.payloads.len() == want => {
+                        Ok(std::borrow::Cow::Owned(h.payloads))
+                    }
                     Ok(_) => Err(std::io::Error::other(
                         "the held KV was released during its transfer",
                     )),
@@ -978,7 +980,7 @@ async fn send_blocks(
         let chunk = payloads
             .get(&held.payloads, start..(start + CHUNK_BLOCKS).min(n))
             .await?;
-        for (i, p) in (start..).zip(&chunk) {
+        for (i, p) in (start..).zip(chunk.iter()) {
             let r = record(i, p);
             within(s.write_all(&r)).await?;
             stats.blocks_sent.fetch_add(1, Relaxed);
