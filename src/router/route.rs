@@ -560,7 +560,7 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     // Everything but /health and /metrics (their own routes) needs the key.
     if let Some(key) = &s.cfg.api_key {
-        if !super::sidecar::bearer_ok(&parts.headers, key) {
+        if !crate::server::bearer_ok(&parts.headers, key) {
             return super::sidecar::unauthorized();
         }
     }

@@ -242,25 +242,6 @@ fn error(status: StatusCode, kind: &str, code: Option<&str>, message: String) ->
     (status, axum::Json(body)).into_response()
 }
 
-/// Whether `headers` carry `Authorization: Bearer <key>`, compared in constant time (of the
-/// keys' SHA-256, so not even the length leaks).
-pub(crate) fn bearer_ok(headers: &HeaderMap, key: &str) -> bool {
-    use sha2::{Digest, Sha256};
-    use subtle::ConstantTimeEq;
-    let Some(given) = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    else {
-        return false;
-    };
-    let (a, b) = (
-        Sha256::digest(given.trim().as_bytes()),
-        Sha256::digest(key.as_bytes()),
-    );
-    bool::from(a.as_slice().ct_eq(b.as_slice()))
-}
-
 /// The 401 for a missing or wrong API key (as `llmd serve` answers it).
 pub(crate) fn unauthorized() -> Response {
     error(
@@ -284,7 +265,7 @@ async fn route(State(s): State<Arc<Sidecar>>, req: Request) -> Response {
     let (parts, body) = req.into_parts();
     if let Some(key) = &s.config.api_key {
         let open = matches!(parts.uri.path(), "/health" | "/metrics");
-        if !open && !bearer_ok(&parts.headers, key) {
+        if !open && !crate::server::bearer_ok(&parts.headers, key) {
             return unauthorized();
         }
     }
@@ -604,6 +585,7 @@ mod tests {
 
     #[test]
     fn api_keys_are_checked_whole() {
+        use crate::server::bearer_ok;
         let mut h = HeaderMap::new();
         assert!(!bearer_ok(&h, "k3y"));
         for (given, ok) in [
