@@ -71,6 +71,17 @@ async fn prefill(producer: &LlmdProcess, prompt: &str) -> Value {
     params
 }
 
+/// What `decoder` answers for `prompt` with `params`, sent through a trusted hop.
+async fn decode(decoder: &LlmdProcess, prompt: &str, params: &Value) -> Value {
+    post(
+        decoder,
+        "/v1/completions",
+        &with_params(prompt, params),
+        true,
+    )
+    .await
+}
+
 fn with_params(prompt: &str, params: &Value) -> Value {
     let mut b = completion(prompt);
     b["kv_transfer_params"] = params.clone();
@@ -129,14 +140,14 @@ async fn another_prompts_kv_is_never_bound_to_a_prompt_nor_cached_for_the_next_c
         b_alone,
         "a client's parameters steered the decoder"
     );
-    let v = post(&decoder, "/v1/completions", &with_params(B, &params), true).await;
+    let v = decode(&decoder, B, &params).await;
     assert_eq!(text(&v), b_alone, "B was answered from A's KV");
     let mut no_hash = prefill(&producer, A).await;
     no_hash
         .as_object_mut()
         .unwrap()
         .remove("remote_prompt_hash");
-    let v = post(&decoder, "/v1/completions", &with_params(B, &no_hash), true).await;
+    let v = decode(&decoder, B, &no_hash).await;
     assert_eq!(text(&v), b_alone, "B was answered from A's pulled KV");
     assert!(!text(&v).contains("swordfish"));
     let m = decoder.metrics().await;
@@ -170,7 +181,7 @@ async fn another_prompts_kv_is_never_bound_to_a_prompt_nor_cached_for_the_next_c
 
     // The real flow still works: A's parameters with A's prompt, through a trusted hop.
     let params = prefill(&producer, A).await;
-    let v = post(&decoder, "/v1/completions", &with_params(A, &params), true).await;
+    let v = decode(&decoder, A, &params).await;
     let a_alone = text(&post(&clean, "/v1/completions", &completion(A), false).await);
     assert_eq!(text(&v), a_alone);
     let m = decoder.metrics().await;
@@ -197,26 +208,14 @@ async fn a_wrong_or_missing_token_and_a_forged_producer_get_nothing() {
     let params = prefill(&producer, prompt).await;
     let mut wrong = params.clone();
     wrong["remote_transfer_token"] = json!("00".repeat(16));
-    let v = post(
-        &decoder,
-        "/v1/completions",
-        &with_params(prompt, &wrong),
-        true,
-    )
-    .await;
+    let v = decode(&decoder, prompt, &wrong).await;
     assert_eq!(text(&v), want);
     let mut missing = params.clone();
     missing
         .as_object_mut()
         .unwrap()
         .remove("remote_transfer_token");
-    let v = post(
-        &decoder,
-        "/v1/completions",
-        &with_params(prompt, &missing),
-        true,
-    )
-    .await;
+    let v = decode(&decoder, prompt, &missing).await;
     assert_eq!(text(&v), want);
     let m = decoder.metrics().await;
     assert_eq!(
@@ -236,13 +235,7 @@ async fn a_wrong_or_missing_token_and_a_forged_producer_get_nothing() {
     // Still held for the decoder with the right token, which gets it.
     let pm = producer.metrics().await;
     assert_eq!(metric(&pm, "llmd:kv_held_requests", ""), 1.0, "{pm}");
-    let v = post(
-        &decoder,
-        "/v1/completions",
-        &with_params(prompt, &params),
-        true,
-    )
-    .await;
+    let v = decode(&decoder, prompt, &params).await;
     assert_eq!(text(&v), want);
     assert!(metric(&decoder.metrics().await, "llmd:kv_transfer_pulls_total", "") == 1.0);
 
@@ -263,13 +256,7 @@ async fn a_wrong_or_missing_token_and_a_forged_producer_get_nothing() {
     let params = prefill(&producer, prompt).await;
     let mut at_forged = params.clone();
     at_forged["remote_port"] = json!(forged_port);
-    let v = post(
-        &decoder,
-        "/v1/completions",
-        &with_params(prompt, &at_forged),
-        true,
-    )
-    .await;
+    let v = decode(&decoder, prompt, &at_forged).await;
     assert_eq!(text(&v), want);
     let m = decoder.metrics().await;
     assert_eq!(
@@ -318,13 +305,7 @@ async fn idle_side_channel_connections_do_not_stop_a_producer() {
     }
     // While they sit there, a real transfer goes through.
     let params = prefill(&producer, prompt).await;
-    let v = post(
-        &decoder,
-        "/v1/completions",
-        &with_params(prompt, &params),
-        true,
-    )
-    .await;
+    let v = decode(&decoder, prompt, &params).await;
     assert!(!text(&v).is_empty());
     assert_eq!(
         metric(&decoder.metrics().await, "llmd:kv_transfer_pulls_total", ""),
@@ -358,13 +339,7 @@ async fn idle_side_channel_connections_do_not_stop_a_producer() {
     drop(burst);
     // And it serves again as before, its memory bounded.
     let params = prefill(&producer, prompt).await;
-    post(
-        &decoder,
-        "/v1/completions",
-        &with_params(prompt, &params),
-        true,
-    )
-    .await;
+    decode(&decoder, prompt, &params).await;
     assert_eq!(
         metric(&decoder.metrics().await, "llmd:kv_transfer_pulls_total", ""),
         2.0
