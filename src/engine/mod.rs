@@ -77,7 +77,7 @@ pub struct KvOptions {
 impl KvOptions {
     /// The request's extra block-hash keys ([`crate::kv::block_hash::block_extra`]).
     pub fn extra_keys(&self) -> Vec<String> {
-        self.cache_salt.iter().cloned().collect()
+        crate::kv::block_hash::salt_keys(self.cache_salt.as_deref())
     }
 }
 

@@ -177,6 +177,18 @@ impl BlockHasher {
         out
     }
 
+    /// The hashes of `tokens`' full blocks short of its last token (which must run to give
+    /// logits): what a prefix lookup, here or on a peer, can find of a prompt.
+    pub fn hash_prefix_blocks(
+        &self,
+        tokens: &[TokenId],
+        block_size: usize,
+        extra: &[String],
+    ) -> Vec<BlockHash> {
+        let usable = tokens.len().saturating_sub(1) / block_size * block_size;
+        self.hash_blocks(&tokens[..usable], block_size, extra)
+    }
+
     /// The hashes that bind a prompt's transferred KV to the prompt: every block's chained hash,
     /// the partial last block's included (over its tokens alone, so it differs from any full
     /// block's). The full blocks' are their prefix-cache hashes. A prefill worker sends these
@@ -195,6 +207,12 @@ impl BlockHasher {
         }
         out
     }
+}
+
+/// A request's extra block-hash keys for its `cache_salt` (none without one): how workers and
+/// the router alike key a salted request.
+pub fn salt_keys(cache_salt: Option<&str>) -> Vec<String> {
+    cache_salt.map(str::to_string).into_iter().collect()
 }
 
 /// The extra keys of block `i` of a request whose extra keys are `extra`: all of them for the

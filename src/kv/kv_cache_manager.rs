@@ -177,22 +177,11 @@ impl KvCacheManager {
     /// The chained hashes of `tokens`' full blocks, leaving at least one token (a prompt's
     /// last token must run): the candidates for a prefix lookup below the device.
     pub fn prompt_block_hashes(&self, tokens: &[TokenId], extra_keys: &[String]) -> Vec<BlockHash> {
-        let mut out: Vec<BlockHash> = Vec::new();
-        if !self.enable_caching || tokens.is_empty() {
-            return out;
+        if !self.enable_caching {
+            return Vec::new();
         }
-        let max_blocks = (tokens.len() - 1) / self.block_size;
-        for (i, chunk) in tokens
-            .chunks_exact(self.block_size)
-            .take(max_blocks)
-            .enumerate()
-        {
-            let h = self
-                .hasher
-                .hash(out.last(), chunk, block_extra(i, extra_keys));
-            out.push(h);
-        }
-        out
+        self.hasher
+            .hash_prefix_blocks(tokens, self.block_size, extra_keys)
     }
 
     pub fn block_size(&self) -> usize {

@@ -406,11 +406,7 @@ fn prepare(
     let first = prompts.into_iter().next().unwrap_or_default();
     // A cache salt is in the first block's hash on the workers: in its key here too, so one
     // tenant's cached prefix never draws another's requests.
-    let salt: Vec<String> = v["cache_salt"]
-        .as_str()
-        .map(str::to_string)
-        .into_iter()
-        .collect();
+    let salt = crate::kv::block_hash::salt_keys(v["cache_salt"].as_str());
     Ok(Prepared {
         body: serde_json::to_vec(&v)
             .map_err(|e| format!("re-encoding the request: {e}"))?

@@ -406,7 +406,7 @@ impl Disagg {
                 "do_remote_prefill needs remote_host and remote_port",
             ));
         };
-        let extra: Vec<String> = salt.iter().map(|s| s.to_string()).collect();
+        let extra = crate::kv::block_hash::salt_keys(salt);
         let (Some(engine_id), Some(request_id)) =
             (p.remote_engine_id.clone(), p.remote_request_id.clone())
         else {
@@ -487,9 +487,7 @@ impl Disagg {
     ) -> KvOptions {
         let limits = engine.limits();
         let bs = limits.block_size;
-        // Full blocks short of the last token (which must run here).
-        let mut hashes = limits.block_hasher.hash_blocks(prompt, bs, extra);
-        hashes.truncate(prompt.len().saturating_sub(1) / bs);
+        let hashes = limits.block_hasher.hash_prefix_blocks(prompt, bs, extra);
         if hashes.is_empty() {
             return KvOptions::default();
         }

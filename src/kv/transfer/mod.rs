@@ -729,14 +729,15 @@ pub(super) async fn within<T>(
         .map_err(|_| timed_out("the KV consumer went quiet"))?
 }
 
-/// Reads the consumer's request within [`HELLO_DEADLINE`]: the handshake when this producer
-/// has a secret, then the magic and what it wants. `Err` closes the connection; `Ok(None)`
-/// means the consumer was refused (already answered).
+/// Reads the consumer's request (its caller bounds it by [`HELLO_DEADLINE`]): the handshake
+/// when this producer has a secret, then the magic and what it wants — whether over RDMA, and
+/// what. `Err` closes the connection; `Ok(None)` means the consumer was refused (already
+/// answered).
 async fn read_request(
     s: &mut TcpStream,
     secret: Option<&ClusterSecret>,
     stats: &TransferStats,
-) -> std::io::Result<Option<(bool, bool, Wanted)>> {
+) -> std::io::Result<Option<(bool, Wanted)>> {
     use std::sync::atomic::Ordering::Relaxed;
     let mut magic = [0u8; 8];
     s.read_exact(&mut magic).await?;
@@ -794,7 +795,7 @@ async fn read_request(
         s.write_all(&header(UNAUTHORIZED, msg, 0, 0)).await?;
         return Ok(None);
     }
-    Ok(Some((prefix, over_rdma, read_wanted(s, prefix).await?)))
+    Ok(Some((over_rdma, read_wanted(s, prefix).await?)))
 }
 
 /// The producer's reply header.
@@ -843,7 +844,7 @@ async fn answer(mut s: TcpStream, p: &Producer) -> std::io::Result<()> {
     let (source, layout, stats, rdma) = (&*p.source, &p.layout, &*p.stats, p.rdma.as_deref());
     s.set_nodelay(true)?;
     let hello = async {
-        let Some((_, over_rdma, wanted)) = read_request(&mut s, p.secret.as_deref(), stats).await?
+        let Some((over_rdma, wanted)) = read_request(&mut s, p.secret.as_deref(), stats).await?
         else {
             return Ok(None);
         };
@@ -865,7 +866,7 @@ async fn answer(mut s: TcpStream, p: &Producer) -> std::io::Result<()> {
         // Before anything is read or released: the consumer pulls again over TCP.
         return rdma::refuse_no_rdma(&mut s).await;
     }
-    let (hashes, held, blocks, release) = match wanted {
+    let (held, blocks, release) = match wanted {
         Wanted::Held(engine_id, request_id, token) => {
             if engine_id != source.engine_id() {
                 stats.refused.fetch_add(1, Relaxed);
@@ -888,29 +889,32 @@ async fn answer(mut s: TcpStream, p: &Producer) -> std::io::Result<()> {
                 id: request_id.clone(),
                 token,
             };
-            (held.hashes.clone(), held, blocks, Some(request_id))
+            (held, blocks, Some(request_id))
         }
         Wanted::Prefix(hashes) => {
-            let payloads = match source.read_prefix(hashes.clone()).await {
+            let mut payloads = match source.read_prefix(hashes.clone()).await {
                 Ok(p) => p,
                 Err(e) => return s.write_all(&header(3, &e, 0, 0)).await,
             };
             if payloads.is_empty() {
                 stats.refused.fetch_add(1, Relaxed);
             }
-            let hashes = hashes[..payloads.len()].to_vec();
+            // The leading run of the hashes asked for, each block under its own.
+            payloads.truncate(hashes.len());
+            let mut hashes = hashes;
+            hashes.truncate(payloads.len());
             let held = HeldKv {
                 prompt_len: 0,
                 payloads,
-                hashes: hashes.clone(),
+                hashes,
             };
-            (hashes, held, Payloads::Loaded, None)
+            (held, Payloads::Loaded, None)
         }
     };
     // From here held blocks are released however the connection ends.
     let result = match consumer {
-        Some(c) => rdma::serve_reads(&mut s, c, &hashes, &held, layout, stats, rdma).await,
-        None => send_blocks(&mut s, &hashes, &held, blocks, layout, stats).await,
+        Some(c) => rdma::serve_reads(&mut s, c, &held, layout, stats, rdma).await,
+        None => send_blocks(&mut s, &held, blocks, layout, stats).await,
     };
     if let Some(id) = release {
         source.release(&id);
@@ -955,15 +959,16 @@ impl Payloads<'_> {
     }
 }
 
+/// Sends `held`'s blocks (its payloads, or read through `payloads`), each under its hash.
 async fn send_blocks(
     s: &mut TcpStream,
-    hashes: &[BlockHash],
     held: &HeldKv,
     payloads: Payloads<'_>,
     layout: &TransferLayout,
     stats: &TransferStats,
 ) -> std::io::Result<()> {
     use std::sync::atomic::Ordering::Relaxed;
+    let hashes = &held.hashes;
     let n = hashes.len();
     s.write_all(&header(0, "", held.prompt_len, n)).await?;
     let record = |i: usize, payload: &[u8]| {

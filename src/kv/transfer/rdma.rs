@@ -160,12 +160,11 @@ pub(super) async fn read_endpoint(s: &mut TcpStream) -> std::io::Result<Endpoint
     Ok(Endpoint::from_wire(&b))
 }
 
-/// The producer's answer to an RDMA pull whose blocks it has (`held`, checked under
-/// `hashes`): stage, connect, hand out the addresses, restage on request, until done.
+/// The producer's answer to an RDMA pull whose blocks it has (`held`, each under its hash):
+/// stage, connect, hand out the addresses, restage on request, until done.
 pub(super) async fn serve_reads(
     s: &mut TcpStream,
     consumer: Endpoint,
-    hashes: &[BlockHash],
     held: &HeldKv,
     layout: &TransferLayout,
     stats: &TransferStats,
@@ -183,7 +182,7 @@ pub(super) async fn serve_reads(
         }
     };
     let stage = |i: usize| {
-        let mut r = block_record::encode(&hashes[i], &layout.identity, &held.payloads[i]);
+        let mut r = block_record::encode(&held.hashes[i], &layout.identity, &held.payloads[i]);
         if stats.take_corrupt(i) {
             let mid = r.len() / 2;
             r[mid] ^= 0x40;
