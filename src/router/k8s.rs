@@ -538,7 +538,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            (s.keys().map(String::as_str).collect::<Vec<_>>(), rv.as_str()),
+            (
+                s.keys().map(String::as_str).collect::<Vec<_>>(),
+                rv.as_str()
+            ),
             (vec!["a", "b"], "9")
         );
         assert!(parse_list(br#"{"kind":"Status","code":403}"#).is_err());
