@@ -408,6 +408,21 @@ async fn the_objectives_callback_sees_every_change_as_the_whole_map() {
         next("after a closed watch").await,
         map(&[("plain", 0), ("chat", 7)])
     );
+    // A line that is not a watch event, then one over the 4 MiB bound: each time the
+    // collection is listed again and the watch goes on.
+    for bad in [b"{not json".to_vec(), vec![b'x'; (4 << 20) + 1]] {
+        watching(&k, OBJECTIVES, 1).await;
+        let lists = k.lists(OBJECTIVES);
+        k.send_raw_and_close(&bad);
+        k.delete(OBJECTIVES, "plain");
+        assert_eq!(next("after a bad line").await, map(&[("chat", 7)]));
+        assert_eq!(k.lists(OBJECTIVES), lists + 1, "a bad line lists again");
+        k.put(OBJECTIVES, objective("plain", "smollm2", None));
+        assert_eq!(
+            next("after a bad line").await,
+            map(&[("plain", 0), ("chat", 7)])
+        );
+    }
     task.abort();
 }
 

@@ -6,7 +6,8 @@
 //! server sends it. A watch streams one JSON event per line, each line sent in two chunks.
 //! The test can end every open watch cleanly ([`FakeKube::close_watches`]) or with a
 //! `410 Gone` ERROR event ([`FakeKube::expire_watches`], which also forgets the history, so
-//! resuming from an old version is a 410 answer).
+//! resuming from an old version is a 410 answer), or send a line of its choosing
+//! ([`FakeKube::send_raw_and_close`]).
 use super::{Fake, Seen};
 use axum::body::Body;
 use axum::http::StatusCode;
@@ -261,6 +262,16 @@ impl FakeKube {
         }
         k.oldest = k.rv + 1;
         k.history.clear();
+    }
+
+    /// Sends `line` (plus a newline) as it is on every open watch, then ends them.
+    pub fn send_raw_and_close(&self, line: &[u8]) {
+        let mut k = self.state.lock().unwrap();
+        for w in k.watchers.drain(..) {
+            let mut l = line.to_vec();
+            l.push(b'\n');
+            let _ = w.tx.send(Bytes::from(l));
+        }
     }
 
     /// LISTs of `coll` so far.
