@@ -49,13 +49,23 @@ struct RouteArgs {
     /// cluster: the API server and token from the pod's service account) instead of lists.
     #[arg(long)]
     k8s_namespace: Option<String>,
+    /// Discover workers from this Gateway API InferencePool (inference.networking.k8s.io/v1),
+    /// watched: every ready pod its selector picks × every target port is a worker, its role
+    /// from the pod's llm-d.ai/role label (none: prefill-decode).
+    #[arg(long)]
+    pool_name: Option<String>,
+    /// The InferencePool's namespace (default: the pod's own, from its service account).
+    #[arg(long)]
+    pool_namespace: Option<String>,
     /// Extra label selector for --k8s-namespace (e.g. llm-d.ai/model=smollm2).
     #[arg(long)]
     k8s_selector: Option<String>,
     /// The Kubernetes API server (default: from KUBERNETES_SERVICE_HOST/_PORT).
     #[arg(long)]
     k8s_api: Option<String>,
-    /// Ports on discovered pods: HTTP (a decode pod's sidecar), KV events, replay.
+    /// Ports on discovered pods: HTTP (a decode pod's sidecar), KV events, replay (with
+    /// --pool-name the HTTP ports are the pool's target ports and the i-th one's KV events and
+    /// replay ports are these plus i, as vLLM offsets a data-parallel rank's).
     #[arg(long, default_value_t = 8000)]
     k8s_http_port: u16,
     #[arg(long)]
@@ -107,7 +117,7 @@ struct RouteArgs {
     /// KV blocks the prefix index keeps per worker; past it the least recently used go.
     #[arg(long, default_value_t = llmd::router::index::DEFAULT_MAX_INDEX_BLOCKS_PER_WORKER)]
     max_index_blocks_per_worker: usize,
-    /// The service account token for --k8s-namespace, read again for every list (default: the
+    /// The service account token for --k8s-namespace/--pool-name, read again for every call (default: the
     /// pod's, /var/run/secrets/kubernetes.io/serviceaccount/token, when it exists).
     #[arg(long)]
     k8s_token_file: Option<PathBuf>,
@@ -605,33 +615,69 @@ fn route(a: RouteArgs) -> Result<()> {
             specs.push(WorkerSpec::parse(w, role).map_err(|e| anyhow::anyhow!(e))?);
         }
     }
-    let (source, refresh): (Box<dyn WorkerSource>, _) = match &a.k8s_namespace {
-        Some(ns) => {
+    if a.pool_name.is_some() && (a.k8s_namespace.is_some() || !specs.is_empty()) {
+        bail!(
+            "--pool-name discovers the workers: give it, --k8s-namespace or worker lists, not two"
+        );
+    }
+    const SA: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+    let k8s_api = |flag: &str| -> Result<(String, Option<PathBuf>, Option<Vec<u8>>)> {
+        let api = match &a.k8s_api {
+            Some(u) => u.clone(),
+            None => {
+                let host = std::env::var("KUBERNETES_SERVICE_HOST").with_context(|| {
+                    format!(
+                        "{flag} outside a pod needs --k8s-api (KUBERNETES_SERVICE_HOST is unset)"
+                    )
+                })?;
+                let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or("443".into());
+                format!("https://{host}:{port}")
+            }
+        };
+        let token_file = match &a.k8s_token_file {
+            Some(p) => {
+                std::fs::metadata(p)
+                    .with_context(|| format!("--k8s-token-file {}", p.display()))?;
+                Some(p.clone())
+            }
+            None => Some(PathBuf::from(format!("{SA}/token"))).filter(|p| p.exists()),
+        };
+        Ok((api, token_file, std::fs::read(format!("{SA}/ca.crt")).ok()))
+    };
+    let (source, refresh): (Box<dyn WorkerSource>, _) = match (&a.pool_name, &a.k8s_namespace) {
+        (Some(name), _) => {
+            let ns = match &a.pool_namespace {
+                Some(ns) => ns.clone(),
+                None => std::fs::read_to_string(format!("{SA}/namespace"))
+                    .map(|s| s.trim().to_string())
+                    .context("--pool-name outside a pod needs --pool-namespace")?,
+            };
+            let (base, token_file, ca) = k8s_api("--pool-name")?;
+            let api = llmd::router::k8s::Api {
+                base,
+                token_file,
+                timeout: secs(a.k8s_timeout, "--k8s-timeout")?,
+                client: llmd::router::k8s::Api::client(ca.as_deref())
+                    .map_err(|e| anyhow::anyhow!(e))?,
+            };
+            let ports = llmd::router::pool::PodPorts {
+                events: a.k8s_events_port,
+                replay: a.k8s_replay_port,
+            };
+            let p = llmd::router::pool::PoolSource::new(
+                std::sync::Arc::new(api),
+                ns,
+                name.clone(),
+                ports,
+            );
+            // Watched: changes arrive as they happen, nothing is polled.
+            (Box::new(p), None)
+        }
+        (None, Some(ns)) => {
             if !specs.is_empty() {
                 bail!("--k8s-namespace discovers the workers: give it or worker lists, not both");
             }
-            let api = match &a.k8s_api {
-                Some(u) => u.clone(),
-                None => {
-                    let host = std::env::var("KUBERNETES_SERVICE_HOST").context(
-                        "--k8s-namespace outside a pod needs --k8s-api (KUBERNETES_SERVICE_HOST is unset)",
-                    )?;
-                    let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or("443".into());
-                    format!("https://{host}:{port}")
-                }
-            };
-            let token_file = match &a.k8s_token_file {
-                Some(p) => {
-                    std::fs::metadata(p)
-                        .with_context(|| format!("--k8s-token-file {}", p.display()))?;
-                    Some(p.clone())
-                }
-                None => Some(PathBuf::from(
-                    "/var/run/secrets/kubernetes.io/serviceaccount/token",
-                ))
-                .filter(|p| p.exists()),
-            };
-            let ca = std::fs::read("/var/run/secrets/kubernetes.io/serviceaccount/ca.crt").ok();
+            let (api, token_file, ca) = k8s_api("--k8s-namespace")?;
             let timeout = secs(a.k8s_timeout, "--k8s-timeout")?;
             let k = KubernetesSource {
                 api,
@@ -650,9 +696,9 @@ fn route(a: RouteArgs) -> Result<()> {
                 Some(secs(a.k8s_refresh_interval, "--k8s-refresh-interval")?),
             )
         }
-        None => {
+        (None, None) => {
             if specs.is_empty() {
-                bail!("give at least one --worker, --prefill-worker or --decode-worker (or --k8s-namespace)");
+                bail!("give at least one --worker, --prefill-worker or --decode-worker (or --k8s-namespace, --pool-name)");
             }
             if a.prefill_workers.is_empty() != a.decode_workers.is_empty() {
                 bail!("disaggregated serving needs both --prefill-worker and --decode-worker");

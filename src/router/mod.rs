@@ -4,9 +4,12 @@
 //!   decode worker and, when the scheduler names a prefiller, has it compute the prompt first.
 //! - [`route`] is the router (`llmd route`), llm-d's endpoint picker as one process: a global
 //!   prefix index fed by the workers' KV events ([`index`], [`events`]), weighted scorers and
-//!   the P/D decision ([`scorers`]), workers from a static list or Kubernetes ([`workers`]).
+//!   the P/D decision ([`scorers`]), workers from a static list or Kubernetes ([`workers`]):
+//!   pods by label, or an `InferencePool`'s pods ([`pool`]), watched through [`k8s`].
 pub mod events;
 pub mod index;
+pub mod k8s;
+pub mod pool;
 pub mod route;
 pub mod scorers;
 pub mod sidecar;

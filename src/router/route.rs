@@ -43,7 +43,8 @@ pub struct RouteConfig {
     pub host: String,
     pub port: u16,
     pub source: Box<dyn WorkerSource>,
-    /// How often the source is asked again (a static list: once).
+    /// How often the source is asked again (a static list or a watching source: never; a
+    /// watching one says when it changed).
     pub refresh: Option<Duration>,
     pub tokenizer: Arc<Tokenizer>,
     pub keyer: Keyer,
@@ -260,12 +261,18 @@ impl RouterState {
     }
 }
 
+/// Lists the workers again every refresh interval and whenever the source says they changed
+/// (a watching source; a static one does neither).
 async fn refresh_loop(state: Arc<RouterState>) {
-    let Some(every) = state.cfg.refresh else {
-        return;
-    };
     loop {
-        tokio::time::sleep(every).await;
+        let every = state.cfg.refresh;
+        tokio::select! {
+            _ = async { match every {
+                Some(d) => tokio::time::sleep(d).await,
+                None => std::future::pending().await,
+            } } => {}
+            _ = state.cfg.source.changed() => {}
+        }
         if let Err(e) = state.sync_workers().await {
             tracing::warn!(error = %e, "worker discovery failed; keeping the last list");
         }

@@ -79,9 +79,16 @@ impl WorkerSpec {
     }
 }
 
-/// A source of workers, polled by the router.
+/// A source of workers: the router lists them at start, then again every refresh interval
+/// and whenever [`WorkerSource::changed`] says so.
 pub trait WorkerSource: Send + Sync {
     fn list(&self) -> BoxFuture<'_, Result<Vec<WorkerSpec>, String>>;
+
+    /// Resolves when the list has changed since the last time it resolved (a source that
+    /// watches pushes changes this way; one that is polled never resolves).
+    fn changed(&self) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::pending())
+    }
 }
 
 /// The command line's list.
@@ -145,13 +152,7 @@ impl KubernetesSource {
 
     /// The token as the file holds it now.
     async fn token(&self) -> Result<Option<String>, String> {
-        let Some(path) = &self.token_file else {
-            return Ok(None);
-        };
-        let t = tokio::fs::read_to_string(path)
-            .await
-            .map_err(|e| format!("reading the service account token {}: {e}", path.display()))?;
-        Ok(Some(t.trim().to_string()))
+        super::k8s::read_token(self.token_file.as_deref()).await
     }
 
     /// The pod-list URL this source polls.
@@ -165,20 +166,9 @@ impl KubernetesSource {
             "{}/api/v1/namespaces/{}/pods?labelSelector={}",
             self.api.trim_end_matches('/'),
             self.namespace,
-            urlencode(&selector)
+            super::k8s::urlencode(&selector)
         )
     }
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 impl WorkerSource for KubernetesSource {
@@ -246,26 +236,12 @@ pub fn pods_to_workers(
     }
     let mut out = Vec::new();
     for pod in v["items"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
-        let role = match pod["metadata"]["labels"][ROLE_LABEL].as_str() {
-            Some("prefill") => Role::Prefill,
-            Some("decode") => Role::Decode,
-            Some("prefill-decode") | Some("both") => Role::Both,
-            _ => continue,
-        };
-        if !pod["metadata"]["deletionTimestamp"].is_null() || pod["status"]["phase"] != "Running" {
-            continue;
-        }
-        let ready = pod["status"]["conditions"].as_array().is_some_and(|cs| {
-            cs.iter()
-                .any(|c| c["type"] == "Ready" && c["status"] == "True")
-        });
-        let Some(ip) = pod["status"]["podIP"].as_str().filter(|_| ready) else {
+        // The label selector asked for a role; a pod without a known one is left out.
+        let Some(Some(role)) = pod_role(pod) else {
             continue;
         };
-        let host = if ip.contains(':') {
-            format!("[{ip}]")
-        } else {
-            ip.to_string()
+        let Some(host) = ready_pod_host(pod) else {
+            continue;
         };
         out.push(WorkerSpec {
             url: format!("http://{host}:{http_port}"),
@@ -275,6 +251,37 @@ pub fn pods_to_workers(
         });
     }
     Ok(out)
+}
+
+/// A pod's `llm-d.ai/role`: None without the label, Some(None) with a value not known.
+pub fn pod_role(pod: &Value) -> Option<Option<Role>> {
+    let v = pod["metadata"]["labels"][ROLE_LABEL].as_str()?;
+    Some(match v {
+        "prefill" => Some(Role::Prefill),
+        "decode" => Some(Role::Decode),
+        "prefill-decode" | "both" => Some(Role::Both),
+        _ => None,
+    })
+}
+
+/// The host part of a URL for a pod that takes traffic (running, ready, not being deleted,
+/// with an IP): the IP, bracketed when it is IPv6.
+pub fn ready_pod_host(pod: &Value) -> Option<String> {
+    if !pod["metadata"]["deletionTimestamp"].is_null() || pod["status"]["phase"] != "Running" {
+        return None;
+    }
+    let ready = pod["status"]["conditions"].as_array().is_some_and(|cs| {
+        cs.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    });
+    let ip = pod["status"]["podIP"]
+        .as_str()
+        .filter(|ip| ready && !ip.is_empty())?;
+    Some(if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip.to_string()
+    })
 }
 
 #[cfg(test)]

@@ -8,11 +8,15 @@ use axum::response::Response;
 use serde_json::Value;
 use std::sync::{Arc, Mutex};
 
+pub mod kube;
+
 /// One request the fake peer got.
 #[derive(Clone, Debug)]
 pub struct Seen {
     pub method: String,
     pub path: String,
+    /// The query string, undecoded (empty without one).
+    pub query: String,
     pub headers: HeaderMap,
     pub body: Vec<u8>,
 }
@@ -56,6 +60,7 @@ impl Fake {
                 let s = Seen {
                     method: parts.method.to_string(),
                     path: parts.uri.path().to_string(),
+                    query: parts.uri.query().unwrap_or("").to_string(),
                     headers: parts.headers,
                     body,
                 };
