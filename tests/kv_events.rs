@@ -1057,13 +1057,14 @@ async fn a_router_bound_for_kv_events_tells_workers_by_topic() {
     };
 
     // Each llmd worker caches its own prefix, reached directly: only its events tell the
-    // router. The workers connect to the router within their reconnect interval, so send
-    // until the router has indexed something for each.
+    // router. A worker's batches reach the router once its PUB socket has connected (within
+    // its reconnect interval; what it published before is lost, as with vLLM): prompts of
+    // their own until the router indexes one, then the prefix.
     let prefixes = [long_prompt("first"), long_prompt("second")];
     for (i, w) in [&w1, &w2].into_iter().enumerate() {
         let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            complete(&w.base, &format!("{} The end.", prefixes[i])).await;
+        for warm_up in 0.. {
+            complete(&w.base, &long_prompt(&format!("warm-up {i}.{warm_up}"))).await;
             let m = r.metrics().await;
             if index_blocks(&m, &names[i]) > 0.0 {
                 break;
@@ -1075,6 +1076,12 @@ async fn a_router_bound_for_kv_events_tells_workers_by_topic() {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        let before = index_blocks(&r.metrics().await, &names[i]);
+        complete(&w.base, &format!("{} The end.", prefixes[i])).await;
+        r.metrics_until(&format!("{}'s prefix never indexed", names[i]), |m| {
+            index_blocks(m, &names[i]) > before
+        })
+        .await;
     }
     let m = r.metrics().await;
     assert_eq!(

@@ -83,12 +83,13 @@ pub async fn bind(endpoint: &str) -> anyhow::Result<(SubSocket, String)> {
     let endpoint =
         crate::server::kv_events::bind_endpoint(endpoint, 0).context("--kv-events-bind")?;
     let mut sub = SubSocket::new();
-    let bound = sub.bind(&endpoint).await.with_context(|| {
-        format!("--kv-events-bind: binding the KV events SUB socket to {endpoint}")
-    })?;
+    // Before binding: a publisher accepted in between could miss the subscription.
     sub.subscribe("")
         .await
         .context("--kv-events-bind: subscribing")?;
+    let bound = sub.bind(&endpoint).await.with_context(|| {
+        format!("--kv-events-bind: binding the KV events SUB socket to {endpoint}")
+    })?;
     Ok((sub, bound.to_string()))
 }
 
@@ -224,5 +225,46 @@ mod tests {
         assert_eq!(match_worker("10.0.0.7", w()), None);
         assert_eq!(match_worker("10.0.0.9:8000", w()), None);
         assert_eq!(match_worker("10.0.0.7:80", w()), None);
+    }
+
+    /// The bound socket takes a connecting llmd publisher's batches, attributed by topic.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_bound_socket_takes_a_connecting_publishers_batches() {
+        use crate::kv::{KvEvent, KvEventSink};
+        use crate::server::kv_events::{KvEventsConfig, Publisher, ZmqEventPublisher};
+        let (sub, endpoint) = bind("tcp://127.0.0.1:0").await.expect("binding");
+        let stats = Arc::new(CentralStats::default());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(serve(
+            sub,
+            stats.clone(),
+            |id: &str| (id == "10.0.0.7:8000").then(|| "w".to_string()),
+            move |name: &str, u| {
+                let _ = tx.send((name.to_string(), format!("{u:?}")));
+            },
+        ));
+        let cfg = KvEventsConfig {
+            enable_kv_cache_events: true,
+            publisher: Publisher::Zmq,
+            endpoint,
+            topic: "kv@10.0.0.7:8000@m".to_string(),
+            ..KvEventsConfig::default()
+        };
+        let publisher = ZmqEventPublisher::start(&cfg, Some(0)).expect("starting");
+        let got = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+            loop {
+                publisher.publish(vec![KvEvent::AllBlocksCleared]);
+                if let Ok(Some(got)) =
+                    tokio::time::timeout(std::time::Duration::from_millis(100), rx.recv()).await
+                {
+                    return got;
+                }
+            }
+        })
+        .await
+        .expect("no batch reached the bound socket");
+        assert_eq!(got.0, "w");
+        assert!(got.1.contains("AllBlocksCleared"), "{}", got.1);
+        task.abort();
     }
 }
