@@ -48,8 +48,8 @@
 //! queues the batch in a bounded channel, dropping (and counting) it when the channel is full.
 //! One thread, `llmd-kv-events`, owns the PUB socket, (re)connects it, numbers, encodes, sends
 //! and keeps each batch; the replay socket has a thread of its own (`replay`), so no replay
-//! client can delay live publishing. Dropping the last handle drains the queue, closes the sockets and joins
-//! both threads, so the ports are free again when the drop returns.
+//! client can delay live publishing. Dropping the last handle drains the queue, closes the
+//! sockets and joins both threads, so the ports are free again when the drop returns.
 mod config;
 mod replay;
 mod wire;
@@ -457,7 +457,10 @@ impl Worker {
                 Some(event) = monitor.next() => match event {
                     SocketEvent::Connected(_, id) => peer = Some(id),
                     SocketEvent::Disconnected(id) if peer.as_ref() == Some(&id) => {
-                        tracing::warn!(%endpoint, "KV events: the subscriber went away; reconnecting");
+                        tracing::warn!(
+                            %endpoint,
+                            "KV events: the subscriber went away; reconnecting"
+                        );
                         peer = None;
                         connected = false;
                         retry_at = tokio::time::Instant::now();

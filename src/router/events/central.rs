@@ -10,7 +10,8 @@
 //! follows it ([`super::subscribe`]): sequence numbers per topic, a later one counted as a gap, an
 //! earlier one a restart (its index entries dropped) or a duplicate; oversized and malformed
 //! batches counted and skipped. There is no replay here: a worker's replay socket is reached by
-//! the per-worker subscription (`--worker URL,events=…,replay=…`), which may run beside this one.
+//! the per-worker subscription (`--worker URL,events=…,replay=…`), which may run beside this
+//! one.
 //!
 //! Batches whose topic names no known worker are dropped and counted (the worker may be
 //! discovered a moment later: until then nothing is routed to it, and the router's own pending
@@ -110,12 +111,23 @@ pub async fn serve(
     // By topic publisher id. Entries are made only for ids that name a known worker and are
     // forgotten when it no longer does, so their number is bounded by the workers'.
     let mut streams: HashMap<String, Stream> = HashMap::new();
+    let mut receive_errors = 0u64;
     loop {
         let msg = match sub.recv().await {
             Ok(m) => m,
             Err(e) => {
-                tracing::warn!(error = %e, "KV events: the bound SUB socket failed to receive");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                // A publisher that broke the protocol or went away (zeromq drops it); once per
+                // power of two, so a peer that keeps doing so cannot flood the log.
+                receive_errors += 1;
+                if receive_errors.is_power_of_two() {
+                    tracing::warn!(
+                        error = %e,
+                        receive_errors,
+                        "KV events: receiving on the bound SUB socket failed"
+                    );
+                }
+                // Never a busy loop, whatever the library answers.
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             }
         };
