@@ -1063,19 +1063,7 @@ async fn a_router_bound_for_kv_events_tells_workers_by_topic() {
     let prefixes = [long_prompt("first"), long_prompt("second")];
     for (i, w) in [&w1, &w2].into_iter().enumerate() {
         let deadline = Instant::now() + Duration::from_secs(30);
-        for warm_up in 0.. {
-            complete(&w.base, &long_prompt(&format!("warm-up {i}.{warm_up}"))).await;
-            let m = r.metrics().await;
-            if index_blocks(&m, &names[i]) > 0.0 {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the router never indexed {}:\n{m}",
-                names[i]
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        until_indexed(&r, w, &names[i], &format!("warm-up {i}")).await;
         let before = index_blocks(&r.metrics().await, &names[i]);
         complete(&w.base, &format!("{} The end.", prefixes[i])).await;
         r.metrics_until(&format!("{}'s prefix never indexed", names[i]), |m| {
@@ -1152,5 +1140,32 @@ async fn a_router_bound_for_kv_events_tells_workers_by_topic() {
             "{m}"
         );
     }
+
+    // The router restarts on the same port: the workers' PUB sockets connect again and their
+    // batches are indexed by the new router.
+    drop(r);
+    let r = LlmdProcess::start("route2", &args, "/health").await;
+    for (i, w) in [&w1, &w2].into_iter().enumerate() {
+        until_indexed(&r, w, &names[i], &format!("after the restart {i}")).await;
+    }
     drop(w3);
+}
+
+/// Sends `worker` prompts of its own (`tag`ged, so each stores new blocks) until the router
+/// has indexed blocks for it (its PUB socket has connected: within its reconnect interval).
+async fn until_indexed(router: &LlmdProcess, worker: &LlmdProcess, name: &str, tag: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in 0.. {
+        complete(&worker.base, &long_prompt(&format!("{tag}.{n}"))).await;
+        let m = router.metrics().await;
+        let label = format!("worker=\"{name}\"");
+        if common::metric(&m, "llmd_router:index_blocks", &label) > 0.0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the router never indexed {name}:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
