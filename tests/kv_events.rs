@@ -1062,7 +1062,6 @@ async fn a_router_bound_for_kv_events_tells_workers_by_topic() {
     // their own until the router indexes one, then the prefix.
     let prefixes = [long_prompt("first"), long_prompt("second")];
     for (i, w) in [&w1, &w2].into_iter().enumerate() {
-        let deadline = Instant::now() + Duration::from_secs(30);
         until_indexed(&r, w, &names[i], &format!("warm-up {i}")).await;
         let before = index_blocks(&r.metrics().await, &names[i]);
         complete(&w.base, &format!("{} The end.", prefixes[i])).await;
