@@ -127,6 +127,12 @@ struct RouteArgs {
     /// Seconds one Kubernetes API call may take (connecting: at most 5).
     #[arg(long, default_value_t = 15.0)]
     k8s_timeout: f64,
+    /// Bind one KV events SUB socket here (`tcp://*:5557`) that the workers' PUB sockets
+    /// connect to (llm-d's centralized topology: vLLM or llmd with `--kv-events-config`
+    /// `endpoint` `tcp://ROUTER:5557`); each worker is told by its topic
+    /// `kv@<host:port>@<model>`. The per-worker `events=` subscriptions may run beside it.
+    #[arg(long)]
+    kv_events_bind: Option<String>,
 }
 
 #[derive(Args)]
@@ -270,7 +276,8 @@ struct ServeArgs {
     request_timeout: Option<f64>,
     /// KV-cache events for llm-d's KV-cache indexer, as vLLM's flag: JSON such as
     /// `{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:5557",
-    /// "replay_endpoint": "tcp://*:5558", "topic": "kv@POD@MODEL"}`.
+    /// "replay_endpoint": "tcp://*:5558", "topic": "kv@POD_IP:PORT@MODEL"}`. An `endpoint` with
+    /// `*` or `::` binds; any other host is connected to (and reconnected), as vLLM does.
     #[arg(long)]
     kv_events_config: Option<String>,
     /// Disaggregated prefill/decode, as vLLM's flag: JSON with `kv_role` (`kv_producer`,
@@ -756,6 +763,7 @@ fn route(a: RouteArgs) -> Result<()> {
         secret: cluster_secret(a.kv_transfer_secret_file.as_deref())?,
         max_model_len: a.max_model_len,
         max_index_blocks_per_worker: a.max_index_blocks_per_worker,
+        kv_events_bind: a.kv_events_bind,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,7 +1,12 @@
 //! The KV-event publisher over real sockets: a real pyzmq subscriber checks vLLM's wire format
 //! and replay (`tests/kv_events_subscriber.py`), a Rust DEALER checks the replay framing, and
-//! the sockets are bound, refused and released as `llmd serve` relies on.
+//! the sockets are bound, refused and released as `llmd serve` relies on. A PUB endpoint naming
+//! a host connects to a subscriber bound there and reconnects when it restarts; `llmd serve`
+//! does so with its topic, and `llmd route --kv-events-bind` tells workers (llmd ones and a
+//! pyzmq publisher playing vLLM) apart by theirs (llm-d's centralized topology).
 mod common;
+
+use common::LlmdProcess;
 
 use llmd::kv::{KvEvent, KvEventSink, Medium};
 use llmd::router::events::{subscribe, SubStats, Update, MAX_BATCH_BYTES};
@@ -170,20 +175,47 @@ fn python_subscriber_checks_vllm_wire_format_and_replay() {
 /// Publishes pattern batches: 5 before a pyzmq subscriber (connecting to `host`) joins, then
 /// until it has received [`LIVE`] of them live and replayed everything from 0.
 fn python_subscriber_checks(publisher: &ZmqEventPublisher, host: &str) {
+    python_subscriber_round(publisher, Reach::Connect(host), &mut 0);
+}
+
+/// How the pyzmq subscriber meets the publisher.
+enum Reach<'a> {
+    /// It connects to the publisher's bound port on this host.
+    Connect(&'a str),
+    /// It binds the endpoint the publisher connects to (llm-d's centralized topology), and
+    /// checks that every topic is exactly [`TOPIC`].
+    Bind,
+}
+
+/// [`python_subscriber_checks`] from batch `published` on (the publisher's next sequence
+/// number), which it moves past what it publishes.
+fn python_subscriber_round(publisher: &ZmqEventPublisher, reach: Reach, published: &mut u64) {
     let replay = publisher.replay_endpoint().expect("replay endpoint");
-    let mut published = 0u64;
+    let start = *published;
     let publish = |published: &mut u64| {
         publisher.publish(batch_for_seq(*published));
         *published += 1;
     };
     // Sent before anyone subscribes: only the replay can deliver these.
     for _ in 0..5 {
-        publish(&mut published);
+        publish(published);
     }
 
-    let mut sub = Subscriber::spawn(&[
+    let (endpoint, host, extra) = match reach {
+        Reach::Connect(host) => (
+            format!("tcp://{host}:{}", port(publisher.endpoint())),
+            host,
+            vec![],
+        ),
+        Reach::Bind => (
+            publisher.endpoint().to_string(),
+            "127.0.0.1",
+            vec!["--bind".to_string(), "--exact-topic".to_string()],
+        ),
+    };
+    let mut args = vec![
         "--endpoint".to_string(),
-        format!("tcp://{host}:{}", port(publisher.endpoint())),
+        endpoint,
         "--replay".to_string(),
         format!("tcp://{host}:{}", port(replay)),
         "--topic".to_string(),
@@ -192,31 +224,43 @@ fn python_subscriber_checks(publisher: &ZmqEventPublisher, host: &str) {
         LIVE.to_string(),
         "--pattern".to_string(),
         "--quiet".to_string(),
-    ]);
+    ];
+    args.extend(extra);
+    let connecting = matches!(reach, Reach::Bind);
+    let mut sub = Subscriber::spawn(&args);
     assert!(
         sub.line("READY", Duration::from_secs(30)).is_some(),
         "the subscriber never got ready"
     );
+    let first = join(publisher, &mut sub, published);
+    // A connecting publisher may send what waited in its queue as soon as it has connected;
+    // a bound one had no subscriber for the first five.
+    let sent_to_nobody = if connecting { 0 } else { 5 };
+    assert!(
+        first >= start + sent_to_nobody,
+        "joined at {first}, before the batches sent to nobody"
+    );
+    while *published < first + LIVE {
+        publish(published);
+    }
+    sub.finish(Duration::from_secs(60));
+    assert_eq!(publisher.dropped_batches(), 0);
+}
+
+/// Publishes pattern batches until `sub` has seen one; the sequence number of the first.
+fn join(publisher: &ZmqEventPublisher, sub: &mut Subscriber, published: &mut u64) -> u64 {
     // A SUB socket misses what is published before its subscription reaches the PUB socket,
-    // however long it waited: publish until it has seen a batch, then the rest.
+    // however long it waited: publish until it has seen a batch.
     let deadline = Instant::now() + Duration::from_secs(30);
     let joined = loop {
         assert!(Instant::now() < deadline, "the subscriber never joined");
-        publish(&mut published);
+        publisher.publish(batch_for_seq(*published));
+        *published += 1;
         if let Some(line) = sub.line("JOINED", Duration::from_millis(100)) {
             break line;
         }
     };
-    let first: u64 = joined["JOINED ".len()..].parse().expect("JOINED <seq>");
-    assert!(
-        first >= 5,
-        "joined at {first}, before the batches sent to nobody"
-    );
-    while published < first + LIVE {
-        publish(&mut published);
-    }
-    sub.finish(Duration::from_secs(60));
-    assert_eq!(publisher.dropped_batches(), 0);
+    joined["JOINED ".len()..].parse().expect("JOINED <seq>")
 }
 
 /// Publishes `n` pattern batches and asks a DEALER for the replay from `start`.
@@ -432,30 +476,55 @@ fn assert_listens_only_on(endpoint: &str, ip: IpAddr) {
     }
 }
 
-/// `tcp://127.0.0.1:PORT` (the pod-local form; a pod IP works the same way) binds both sockets
-/// to loopback alone — vLLM would have connected, and llmd used to refuse it — and a real pyzmq
-/// subscriber gets the live batches and the replay over it.
+/// A PUB endpoint naming a host (`tcp://127.0.0.1:PORT`; in llm-d's centralized topology the
+/// router's `tcp://epp:5557`) is connected to, as vLLM does, while the replay socket still binds
+/// loopback alone: a real pyzmq subscriber bound there gets the live batches, with exactly the
+/// configured topic, and the replay; one killed mid-stream and another bound on the same port
+/// get them again once the publisher has reconnected.
 #[test]
-fn sockets_bind_loopback_only_and_pyzmq_receives_the_events() {
+fn a_pub_naming_a_host_connects_to_a_bound_subscriber_and_reconnects() {
     let _serial = serial();
-    let publisher = ZmqEventPublisher::start(
-        &config("tcp://127.0.0.1:0", Some("tcp://127.0.0.1:0")),
-        Some(0),
-    )
-    .expect("binding the publisher to loopback");
-    let loopback = IpAddr::from([127, 0, 0, 1]);
-    assert!(
-        publisher.endpoint().starts_with("tcp://127.0.0.1:"),
-        "{}",
-        publisher.endpoint()
-    );
-    let replay = publisher.replay_endpoint().expect("replay endpoint");
-    assert!(replay.starts_with("tcp://127.0.0.1:"), "{replay}");
-    assert_listens_only_on(publisher.endpoint(), loopback);
-    assert_listens_only_on(replay, loopback);
-    if common::python_has_zmq() {
-        python_subscriber_checks(&publisher, "127.0.0.1");
+    if !common::python_has_zmq() {
+        return;
     }
+    let sub_port = common::free_port();
+    let endpoint = format!("tcp://127.0.0.1:{sub_port}");
+    let publisher =
+        ZmqEventPublisher::start(&config(&endpoint, Some("tcp://127.0.0.1:0")), Some(0))
+            .expect("starting a connecting publisher with nobody listening yet");
+    assert_eq!(publisher.endpoint(), endpoint);
+    if let Some(listeners) = listeners_on(sub_port) {
+        assert!(
+            listeners.is_empty(),
+            "a connecting PUB binds nothing: {listeners:?}"
+        );
+    }
+    let replay = publisher.replay_endpoint().expect("replay endpoint");
+    assert_listens_only_on(replay, IpAddr::from([127, 0, 0, 1]));
+
+    let mut published = 0;
+    python_subscriber_round(&publisher, Reach::Bind, &mut published);
+
+    // A subscriber killed while batches flow: the publisher sees the connection drop.
+    let mut killed = Subscriber::spawn(&[
+        "--endpoint".to_string(),
+        endpoint.clone(),
+        "--bind".to_string(),
+        "--topic".to_string(),
+        TOPIC.to_string(),
+        "--exact-topic".to_string(),
+        "--quiet".to_string(),
+    ]);
+    assert!(killed.line("READY", Duration::from_secs(30)).is_some());
+    join(&publisher, &mut killed, &mut published);
+    for _ in 0..5 {
+        publisher.publish(batch_for_seq(published));
+        published += 1;
+    }
+    drop(killed);
+
+    // The next one, on the same port: the publisher connects again.
+    python_subscriber_round(&publisher, Reach::Bind, &mut published);
 }
 
 /// `tcp://[::1]:PORT` binds IPv6 loopback alone, and a subscriber receives over it.
@@ -585,7 +654,7 @@ async fn live_batches_flow_while_a_stalled_replay_is_served() {
     let cfg = KvEventsConfig {
         buffer_steps: n as usize,
         max_queue_size: 20_000,
-        ..config("tcp://127.0.0.1:0", Some("tcp://127.0.0.1:0"))
+        ..config("tcp://*:0", Some("tcp://127.0.0.1:0"))
     };
     let publisher = ZmqEventPublisher::start(&cfg, Some(0)).expect("binding the publisher");
     let replay = publisher.replay_endpoint().expect("replay").to_string();
@@ -607,7 +676,9 @@ async fn live_batches_flow_while_a_stalled_replay_is_served() {
 
     // Live batches reach a subscriber meanwhile.
     let mut sub = SubSocket::new();
-    sub.connect(publisher.endpoint()).await.expect("connecting");
+    sub.connect(&format!("tcp://127.0.0.1:{}", port(publisher.endpoint())))
+        .await
+        .expect("connecting");
     sub.subscribe("").await.expect("subscribing");
     join_sub(&publisher, &mut sub, || batch(0)).await;
     const LAST: u64 = 0xfeed;
@@ -770,4 +841,330 @@ async fn subscriber_drops_oversized_and_malformed_batches_and_keeps_going() {
     assert_eq!(stats.oversized.load(Relaxed), 1);
     assert_eq!(stats.malformed.load(Relaxed), 2);
     task.abort();
+}
+
+// ---------------------------------------------------------------------------------------------
+// llm-d's centralized topology with real processes: `llmd serve` connecting its PUB socket to
+// a bound subscriber, and `llmd route --kv-events-bind` telling workers apart by topic.
+// ---------------------------------------------------------------------------------------------
+
+fn stories() -> String {
+    format!(
+        "{}/../shared/models/stories260K",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+fn strings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+/// `llmd serve` (stories260K) on `http_port`, with `--kv-events-config` `events` when given.
+async fn serve_on(tag: &str, http_port: u16, events: Option<serde_json::Value>) -> LlmdProcess {
+    let port = http_port.to_string();
+    let mut args = strings(&[
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--kv-cache-memory-gb",
+        "0.02",
+        "--model",
+        &stories(),
+    ]);
+    if let Some(events) = events {
+        args.extend(["--kv-events-config".to_string(), events.to_string()]);
+    }
+    LlmdProcess::start(tag, &args, "/health").await
+}
+
+/// The events config of a worker connecting to `tcp://127.0.0.1:sub_port` under `topic`.
+fn connecting_events(sub_port: u16, topic: &str) -> serde_json::Value {
+    serde_json::json!({
+        "enable_kv_cache_events": true,
+        "publisher": "zmq",
+        "endpoint": format!("tcp://127.0.0.1:{sub_port}"),
+        "topic": topic,
+    })
+}
+
+/// POSTs a completion of `prompt` to `base`; the worker the router names (empty from a worker).
+async fn complete(base: &str, prompt: &str) -> String {
+    let resp = reqwest::Client::new()
+        .post(format!("{base}/v1/completions"))
+        .json(&serde_json::json!({"prompt": prompt, "max_tokens": 2, "temperature": 0}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200, "completion of {prompt:?}");
+    let worker = resp
+        .headers()
+        .get("x-llmd-worker")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let _ = resp.bytes().await;
+    worker
+}
+
+/// A prompt of several KV blocks, distinct per `tag`.
+fn long_prompt(tag: &str) -> String {
+    format!(
+        "{tag}: {}",
+        "Once upon a time, there was a little dog named Max. He liked to run in the sun. "
+            .repeat(5)
+    )
+}
+
+/// `llmd serve` with an endpoint naming a host connects its PUB socket to a pyzmq subscriber
+/// bound there (playing llm-d's endpoint picker): the engine's batches arrive in vLLM's wire
+/// format with exactly the configured topic. The subscriber killed mid-stream and another
+/// bound on the same port: the batches flow again once the worker has reconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llmd_serve_connects_its_events_to_a_bound_subscriber_and_reconnects() {
+    if !common::python_has_zmq() {
+        return;
+    }
+    let (sub_port, http_port) = (common::free_port(), common::free_port());
+    let topic = format!("kv@127.0.0.1:{http_port}@stories260K");
+    let w = serve_on("w", http_port, Some(connecting_events(sub_port, &topic))).await;
+    let endpoint = format!("tcp://127.0.0.1:{sub_port}");
+    let mut request = 0;
+    for round in ["killed", "kept"] {
+        let mut args = strings(&[
+            "--endpoint",
+            &endpoint,
+            "--bind",
+            "--topic",
+            &topic,
+            "--exact-topic",
+            "--quiet",
+        ]);
+        if round == "kept" {
+            args.extend(strings(&["--expect", "3"]));
+        }
+        let mut sub = Subscriber::spawn(&args);
+        let ready = tokio::task::block_in_place(|| sub.line("READY", Duration::from_secs(30)));
+        assert!(ready.is_some(), "the subscriber never got ready");
+        // Requests until the subscriber has joined the stream (the worker connects to it
+        // within its reconnect interval), then until it has its batches.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let seen_topic = loop {
+            assert!(
+                Instant::now() < deadline,
+                "{round}: no batch reached the subscriber"
+            );
+            complete(&w.base, &long_prompt(&format!("request {request}"))).await;
+            request += 1;
+            let line =
+                tokio::task::block_in_place(|| sub.line("TOPIC", Duration::from_millis(200)));
+            if let Some(line) = line {
+                break line;
+            }
+        };
+        assert_eq!(seen_topic, format!("TOPIC {topic}"));
+        if round == "killed" {
+            drop(sub);
+            continue;
+        }
+        while sub.child.try_wait().expect("waiting").is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the subscriber never had its 3 batches"
+            );
+            complete(&w.base, &long_prompt(&format!("request {request}"))).await;
+            request += 1;
+        }
+        tokio::task::block_in_place(|| sub.finish(Duration::from_secs(10)));
+    }
+}
+
+/// Runs tests/kv_events_publisher.py: a pyzmq PUB connecting to `endpoint` and sending
+/// vLLM's batches of `tokens`' blocks under `topic`, `count` of them (0: until dropped).
+fn python_publisher(endpoint: &str, topic: &str, tokens: &[u32], count: u32) -> Child {
+    Command::new("python3")
+        .arg("tests/kv_events_publisher.py")
+        .args(["--endpoint", endpoint, "--topic", topic, "--count"])
+        .arg(count.to_string())
+        .arg("--tokens")
+        .arg(serde_json::to_string(tokens).expect("JSON"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("running python3")
+}
+
+/// `llmd route --kv-events-bind` binds one SUB socket that the workers' PUB sockets connect
+/// to, and tells them apart by topic `kv@<host:port>@<model>`: a prefix sent straight to each
+/// of two `llmd serve` workers (never through the router) is indexed for that worker alone,
+/// and the router then sends that prefix to it (its own `vllm:prefix_cache_hits_total` rises).
+/// A pyzmq publisher playing vLLM, under the topic of a third worker that publishes nothing
+/// itself, makes the router send its prefix there. Unknown and malformed topics are counted,
+/// not applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_router_bound_for_kv_events_tells_workers_by_topic() {
+    if !common::python_has_zmq() {
+        return;
+    }
+    let bind_port = common::free_port();
+    let ports = [
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    ];
+    let topic = |p: u16| format!("kv@127.0.0.1:{p}@stories260K");
+    let w1 = serve_on(
+        "w1",
+        ports[0],
+        Some(connecting_events(bind_port, &topic(ports[0]))),
+    )
+    .await;
+    let w2 = serve_on(
+        "w2",
+        ports[1],
+        Some(connecting_events(bind_port, &topic(ports[1]))),
+    )
+    .await;
+    let w3 = serve_on("w3", ports[2], None).await;
+    let names: Vec<String> = ports
+        .iter()
+        .map(|p| format!("http://127.0.0.1:{p}"))
+        .collect();
+    let bind = format!("tcp://127.0.0.1:{bind_port}");
+    let mut args = strings(&[
+        "route",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--model",
+        &stories(),
+        "--backoff",
+        "30",
+        "--worker-timeout",
+        "20",
+        "--kv-events-bind",
+        &bind,
+    ]);
+    for n in &names {
+        args.extend(["--worker".to_string(), n.clone()]);
+    }
+    let r = LlmdProcess::start("route", &args, "/health").await;
+    let index_blocks = |m: &str, name: &str| {
+        common::metric(m, "llmd_router:index_blocks", &format!("worker=\"{name}\""))
+    };
+
+    // Each llmd worker caches its own prefix, reached directly: only its events tell the
+    // router. A worker's batches reach the router once its PUB socket has connected (within
+    // its reconnect interval; what it published before is lost, as with vLLM): prompts of
+    // their own until the router indexes one, then the prefix.
+    let prefixes = [long_prompt("first"), long_prompt("second")];
+    for (i, w) in [&w1, &w2].into_iter().enumerate() {
+        until_indexed(&r, w, &names[i], &format!("warm-up {i}")).await;
+        let before = index_blocks(&r.metrics().await, &names[i]);
+        complete(&w.base, &format!("{} The end.", prefixes[i])).await;
+        r.metrics_until(&format!("{}'s prefix never indexed", names[i]), |m| {
+            index_blocks(m, &names[i]) > before
+        })
+        .await;
+    }
+    let m = r.metrics().await;
+    assert_eq!(
+        index_blocks(&m, &names[2]),
+        0.0,
+        "w3 published nothing:\n{m}"
+    );
+
+    // The router sends each prefix where it is cached; that worker's own counter agrees.
+    for (i, w) in [&w1, &w2].into_iter().enumerate() {
+        let hits = |m: &str| common::metric(m, "vllm:prefix_cache_hits_total", "");
+        let before = hits(&w.metrics().await);
+        for suffix in ["Then", "And so"] {
+            let got = complete(&r.base, &format!("{} {suffix}", prefixes[i])).await;
+            assert_eq!(got, names[i], "prefix {i} went to {got}");
+        }
+        let after = hits(&w.metrics().await);
+        assert!(
+            after > before,
+            "{}: prefix hits {before} -> {after}",
+            names[i]
+        );
+    }
+
+    // A third publisher, not llmd's: pyzmq sending vLLM's batches under w3's topic.
+    let tokenizer = llmd::tokenizer::Tokenizer::from_dir(std::path::Path::new(&stories()))
+        .expect("the stories260K tokenizer");
+    let third = long_prompt("third");
+    let tokens = tokenizer.encode(&third, true).expect("tokenizing");
+    let mut publisher = python_publisher(&bind, &topic(ports[2]), &tokens, 0);
+    r.metrics_until(
+        "the router never indexed the pyzmq publisher's blocks for w3",
+        |m| index_blocks(m, &names[2]) > 0.0,
+    )
+    .await;
+    let _ = publisher.kill();
+    let _ = publisher.wait();
+    let got = complete(&r.base, &format!("{third} Later")).await;
+    assert_eq!(got, names[2], "the prefix published for w3 went to {got}");
+
+    // A topic naming no worker, and one that is not kv@ID@MODEL: counted, nothing indexed.
+    for (bad, reason) in [
+        ("kv@127.0.0.1:1@stories260K", "unknown_topic"),
+        ("not-a-kv-topic", "malformed"),
+    ] {
+        let mut p = python_publisher(&bind, bad, &tokens, 0);
+        r.metrics_until(&format!("{bad:?} never counted as {reason}"), |m| {
+            common::metric(
+                m,
+                "llmd_router:kv_event_unattributed_batches_total",
+                &format!("reason=\"{reason}\""),
+            ) > 0.0
+        })
+        .await;
+        let _ = p.kill();
+        let _ = p.wait();
+    }
+    let m = r.metrics().await;
+    for name in &names[..2] {
+        let label = format!("worker=\"{name}\"");
+        assert!(
+            common::metric(&m, "llmd_router:kv_event_batches_total", &label) > 0.0,
+            "{m}"
+        );
+        assert_eq!(
+            common::metric(&m, "llmd_router:kv_event_gaps_total", &label),
+            0.0,
+            "{m}"
+        );
+    }
+
+    // The router restarts on the same port: the workers' PUB sockets connect again and their
+    // batches are indexed by the new router.
+    drop(r);
+    let r = LlmdProcess::start("route2", &args, "/health").await;
+    for (i, w) in [&w1, &w2].into_iter().enumerate() {
+        until_indexed(&r, w, &names[i], &format!("after the restart {i}")).await;
+    }
+    drop(w3);
+}
+
+/// Sends `worker` prompts of its own (`tag`ged, so each stores new blocks) until the router
+/// has indexed blocks for it (its PUB socket has connected: within its reconnect interval).
+async fn until_indexed(router: &LlmdProcess, worker: &LlmdProcess, name: &str, tag: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in 0.. {
+        complete(&worker.base, &long_prompt(&format!("{tag}.{n}"))).await;
+        let m = router.metrics().await;
+        let label = format!("worker=\"{name}\"");
+        if common::metric(&m, "llmd_router:index_blocks", &label) > 0.0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the router never indexed {name}:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

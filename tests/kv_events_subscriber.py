@@ -8,9 +8,11 @@ Needs `python3 -m pip install pyzmq msgpack` (and `msgspec` for the byte-for-byt
 CI, with `CI` set, must run).
 
 What it does:
-1. Connects a SUB socket to --endpoint, subscribed to --topic, waits 300 ms (ZeroMQ drops what a
+1. Connects a SUB socket to --endpoint (with --bind, binds it there for the publisher to connect
+   to: llm-d's centralized topology), subscribed to --topic, waits 300 ms (ZeroMQ drops what a
    PUB sends before the subscription reaches it) and prints `READY`.
-2. Receives --expect batches (0: until interrupted), printing `JOINED <seq>` at the first. Each
+2. Receives --expect batches (0: until interrupted), printing `TOPIC <topic>` then
+   `JOINED <seq>` at the first (with --exact-topic every topic must be --topic itself). Each
    message must be three frames: the topic, an 8-byte big-endian sequence number, a msgpack
    `[ts, [event, ...], data_parallel_rank]`; sequence numbers must follow one another from the
    first seen; every event must have vLLM's positional layout and field types:
@@ -221,7 +223,13 @@ def main():
     parser.add_argument(
         "--replay", help="ROUTER replay endpoint to connect, e.g. tcp://127.0.0.1:5558"
     )
+    parser.add_argument(
+        "--bind", action="store_true", help="bind --endpoint (the publisher connects to it)"
+    )
     parser.add_argument("--topic", default="", help="topic to subscribe to (a prefix)")
+    parser.add_argument(
+        "--exact-topic", action="store_true", help="every topic must be --topic, not a longer one"
+    )
     parser.add_argument(
         "--expect", type=int, default=0, help="batches to receive before replaying (0: forever)"
     )
@@ -247,7 +255,10 @@ def main():
     sub = ctx.socket(zmq.SUB)
     sub.setsockopt(zmq.LINGER, 0)
     sub.setsockopt(zmq.SUBSCRIBE, topic)
-    sub.connect(args.endpoint)
+    if args.bind:
+        sub.bind(args.endpoint)
+    else:
+        sub.connect(args.endpoint)
     time.sleep(0.3)
     print("READY", flush=True)
 
@@ -258,9 +269,12 @@ def main():
         assert len(frames) == 3, f"live message has {len(frames)} frames, not [topic, seq, payload]"
         got_topic, seq_bytes, payload = frames
         assert got_topic.startswith(topic), f"topic {got_topic!r} does not start with {topic!r}"
+        if args.exact_topic:
+            assert got_topic == topic, f"topic {got_topic!r} is not {topic!r}"
         assert len(seq_bytes) == 8, f"sequence frame is {len(seq_bytes)} bytes, not 8"
         seq = int.from_bytes(seq_bytes, "big")
         if last is None:
+            print(f"TOPIC {got_topic.decode()}", flush=True)
             print(f"JOINED {seq}", flush=True)
         else:
             assert seq == last + 1, f"sequence gap: {last} then {seq}"

@@ -1,5 +1,6 @@
 //! The router's side of the workers' KV events: a ZMQ SUB per worker, vLLM's msgpack batches
-//! decoded into [`KvEvent`]s, sequence gaps filled from the worker's replay socket.
+//! decoded into [`KvEvent`]s, sequence gaps filled from the worker's replay socket; or one SUB
+//! bound for every worker, told apart by topic ([`central`], llm-d's centralized topology).
 //!
 //! A batch is `[topic, seq (8 bytes BE), payload]`; the payload is vLLM's `KVEventBatch`
 //! (`[ts, [events…], data_parallel_rank]`, each event an array tagged by its kind; see
@@ -13,6 +14,8 @@
 //! without being decoded, a malformed one is counted, and neither ends the subscription.
 //! (The frame is still received whole by the ZeroMQ library first: zeromq 0.7 has no limit on
 //! message size, so the cap bounds the decoding, not the receive buffer.)
+pub mod central;
+
 use crate::kv::{KvEvent, Medium};
 use rmpv::Value;
 use std::time::Duration;

@@ -20,6 +20,7 @@
 //! route a prompt longer than `max_model_len` (400). Parsing, tokenizing and keying the prompt
 //! run on blocking threads, never on the async ones; the prefix index is bounded
 //! ([`super::index::IndexLimits`]).
+use super::events::central::CentralStats;
 use super::events::{SubStats, Update};
 use super::index::{IndexLimits, Keyer, PrefixIndex};
 use super::scorers::{self, Candidate, RoutingConfig};
@@ -62,6 +63,9 @@ pub struct RouteConfig {
     pub max_model_len: usize,
     /// Blocks the prefix index holds per worker.
     pub max_index_blocks_per_worker: usize,
+    /// Bind one KV events SUB socket here that workers' PUB sockets connect to, each telling
+    /// itself by its topic `kv@<host:port>@<model>` ([`super::events::central`]).
+    pub kv_events_bind: Option<String>,
 }
 
 /// Default of `llmd route --max-model-len`.
@@ -135,6 +139,8 @@ struct RouterState {
     counters: Counters,
     /// The trusted-hop header's value, with a cluster secret.
     hop: Option<HeaderValue>,
+    /// The counters of the bound KV events socket (`--kv-events-bind`).
+    central: Option<Arc<CentralStats>>,
 }
 
 const MAX_BODY: usize = 32 << 20;
@@ -154,6 +160,10 @@ pub async fn serve(
         .await
         .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?;
     let addr = listener.local_addr()?;
+    let central = match &cfg.kv_events_bind {
+        Some(endpoint) => Some(super::events::central::bind(endpoint).await?),
+        None => None,
+    };
     let state = Arc::new(RouterState {
         client: reqwest::Client::builder()
             .tcp_nodelay(true)
@@ -172,8 +182,13 @@ pub async fn serve(
         workers: RwLock::new(Vec::new()),
         rotation: AtomicUsize::new(0),
         counters: Counters::default(),
+        central: central.as_ref().map(|_| Arc::new(CentralStats::default())),
     });
     state.sync_workers().await?;
+    if let (Some((sub, endpoint)), Some(stats)) = (central, state.central.clone()) {
+        tracing::info!(%endpoint, "KV events: SUB socket bound for the workers to connect to");
+        tokio::spawn(serve_central(Arc::downgrade(&state), sub, stats));
+    }
     tokio::spawn(refresh_loop(state.clone()));
     tokio::spawn(scrape_loop(state.clone()));
     tracing::info!(%addr, workers = state.workers().len(), "router listening");
@@ -256,9 +271,41 @@ impl RouterState {
                 .unwrap_or_else(|e| e.into_inner())
                 .drop_worker(gone.name());
         }
+        if let Some(stats) = &self.central {
+            stats.retain(|name| next.iter().any(|w| w.name() == name));
+        }
         *self.workers.write().unwrap_or_else(|e| e.into_inner()) = next;
         Ok(())
     }
+}
+
+/// Feeds the index from the bound KV events socket until the router is gone: each batch goes
+/// to the worker its topic names.
+async fn serve_central(
+    state: std::sync::Weak<RouterState>,
+    sub: zeromq::SubSocket,
+    stats: Arc<CentralStats>,
+) {
+    let Some(index) = state.upgrade().map(|s| s.index.clone()) else {
+        return;
+    };
+    let resolve = move |id: &str| {
+        let state = state.upgrade()?;
+        let workers = state.workers.read().unwrap_or_else(|e| e.into_inner());
+        super::events::central::match_worker(
+            id,
+            workers.iter().map(|w| (w.name(), w.spec.host_port())),
+        )
+        .map(str::to_string)
+    };
+    super::events::central::serve(sub, stats, resolve, move |name, u| {
+        let mut ix = index.lock().unwrap_or_else(|e| e.into_inner());
+        match u {
+            Update::Events(events) => ix.apply(name, &events),
+            Update::Reset => ix.drop_worker(name),
+        }
+    })
+    .await;
 }
 
 /// Lists the workers again every refresh interval and whenever the source says they changed
@@ -751,6 +798,13 @@ fn forwarded_with(
     h
 }
 
+/// `f` of a worker's KV event counters: its own subscription's plus the bound socket's.
+fn sub_stats(s: &RouterState, w: &Worker, f: impl Fn(&SubStats) -> u64) -> u64 {
+    let own = w.events.as_ref().map_or(0, |(_, st)| f(st));
+    let central = s.central.as_ref().and_then(|c| c.worker(w.name()));
+    own + central.map_or(0, |st| f(&st))
+}
+
 async fn metrics(State(s): State<Arc<RouterState>>) -> Response {
     let mut out = String::new();
     let now = Instant::now();
@@ -768,7 +822,7 @@ async fn metrics(State(s): State<Arc<RouterState>>) -> Response {
         ("llmd_router:worker_waiting_requests", "gauge", "The worker's vllm:num_requests_waiting, as last scraped.", &|w| w.scraped.lock().unwrap_or_else(|e| e.into_inner()).waiting.to_string()),
         ("llmd_router:worker_running_requests", "gauge", "The worker's vllm:num_requests_running, as last scraped.", &|w| w.scraped.lock().unwrap_or_else(|e| e.into_inner()).running.to_string()),
         ("llmd_router:index_blocks", "gauge", "KV blocks the prefix index holds for the worker.", &|w| ix.num_blocks(w.name()).to_string()),
-        ("llmd_router:kv_event_batches_total", "counter", "KV event batches received from the worker (live and replayed).", &|w| w.events.as_ref().map_or(0, |(_, st)| st.batches.load(Relaxed) + st.replayed.load(Relaxed)).to_string()),
+        ("llmd_router:kv_event_batches_total", "counter", "KV event batches received from the worker (live and replayed; its own subscription and the bound socket).", &|w| sub_stats(&s, w, |st| st.batches.load(Relaxed) + st.replayed.load(Relaxed)).to_string()),
     ];
     for (name, kind, help, f) in per_worker {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -784,7 +838,7 @@ async fn metrics(State(s): State<Arc<RouterState>>) -> Response {
     }
     let _ = writeln!(out, "# HELP llmd_router:kv_event_gaps_total Sequence gaps in the workers' KV event streams (each answered by a replay when the worker has a replay socket).\n# TYPE llmd_router:kv_event_gaps_total counter");
     for w in &workers {
-        let gaps = w.events.as_ref().map_or(0, |(_, st)| st.gaps.load(Relaxed));
+        let gaps = sub_stats(&s, w, |st| st.gaps.load(Relaxed));
         let _ = writeln!(
             out,
             "llmd_router:kv_event_gaps_total{{worker=\"{}\"}} {gaps}",
@@ -793,9 +847,8 @@ async fn metrics(State(s): State<Arc<RouterState>>) -> Response {
     }
     let _ = writeln!(out, "# HELP llmd_router:kv_event_batches_dropped_total KV event batches not applied: over the size cap (oversized) or not decodable (malformed).\n# TYPE llmd_router:kv_event_batches_dropped_total counter");
     for w in &workers {
-        let (big, bad) = w.events.as_ref().map_or((0, 0), |(_, st)| {
-            (st.oversized.load(Relaxed), st.malformed.load(Relaxed))
-        });
+        let big = sub_stats(&s, w, |st| st.oversized.load(Relaxed));
+        let bad = sub_stats(&s, w, |st| st.malformed.load(Relaxed));
         for (reason, n) in [("oversized", big), ("malformed", bad)] {
             let _ = writeln!(
                 out,
@@ -803,6 +856,9 @@ async fn metrics(State(s): State<Arc<RouterState>>) -> Response {
                 w.name()
             );
         }
+    }
+    if let Some(c) = &s.central {
+        let _ = writeln!(out, "# HELP llmd_router:kv_event_unattributed_batches_total Messages on the bound KV events socket (--kv-events-bind) not applied to any worker: the topic names no known worker (unknown_topic), or the message is not [kv@ID@MODEL, seq, payload] (malformed).\n# TYPE llmd_router:kv_event_unattributed_batches_total counter\nllmd_router:kv_event_unattributed_batches_total{{reason=\"unknown_topic\"}} {}\nllmd_router:kv_event_unattributed_batches_total{{reason=\"malformed\"}} {}", c.unknown_topic.load(Relaxed), c.malformed.load(Relaxed));
     }
     let _ = writeln!(out, "# HELP llmd_router:index_evictions_total Blocks dropped from the prefix index because their worker's share (--max-index-blocks-per-worker) was full, least recently used first.\n# TYPE llmd_router:index_evictions_total counter\nllmd_router:index_evictions_total {}", ix.evicted);
     drop(ix);

@@ -23,21 +23,33 @@
 //!   `seq >= start_seq` in order, `[b"", topic, seq (8 bytes BE), payload]`, then the end marker
 //!   `[b"", b"", -1 (8 bytes BE, signed), b""]`. The last `buffer_steps` batches are kept.
 //!
-//! - Binding: the PUB and replay sockets bind `tcp://*:PORT` (every IPv4 interface),
-//!   `tcp://[::]:PORT` (every interface) or `tcp://IP:PORT` for one address of this machine: the
-//!   pod IP, `127.0.0.1`, `[::1]`. vLLM binds only the wildcard forms and *connects* its PUB
-//!   socket to any other host; llmd always binds, and refuses a host name.
+//! - Binding or connecting, as vLLM decides (`ZmqEventPublisher._socket_setup`): the PUB socket
+//!   *binds* when its endpoint has `*` or `::` in it (`tcp://*:PORT`, every IPv4 interface;
+//!   `tcp://[::]:PORT`, every interface; `tcp://[::1]:PORT`) and *connects* to any other host
+//!   (`tcp://router:5557`, `tcp://10.0.0.9:5557`, `tcp://127.0.0.1:5557`): llm-d's centralized
+//!   topology, where the endpoint picker binds one SUB socket that every model server's PUB
+//!   connects to, telling them apart by the topic (`kv@<pod-ip:port>@<model>`). A connected PUB
+//!   reconnects whenever the connection drops (the router restarted): the first attempt at
+//!   once, then after 100 ms, doubling up to [`MAX_RECONNECT_INTERVAL`]; what is published while
+//!   no subscriber is connected is lost to it, as with vLLM (it stays in the replay buffer).
+//!   The replay socket always binds (`tcp://*:PORT`, `tcp://[::]:PORT` or `tcp://IP:PORT` for
+//!   one address of this machine), in both modes, as vLLM's does.
+//! - The data parallel rank moves the port up by the rank in both modes, as vLLM does: rank r
+//!   binds PORT + r, or connects to PORT + r (so a centralized subscriber takes rank r > 0's
+//!   events on its PORT + r).
 //!
 //! Security: the events carry every cached prompt's token ids (and the replay socket the last
 //! `buffer_steps` batches of them), so the ports must be reachable only by the router or
-//! indexer; bind them to the pod IP or loopback rather than `*` where that is all they need.
+//! indexer. A connecting PUB socket opens no port; a bound one takes `*` or `[::]` (restrict it
+//! with a NetworkPolicy) or `[::1]`; bind the replay socket to the pod IP or loopback rather than
+//! `*` where that is all it needs.
 //!
 //! Invariants: [`ZmqEventPublisher::publish`] never blocks the engine — it stamps the time and
 //! queues the batch in a bounded channel, dropping (and counting) it when the channel is full.
-//! One thread, `llmd-kv-events`, owns the PUB socket, numbers, encodes, sends and keeps each
-//! batch; the replay socket has a thread of its own (`replay`), so no replay client can delay
-//! live publishing. Dropping the last handle drains the queue, closes the sockets and joins
-//! both threads, so the ports are free again when the drop returns.
+//! One thread, `llmd-kv-events`, owns the PUB socket, (re)connects it, numbers, encodes, sends
+//! and keeps each batch; the replay socket has a thread of its own (`replay`), so no replay
+//! client can delay live publishing. Dropping the last handle drains the queue, closes the
+//! sockets and joins both threads, so the ports are free again when the drop returns.
 mod config;
 mod replay;
 mod wire;
@@ -63,6 +75,47 @@ const DROP_WARNING_INTERVAL: Duration = Duration::from_secs(10);
 /// The high-water mark zeromq 0.7 applies to each PUB subscriber.
 const FIXED_HWM: usize = 100_000;
 
+/// The first wait before connecting again after a failed attempt (libzmq's `reconnect_ivl`).
+const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The longest wait between two connection attempts of a connecting PUB socket.
+pub const MAX_RECONNECT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// How long one connection attempt may hold the publisher thread (batches wait meanwhile).
+const CONNECT_ATTEMPT: Duration = Duration::from_secs(1);
+
+/// What the PUB socket does with its endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PubTarget {
+    /// Binds this address (see [`bind_endpoint`]).
+    Bind(String),
+    /// Connects to this `tcp://HOST:PORT`, and again whenever the connection drops.
+    Connect(String),
+}
+
+/// What vLLM's publisher does with a PUB `endpoint` for data parallel `rank`: the port moved up
+/// by the rank, then a bind when the endpoint has `*` or `::` in it, else a connect to it.
+pub fn pub_target(endpoint: &str, rank: u32) -> anyhow::Result<PubTarget> {
+    let offset = offset_endpoint_port(endpoint, rank)?;
+    if offset.contains('*') || offset.contains("::") {
+        return bind_endpoint(endpoint, rank).map(PubTarget::Bind);
+    }
+    let rest = offset.trim_start_matches("tcp://");
+    let (host, port) = rest
+        .rsplit_once(':')
+        .with_context(|| format!("KV events endpoint {endpoint:?} has no port"))?;
+    if host.is_empty() {
+        bail!("KV events endpoint {endpoint:?} names no host to connect to");
+    }
+    if port == "0" {
+        bail!(
+            "KV events endpoint {endpoint:?}: an endpoint naming a host is connected to (as vLLM \
+             does), and port 0 cannot be; to bind a free port, use tcp://*:0"
+        );
+    }
+    Ok(PubTarget::Connect(offset))
+}
+
 /// The vLLM-compatible ZeroMQ KV-event publisher. See the module docs for the wire format.
 pub struct ZmqEventPublisher {
     queue: BatchQueue,
@@ -82,22 +135,25 @@ struct QueuedBatch {
 }
 
 impl ZmqEventPublisher {
-    /// Binds the PUB socket on a new `llmd-kv-events` thread (and the ROUTER replay socket, when
-    /// `replay_endpoint` is set, on a `llmd-kv-replay` thread) and returns once both are bound,
-    /// or with the bind error (an address in use or not of this machine, a bad endpoint).
+    /// Binds or connects the PUB socket on a new `llmd-kv-events` thread (and binds the ROUTER
+    /// replay socket, when `replay_endpoint` is set, on a `llmd-kv-replay` thread) and returns
+    /// once the sockets are bound, or with the error (an address in use or not of this machine,
+    /// a bad endpoint). A connecting PUB socket returns at once and connects in the background
+    /// (the subscriber may start later), reconnecting whenever the connection drops.
     ///
     /// `data_parallel_rank`, as in vLLM, is written into every batch and offsets the TCP port
-    /// of both endpoints (`tcp://*:5557` binds 5557 + rank). vLLM always has a rank (0 without
-    /// data parallelism); pass `Some(0)` to send what vLLM sends, `None` to send nil.
+    /// of both endpoints (`tcp://*:5557` binds 5557 + rank, `tcp://router:5557` connects to
+    /// 5557 + rank). vLLM always has a rank (0 without data parallelism); pass `Some(0)` to send
+    /// what vLLM sends, `None` to send nil.
     ///
-    /// Endpoints are `tcp://HOST:PORT` with HOST `*`, `[::]` or an IP address of this machine
-    /// (see [`bind_endpoint`]); a port of 0 binds a free port ([`Self::endpoint`] tells which).
+    /// The PUB endpoint binds or connects as [`pub_target`] says; the replay endpoint binds
+    /// (see [`bind_endpoint`]). A port of 0 binds a free port ([`Self::endpoint`] tells which).
     pub fn start(
         cfg: &KvEventsConfig,
         data_parallel_rank: Option<u32>,
     ) -> anyhow::Result<Arc<Self>> {
         let rank = data_parallel_rank.unwrap_or(0);
-        let endpoint = bind_endpoint(&cfg.endpoint, rank)?;
+        let target = pub_target(&cfg.endpoint, rank)?;
         let replay = cfg
             .replay_endpoint
             .as_deref()
@@ -128,7 +184,7 @@ impl ZmqEventPublisher {
         };
         let thread = std::thread::Builder::new()
             .name("llmd-kv-events".to_string())
-            .spawn(move || worker.run(endpoint, rx, bound_tx))
+            .spawn(move || worker.run(target, rx, bound_tx))
             .context("spawning the KV events thread")?;
         let bound = bound_rx
             .recv()
@@ -156,7 +212,8 @@ impl ZmqEventPublisher {
         }))
     }
 
-    /// The PUB socket's bound endpoint, with the port actually bound.
+    /// The PUB socket's bound endpoint, with the port actually bound; or the endpoint it
+    /// connects to.
     pub fn endpoint(&self) -> &str {
         &self.endpoint
     }
@@ -281,7 +338,7 @@ struct Worker {
 impl Worker {
     fn run(
         self,
-        endpoint: String,
+        target: PubTarget,
         rx: mpsc::Receiver<QueuedBatch>,
         bound: std_mpsc::Sender<anyhow::Result<String>>,
     ) {
@@ -295,36 +352,123 @@ impl Worker {
                 return;
             }
         };
-        runtime.block_on(self.serve(endpoint, rx, bound));
+        runtime.block_on(self.serve(target, rx, bound));
         // Dropping the runtime drops the socket's connection tasks, closing every connection.
         drop(runtime);
     }
 
     async fn serve(
         mut self,
-        endpoint: String,
+        target: PubTarget,
         mut rx: mpsc::Receiver<QueuedBatch>,
         bound: std_mpsc::Sender<anyhow::Result<String>>,
     ) {
         let mut publisher = PubSocket::new();
-        match publisher
-            .bind(&endpoint)
-            .await
-            .with_context(|| format!("binding the KV events PUB socket to {endpoint}"))
-        {
-            Ok(bound_endpoint) => {
-                let _ = bound.send(Ok(bound_endpoint.to_string()));
+        let connect_to = match target {
+            PubTarget::Bind(endpoint) => {
+                match publisher
+                    .bind(&endpoint)
+                    .await
+                    .with_context(|| format!("binding the KV events PUB socket to {endpoint}"))
+                {
+                    Ok(bound_endpoint) => {
+                        let _ = bound.send(Ok(bound_endpoint.to_string()));
+                    }
+                    Err(e) => {
+                        let _ = bound.send(Err(e));
+                        return;
+                    }
+                }
+                None
             }
-            Err(e) => {
-                let _ = bound.send(Err(e));
-                return;
+            PubTarget::Connect(endpoint) => {
+                let _ = bound.send(Ok(endpoint.clone()));
+                Some(endpoint)
             }
-        }
-        while let Some(batch) = rx.recv().await {
-            self.send_live(&mut publisher, batch).await;
+        };
+        match connect_to {
+            None => {
+                while let Some(batch) = rx.recv().await {
+                    self.send_live(&mut publisher, batch).await;
+                }
+            }
+            Some(endpoint) => {
+                self.serve_connected(&mut publisher, &endpoint, &mut rx)
+                    .await
+            }
         }
         for e in publisher.close().await {
             tracing::debug!(error = %e, "closing the KV events PUB socket");
+        }
+    }
+
+    /// The connecting PUB socket's loop: sends what is queued and keeps one connection to
+    /// `endpoint`, connecting again (after [`RECONNECT_INTERVAL`], doubling up to
+    /// [`MAX_RECONNECT_INTERVAL`]) whenever it fails or drops.
+    async fn serve_connected(
+        &mut self,
+        publisher: &mut PubSocket,
+        endpoint: &str,
+        rx: &mut mpsc::Receiver<QueuedBatch>,
+    ) {
+        use futures_util::StreamExt;
+        use zeromq::SocketEvent;
+        let mut monitor = publisher.monitor();
+        // The subscriber connected to, once the monitor has named it; `connected` is set as
+        // soon as `connect` returns.
+        let mut peer = None;
+        let mut connected = false;
+        let mut wait = RECONNECT_INTERVAL;
+        let mut retry_at = tokio::time::Instant::now();
+        let mut failures = 0u64;
+        loop {
+            if !connected && tokio::time::Instant::now() >= retry_at {
+                match tokio::time::timeout(CONNECT_ATTEMPT, publisher.connect(endpoint)).await {
+                    Ok(Ok(())) => {
+                        tracing::info!(%endpoint, "KV events: PUB socket connected");
+                        connected = true;
+                        failures = 0;
+                        wait = RECONNECT_INTERVAL;
+                    }
+                    outcome => {
+                        failures += 1;
+                        // Once per power of two: a subscriber down for long does not flood
+                        // the log.
+                        if failures.is_power_of_two() {
+                            let error = match outcome {
+                                Ok(Err(e)) => e.to_string(),
+                                _ => format!("no connection within {CONNECT_ATTEMPT:?}"),
+                            };
+                            tracing::warn!(
+                                %endpoint, %error, failures,
+                                "KV events: cannot connect the PUB socket; retrying"
+                            );
+                        }
+                        retry_at = tokio::time::Instant::now() + wait;
+                        wait = (wait * 2).min(MAX_RECONNECT_INTERVAL);
+                    }
+                }
+            }
+            tokio::select! {
+                batch = rx.recv() => match batch {
+                    Some(batch) => self.send_live(publisher, batch).await,
+                    None => return,
+                },
+                Some(event) = monitor.next() => match event {
+                    SocketEvent::Connected(_, id) => peer = Some(id),
+                    SocketEvent::Disconnected(id) if peer.as_ref() == Some(&id) => {
+                        tracing::warn!(
+                            %endpoint,
+                            "KV events: the subscriber went away; reconnecting"
+                        );
+                        peer = None;
+                        connected = false;
+                        retry_at = tokio::time::Instant::now();
+                    }
+                    _ => {}
+                },
+                () = tokio::time::sleep_until(retry_at), if !connected => {}
+            }
         }
     }
 
@@ -389,7 +533,8 @@ fn offset_endpoint_port(endpoint: &str, rank: u32) -> anyhow::Result<String> {
 /// The address a KV events socket binds for `endpoint`, moved up by the data parallel `rank`:
 /// `tcp://*:PORT` binds every IPv4 interface (`0.0.0.0`), `tcp://[::]:PORT` every interface,
 /// `tcp://IP:PORT` (`[IPv6]` in brackets) that address alone — the pod IP, or loopback for a
-/// router in the same pod. A host name is refused: vLLM would connect its PUB socket to it.
+/// router in the same pod. A host name is refused: a ROUTER socket binds an address of this
+/// machine.
 pub fn bind_endpoint(endpoint: &str, rank: u32) -> anyhow::Result<String> {
     let endpoint = offset_endpoint_port(endpoint, rank)?;
     let rest = endpoint.trim_start_matches("tcp://");
@@ -409,7 +554,7 @@ pub fn bind_endpoint(endpoint: &str, rank: u32) -> anyhow::Result<String> {
         Err(_) => bail!(
             "KV events endpoint {endpoint:?}: llmd binds its KV event sockets, to `*` (every \
              interface) or to an IP address of this machine (the pod IP, 127.0.0.1, [::1]); \
-             {host:?} is not one (vLLM would connect to a host name, which llmd does not do)"
+             {host:?} is not one"
         ),
     }
 }
@@ -468,19 +613,75 @@ mod tests {
             assert!(e.contains("IP address of this machine"), "{bad}: {e}");
         }
         assert!(bind_endpoint("ipc:///tmp/kv", 0).is_err());
+        // The replay socket binds in both modes, so a host name is refused there.
         let cfg = KvEventsConfig {
-            endpoint: "tcp://indexer:5557".to_string(),
-            ..KvEventsConfig::default()
-        };
-        let e = ZmqEventPublisher::start(&cfg, None).err().expect("refused");
-        assert!(e.to_string().contains("indexer"), "{e}");
-        let cfg = KvEventsConfig {
-            endpoint: "tcp://127.0.0.1:0".to_string(),
+            endpoint: "tcp://router:5557".to_string(),
             replay_endpoint: Some("tcp://replayer:5558".to_string()),
             ..KvEventsConfig::default()
         };
         let e = ZmqEventPublisher::start(&cfg, None).err().expect("refused");
         assert!(e.to_string().contains("replayer"), "{e}");
+    }
+
+    #[test]
+    fn the_pub_socket_binds_wildcards_and_connects_to_hosts_as_vllm_does() {
+        let bind = |e: &str| PubTarget::Bind(e.to_string());
+        let connect = |e: &str| PubTarget::Connect(e.to_string());
+        assert_eq!(
+            pub_target("tcp://*:5557", 0).unwrap(),
+            bind("tcp://0.0.0.0:5557")
+        );
+        assert_eq!(
+            pub_target("tcp://*:5557", 2).unwrap(),
+            bind("tcp://0.0.0.0:5559")
+        );
+        assert_eq!(pub_target("tcp://[::]:0", 1).unwrap(), bind("tcp://[::]:0"));
+        // vLLM's test is a substring one: `::` binds, so IPv6 loopback binds too.
+        assert_eq!(
+            pub_target("tcp://[::1]:7", 0).unwrap(),
+            bind("tcp://[::1]:7")
+        );
+        // Any other host is connected to, the port moved up by the rank as vLLM does.
+        assert_eq!(
+            pub_target("tcp://epp.ns.svc:5557", 0).unwrap(),
+            connect("tcp://epp.ns.svc:5557")
+        );
+        assert_eq!(
+            pub_target("tcp://10.0.0.9:5557", 3).unwrap(),
+            connect("tcp://10.0.0.9:5560")
+        );
+        assert_eq!(
+            pub_target("tcp://127.0.0.1:5557", 0).unwrap(),
+            connect("tcp://127.0.0.1:5557")
+        );
+        for (bad, says) in [
+            ("tcp://127.0.0.1:0", "port 0"),
+            ("tcp://:5557", "no host"),
+            ("tcp://router", "no port"),
+            ("ipc:///tmp/kv", "tcp://"),
+            ("tcp://router:65535", "past 65535"),
+        ] {
+            let rank = u32::from(bad.ends_with("65535"));
+            let e = pub_target(bad, rank).unwrap_err();
+            assert!(format!("{e:#}").contains(says), "{bad}: {e:#}");
+        }
+        // A connecting publisher starts even with nobody listening yet.
+        let cfg = KvEventsConfig {
+            endpoint: format!("tcp://127.0.0.1:{}", free_port()),
+            ..KvEventsConfig::default()
+        };
+        let publisher = ZmqEventPublisher::start(&cfg, None).expect("starts");
+        assert_eq!(publisher.endpoint(), cfg.endpoint);
+        publisher.publish(vec![KvEvent::AllBlocksCleared]);
+        drop(publisher);
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 
     #[test]

@@ -21,8 +21,8 @@ pub struct KvEventsConfig {
     pub enable_kv_cache_events: bool,
     /// vLLM's default: `"zmq"` when events are enabled, `"null"` otherwise.
     pub publisher: Publisher,
-    /// The PUB socket. Bound when it names a wildcard host (`tcp://*:5557`); vLLM connects to
-    /// any other host, which llmd does not support (see [`super::ZmqEventPublisher::start`]).
+    /// The PUB socket. Bound when it has `*` or `::` in it (`tcp://*:5557`), connected to any
+    /// other host (`tcp://router:5557`), as vLLM does (see [`super::pub_target`]).
     pub endpoint: String,
     /// The ROUTER socket serving replays, always bound; `None` disables replay.
     pub replay_endpoint: Option<String>,
