@@ -222,9 +222,8 @@ fn event_blocks(events: &[KvEvent]) -> u64 {
     events
         .iter()
         .map(|e| match e {
-            KvEvent::BlockStored { block_hashes, .. } | KvEvent::BlockRemoved { block_hashes, .. } => {
-                block_hashes.len() as u64
-            }
+            KvEvent::BlockStored { block_hashes, .. }
+            | KvEvent::BlockRemoved { block_hashes, .. } => block_hashes.len() as u64,
             KvEvent::AllBlocksCleared => 0,
         })
         .sum()
@@ -247,6 +246,17 @@ fn rss_bytes() -> u64 {
         .unwrap_or(0);
     // SAFETY: sysconf has no preconditions.
     pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
+}
+
+/// This thread's CPU time, in seconds: a decision's wall time beyond it was spent preempted.
+fn thread_cpu() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 fn pct(v: &mut [f64], p: f64) -> f64 {
@@ -342,7 +352,7 @@ impl Router {
         let weights = self.cfg.tier_weights;
         let matches: Vec<_> = {
             let t = Instant::now();
-            let mut ix = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            let ix = self.index.lock().unwrap_or_else(|e| e.into_inner());
             self.lock_waits.push(t.elapsed().as_secs_f64());
             self.names
                 .iter()
@@ -384,6 +394,8 @@ struct Live {
     decision_idle: Vec<f64>,
     lock_load: Vec<f64>,
     lock_idle: Vec<f64>,
+    cpu_load: Vec<f64>,
+    cpu_idle: Vec<f64>,
     index_blocks: u64,
     rss: u64,
     trace_span: f64,
@@ -446,7 +458,10 @@ fn live(reqs: &[Req], workers: usize, cap: usize, rate: f64) -> Live {
     // before the subscription reaches it): until then, ping.
     let t = Instant::now();
     while stats.iter().any(|s| s.batches.load(Relaxed) == 0) {
-        assert!(t.elapsed() < Duration::from_secs(60), "subscriptions never came up");
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "subscriptions never came up"
+        );
         for (p, s) in pubs.iter().zip(&stats) {
             if s.batches.load(Relaxed) == 0 {
                 p.publish(vec![KvEvent::AllBlocksCleared]);
@@ -471,17 +486,19 @@ fn live(reqs: &[Req], workers: usize, cap: usize, rate: f64) -> Live {
     let mut published = 0u64;
     let mut decide_load = Vec::with_capacity(reqs.len());
     let mut decision_load = Vec::with_capacity(reqs.len());
+    let mut cpu_load = Vec::with_capacity(reqs.len());
     let start = Instant::now();
     let start_ns = epoch.elapsed().as_nanos() as u64;
     for (n, r) in reqs.iter().enumerate() {
         let b = blocks_of(r, n);
         let tokens = prompt_tokens(&b);
         let load: Vec<(usize, f64)> = sim.iter_mut().map(|w| w.load(r.ts)).collect();
-        let t0 = Instant::now();
+        let (c0, t0) = (thread_cpu(), Instant::now());
         let keys = router.keyer.keys(&tokens);
         let t1 = Instant::now();
         let (w, pred) = router.pick(&keys, &load);
         let t2 = Instant::now();
+        cpu_load.push(thread_cpu() - c0);
         decide_load.push((t2 - t1).as_secs_f64());
         decision_load.push((t2 - t0).as_secs_f64());
         // Where the prompt will be cached, as route.rs records it after deciding.
@@ -509,8 +526,7 @@ fn live(reqs: &[Req], workers: usize, cap: usize, rate: f64) -> Live {
     while applied.load(Relaxed) < published && t.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(5));
     }
-    let drain = (last_apply_ns.load(Relaxed) as f64 / 1e9 - (start_ns as f64 / 1e9))
-        - publish_wall;
+    let drain = (last_apply_ns.load(Relaxed) as f64 / 1e9 - (start_ns as f64 / 1e9)) - publish_wall;
     let apply_wall = last_apply_ns.load(Relaxed).saturating_sub(start_ns) as f64 / 1e9;
     let gaps = stats.iter().map(|s| s.gaps.load(Relaxed)).sum::<u64>() - gaps0;
     let batches = stats.iter().map(|s| s.batches.load(Relaxed)).sum::<u64>() - batches0;
@@ -529,14 +545,16 @@ fn live(reqs: &[Req], workers: usize, cap: usize, rate: f64) -> Live {
     // Idle: the same requests' decisions, nothing flowing (no `expect`: nothing is sent).
     let mut decide_idle = Vec::with_capacity(reqs.len());
     let mut decision_idle = Vec::with_capacity(reqs.len());
+    let mut cpu_idle = Vec::with_capacity(reqs.len());
     let idle_load = vec![(0usize, 0.0f64); workers];
     for (n, r) in reqs.iter().enumerate() {
         let tokens = prompt_tokens(&blocks_of(r, n));
-        let t0 = Instant::now();
+        let (c0, t0) = (thread_cpu(), Instant::now());
         let keys = router.keyer.keys(&tokens);
         let t1 = Instant::now();
         router.pick(&keys, &idle_load);
         let t2 = Instant::now();
+        cpu_idle.push(thread_cpu() - c0);
         decide_idle.push((t2 - t1).as_secs_f64());
         decision_idle.push((t2 - t0).as_secs_f64());
     }
@@ -562,6 +580,8 @@ fn live(reqs: &[Req], workers: usize, cap: usize, rate: f64) -> Live {
         decision_idle,
         lock_load,
         lock_idle,
+        cpu_load,
+        cpu_idle,
         index_blocks,
         rss,
         trace_span: reqs.last().map_or(0.0, |r| r.ts) - reqs.first().map_or(0.0, |r| r.ts),
@@ -578,7 +598,10 @@ fn main() {
         return;
     }
     let quick = env_or("ROUTER_INDEX_QUICK", 0u8) != 0;
-    let limit = env_or("ROUTER_INDEX_REQUESTS", if quick { 3000 } else { usize::MAX });
+    let limit = env_or(
+        "ROUTER_INDEX_REQUESTS",
+        if quick { 3000 } else { usize::MAX },
+    );
     let rate = env_or("ROUTER_INDEX_RATE", 100_000f64);
     let workers = env_or("ROUTER_INDEX_WORKERS", 64usize);
     let cap = env_or("ROUTER_INDEX_BLOCKS_PER_WORKER", 56_320usize);
@@ -633,11 +656,22 @@ fn main() {
     let ms = |v: &mut Vec<f64>, p| pct(v, p) * 1e3;
     let (dl50, dl99) = (ms(&mut l.decide_load, 0.5), ms(&mut l.decide_load, 0.99));
     let (di50, di99) = (ms(&mut l.decide_idle, 0.5), ms(&mut l.decide_idle, 0.99));
-    let (tl50, tl99) = (ms(&mut l.decision_load, 0.5), ms(&mut l.decision_load, 0.99));
-    let (ti50, ti99) = (ms(&mut l.decision_idle, 0.5), ms(&mut l.decision_idle, 0.99));
+    let (tl50, tl99) = (
+        ms(&mut l.decision_load, 0.5),
+        ms(&mut l.decision_load, 0.99),
+    );
+    let (ti50, ti99) = (
+        ms(&mut l.decision_idle, 0.5),
+        ms(&mut l.decision_idle, 0.99),
+    );
     let (ll50, ll99) = (ms(&mut l.lock_load, 0.5), ms(&mut l.lock_load, 0.99));
     let (li50, li99) = (ms(&mut l.lock_idle, 0.5), ms(&mut l.lock_idle, 0.99));
-    println!("(3) decision time over {} requests, {workers} workers:", reqs.len());
+    let (cl50, cl99) = (ms(&mut l.cpu_load, 0.5), ms(&mut l.cpu_load, 0.99));
+    let (ci50, ci99) = (ms(&mut l.cpu_idle, 0.5), ms(&mut l.cpu_idle, 0.99));
+    println!(
+        "(3) decision time over {} requests, {workers} workers:",
+        reqs.len()
+    );
     println!("| part | idle p50 | idle p99 | under load p50 | under load p99 | p50 load/idle | p99 load/idle |");
     println!("|---|---|---|---|---|---|---|");
     println!(
@@ -652,6 +686,11 @@ fn main() {
     );
     println!(
         "| of which waiting for the index lock | {li50:.3} ms | {li99:.3} ms | {ll50:.3} ms | {ll99:.3} ms | | |"
+    );
+    println!(
+        "| keys + lookup + score, this thread's CPU time | {ci50:.3} ms | {ci99:.3} ms | {cl50:.3} ms | {cl99:.3} ms | {:.2}× | {:.2}× |",
+        cl50 / ci50,
+        cl99 / ci99
     );
     println!(
         "(4) prefix hit rate (prompt blocks found cached on the chosen worker): prefix-aware {:.1} %, round robin {:.1} %, trace ceiling (one infinite cache) {:.1} %; prefix-aware / round robin {:.2}×",
