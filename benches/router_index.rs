@@ -526,8 +526,8 @@ fn live(reqs: &[Req], workers: usize, cap: usize, rate: f64) -> Live {
     while applied.load(Relaxed) < published && t.elapsed() < Duration::from_secs(60) {
         std::thread::sleep(Duration::from_millis(5));
     }
-    let drain = (last_apply_ns.load(Relaxed) as f64 / 1e9 - (start_ns as f64 / 1e9)) - publish_wall;
     let apply_wall = last_apply_ns.load(Relaxed).saturating_sub(start_ns) as f64 / 1e9;
+    let drain = (apply_wall - publish_wall).max(0.0);
     let gaps = stats.iter().map(|s| s.gaps.load(Relaxed)).sum::<u64>() - gaps0;
     let batches = stats.iter().map(|s| s.batches.load(Relaxed)).sum::<u64>() - batches0;
     let malformed = stats
