@@ -176,8 +176,8 @@ impl Block {
     }
 }
 
-/// What one worker holds. `blocks` is kept in least-recently-used order (stored or matched by
-/// a request); `keys` has exactly the hashes of `blocks`, so both are bounded by
+/// What one worker holds. `blocks` is kept in least-recently-used order (stored, or part of a
+/// prompt sent there: [`PrefixIndex::expect`]); `keys` has exactly the hashes of `blocks`, so both are bounded by
 /// [`IndexLimits::max_blocks_per_worker`].
 struct WorkerBlocks {
     /// The worker's own block hash → the router's key.
@@ -376,17 +376,19 @@ impl PrefixIndex {
         }
     }
 
-    /// Records that a prompt of `keys` was sent to `worker`: until an event confirms (or
-    /// `ttl` passes), its blocks count as held there, so the prompts that follow it while it
-    /// is still being prefilled go to the same worker. Pending keys are capped per worker and
-    /// in all ([`IndexLimits`]): the oldest go first.
+    /// Records that a prompt of `keys` was sent to `worker`: the blocks it holds of it count
+    /// as used (least recently used order), and until an event confirms (or `ttl` passes)
+    /// the others count as held there, so the prompts that follow it while it is still being
+    /// prefilled go to the same worker. Pending keys are capped per worker and in all
+    /// ([`IndexLimits`]): the oldest go first.
     pub fn expect(&mut self, worker: &str, keys: &[u64], ttl: std::time::Duration) {
         let now = std::time::Instant::now();
         let until = now + ttl;
         let per_worker = self.limits.max_pending_per_worker;
         let w = self.workers.entry(worker.to_string()).or_default();
         for k in keys {
-            if !w.blocks.contains(k) {
+            // `get` moves a held block to the most recently used end.
+            if w.blocks.get(k).is_none() {
                 w.pending.put(*k, until);
             }
         }
@@ -426,15 +428,18 @@ impl PrefixIndex {
         self.workers.get(worker).map_or(0, |w| w.pending.len())
     }
 
-    /// The leading run of `keys` that `worker` holds (the blocks matched count as used).
-    pub fn prefix(&mut self, worker: &str, keys: &[u64], weights: &TierWeights) -> PrefixMatch {
-        let Some(w) = self.workers.get_mut(worker) else {
+    /// The leading run of `keys` that `worker` holds. Read-only: a router asks every worker,
+    /// and only the one the prompt is sent to uses its blocks ([`Self::expect`] marks them),
+    /// so a prefix every worker holds is not reordered in every worker's LRU list — at 64
+    /// workers those list moves were most of a decision's time, each a few cache misses.
+    pub fn prefix(&self, worker: &str, keys: &[u64], weights: &TierWeights) -> PrefixMatch {
+        let Some(w) = self.workers.get(worker) else {
             return PrefixMatch::default();
         };
         let now = std::time::Instant::now();
         let mut m = PrefixMatch::default();
         for k in keys {
-            match w.blocks.get(k) {
+            match w.blocks.peek(k) {
                 Some(b) if b.media != 0 => {
                     m.blocks += 1;
                     m.weighted += weights.of(b.media);
@@ -617,11 +622,23 @@ mod tests {
             (0, 0),
             "the oldest went"
         );
-        // A match counts as a use: prompt 2 is matched, so storing one more evicts prompt 3.
+        // A lookup is not a use (every worker is asked), a prompt sent there is: after
+        // prompt 2 is sent to "a", storing one more evicts prompt 3, the least recently used.
         assert_eq!(held(&mut ix, 2), 1);
+        assert_eq!(held(&mut ix, 3), 1);
+        ix.expect(
+            "a",
+            &k.keys(&prompts[2]),
+            std::time::Duration::from_secs(30),
+        );
+        assert_eq!(ix.num_pending("a"), 0, "held blocks are not pending");
         ix.apply("a", &[stored(&[200], None, &[7; 4], Medium::Gpu)]);
         assert_eq!(ix.num_blocks("a"), 4);
         assert_eq!((held(&mut ix, 2), held(&mut ix, 3)), (1, 0));
+        // Looked up without being sent: prompt 4 stays the least recently used and goes next.
+        assert_eq!(held(&mut ix, 4), 1);
+        ix.apply("a", &[stored(&[201], None, &[8; 4], Medium::Gpu)]);
+        assert_eq!(held(&mut ix, 4), 0);
         // An evicted block's hash is forgotten with it: its removal and its children are no-ops
         // (the child is an orphan), nothing grows past the cap.
         ix.apply(

@@ -520,7 +520,7 @@ impl RouterState {
         }
         let weights = self.cfg.routing.tier_weights;
         let matches: Vec<_> = {
-            let mut ix = self.index.lock().unwrap_or_else(|e| e.into_inner());
+            let ix = self.index.lock().unwrap_or_else(|e| e.into_inner());
             cands
                 .iter()
                 .map(|w| ix.prefix(w.name(), keys, &weights))
