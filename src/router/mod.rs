@@ -5,6 +5,9 @@
 //! - [`route`] is the router (`llmd route`), llm-d's endpoint picker as one process: a global
 //!   prefix index fed by the workers' KV events ([`index`], [`events`]), weighted scorers and
 //!   the P/D decision ([`scorers`]), workers from a static list or Kubernetes ([`workers`]).
+//! - [`epp`] serves the same decisions to a gateway as a Gateway API Endpoint Picker (Envoy's
+//!   ext_proc).
+pub mod epp;
 pub mod events;
 pub mod index;
 pub mod route;
