@@ -57,6 +57,8 @@ pub const LB_NAMESPACE: &str = "envoy.lb";
 pub const SUBSET_NAMESPACE: &str = "envoy.lb.subset_hint";
 /// Most endpoints in the answer's fallback list.
 const MAX_ENDPOINTS: usize = 4;
+/// How long a stream refused with an immediate response waits for the gateway to close it.
+const DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 /// Body chunks given back are at most this big (under gRPC's default 4 MiB message limit, as
 /// large bodies need).
 const BODY_CHUNK: usize = 62 * 1024;
@@ -196,6 +198,11 @@ async fn exchange(
                     "EPP request refused"
                 );
                 let _ = tx.send(refusal.reply()).await;
+                // The gateway stops sending and closes its side; the stream ends then (not
+                // before: a reset while the answer is in flight could lose it), or after
+                // a while for one that never does.
+                let drain = async { while let Ok(Some(_)) = inbound.message().await {} };
+                let _ = tokio::time::timeout(DRAIN, drain).await;
                 return;
             }
         };
