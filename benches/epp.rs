@@ -13,12 +13,12 @@
 mod env;
 #[path = "../tests/common/process.rs"]
 mod process;
+use env::env_or;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     external_processor_client::ExternalProcessorClient, processing_request::Request as Msg,
     processing_response::Response as Reply, HttpBody, HttpHeaders, ProcessingRequest,
 };
-use env::env_or;
 use process::{free_port, Echo, LlmdProcess};
 use std::time::{Duration, Instant};
 
@@ -29,7 +29,9 @@ async fn fake_worker() -> String {
         .route(
             "/v1/completions",
             post(|_b: axum::body::Bytes| async {
-                axum::Json(serde_json::json!({"object": "text_completion", "choices": [{"text": "ok"}]}))
+                axum::Json(
+                    serde_json::json!({"object": "text_completion", "choices": [{"text": "ok"}]}),
+                )
             }),
         )
         .route("/metrics", get(|| async { "" }))
@@ -59,9 +61,8 @@ async fn epp_once(
     body: &[u8],
 ) -> Duration {
     let (tx, rx) = tokio::sync::mpsc::channel::<ProcessingRequest>(16);
-    let outbound = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|m| (m, rx))
-    });
+    let outbound =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
     let len = body.len().to_string();
     let start = Instant::now();
     tx.send(ProcessingRequest {
@@ -185,7 +186,7 @@ fn main() {
                 &epp_port.to_string(),
             ]
             .map(String::from),
-            "warn",
+            "warn,llmd::router::route=info",
             Echo::Errors,
             Duration::from_secs(60),
         );

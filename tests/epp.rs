@@ -112,7 +112,10 @@ fn immediate(r: &Value) -> (u64, Value) {
 /// The endpoints the router answered with, checked: header == metadata, distinct.
 fn endpoints(r: &Value) -> Vec<String> {
     assert!(r["immediate"].is_null(), "refused: {r}");
-    assert_eq!(r["header"], r["metadata"], "header and metadata differ: {r}");
+    assert_eq!(
+        r["header"], r["metadata"],
+        "header and metadata differ: {r}"
+    );
     let list: Vec<String> = r["header"]
         .as_str()
         .unwrap_or_else(|| panic!("no destination: {r}"))
@@ -122,7 +125,11 @@ fn endpoints(r: &Value) -> Vec<String> {
     let mut d = list.clone();
     d.sort();
     d.dedup();
-    assert_eq!(d.len(), list.len(), "the fallback list repeats an endpoint: {r}");
+    assert_eq!(
+        d.len(),
+        list.len(),
+        "the fallback list repeats an endpoint: {r}"
+    );
     list
 }
 
@@ -164,7 +171,11 @@ async fn an_envoy_client_is_routed_by_the_endpoint_picker() {
         ]),
     );
     let h = &res[0]["health"];
-    for n in ["liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"] {
+    for n in [
+        "liveness",
+        "readiness",
+        "envoy.service.ext_proc.v3.ExternalProcessor",
+    ] {
         assert_eq!(h[n], "SERVING", "{h}");
     }
     assert_eq!(h["no-such-service"], "error:NOT_FOUND", "{h}");
@@ -183,7 +194,10 @@ async fn an_envoy_client_is_routed_by_the_endpoint_picker() {
         first["content_length"],
         first["body_back"].as_str().unwrap().len().to_string()
     );
-    assert_eq!(first["hop_removed"], true, "a client's trusted-hop header is dropped");
+    assert_eq!(
+        first["hop_removed"], true,
+        "a client's trusted-hop header is dropped"
+    );
     assert_eq!(first["prefiller_removed"], true);
     let holder = list[0].clone();
     // Wait for the worker's KV events to reach the router's index.
@@ -194,7 +208,11 @@ async fn an_envoy_client_is_routed_by_the_endpoint_picker() {
     let hits_before: Vec<f64> = {
         let mut v = Vec::new();
         for w in workers {
-            v.push(metric(&w.metrics().await, "vllm:prefix_cache_hits_total", ""));
+            v.push(metric(
+                &w.metrics().await,
+                "vllm:prefix_cache_hits_total",
+                "",
+            ));
         }
         v
     };
@@ -233,7 +251,10 @@ async fn an_envoy_client_is_routed_by_the_endpoint_picker() {
     let chat_r = &res[3];
     assert_eq!(endpoints(chat_r).len(), 3);
     assert_eq!(chat_r["status"], 200, "{chat_r}");
-    assert!(chat_r["response"].as_str().unwrap().contains("chat.completion"));
+    assert!(chat_r["response"]
+        .as_str()
+        .unwrap()
+        .contains("chat.completion"));
     let sub = endpoints(&res[4]);
     let mut want = vec![others[0].to_string(), others[1].to_string()];
     want.sort();
@@ -344,10 +365,16 @@ async fn an_envoy_client_is_routed_by_the_endpoint_picker() {
     assert!(alias.headers().contains_key("x-llmd-worker"), "forwarded");
     let nf = post("stories260K").await.unwrap();
     assert_eq!(nf.status(), 404, "not among --served-model-name");
-    assert!(!nf.headers().contains_key("x-llmd-worker"), "refused by the router");
+    assert!(
+        !nf.headers().contains_key("x-llmd-worker"),
+        "refused by the router"
+    );
     let v: Value = nf.json().await.unwrap();
     assert_eq!(v["error"]["type"], "not_found_error", "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains("stories260K"));
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("stories260K"));
 
     // Without --served-model-name the model directory's name is served (the path too);
     // with P/D workers the prefiller is named in its header.

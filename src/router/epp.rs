@@ -22,8 +22,8 @@
 //!
 //! gRPC health (`grpc.health.v1`) answers for `liveness`, `readiness` and the ext_proc service
 //! name.
-use super::route::{error_body, Decision, InFlight, RouterState, Worker, PENDING_TTL};
 use super::route::PREFILLER_HEADER;
+use super::route::{error_body, Decision, InFlight, RouterState, Worker, PENDING_TTL};
 use crate::kv::auth::TRUSTED_HOP_HEADER;
 use envoy_types::pb::envoy::config::core::v3::{
     header_value_option::HeaderAppendAction, HeaderValue as EnvoyHeader, HeaderValueOption,
@@ -150,8 +150,8 @@ impl Refusal {
     }
 
     fn reply(&self) -> ProcessingResponse {
-        let body = serde_json::to_vec(&error_body(self.kind, self.message.clone()))
-            .unwrap_or_default();
+        let body =
+            serde_json::to_vec(&error_body(self.kind, self.message.clone())).unwrap_or_default();
         ProcessingResponse {
             response: Some(Reply::ImmediateResponse(ImmediateResponse {
                 status: Some(HttpStatus {
@@ -452,11 +452,17 @@ fn served(
         return;
     };
     let Some(served) = served_endpoint(metadata) else {
-        routed.worker.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        routed
+            .worker
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return;
     };
     if served == routed.worker.spec.host_port() {
-        routed.worker.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        routed
+            .worker
+            .requests
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return;
     }
     let Some(w) = state
@@ -468,7 +474,8 @@ fn served(
         return;
     };
     tracing::debug!(picked = %routed.worker.name(), served = %w.name(), "served by a fallback endpoint");
-    w.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    w.requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if !routed.keys.is_empty() {
         let mut ix = state.index.lock().unwrap_or_else(|e| e.into_inner());
         ix.unexpect(routed.worker.name(), &routed.keys);
@@ -489,8 +496,8 @@ async fn route_request(
     ex: &mut Exchange,
 ) -> Result<Vec<ProcessingResponse>, Refusal> {
     let path = ex.path.split('?').next().unwrap_or("").to_string();
-    let generation = ex.method == "POST"
-        && (path == "/v1/completions" || path == "/v1/chat/completions");
+    let generation =
+        ex.method == "POST" && (path == "/v1/completions" || path == "/v1/chat/completions");
     let known = generation
         || (ex.method == "GET" && (path == "/v1/models" || path.starts_with("/v1/models/")));
     if !known {
@@ -570,7 +577,11 @@ async fn route_request(
     let mut out = vec![headers];
     if let Some(b) = body {
         let n = b.len().div_ceil(BODY_CHUNK).max(1);
-        for (i, chunk) in b.chunks(BODY_CHUNK).chain((b.is_empty()).then_some(&b[..])).enumerate() {
+        for (i, chunk) in b
+            .chunks(BODY_CHUNK)
+            .chain((b.is_empty()).then_some(&b[..]))
+            .enumerate()
+        {
             out.push(reply(Reply::RequestBody(BodyResponse {
                 response: Some(CommonResponse {
                     body_mutation: Some(BodyMutation {
@@ -620,7 +631,11 @@ fn pick(
         ));
     }
     let Some(d) = state.decide(prompt_len, keys, &excluded) else {
-        return Err(Refusal::new(503, "service_unavailable", "no worker to route to"));
+        return Err(Refusal::new(
+            503,
+            "service_unavailable",
+            "no worker to route to",
+        ));
     };
     let mut endpoints = vec![d.worker.spec.host_port().to_string()];
     excluded.push(d.worker.clone());
@@ -681,15 +696,26 @@ mod tests {
         let m = meta(SUBSET_NAMESPACE, SUBSET, list);
         assert_eq!(
             subset_hint(Some(&m)),
-            Some(vec!["10.0.0.1:8000".to_string(), "10.0.0.2:8000".to_string()])
+            Some(vec![
+                "10.0.0.1:8000".to_string(),
+                "10.0.0.2:8000".to_string()
+            ])
         );
         assert_eq!(subset_hint(None), None);
         assert_eq!(subset_hint(Some(&Metadata::default())), None);
         // Set but empty: nothing is eligible (a 503), unlike unset.
-        let empty = meta(SUBSET_NAMESPACE, SUBSET, Kind::ListValue(ListValue::default()));
+        let empty = meta(
+            SUBSET_NAMESPACE,
+            SUBSET,
+            Kind::ListValue(ListValue::default()),
+        );
         assert_eq!(subset_hint(Some(&empty)), Some(vec![]));
         // The served endpoint is in envoy.lb, not in the hint's namespace.
-        let s = meta(LB_NAMESPACE, SERVED, Kind::StringValue("10.0.0.2:8000".into()));
+        let s = meta(
+            LB_NAMESPACE,
+            SERVED,
+            Kind::StringValue("10.0.0.2:8000".into()),
+        );
         assert_eq!(served_endpoint(Some(&s)).as_deref(), Some("10.0.0.2:8000"));
         let wrong = meta(SUBSET_NAMESPACE, SERVED, Kind::StringValue("x:1".into()));
         assert_eq!(served_endpoint(Some(&wrong)), None);

@@ -585,7 +585,11 @@ impl RouterState {
             .collect();
         let rotation = self.rotation.fetch_add(1, Relaxed);
         let p = scorers::pick(&self.cfg.routing, &candidates, keys.len(), rotation);
-        Some((cands[p.index].clone(), matches[p.index].blocks, p.decided_by))
+        Some((
+            cands[p.index].clone(),
+            matches[p.index].blocks,
+            p.decided_by,
+        ))
     }
 
     /// The workers a request is sent to (decode workers when there are prefill ones too), and
@@ -689,10 +693,11 @@ impl RouterState {
     /// events confirm it go there too) and counts the request in flight there.
     pub(super) fn dispatch(&self, w: &Arc<Worker>, keys: &[u64]) -> InFlight {
         if !keys.is_empty() {
-            self.index
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .expect(w.name(), keys, PENDING_TTL);
+            self.index.lock().unwrap_or_else(|e| e.into_inner()).expect(
+                w.name(),
+                keys,
+                PENDING_TTL,
+            );
         }
         InFlight::on(w)
     }
