@@ -985,9 +985,10 @@ mod tests {
         }
         let tok = tiny();
         let keyer = Keyer::new(super::super::index::KeyScheme::Fnv64a, "0", 4);
+        let models = ["m".to_string(), "alias".to_string()];
         let body = br#"{"prompt": [1, 2, 3, 4, 5, 6, 7, 8, 9], "max_tokens": 2,
             "kv_transfer_params": {"do_remote_prefill": true, "remote_engine_id": "x"}}"#;
-        let p = prepare(&tok, &keyer, 64, "/v1/completions", body).unwrap();
+        let p = prepare(&tok, &keyer, 64, &models, "/v1/completions", body).unwrap();
         let v: Value = serde_json::from_slice(&p.body).unwrap();
         assert!(v.get("kv_transfer_params").is_none(), "{v}");
         assert_eq!(v["max_tokens"], 2);
@@ -995,7 +996,7 @@ mod tests {
         assert_eq!(p.keys, keyer.keys(&[1, 2, 3, 4, 5, 6, 7, 8, 9]));
         // A cache salt keys the prompt as the workers hash it: other keys, all of them.
         let salted = br#"{"prompt": [1, 2, 3, 4, 5, 6, 7, 8, 9], "cache_salt": "tenant-a"}"#;
-        let s = prepare(&tok, &keyer, 64, "/v1/completions", salted).unwrap();
+        let s = prepare(&tok, &keyer, 64, &models, "/v1/completions", salted).unwrap();
         let salt = ["tenant-a".to_string()];
         assert_eq!(
             s.keys,
@@ -1004,19 +1005,53 @@ mod tests {
         assert!(s.keys.iter().zip(&p.keys).all(|(a, b)| a != b));
         // Every prompt of a list counts; the limit is on tokens.
         let long = json!({"prompt": [[1, 2], vec![5u32; 65]]}).to_string();
-        let e = prepare(&tok, &keyer, 64, "/v1/completions", long.as_bytes()).unwrap_err();
+        let e = prepare(
+            &tok,
+            &keyer,
+            64,
+            &models,
+            "/v1/completions",
+            long.as_bytes(),
+        )
+        .unwrap_err();
+        let Refused::Invalid(e) = e else {
+            panic!("{e:?}")
+        };
         assert!(
             e.contains("maximum context length is 64") && e.contains("65"),
             "{e}"
         );
-        assert!(prepare(&tok, &keyer, 65, "/v1/completions", long.as_bytes()).is_ok());
+        assert!(prepare(
+            &tok,
+            &keyer,
+            65,
+            &models,
+            "/v1/completions",
+            long.as_bytes()
+        )
+        .is_ok());
         for bad in [&b"[1,2]"[..], b"\"x\"", b"3", b"null", b"{"] {
-            assert!(prepare(&tok, &keyer, 64, "/v1/completions", bad).is_err());
+            assert!(prepare(&tok, &keyer, 64, &models, "/v1/completions", bad).is_err());
         }
         // What the router cannot tokenize goes on (the worker answers it), still stripped.
         let odd = br#"{"prompt": {"no": 1}, "kv_transfer_params": {}}"#;
-        let p = prepare(&tok, &keyer, 64, "/v1/completions", odd).unwrap();
+        let p = prepare(&tok, &keyer, 64, &models, "/v1/completions", odd).unwrap();
         assert_eq!(p.prompt_len, 0);
         assert!(!String::from_utf8_lossy(&p.body).contains("kv_transfer_params"));
+        // The model: one of the served names, or none; another is a 404 naming it.
+        for ok in [
+            &br#"{"model": "alias", "prompt": [1]}"#[..],
+            br#"{"model": null, "prompt": [1]}"#,
+        ] {
+            assert!(prepare(&tok, &keyer, 64, &models, "/v1/completions", ok).is_ok());
+        }
+        for bad in [
+            &br#"{"model": "gpt-4", "prompt": [1]}"#[..],
+            br#"{"model": 7, "prompt": [1]}"#,
+        ] {
+            let e = prepare(&tok, &keyer, 64, &models, "/v1/chat/completions", bad).unwrap_err();
+            assert_eq!(e.status(), StatusCode::NOT_FOUND, "{e:?}");
+            assert!(e.message().contains("does not exist") && e.message().contains("alias"));
+        }
     }
 }
