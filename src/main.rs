@@ -117,6 +117,17 @@ struct RouteArgs {
     /// KV blocks the prefix index keeps per worker; past it the least recently used go.
     #[arg(long, default_value_t = llmd::router::index::DEFAULT_MAX_INDEX_BLOCKS_PER_WORKER)]
     max_index_blocks_per_worker: usize,
+    /// The model names requests may give in `model` (one or more, as `vllm serve` takes them;
+    /// default: the --model directory's name, and --model as given); another is a 404.
+    #[arg(long, num_args = 1..)]
+    served_model_name: Vec<String>,
+    /// Largest request body the router reads, in bytes (larger: 413).
+    #[arg(long, default_value_t = llmd::router::route::DEFAULT_MAX_BODY)]
+    max_body_bytes: usize,
+    /// Also serve Envoy's ext_proc gRPC on this port: the router as a Gateway API Endpoint
+    /// Picker (with gRPC health for liveness, readiness and the ext_proc service).
+    #[arg(long)]
+    epp_port: Option<u16>,
     /// The service account token for --k8s-namespace/--pool-name, read again for every call (default: the
     /// pod's, /var/run/secrets/kubernetes.io/serviceaccount/token, when it exists).
     #[arg(long)]
@@ -717,6 +728,30 @@ fn route(a: RouteArgs) -> Result<()> {
         Some(m) => llmd::model::hub::resolve_model(m)?,
         None => default_model()?,
     };
+    // As `vllm serve` names a model: what --model says (a hub id, a directory); a directory
+    // is also known by its last component, the name clients use (`--model ../models/x`
+    // serves `x`).
+    let served_model_names = if a.served_model_name.is_empty() {
+        let mut names: Vec<String> = model
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .into_iter()
+            .collect();
+        if let Some(m) = &a.model {
+            if let Some(last) = Path::new(m.trim_end_matches('/')).file_name() {
+                names.push(last.to_string_lossy().into_owned());
+            }
+            names.push(m.clone());
+        }
+        names.sort();
+        names.dedup();
+        names
+    } else {
+        a.served_model_name.clone()
+    };
+    if a.max_body_bytes == 0 {
+        bail!("--max-body-bytes must be at least 1");
+    }
     let tokenizer = std::sync::Arc::new(
         llmd::tokenizer::Tokenizer::from_dir(&model)
             .with_context(|| format!("the tokenizer of {}", model.display()))?,
@@ -764,6 +799,9 @@ fn route(a: RouteArgs) -> Result<()> {
         max_model_len: a.max_model_len,
         max_index_blocks_per_worker: a.max_index_blocks_per_worker,
         kv_events_bind: a.kv_events_bind,
+        served_model_names,
+        max_body: a.max_body_bytes,
+        epp_port: a.epp_port,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

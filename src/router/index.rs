@@ -413,6 +413,16 @@ impl PrefixIndex {
         }
     }
 
+    /// Takes back what [`Self::expect`] said `worker` would cache for `keys` (the request was
+    /// served elsewhere); blocks its events confirmed stay.
+    pub fn unexpect(&mut self, worker: &str, keys: &[u64]) {
+        if let Some(w) = self.workers.get_mut(worker) {
+            for k in keys {
+                w.pending.pop(k);
+            }
+        }
+    }
+
     /// Forgets everything `worker` held (it vanished, or restarted).
     pub fn drop_worker(&mut self, worker: &str) {
         self.workers.remove(worker);

@@ -6,6 +6,9 @@
 //!   prefix index fed by the workers' KV events ([`index`], [`events`]), weighted scorers and
 //!   the P/D decision ([`scorers`]), workers from a static list or Kubernetes ([`workers`]):
 //!   pods by label, or an `InferencePool`'s pods ([`pool`]), watched through [`k8s`].
+//! - [`epp`] serves the same decisions to a gateway as a Gateway API Endpoint Picker (Envoy's
+//!   ext_proc).
+pub mod epp;
 pub mod events;
 pub mod index;
 pub mod k8s;

@@ -17,9 +17,14 @@
 //! What a client cannot do through the router: send `kv_transfer_params` (removed from every
 //! generation request) or `x-llmd-trusted-hop` (removed; the router sets its own when it has
 //! the cluster secret), reach `/v1/*` without `--api-key`'s key when one is set, or make it
-//! route a prompt longer than `max_model_len` (400). Parsing, tokenizing and keying the prompt
-//! run on blocking threads, never on the async ones; the prefix index is bounded
+//! route a prompt longer than `max_model_len` (400), or ask for a model not among
+//! `--served-model-name` (404). Parsing, tokenizing and keying the prompt run on blocking
+//! threads, never on the async ones; the prefix index is bounded
 //! ([`super::index::IndexLimits`]).
+//!
+//! With `--epp-port` the same decision core (`prepare`, `decide`, the pending-prefix
+//! `expect`, the in-flight counts) also answers a gateway over Envoy's ext_proc
+//! ([`super::epp`]).
 use super::events::central::CentralStats;
 use super::events::{SubStats, Update};
 use super::index::{IndexLimits, Keyer, PrefixIndex};
@@ -66,6 +71,13 @@ pub struct RouteConfig {
     /// Bind one KV events SUB socket here that workers' PUB sockets connect to, each telling
     /// itself by its topic `kv@<host:port>@<model>` ([`super::events::central`]).
     pub kv_events_bind: Option<String>,
+    /// The names a request's `model` may give (`--served-model-name`); a request naming
+    /// another is refused (404). Never empty.
+    pub served_model_names: Vec<String>,
+    /// Largest request body read, in bytes (larger: 413).
+    pub max_body: usize,
+    /// Serve Envoy's ext_proc (the Endpoint Picker Protocol) on this port too.
+    pub epp_port: Option<u16>,
 }
 
 /// Default of `llmd route --max-model-len`.
@@ -81,17 +93,17 @@ struct Scraped {
     prefix_queries: f64,
 }
 
-struct Worker {
-    spec: WorkerSpec,
-    in_flight: AtomicUsize,
+pub(super) struct Worker {
+    pub(super) spec: WorkerSpec,
+    pub(super) in_flight: AtomicUsize,
     scraped: Mutex<Scraped>,
     /// Consecutive failed scrapes.
     scrape_failures: AtomicU32,
     /// Left out until then (a failed request or scrape).
     down_until: Mutex<Option<Instant>>,
-    requests: AtomicU64,
+    pub(super) requests: AtomicU64,
     failures: AtomicU64,
-    predicted_hit_tokens: AtomicU64,
+    pub(super) predicted_hit_tokens: AtomicU64,
     events: Option<(tokio::task::JoinHandle<()>, Arc<SubStats>)>,
 }
 
@@ -104,7 +116,7 @@ impl Drop for Worker {
 }
 
 impl Worker {
-    fn name(&self) -> &str {
+    pub(super) fn name(&self) -> &str {
         &self.spec.url
     }
 
@@ -130,25 +142,26 @@ struct Counters {
     failed: AtomicU64,
 }
 
-struct RouterState {
-    cfg: RouteConfig,
+pub(super) struct RouterState {
+    pub(super) cfg: RouteConfig,
     client: reqwest::Client,
     workers: RwLock<Vec<Arc<Worker>>>,
-    index: Arc<Mutex<PrefixIndex>>,
+    pub(super) index: Arc<Mutex<PrefixIndex>>,
     rotation: AtomicUsize,
     counters: Counters,
     /// The trusted-hop header's value, with a cluster secret.
-    hop: Option<HeaderValue>,
+    pub(super) hop: Option<HeaderValue>,
     /// The counters of the bound KV events socket (`--kv-events-bind`).
     central: Option<Arc<CentralStats>>,
 }
 
-const MAX_BODY: usize = 32 << 20;
+/// Default of `llmd route --max-body-bytes`.
+pub const DEFAULT_MAX_BODY: usize = 32 << 20;
 const REQUEST_ID: &str = "x-request-id";
-const PREFILLER_HEADER: &str = "x-prefiller-host-port";
+pub(super) const PREFILLER_HEADER: &str = "x-prefiller-host-port";
 /// How long a prompt the router sent to a worker counts as cached there without an event
 /// confirming it.
-const PENDING_TTL: Duration = Duration::from_secs(30);
+pub(super) const PENDING_TTL: Duration = Duration::from_secs(30);
 
 /// Serves until SIGINT/SIGTERM; `ready` gets the bound address.
 pub async fn serve(
@@ -192,6 +205,18 @@ pub async fn serve(
     tokio::spawn(refresh_loop(state.clone()));
     tokio::spawn(scrape_loop(state.clone()));
     tracing::info!(%addr, workers = state.workers().len(), "router listening");
+    if let Some(port) = state.cfg.epp_port {
+        let epp = tokio::net::TcpListener::bind((state.cfg.host.as_str(), port))
+            .await
+            .with_context(|| format!("binding the EPP port {}:{port}", state.cfg.host))?;
+        tracing::info!(grpc = %epp.local_addr()?, "endpoint picker (ext_proc) listening");
+        let st = state.clone();
+        tokio::spawn(async move {
+            if let Err(e) = super::epp::serve(st, epp).await {
+                tracing::error!(error = %e, "the endpoint picker's gRPC server stopped");
+            }
+        });
+    }
     if let Some(r) = ready {
         let _ = r.send(addr);
     }
@@ -207,7 +232,7 @@ pub async fn serve(
 }
 
 impl RouterState {
-    fn workers(&self) -> Vec<Arc<Worker>> {
+    pub(super) fn workers(&self) -> Vec<Arc<Worker>> {
         self.workers
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -400,9 +425,12 @@ fn sample(text: &str, name: &str) -> Option<f64> {
 }
 
 fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
-    let body =
-        json!({"error": {"message": message.into(), "type": kind, "param": null, "code": null}});
-    (status, axum::Json(body)).into_response()
+    (status, axum::Json(error_body(kind, message))).into_response()
+}
+
+/// An OpenAI-style error body.
+pub(super) fn error_body(kind: &str, message: impl Into<String>) -> Value {
+    json!({"error": {"message": message.into(), "type": kind, "param": null, "code": null}})
 }
 
 async fn health(State(s): State<Arc<RouterState>>) -> Response {
@@ -421,40 +449,92 @@ async fn health(State(s): State<Arc<RouterState>>) -> Response {
 
 /// A generation request as the router forwards it.
 #[derive(Debug)]
-struct Prepared {
+pub(super) struct Prepared {
     /// The body without the client's `kv_transfer_params`.
-    body: axum::body::Bytes,
+    pub(super) body: axum::body::Bytes,
     /// Tokens of the (first) prompt.
-    prompt_len: usize,
+    pub(super) prompt_len: usize,
     /// Keys of its full blocks.
-    keys: Vec<u64>,
+    pub(super) keys: Vec<u64>,
 }
 
-/// Reads a generation request's body: drops the client's `kv_transfer_params`, tokenizes the
-/// prompts as the workers will (none when the router cannot: the worker answers), refuses one
-/// longer than `max_model_len` and keys the first. Runs on a blocking thread. Errors are the
-/// client's (400).
-fn prepare(
+/// Why a request is refused before routing: the client's fault.
+#[derive(Debug, PartialEq)]
+pub(super) enum Refused {
+    /// 400: not JSON, not an object, a prompt over `max_model_len`.
+    Invalid(String),
+    /// 404: a `model` the router does not serve.
+    UnknownModel(String),
+}
+
+impl Refused {
+    pub(super) fn status(&self) -> StatusCode {
+        match self {
+            Refused::Invalid(_) => StatusCode::BAD_REQUEST,
+            Refused::UnknownModel(_) => StatusCode::NOT_FOUND,
+        }
+    }
+
+    /// The OpenAI error type.
+    pub(super) fn kind(&self) -> &'static str {
+        match self {
+            Refused::Invalid(_) => "invalid_request_error",
+            Refused::UnknownModel(_) => "not_found_error",
+        }
+    }
+
+    pub(super) fn message(&self) -> &str {
+        match self {
+            Refused::Invalid(m) | Refused::UnknownModel(m) => m,
+        }
+    }
+}
+
+impl From<String> for Refused {
+    fn from(m: String) -> Self {
+        Refused::Invalid(m)
+    }
+}
+
+/// Reads a generation request's body: refuses a `model` not among `models`, drops the
+/// client's `kv_transfer_params`, tokenizes the prompts as the workers will (none when the
+/// router cannot: the worker answers), refuses one longer than `max_model_len` and keys the
+/// first. Runs on a blocking thread. Errors are the client's.
+pub(super) fn prepare(
     tok: &Tokenizer,
     keyer: &Keyer,
     max_model_len: usize,
+    models: &[String],
     path: &str,
     body: &[u8],
-) -> Result<Prepared, String> {
+) -> Result<Prepared, Refused> {
     let mut v: Value = serde_json::from_slice(body)
         .map_err(|e| format!("the request body is not valid JSON: {e}"))?;
     let Some(obj) = v.as_object_mut() else {
-        return Err("the request body must be a JSON object".into());
+        return Err(Refused::Invalid(
+            "the request body must be a JSON object".into(),
+        ));
     };
+    match obj.get("model") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(m)) if models.iter().any(|n| n == m) => {}
+        Some(m) => {
+            return Err(Refused::UnknownModel(format!(
+                "The model `{}` does not exist (served here: {}).",
+                m.as_str().map_or_else(|| m.to_string(), str::to_string),
+                models.join(", ")
+            )))
+        }
+    }
     // Only a producer's answer, relayed by a sidecar, may tell a worker where KV is.
     obj.remove("kv_transfer_params");
     let prompts = prompt_tokens(tok, path, &v);
     if let Some(longest) = prompts.iter().map(Vec::len).max() {
         if longest > max_model_len {
-            return Err(format!(
+            return Err(Refused::Invalid(format!(
                 "This model's maximum context length is {max_model_len} tokens. However, the \
                  prompt has {longest} tokens. Please reduce the length of the prompt."
-            ));
+            )));
         }
     }
     let first = prompts.into_iter().next().unwrap_or_default();
@@ -493,21 +573,39 @@ fn prompt_tokens(tok: &Tokenizer, path: &str, v: &Value) -> Vec<Vec<u32>> {
 }
 
 /// Where a request goes.
-struct Decision {
-    worker: Arc<Worker>,
-    prefiller: Option<Arc<Worker>>,
-    predicted_blocks: usize,
+pub(super) struct Decision {
+    pub(super) worker: Arc<Worker>,
+    pub(super) prefiller: Option<Arc<Worker>>,
+    pub(super) predicted_blocks: usize,
 }
 
 impl RouterState {
     /// The best worker of `pool` for `keys` (None when the pool is empty), skipping
     /// `exclude`; workers taken out are used only when no other is left.
-    fn pick(
+    pub(super) fn pick(
         &self,
         pool: &[Arc<Worker>],
         keys: &[u64],
         exclude: &[Arc<Worker>],
     ) -> Option<(Arc<Worker>, usize)> {
+        let (w, blocks, decided_by) = self.choose(pool, keys, exclude)?;
+        *self
+            .counters
+            .decisions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(decided_by)
+            .or_default() += 1;
+        Some((w, blocks))
+    }
+
+    /// [`Self::pick`] without counting the decision (and the scorer that made it).
+    pub(super) fn choose(
+        &self,
+        pool: &[Arc<Worker>],
+        keys: &[u64],
+        exclude: &[Arc<Worker>],
+    ) -> Option<(Arc<Worker>, usize, &'static str)> {
         let now = Instant::now();
         let eligible: Vec<&Arc<Worker>> = pool
             .iter()
@@ -541,24 +639,38 @@ impl RouterState {
             .collect();
         let rotation = self.rotation.fetch_add(1, Relaxed);
         let p = scorers::pick(&self.cfg.routing, &candidates, keys.len(), rotation);
-        *self
-            .counters
-            .decisions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(p.decided_by)
-            .or_default() += 1;
-        Some((cands[p.index].clone(), matches[p.index].blocks))
+        Some((
+            cands[p.index].clone(),
+            matches[p.index].blocks,
+            p.decided_by,
+        ))
     }
 
-    /// Where a prompt of `prompt_len` tokens whose full blocks have `keys` goes.
-    fn decide(&self, prompt_len: usize, keys: &[u64], exclude: &[Arc<Worker>]) -> Option<Decision> {
+    /// The workers a request is sent to (decode workers when there are prefill ones too), and
+    /// the prefill workers.
+    pub(super) fn destinations(&self) -> (Vec<Arc<Worker>>, Vec<Arc<Worker>>) {
         let all = self.workers();
         let by_role = |r: Role| -> Vec<Arc<Worker>> {
             all.iter().filter(|w| w.spec.role == r).cloned().collect()
         };
         let (prefill, decode) = (by_role(Role::Prefill), by_role(Role::Decode));
         if !prefill.is_empty() && !decode.is_empty() {
+            return (decode, prefill);
+        }
+        let both = by_role(Role::Both);
+        (if both.is_empty() { all.clone() } else { both }, Vec::new())
+    }
+
+    /// Where a prompt of `prompt_len` tokens whose full blocks have `keys` goes.
+    pub(super) fn decide(
+        &self,
+        prompt_len: usize,
+        keys: &[u64],
+        exclude: &[Arc<Worker>],
+    ) -> Option<Decision> {
+        let (pool, prefill) = self.destinations();
+        if !prefill.is_empty() {
+            let decode = pool;
             let (worker, blocks) = self.pick(&decode, keys, exclude)?;
             let cached = blocks * self.cfg.keyer.block_size;
             let uncached = prompt_len.saturating_sub(cached);
@@ -579,14 +691,6 @@ impl RouterState {
                 predicted_blocks: blocks,
             });
         }
-        let pool: Vec<Arc<Worker>> = {
-            let both = by_role(Role::Both);
-            if both.is_empty() {
-                all.clone()
-            } else {
-                both
-            }
-        };
         let (worker, blocks) = self.pick(&pool, keys, exclude)?;
         self.counters.aggregated.fetch_add(1, Relaxed);
         Some(Decision {
@@ -598,7 +702,60 @@ impl RouterState {
 }
 
 /// Decrements a worker's in-flight count when the response (or its stream) is done.
-struct InFlight(Arc<Worker>);
+pub(super) struct InFlight(pub(super) Arc<Worker>);
+
+impl InFlight {
+    /// Counts one more request in flight on `w` until the guard drops.
+    pub(super) fn on(w: &Arc<Worker>) -> Self {
+        w.in_flight.fetch_add(1, Relaxed);
+        InFlight(w.clone())
+    }
+}
+
+impl RouterState {
+    /// Parses, checks, strips and keys a generation request's body on a blocking thread.
+    pub(super) async fn prepare_request(
+        self: &Arc<Self>,
+        path: &str,
+        body: axum::body::Bytes,
+    ) -> Result<Prepared, (StatusCode, &'static str, String)> {
+        let st = self.clone();
+        let p = path.to_string();
+        let prepared = tokio::task::spawn_blocking(move || {
+            prepare(
+                &st.cfg.tokenizer,
+                &st.cfg.keyer,
+                st.cfg.max_model_len,
+                &st.cfg.served_model_names,
+                &p,
+                &body,
+            )
+        })
+        .await;
+        match prepared {
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(why)) => Err((why.status(), why.kind(), why.message().to_string())),
+            Err(e) => Err((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "router_error",
+                format!("reading the request: {e}"),
+            )),
+        }
+    }
+
+    /// Records that `keys` go to `w` (requests for the prompt that follow before the worker's
+    /// events confirm it go there too) and counts the request in flight there.
+    pub(super) fn dispatch(&self, w: &Arc<Worker>, keys: &[u64]) -> InFlight {
+        if !keys.is_empty() {
+            self.index.lock().unwrap_or_else(|e| e.into_inner()).expect(
+                w.name(),
+                keys,
+                PENDING_TTL,
+            );
+        }
+        InFlight::on(w)
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
@@ -619,7 +776,7 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
         .uri
         .path_and_query()
         .map_or_else(|| path.clone(), |p| p.as_str().to_string());
-    let body = match axum::body::to_bytes(body, MAX_BODY).await {
+    let body = match axum::body::to_bytes(body, s.cfg.max_body).await {
         Ok(b) => b,
         Err(e) => {
             return error(
@@ -649,28 +806,9 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
         );
     }
     let (body, prompt_len, keys) = if generation {
-        let st = s.clone();
-        let p = path.clone();
-        let prepared = tokio::task::spawn_blocking(move || {
-            prepare(
-                &st.cfg.tokenizer,
-                &st.cfg.keyer,
-                st.cfg.max_model_len,
-                &p,
-                &body,
-            )
-        })
-        .await;
-        match prepared {
-            Ok(Ok(p)) => (p.body, p.prompt_len, p.keys),
-            Ok(Err(why)) => return error(StatusCode::BAD_REQUEST, "invalid_request_error", why),
-            Err(e) => {
-                return error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "router_error",
-                    format!("reading the request: {e}"),
-                )
-            }
+        match s.prepare_request(&path, body).await {
+            Ok(p) => (p.body, p.prompt_len, p.keys),
+            Err((status, kind, why)) => return error(status, kind, why),
         }
     } else {
         (body, 0, Vec::new())
@@ -684,16 +822,9 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
             s.counters.retries.fetch_add(1, Relaxed);
         }
         let w = d.worker.clone();
-        if !keys.is_empty() {
-            // Where this prompt will be cached: requests for it that follow before the
-            // worker's events say so go there too.
-            s.index
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .expect(w.name(), &keys, PENDING_TTL);
-        }
-        w.in_flight.fetch_add(1, Relaxed);
-        let guard = InFlight(w.clone());
+        // Where this prompt will be cached: requests for it that follow before the worker's
+        // events say so go there too.
+        let guard = s.dispatch(&w, &keys);
         let url = format!("{}{path_q}", w.spec.url);
         let built = s
             .client
@@ -917,9 +1048,10 @@ mod tests {
         }
         let tok = tiny();
         let keyer = Keyer::new(super::super::index::KeyScheme::Fnv64a, "0", 4);
+        let models = ["m".to_string(), "alias".to_string()];
         let body = br#"{"prompt": [1, 2, 3, 4, 5, 6, 7, 8, 9], "max_tokens": 2,
             "kv_transfer_params": {"do_remote_prefill": true, "remote_engine_id": "x"}}"#;
-        let p = prepare(&tok, &keyer, 64, "/v1/completions", body).unwrap();
+        let p = prepare(&tok, &keyer, 64, &models, "/v1/completions", body).unwrap();
         let v: Value = serde_json::from_slice(&p.body).unwrap();
         assert!(v.get("kv_transfer_params").is_none(), "{v}");
         assert_eq!(v["max_tokens"], 2);
@@ -927,7 +1059,7 @@ mod tests {
         assert_eq!(p.keys, keyer.keys(&[1, 2, 3, 4, 5, 6, 7, 8, 9]));
         // A cache salt keys the prompt as the workers hash it: other keys, all of them.
         let salted = br#"{"prompt": [1, 2, 3, 4, 5, 6, 7, 8, 9], "cache_salt": "tenant-a"}"#;
-        let s = prepare(&tok, &keyer, 64, "/v1/completions", salted).unwrap();
+        let s = prepare(&tok, &keyer, 64, &models, "/v1/completions", salted).unwrap();
         let salt = ["tenant-a".to_string()];
         assert_eq!(
             s.keys,
@@ -936,19 +1068,53 @@ mod tests {
         assert!(s.keys.iter().zip(&p.keys).all(|(a, b)| a != b));
         // Every prompt of a list counts; the limit is on tokens.
         let long = json!({"prompt": [[1, 2], vec![5u32; 65]]}).to_string();
-        let e = prepare(&tok, &keyer, 64, "/v1/completions", long.as_bytes()).unwrap_err();
+        let e = prepare(
+            &tok,
+            &keyer,
+            64,
+            &models,
+            "/v1/completions",
+            long.as_bytes(),
+        )
+        .unwrap_err();
+        let Refused::Invalid(e) = e else {
+            panic!("{e:?}")
+        };
         assert!(
             e.contains("maximum context length is 64") && e.contains("65"),
             "{e}"
         );
-        assert!(prepare(&tok, &keyer, 65, "/v1/completions", long.as_bytes()).is_ok());
+        assert!(prepare(
+            &tok,
+            &keyer,
+            65,
+            &models,
+            "/v1/completions",
+            long.as_bytes()
+        )
+        .is_ok());
         for bad in [&b"[1,2]"[..], b"\"x\"", b"3", b"null", b"{"] {
-            assert!(prepare(&tok, &keyer, 64, "/v1/completions", bad).is_err());
+            assert!(prepare(&tok, &keyer, 64, &models, "/v1/completions", bad).is_err());
         }
         // What the router cannot tokenize goes on (the worker answers it), still stripped.
         let odd = br#"{"prompt": {"no": 1}, "kv_transfer_params": {}}"#;
-        let p = prepare(&tok, &keyer, 64, "/v1/completions", odd).unwrap();
+        let p = prepare(&tok, &keyer, 64, &models, "/v1/completions", odd).unwrap();
         assert_eq!(p.prompt_len, 0);
         assert!(!String::from_utf8_lossy(&p.body).contains("kv_transfer_params"));
+        // The model: one of the served names, or none; another is a 404 naming it.
+        for ok in [
+            &br#"{"model": "alias", "prompt": [1]}"#[..],
+            br#"{"model": null, "prompt": [1]}"#,
+        ] {
+            assert!(prepare(&tok, &keyer, 64, &models, "/v1/completions", ok).is_ok());
+        }
+        for bad in [
+            &br#"{"model": "gpt-4", "prompt": [1]}"#[..],
+            br#"{"model": 7, "prompt": [1]}"#,
+        ] {
+            let e = prepare(&tok, &keyer, 64, &models, "/v1/chat/completions", bad).unwrap_err();
+            assert_eq!(e.status(), StatusCode::NOT_FOUND, "{e:?}");
+            assert!(e.message().contains("does not exist") && e.message().contains("alias"));
+        }
     }
 }
