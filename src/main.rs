@@ -116,7 +116,8 @@ struct RouteArgs {
     k8s_refresh_interval: f64,
     /// Seconds one Kubernetes API call may take (connecting: at most 5).
     #[arg(long, default_value_t = 15.0)]
-    k8s_timeout: f64,
+    k8s_timeout: f64,    #[command(flatten)]
+    flow: llmd::router::flow::FlowArgs,
 }
 
 #[derive(Args)]
@@ -159,6 +160,11 @@ struct EngineArgs {
     max_num_seqs: usize,
     #[arg(long, default_value_t = 2048)]
     max_num_batched_tokens: usize,
+    /// How the worker orders its waiting requests: `fcfs` (arrival order; a request with a
+    /// non-zero `priority` is refused) or `priority` (lower `priority` value first, then
+    /// arrival), as vLLM's flag.
+    #[arg(long, default_value = "fcfs", value_parser = ["fcfs", "priority"])]
+    scheduling_policy: String,
     #[arg(long, default_value_t = 16)]
     block_size: usize,
     /// KV-cache blocks (default: sized from memory, below).
@@ -354,6 +360,11 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
     c.max_model_len = a.max_model_len;
     c.scheduler.max_num_seqs = a.max_num_seqs;
     c.scheduler.max_num_batched_tokens = a.max_num_batched_tokens;
+    c.scheduler.policy = if a.scheduling_policy == "priority" {
+        llmd::config::SchedulingPolicy::Priority
+    } else {
+        llmd::config::SchedulingPolicy::Fcfs
+    };
     c.cache.block_size = a.block_size;
     c.cache.num_blocks = a.num_gpu_blocks_override;
     c.cache.gpu_memory_utilization = a.gpu_memory_utilization;
@@ -710,6 +721,14 @@ fn route(a: RouteArgs) -> Result<()> {
         secret: cluster_secret(a.kv_transfer_secret_file.as_deref())?,
         max_model_len: a.max_model_len,
         max_index_blocks_per_worker: a.max_index_blocks_per_worker,
+        flow: a
+            .flow
+            .config(secs(a.scrape_interval, "--scrape-interval")?)
+            .map_err(|e| anyhow::anyhow!(e))?,
+        objectives: std::sync::Arc::new(llmd::router::flow::Objectives::new(
+            a.flow.objectives().map_err(|e| anyhow::anyhow!(e))?,
+        )),
+        forward_priority: !a.flow.no_forward_priority,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

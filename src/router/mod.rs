@@ -4,8 +4,10 @@
 //!   decode worker and, when the scheduler names a prefiller, has it compute the prompt first.
 //! - [`route`] is the router (`llmd route`), llm-d's endpoint picker as one process: a global
 //!   prefix index fed by the workers' KV events ([`index`], [`events`]), weighted scorers and
-//!   the P/D decision ([`scorers`]), workers from a static list or Kubernetes ([`workers`]).
+//!   the P/D decision ([`scorers`]), workers from a static list or Kubernetes ([`workers`]), flow control
+//!   (priorities, fairness, queueing while the workers are saturated: [`flow`]).
 pub mod events;
+pub mod flow;
 pub mod index;
 pub mod route;
 pub mod scorers;

@@ -21,6 +21,7 @@
 //! run on blocking threads, never on the async ones; the prefix index is bounded
 //! ([`super::index::IndexLimits`]).
 use super::events::{SubStats, Update};
+use super::flow::{FlowConfig, FlowController, FlowRequest, Objectives, Shed};
 use super::index::{IndexLimits, Keyer, PrefixIndex};
 use super::scorers::{self, Candidate, RoutingConfig};
 use super::workers::{Role, WorkerSource, WorkerSpec};
@@ -61,6 +62,12 @@ pub struct RouteConfig {
     pub max_model_len: usize,
     /// Blocks the prefix index holds per worker.
     pub max_index_blocks_per_worker: usize,
+    /// Flow control ([`super::flow`]).
+    pub flow: FlowConfig,
+    /// Priorities by `InferenceObjective` name.
+    pub objectives: Arc<Objectives>,
+    /// Send a request's non-zero priority to the worker (vLLM's `priority`, negated).
+    pub forward_priority: bool,
 }
 
 /// Default of `llmd route --max-model-len`.
@@ -74,6 +81,8 @@ struct Scraped {
     kv_usage: f64,
     prefix_hits: f64,
     prefix_queries: f64,
+    /// When it was scraped (None: never).
+    at: Option<Instant>,
 }
 
 struct Worker {
@@ -134,6 +143,7 @@ struct RouterState {
     counters: Counters,
     /// The trusted-hop header's value, with a cluster secret.
     hop: Option<HeaderValue>,
+    flow: Arc<FlowController>,
 }
 
 const MAX_BODY: usize = 32 << 20;
@@ -153,12 +163,14 @@ pub async fn serve(
         .await
         .with_context(|| format!("binding {}:{}", cfg.host, cfg.port))?;
     let addr = listener.local_addr()?;
-    let state = Arc::new(RouterState {
-        client: reqwest::Client::builder()
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .context("building the HTTP client")?,
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .context("building the HTTP client")?;
+    let state = Arc::new_cyclic(|me: &std::sync::Weak<RouterState>| RouterState {
+        flow: Arc::new(FlowController::new(cfg.flow.clone(), flow_view(me.clone()))),
+        client,
         index: Arc::new(Mutex::new(PrefixIndex::with_limits(
             cfg.keyer.clone(),
             IndexLimits {
@@ -277,6 +289,7 @@ async fn scrape_loop(state: Arc<RouterState>) {
         let workers = state.workers();
         let scrapes = workers.iter().map(|w| scrape(&state, w));
         futures_util::future::join_all(scrapes).await;
+        state.flow.metrics_refreshed();
         tokio::time::sleep(state.cfg.scrape_interval).await;
     }
 }
@@ -305,6 +318,7 @@ async fn scrape(state: &RouterState, w: &Worker) {
                 kv_usage: sample(&text, "vllm:kv_cache_usage_perc").unwrap_or(0.0),
                 prefix_hits: sample(&text, "vllm:prefix_cache_hits_total").unwrap_or(0.0),
                 prefix_queries: sample(&text, "vllm:prefix_cache_queries_total").unwrap_or(0.0),
+                at: Some(Instant::now()),
             };
             *w.scraped.lock().unwrap_or_else(|e| e.into_inner()) = s;
             if w.scrape_failures.swap(0, Relaxed) >= 3 {
@@ -386,6 +400,7 @@ fn prepare(
     max_model_len: usize,
     path: &str,
     body: &[u8],
+    priority: i32,
 ) -> Result<Prepared, String> {
     let mut v: Value = serde_json::from_slice(body)
         .map_err(|e| format!("the request body is not valid JSON: {e}"))?;
@@ -394,6 +409,12 @@ fn prepare(
     };
     // Only a producer's answer, relayed by a sidecar, may tell a worker where KV is.
     obj.remove("kv_transfer_params");
+    // The router sets the worker's priority (vLLM's: lower first) from the objective's
+    // (higher first); a client's own would jump the queue.
+    obj.remove("priority");
+    if priority != 0 {
+        obj.insert("priority".into(), json!(-i64::from(priority)));
+    }
     let prompts = prompt_tokens(tok, path, &v);
     if let Some(longest) = prompts.iter().map(Vec::len).max() {
         if longest > max_model_len {
@@ -594,6 +615,12 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
             format!("no route {} {path} on the router", parts.method),
         );
     }
+    let priority = s.cfg.objectives.resolve(
+        headers
+            .get(super::flow::OBJECTIVE_HEADER)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let worker_priority = if s.cfg.forward_priority { priority } else { 0 };
     let (body, prompt_len, keys) = if generation {
         let st = s.clone();
         let p = path.clone();
@@ -604,6 +631,7 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
                 st.cfg.max_model_len,
                 &p,
                 &body,
+                worker_priority,
             )
         })
         .await;
@@ -620,6 +648,26 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
         }
     } else {
         (body, 0, Vec::new())
+    };
+    // Waits here while the workers are saturated; a client that leaves drops this future and
+    // so its place in the queue.
+    let mut admitted = if generation {
+        let flow_id = headers
+            .get(super::flow::FAIRNESS_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(super::flow::DEFAULT_FLOW)
+            .to_string();
+        let req = FlowRequest {
+            priority,
+            flow_id,
+            bytes: body.len() as u64,
+        };
+        match s.flow.admit(req).await {
+            Ok(a) => Some(a),
+            Err(shed) => return shed_response(&shed),
+        }
+    } else {
+        None
     };
     let mut tried: Vec<Arc<Worker>> = Vec::new();
     for attempt in 0..2 {
@@ -686,8 +734,9 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
             Relaxed,
         );
         let resp_headers = r.headers().clone();
+        let admitted = admitted.take();
         let stream = futures_util::StreamExt::map(r.bytes_stream(), move |c| {
-            let _keep = &guard;
+            let _keep = (&guard, &admitted);
             c
         });
         let mut resp = Response::new(Body::from_stream(stream));
@@ -719,6 +768,37 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
             )
         },
     )
+}
+
+/// A request flow control refused: 429 (queue full, waited too long) or 503 (no endpoint), as
+/// an OpenAI error whose `code` names the reason.
+fn shed_response(shed: &Shed) -> Response {
+    let status = StatusCode::from_u16(shed.status()).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+    let kind = if status == StatusCode::SERVICE_UNAVAILABLE {
+        "service_unavailable"
+    } else {
+        "rate_limit_error"
+    };
+    let body = json!({"error": {"message": shed.message(), "type": kind, "param": null, "code": shed.outcome()}});
+    (status, axum::Json(body)).into_response()
+}
+
+/// What flow control sees of the workers: each one's scraped queue and KV usage with their age.
+fn flow_view(state: std::sync::Weak<RouterState>) -> super::flow::PoolView {
+    Box::new(move |f| {
+        let Some(s) = state.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        for w in s.workers.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            let sc = *w.scraped.lock().unwrap_or_else(|e| e.into_inner());
+            f(super::flow::EndpointLoad {
+                waiting: sc.waiting,
+                kv_usage: sc.kv_usage,
+                age: sc.at.map(|t| now.saturating_duration_since(t)),
+            });
+        }
+    })
 }
 
 fn fail(s: &RouterState, w: &Worker, why: &str) {
@@ -816,6 +896,7 @@ async fn metrics(State(s): State<Arc<RouterState>>) -> Response {
     let _ = writeln!(out, "# HELP llmd_router:pd_decisions_total Requests sent disaggregated (through a decode worker's sidecar with a prefiller) or not.\n# TYPE llmd_router:pd_decisions_total counter\nllmd_router:pd_decisions_total{{mode=\"disaggregated\"}} {}\nllmd_router:pd_decisions_total{{mode=\"aggregated\"}} {}", c.disaggregated.load(Relaxed), c.aggregated.load(Relaxed));
     let _ = writeln!(out, "# HELP llmd_router:retries_total Requests sent again to another worker after one failed.\n# TYPE llmd_router:retries_total counter\nllmd_router:retries_total {}", c.retries.load(Relaxed));
     let _ = writeln!(out, "# HELP llmd_router:failed_requests_total Requests no worker could answer.\n# TYPE llmd_router:failed_requests_total counter\nllmd_router:failed_requests_total {}", c.failed.load(Relaxed));
+    s.flow.write_metrics(&mut out);
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -856,7 +937,7 @@ mod tests {
         let keyer = Keyer::new(super::super::index::KeyScheme::Fnv64a, "0", 4);
         let body = br#"{"prompt": [1, 2, 3, 4, 5, 6, 7, 8, 9], "max_tokens": 2,
             "kv_transfer_params": {"do_remote_prefill": true, "remote_engine_id": "x"}}"#;
-        let p = prepare(&tok, &keyer, 64, "/v1/completions", body).unwrap();
+        let p = prepare(&tok, &keyer, 64, "/v1/completions", body, 0).unwrap();
         let v: Value = serde_json::from_slice(&p.body).unwrap();
         assert!(v.get("kv_transfer_params").is_none(), "{v}");
         assert_eq!(v["max_tokens"], 2);
@@ -864,27 +945,37 @@ mod tests {
         assert_eq!(p.keys, keyer.keys(&[1, 2, 3, 4, 5, 6, 7, 8, 9]));
         // A cache salt keys the prompt as the workers hash it: other keys, all of them.
         let salted = br#"{"prompt": [1, 2, 3, 4, 5, 6, 7, 8, 9], "cache_salt": "tenant-a"}"#;
-        let s = prepare(&tok, &keyer, 64, "/v1/completions", salted).unwrap();
+        let s = prepare(&tok, &keyer, 64, "/v1/completions", salted, 0).unwrap();
         let salt = ["tenant-a".to_string()];
         assert_eq!(
             s.keys,
             keyer.keys_salted(&[1, 2, 3, 4, 5, 6, 7, 8, 9], &salt)
         );
         assert!(s.keys.iter().zip(&p.keys).all(|(a, b)| a != b));
+        // The priority: the router's, negated for vLLM (lower first), never the client's own.
+        let own = br#"{"prompt": [1, 2], "priority": -100}"#;
+        let v: Value =
+            serde_json::from_slice(&prepare(&tok, &keyer, 64, "/v1/completions", own, 10).unwrap().body)
+                .unwrap();
+        assert_eq!(v["priority"], -10);
+        let v: Value =
+            serde_json::from_slice(&prepare(&tok, &keyer, 64, "/v1/completions", own, 0).unwrap().body)
+                .unwrap();
+        assert!(v.get("priority").is_none(), "{v}");
         // Every prompt of a list counts; the limit is on tokens.
         let long = json!({"prompt": [[1, 2], vec![5u32; 65]]}).to_string();
-        let e = prepare(&tok, &keyer, 64, "/v1/completions", long.as_bytes()).unwrap_err();
+        let e = prepare(&tok, &keyer, 64, "/v1/completions", long.as_bytes(), 0).unwrap_err();
         assert!(
             e.contains("maximum context length is 64") && e.contains("65"),
             "{e}"
         );
-        assert!(prepare(&tok, &keyer, 65, "/v1/completions", long.as_bytes()).is_ok());
+        assert!(prepare(&tok, &keyer, 65, "/v1/completions", long.as_bytes(), 0).is_ok());
         for bad in [&b"[1,2]"[..], b"\"x\"", b"3", b"null", b"{"] {
-            assert!(prepare(&tok, &keyer, 64, "/v1/completions", bad).is_err());
+            assert!(prepare(&tok, &keyer, 64, "/v1/completions", bad, 0).is_err());
         }
         // What the router cannot tokenize goes on (the worker answers it), still stripped.
         let odd = br#"{"prompt": {"no": 1}, "kv_transfer_params": {}}"#;
-        let p = prepare(&tok, &keyer, 64, "/v1/completions", odd).unwrap();
+        let p = prepare(&tok, &keyer, 64, "/v1/completions", odd, 0).unwrap();
         assert_eq!(p.prompt_len, 0);
         assert!(!String::from_utf8_lossy(&p.body).contains("kv_transfer_params"));
     }

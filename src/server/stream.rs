@@ -34,6 +34,8 @@ pub struct ChoiceRequest {
     pub params: SamplingParams,
     /// KV held for, or received from, another worker (disaggregated prefill/decode).
     pub kv: crate::engine::KvOptions,
+    /// vLLM's `priority` (lower first under the priority policy).
+    pub priority: i32,
 }
 
 impl ChoiceRequest {
@@ -54,6 +56,7 @@ impl ChoiceRequest {
             prompt,
             params,
             kv: Default::default(),
+            priority: 0,
         }
     }
 }
@@ -160,7 +163,7 @@ async fn add_all(
         let added =
             match ready
                 .engine
-                .try_add_request_with_kv(RequestId(id), prompt, c.params, 0, c.kv)
+                .try_add_request_with_kv(RequestId(id), prompt, c.params, c.priority, c.kv)
             {
                 Ok(AddOutcome::Queued(h)) => Ok(h),
                 Ok(AddOutcome::Full(pending)) => {
