@@ -156,7 +156,10 @@ async fn replay(
 }
 
 fn main() {
-    let model = format!("{}/../shared/models/stories260K", env!("CARGO_MANIFEST_DIR"));
+    let model = format!(
+        "{}/../shared/models/stories260K",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let secs: f64 = env_or("FLOW_BENCH_SECS", 40.0);
     let offset: usize = env_or("FLOW_BENCH_OFFSET", 0);
     let rt = tokio::runtime::Builder::new_multi_thread()

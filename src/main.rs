@@ -116,7 +116,8 @@ struct RouteArgs {
     k8s_refresh_interval: f64,
     /// Seconds one Kubernetes API call may take (connecting: at most 5).
     #[arg(long, default_value_t = 15.0)]
-    k8s_timeout: f64,    #[command(flatten)]
+    k8s_timeout: f64,
+    #[command(flatten)]
     flow: llmd::router::flow::FlowArgs,
 }
 

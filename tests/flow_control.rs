@@ -228,7 +228,10 @@ async fn priorities_under_overload() {
         .unwrap();
 
     // Capacity: SLOTS requests at a time straight on the worker, as the router will allow.
-    let (done, t0) = (Arc::new(std::sync::atomic::AtomicUsize::new(0)), Instant::now());
+    let (done, t0) = (
+        Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        Instant::now(),
+    );
     let loops: Vec<_> = (0..SLOTS)
         .map(|_| {
             let (http, url, done) = (http.clone(), w.url("/v1/completions"), done.clone());
@@ -250,7 +253,8 @@ async fn priorities_under_overload() {
     for l in loops {
         l.await.unwrap();
     }
-    let capacity = done.load(std::sync::atomic::Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
+    let capacity =
+        done.load(std::sync::atomic::Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
     eprintln!("capacity: {capacity:.1} requests/s at {SLOTS} at a time");
 
     // The queue holds what priority ≥ 0 can pile up over a TTL (arrivals are evenly spaced:
@@ -317,13 +321,21 @@ async fn priorities_under_overload() {
     .await;
     let queued = long("batch");
     r.metrics_until("the sheddable request never queued", |m| {
-        metric(m, "inference_extension_flow_control_queue_size", "priority=\"-1\"") == 1.0
+        metric(
+            m,
+            "inference_extension_flow_control_queue_size",
+            "priority=\"-1\"",
+        ) == 1.0
     })
     .await;
     queued.abort();
     let m = r
         .metrics_until("the disconnected client stayed queued", |m| {
-            metric(m, "inference_extension_flow_control_queue_size", "priority=\"-1\"") == 0.0
+            metric(
+                m,
+                "inference_extension_flow_control_queue_size",
+                "priority=\"-1\"",
+            ) == 0.0
         })
         .await;
     assert_eq!(
@@ -352,13 +364,20 @@ async fn priorities_under_overload() {
         match i % 5 {
             0 => high.push(tokio::spawn(async move { ttft(&http, &url).await })),
             k => {
-                let (objective, priority) = if k == 4 { ("batch", -1) } else { ("standard", 0) };
+                let (objective, priority) = if k == 4 {
+                    ("batch", -1)
+                } else {
+                    ("standard", 0)
+                };
                 rest.push(tokio::spawn(async move {
                     let t0 = Instant::now();
                     let r = http
                         .post(&url)
                         .header("x-gateway-inference-objective", objective)
-                        .header("x-gateway-inference-fairness-id", format!("tenant-{}", i % 3))
+                        .header(
+                            "x-gateway-inference-fairness-id",
+                            format!("tenant-{}", i % 3),
+                        )
                         .json(&completion(GEN, None, false))
                         .send()
                         .await
@@ -381,7 +400,10 @@ async fn priorities_under_overload() {
         let o = by.entry(priority).or_default();
         match status {
             200 => o.ok += 1,
-            429 | 503 => o.shed.push((v["error"]["code"].as_str().unwrap_or("?").to_string(), waited)),
+            429 | 503 => o.shed.push((
+                v["error"]["code"].as_str().unwrap_or("?").to_string(),
+                waited,
+            )),
             s => panic!("status {s}: {v}"),
         }
     }
@@ -415,7 +437,11 @@ async fn priorities_under_overload() {
         );
     }
     let sheddable = &by[&-1];
-    let displaced = sheddable.shed.iter().filter(|(c, _)| c == "evicted_displaced").count();
+    let displaced = sheddable
+        .shed
+        .iter()
+        .filter(|(c, _)| c == "evicted_displaced")
+        .count();
     assert!(displaced > 0, "no sheddable request was displaced");
     // Sheddable requests shed at their TTL with 429 (the client waited at least that long).
     let expired: Vec<f64> = sheddable

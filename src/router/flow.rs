@@ -340,7 +340,9 @@ fn secs(v: f64, flag: &str) -> Result<Duration, String> {
     if v.is_finite() && v > 0.0 && v < 1e9 {
         Ok(Duration::from_secs_f64(v))
     } else {
-        Err(format!("{flag} must be a positive number of seconds, got {v}"))
+        Err(format!(
+            "{flag} must be a positive number of seconds, got {v}"
+        ))
     }
 }
 
@@ -348,10 +350,15 @@ fn secs(v: f64, flag: &str) -> Result<Duration, String> {
 pub fn parse_band(s: &str, default: Limits) -> Result<(i32, Limits), String> {
     let bad = |why: &str| format!("--flow-band {s:?}: {why} (PRIORITY:maxRequests=N,maxBytes=N)");
     let (p, rest) = s.split_once(':').ok_or_else(|| bad("no ':'"))?;
-    let p: i32 = p.trim().parse().map_err(|_| bad("the priority is not an integer"))?;
+    let p: i32 = p
+        .trim()
+        .parse()
+        .map_err(|_| bad("the priority is not an integer"))?;
     let mut l = default;
     for kv in rest.split(',').filter(|x| !x.trim().is_empty()) {
-        let (k, v) = kv.split_once('=').ok_or_else(|| bad("a limit without '='"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| bad("a limit without '='"))?;
         match k.trim() {
             "maxRequests" => {
                 l.max_requests = v.trim().parse().map_err(|_| bad("maxRequests"))?;
@@ -484,8 +491,9 @@ pub fn pool_saturation(
 /// stale or missing (fail closed, as llm-d's detector).
 fn endpoint_score(cfg: &SaturationConfig, e: &EndpointLoad) -> f64 {
     match e.age {
-        Some(a) if a <= cfg.staleness => (e.waiting / cfg.queue_depth_threshold)
-            .max(e.kv_usage / cfg.kv_cache_util_threshold),
+        Some(a) if a <= cfg.staleness => {
+            (e.waiting / cfg.queue_depth_threshold).max(e.kv_usage / cfg.kv_cache_util_threshold)
+        }
         _ => 1.0,
     }
 }
@@ -1115,8 +1123,8 @@ mod tests {
         let mut held = None;
         while order.len() < handles.len() {
             drop(held.take());
-            let Some(i) = (0..handles.len())
-                .find(|&i| !order.contains(&i) && handles[i].is_finished())
+            let Some(i) =
+                (0..handles.len()).find(|&i| !order.contains(&i) && handles[i].is_finished())
             else {
                 tokio::task::yield_now().await;
                 continue;
@@ -1148,7 +1156,12 @@ mod tests {
         assert_eq!(fc.active(), 0);
         let mut m = String::new();
         fc.write_metrics(&mut m);
-        assert!(m.contains("llmd_router:flow_control_requests_total{priority=\"0\",outcome=\"dispatched\"} 1"), "{m}");
+        assert!(
+            m.contains(
+                "llmd_router:flow_control_requests_total{priority=\"0\",outcome=\"dispatched\"} 1"
+            ),
+            "{m}"
+        );
     }
 
     #[tokio::test]
@@ -1156,7 +1169,13 @@ mod tests {
         let (fc, pool) = controller(one_slot());
         let hs = queue_all(
             &fc,
-            vec![req(0, "a"), req(-1, "a"), req(10, "a"), req(0, "a"), req(10, "a")],
+            vec![
+                req(0, "a"),
+                req(-1, "a"),
+                req(10, "a"),
+                req(0, "a"),
+                req(10, "a"),
+            ],
         )
         .await;
         assert_eq!(fc.queued(), 5);
@@ -1168,7 +1187,14 @@ mod tests {
         let (fc, pool) = controller(one_slot());
         let hs = queue_all(
             &fc,
-            vec![req(0, "a"), req(0, "a"), req(0, "a"), req(0, "b"), req(0, "c"), req(0, "b")],
+            vec![
+                req(0, "a"),
+                req(0, "a"),
+                req(0, "a"),
+                req(0, "b"),
+                req(0, "c"),
+                req(0, "b"),
+            ],
         )
         .await;
         // a, b, c in turn from the first queued: a0, b3, c4, a1, b5, a2.
@@ -1192,7 +1218,10 @@ mod tests {
         let (fc, _pool) = controller(cfg);
         let hs = queue_all(&fc, vec![req(5, "a"), req(-1, "a"), req(-2, "a")]).await;
         // Band 5 holds one already.
-        assert_eq!(fc.admit(req(5, "b")).await.err(), Some(Shed::BandFull { priority: 5 }));
+        assert_eq!(
+            fc.admit(req(5, "b")).await.err(),
+            Some(Shed::BandFull { priority: 5 })
+        );
         // The pool is full: a priority 0 request displaces the lowest band's newest.
         let f = fc.clone();
         let h0 = tokio::spawn(async move { f.admit(req(0, "a")).await });
@@ -1238,7 +1267,10 @@ mod tests {
         pool.n.store(0, Relaxed);
         let t0 = Instant::now();
         let e = fc.admit(req(0, "a")).await.err().unwrap();
-        assert!(matches!(e, Shed::NoEndpoints { .. }) && e.status() == 503, "{e:?}");
+        assert!(
+            matches!(e, Shed::NoEndpoints { .. }) && e.status() == 503,
+            "{e:?}"
+        );
         assert!(t0.elapsed() >= no_ep);
         // Endpoints that come back while it waits let it through.
         let f = fc.clone();
@@ -1334,7 +1366,11 @@ mod tests {
         let c = hs1.into_iter().next().unwrap().await.unwrap().unwrap();
         assert_eq!((fc.active(), fc.queued()), (4, 1));
         drop((b, c));
-        assert_eq!(fc.queued(), 1, "two in flight: still saturated for priority 0");
+        assert_eq!(
+            fc.queued(),
+            1,
+            "two in flight: still saturated for priority 0"
+        );
         drop(held);
         hs.into_iter().next().unwrap().await.unwrap().unwrap();
     }
@@ -1382,7 +1418,11 @@ mod tests {
         );
         let o = Objectives::new(m);
         assert_eq!(
-            (o.resolve(Some("critical")), o.resolve(Some("nope")), o.resolve(None)),
+            (
+                o.resolve(Some("critical")),
+                o.resolve(Some("nope")),
+                o.resolve(None)
+            ),
             (10, 0, 0)
         );
         o.replace_all(HashMap::from([("x".to_string(), 3)]));

@@ -954,13 +954,19 @@ mod tests {
         assert!(s.keys.iter().zip(&p.keys).all(|(a, b)| a != b));
         // The priority: the router's, negated for vLLM (lower first), never the client's own.
         let own = br#"{"prompt": [1, 2], "priority": -100}"#;
-        let v: Value =
-            serde_json::from_slice(&prepare(&tok, &keyer, 64, "/v1/completions", own, 10).unwrap().body)
-                .unwrap();
+        let v: Value = serde_json::from_slice(
+            &prepare(&tok, &keyer, 64, "/v1/completions", own, 10)
+                .unwrap()
+                .body,
+        )
+        .unwrap();
         assert_eq!(v["priority"], -10);
-        let v: Value =
-            serde_json::from_slice(&prepare(&tok, &keyer, 64, "/v1/completions", own, 0).unwrap().body)
-                .unwrap();
+        let v: Value = serde_json::from_slice(
+            &prepare(&tok, &keyer, 64, "/v1/completions", own, 0)
+                .unwrap()
+                .body,
+        )
+        .unwrap();
         assert!(v.get("priority").is_none(), "{v}");
         // Every prompt of a list counts; the limit is on tokens.
         let long = json!({"prompt": [[1, 2], vec![5u32; 65]]}).to_string();
