@@ -35,7 +35,7 @@ const PRIORITIES: [(i32, &str); 3] = [(10, "critical"), (0, "standard"), (-1, "b
 fn spawn(args: &[&str]) -> LlmdProcess {
     LlmdProcess::spawn(
         &args.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
-        "warn",
+        "warn,llmd::server=info,llmd::router::route=info",
         Echo::Errors,
         Duration::from_secs(120),
     )
