@@ -144,6 +144,8 @@ struct RouteArgs {
     /// `kv@<host:port>@<model>`. The per-worker `events=` subscriptions may run beside it.
     #[arg(long)]
     kv_events_bind: Option<String>,
+    #[command(flatten)]
+    flow: llmd::router::flow::FlowArgs,
 }
 
 #[derive(Args)]
@@ -186,6 +188,11 @@ struct EngineArgs {
     max_num_seqs: usize,
     #[arg(long, default_value_t = 2048)]
     max_num_batched_tokens: usize,
+    /// How the worker orders its waiting requests: `fcfs` (arrival order; a request with a
+    /// non-zero `priority` is refused) or `priority` (lower `priority` value first, then
+    /// arrival), as vLLM's flag.
+    #[arg(long, default_value = "fcfs", value_parser = ["fcfs", "priority"])]
+    scheduling_policy: String,
     #[arg(long, default_value_t = 16)]
     block_size: usize,
     /// KV-cache blocks (default: sized from memory, below).
@@ -382,6 +389,11 @@ fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
     c.max_model_len = a.max_model_len;
     c.scheduler.max_num_seqs = a.max_num_seqs;
     c.scheduler.max_num_batched_tokens = a.max_num_batched_tokens;
+    c.scheduler.policy = if a.scheduling_policy == "priority" {
+        llmd::config::SchedulingPolicy::Priority
+    } else {
+        llmd::config::SchedulingPolicy::Fcfs
+    };
     c.cache.block_size = a.block_size;
     c.cache.num_blocks = a.num_gpu_blocks_override;
     c.cache.gpu_memory_utilization = a.gpu_memory_utilization;
@@ -662,6 +674,9 @@ fn route(a: RouteArgs) -> Result<()> {
         };
         Ok((api, token_file, std::fs::read(format!("{SA}/ca.crt")).ok()))
     };
+    // With --pool-name (and no --objectives file) the InferenceObjectives naming the pool are
+    // watched for the priorities.
+    let mut objectives_watch = None;
     let (source, refresh): (Box<dyn WorkerSource>, _) = match (&a.pool_name, &a.k8s_namespace) {
         (Some(name), _) => {
             let ns = match &a.pool_namespace {
@@ -682,12 +697,11 @@ fn route(a: RouteArgs) -> Result<()> {
                 events: a.k8s_events_port,
                 replay: a.k8s_replay_port,
             };
-            let p = llmd::router::pool::PoolSource::new(
-                std::sync::Arc::new(api),
-                ns,
-                name.clone(),
-                ports,
-            );
+            let api = std::sync::Arc::new(api);
+            if a.flow.objectives.is_none() {
+                objectives_watch = Some((api.clone(), ns.clone(), name.clone()));
+            }
+            let p = llmd::router::pool::PoolSource::new(api, ns, name.clone(), ports);
             // Watched: changes arrive as they happen, nothing is polled.
             (Box::new(p), None)
         }
@@ -802,12 +816,29 @@ fn route(a: RouteArgs) -> Result<()> {
         served_model_names,
         max_body: a.max_body_bytes,
         epp_port: a.epp_port,
+        flow: a
+            .flow
+            .config(secs(a.scrape_interval, "--scrape-interval")?)
+            .map_err(|e| anyhow::anyhow!(e))?,
+        objectives: std::sync::Arc::new(llmd::router::flow::Objectives::new(
+            a.flow.objectives().map_err(|e| anyhow::anyhow!(e))?,
+        )),
+        forward_priority: !a.flow.no_forward_priority,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("llmd-route")
         .build()
         .context("starting the async runtime")?;
+    if let Some((api, ns, pool)) = objectives_watch {
+        let objectives = cfg.objectives.clone();
+        runtime.spawn(llmd::router::pool::watch_objectives(
+            api,
+            ns,
+            Some(pool),
+            move |m| objectives.replace_all(m),
+        ));
+    }
     runtime.block_on(llmd::router::route::serve(cfg, None))
 }
 

@@ -114,6 +114,8 @@ pub struct EngineLimits {
     pub max_model_len: usize,
     pub vocab_size: usize,
     pub max_waiting_requests: Option<usize>,
+    /// How waiting requests are ordered (a request's `priority` counts only under `Priority`).
+    pub scheduling_policy: crate::config::SchedulingPolicy,
     pub num_blocks: usize,
     pub block_size: usize,
     pub enable_prefix_caching: bool,
@@ -583,6 +585,7 @@ impl EngineCore {
                 max_model_len,
                 vocab_size: model_cfg.vocab_size,
                 max_waiting_requests: sched_cfg.max_waiting_requests,
+                scheduling_policy: sched_cfg.policy,
                 num_blocks,
                 block_size,
                 enable_prefix_caching: config.cache.enable_prefix_caching,

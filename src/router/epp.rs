@@ -131,6 +131,8 @@ struct Routed {
     worker: Arc<Worker>,
     keys: Vec<u64>,
     _in_flight: InFlight,
+    /// Flow control's hold on a place among the requests in flight, until the response ends.
+    _admitted: Option<super::flow::Admitted>,
 }
 
 /// A request the router refuses: what the gateway answers the client instead.
@@ -189,7 +191,13 @@ async fn exchange(
                 return;
             }
         };
-        let replies = match step(&state, &mut ex, msg).await {
+        let stepped = tokio::select! {
+            r = step(&state, &mut ex, msg) => r,
+            // The gateway dropped the stream (its client left): a request waiting in flow
+            // control leaves the queue at once.
+            () = tx.closed() => return,
+        };
+        let replies = match stepped {
             Ok(r) => r,
             Err(refusal) => {
                 tracing::info!(
@@ -481,11 +489,14 @@ fn served(
         ix.unexpect(routed.worker.name(), &routed.keys);
         ix.expect(w.name(), &routed.keys, PENDING_TTL);
     }
-    let keys = routed.keys.clone();
+    let Some(old) = ex.routed.take() else {
+        return;
+    };
     ex.routed = Some(Routed {
         _in_flight: InFlight::on(&w),
         worker: w,
-        keys,
+        keys: old.keys,
+        _admitted: old._admitted,
     });
 }
 
@@ -507,17 +518,46 @@ async fn route_request(
             format!("no route {} {path} on the router", ex.method),
         ));
     }
+    let header = |name: &str| {
+        ex.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let priority = state
+        .cfg
+        .objectives
+        .resolve(header(super::flow::OBJECTIVE_HEADER).as_deref());
+    let fairness = header(super::flow::FAIRNESS_HEADER);
     let body = std::mem::take(&mut ex.body);
     let (body, prompt_len, keys) = if generation {
         let p = state
-            .prepare_request(&path, body.into())
+            .prepare_request(&path, body.into(), priority)
             .await
             .map_err(|(status, kind, message)| Refusal::new(status.as_u16(), kind, message))?;
         (Some(p.body), p.prompt_len, p.keys)
     } else {
         (None, 0, Vec::new())
     };
-    // flow control admission goes here
+    // Flow control, as in the proxy mode: waits while the workers are saturated (the stream
+    // going away drops this and so the request's place in the queue, see `exchange`).
+    let admitted = if generation {
+        let bytes = body.as_ref().map_or(0, |b| b.len());
+        match state.admit(priority, fairness.as_deref(), bytes).await {
+            Ok(a) => Some(a),
+            Err(shed) => {
+                let kind = if shed.status() == 503 {
+                    "service_unavailable"
+                } else {
+                    "rate_limit_error"
+                };
+                return Err(Refusal::new(shed.status(), kind, shed.message()));
+            }
+        }
+    } else {
+        None
+    };
     let (d, endpoints) = pick(state, ex.subset.as_deref(), prompt_len, &keys)?;
     let w = d.worker.clone();
     w.predicted_hit_tokens.fetch_add(
@@ -526,6 +566,7 @@ async fn route_request(
     );
     ex.routed = Some(Routed {
         _in_flight: state.dispatch(&w, &keys),
+        _admitted: admitted,
         worker: w,
         keys,
     });

@@ -5,11 +5,13 @@
 //! - [`route`] is the router (`llmd route`), llm-d's endpoint picker as one process: a global
 //!   prefix index fed by the workers' KV events ([`index`], [`events`]), weighted scorers and
 //!   the P/D decision ([`scorers`]), workers from a static list or Kubernetes ([`workers`]):
-//!   pods by label, or an `InferencePool`'s pods ([`pool`]), watched through [`k8s`].
+//!   pods by label, or an `InferencePool`'s pods ([`pool`]), watched through [`k8s`]; flow
+//!   control (priorities, fairness, queueing while the workers are saturated: [`flow`]).
 //! - [`epp`] serves the same decisions to a gateway as a Gateway API Endpoint Picker (Envoy's
 //!   ext_proc).
 pub mod epp;
 pub mod events;
+pub mod flow;
 pub mod index;
 pub mod k8s;
 pub mod pool;

@@ -27,6 +27,7 @@
 //! ([`super::epp`]).
 use super::events::central::CentralStats;
 use super::events::{SubStats, Update};
+use super::flow::{FlowConfig, FlowController, FlowRequest, Objectives, Shed};
 use super::index::{IndexLimits, Keyer, PrefixIndex};
 use super::scorers::{self, Candidate, RoutingConfig};
 use super::workers::{Role, WorkerSource, WorkerSpec};
@@ -78,6 +79,12 @@ pub struct RouteConfig {
     pub max_body: usize,
     /// Serve Envoy's ext_proc (the Endpoint Picker Protocol) on this port too.
     pub epp_port: Option<u16>,
+    /// Flow control ([`super::flow`]).
+    pub flow: FlowConfig,
+    /// Priorities by `InferenceObjective` name.
+    pub objectives: Arc<Objectives>,
+    /// Send a request's non-zero priority to the worker (vLLM's `priority`, negated).
+    pub forward_priority: bool,
 }
 
 /// Default of `llmd route --max-model-len`.
@@ -91,6 +98,8 @@ struct Scraped {
     kv_usage: f64,
     prefix_hits: f64,
     prefix_queries: f64,
+    /// When it was scraped (None: never).
+    at: Option<Instant>,
 }
 
 pub(super) struct Worker {
@@ -153,6 +162,7 @@ pub(super) struct RouterState {
     pub(super) hop: Option<HeaderValue>,
     /// The counters of the bound KV events socket (`--kv-events-bind`).
     central: Option<Arc<CentralStats>>,
+    flow: Arc<FlowController>,
 }
 
 /// Default of `llmd route --max-body-bytes`.
@@ -177,12 +187,14 @@ pub async fn serve(
         Some(endpoint) => Some(super::events::central::bind(endpoint).await?),
         None => None,
     };
-    let state = Arc::new(RouterState {
-        client: reqwest::Client::builder()
-            .tcp_nodelay(true)
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build()
-            .context("building the HTTP client")?,
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build()
+        .context("building the HTTP client")?;
+    let state = Arc::new_cyclic(|me: &std::sync::Weak<RouterState>| RouterState {
+        flow: Arc::new(FlowController::new(cfg.flow.clone(), flow_view(me.clone()))),
+        client,
         index: Arc::new(Mutex::new(PrefixIndex::with_limits(
             cfg.keyer.clone(),
             IndexLimits {
@@ -356,6 +368,7 @@ async fn scrape_loop(state: Arc<RouterState>) {
         let workers = state.workers();
         let scrapes = workers.iter().map(|w| scrape(&state, w));
         futures_util::future::join_all(scrapes).await;
+        state.flow.metrics_refreshed();
         tokio::time::sleep(state.cfg.scrape_interval).await;
     }
 }
@@ -384,6 +397,7 @@ async fn scrape(state: &RouterState, w: &Worker) {
                 kv_usage: sample(&text, "vllm:kv_cache_usage_perc").unwrap_or(0.0),
                 prefix_hits: sample(&text, "vllm:prefix_cache_hits_total").unwrap_or(0.0),
                 prefix_queries: sample(&text, "vllm:prefix_cache_queries_total").unwrap_or(0.0),
+                at: Some(Instant::now()),
             };
             *w.scraped.lock().unwrap_or_else(|e| e.into_inner()) = s;
             if w.scrape_failures.swap(0, Relaxed) >= 3 {
@@ -507,6 +521,7 @@ pub(super) fn prepare(
     models: &[String],
     path: &str,
     body: &[u8],
+    priority: i32,
 ) -> Result<Prepared, Refused> {
     let mut v: Value = serde_json::from_slice(body)
         .map_err(|e| format!("the request body is not valid JSON: {e}"))?;
@@ -528,6 +543,12 @@ pub(super) fn prepare(
     }
     // Only a producer's answer, relayed by a sidecar, may tell a worker where KV is.
     obj.remove("kv_transfer_params");
+    // The router sets the worker's priority (vLLM's: lower first) from the objective's
+    // (higher first); a client's own would jump the queue.
+    obj.remove("priority");
+    if priority != 0 {
+        obj.insert("priority".into(), json!(-i64::from(priority)));
+    }
     let prompts = prompt_tokens(tok, path, &v);
     if let Some(longest) = prompts.iter().map(Vec::len).max() {
         if longest > max_model_len {
@@ -718,7 +739,13 @@ impl RouterState {
         self: &Arc<Self>,
         path: &str,
         body: axum::body::Bytes,
+        priority: i32,
     ) -> Result<Prepared, (StatusCode, &'static str, String)> {
+        let priority = if self.cfg.forward_priority {
+            priority
+        } else {
+            0
+        };
         let st = self.clone();
         let p = path.to_string();
         let prepared = tokio::task::spawn_blocking(move || {
@@ -729,6 +756,7 @@ impl RouterState {
                 &st.cfg.served_model_names,
                 &p,
                 &body,
+                priority,
             )
         })
         .await;
@@ -741,6 +769,24 @@ impl RouterState {
                 format!("reading the request: {e}"),
             )),
         }
+    }
+
+    /// Flow control's admission of a generation request of `priority` in the flow
+    /// `fairness_id` (`x-gateway-inference-fairness-id`) with a body of `bytes`: waits while
+    /// the workers are saturated (dropping the future leaves the queue); the guard holds the
+    /// request's place until it is dropped (the response is done).
+    pub(super) async fn admit(
+        &self,
+        priority: i32,
+        fairness_id: Option<&str>,
+        bytes: usize,
+    ) -> Result<super::flow::Admitted, Shed> {
+        let req = FlowRequest {
+            priority,
+            flow_id: fairness_id.unwrap_or(super::flow::DEFAULT_FLOW).to_string(),
+            bytes: bytes as u64,
+        };
+        self.flow.admit(req).await
     }
 
     /// Records that `keys` go to `w` (requests for the prompt that follow before the worker's
@@ -805,13 +851,31 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
             format!("no route {} {path} on the router", parts.method),
         );
     }
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let priority = s
+        .cfg
+        .objectives
+        .resolve(header(super::flow::OBJECTIVE_HEADER));
     let (body, prompt_len, keys) = if generation {
-        match s.prepare_request(&path, body).await {
+        match s.prepare_request(&path, body, priority).await {
             Ok(p) => (p.body, p.prompt_len, p.keys),
             Err((status, kind, why)) => return error(status, kind, why),
         }
     } else {
         (body, 0, Vec::new())
+    };
+    // Waits here while the workers are saturated; a client that leaves drops this future and
+    // so its place in the queue.
+    let mut admitted = if generation {
+        match s
+            .admit(priority, header(super::flow::FAIRNESS_HEADER), body.len())
+            .await
+        {
+            Ok(a) => Some(a),
+            Err(shed) => return shed_response(&shed),
+        }
+    } else {
+        None
     };
     let mut tried: Vec<Arc<Worker>> = Vec::new();
     for attempt in 0..2 {
@@ -871,8 +935,9 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
             Relaxed,
         );
         let resp_headers = r.headers().clone();
+        let admitted = admitted.take();
         let stream = futures_util::StreamExt::map(r.bytes_stream(), move |c| {
-            let _keep = &guard;
+            let _keep = (&guard, &admitted);
             c
         });
         let mut resp = Response::new(Body::from_stream(stream));
@@ -904,6 +969,37 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
             )
         },
     )
+}
+
+/// A request flow control refused: 429 (queue full, waited too long) or 503 (no endpoint), as
+/// an OpenAI error whose `code` names the reason.
+fn shed_response(shed: &Shed) -> Response {
+    let status = StatusCode::from_u16(shed.status()).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
+    let kind = if status == StatusCode::SERVICE_UNAVAILABLE {
+        "service_unavailable"
+    } else {
+        "rate_limit_error"
+    };
+    let body = json!({"error": {"message": shed.message(), "type": kind, "param": null, "code": shed.outcome()}});
+    (status, axum::Json(body)).into_response()
+}
+
+/// What flow control sees of the workers: each one's scraped queue and KV usage with their age.
+fn flow_view(state: std::sync::Weak<RouterState>) -> super::flow::PoolView {
+    Box::new(move |f| {
+        let Some(s) = state.upgrade() else {
+            return;
+        };
+        let now = Instant::now();
+        for w in s.workers.read().unwrap_or_else(|e| e.into_inner()).iter() {
+            let sc = *w.scraped.lock().unwrap_or_else(|e| e.into_inner());
+            f(super::flow::EndpointLoad {
+                waiting: sc.waiting,
+                kv_usage: sc.kv_usage,
+                age: sc.at.map(|t| now.saturating_duration_since(t)),
+            });
+        }
+    })
 }
 
 fn fail(s: &RouterState, w: &Worker, why: &str) {
@@ -1010,6 +1106,7 @@ async fn metrics(State(s): State<Arc<RouterState>>) -> Response {
     let _ = writeln!(out, "# HELP llmd_router:pd_decisions_total Requests sent disaggregated (through a decode worker's sidecar with a prefiller) or not.\n# TYPE llmd_router:pd_decisions_total counter\nllmd_router:pd_decisions_total{{mode=\"disaggregated\"}} {}\nllmd_router:pd_decisions_total{{mode=\"aggregated\"}} {}", c.disaggregated.load(Relaxed), c.aggregated.load(Relaxed));
     let _ = writeln!(out, "# HELP llmd_router:retries_total Requests sent again to another worker after one failed.\n# TYPE llmd_router:retries_total counter\nllmd_router:retries_total {}", c.retries.load(Relaxed));
     let _ = writeln!(out, "# HELP llmd_router:failed_requests_total Requests no worker could answer.\n# TYPE llmd_router:failed_requests_total counter\nllmd_router:failed_requests_total {}", c.failed.load(Relaxed));
+    s.flow.write_metrics(&mut out);
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -1051,7 +1148,7 @@ mod tests {
         let models = ["m".to_string(), "alias".to_string()];
         let body = br#"{"prompt": [1, 2, 3, 4, 5, 6, 7, 8, 9], "max_tokens": 2,
             "kv_transfer_params": {"do_remote_prefill": true, "remote_engine_id": "x"}}"#;
-        let p = prepare(&tok, &keyer, 64, &models, "/v1/completions", body).unwrap();
+        let p = prepare(&tok, &keyer, 64, &models, "/v1/completions", body, 0).unwrap();
         let v: Value = serde_json::from_slice(&p.body).unwrap();
         assert!(v.get("kv_transfer_params").is_none(), "{v}");
         assert_eq!(v["max_tokens"], 2);
@@ -1059,13 +1156,29 @@ mod tests {
         assert_eq!(p.keys, keyer.keys(&[1, 2, 3, 4, 5, 6, 7, 8, 9]));
         // A cache salt keys the prompt as the workers hash it: other keys, all of them.
         let salted = br#"{"prompt": [1, 2, 3, 4, 5, 6, 7, 8, 9], "cache_salt": "tenant-a"}"#;
-        let s = prepare(&tok, &keyer, 64, &models, "/v1/completions", salted).unwrap();
+        let s = prepare(&tok, &keyer, 64, &models, "/v1/completions", salted, 0).unwrap();
         let salt = ["tenant-a".to_string()];
         assert_eq!(
             s.keys,
             keyer.keys_salted(&[1, 2, 3, 4, 5, 6, 7, 8, 9], &salt)
         );
         assert!(s.keys.iter().zip(&p.keys).all(|(a, b)| a != b));
+        // The priority: the router's, negated for vLLM (lower first), never the client's own.
+        let own = br#"{"prompt": [1, 2], "priority": -100}"#;
+        let v: Value = serde_json::from_slice(
+            &prepare(&tok, &keyer, 64, &models, "/v1/completions", own, 10)
+                .unwrap()
+                .body,
+        )
+        .unwrap();
+        assert_eq!(v["priority"], -10);
+        let v: Value = serde_json::from_slice(
+            &prepare(&tok, &keyer, 64, &models, "/v1/completions", own, 0)
+                .unwrap()
+                .body,
+        )
+        .unwrap();
+        assert!(v.get("priority").is_none(), "{v}");
         // Every prompt of a list counts; the limit is on tokens.
         let long = json!({"prompt": [[1, 2], vec![5u32; 65]]}).to_string();
         let e = prepare(
@@ -1075,6 +1188,7 @@ mod tests {
             &models,
             "/v1/completions",
             long.as_bytes(),
+            0,
         )
         .unwrap_err();
         let Refused::Invalid(e) = e else {
@@ -1090,15 +1204,16 @@ mod tests {
             65,
             &models,
             "/v1/completions",
-            long.as_bytes()
+            long.as_bytes(),
+            0
         )
         .is_ok());
         for bad in [&b"[1,2]"[..], b"\"x\"", b"3", b"null", b"{"] {
-            assert!(prepare(&tok, &keyer, 64, &models, "/v1/completions", bad).is_err());
+            assert!(prepare(&tok, &keyer, 64, &models, "/v1/completions", bad, 0).is_err());
         }
         // What the router cannot tokenize goes on (the worker answers it), still stripped.
         let odd = br#"{"prompt": {"no": 1}, "kv_transfer_params": {}}"#;
-        let p = prepare(&tok, &keyer, 64, &models, "/v1/completions", odd).unwrap();
+        let p = prepare(&tok, &keyer, 64, &models, "/v1/completions", odd, 0).unwrap();
         assert_eq!(p.prompt_len, 0);
         assert!(!String::from_utf8_lossy(&p.body).contains("kv_transfer_params"));
         // The model: one of the served names, or none; another is a 404 naming it.
@@ -1106,13 +1221,13 @@ mod tests {
             &br#"{"model": "alias", "prompt": [1]}"#[..],
             br#"{"model": null, "prompt": [1]}"#,
         ] {
-            assert!(prepare(&tok, &keyer, 64, &models, "/v1/completions", ok).is_ok());
+            assert!(prepare(&tok, &keyer, 64, &models, "/v1/completions", ok, 0).is_ok());
         }
         for bad in [
             &br#"{"model": "gpt-4", "prompt": [1]}"#[..],
             br#"{"model": 7, "prompt": [1]}"#,
         ] {
-            let e = prepare(&tok, &keyer, 64, &models, "/v1/chat/completions", bad).unwrap_err();
+            let e = prepare(&tok, &keyer, 64, &models, "/v1/chat/completions", bad, 0).unwrap_err();
             assert_eq!(e.status(), StatusCode::NOT_FOUND, "{e:?}");
             assert!(e.message().contains("does not exist") && e.message().contains("alias"));
         }

@@ -50,6 +50,10 @@ pub async fn chat_completions(
         (false, _) => None,
     };
     let base = sampling_params(&req.sampling, logprobs)?;
+    let priority = super::openai::check_priority(
+        req.sampling.priority,
+        ready.engine.limits().scheduling_policy,
+    )?;
     let tok = ready.engine.tokenizer().clone();
     // A chat template can be slow to render and the prompt long to tokenize: not on a
     // runtime worker.
@@ -83,6 +87,7 @@ pub async fn chat_completions(
         .map(|i| {
             let mut c = ChoiceRequest::new(i, i, prompt.clone(), &base, max_tokens);
             c.kv = kv.clone();
+            c.priority = priority;
             c
         })
         .collect();

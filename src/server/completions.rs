@@ -43,6 +43,10 @@ pub async fn completions(
         ));
     }
     let base = sampling_params(&req.sampling, req.logprobs)?;
+    let priority = super::openai::check_priority(
+        req.sampling.priority,
+        ready.engine.limits().scheduling_policy,
+    )?;
     let num_prompts = match &req.prompt {
         PromptField::Text(_) | PromptField::Tokens(_) => 1,
         PromptField::Texts(ts) => ts.len(),
@@ -93,6 +97,7 @@ pub async fn completions(
     .await?;
     for c in &mut choices {
         c.kv = kv.clone();
+        c.priority = priority;
     }
     let id = state.next_id("cmpl");
     let kv_reply = choices

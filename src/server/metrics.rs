@@ -587,6 +587,7 @@ mod tests {
             max_model_len: 512,
             vocab_size: 100,
             max_waiting_requests: None,
+            scheduling_policy: Default::default(),
             num_blocks: 64,
             block_size: 16,
             enable_prefix_caching: true,

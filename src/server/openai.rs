@@ -44,6 +44,9 @@ pub struct SamplingFields {
     pub min_tokens: Option<usize>,
     pub include_stop_str_in_output: Option<bool>,
     pub skip_special_tokens: Option<bool>,
+    /// vLLM's `priority`: under `--scheduling-policy priority` a lower value is served first
+    /// (default 0); under `fcfs` only 0 is accepted.
+    pub priority: Option<i64>,
 }
 
 /// `prompt` of a completion request.
@@ -173,6 +176,31 @@ pub fn sampling_params(
     };
     p.validate().map_err(crate::Error::from)?;
     Ok(p)
+}
+
+/// The request's `priority`, checked against the worker's policy as vLLM does: any 32-bit
+/// value under `priority`, only 0 under `fcfs` (400 otherwise).
+pub fn check_priority(
+    priority: Option<i64>,
+    policy: crate::config::SchedulingPolicy,
+) -> Result<i32, ApiError> {
+    let p = priority.unwrap_or(0);
+    let Ok(p32) = i32::try_from(p) else {
+        return Err(ApiError::invalid(
+            "priority",
+            format!("priority must be a 32-bit integer, got {p}"),
+        ));
+    };
+    if p32 != 0 && policy != crate::config::SchedulingPolicy::Priority {
+        return Err(ApiError::invalid(
+            "priority",
+            format!(
+                "Got priority {p32} but Priority scheduling is not enabled (start the worker \
+                 with --scheduling-policy priority)."
+            ),
+        ));
+    }
+    Ok(p32)
 }
 
 /// The output budget: the request's `max_tokens`, else `default` (None: whatever the context

@@ -34,6 +34,8 @@ pub struct ChoiceRequest {
     pub params: SamplingParams,
     /// KV held for, or received from, another worker (disaggregated prefill/decode).
     pub kv: crate::engine::KvOptions,
+    /// vLLM's `priority` (lower first under the priority policy).
+    pub priority: i32,
 }
 
 impl ChoiceRequest {
@@ -54,6 +56,7 @@ impl ChoiceRequest {
             prompt,
             params,
             kv: Default::default(),
+            priority: 0,
         }
     }
 }
@@ -157,19 +160,19 @@ async fn add_all(
         let mut tracker =
             RequestTracker::new(ready.metrics.clone(), id.clone(), arrival, c.prompt.len());
         let prompt = Prompt::Tokens(c.prompt);
-        let added =
-            match ready
-                .engine
-                .try_add_request_with_kv(RequestId(id), prompt, c.params, 0, c.kv)
-            {
-                Ok(AddOutcome::Queued(h)) => Ok(h),
-                Ok(AddOutcome::Full(pending)) => {
-                    tokio::task::spawn_blocking(move || pending.wait())
-                        .await
-                        .unwrap_or_else(|e| Err(crate::Error::StepFailed(e.to_string())))
-                }
-                Err(e) => Err(e),
-            };
+        let added = match ready.engine.try_add_request_with_kv(
+            RequestId(id),
+            prompt,
+            c.params,
+            c.priority,
+            c.kv,
+        ) {
+            Ok(AddOutcome::Queued(h)) => Ok(h),
+            Ok(AddOutcome::Full(pending)) => tokio::task::spawn_blocking(move || pending.wait())
+                .await
+                .unwrap_or_else(|e| Err(crate::Error::StepFailed(e.to_string()))),
+            Err(e) => Err(e),
+        };
         let handle = match added {
             Ok(h) => h,
             Err(e) => {
