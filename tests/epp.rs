@@ -391,3 +391,106 @@ async fn an_envoy_client_is_routed_by_the_endpoint_picker() {
     assert_eq!(res[0]["prefiller"], w1.host_port(), "{}", res[0]);
     assert_eq!(endpoints(&res[1]), vec![w2.host_port().to_string()]);
 }
+
+/// Flow control in EPP mode: the router's one flow controller admits ext_proc requests too.
+/// One worker, one request in flight at most (`--flow-max-concurrency 1`): a priority-10
+/// request is routed with vLLM's (negated) `priority` in the body given back and held open;
+/// a sheddable one whose client leaves while it waits leaves the queue at once; another waits
+/// in the router and is shed after its TTL with a 429 ImmediateResponse naming the reason,
+/// counted as such on `/metrics`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn flow_control_holds_sheds_and_forwards_the_priority_in_epp_mode() {
+    if !has_python() {
+        return;
+    }
+    let (_w, spec) = worker("w-flow").await;
+    let dir = tempfile::tempdir().unwrap();
+    let objectives = dir.path().join("objectives.yaml");
+    std::fs::write(
+        &objectives,
+        "apiVersion: llm-d.ai/v1alpha2\nkind: InferenceObjective\nmetadata: {name: premium}\n\
+         spec: {poolRef: {name: stories}, priority: 10}\n---\n\
+         apiVersion: llm-d.ai/v1alpha2\nkind: InferenceObjective\nmetadata: {name: batch}\n\
+         spec: {poolRef: {name: stories}, priority: -1}\n",
+    )
+    .unwrap();
+    let (r, epp) = router(&args(&[
+        "--worker",
+        &spec,
+        "--served-model-name",
+        "stories",
+        "--objectives",
+        objectives.to_str().unwrap(),
+        "--flow-max-concurrency",
+        "1",
+        "--flow-default-request-ttl",
+        "3",
+        "--scrape-interval",
+        "0.2",
+    ]))
+    .await;
+    // Flow control reads the worker's scraped metrics: wait for the first scrape.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let body = |prompt: &str| json!({"model": "stories", "prompt": prompt, "max_tokens": 4});
+    let metrics_url = format!("{}/metrics", r.base);
+    let got = envoy(
+        &epp,
+        &json!([
+            {"name": "premium", "body": body("Once upon a time"), "chunks": 3,
+             "headers": {"x-gateway-inference-objective": "premium"}, "hold": true},
+            {"name": "leaves", "body": body("Tim saw"), "chunks": 2,
+             "headers": {"x-gateway-inference-objective": "batch"}, "abandon_after": 1.0},
+            {"metrics_url": metrics_url},
+            {"name": "batch", "body": body("Lily went"), "chunks": 2,
+             "headers": {"x-gateway-inference-objective": "batch",
+                         "x-gateway-inference-fairness-id": "tenant-b"}},
+            {"metrics_url": metrics_url},
+        ]),
+    );
+    // Routed, with the priority the worker's scheduler reads (vLLM: lower first).
+    let premium = &got[0];
+    endpoints(premium);
+    let back: Value = serde_json::from_str(premium["body_back"].as_str().unwrap()).unwrap();
+    assert_eq!(back["priority"], -10, "{premium}");
+    // A client that leaves while queued (the gateway cancels the stream) leaves the queue at
+    // once: counted as cancelled, the queue empty, long before its TTL.
+    assert_eq!(got[1]["abandoned"], true, "{}", got[1]);
+    let m = got[2]["metrics"].as_str().unwrap();
+    assert_eq!(
+        metric(
+            m,
+            "llmd_router:flow_control_requests_total",
+            "outcome=\"cancelled\""
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(m, "inference_extension_flow_control_queue_size", "priority"),
+        0.0,
+        "{m}"
+    );
+    // Queued behind it, then shed at its TTL.
+    let (status, err) = immediate(&got[3]);
+    assert_eq!(status, 429, "{}", got[3]);
+    assert_eq!(err["error"]["code"], "evicted_ttl", "{err}");
+    let m = got[4]["metrics"].as_str().unwrap();
+    assert_eq!(
+        metric(
+            m,
+            "llmd_router:flow_control_requests_total",
+            "outcome=\"evicted_ttl\""
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            m,
+            "llmd_router:flow_control_requests_total",
+            "outcome=\"dispatched\""
+        ),
+        1.0,
+        "{m}"
+    );
+}

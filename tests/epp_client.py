@@ -138,7 +138,17 @@ async def scenario(channel, s):
                 request_body=HttpBody(body=p, end_of_stream=i + 1 == len(pieces))
             )
         )
-    first = await next_reply()
+    if "abandon_after" in s:
+        # The client leaves while the request waits: the gateway cancels the stream.
+        try:
+            first = await asyncio.wait_for(replies.__anext__(), s["abandon_after"])
+        except asyncio.TimeoutError:
+            await replies.aclose()
+            out["abandoned"] = True
+            queue.put_nowait(None)
+            return out
+    else:
+        first = await next_reply()
     if first is None:
         out["closed"] = True
         queue.put_nowait(None)
@@ -185,6 +195,11 @@ async def scenario(channel, s):
             if sr.end_of_stream:
                 break
     out["body_back"] = back.decode(errors="replace")
+    if s.get("hold"):
+        # Routed, never answered: the request stays in flight until the stand-in ends (the
+        # reply stream is kept too: dropping it would cancel the call).
+        HELD.append((queue, replies))
+        return out
     if not s.get("forward", True):
         queue.put_nowait(None)
         return out
@@ -246,6 +261,10 @@ async def scenario(channel, s):
     return out
 
 
+# Streams of requests routed and held open ("hold"), ended when the stand-in ends.
+HELD = []
+
+
 async def health(channel, names):
     stub = HealthStub(channel)
     res = {}
@@ -267,8 +286,13 @@ async def main():
         for s in scenarios:
             if "health" in s:
                 results.append(await health(channel, s["health"]))
+            elif "metrics_url" in s and len(s) == 1:
+                with urllib.request.urlopen(s["metrics_url"], timeout=30) as m:
+                    results.append({"metrics": m.read().decode()})
             else:
                 results.append(await scenario(channel, s))
+        for q, _ in HELD:
+            q.put_nowait(None)
     finally:
         channel.close()
     json.dump(results, sys.stdout)

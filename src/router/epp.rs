@@ -140,6 +140,8 @@ struct Refusal {
     status: u16,
     kind: &'static str,
     message: String,
+    /// The whole error body, when it is more than `kind` and `message` (flow control's).
+    body: Option<serde_json::Value>,
 }
 
 impl Refusal {
@@ -148,12 +150,17 @@ impl Refusal {
             status,
             kind,
             message: message.into(),
+            body: None,
         }
     }
 
     fn reply(&self) -> ProcessingResponse {
-        let body =
-            serde_json::to_vec(&error_body(self.kind, self.message.clone())).unwrap_or_default();
+        let body = serde_json::to_vec(
+            self.body
+                .as_ref()
+                .unwrap_or(&error_body(self.kind, self.message.clone())),
+        )
+        .unwrap_or_default();
         ProcessingResponse {
             response: Some(Reply::ImmediateResponse(ImmediateResponse {
                 status: Some(HttpStatus {
@@ -547,12 +554,10 @@ async fn route_request(
         match state.admit(priority, fairness.as_deref(), bytes).await {
             Ok(a) => Some(a),
             Err(shed) => {
-                let kind = if shed.status() == 503 {
-                    "service_unavailable"
-                } else {
-                    "rate_limit_error"
-                };
-                return Err(Refusal::new(shed.status(), kind, shed.message()));
+                let (status, body) = super::route::shed_error(&shed);
+                let mut r = Refusal::new(status.as_u16(), "rate_limit_error", shed.message());
+                r.body = Some(body);
+                return Err(r);
             }
         }
     } else {

@@ -974,14 +974,22 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
 /// A request flow control refused: 429 (queue full, waited too long) or 503 (no endpoint), as
 /// an OpenAI error whose `code` names the reason.
 fn shed_response(shed: &Shed) -> Response {
+    let (status, body) = shed_error(shed);
+    (status, axum::Json(body)).into_response()
+}
+
+/// A request flow control shed: its status (429, or 503 with no endpoint) and OpenAI error
+/// body, whose `code` names the reason; the same in both modes.
+pub(super) fn shed_error(shed: &Shed) -> (StatusCode, Value) {
     let status = StatusCode::from_u16(shed.status()).unwrap_or(StatusCode::TOO_MANY_REQUESTS);
     let kind = if status == StatusCode::SERVICE_UNAVAILABLE {
         "service_unavailable"
     } else {
         "rate_limit_error"
     };
-    let body = json!({"error": {"message": shed.message(), "type": kind, "param": null, "code": shed.outcome()}});
-    (status, axum::Json(body)).into_response()
+    let mut body = error_body(kind, shed.message());
+    body["error"]["code"] = json!(shed.outcome());
+    (status, body)
 }
 
 /// What flow control sees of the workers: each one's scraped queue and KV usage with their age.
