@@ -10,19 +10,8 @@
 //! and malformed streams answered with a clear ImmediateResponse while the router stays up.
 mod common;
 
-use common::{free_port, metric, python_imports, LlmdProcess};
+use common::{args, free_port, metric, python_imports, stories, LlmdProcess};
 use serde_json::{json, Value};
-
-fn stories() -> String {
-    format!(
-        "{}/../shared/models/stories260K",
-        env!("CARGO_MANIFEST_DIR")
-    )
-}
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
 
 /// A worker publishing KV events; its `--worker` argument.
 async fn worker(tag: &str) -> (LlmdProcess, String) {

@@ -11,21 +11,10 @@
 //!   TTL; a queued client that disconnects leaves the queue at once.
 mod common;
 
-use common::{metric, LlmdProcess};
+use common::{args, metric, stories, LlmdProcess};
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-fn stories() -> String {
-    format!(
-        "{}/../shared/models/stories260K",
-        env!("CARGO_MANIFEST_DIR")
-    )
-}
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
 
 async fn worker(tag: &str, extra: &[&str]) -> LlmdProcess {
     let mut a = args(&[

@@ -6,7 +6,7 @@
 //! pyzmq publisher playing vLLM) apart by theirs (llm-d's centralized topology).
 mod common;
 
-use common::LlmdProcess;
+use common::{args as strings, stories, LlmdProcess};
 
 use llmd::kv::{KvEvent, KvEventSink, Medium};
 use llmd::router::events::{subscribe, SubStats, Update, MAX_BATCH_BYTES};
@@ -847,17 +847,6 @@ async fn subscriber_drops_oversized_and_malformed_batches_and_keeps_going() {
 // llm-d's centralized topology with real processes: `llmd serve` connecting its PUB socket to
 // a bound subscriber, and `llmd route --kv-events-bind` telling workers apart by topic.
 // ---------------------------------------------------------------------------------------------
-
-fn stories() -> String {
-    format!(
-        "{}/../shared/models/stories260K",
-        env!("CARGO_MANIFEST_DIR")
-    )
-}
-
-fn strings(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
 
 /// `llmd serve` (stories260K) on `http_port`, with `--kv-events-config` `events` when given.
 async fn serve_on(tag: &str, http_port: u16, events: Option<serde_json::Value>) -> LlmdProcess {

@@ -10,19 +10,8 @@
 mod common;
 mod fake_http;
 
-use common::{free_port, metric, LlmdProcess};
+use common::{args, free_port, metric, stories, LlmdProcess};
 use serde_json::{json, Value};
-
-fn stories() -> String {
-    format!(
-        "{}/../shared/models/stories260K",
-        env!("CARGO_MANIFEST_DIR")
-    )
-}
-
-fn args(list: &[&str]) -> Vec<String> {
-    list.iter().map(|s| s.to_string()).collect()
-}
 
 /// A worker publishing KV events on a free port (with replay); its `--worker` argument.
 async fn worker(tag: &str, extra: &[&str]) -> (LlmdProcess, String) {

@@ -308,22 +308,29 @@ pub async fn list_watch(api: &Api, what: &Collection, mut on: impl FnMut(Change<
     }
 }
 
+/// Sends `req` and reads the answer's status and body, the body `None` when it is over
+/// `limit` bytes (read no further).
+pub async fn send_bounded(
+    req: reqwest::RequestBuilder,
+    limit: usize,
+) -> Result<(reqwest::StatusCode, Option<Vec<u8>>), reqwest::Error> {
+    let mut r = req.send().await?;
+    let status = r.status();
+    let mut body = Vec::new();
+    while let Some(chunk) = r.chunk().await? {
+        if body.len() + chunk.len() > limit {
+            return Ok((status, None));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((status, Some(body)))
+}
+
 /// A LIST: the objects by name and the list's resource version.
 pub async fn list(api: &Api, what: &Collection) -> Result<(Store, String), String> {
     let url = what.url(&api.base, None);
     let req = api.get(&url).await?.timeout(api.timeout);
-    let call = async {
-        let mut r = req.send().await?;
-        let status = r.status();
-        let mut body = Vec::new();
-        while let Some(chunk) = r.chunk().await? {
-            if body.len() + chunk.len() > MAX_LIST_BYTES {
-                return Ok((status, None));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok::<_, reqwest::Error>((status, Some(body)))
-    };
+    let call = send_bounded(req, MAX_LIST_BYTES);
     let (status, body) = match tokio::time::timeout(api.timeout, call).await {
         Ok(Ok(got)) => got,
         Ok(Err(e)) => return Err(format!("Kubernetes API: listing {}: {e}", what.path)),

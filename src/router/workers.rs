@@ -178,18 +178,7 @@ impl WorkerSource for KubernetesSource {
             if let Some(t) = self.token().await? {
                 req = req.bearer_auth(t);
             }
-            let call = async {
-                let mut r = req.send().await?;
-                let status = r.status();
-                let mut body = Vec::new();
-                while let Some(chunk) = r.chunk().await? {
-                    if body.len() + chunk.len() > MAX_POD_LIST {
-                        return Ok((status, None));
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok::<_, reqwest::Error>((status, Some(body)))
-            };
+            let call = super::k8s::send_bounded(req, MAX_POD_LIST);
             // The client's own limit bounds each step; this bounds the whole call.
             let (status, body) = match tokio::time::timeout(self.timeout, call).await {
                 Ok(Ok(got)) => got,

@@ -35,7 +35,7 @@ pub use oracle::{
     top1_margin,
 };
 pub use ours::{llmd_greedy, llmd_logits_all_positions};
-pub use process::{free_port, metric, LlmdProcess};
+pub use process::{args, free_port, metric, stories, LlmdProcess};
 pub use python::{python_has_zmq, python_imports};
 pub use redis::{RedisOptions, RedisServer};
 pub use secret::{hop_token, secret_file};

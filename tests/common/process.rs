@@ -157,3 +157,16 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The tiny real model the process tests serve (`../shared/models/stories260K`).
+pub fn stories() -> String {
+    format!(
+        "{}/../shared/models/stories260K",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// A command line's arguments as owned strings.
+pub fn args(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
