@@ -418,7 +418,7 @@ fn live(reqs: &[Req], workers: usize, cap: usize, rate: f64) -> Live {
     let cfg = KvEventsConfig {
         enable_kv_cache_events: true,
         publisher: Publisher::Zmq,
-        endpoint: "tcp://127.0.0.1:0".to_string(),
+        endpoint: "tcp://*:0".to_string(),
         replay_endpoint: None,
         buffer_steps: 0,
         ..KvEventsConfig::default()
