@@ -138,29 +138,34 @@ struct Routed {
 /// A request the router refuses: what the gateway answers the client instead.
 struct Refusal {
     status: u16,
-    kind: &'static str,
+    /// What the log says.
     message: String,
-    /// The whole error body, when it is more than `kind` and `message` (flow control's).
-    body: Option<serde_json::Value>,
+    /// The OpenAI-style error body the client gets.
+    body: serde_json::Value,
 }
 
 impl Refusal {
     fn new(status: u16, kind: &'static str, message: impl Into<String>) -> Self {
+        let message = message.into();
         Refusal {
             status,
-            kind,
-            message: message.into(),
-            body: None,
+            body: error_body(kind, message.clone()),
+            message,
+        }
+    }
+
+    /// Flow control shed the request: the proxy mode's status and body (the reason in `code`).
+    fn shed(shed: &super::flow::Shed) -> Self {
+        let (status, body) = super::route::shed_error(shed);
+        Refusal {
+            status: status.as_u16(),
+            message: shed.message(),
+            body,
         }
     }
 
     fn reply(&self) -> ProcessingResponse {
-        let body = serde_json::to_vec(
-            self.body
-                .as_ref()
-                .unwrap_or(&error_body(self.kind, self.message.clone())),
-        )
-        .unwrap_or_default();
+        let body = serde_json::to_vec(&self.body).unwrap_or_default();
         ProcessingResponse {
             response: Some(Reply::ImmediateResponse(ImmediateResponse {
                 status: Some(HttpStatus {
@@ -553,12 +558,7 @@ async fn route_request(
         let bytes = body.as_ref().map_or(0, |b| b.len());
         match state.admit(priority, fairness.as_deref(), bytes).await {
             Ok(a) => Some(a),
-            Err(shed) => {
-                let (status, body) = super::route::shed_error(&shed);
-                let mut r = Refusal::new(status.as_u16(), "rate_limit_error", shed.message());
-                r.body = Some(body);
-                return Err(r);
-            }
+            Err(shed) => return Err(Refusal::shed(&shed)),
         }
     } else {
         None

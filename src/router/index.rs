@@ -296,6 +296,14 @@ impl PrefixIndex {
         &self.keyer
     }
 
+    /// Applies what `worker`'s KV event stream says: a batch of events, or a restart.
+    pub fn update(&mut self, worker: &str, u: &super::events::Update) {
+        match u {
+            super::events::Update::Events(events) => self.apply(worker, events),
+            super::events::Update::Reset => self.drop_worker(worker),
+        }
+    }
+
     /// Applies one batch of `worker`'s events.
     pub fn apply(&mut self, worker: &str, events: &[KvEvent]) {
         let bs = self.keyer.block_size;

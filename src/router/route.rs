@@ -26,7 +26,7 @@
 //! `expect`, the in-flight counts) also answers a gateway over Envoy's ext_proc
 //! ([`super::epp`]).
 use super::events::central::CentralStats;
-use super::events::{SubStats, Update};
+use super::events::SubStats;
 use super::flow::{FlowConfig, FlowController, FlowRequest, Objectives, Shed};
 use super::index::{IndexLimits, Keyer, PrefixIndex};
 use super::scorers::{self, Candidate, RoutingConfig};
@@ -277,11 +277,10 @@ impl RouterState {
                     spec.replay.clone(),
                     stats.clone(),
                     move |u| {
-                        let mut ix = index.lock().unwrap_or_else(|e| e.into_inner());
-                        match u {
-                            Update::Events(events) => ix.apply(&name, &events),
-                            Update::Reset => ix.drop_worker(&name),
-                        }
+                        index
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .update(&name, &u)
                     },
                 ));
                 (task, stats)
@@ -336,11 +335,10 @@ async fn serve_central(
         .map(str::to_string)
     };
     super::events::central::serve(sub, stats, resolve, move |name, u| {
-        let mut ix = index.lock().unwrap_or_else(|e| e.into_inner());
-        match u {
-            Update::Events(events) => ix.apply(name, &events),
-            Update::Reset => ix.drop_worker(name),
-        }
+        index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .update(name, &u)
     })
     .await;
 }
@@ -723,7 +721,7 @@ impl RouterState {
 }
 
 /// Decrements a worker's in-flight count when the response (or its stream) is done.
-pub(super) struct InFlight(pub(super) Arc<Worker>);
+pub(super) struct InFlight(Arc<Worker>);
 
 impl InFlight {
     /// Counts one more request in flight on `w` until the guard drops.
