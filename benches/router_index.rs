@@ -30,8 +30,9 @@
 //! Prints: (1) events published and applied per second, the router's sequence gaps, batches
 //! the publishers dropped, how long the router took to drain after the last one; (2) the RSS
 //! of an index holding 1M blocks (measured alone, before the live run) and at the end of the
-//! live run; (3) decision time p50/p99 under that event load vs idle (the same requests'
-//! decisions replayed after the run, with no events flowing); (4) the prefix hit rate of
+//! live run; (3) decision time p50/p99 under that event load vs idle (the same loop over the
+//! same requests replayed after the run — decide, `expect`, simulate — with no events
+//! flowing); (4) the prefix hit rate of
 //! prefix-aware vs round-robin routing on the trace, beside the trace's own ceiling (one
 //! infinite cache).
 //!
@@ -542,21 +543,32 @@ fn live(reqs: &[Req], workers: usize, cap: usize, rate: f64) -> Live {
     let rss = rss_bytes();
 
     let lock_load = std::mem::take(&mut router.lock_waits);
-    // Idle: the same requests' decisions, nothing flowing (no `expect`: nothing is sent).
+    // Idle: the same loop over the same requests — the decision, `expect`, the simulated
+    // workers serving it (fresh ones) — with nothing published, so what differs from the run
+    // above is only the events flowing into the index (deciding back to back instead would
+    // find the index in warm caches, which no router between two requests does).
     let mut decide_idle = Vec::with_capacity(reqs.len());
     let mut decision_idle = Vec::with_capacity(reqs.len());
     let mut cpu_idle = Vec::with_capacity(reqs.len());
-    let idle_load = vec![(0usize, 0.0f64); workers];
+    let mut sim: Vec<SimWorker> = (0..workers).map(|_| SimWorker::new(cap)).collect();
     for (n, r) in reqs.iter().enumerate() {
-        let tokens = prompt_tokens(&blocks_of(r, n));
+        let b = blocks_of(r, n);
+        let tokens = prompt_tokens(&b);
+        let load: Vec<(usize, f64)> = sim.iter_mut().map(|w| w.load(r.ts)).collect();
         let (c0, t0) = (thread_cpu(), Instant::now());
         let keys = router.keyer.keys(&tokens);
         let t1 = Instant::now();
-        router.pick(&keys, &idle_load);
+        let (w, _) = router.pick(&keys, &load);
         let t2 = Instant::now();
         cpu_idle.push(thread_cpu() - c0);
         decide_idle.push((t2 - t1).as_secs_f64());
         decision_idle.push((t2 - t0).as_secs_f64());
+        router
+            .index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .expect(&names[w], &keys, PENDING_TTL);
+        std::hint::black_box(sim[w].serve(r, &b, r.ts));
     }
     let lock_idle = std::mem::take(&mut router.lock_waits);
     drop(pubs);

@@ -124,6 +124,12 @@ struct RouteArgs {
     /// Largest request body the router reads, in bytes (larger: 413).
     #[arg(long, default_value_t = llmd::router::route::DEFAULT_MAX_BODY)]
     max_body_bytes: usize,
+    /// Memory for the router's cache of tokenized prompt pieces, in MiB (0: none): a long
+    /// prompt is tokenized in pieces, in parallel, and a piece seen before (a system prompt, a
+    /// conversation's history) is not tokenized again. Tokenizers that cannot be cut exactly
+    /// always tokenize whole.
+    #[arg(long, default_value_t = 64)]
+    tokenizer_cache_mib: usize,
     /// Also serve Envoy's ext_proc gRPC on this port: the router as a Gateway API Endpoint
     /// Picker (with gRPC health for liveness, readiness and the ext_proc service).
     #[arg(long)]
@@ -766,10 +772,12 @@ fn route(a: RouteArgs) -> Result<()> {
     if a.max_body_bytes == 0 {
         bail!("--max-body-bytes must be at least 1");
     }
-    let tokenizer = std::sync::Arc::new(
-        llmd::tokenizer::Tokenizer::from_dir(&model)
-            .with_context(|| format!("the tokenizer of {}", model.display()))?,
-    );
+    let mut tokenizer = llmd::tokenizer::Tokenizer::from_dir(&model)
+        .with_context(|| format!("the tokenizer of {}", model.display()))?;
+    if let Err(why) = tokenizer.encode_in_pieces(true, a.tokenizer_cache_mib << 20) {
+        tracing::info!(%why, "prompts are tokenized whole");
+    }
+    let tokenizer = std::sync::Arc::new(tokenizer);
     let seed = a
         .hash_seed
         .clone()

@@ -11,6 +11,7 @@
 //! loading (plain completions still work), it fails `apply_chat_template` instead.
 mod chat_template;
 mod detokenizer;
+mod pieces;
 mod stop;
 
 pub use detokenizer::IncrementalDetokenizer;
@@ -65,6 +66,8 @@ pub struct Tokenizer {
     prepend_bos: bool,
     /// `None`: the model has no template; `Some(Err)`: it has one that does not compile.
     chat_template: Option<Result<ChatTemplate, String>>,
+    /// Long texts in pieces ([`Self::encode_in_pieces`]); None: whole.
+    pieces: Option<pieces::Pieces>,
 }
 
 impl Tokenizer {
@@ -127,7 +130,17 @@ impl Tokenizer {
             eos_token_ids,
             prepend_bos,
             chat_template,
+            pieces: None,
         })
+    }
+
+    /// From now on, encodes a long text in pieces where that gives exactly the ids of the
+    /// whole (see `pieces.rs` for which tokenizers qualify, and why): the pieces not in a
+    /// cache of `cache_bytes` (0: none) are encoded on rayon's threads when `parallel`. Errs,
+    /// saying why, for a tokenizer that does not qualify (it keeps encoding texts whole).
+    pub fn encode_in_pieces(&mut self, parallel: bool, cache_bytes: usize) -> Result<(), String> {
+        self.pieces = Some(pieces::Pieces::new(&self.inner, parallel, cache_bytes)?);
+        Ok(())
     }
 
     /// Token ids of `text`. With `add_special_tokens`, `tokenizer.json`'s post-processor adds
@@ -138,13 +151,20 @@ impl Tokenizer {
         text: &str,
         add_special_tokens: bool,
     ) -> Result<Vec<TokenId>, TokenizerError> {
-        let encoding =
-            self.inner
-                .encode(text, add_special_tokens)
-                .map_err(|e| TokenizerError::Encode {
-                    message: e.to_string(),
-                })?;
-        let mut ids = encoding.get_ids().to_vec();
+        let in_pieces = self
+            .pieces
+            .as_ref()
+            .and_then(|p| p.encode(&self.inner, text, add_special_tokens));
+        let mut ids = match in_pieces {
+            Some(ids) => ids,
+            None => self
+                .inner
+                .encode_fast(text, add_special_tokens)
+                .map(|e| e.get_ids().to_vec()),
+        }
+        .map_err(|e| TokenizerError::Encode {
+            message: e.to_string(),
+        })?;
         if add_special_tokens && self.prepend_bos {
             if let Some(bos) = self.bos_token_id {
                 if ids.first() != Some(&bos) {

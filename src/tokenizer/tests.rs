@@ -325,3 +325,192 @@ fn tokenizer_is_shareable_across_threads() {
     assert_send_sync::<Tokenizer>();
     assert_send_sync::<IncrementalDetokenizer>();
 }
+
+// --- Long texts in pieces -----------------------------------------------------------------------
+
+/// Words for texts that exercise the cut places: letters, digits, punctuation, newlines, runs
+/// of spaces, non-ASCII letters, a combining mark, a no-break space, an emoji and added tokens.
+const PIECE_WORDS: [&str; 24] = [
+    "the",
+    "Router",
+    "keys",
+    "blocks",
+    "2048",
+    "x7",
+    "a.b",
+    "it's",
+    "don't",
+    "\n",
+    "\n\n",
+    "  ",
+    "\t",
+    "café",
+    "中文",
+    "e\u{301}",
+    "\u{a0}",
+    "🙂",
+    "<|im_start|>",
+    "<|im_end|>",
+    "(x)",
+    "--",
+    "3.14",
+    "ÉTÉ",
+];
+
+/// A text of `n` words drawn by `pick` (an index per word), joined by single spaces.
+fn piece_text(picks: &[usize]) -> String {
+    let words: Vec<&str> = picks
+        .iter()
+        .map(|&i| PIECE_WORDS[i % PIECE_WORDS.len()])
+        .collect();
+    words.join(" ")
+}
+
+/// A tokenizer directory whose tokenizer.json is `model`'s with `edit` applied.
+fn edited_tokenizer(model: &str, edit: impl FnOnce(&mut Value)) -> Option<Tokenizer> {
+    let src = shared_models::shared_model(model)?;
+    let mut json: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    edit(&mut json);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("tokenizer.json"), json.to_string()).unwrap();
+    Some(Tokenizer::from_dir(dir.path()).unwrap())
+}
+
+/// The tokenizers whose long texts are cut, each with a twin that encodes whole: SmolLM2's
+/// (GPT-2 byte level with digits split), the same vocabulary behind Llama 3's and Qwen 2's
+/// split patterns, and stories260K's vocabulary behind a splitting Metaspace.
+fn piece_tokenizers() -> Vec<(&'static str, Tokenizer, Tokenizer)> {
+    let mut out = Vec::new();
+    for (i, pattern) in super::pieces::SPLIT_PATTERN_NAMES.iter().enumerate() {
+        let edit = |j: &mut Value| {
+            j["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": super::pieces::split_pattern(i)},
+                 "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                 "use_regex": false}]});
+        };
+        if let (Some(a), Some(b)) = (
+            edited_tokenizer("smollm2-135m-instruct", edit),
+            edited_tokenizer("smollm2-135m-instruct", edit),
+        ) {
+            out.push((*pattern, a, b));
+        }
+    }
+    let metaspace = |j: &mut Value| {
+        j["normalizer"] = Value::Null;
+        j["pre_tokenizer"] = serde_json::json!({"type": "Metaspace", "replacement": "▁",
+            "prepend_scheme": "first", "split": true});
+    };
+    if let (Some(a), Some(b)) = (
+        edited_tokenizer("stories260K", metaspace),
+        edited_tokenizer("stories260K", metaspace),
+    ) {
+        out.push(("Metaspace", a, b));
+    }
+    if let (Some(a), Some(b)) = (
+        shared("smollm2-135m-instruct"),
+        shared("smollm2-135m-instruct"),
+    ) {
+        out.push(("SmolLM2", a, b));
+    }
+    for (name, t, _) in &mut out {
+        t.encode_in_pieces(true, 1 << 20)
+            .unwrap_or_else(|why| panic!("{name} qualifies: {why}"));
+    }
+    out
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(8))]
+
+    /// In pieces (in parallel, then again from the cache, then a text sharing a stretch with
+    /// it) the ids are exactly those of the whole, with and without special tokens.
+    #[test]
+    fn pieces_give_exactly_the_ids_of_the_whole(
+        picks in proptest::collection::vec(0usize..1000, 150..700),
+        at in 0usize..100,
+    ) {
+        let text = piece_text(&picks);
+        let cut = at * picks.len() / 100;
+        let variant = format!("{} changed {}", piece_text(&picks[..cut]), piece_text(&picks[cut..]));
+        for (name, pieces, whole) in piece_tokenizers() {
+            for t in [&text, &text, &variant] {
+                for special in [true, false] {
+                    proptest::prop_assert_eq!(
+                        pieces.encode(t, special).unwrap(),
+                        whole.encode(t, special).unwrap(),
+                        "{} (special tokens: {})", name, special
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn cuts_fall_before_a_space_after_a_letter_or_digit_and_realign_after_a_change() {
+    let picks: Vec<usize> = (0..3000).map(|i| i * 7 + i / 3).collect();
+    let text = piece_text(&picks);
+    let pieces = super::pieces::cut(&text);
+    assert!(pieces.len() > 10, "{} pieces", pieces.len());
+    assert_eq!(pieces.concat(), text);
+    for p in &pieces[1..] {
+        assert!(p.starts_with(' '), "{p:?}");
+    }
+    for (a, _) in pieces.iter().zip(&pieces[1..]) {
+        assert!(a.len() >= 256, "{} bytes", a.len());
+        assert!(a.as_bytes()[a.len() - 1].is_ascii_alphanumeric(), "{a:?}");
+    }
+    // A text with something inserted near its start cuts the rest of it the same way.
+    let changed = format!("an inserted sentence {text}");
+    let again = super::pieces::cut(&changed);
+    let shared = pieces.iter().filter(|p| again.contains(p)).count();
+    assert!(
+        shared + 3 >= pieces.len(),
+        "{shared} of {} pieces shared",
+        pieces.len()
+    );
+}
+
+#[test]
+fn tokenizers_that_cannot_be_cut_exactly_say_why_and_encode_whole() {
+    // stories260K: a Prepend normalizer and no pre-tokenizer (one word for the whole text).
+    if let Some(mut t) = shared("stories260K") {
+        let why = t.encode_in_pieces(true, 0).unwrap_err();
+        assert!(why.contains("normalizer"), "{why}");
+        let text = piece_text(&(0..400).collect::<Vec<_>>());
+        assert_eq!(
+            t.encode(&text, true).unwrap(),
+            shared("stories260K").unwrap().encode(&text, true).unwrap()
+        );
+    }
+    type Edit = fn(&mut Value);
+    let refused: [(&str, Edit); 4] = [
+        (
+            "truncates",
+            |j| j["truncation"] = serde_json::json!({"direction": "Right", "max_length": 512, "strategy": "LongestFirst", "stride": 0}),
+        ),
+        (
+            "pre-tokenizer",
+            |j| j["pre_tokenizer"] = serde_json::json!({"type": "Split", "pattern": {"Regex": "\\s+\\S"}, "behavior": "Isolated", "invert": false}),
+        ),
+        (
+            "no pre-tokenizer splits",
+            |j| {
+                j["pre_tokenizer"] =
+                    serde_json::json!({"type": "Digits", "individual_digits": true})
+            },
+        ),
+        ("added token", |j| {
+            j["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({"id": 49152, "content": "two words", "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": false}))
+        }),
+    ];
+    for (why, edit) in refused {
+        if let Some(mut t) = edited_tokenizer("smollm2-135m-instruct", edit) {
+            let e = t.encode_in_pieces(true, 0).unwrap_err();
+            assert!(e.contains(why), "{e:?} should say {why:?}");
+        }
+    }
+}
