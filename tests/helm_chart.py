@@ -613,6 +613,27 @@ def check_flags(llmd, all_objs):
     return checked
 
 
+def check_readme_lists_every_value():
+    """The chart's README names every value of values.yaml (each leaf, as `a.b.c`)."""
+    with open(os.path.join(CHART, "values.yaml")) as f:
+        values = yaml.safe_load(f)
+    with open(os.path.join(CHART, "README.md")) as f:
+        readme = f.read()
+    # Free-form maps are one value each.
+    whole = {"router.config", "podSecurityContext", "securityContext"}
+
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            key = f"{prefix}.{k}" if prefix else k
+            if isinstance(v, dict) and v and key not in whole:
+                yield from leaves(v, key)
+            else:
+                yield key
+
+    missing = [k for k in leaves(values) if f"`{k}`" not in readme]
+    assert not missing, f"deploy/helm/llmd/README.md does not list {missing}"
+
+
 # --- the image ----------------------------------------------------------------------------------
 
 
@@ -673,6 +694,7 @@ def main():
     run("decode and prefill as LeaderWorkerSets", check_lws, preset("pd-gpu"))
     run("the defaults", check_preset, "defaults", {"model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct"}})
     run("the values schema refuses typos", check_schema_rejects_typos)
+    run("the chart's README lists every value", check_readme_lists_every_value)
     run("deploy/Dockerfile lints clean (hadolint)", check_dockerfile)
     if opts.llmd:
         n = run("every rendered flag is an llmd flag", check_flags, opts.llmd, rendered)
