@@ -326,14 +326,15 @@ def check_worker_pods(objs, values):
         for cont in spec["containers"] + (spec.get("initContainers") or []):
             sec = cont["securityContext"]
             assert sec["allowPrivilegeEscalation"] is False and sec["readOnlyRootFilesystem"]
-        # The Service fronts the decode pods' HTTP port.
+    # The release's Service fronts the decode pods' HTTP port, never a prefill pod.
     svc = [s for s in by_kind(objs, "Service") if s["metadata"]["name"] == RELEASE][0]
-    decode = [(o, lab, sp) for o, lab, sp in found if lab["llm-d.ai/role"] != "prefill"]
-    for _, labels, spec in decode:
-        assert matches(svc["spec"]["selector"], labels)
+    (port,) = svc["spec"]["ports"]
     for _, labels, spec in found:
-        if labels["llm-d.ai/role"] == "prefill":
-            assert not matches(svc["spec"]["selector"], labels), "the Service selects prefill pods"
+        selected = matches(svc["spec"]["selector"], labels)
+        assert selected == (labels["llm-d.ai/role"] != "prefill"), labels
+        if selected:
+            front = [p for c in spec["containers"] + (spec.get("initContainers") or []) for p in c["ports"]]
+            assert [p["containerPort"] for p in front if p["name"] == port["targetPort"]] == [port["port"]]
     return found
 
 
