@@ -9,6 +9,10 @@ use llmd::{Engine, EngineConfig, SamplingParams};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+/// See Cargo.toml's `mimalloc` entry.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(name = "llmd", version, about = "Native LLM inference engine")]
 struct Cli {
