@@ -485,3 +485,46 @@ async fn with_the_variables_unset_nothing_is_exported_and_nothing_connects() {
     // Nor does it reach for the default endpoint (localhost:4317).
     assert_eq!(connections_to(pid, 4317), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_still_batched_are_flushed_when_a_worker_shuts_down() {
+    let Some(rx) = receiver() else {
+        return;
+    };
+    let endpoint = rx.endpoint();
+    let mut env = otel_env(&endpoint, "test-flush");
+    // A batch delay no test waits for: only the shutdown's flush can send the spans.
+    env.retain(|(k, _)| *k != "OTEL_BSP_SCHEDULE_DELAY");
+    env.push(("OTEL_BSP_SCHEDULE_DELAY", Some("600000")));
+    let mut worker = serve("flush", &[], &env).await;
+    let resp = reqwest::Client::new()
+        .post(worker.url("/v1/completions"))
+        .json(&json!({"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status(), 200);
+    resp.bytes().await.expect("body");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rx.spans().is_empty(), "exported before the batch delay");
+    // SIGTERM: a graceful shutdown, which flushes the batch.
+    let pid = worker.child.id() as i32;
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    let status = tokio::task::spawn_blocking(move || {
+        let s = worker.child.wait();
+        (worker, s)
+    })
+    .await
+    .unwrap();
+    worker = status.0;
+    assert!(status.1.expect("wait").success(), "the worker exits cleanly");
+    drop(worker);
+    let spans = rx
+        .until("the batched spans were not flushed at shutdown", |s| {
+            ["POST /v1/completions", "llm_request", "decode"]
+                .iter()
+                .all(|n| s.iter().any(|x| x["name"] == *n))
+        })
+        .await;
+    assert!(spans.iter().all(|s| s["service"] == "test-flush"));
+}
