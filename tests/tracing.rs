@@ -528,3 +528,95 @@ async fn spans_still_batched_are_flushed_when_a_worker_shuts_down() {
         .await;
     assert!(spans.iter().all(|s| s["service"] == "test-flush"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_epp_mode_the_ext_proc_headers_carry_the_trace_to_the_worker() {
+    let Some(rx) = receiver() else {
+        return;
+    };
+    if !python_imports(
+        &["envoy_data_plane", "grpclib"],
+        "python3 -m pip install envoy-data-plane grpclib",
+    ) {
+        return;
+    }
+    let endpoint = rx.endpoint();
+    let worker = serve("epp-worker", &[], &otel_env(&endpoint, "test-epp-worker")).await;
+    let epp = free_port();
+    let _router = LlmdProcess::start_env(
+        "epp",
+        &args(&[
+            "route",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--model",
+            &stories(),
+            "--epp-port",
+            &epp.to_string(),
+            "--worker",
+            &worker.base,
+        ]),
+        &otel_env(&endpoint, "test-epp"),
+        "/health",
+    )
+    .await;
+    // tests/epp_client.py plays Envoy: the client's traceparent comes in the ext_proc request
+    // headers, and the request goes to the worker with the headers the router set.
+    let (trace_id, client_span) = ("5af7651916cd43dd8448eb211c80319d", "c7ad6b7169203331");
+    let scenarios = json!([{
+        "name": "traced",
+        "body": {"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0},
+        "headers": {"traceparent": format!("00-{trace_id}-{client_span}-01")},
+    }]);
+    let script = format!("{}/tests/epp_client.py", env!("CARGO_MANIFEST_DIR"));
+    let mut child = Command::new("python3")
+        .args([&script, &format!("127.0.0.1:{epp}")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("running python3");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(scenarios.to_string().as_bytes())
+        .unwrap();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .expect("the Envoy stand-in");
+    assert!(out.status.success(), "the Envoy stand-in failed");
+    let res: Vec<Value> = serde_json::from_slice(&out.stdout).expect("its JSON");
+    assert_eq!(res[0]["status"], 200, "{}", res[0]);
+
+    let spans = rx
+        .until("the EPP request's spans never all came", |s| {
+            [("test-epp", "ext_proc route"), ("test-epp", "route_decision"), ("test-epp-worker", "decode")]
+                .iter()
+                .all(|(svc, n)| s.iter().any(|x| x["service"] == *svc && x["name"] == *n))
+        })
+        .await;
+    let all = summary(&spans);
+    let find = |svc: &str, name: &str| -> &Value {
+        spans
+            .iter()
+            .find(|x| x["service"] == svc && x["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} span from {svc}:\n{all}"))
+    };
+    for s in &spans {
+        assert_eq!(s["trace_id"], trace_id, "a span outside the client's trace:\n{all}");
+    }
+    let root = find("test-epp", "ext_proc route");
+    assert_eq!(root["parent_span_id"], client_span, "{all}");
+    assert_eq!(root["kind"], 2, "a server span: {root}");
+    let decision = find("test-epp", "route_decision");
+    assert_eq!(decision["parent_span_id"], root["span_id"], "{all}");
+    assert_eq!(attr(decision, "llmd.worker"), worker.base.as_str(), "{decision}");
+    assert_eq!(attr(decision, "llmd.pd"), false, "{decision}");
+    // The worker's request hangs from the decision, through the header the router set.
+    let served = find("test-epp-worker", "POST /v1/completions");
+    assert_eq!(served["parent_span_id"], decision["span_id"], "{all}");
+}
