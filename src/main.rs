@@ -590,7 +590,12 @@ fn serve(a: ServeArgs) -> Result<()> {
         .thread_name("llmd-http")
         .build()
         .context("starting the async runtime")?;
-    llmd::telemetry::run(&runtime, "llmd-serve", llmd::server::serve(cfg, move || load_engine(config)))
+    llmd::telemetry::run(
+        &runtime,
+        "llmd-serve",
+        None,
+        llmd::server::serve(cfg, move || load_engine(config)),
+    )
 }
 
 /// The cluster secret of `--kv-transfer-secret-file`, when given.
@@ -624,7 +629,12 @@ fn sidecar(a: SidecarArgs) -> Result<()> {
         .thread_name("llmd-sidecar")
         .build()
         .context("starting the async runtime")?;
-    llmd::telemetry::run(&runtime, "llmd-sidecar", llmd::router::sidecar::serve(cfg))
+    llmd::telemetry::run(
+        &runtime,
+        "llmd-sidecar",
+        None,
+        llmd::router::sidecar::serve(cfg),
+    )
 }
 
 fn route(a: RouteArgs) -> Result<()> {
@@ -839,7 +849,12 @@ fn route(a: RouteArgs) -> Result<()> {
             move |m| objectives.replace_all(m),
         ));
     }
-    llmd::telemetry::run(&runtime, "llmd-route", llmd::router::route::serve(cfg, None))
+    llmd::telemetry::run(
+        &runtime,
+        "llmd-route",
+        None,
+        llmd::router::route::serve(cfg, None),
+    )
 }
 
 fn main() -> Result<()> {

@@ -9,6 +9,10 @@
 //! W3C `traceparent`/`tracestate` are read from incoming HTTP requests (and the ext_proc
 //! request headers of the EPP mode) and written on the outgoing ones.
 //!
+//! `OTEL_SDK_DISABLED=true` also keeps it off. Only OTLP over gRPC is built in (the project's
+//! tonic); `OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf` or `http/json` is logged and leaves
+//! tracing off.
+//!
 //! When off nothing is built: no exporter, no thread, no connection; each hook costs one check
 //! of [`enabled`]. The engine runs on its own thread, so a worker's engine spans (queue wait,
 //! prefill, decode) are made when the request ends, from the times its tracker recorded
@@ -46,7 +50,9 @@ pub struct Telemetry(Option<SdkTracerProvider>);
 /// The endpoint the environment names, when tracing is on by it.
 fn env_endpoint() -> Option<String> {
     let set = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
-    if set("OTEL_TRACES_EXPORTER").is_some_and(|v| v.trim().eq_ignore_ascii_case("none")) {
+    if set("OTEL_TRACES_EXPORTER").is_some_and(|v| v.trim().eq_ignore_ascii_case("none"))
+        || set("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+    {
         return None;
     }
     set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").or_else(|| set("OTEL_EXPORTER_OTLP_ENDPOINT"))
@@ -87,8 +93,10 @@ impl Telemetry {
             }
         };
         let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.trim().is_empty())
-            || std::env::var("OTEL_RESOURCE_ATTRIBUTES")
-                .is_ok_and(|v| v.split(',').any(|kv| kv.trim().starts_with("service.name=")));
+            || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| {
+                v.split(',')
+                    .any(|kv| kv.trim().starts_with("service.name="))
+            });
         let mut resource = opentelemetry_sdk::Resource::builder();
         if !named {
             resource = resource.with_service_name(service.to_string());
@@ -115,14 +123,20 @@ impl Telemetry {
     }
 }
 
-/// Runs `serve` on `runtime` with tracing set up first (as `service`) and flushed after.
-pub fn run<F>(runtime: &tokio::runtime::Runtime, service: &str, serve: F) -> anyhow::Result<()>
+/// Runs `serve` on `runtime` with tracing set up first (as `service`, to `endpoint` when
+/// given, else as the environment says) and flushed after.
+pub fn run<F>(
+    runtime: &tokio::runtime::Runtime,
+    service: &str,
+    endpoint: Option<&str>,
+    serve: F,
+) -> anyhow::Result<()>
 where
     F: std::future::Future<Output = anyhow::Result<()>>,
 {
     let t = {
         let _in = runtime.enter();
-        Telemetry::init(service, None)
+        Telemetry::init(service, endpoint)
     };
     let r = runtime.block_on(serve);
     t.shutdown();
@@ -175,7 +189,12 @@ pub fn header_pairs(cx: &Context) -> Vec<(String, String)> {
 }
 
 /// A span started now under `parent`, in a context of its own (None when tracing is off).
-pub fn start(parent: &Context, name: &'static str, kind: SpanKind, attrs: Vec<KeyValue>) -> Option<Context> {
+pub fn start(
+    parent: &Context,
+    name: &'static str,
+    kind: SpanKind,
+    attrs: Vec<KeyValue>,
+) -> Option<Context> {
     let t = tracer()?;
     let span = t
         .span_builder(name)
@@ -353,7 +372,14 @@ impl EngineTimes {
             return;
         };
         let scheduled = self.scheduled.unwrap_or(self.submitted);
-        record(&cx, "queue_wait", wall(self.submitted), wall(scheduled), vec![], None);
+        record(
+            &cx,
+            "queue_wait",
+            wall(self.submitted),
+            wall(scheduled),
+            vec![],
+            None,
+        );
         if let Some(first) = self.first {
             record(&cx, "prefill", wall(scheduled), wall(first), vec![], None);
             record(
@@ -365,5 +391,62 @@ impl EngineTimes {
                 None,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId};
+
+    #[test]
+    fn traceparent_and_tracestate_go_out_as_they_came_in() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        h.insert("tracestate", HeaderValue::from_static("vendor=abc"));
+        let cx = extract(&h);
+        let sc = cx.span().span_context().clone();
+        assert!(sc.is_valid() && sc.is_remote() && sc.is_sampled());
+        assert_eq!(
+            sc.trace_id(),
+            TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap()
+        );
+        // A child's context replaces the caller's headers, keeping the trace and its state.
+        let child = Context::new().with_remote_span_context(SpanContext::new(
+            sc.trace_id(),
+            SpanId::from_hex("b7ad6b7169203331").unwrap(),
+            TraceFlags::SAMPLED,
+            false,
+            sc.trace_state().clone(),
+        ));
+        inject(&child, &mut h);
+        assert_eq!(
+            h["traceparent"],
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01"
+        );
+        assert_eq!(h["tracestate"], "vendor=abc");
+        let pairs = header_pairs(&child);
+        assert!(pairs.contains(&(
+            "traceparent".to_string(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-b7ad6b7169203331-01".to_string()
+        )));
+    }
+
+    #[test]
+    fn a_missing_or_malformed_traceparent_is_no_parent() {
+        let mut h = HeaderMap::new();
+        assert!(!extract(&h).span().span_context().is_valid());
+        h.insert(
+            "traceparent",
+            HeaderValue::from_static("00-zz-00f067aa0ba902b7-01"),
+        );
+        assert!(!extract(&h).span().span_context().is_valid());
+        // Nothing to carry: nothing goes out.
+        let mut out = HeaderMap::new();
+        inject(&Context::new(), &mut out);
+        assert!(out.is_empty());
     }
 }

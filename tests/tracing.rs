@@ -93,7 +93,12 @@ fn summary(spans: &[Value]) -> String {
         .map(|s| {
             format!(
                 "{} {} trace={} span={} parent={} {}",
-                s["service"], s["name"], s["trace_id"], s["span_id"], s["parent_span_id"], s["attributes"]
+                s["service"],
+                s["name"],
+                s["trace_id"],
+                s["span_id"],
+                s["parent_span_id"],
+                s["attributes"]
             )
         })
         .collect::<Vec<_>>()
@@ -102,7 +107,10 @@ fn summary(spans: &[Value]) -> String {
 
 fn receiver() -> Option<Receiver> {
     python_imports(
-        &["grpc", "opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc"],
+        &[
+            "grpc",
+            "opentelemetry.proto.collector.trace.v1.trace_service_pb2_grpc",
+        ],
         "python3 -m pip install opentelemetry-proto grpcio",
     )
     .then(Receiver::start)
@@ -302,10 +310,9 @@ async fn one_pd_request_through_router_sidecar_prefiller_and_decoder_is_one_trac
     ];
     let spans = rx
         .until("the request's spans never all came", |s| {
-            expected.iter().all(|(svc, name)| {
-                s.iter()
-                    .any(|x| x["service"] == *svc && x["name"] == *name)
-            })
+            expected
+                .iter()
+                .all(|(svc, name)| s.iter().any(|x| x["service"] == *svc && x["name"] == *name))
         })
         .await;
     let all = summary(&spans);
@@ -318,7 +325,10 @@ async fn one_pd_request_through_router_sidecar_prefiller_and_decoder_is_one_trac
 
     // One request, one trace: the client's; no other spans (probes and scrapes are not traced).
     for s in &spans {
-        assert_eq!(s["trace_id"], trace_id, "a span outside the client's trace:\n{all}");
+        assert_eq!(
+            s["trace_id"], trace_id,
+            "a span outside the client's trace:\n{all}"
+        );
     }
     let seen: HashSet<&str> = spans.iter().filter_map(|s| s["service"].as_str()).collect();
     for svc in services {
@@ -346,9 +356,7 @@ async fn one_pd_request_through_router_sidecar_prefiller_and_decoder_is_one_trac
             s["service"]
         );
     }
-    let parent_of = |s: &Value| -> &Value {
-        ids[s["parent_span_id"].as_str().unwrap()]
-    };
+    let parent_of = |s: &Value| -> &Value { ids[s["parent_span_id"].as_str().unwrap()] };
     // The hops: router → sidecar → prefiller (through the prefill call) and → decoder.
     let forward = find("test-route", "route_forward");
     assert_eq!(forward["kind"], 3, "route_forward is a client span");
@@ -374,7 +382,10 @@ async fn one_pd_request_through_router_sidecar_prefiller_and_decoder_is_one_trac
         assert_eq!(parent_of(req)["name"], "POST /v1/completions", "{all}");
         assert_eq!(parent_of(find(svc, "prefill"))["span_id"], req["span_id"]);
         for key in ["gen_ai.usage.prompt_tokens", "gen_ai.latency.time_in_queue"] {
-            assert!(!attr(req, key).is_null(), "{svc} llm_request lacks {key}:\n{all}");
+            assert!(
+                !attr(req, key).is_null(),
+                "{svc} llm_request lacks {key}:\n{all}"
+            );
         }
     }
 
@@ -382,40 +393,76 @@ async fn one_pd_request_through_router_sidecar_prefiller_and_decoder_is_one_trac
     let decision = find("test-route", "route_decision");
     let sidecar_hp = sidecar.host_port();
     assert!(
-        attr(decision, "llmd.worker").as_str().is_some_and(|w| w.contains(sidecar_hp)),
+        attr(decision, "llmd.worker")
+            .as_str()
+            .is_some_and(|w| w.contains(sidecar_hp)),
         "{decision}"
     );
     assert_eq!(attr(decision, "llmd.pd"), true, "{decision}");
-    assert_eq!(attr(decision, "llmd.prefiller"), prefill.host_port(), "{decision}");
-    let cands = attr(decision, "llmd.candidates").as_array().cloned().unwrap_or_default();
-    assert_eq!(cands.len(), 1, "one decode candidate: {decision}");
-    assert!(
-        cands[0].as_str().is_some_and(|c| c.contains("prefix_blocks=")),
+    assert_eq!(
+        attr(decision, "llmd.prefiller"),
+        prefill.host_port(),
         "{decision}"
     );
-    assert!(attr(decision, "llmd.prompt_blocks").as_i64().unwrap_or(0) > 0, "{decision}");
-    assert!(!attr(decision, "llmd.flow_control.queue_wait_ms").is_null(), "{decision}");
+    let cands = attr(decision, "llmd.candidates")
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(cands.len(), 1, "one decode candidate: {decision}");
+    assert!(
+        cands[0]
+            .as_str()
+            .is_some_and(|c| c.contains("prefix_blocks=")),
+        "{decision}"
+    );
+    assert!(
+        attr(decision, "llmd.prompt_blocks").as_i64().unwrap_or(0) > 0,
+        "{decision}"
+    );
+    assert!(
+        !attr(decision, "llmd.flow_control.queue_wait_ms").is_null(),
+        "{decision}"
+    );
 
     // The sidecar's prefill call got the prefiller's kv_transfer_params.
     assert_eq!(attr(prefill_call, "llmd.prefiller"), prefill.host_port());
-    assert_eq!(attr(prefill_call, "llmd.prefill.outcome"), "kv_transfer_params");
+    assert_eq!(
+        attr(prefill_call, "llmd.prefill.outcome"),
+        "kv_transfer_params"
+    );
 
     // The decoder pulled the prompt's KV over TCP, and decoded the tokens asked for.
     let pull = find("test-decode", "kv_pull");
-    assert!(attr(pull, "llmd.kv.bytes").as_i64().unwrap_or(0) > 0, "{pull}");
-    assert!(attr(pull, "llmd.kv.blocks").as_i64().unwrap_or(0) > 0, "{pull}");
+    assert!(
+        attr(pull, "llmd.kv.bytes").as_i64().unwrap_or(0) > 0,
+        "{pull}"
+    );
+    assert!(
+        attr(pull, "llmd.kv.blocks").as_i64().unwrap_or(0) > 0,
+        "{pull}"
+    );
     assert_eq!(attr(pull, "llmd.kv.transport"), "tcp", "{pull}");
     assert!(attr(pull, "llmd.kv.fallback_cause").is_null(), "{pull}");
-    assert_eq!(attr(pull, "llmd.kv.peer").as_str(), Some(format!("127.0.0.1:{side}").as_str()));
+    assert_eq!(
+        attr(pull, "llmd.kv.peer").as_str(),
+        Some(format!("127.0.0.1:{side}").as_str())
+    );
     let decode_span = find("test-decode", "decode");
-    assert_eq!(attr(decode_span, "llmd.output_tokens"), max_tokens, "{decode_span}");
+    assert_eq!(
+        attr(decode_span, "llmd.output_tokens"),
+        max_tokens,
+        "{decode_span}"
+    );
     let decode_req = find("test-decode", "llm_request");
     assert!(
         attr(decode_req, "llmd.cached_tokens").as_i64().unwrap_or(0) > 0,
         "the decoder's prompt came from the prefiller: {decode_req}"
     );
     // Spans' times are in order: the pull before the decode.
-    assert!(pull["end"].as_u64() <= decode_span["start"].as_u64(), "{all}");
+    assert!(
+        pull["end"].as_u64() <= decode_span["start"].as_u64(),
+        "{all}"
+    );
 
     // A pull that fails (no prefiller on its port): the decoder prefills itself and the
     // kv_pull span says why, as an error.
@@ -437,10 +484,15 @@ async fn one_pd_request_through_router_sidecar_prefiller_and_decoder_is_one_trac
         .send()
         .await
         .expect("request");
-    assert_eq!(resp.status(), 200, "a failed pull falls back to a local prefill");
+    assert_eq!(
+        resp.status(),
+        200,
+        "a failed pull falls back to a local prefill"
+    );
     let spans = rx
         .until("no kv_pull span for the failed pull", |s| {
-            s.iter().any(|x| x["trace_id"] == failing && x["name"] == "kv_pull")
+            s.iter()
+                .any(|x| x["trace_id"] == failing && x["name"] == "kv_pull")
         })
         .await;
     let failed = spans
@@ -449,13 +501,24 @@ async fn one_pd_request_through_router_sidecar_prefiller_and_decoder_is_one_trac
         .unwrap();
     assert_eq!(attr(failed, "llmd.kv.fallback_cause"), "io", "{failed}");
     assert_eq!(attr(failed, "llmd.kv.bytes"), 0, "{failed}");
-    assert_eq!(failed["status"], 2, "the failed pull is an error span: {failed}");
+    assert_eq!(
+        failed["status"], 2,
+        "the failed pull is an error span: {failed}"
+    );
 
     // Each process exports over its own connection to the receiver, from the SDK's thread.
     for p in [&prefill, &decode, &sidecar, &router] {
         let pid = p.child.id();
-        assert!(connections_to(pid, rx.port) > 0, "{} has no connection to the receiver", p.base);
-        assert!(has_exporter_thread(pid), "{} runs no exporter thread", p.base);
+        assert!(
+            connections_to(pid, rx.port) > 0,
+            "{} has no connection to the receiver",
+            p.base
+        );
+        assert!(
+            has_exporter_thread(pid),
+            "{} runs no exporter thread",
+            p.base
+        );
     }
 }
 
@@ -478,7 +541,11 @@ async fn with_the_variables_unset_nothing_is_exported_and_nothing_connects() {
     assert_eq!(resp.status(), 200);
     // Longer than any batch delay: a span would have come by now.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(rx.spans().is_empty(), "spans exported:\n{}", summary(&rx.spans()));
+    assert!(
+        rx.spans().is_empty(),
+        "spans exported:\n{}",
+        summary(&rx.spans())
+    );
     let pid = worker.child.id();
     assert!(!has_exporter_thread(pid), "an exporter thread runs");
     assert_eq!(connections_to(pid, rx.port), 0);
@@ -517,7 +584,10 @@ async fn spans_still_batched_are_flushed_when_a_worker_shuts_down() {
     .await
     .unwrap();
     worker = status.0;
-    assert!(status.1.expect("wait").success(), "the worker exits cleanly");
+    assert!(
+        status.1.expect("wait").success(),
+        "the worker exits cleanly"
+    );
     drop(worker);
     let spans = rx
         .until("the batched spans were not flushed at shutdown", |s| {
@@ -594,9 +664,13 @@ async fn in_epp_mode_the_ext_proc_headers_carry_the_trace_to_the_worker() {
 
     let spans = rx
         .until("the EPP request's spans never all came", |s| {
-            [("test-epp", "ext_proc route"), ("test-epp", "route_decision"), ("test-epp-worker", "decode")]
-                .iter()
-                .all(|(svc, n)| s.iter().any(|x| x["service"] == *svc && x["name"] == *n))
+            [
+                ("test-epp", "ext_proc route"),
+                ("test-epp", "route_decision"),
+                ("test-epp-worker", "decode"),
+            ]
+            .iter()
+            .all(|(svc, n)| s.iter().any(|x| x["service"] == *svc && x["name"] == *n))
         })
         .await;
     let all = summary(&spans);
@@ -607,14 +681,21 @@ async fn in_epp_mode_the_ext_proc_headers_carry_the_trace_to_the_worker() {
             .unwrap_or_else(|| panic!("no {name} span from {svc}:\n{all}"))
     };
     for s in &spans {
-        assert_eq!(s["trace_id"], trace_id, "a span outside the client's trace:\n{all}");
+        assert_eq!(
+            s["trace_id"], trace_id,
+            "a span outside the client's trace:\n{all}"
+        );
     }
     let root = find("test-epp", "ext_proc route");
     assert_eq!(root["parent_span_id"], client_span, "{all}");
     assert_eq!(root["kind"], 2, "a server span: {root}");
     let decision = find("test-epp", "route_decision");
     assert_eq!(decision["parent_span_id"], root["span_id"], "{all}");
-    assert_eq!(attr(decision, "llmd.worker"), worker.base.as_str(), "{decision}");
+    assert_eq!(
+        attr(decision, "llmd.worker"),
+        worker.base.as_str(),
+        "{decision}"
+    );
     assert_eq!(attr(decision, "llmd.pd"), false, "{decision}");
     // The worker's request hangs from the decision, through the header the router set.
     let served = find("test-epp-worker", "POST /v1/completions");

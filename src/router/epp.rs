@@ -25,6 +25,7 @@
 use super::route::PREFILLER_HEADER;
 use super::route::{error_body, Decision, InFlight, RouterState, Worker, PENDING_TTL};
 use crate::kv::auth::TRUSTED_HOP_HEADER;
+use crate::telemetry::SpanKind;
 use envoy_types::pb::envoy::config::core::v3::{
     header_value_option::HeaderAppendAction, HeaderValue as EnvoyHeader, HeaderValueOption,
 };
@@ -41,7 +42,6 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
     TrailersResponse,
 };
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value as PbValue};
-use crate::telemetry::SpanKind;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
@@ -582,7 +582,10 @@ async fn route_request(
         None
     };
     let deciding = trace.as_ref().map(|_| Instant::now());
-    let queue_wait = queued.zip(deciding).filter(|_| generation).map(|(q, d)| d - q);
+    let queue_wait = queued
+        .zip(deciding)
+        .filter(|_| generation)
+        .map(|(q, d)| d - q);
     let (d, endpoints) = pick(state, ex.subset.as_deref(), prompt_len, &keys)?;
     let decided = trace.as_ref().zip(deciding).and_then(|(t, at)| {
         state.trace_decision(&t.0, &d, &keys, (at, Instant::now()), queue_wait)

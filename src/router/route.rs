@@ -961,8 +961,13 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
                 crate::telemetry::Attr::new("llmd.worker", d.worker.name().to_string()),
                 crate::telemetry::Attr::new("llmd.attempt", attempt as i64),
             ];
-            crate::telemetry::start(cx, "route_forward", crate::telemetry::SpanKind::Client, attrs)
-                .map(crate::telemetry::EndOnDrop)
+            crate::telemetry::start(
+                cx,
+                "route_forward",
+                crate::telemetry::SpanKind::Client,
+                attrs,
+            )
+            .map(crate::telemetry::EndOnDrop)
         });
         if attempt > 0 {
             s.counters.retries.fetch_add(1, Relaxed);

@@ -350,7 +350,10 @@ async fn route(State(s): State<Arc<Sidecar>>, req: Request) -> Response {
                 Prefill::ClientError(r) => ("client_error", Some(r.status().to_string())),
                 Prefill::Fallback(why) => ("fallback", Some(why.clone())),
             };
-            crate::telemetry::annotate(cx, vec![crate::telemetry::Attr::new("llmd.prefill.outcome", what)]);
+            crate::telemetry::annotate(
+                cx,
+                vec![crate::telemetry::Attr::new("llmd.prefill.outcome", what)],
+            );
             if let Some(e) = err {
                 crate::telemetry::fail(cx, e);
             }

@@ -423,7 +423,13 @@ impl Disagg {
         else {
             let why = "kv_transfer_params without a remote_transfer_token";
             self.fallback("unauthorized", why);
-            self.trace_pull(Instant::now(), &host, port, None, Some(("unauthorized", why)));
+            self.trace_pull(
+                Instant::now(),
+                &host,
+                port,
+                None,
+                Some(("unauthorized", why)),
+            );
             return Ok(KvOptions::default());
         };
         let limits = engine.limits();
@@ -445,7 +451,13 @@ impl Disagg {
                 let why =
                     "remote_prompt_hash is not this prompt's: the KV was computed for another";
                 self.fallback("prompt_mismatch", why);
-                self.trace_pull(Instant::now(), &host, port, None, Some(("prompt_mismatch", why)));
+                self.trace_pull(
+                    Instant::now(),
+                    &host,
+                    port,
+                    None,
+                    Some(("prompt_mismatch", why)),
+                );
                 return Ok(KvOptions::default());
             }
         }

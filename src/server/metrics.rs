@@ -523,7 +523,12 @@ impl RequestTracker {
             FinishReason::Abort => 2,
         };
         if let Some(t) = &self.trace {
-            t.emit(&self.id, self.prompt_tokens, self.output_tokens, reason.as_str());
+            t.emit(
+                &self.id,
+                self.prompt_tokens,
+                self.output_tokens,
+                reason.as_str(),
+            );
         }
         let gaps = std::mem::take(&mut self.gaps);
         self.metrics.with(|r| {
