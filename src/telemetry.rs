@@ -299,12 +299,38 @@ async fn server_span(req: Request, next: Next) -> Response {
     }
     // The span ends with the body: a stream is part of the request.
     let (parts, body) = resp.into_parts();
-    let guard = EndOnDrop(cx);
-    let stream = futures_util::StreamExt::map(body.into_data_stream(), move |c| {
-        let _keep = &guard;
-        c
-    });
-    Response::from_parts(parts, axum::body::Body::from_stream(stream))
+    let body = TracedBody {
+        inner: body,
+        _span: EndOnDrop(cx),
+    };
+    Response::from_parts(parts, axum::body::Body::new(body))
+}
+
+/// A response body that holds its request's span open until it is done (or dropped), sizes
+/// and frames unchanged.
+struct TracedBody {
+    inner: axum::body::Body,
+    _span: EndOnDrop,
+}
+
+impl http_body::Body for TracedBody {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// Ends the span of its context when dropped.

@@ -571,6 +571,10 @@ async fn spans_still_batched_are_flushed_when_a_worker_shuts_down() {
         .await
         .expect("request");
     assert_eq!(resp.status(), 200);
+    assert!(
+        resp.headers().contains_key("content-length"),
+        "a traced JSON answer keeps its length"
+    );
     resp.bytes().await.expect("body");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(rx.spans().is_empty(), "exported before the batch delay");
