@@ -10,6 +10,7 @@
 //! - [`engine`]: the loop tying them together, with a streaming Rust API.
 //! - [`server`]: `llmd serve`, the OpenAI-compatible HTTP worker with vLLM-named metrics.
 //! - [`router`]: what routes in front of workers (`llmd sidecar`, llm-d's P/D sidecar).
+//! - [`telemetry`]: OpenTelemetry traces across router, sidecar and workers (off by default).
 pub mod backend;
 pub mod config;
 pub mod engine;
@@ -21,6 +22,7 @@ pub mod router;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;
+pub mod telemetry;
 pub mod tokenizer;
 
 pub use config::{CacheConfig, EngineConfig, SchedulerConfig};

@@ -600,7 +600,12 @@ fn serve(a: ServeArgs) -> Result<()> {
         .thread_name("llmd-http")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(llmd::server::serve(cfg, move || load_engine(config)))
+    llmd::telemetry::run(
+        &runtime,
+        "llmd-serve",
+        None,
+        llmd::server::serve(cfg, move || load_engine(config)),
+    )
 }
 
 /// The cluster secret of `--kv-transfer-secret-file`, when given.
@@ -634,7 +639,12 @@ fn sidecar(a: SidecarArgs) -> Result<()> {
         .thread_name("llmd-sidecar")
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(llmd::router::sidecar::serve(cfg))
+    llmd::telemetry::run(
+        &runtime,
+        "llmd-sidecar",
+        None,
+        llmd::router::sidecar::serve(cfg),
+    )
 }
 
 fn route(a: RouteArgs) -> Result<()> {
@@ -851,7 +861,12 @@ fn route(a: RouteArgs) -> Result<()> {
             move |m| objectives.replace_all(m),
         ));
     }
-    runtime.block_on(llmd::router::route::serve(cfg, None))
+    llmd::telemetry::run(
+        &runtime,
+        "llmd-route",
+        None,
+        llmd::router::route::serve(cfg, None),
+    )
 }
 
 fn main() -> Result<()> {

@@ -35,6 +35,8 @@ pub struct Request {
     pub extra_keys: Vec<String>,
     /// Prompt tokens served from the prefix cache when first scheduled.
     pub num_cached_tokens: Option<usize>,
+    /// When it was first scheduled (the end of its wait in the queue).
+    pub first_scheduled: Option<std::time::Instant>,
     pub num_preemptions: usize,
     /// The tiers below the device were asked for this request's prefix (once per admission).
     kv_probed: bool,
@@ -71,6 +73,7 @@ impl Request {
             arrival: 0,
             extra_keys,
             num_cached_tokens: None,
+            first_scheduled: None,
             num_preemptions: 0,
             kv_probed: false,
             staged: None,
@@ -476,6 +479,7 @@ impl Scheduler {
                 r.status = RequestStatus::Running;
                 if r.num_cached_tokens.is_none() {
                     r.num_cached_tokens = Some(computed);
+                    r.first_scheduled = Some(std::time::Instant::now());
                 }
                 let seq = ScheduledSeq {
                     id: id.clone(),

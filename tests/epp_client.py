@@ -19,6 +19,8 @@ Keys:
 One JSON object per scenario comes out, in order: what the router answered (an immediate
 response's status and body; or the destination header, the envoy.lb metadata, the prefiller
 header, the body given back), then what the worker answered and what the router echoed.
+The request goes to the worker with the router's prefiller, trusted-hop and trace context
+(`traceparent`, `tracestate`) headers.
 """
 
 import asyncio
@@ -212,6 +214,11 @@ async def scenario(channel, s):
         fwd_headers["x-prefiller-host-port"] = prefiller
     if hop:
         fwd_headers["x-llmd-trusted-hop"] = hop
+    # The trace context the router set (W3C traceparent/tracestate), as Envoy applies it.
+    for name in ("traceparent", "tracestate"):
+        value, _ = header_mutation_value(common, name)
+        if value:
+            fwd_headers[name] = value
     req = urllib.request.Request(
         f"http://{target}{path}",
         data=back if pieces else None,

@@ -993,18 +993,27 @@ impl EngineCore {
             let token = sampled.token;
             self.scheduler.append_token(&s.id, token);
             self.counters.generation_tokens += 1;
-            let (len, cached) = self
+            let (len, cached, scheduled_at) = self
                 .scheduler
                 .request(&s.id)
-                .map(|r| (r.tokens.len(), r.num_cached_tokens.unwrap_or(0)))
+                .map(|r| {
+                    (
+                        r.tokens.len(),
+                        r.num_cached_tokens.unwrap_or(0),
+                        r.first_scheduled,
+                    )
+                })
                 .unwrap_or_default();
-            let out = state.on_token(
+            let mut out = state.on_token(
                 &s.id,
                 sampled,
                 &self.eos_token_ids,
                 len >= self.limits.max_model_len,
                 cached,
             );
+            if out.num_output_tokens == 1 {
+                out.scheduled_at = scheduled_at;
+            }
             if let Some(reason) = out.finish_reason {
                 self.states.remove(&s.id);
                 self.received.remove(&s.id);

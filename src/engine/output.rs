@@ -34,6 +34,8 @@ pub struct EngineOutput {
     pub num_output_tokens: usize,
     /// Prompt tokens that were served from the prefix cache.
     pub num_cached_tokens: usize,
+    /// When the request was first scheduled (its queue wait's end); on its first output only.
+    pub scheduled_at: Option<std::time::Instant>,
 }
 
 impl EngineOutput {
@@ -58,6 +60,8 @@ pub struct RequestOutput {
     pub num_output_tokens: usize,
     /// Prompt tokens that were served from the prefix cache.
     pub num_cached_tokens: usize,
+    /// When the request was first scheduled (its queue wait's end); on its first output only.
+    pub scheduled_at: Option<std::time::Instant>,
 }
 
 impl RequestOutput {
@@ -122,6 +126,7 @@ impl RequestState {
             num_prompt_tokens: self.num_prompt_tokens,
             num_output_tokens: self.num_output_tokens,
             num_cached_tokens,
+            scheduled_at: None,
         }
     }
 }
@@ -194,6 +199,7 @@ impl OutputProcessor {
             num_prompt_tokens: o.num_prompt_tokens,
             num_output_tokens: o.num_output_tokens,
             num_cached_tokens: o.num_cached_tokens,
+            scheduled_at: o.scheduled_at,
         })
     }
 }

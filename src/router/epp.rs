@@ -25,6 +25,7 @@
 use super::route::PREFILLER_HEADER;
 use super::route::{error_body, Decision, InFlight, RouterState, Worker, PENDING_TTL};
 use crate::kv::auth::TRUSTED_HOP_HEADER;
+use crate::telemetry::SpanKind;
 use envoy_types::pb::envoy::config::core::v3::{
     header_value_option::HeaderAppendAction, HeaderValue as EnvoyHeader, HeaderValueOption,
 };
@@ -43,6 +44,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value as PbValue};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Instant;
 
 /// The ext_proc service's name, also a health service name.
 pub const SERVICE_NAME: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
@@ -542,6 +544,21 @@ async fn route_request(
         .objectives
         .resolve(header(super::flow::OBJECTIVE_HEADER).as_deref());
     let fairness = header(super::flow::FAIRNESS_HEADER);
+    // This exchange's span, under the caller's `traceparent` (tracing on); the worker's
+    // request is a child of its decision's, through the header set below.
+    let trace = ex
+        .headers
+        .as_ref()
+        .filter(|_| crate::telemetry::enabled())
+        .and_then(|h| {
+            let attrs = vec![
+                crate::telemetry::Attr::new("http.request.method", ex.method.clone()),
+                crate::telemetry::Attr::new("url.path", path.clone()),
+            ];
+            let parent = crate::telemetry::extract(h);
+            crate::telemetry::start(&parent, "ext_proc route", SpanKind::Server, attrs)
+        })
+        .map(crate::telemetry::EndOnDrop);
     let body = std::mem::take(&mut ex.body);
     let (body, prompt_len, keys) = if generation {
         let p = state
@@ -554,6 +571,7 @@ async fn route_request(
     };
     // Flow control, as in the proxy mode: waits while the workers are saturated (the stream
     // going away drops this and so the request's place in the queue, see `exchange`).
+    let queued = trace.as_ref().map(|_| Instant::now());
     let admitted = if generation {
         let bytes = body.as_ref().map_or(0, |b| b.len());
         match state.admit(priority, fairness.as_deref(), bytes).await {
@@ -563,7 +581,15 @@ async fn route_request(
     } else {
         None
     };
+    let deciding = trace.as_ref().map(|_| Instant::now());
+    let queue_wait = queued
+        .zip(deciding)
+        .filter(|_| generation)
+        .map(|(q, d)| d - q);
     let (d, endpoints) = pick(state, ex.subset.as_deref(), prompt_len, &keys)?;
+    let decided = trace.as_ref().zip(deciding).and_then(|(t, at)| {
+        state.trace_decision(&t.0, &d, &keys, (at, Instant::now()), queue_wait)
+    });
     let w = d.worker.clone();
     w.predicted_hit_tokens.fetch_add(
         (d.predicted_blocks * state.cfg.keyer.block_size) as u64,
@@ -588,6 +614,11 @@ async fn route_request(
     }
     if let Some(b) = &body {
         set.push(set_header("content-length", &b.len().to_string()));
+    }
+    if let Some(cx) = &decided {
+        for (k, v) in crate::telemetry::header_pairs(cx) {
+            set.push(set_header(&k, &v));
+        }
     }
     let headers = ProcessingResponse {
         response: Some(Reply::RequestHeaders(HeadersResponse {

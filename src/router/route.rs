@@ -232,11 +232,13 @@ pub async fn serve(
     if let Some(r) = ready {
         let _ = r.send(addr);
     }
-    let app = Axum::new()
-        .route("/health", axum::routing::get(health))
-        .route("/metrics", axum::routing::get(metrics))
-        .fallback(route)
-        .with_state(state);
+    let app = crate::telemetry::traced(
+        Axum::new()
+            .route("/health", axum::routing::get(health))
+            .route("/metrics", axum::routing::get(metrics))
+            .fallback(route)
+            .with_state(state),
+    );
     axum::serve(listener, app)
         .with_graceful_shutdown(super::sidecar::shutdown_signal())
         .await?;
@@ -635,6 +637,23 @@ impl RouterState {
         if cands.is_empty() {
             return None;
         }
+        let (matches, candidates) = self.candidates(&cands, keys);
+        let rotation = self.rotation.fetch_add(1, Relaxed);
+        let p = scorers::pick(&self.cfg.routing, &candidates, keys.len(), rotation);
+        Some((
+            cands[p.index].clone(),
+            matches[p.index].blocks,
+            p.decided_by,
+        ))
+    }
+
+    /// What the scorers know of each of `cands` for a prompt keyed `keys`, with its cached
+    /// prefix.
+    fn candidates(
+        &self,
+        cands: &[&Arc<Worker>],
+        keys: &[u64],
+    ) -> (Vec<super::index::PrefixMatch>, Vec<Candidate>) {
         let weights = self.cfg.routing.tier_weights;
         let matches: Vec<_> = {
             let ix = self.index.lock().unwrap_or_else(|e| e.into_inner());
@@ -643,7 +662,7 @@ impl RouterState {
                 .map(|w| ix.prefix(w.name(), keys, &weights))
                 .collect()
         };
-        let candidates: Vec<Candidate> = cands
+        let candidates = cands
             .iter()
             .zip(&matches)
             .map(|(w, m)| {
@@ -656,13 +675,64 @@ impl RouterState {
                 }
             })
             .collect();
-        let rotation = self.rotation.fetch_add(1, Relaxed);
-        let p = scorers::pick(&self.cfg.routing, &candidates, keys.len(), rotation);
-        Some((
-            cands[p.index].clone(),
-            matches[p.index].blocks,
-            p.decided_by,
-        ))
+        (matches, candidates)
+    }
+
+    /// The `route_decision` span under `parent` (tracing on): the worker chosen, the
+    /// prefiller (P/D) or none, every candidate's cached prefix blocks and scores, and flow
+    /// control's queue wait; `took` is when the decision started and ended. Call it before
+    /// [`Self::dispatch`], which changes what the candidates look like. Its context.
+    pub(super) fn trace_decision(
+        &self,
+        parent: &crate::telemetry::TraceContext,
+        d: &Decision,
+        keys: &[u64],
+        took: (Instant, Instant),
+        queue_wait: Option<Duration>,
+    ) -> Option<crate::telemetry::TraceContext> {
+        use crate::telemetry::Attr;
+        let (pool, _) = self.destinations();
+        let refs: Vec<&Arc<Worker>> = pool.iter().collect();
+        let (matches, cands) = self.candidates(&refs, keys);
+        let scores = scorers::score(&self.cfg.routing, &cands, keys.len());
+        let described: Vec<opentelemetry::StringValue> = pool
+            .iter()
+            .enumerate()
+            .map(|(i, w)| {
+                let mut line = format!("{} prefix_blocks={}", w.name(), matches[i].blocks);
+                for (sc, v) in self.cfg.routing.scorers.iter().zip(&scores) {
+                    let _ = write!(line, " {}={:.3}", sc.kind, v[i]);
+                }
+                line.into()
+            })
+            .collect();
+        let mut attrs = vec![
+            Attr::new("llmd.worker", d.worker.name().to_string()),
+            Attr::new("llmd.pd", d.prefiller.is_some()),
+            Attr::new("llmd.predicted_prefix_blocks", d.predicted_blocks as i64),
+            Attr::new("llmd.prompt_blocks", keys.len() as i64),
+            Attr::new(
+                "llmd.candidates",
+                opentelemetry::Value::Array(described.into()),
+            ),
+        ];
+        if let Some(p) = &d.prefiller {
+            attrs.push(Attr::new("llmd.prefiller", p.spec.host_port().to_string()));
+        }
+        if let Some(w) = queue_wait {
+            attrs.push(Attr::new(
+                "llmd.flow_control.queue_wait_ms",
+                w.as_secs_f64() * 1e3,
+            ));
+        }
+        crate::telemetry::record(
+            parent,
+            "route_decision",
+            crate::telemetry::wall(took.0),
+            crate::telemetry::wall(took.1),
+            attrs,
+            None,
+        )
     }
 
     /// The workers a request is sent to (decode workers when there are prefill ones too), and
@@ -862,6 +932,8 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
     } else {
         (body, 0, Vec::new())
     };
+    let trace = crate::telemetry::current();
+    let queued = trace.as_ref().map(|_| Instant::now());
     // Waits here while the workers are saturated; a client that leaves drops this future and
     // so its place in the queue.
     let mut admitted = if generation {
@@ -875,11 +947,28 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
     } else {
         None
     };
+    let queue_wait = queued.filter(|_| generation).map(|t| t.elapsed());
     let mut tried: Vec<Arc<Worker>> = Vec::new();
     for attempt in 0..2 {
+        let deciding = trace.as_ref().map(|_| Instant::now());
         let Some(d) = s.decide(prompt_len, &keys, &tried) else {
             break;
         };
+        // The decision's span, and the call's, whose context goes to the worker (tracing on).
+        let call = trace.as_ref().zip(deciding).and_then(|(cx, t)| {
+            s.trace_decision(cx, &d, &keys, (t, Instant::now()), queue_wait);
+            let attrs = vec![
+                crate::telemetry::Attr::new("llmd.worker", d.worker.name().to_string()),
+                crate::telemetry::Attr::new("llmd.attempt", attempt as i64),
+            ];
+            crate::telemetry::start(
+                cx,
+                "route_forward",
+                crate::telemetry::SpanKind::Client,
+                attrs,
+            )
+            .map(crate::telemetry::EndOnDrop)
+        });
         if attempt > 0 {
             s.counters.retries.fetch_add(1, Relaxed);
         }
@@ -888,14 +977,14 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
         // events say so go there too.
         let guard = s.dispatch(&w, &keys);
         let url = format!("{}{path_q}", w.spec.url);
+        let mut out_headers = forwarded_with(&headers, d.prefiller.as_deref(), s.hop.as_ref());
+        if let Some(c) = &call {
+            crate::telemetry::inject(&c.0, &mut out_headers);
+        }
         let built = s
             .client
             .request(parts.method.clone(), &url)
-            .headers(forwarded_with(
-                &headers,
-                d.prefiller.as_deref(),
-                s.hop.as_ref(),
-            ))
+            .headers(out_headers)
             .body(body.clone())
             .build();
         let built = match built {
@@ -907,11 +996,13 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
         let r = match tokio::time::timeout(s.cfg.timeout, s.client.execute(built)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
+                failed_call(&call, &e.to_string());
                 fail(&s, &w, &format!("{url}: {e}"));
                 tried.push(w);
                 continue;
             }
             Err(_) => {
+                failed_call(&call, "no answer within the timeout");
                 fail(
                     &s,
                     &w,
@@ -923,6 +1014,7 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
         };
         let status = r.status();
         if matches!(status.as_u16(), 500 | 502 | 503 | 504) {
+            failed_call(&call, status.as_str());
             fail(&s, &w, &format!("{url}: {status}"));
             tried.push(w);
             continue;
@@ -935,7 +1027,7 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
         let resp_headers = r.headers().clone();
         let admitted = admitted.take();
         let stream = futures_util::StreamExt::map(r.bytes_stream(), move |c| {
-            let _keep = (&guard, &admitted);
+            let _keep = (&guard, &admitted, &call);
             c
         });
         let mut resp = Response::new(Body::from_stream(stream));
@@ -1006,6 +1098,13 @@ fn flow_view(state: std::sync::Weak<RouterState>) -> super::flow::PoolView {
             });
         }
     })
+}
+
+/// Marks a call to a worker that failed on its span (tracing on).
+fn failed_call(call: &Option<crate::telemetry::EndOnDrop>, why: &str) {
+    if let Some(c) = call {
+        crate::telemetry::fail(&c.0, why);
+    }
 }
 
 fn fail(s: &RouterState, w: &Worker, why: &str) {

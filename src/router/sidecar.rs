@@ -22,6 +22,7 @@
 //! is removed too; with the cluster secret the sidecar sets its own on what it forwards. With
 //! `--api-key`, everything but `/health` and `/metrics` needs `Authorization: Bearer KEY`.
 use crate::kv::auth::{ClusterSecret, TRUSTED_HOP_HEADER};
+use crate::telemetry::SpanKind;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
@@ -206,7 +207,7 @@ pub async fn serve(config: SidecarConfig) -> anyhow::Result<()> {
         hop: config.secret.as_ref().map(hop_header),
         config,
     });
-    let app = Router::new().fallback(route).with_state(state);
+    let app = crate::telemetry::traced(Router::new().fallback(route).with_state(state));
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
@@ -276,6 +277,10 @@ async fn route(State(s): State<Arc<Sidecar>>, req: Request) -> Response {
             headers.insert(REQUEST_ID, v);
         }
     }
+    // The decoder's request is a child of this one's span (when tracing is on).
+    if let Some(cx) = crate::telemetry::current() {
+        crate::telemetry::inject(&cx, &mut headers);
+    }
     let path = parts
         .uri
         .path_and_query()
@@ -324,7 +329,37 @@ async fn route(State(s): State<Arc<Sidecar>>, req: Request) -> Response {
                 format!("prefiller {hp} is not in this sidecar's --prefiller-allowlist"),
             );
         }
-        match s.prefill(&hp, &path, &headers, &request).await {
+        // The prefill call's span, whose context the prefiller gets (when tracing is on).
+        let span = crate::telemetry::current().and_then(|cx| {
+            use crate::telemetry::Attr;
+            let attrs = vec![Attr::new("llmd.prefiller", hp.to_string())];
+            crate::telemetry::start(&cx, "sidecar_prefill", SpanKind::Client, attrs)
+        });
+        let traced;
+        let prefill_headers = match &span {
+            Some(cx) => {
+                traced = with_trace(&headers, cx);
+                &traced
+            }
+            None => &headers,
+        };
+        let outcome = s.prefill(&hp, &path, prefill_headers, &request).await;
+        if let Some(cx) = &span {
+            let (what, err) = match &outcome {
+                Prefill::Params(_) => ("kv_transfer_params", None),
+                Prefill::ClientError(r) => ("client_error", Some(r.status().to_string())),
+                Prefill::Fallback(why) => ("fallback", Some(why.clone())),
+            };
+            crate::telemetry::annotate(
+                cx,
+                vec![crate::telemetry::Attr::new("llmd.prefill.outcome", what)],
+            );
+            if let Some(e) = err {
+                crate::telemetry::fail(cx, e);
+            }
+            crate::telemetry::end(cx);
+        }
+        match outcome {
             Prefill::Params(params) => {
                 if let Some(fields) = request.as_object_mut() {
                     fields.insert("kv_transfer_params".into(), params);
@@ -474,6 +509,13 @@ impl Sidecar {
         }
         resp
     }
+}
+
+/// `headers` with `cx`'s `traceparent`/`tracestate` in place of the caller's.
+fn with_trace(headers: &HeaderMap, cx: &crate::telemetry::TraceContext) -> HeaderMap {
+    let mut h = headers.clone();
+    crate::telemetry::inject(cx, &mut h);
+    h
 }
 
 /// The client's headers minus those that belong to one connection and any trusted-hop header

@@ -421,9 +421,14 @@ impl Disagg {
             .as_deref()
             .and_then(TransferToken::from_hex)
         else {
-            self.fallback(
-                "unauthorized",
-                "kv_transfer_params without a remote_transfer_token",
+            let why = "kv_transfer_params without a remote_transfer_token";
+            self.fallback("unauthorized", why);
+            self.trace_pull(
+                Instant::now(),
+                &host,
+                port,
+                None,
+                Some(("unauthorized", why)),
             );
             return Ok(KvOptions::default());
         };
@@ -443,9 +448,15 @@ impl Disagg {
             if !h.eq_ignore_ascii_case(&ours) {
                 // Another prompt's KV (or another salt, hash scheme or seed): not pulled, so
                 // the producer keeps it for its own decoder.
-                self.fallback(
-                    "prompt_mismatch",
-                    "remote_prompt_hash is not this prompt's: the KV was computed for another",
+                let why =
+                    "remote_prompt_hash is not this prompt's: the KV was computed for another";
+                self.fallback("prompt_mismatch", why);
+                self.trace_pull(
+                    Instant::now(),
+                    &host,
+                    port,
+                    None,
+                    Some(("prompt_mismatch", why)),
                 );
                 return Ok(KvOptions::default());
             }
@@ -462,10 +473,13 @@ impl Disagg {
             Ok(f) => f,
             Err(e) => {
                 self.fallback(e.cause(), &e.to_string());
+                let why = e.to_string();
+                self.trace_pull(started, &remote.host, port, None, Some((e.cause(), &why)));
                 return Ok(KvOptions::default());
             }
         };
         self.count_pull(started, &fetched);
+        self.trace_pull(started, &remote.host, port, Some(&fetched), None);
         Ok(KvOptions {
             received: Some(ReceivedKv {
                 payloads: fetched.payloads,
@@ -525,6 +539,8 @@ impl Disagg {
             Ok(f) => f,
             Err(e) => {
                 self.fallback(e.cause(), &e.to_string());
+                let why = e.to_string();
+                self.trace_pull(started, host, port, None, Some((e.cause(), &why)));
                 return KvOptions::default();
             }
         };
@@ -532,6 +548,7 @@ impl Disagg {
             return KvOptions::default();
         }
         self.count_pull(started, &fetched);
+        self.trace_pull(started, host, port, Some(&fetched), None);
         self.metrics
             .pull_cost
             .lock()
@@ -729,6 +746,49 @@ impl Disagg {
                 "llmd:kv_transfer_fallbacks_total{{{l},cause=\"{cause}\"}} {n}"
             );
         }
+    }
+
+    /// The `kv_pull` span of the request being served (when tracing is on): from `started` to
+    /// now, with what came (`fetched`) or why nothing did (`fallback`: cause, error), in which
+    /// case the decoder prefills the prompt itself.
+    fn trace_pull(
+        &self,
+        started: Instant,
+        host: &str,
+        port: u16,
+        fetched: Option<&crate::kv::transfer::Fetched>,
+        fallback: Option<(&str, &str)>,
+    ) {
+        let Some(cx) = crate::telemetry::current() else {
+            return;
+        };
+        use crate::telemetry::Attr;
+        let transport = match self.config.transport {
+            TransportKind::Tcp => "tcp",
+            TransportKind::Rdma { .. } => "rdma",
+        };
+        let mut attrs = vec![
+            Attr::new("llmd.kv.transport", transport),
+            Attr::new("llmd.kv.peer", format!("{host}:{port}")),
+        ];
+        if let Some(f) = fetched {
+            let bytes: usize = f.payloads.iter().map(Vec::len).sum();
+            attrs.push(Attr::new("llmd.kv.bytes", bytes as i64));
+            attrs.push(Attr::new("llmd.kv.blocks", f.payloads.len() as i64));
+            attrs.push(Attr::new("llmd.kv.reread_blocks", f.reread as i64));
+        }
+        if let Some((cause, _)) = fallback {
+            attrs.push(Attr::new("llmd.kv.fallback_cause", cause.to_string()));
+            attrs.push(Attr::new("llmd.kv.bytes", 0i64));
+        }
+        crate::telemetry::record(
+            &cx,
+            "kv_pull",
+            crate::telemetry::wall(started),
+            std::time::SystemTime::now(),
+            attrs,
+            fallback.map(|(_, why)| why.to_string()),
+        );
     }
 
     fn fallback(&self, cause: &'static str, why: &str) {

@@ -459,6 +459,8 @@ pub struct RequestTracker {
     /// Gaps between consecutive tokens, recorded at finish (batched into one lock).
     gaps: Vec<f64>,
     done: bool,
+    /// Its stages' times for its trace spans, when tracing is on.
+    pub trace: Option<crate::telemetry::EngineTimes>,
 }
 
 impl RequestTracker {
@@ -473,6 +475,7 @@ impl RequestTracker {
             output_tokens: 0,
             gaps: Vec::new(),
             done: false,
+            trace: None,
         }
     }
 
@@ -480,6 +483,11 @@ impl RequestTracker {
         let now = Instant::now();
         if self.first.is_none() {
             self.first = Some(now);
+            if let Some(t) = &mut self.trace {
+                t.first = Some(now);
+                t.scheduled = o.scheduled_at;
+                t.cached_tokens = o.num_cached_tokens;
+            }
         } else if let Some(last) = self.last {
             self.gaps.push((now - last).as_secs_f64());
         }
@@ -514,6 +522,14 @@ impl RequestTracker {
             FinishReason::Length => 1,
             FinishReason::Abort => 2,
         };
+        if let Some(t) = &self.trace {
+            t.emit(
+                &self.id,
+                self.prompt_tokens,
+                self.output_tokens,
+                reason.as_str(),
+            );
+        }
         let gaps = std::mem::take(&mut self.gaps);
         self.metrics.with(|r| {
             r.success[slot] += 1;

@@ -326,7 +326,7 @@ where
     tracing::info!(%addr, model = %cfg.served_model_name, "listening; loading the model");
     let state = Arc::new(AppState::new(&cfg).context("starting the text threads")?);
     let (drain_tx, mut drain_rx) = tokio::sync::watch::channel(false);
-    let app = router(state.clone());
+    let app = crate::telemetry::traced(router(state.clone()));
     // Streams send one small SSE event per token: without TCP_NODELAY, Nagle's algorithm holds
     // each one back until the client's delayed ACK (~40 ms), which would set the token pace.
     let listener = listener.tap_io(|tcp| {

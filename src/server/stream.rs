@@ -159,6 +159,7 @@ async fn add_all(
         let id = format!("{base_id}-{}", c.index);
         let mut tracker =
             RequestTracker::new(ready.metrics.clone(), id.clone(), arrival, c.prompt.len());
+        tracker.trace = crate::telemetry::EngineTimes::begin();
         let prompt = Prompt::Tokens(c.prompt);
         let added = match ready.engine.try_add_request_with_kv(
             RequestId(id),

@@ -25,7 +25,25 @@ impl LlmdProcess {
     /// Runs `llmd <args>` (which must listen on port 0 and log its `addr=`) with
     /// `RUST_LOG=rust_log`, and returns once it has logged the address (at most `timeout`).
     pub fn spawn(args: &[String], rust_log: &str, echo: Echo, timeout: Duration) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_llmd"))
+        Self::spawn_env(args, &[], rust_log, echo, timeout)
+    }
+
+    /// [`Self::spawn`] with `env` set (a value of None removes the variable).
+    pub fn spawn_env(
+        args: &[String],
+        env: &[(&str, Option<&str>)],
+        rust_log: &str,
+        echo: Echo,
+        timeout: Duration,
+    ) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_llmd"));
+        for (k, v) in env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        let mut child = cmd
             .args(args)
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
@@ -66,8 +84,19 @@ impl LlmdProcess {
     /// Runs `llmd <args>` (see [`Self::spawn`]), echoing its log with `tag`, then waits until
     /// `health_path` answers 200 (not at all when it is empty).
     pub async fn start(tag: &str, args: &[String], health_path: &str) -> Self {
-        let p = Self::spawn(
+        Self::start_env(tag, args, &[], health_path).await
+    }
+
+    /// [`Self::start`] with `env` set (see [`Self::spawn_env`]).
+    pub async fn start_env(
+        tag: &str,
+        args: &[String],
+        env: &[(&str, Option<&str>)],
+        health_path: &str,
+    ) -> Self {
+        let p = Self::spawn_env(
             args,
+            env,
             "info",
             Echo::Tagged(tag.to_string()),
             Duration::from_secs(60),
