@@ -605,6 +605,9 @@ fn serve(mut a: ServeArgs) -> Result<()> {
         )
     };
     config.validate()?;
+    // Read whether or not a transfer or a remote tier uses it: a secret named but unreadable
+    // is an error, never ignored.
+    cluster_secret(a.engine.kv_transfer_secret_file.as_deref())?;
     let mut events_line = "off".to_string();
     if let Some(json) = &a.kv_events_config {
         let events = llmd::server::kv_events::KvEventsConfig::parse(json)
