@@ -267,3 +267,51 @@ async fn the_api_key_guards_v1_and_leaves_health_and_metrics_open() {
         assert_eq!(r.status(), 200, "{open}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn started_as_llm_ds_routing_proxy_it_calls_the_prefiller_the_scheduler_named() {
+    // Exactly the arguments llm-d's modelservice chart gives its routing proxy (the port 0
+    // aside): no allowlist can be passed there, so a prefiller is trusted as llm-d's sidecar
+    // trusts it without --enable-ssrf-protection.
+    let d = decoder().await;
+    let p = Fake::start(|_: &Seen| {
+        answer_json(json!({"choices": [{"text": "x"}],
+            "kv_transfer_params": {"do_remote_prefill": true, "remote_engine_id": "prefill-0",
+                                   "remote_block_ids": [3, 4]}}))
+    })
+    .await;
+    let a = args(&[
+        "sidecar",
+        "--host=127.0.0.1",
+        "--port=0",
+        &format!("--vllm-port={}", d.port),
+        "--connector=nixlv2",
+        "--zap-encoder=json",
+        "--zap-log-level=debug",
+        "--secure-proxy=false",
+    ]);
+    let s = LlmdProcess::start("sidecar", &a, "/health").await;
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 4}).to_string();
+    let (status, v) = post(&s, &body, &[("x-prefiller-host-port", &p.host_port)]).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(p.requests().len(), 1, "the prefiller was called");
+    assert_eq!(
+        p.requests()[0].json()["kv_transfer_params"]["do_remote_decode"],
+        true
+    );
+    let got = d.requests();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].json()["kv_transfer_params"]["remote_engine_id"],
+        "prefill-0"
+    );
+    // An allowlist, when given, still decides.
+    let listed = sidecar(
+        &d,
+        &["--connector=nixlv2", "--prefiller-allowlist=10.9.9.9:1"],
+    )
+    .await;
+    let (status, v) = post(&listed, &body, &[("x-prefiller-host-port", &p.host_port)]).await;
+    assert_eq!(status, 403, "{v}");
+    assert_eq!(p.requests().len(), 1);
+}
