@@ -952,8 +952,7 @@ fn route(a: RouteArgs) -> Result<()> {
         }
     };
     let (model, model_line) = if a.check_config {
-        let (dir, line) = check_model(a.model.as_deref())?;
-        (dir, line)
+        check_model(a.model.as_deref())?
     } else {
         let dir = match &a.model {
             Some(m) => llmd::model::hub::resolve_model(m)?,

@@ -245,6 +245,21 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_local_directory_must_hold_what_the_loader_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().to_str().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let e = locate(spec).unwrap_err().to_string();
+        assert!(e.contains("tokenizer.json"), "{e}");
+        std::fs::write(dir.path().join("tokenizer.json"), "{}").unwrap();
+        let e = locate(spec).unwrap_err().to_string();
+        assert!(e.contains(SINGLE) && e.contains(INDEX), "{e}");
+        std::fs::write(dir.path().join(SINGLE), "").unwrap();
+        assert!(matches!(locate(spec), Ok(Located::Dir(d)) if d == dir.path()));
+        assert!(locate("/no/such/dir").is_err());
+    }
+
     /// A fake repository: file name -> local path (files exist in a temp dir).
     struct Fake(HashMap<String, PathBuf>);
 
