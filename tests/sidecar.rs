@@ -318,7 +318,7 @@ async fn started_as_llm_ds_routing_proxy_it_calls_the_prefiller_the_scheduler_na
 
 /// A prefiller over HTTPS with a self-signed certificate (Python's ssl, not ours): its port,
 /// and the process (killed when dropped).
-struct TlsPrefiller(std::process::Child, u16, tempfile::TempDir);
+struct TlsPrefiller(std::process::Child, u16);
 
 impl Drop for TlsPrefiller {
     fn drop(&mut self) {
@@ -367,7 +367,9 @@ srv.serve_forever()
         .read_line(&mut line)
         .unwrap();
     let port = line.trim().parse().expect("the HTTPS prefiller's port");
-    TlsPrefiller(child, port, dir)
+    // The certificate is loaded before the port is printed: its files may go.
+    drop(dir);
+    TlsPrefiller(child, port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
