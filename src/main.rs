@@ -156,6 +156,11 @@ struct RouteArgs {
     kv_events_bind: Option<String>,
     #[command(flatten)]
     flow: llmd::router::flow::FlowArgs,
+    /// Check every flag, the environment read and the files named (the scheduling config,
+    /// the secret, the tokenizer), print the configuration, start nothing (no socket, no
+    /// Kubernetes call, nothing downloaded).
+    #[arg(long)]
+    check_config: bool,
 }
 
 #[derive(Args)]
@@ -184,6 +189,13 @@ struct SidecarArgs {
     /// carry the trusted-hop header that proves it to the workers.
     #[arg(long)]
     kv_transfer_secret_file: Option<PathBuf>,
+    /// Check every flag (and the environment read), print the configuration, start nothing.
+    #[arg(long)]
+    check_config: bool,
+    /// The flags of llm-d's own routing sidecar (llm-d's chart runs its routing proxy with
+    /// them): each honoured, ignored with a warning (logging) or refused by name.
+    #[command(flatten, next_help_heading = "llm-d routing sidecar flags")]
+    llm_d: llmd::router::sidecar_flags::LlmdSidecarFlags,
 }
 
 #[derive(Args)]
@@ -280,8 +292,34 @@ struct EngineArgs {
 
 #[derive(Args)]
 struct ServeArgs {
+    /// The model, as `vllm serve MODEL` takes it: the same as --model (given both, they must
+    /// agree).
+    #[arg(value_name = "MODEL")]
+    model_arg: Option<String>,
     #[command(flatten)]
     engine: EngineArgs,
+    /// Export OpenTelemetry traces to this OTLP/gRPC endpoint (vLLM's flag); overrides
+    /// `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`. Without either, no traces.
+    #[arg(long)]
+    otlp_traces_endpoint: Option<String>,
+    /// Check every flag, the environment read (VLLM_NIXL_SIDE_CHANNEL_*, HF_*, PYTHONHASHSEED)
+    /// and the files named, print the resolved configuration and exit: no model loaded, no
+    /// socket opened, nothing downloaded (a hub id not in the cache is reported as the
+    /// download `llmd serve` would start with).
+    #[arg(long)]
+    check_config: bool,
+    /// vLLM's flag: an llmd worker runs on one GPU, so only 1.
+    #[arg(long, default_value_t = 1)]
+    tensor_parallel_size: usize,
+    /// vLLM's flag: one engine per worker, so only 1 (run one pod per rank).
+    #[arg(long, default_value_t = 1)]
+    data_parallel_size: usize,
+    /// vLLM's flag: only 1, as --data-parallel-size.
+    #[arg(long, default_value_t = 1)]
+    data_parallel_size_local: usize,
+    /// vLLM's flag: only 1 (no pipeline parallelism).
+    #[arg(long, default_value_t = 1)]
+    pipeline_parallel_size: usize,
     #[arg(long, default_value = "0.0.0.0")]
     host: String,
     #[arg(long, default_value_t = 8000)]
@@ -390,11 +428,50 @@ fn default_model() -> Result<PathBuf> {
     )
 }
 
-fn engine_config(a: &EngineArgs) -> Result<EngineConfig> {
-    let model = match &a.model {
+/// The model directory of `--model` (downloaded first when a hub id is not cached).
+fn model_dir(a: &EngineArgs) -> Result<PathBuf> {
+    Ok(match &a.model {
         Some(m) => llmd::model::hub::resolve_model(m)?,
         None => default_model()?,
+    })
+}
+
+/// For `--check-config`: the model directory `spec` leads to without downloading anything
+/// (None: a hub id `llmd` downloads at start), and a line saying what was found. An argument
+/// `llmd` could not start with is the error it would start with.
+fn check_model(spec: Option<&str>) -> Result<(Option<PathBuf>, String)> {
+    use llmd::model::hub::Located;
+    let Some(spec) = spec else {
+        let dir = default_model()?;
+        let line = format!("{} (the default shared model)", dir.display());
+        return Ok((Some(dir), line));
     };
+    let (dir, line) = match llmd::model::hub::locate(spec)? {
+        Located::Dir(d) => (d, format!("{spec} (a local directory)")),
+        Located::Cached(d) => {
+            let line = format!("{spec} (in the Hugging Face cache: {})", d.display());
+            (d, line)
+        }
+        Located::Download { cache, missing } => {
+            return Ok((
+                None,
+                format!(
+                    "{spec} (a hub id not in the Hugging Face cache at {}: {missing}; `llmd serve` downloads it at start, and checks its architecture then)",
+                    cache.display()
+                ),
+            ))
+        }
+    };
+    let cfg =
+        llmd::model::ModelConfig::from_dir(&dir).with_context(|| format!("the model {spec}"))?;
+    let line = format!(
+        "{line}, {:?}, {} layers",
+        cfg.architecture, cfg.num_hidden_layers
+    );
+    Ok((Some(dir), line))
+}
+
+fn engine_config(a: &EngineArgs, model: PathBuf) -> Result<EngineConfig> {
     let mut c = EngineConfig::new(model);
     c.max_model_len = a.max_model_len;
     c.scheduler.max_num_seqs = a.max_num_seqs;
@@ -463,7 +540,7 @@ fn load_engine(config: EngineConfig) -> Result<Engine> {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
-    let engine = load_engine(engine_config(&a.engine)?)?;
+    let engine = load_engine(engine_config(&a.engine, model_dir(&a.engine)?)?)?;
     let prompt = if a.chat {
         Prompt::Chat(vec![ChatMessage {
             role: "user".into(),
@@ -508,12 +585,50 @@ fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn serve(a: ServeArgs) -> Result<()> {
-    let mut config = engine_config(&a.engine)?;
+/// The model of `llmd serve MODEL` and `--model`: either, or both when they agree.
+fn merged_model(positional: Option<String>, flag: Option<String>) -> Result<Option<String>> {
+    match (positional, flag) {
+        (Some(p), Some(f)) if p != f => bail!(
+            "the model is given twice and differently: {p:?} (positional) and --model {f:?}; give one"
+        ),
+        (p, f) => Ok(p.or(f)),
+    }
+}
+
+fn serve(mut a: ServeArgs) -> Result<()> {
+    a.engine.model = merged_model(a.model_arg.take(), a.engine.model.take())?;
+    for (flag, n) in [
+        ("--tensor-parallel-size", a.tensor_parallel_size),
+        ("--data-parallel-size", a.data_parallel_size),
+        ("--data-parallel-size-local", a.data_parallel_size_local),
+        ("--pipeline-parallel-size", a.pipeline_parallel_size),
+    ] {
+        if n != 1 {
+            bail!("{flag} {n}: an llmd worker is one engine on one device (only 1); run one worker per GPU and route across them");
+        }
+    }
+    let (mut config, model_line) = if a.check_config {
+        let (dir, line) = check_model(a.engine.model.as_deref())?;
+        // A hub id downloaded at start: the engine settings are checked against its name.
+        let path = dir.unwrap_or_else(|| PathBuf::from(a.engine.model.clone().unwrap_or_default()));
+        (engine_config(&a.engine, path)?, line)
+    } else {
+        (
+            engine_config(&a.engine, model_dir(&a.engine)?)?,
+            String::new(),
+        )
+    };
+    config.validate()?;
+    // Read whether or not a transfer or a remote tier uses it: a secret named but unreadable
+    // is an error, never ignored.
+    cluster_secret(a.engine.kv_transfer_secret_file.as_deref())?;
+    let mut events_line = "off".to_string();
     if let Some(json) = &a.kv_events_config {
         let events = llmd::server::kv_events::KvEventsConfig::parse(json)
             .map_err(|e| anyhow::anyhow!("--kv-events-config: {e}"))?;
-        if events.publishes() {
+        if events.publishes() && a.check_config {
+            events_line = format!("published, topic {}", events.topic);
+        } else if events.publishes() {
             // Rank 0 as vLLM sends without data parallelism.
             let publisher = llmd::server::kv_events::ZmqEventPublisher::start(&events, Some(0))
                 .context("--kv-events-config: starting the KV event publisher")?;
@@ -558,11 +673,25 @@ fn serve(a: ServeArgs) -> Result<()> {
                     Err(_) => 5600,
                 },
             };
-            let host = a
-                .kv_transfer_host
-                .clone()
-                .or_else(|| std::env::var("VLLM_NIXL_SIDE_CHANNEL_HOST").ok())
-                .unwrap_or_else(|| "127.0.0.1".into());
+            let (host, from) = match (
+                &a.kv_transfer_host,
+                std::env::var("VLLM_NIXL_SIDE_CHANNEL_HOST"),
+            ) {
+                (Some(h), _) => (h.clone(), "--kv-transfer-host"),
+                (None, Ok(h)) => (h, "VLLM_NIXL_SIDE_CHANNEL_HOST"),
+                (None, Err(_)) => ("127.0.0.1".to_string(), "the default"),
+            };
+            // What the side channel binds and decoders are told: an address or a host name.
+            let name_ok = !host.is_empty()
+                && host.len() <= 253
+                && host.split('.').all(|l| {
+                    !l.is_empty()
+                        && !l.starts_with('-')
+                        && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                });
+            if host.parse::<std::net::IpAddr>().is_err() && !name_ok {
+                bail!("{from} {host:?}: not an IP address or host name for the KV side channel");
+            }
             if !(a.kv_transfer_lease_secs.is_finite() && a.kv_transfer_lease_secs > 0.0) {
                 bail!("--kv-transfer-lease-secs must be a positive number of seconds");
             }
@@ -578,11 +707,47 @@ fn serve(a: ServeArgs) -> Result<()> {
             }
             if let llmd::server::disagg::TransportKind::Rdma { device, .. } = &c.transport {
                 // Before the model loads: a missing device is the first thing to hear about.
-                llmd::kv::transfer::verbs::open_device(device)?;
+                // (--check-config probes no device: the RDMA device is opened at start.)
+                if !a.check_config {
+                    llmd::kv::transfer::verbs::open_device(device)?;
+                }
             }
             Some(c)
         }
     };
+    if a.check_config {
+        println!("llmd serve: configuration OK (nothing started)");
+        println!("model: {model_line}");
+        println!(
+            "served model name: {}",
+            a.served_model_name.as_deref().unwrap_or(&default_name)
+        );
+        println!("listen: {}:{}", a.host, a.port);
+        println!("device: {}", config.device);
+        println!(
+            "max model len: {}",
+            config
+                .max_model_len
+                .map_or("the model's".to_string(), |n| n.to_string())
+        );
+        println!("block size: {}", config.cache.block_size);
+        println!("kv events: {events_line}");
+        match &kv_transfer {
+            None => println!("kv transfer: off"),
+            Some(c) => println!(
+                "kv transfer: {} as {:?}, side channel {}:{} ({})",
+                c.connector,
+                c.role,
+                c.advertise_host,
+                c.port,
+                match c.transport {
+                    llmd::server::disagg::TransportKind::Tcp => "tcp",
+                    llmd::server::disagg::TransportKind::Rdma { .. } => "rdma",
+                }
+            ),
+        }
+        return Ok(());
+    }
     let cfg = llmd::server::ServerConfig {
         host: a.host,
         port: a.port,
@@ -603,7 +768,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     llmd::telemetry::run(
         &runtime,
         "llmd-serve",
-        None,
+        a.otlp_traces_endpoint.as_deref(),
         llmd::server::serve(cfg, move || load_engine(config)),
     )
 }
@@ -621,18 +786,70 @@ fn sidecar(a: SidecarArgs) -> Result<()> {
     if !(a.prefill_timeout.is_finite() && a.prefill_timeout > 0.0) {
         bail!("--prefill-timeout must be a positive number of seconds");
     }
-    let prefiller_allowlist = llmd::router::sidecar::PrefillerAllowlist::parse(
-        a.prefiller_allowlist.as_deref().unwrap_or(""),
-    )
-    .map_err(|e| anyhow::anyhow!("--prefiller-allowlist: {e}"))?;
+    let llm_d = a
+        .llm_d
+        .resolve(|k| std::env::var(k).ok())
+        .map_err(|e| anyhow::anyhow!(e))?;
+    for w in &llm_d.warnings {
+        tracing::warn!("{w}");
+    }
+    use llmd::router::sidecar::PrefillerAllowlist;
+    let (prefiller_allowlist, prefillers) = match &a.prefiller_allowlist {
+        Some(list) => (
+            PrefillerAllowlist::parse(list)
+                .map_err(|e| anyhow::anyhow!("--prefiller-allowlist: {e}"))?,
+            format!("--prefiller-allowlist {list}"),
+        ),
+        None if llm_d.llm_d_mode => {
+            tracing::warn!("started with llm-d's flags and no --prefiller-allowlist: any prefiller x-prefiller-host-port names is called, as llm-d's sidecar does without --enable-ssrf-protection; give --prefiller-allowlist to restrict them");
+            (
+                PrefillerAllowlist::any(),
+                "any (llm-d's sidecar without --enable-ssrf-protection)".to_string(),
+            )
+        }
+        None => (PrefillerAllowlist::default(), "none".to_string()),
+    };
+    let secret = cluster_secret(a.kv_transfer_secret_file.as_deref())?;
+    let decoder = format!(
+        "{}://{}:{}",
+        llm_d.decoder_tls.scheme(),
+        a.decoder_host,
+        a.decoder_port
+    );
+    if a.check_config {
+        println!("llmd sidecar: configuration OK (nothing started)");
+        println!("listen: {}:{}", a.host, a.port);
+        println!("decoder: {decoder} ({})", llm_d.decoder_tls);
+        println!("prefillers allowed: {prefillers}");
+        println!("prefillers reached over: {}", llm_d.prefiller_tls);
+        println!("prefill timeout: {}s", a.prefill_timeout);
+        println!(
+            "api key: {}",
+            if a.api_key.is_some() {
+                "required"
+            } else {
+                "none"
+            }
+        );
+        println!(
+            "cluster secret: {}",
+            if secret.is_some() { "yes" } else { "none" }
+        );
+        for w in &llm_d.warnings {
+            println!("warning: {w}");
+        }
+        return Ok(());
+    }
     let cfg = llmd::router::sidecar::SidecarConfig {
         host: a.host,
         port: a.port,
-        decoder: format!("http://{}:{}", a.decoder_host, a.decoder_port),
+        decoder,
         prefill_timeout: std::time::Duration::from_secs_f64(a.prefill_timeout),
         prefiller_allowlist,
         api_key: a.api_key,
-        secret: cluster_secret(a.kv_transfer_secret_file.as_deref())?,
+        secret,
+        prefiller_tls: llm_d.prefiller_tls,
+        decoder_tls: llm_d.decoder_tls,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -758,10 +975,17 @@ fn route(a: RouteArgs) -> Result<()> {
             (Box::new(StaticSource(specs)), None)
         }
     };
-    let model = match &a.model {
-        Some(m) => llmd::model::hub::resolve_model(m)?,
-        None => default_model()?,
+    let (model, model_line) = if a.check_config {
+        check_model(a.model.as_deref())?
+    } else {
+        let dir = match &a.model {
+            Some(m) => llmd::model::hub::resolve_model(m)?,
+            None => default_model()?,
+        };
+        (Some(dir), String::new())
     };
+    // Only --check-config leaves a hub id unresolved (downloaded at start): named as given.
+    let model = model.unwrap_or_else(|| PathBuf::from(a.model.clone().unwrap_or_default()));
     // As `vllm serve` names a model: what --model says (a hub id, a directory); a directory
     // is also known by its last component, the name clients use (`--model ../models/x`
     // serves `x`).
@@ -786,12 +1010,16 @@ fn route(a: RouteArgs) -> Result<()> {
     if a.max_body_bytes == 0 {
         bail!("--max-body-bytes must be at least 1");
     }
-    let mut tokenizer = llmd::tokenizer::Tokenizer::from_dir(&model)
-        .with_context(|| format!("the tokenizer of {}", model.display()))?;
-    if let Err(why) = tokenizer.encode_in_pieces(true, a.tokenizer_cache_mib << 20) {
-        tracing::info!(%why, "prompts are tokenized whole");
-    }
-    let tokenizer = std::sync::Arc::new(tokenizer);
+    let tokenizer = if a.check_config && !model.is_dir() {
+        None
+    } else {
+        let mut t = llmd::tokenizer::Tokenizer::from_dir(&model)
+            .with_context(|| format!("the tokenizer of {}", model.display()))?;
+        if let Err(why) = t.encode_in_pieces(true, a.tokenizer_cache_mib << 20) {
+            tracing::info!(%why, "prompts are tokenized whole");
+        }
+        Some(std::sync::Arc::new(t))
+    };
     let seed = a
         .hash_seed
         .clone()
@@ -819,6 +1047,38 @@ fn route(a: RouteArgs) -> Result<()> {
         None => Default::default(),
     };
     routing.round_robin |= a.round_robin;
+    if a.check_config {
+        let scrape = secs(a.scrape_interval, "--scrape-interval")?;
+        secs(a.worker_timeout, "--worker-timeout")?;
+        secs(a.backoff, "--backoff")?;
+        cluster_secret(a.kv_transfer_secret_file.as_deref())?;
+        a.flow.config(scrape).map_err(|e| anyhow::anyhow!(e))?;
+        a.flow.objectives().map_err(|e| anyhow::anyhow!(e))?;
+        println!("llmd route: configuration OK (nothing started)");
+        println!("model: {model_line}");
+        println!("served model names: {}", served_model_names.join(", "));
+        println!("listen: {}:{}", a.host, a.port);
+        if let Some(p) = a.epp_port {
+            println!("endpoint picker (ext_proc): {}:{p}", a.host);
+        }
+        let workers = match (&a.pool_name, &a.k8s_namespace) {
+            (Some(p), _) => format!("the InferencePool {p}"),
+            (None, Some(ns)) => format!("pods labelled llm-d.ai/role in namespace {ns}"),
+            (None, None) => format!(
+                "{} aggregated, {} prefill, {} decode",
+                a.workers.len(),
+                a.prefill_workers.len(),
+                a.decode_workers.len()
+            ),
+        };
+        println!("workers: {workers}");
+        println!(
+            "block keys: {} (seed {seed:?}), block size {}",
+            a.key_scheme, a.block_size
+        );
+        return Ok(());
+    }
+    let tokenizer = tokenizer.context("the tokenizer of the model")?;
     let cfg = llmd::router::route::RouteConfig {
         host: a.host,
         port: a.port,

@@ -227,3 +227,271 @@ fn the_rdma_transport_without_a_verbs_device_is_a_clear_error_at_start() {
     }
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// `llmd ARGS... --check-config` with `env` added: (success, stdout, stderr).
+fn check_config(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_llmd"));
+    c.args(args)
+        .arg("--check-config")
+        .env_remove("HF_HUB_OFFLINE")
+        .env_remove("VLLM_NIXL_SIDE_CHANNEL_HOST")
+        .env_remove("VLLM_NIXL_SIDE_CHANNEL_PORT")
+        .env("RUST_LOG", "warn")
+        .env("RUST_BACKTRACE", "0");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.output().expect("running llmd");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The body of `GET path` on 127.0.0.1:`port`, once it answers (None: not yet).
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.lines().next().unwrap_or("");
+    status
+        .contains(" 200 ")
+        .then(|| out.split("\r\n\r\n").nth(1).unwrap_or("").to_string())
+}
+
+/// A child process killed when the test ends, passing or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn serve_takes_the_model_positionally_as_vllm_serve_does() {
+    // What llm-d's chart renders: `vllm serve MODEL --port N --served-model-name NAME`.
+    let model = stories();
+    let model = model.to_str().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_llmd"))
+            .args(["serve", model, "--host", "127.0.0.1", "--port"])
+            .arg(port.to_string())
+            .args(["--kv-cache-memory-gb", "0.02"])
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .expect("running llmd serve"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let models = loop {
+        if let Some(body) = http_get(port, "/v1/models") {
+            break body;
+        }
+        assert!(
+            child.0.try_wait().unwrap().is_none(),
+            "llmd serve exited early"
+        );
+        assert!(
+            std::time::Instant::now() < deadline,
+            "llmd serve never answered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    drop(child);
+    let v: serde_json::Value = serde_json::from_str(&models).unwrap();
+    // Named as it was given, as `--model` names it.
+    assert_eq!(v["data"][0]["id"], model, "{models}");
+
+    // Both forms: the same model is fine, two different ones a clear error.
+    let (ok, out, err) = check_config(&["serve", model, "--model", model], &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("(a local directory)"), "{out}");
+    let (ok, _, err) = check_config(&["serve", model, "--model", "acme/other"], &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("given twice") && err.contains("acme/other") && err.contains(model),
+        "{err}"
+    );
+}
+
+#[test]
+fn check_config_refuses_bad_settings_by_name_and_starts_nothing() {
+    let model = stories();
+    let model = model.to_str().unwrap();
+    let nixl = r#"{"kv_connector":"NixlConnector","kv_role":"kv_both"}"#;
+    // A good P/D worker as llm-d's chart starts it, with the side channel from the pod's env;
+    // port 1 is taken by nobody here, and nothing binds it.
+    let env = [
+        ("VLLM_NIXL_SIDE_CHANNEL_HOST", "10.1.2.3"),
+        ("VLLM_NIXL_SIDE_CHANNEL_PORT", "5601"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel-collector:4317"),
+        ("OTEL_SERVICE_NAME", "vllm-decode"),
+    ];
+    let serve = |extra: &[&str], env: &[(&str, &str)]| {
+        let mut a = vec!["serve", model, "--port", "1", "--enforce-eager"];
+        a.extend_from_slice(extra);
+        check_config(&a, env)
+    };
+    let (ok, out, err) = serve(&["--kv-transfer-config", nixl], &env);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("kv transfer: NixlConnector as Both, side channel 10.1.2.3:5601"),
+        "{out}"
+    );
+    assert!(out.contains("listen: 0.0.0.0:1"), "{out}");
+    for (extra, env, named) in [
+        (
+            &["--kv-transfer-config", "{not json"][..],
+            &[][..],
+            "--kv-transfer-config",
+        ),
+        (
+            &[
+                "--kv-transfer-config",
+                r#"{"kv_connector":"P2pNcclConnector","kv_role":"kv_both"}"#,
+            ],
+            &[],
+            "\"P2pNcclConnector\"",
+        ),
+        (
+            &["--kv-transfer-config", nixl],
+            &[("VLLM_NIXL_SIDE_CHANNEL_PORT", "56OO")],
+            "VLLM_NIXL_SIDE_CHANNEL_PORT",
+        ),
+        (
+            &["--kv-transfer-config", nixl],
+            &[("VLLM_NIXL_SIDE_CHANNEL_HOST", "not a host")],
+            "VLLM_NIXL_SIDE_CHANNEL_HOST",
+        ),
+        (
+            &["--tensor-parallel-size", "2"],
+            &[],
+            "--tensor-parallel-size",
+        ),
+        (&["--kv-events-config", "[]"], &[], "--kv-events-config"),
+        (&["--block-size", "12"], &[], "block_size"),
+        (
+            &["--kv-transfer-secret-file", "/nonexistent/secret"],
+            &[],
+            "--kv-transfer-secret-file",
+        ),
+    ] {
+        let (ok, _, err) = serve(extra, env);
+        assert!(!ok, "{extra:?} {env:?} passed");
+        assert!(err.contains(named), "{extra:?}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+
+    // The sidecar: llm-d's chart's arguments pass (logging ones ignored, said), a connector
+    // llmd does not speak is refused by name.
+    let (ok, out, err) = check_config(
+        &[
+            "sidecar",
+            "--port=8000",
+            "--vllm-port=8200",
+            "--connector=nixlv2",
+            "--zap-encoder=json",
+            "--zap-log-level=debug",
+            "--secure-proxy=false",
+        ],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("decoder: http://127.0.0.1:8200"), "{out}");
+    assert!(
+        out.contains("warning: --zap-log-level=debug ignored"),
+        "{out}"
+    );
+    for (arg, named) in [
+        ("--connector=lmcache", "--connector=lmcache"),
+        ("--kv-connector=nixl", "--kv-connector=nixl"),
+        ("--secure-proxy=true", "--secure-proxy=true"),
+        ("--prefiller-allowlist=a/b:1", "--prefiller-allowlist"),
+        ("--no-such-flag=1", "--no-such-flag"),
+    ] {
+        let (ok, _, err) = check_config(&["sidecar", arg], &[]);
+        assert!(!ok, "{arg} passed");
+        assert!(err.contains(named), "{arg}: {err}");
+    }
+
+    // The router: a scheduling config that is not there is named.
+    let (ok, out, err) = check_config(
+        &["route", "--worker", "http://127.0.0.1:1", "--model", model],
+        &[],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("workers: 1 aggregated"), "{out}");
+    let (ok, _, err) = check_config(
+        &[
+            "route",
+            "--worker",
+            "http://127.0.0.1:1",
+            "--config",
+            "/nonexistent/epp.yaml",
+        ],
+        &[],
+    );
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/epp.yaml"), "{err}");
+}
+
+#[test]
+fn check_config_on_a_hub_id_says_what_start_does() {
+    let home = fake_hf_home("acme", "stories");
+    let hf_home = home.path().to_str().unwrap();
+    // Cached: found, and its config read.
+    let (ok, out, err) = check_config(&["serve", "acme/stories"], &[("HF_HOME", hf_home)]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("acme/stories (in the Hugging Face cache") && out.contains("Llama"),
+        "{out}"
+    );
+    // Not cached and online: start downloads it, and says so; nothing is fetched now (the
+    // hub endpoint is one nobody answers on).
+    let (ok, out, err) = check_config(
+        &["serve", "acme/elsewhere"],
+        &[("HF_HOME", hf_home), ("HF_ENDPOINT", "http://127.0.0.1:9")],
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("downloads it at start"), "{out}");
+    // Not cached and offline: the error start would give.
+    let (ok, _, err) = check_config(
+        &["serve", "acme/elsewhere"],
+        &[("HF_HOME", hf_home), ("HF_HUB_OFFLINE", "1")],
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("acme/elsewhere") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+    // A cached model of an architecture llmd does not run: refused now, not at start.
+    let snap = std::fs::read_dir(home.path().join("hub/models--acme--stories/snapshots"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    std::fs::write(
+        snap.join("config.json"),
+        r#"{"architectures":["OPTForCausalLM"],"model_type":"opt"}"#,
+    )
+    .unwrap();
+    let (ok, _, err) = check_config(&["serve", "acme/stories"], &[("HF_HOME", hf_home)]);
+    assert!(!ok);
+    assert!(err.contains("OPTForCausalLM"), "{err}");
+    // Neither a directory nor a hub id.
+    let (ok, _, err) = check_config(&["serve", "/nonexistent/model"], &[]);
+    assert!(!ok);
+    assert!(err.contains("/nonexistent/model"), "{err}");
+}

@@ -11,9 +11,10 @@ router's wiring to the pool, the disk tier's volumes, Redis. The values schema r
 The Dockerfile lints clean with hadolint.
 
 Every container's argv goes through `llmd_argv(container)`; with `--llmd BIN` (the Rust
-wrapper, tests/helm_chart.rs, passes the built binary) each one must pass BIN's own argument
-parser (`parses`: the argv with `--help` last, which clap reaches only when every argument before
-it parsed).
+wrapper, tests/helm_chart.rs, passes the built binary) each one must pass `BIN … --check-config`
+(`parses`: every flag parsed and validated, the files it names read, nothing started) as it
+would run in its pod (`k8s_manifests.pod_view`: the rendered Secrets and ConfigMaps as files,
+the env resolved).
 
     python3 tests/helm_chart.py [--llmd target/debug/llmd]
 """
@@ -27,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 
 import jsonschema
 import kubernetes_validate
@@ -590,31 +592,45 @@ def check_schema_rejects_typos():
         raise AssertionError("P/D without the cluster secret rendered")
 
 
-# --- flags: every argv the chart renders is one llmd parses ------------------------------------
+# --- flags: every argv the chart renders passes llmd's --check-config---------------------------------
 
 
-def parses(llmd, argv):
-    """Runs llmd's own argument parser over `argv` (from `llmd_argv`) and starts nothing: with
-    `--help` last, clap parses every argument before it (unknown flags, values of the wrong type
-    or outside their choices are errors, exit 2) and then prints help. The subprocess result."""
+def parses(llmd, argv, env=None):
+    """Runs `argv` (from `llmd_argv`) through `llmd … --check-config`: every flag parsed and
+    validated, the files it names read, the environment it honours checked, nothing started.
+    The subprocess result."""
     assert argv[0] == "llmd", argv
-    return subprocess.run([llmd] + argv[1:] + ["--help"], capture_output=True, text=True)
+    full = dict(os.environ)
+    full.update(env or {})
+    return subprocess.run(
+        [llmd] + argv[1:] + ["--check-config"], capture_output=True, text=True, env=full
+    )
 
 
 def check_flags(llmd, all_objs):
-    """Every llmd container's argv, through llmd's parser; and the parser does refuse."""
+    """Every llmd container's argv through `llmd … --check-config`, as it would run in its pod
+    (its Secret and ConfigMap volumes written from the rendered objects, its env resolved,
+    what the kubelet adds); and check-config does refuse."""
     checked = 0
-    for objs in all_objs:
-        for where, c in llmd_containers(objs):
-            argv = llmd_argv(c)
-            r = parses(llmd, argv)
-            assert r.returncode == 0, f"{where}/{c['name']}: {argv}: {r.stderr.strip()}"
-            checked += sum(a.startswith("--") for a in argv)
+    with tempfile.TemporaryDirectory() as root:
+        for objs in all_objs:
+            for found in k8s_manifests.containers(objs):
+                c = found["container"]
+                entry = llmd_argv({**c, "args": []})
+                if entry[0] != "llmd" or "llmd" not in c.get("image", ""):
+                    continue
+                argv, env = k8s_manifests.pod_view(objs, found, root)
+                if not c.get("command"):
+                    argv = entry + argv
+                r = parses(llmd, argv, env)
+                assert r.returncode == 0, f"{found['workload']}/{c['name']}: {argv}: {r.stderr.strip()}"
+                checked += sum(a.startswith("--") for a in argv)
     for bad in (
         ["llmd", "serve", "--no-such-flag", "1"],
         ["llmd", "serve", "--device", "tpu"],
         ["llmd", "route", "--flow-control", "maybe"],
         ["llmd", "sidecar", "--decoder-port", "http"],
+        ["llmd", "serve", "--kv-transfer-secret-file", "/nonexistent/secret"],
     ):
         assert parses(llmd, bad).returncode != 0, bad
     assert checked > 50, checked
@@ -674,7 +690,7 @@ def check_dockerfile():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--llmd", help="the llmd binary whose --help lists the flags the chart may use")
+    ap.add_argument("--llmd", help="the llmd binary whose --check-config every rendered container must pass")
     opts = ap.parse_args()
 
     failures, rendered = [], []
@@ -714,7 +730,7 @@ def main():
     run("the chart's README lists every value", check_readme_lists_every_value)
     run("deploy/Dockerfile lints clean (hadolint)", check_dockerfile)
     if opts.llmd:
-        n = run("every rendered argv parses (llmd's own parser)", check_flags, opts.llmd, rendered)
+        n = run("every rendered llmd container passes llmd … --check-config in its pod's view", check_flags, opts.llmd, rendered)
         if n:
             print(f"     ({n} flags parsed by `{opts.llmd}`)")
     if failures:

@@ -267,3 +267,153 @@ async fn the_api_key_guards_v1_and_leaves_health_and_metrics_open() {
         assert_eq!(r.status(), 200, "{open}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn started_as_llm_ds_routing_proxy_it_calls_the_prefiller_the_scheduler_named() {
+    // Exactly the arguments llm-d's modelservice chart gives its routing proxy (the port 0
+    // aside): no allowlist can be passed there, so a prefiller is trusted as llm-d's sidecar
+    // trusts it without --enable-ssrf-protection.
+    let d = decoder().await;
+    let p = Fake::start(|_: &Seen| {
+        answer_json(json!({"choices": [{"text": "x"}],
+            "kv_transfer_params": {"do_remote_prefill": true, "remote_engine_id": "prefill-0",
+                                   "remote_block_ids": [3, 4]}}))
+    })
+    .await;
+    let a = args(&[
+        "sidecar",
+        "--host=127.0.0.1",
+        "--port=0",
+        &format!("--vllm-port={}", d.port),
+        "--connector=nixlv2",
+        "--zap-encoder=json",
+        "--zap-log-level=debug",
+        "--secure-proxy=false",
+    ]);
+    let s = LlmdProcess::start("sidecar", &a, "/health").await;
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 4}).to_string();
+    let (status, v) = post(&s, &body, &[("x-prefiller-host-port", &p.host_port)]).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(p.requests().len(), 1, "the prefiller was called");
+    assert_eq!(
+        p.requests()[0].json()["kv_transfer_params"]["do_remote_decode"],
+        true
+    );
+    let got = d.requests();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        got[0].json()["kv_transfer_params"]["remote_engine_id"],
+        "prefill-0"
+    );
+    // An allowlist, when given, still decides.
+    let listed = sidecar(
+        &d,
+        &["--connector=nixlv2", "--prefiller-allowlist=10.9.9.9:1"],
+    )
+    .await;
+    let (status, v) = post(&listed, &body, &[("x-prefiller-host-port", &p.host_port)]).await;
+    assert_eq!(status, 403, "{v}");
+    assert_eq!(p.requests().len(), 1);
+}
+
+/// A prefiller over HTTPS with a self-signed certificate (Python's ssl, not ours): its port,
+/// and the process (killed when dropped).
+struct TlsPrefiller(std::process::Child, u16);
+
+impl Drop for TlsPrefiller {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tls_prefiller() -> TlsPrefiller {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let (cert, pem) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, key.cert.pem()).unwrap();
+    std::fs::write(&pem, key.signing_key.serialize_pem()).unwrap();
+    let server = r#"
+import http.server, json, ssl, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        out = json.dumps({"choices": [{"text": "x"}], "kv_transfer_params":
+                          {"do_remote_prefill": True, "remote_engine_id": "tls-prefill"}}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+    def log_message(self, *a):
+        pass
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(sys.argv[1], sys.argv[2])
+srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+print(srv.server_address[1], flush=True)
+srv.serve_forever()
+"#;
+    let mut child = std::process::Command::new("python3")
+        .args(["-c", server])
+        .arg(&cert)
+        .arg(&pem)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line.trim().parse().expect("the HTTPS prefiller's port");
+    // The certificate is loaded before the port is printed: its files may go.
+    drop(dir);
+    TlsPrefiller(child, port)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llm_ds_prefiller_tls_flags_are_honoured() {
+    let d = decoder().await;
+    let p = tls_prefiller();
+    let hp = format!("127.0.0.1:{}", p.1);
+    let body = json!({"prompt": "Once upon a time", "max_tokens": 4}).to_string();
+    // (flags, whether the decoder gets the HTTPS prefiller's parameters)
+    for (flags, prefilled) in [
+        // HTTPS without verifying the self-signed certificate: prefilled.
+        (
+            &[
+                "--prefiller-use-tls=true",
+                "--prefiller-tls-insecure-skip-verify=true",
+            ][..],
+            true,
+        ),
+        (
+            &[
+                "--enable-tls=prefiller",
+                "--tls-insecure-skip-verify=prefiller",
+            ],
+            true,
+        ),
+        // Verified against the Mozilla roots: the certificate is refused, the decoder
+        // prefills itself.
+        (&["--prefiller-use-tls"], false),
+        // Plain HTTP to an HTTPS port: no answer, the decoder prefills itself.
+        (&[], false),
+    ] {
+        let mut a = vec!["--connector=nixlv2"];
+        a.extend_from_slice(flags);
+        let s = sidecar(&d, &a).await;
+        let before = d.requests().len();
+        let (status, v) = post(&s, &body, &[("x-prefiller-host-port", &hp)]).await;
+        assert_eq!(status, 200, "{flags:?}: {v}");
+        let got = d.requests();
+        assert_eq!(got.len(), before + 1);
+        let params = &got[before].json()["kv_transfer_params"];
+        if prefilled {
+            assert_eq!(params["remote_engine_id"], "tls-prefill", "{flags:?}");
+        } else {
+            assert!(params.is_null(), "{flags:?}: {params}");
+        }
+    }
+}

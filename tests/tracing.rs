@@ -554,7 +554,8 @@ async fn with_the_variables_unset_nothing_is_exported_and_nothing_connects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_still_batched_are_flushed_when_a_worker_shuts_down() {
+async fn spans_still_batched_are_flushed_when_a_worker_shuts_down_and_the_flag_names_the_endpoint()
+{
     let Some(rx) = receiver() else {
         return;
     };
@@ -563,7 +564,10 @@ async fn spans_still_batched_are_flushed_when_a_worker_shuts_down() {
     // A batch delay no test waits for: only the shutdown's flush can send the spans.
     env.retain(|(k, _)| *k != "OTEL_BSP_SCHEDULE_DELAY");
     env.push(("OTEL_BSP_SCHEDULE_DELAY", Some("600000")));
-    let mut worker = serve("flush", &[], &env).await;
+    // The endpoint by vLLM's flag instead of the variable (which names a closed port here).
+    env.retain(|(k, _)| *k != "OTEL_EXPORTER_OTLP_ENDPOINT");
+    env.push(("OTEL_EXPORTER_OTLP_ENDPOINT", Some("http://127.0.0.1:9")));
+    let mut worker = serve("flush", &["--otlp-traces-endpoint", &endpoint], &env).await;
     let resp = reqwest::Client::new()
         .post(worker.url("/v1/completions"))
         .json(&json!({"prompt": "Once upon a time", "max_tokens": 3, "temperature": 0}))

@@ -4,7 +4,8 @@
 //! its files are looked up in the Hugging Face cache (`$HF_HOME/hub`, default
 //! `~/.cache/huggingface/hub`, the layout Python's `huggingface_hub` writes, so a model fetched
 //! by either is found by both) and downloaded into it when missing, unless `HF_HUB_OFFLINE` is
-//! set. `HF_ENDPOINT` points at a mirror; a token from `huggingface-cli login` is used.
+//! set. `HF_ENDPOINT` points at a mirror; the token is `$HF_TOKEN`, else the one from
+//! `huggingface-cli login`.
 //! What is fetched is what the loader reads: `config.json`, the tokenizer files, the generation
 //! config, and the safetensors weights (sharded through their index, or one file).
 use super::ModelError;
@@ -67,11 +68,64 @@ pub fn resolve_model(spec: &str) -> Result<PathBuf, ModelError> {
             ))
         });
     }
-    let api = ApiBuilder::from_env()
+    // HF_TOKEN (what llm-d's chart sets from its secret) before the `huggingface-cli login`
+    // token file, as huggingface_hub reads them.
+    let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
+    let mut builder = ApiBuilder::from_env();
+    if token.is_some() {
+        builder = builder.with_token(token);
+    }
+    let api = builder
         .build()
         .map_err(|e| hub_err(format!("cannot start the hub client: {e}")))?;
     let online = Online(api.model(spec.to_string()));
     fetch_model(&online).map_err(hub_err)
+}
+
+/// Where a model argument leads, found without downloading anything (`--check-config`).
+#[derive(Debug)]
+pub enum Located {
+    /// A directory given as it is, holding every file the loader needs.
+    Dir(PathBuf),
+    /// A hub id complete in the Hugging Face cache: its snapshot.
+    Cached(PathBuf),
+    /// A hub id not (completely) in the cache at `cache`: `llmd` downloads it at start.
+    Download { cache: PathBuf, missing: String },
+}
+
+/// What [`resolve_model`] would do with `spec`, without the network: a directory (checked to
+/// hold the loader's files), a complete cached snapshot, or a download at start — and, where
+/// start would fail (not a hub id, a directory missing files, an uncached model with
+/// `HF_HUB_OFFLINE` set), the same error.
+pub fn locate(spec: &str) -> Result<Located, ModelError> {
+    let path = Path::new(spec);
+    let hub_err = |reason: String| ModelError::Hub {
+        model: spec.to_string(),
+        reason,
+    };
+    if path.is_dir() {
+        fetch_model(&LocalDir(path.to_path_buf())).map_err(hub_err)?;
+        return Ok(Located::Dir(path.to_path_buf()));
+    }
+    if !is_hub_id(spec) {
+        return Err(hub_err(
+            "no such directory, and not a hub id of the form owner/name".into(),
+        ));
+    }
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| !v.is_empty() && v != "0");
+    let cache = Cache::from_env();
+    let repo = cache.repo(Repo::new(spec.to_string(), RepoType::Model));
+    match fetch_model(&CachedOnly(repo)) {
+        Ok(dir) => Ok(Located::Cached(dir)),
+        Err(r) if offline => Err(hub_err(format!(
+            "{r} (HF_HUB_OFFLINE is set, so only the cache at {} was searched)",
+            cache.path().display()
+        ))),
+        Err(r) => Ok(Located::Download {
+            cache: cache.path().clone(),
+            missing: r,
+        }),
+    }
 }
 
 /// Fetches every file the loader reads and returns their directory (the snapshot).
@@ -135,6 +189,16 @@ impl Fetch for CachedOnly {
     }
 }
 
+/// A model directory: a file is there or not.
+struct LocalDir(PathBuf);
+
+impl Fetch for LocalDir {
+    fn get(&self, file: &str) -> Result<Option<PathBuf>, String> {
+        let p = self.0.join(file);
+        Ok(p.is_file().then_some(p))
+    }
+}
+
 struct Online(hf_hub::api::sync::ApiRepo);
 
 impl Fetch for Online {
@@ -179,6 +243,21 @@ mod tests {
             e.contains("/no/such/dir") && e.contains("no such directory"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_local_directory_must_hold_what_the_loader_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = dir.path().to_str().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let e = locate(spec).unwrap_err().to_string();
+        assert!(e.contains("tokenizer.json"), "{e}");
+        std::fs::write(dir.path().join("tokenizer.json"), "{}").unwrap();
+        let e = locate(spec).unwrap_err().to_string();
+        assert!(e.contains(SINGLE) && e.contains(INDEX), "{e}");
+        std::fs::write(dir.path().join(SINGLE), "").unwrap();
+        assert!(matches!(locate(spec), Ok(Located::Dir(d)) if d == dir.path()));
+        assert!(locate("/no/such/dir").is_err());
     }
 
     /// A fake repository: file name -> local path (files exist in a temp dir).

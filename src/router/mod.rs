@@ -1,7 +1,8 @@
 //! Routing in front of the workers.
 //!
 //! - [`sidecar`] is llm-d's routing sidecar for disaggregated prefill/decode: it runs beside a
-//!   decode worker and, when the scheduler names a prefiller, has it compute the prompt first.
+//!   decode worker and, when the scheduler names a prefiller, has it compute the prompt first;
+//!   [`sidecar_flags`] takes llm-d's own sidecar's flags, as llm-d's chart passes them.
 //! - [`route`] is the router (`llmd route`), llm-d's endpoint picker as one process: a global
 //!   prefix index fed by the workers' KV events ([`index`], [`events`]), weighted scorers and
 //!   the P/D decision ([`scorers`]), workers from a static list or Kubernetes ([`workers`]):
@@ -18,4 +19,5 @@ pub mod pool;
 pub mod route;
 pub mod scorers;
 pub mod sidecar;
+pub mod sidecar_flags;
 pub mod workers;

@@ -22,6 +22,7 @@
 //! is removed too; with the cluster secret the sidecar sets its own on what it forwards. With
 //! `--api-key`, everything but `/health` and `/metrics` needs `Authorization: Bearer KEY`.
 use crate::kv::auth::{ClusterSecret, TRUSTED_HOP_HEADER};
+use crate::router::sidecar_flags::PeerTls;
 use crate::telemetry::SpanKind;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -47,11 +48,19 @@ pub struct SidecarConfig {
     pub api_key: Option<String>,
     /// The cluster secret: what the sidecar forwards carries the trusted-hop header.
     pub secret: Option<ClusterSecret>,
+    /// How prefillers are reached (llm-d's `--prefiller-use-tls`, `--enable-tls`).
+    pub prefiller_tls: PeerTls,
+    /// How the decoder is reached (its scheme is `decoder`'s; this says whether its
+    /// certificate is verified).
+    pub decoder_tls: PeerTls,
 }
 
 struct Sidecar {
     config: SidecarConfig,
+    /// To the decoder.
     client: reqwest::Client,
+    /// To the prefillers (their own TLS verification).
+    prefill_client: reqwest::Client,
     /// The trusted-hop header's value, with a cluster secret.
     hop: Option<HeaderValue>,
 }
@@ -114,6 +123,11 @@ impl PrefillerAllowlist {
             ));
         }
         Ok(Self { patterns })
+    }
+
+    /// Every prefiller: what llm-d's sidecar calls without `--enable-ssrf-protection`.
+    pub fn any() -> Self {
+        Self::parse("*:*").expect("a constant pattern")
     }
 
     /// Whether `hp` matches a pattern.
@@ -199,11 +213,16 @@ pub async fn serve(config: SidecarConfig) -> anyhow::Result<()> {
         );
     }
     tracing::info!(%addr, decoder = %config.decoder, "sidecar listening");
-    let state = Arc::new(Sidecar {
-        client: reqwest::Client::builder()
+    let client = |tls: PeerTls| {
+        reqwest::Client::builder()
             .tcp_nodelay(true)
+            .danger_accept_invalid_certs(tls == PeerTls::SkipVerify)
             .build()
-            .context("building the HTTP client")?,
+            .context("building the HTTP client")
+    };
+    let state = Arc::new(Sidecar {
+        client: client(config.decoder_tls)?,
+        prefill_client: client(config.prefiller_tls)?,
         hop: config.secret.as_ref().map(hop_header),
         config,
     });
@@ -431,9 +450,9 @@ impl Sidecar {
         if let Some(o) = p.as_object_mut() {
             o.remove("stream_options");
         }
-        let url = format!("http://{prefiller}{path}");
+        let url = format!("{}://{prefiller}{path}", self.config.prefiller_tls.scheme());
         let sent = self
-            .client
+            .prefill_client
             .post(&url)
             .headers(self.outgoing(headers))
             .timeout(self.config.prefill_timeout)
@@ -617,6 +636,8 @@ mod tests {
         assert!(!PrefillerAllowlist::parse("")
             .unwrap()
             .allows(&hp("10.0.3.4:8000")));
+        assert!(PrefillerAllowlist::any().allows(&hp("[fd00::5]:80")));
+        assert!(PrefillerAllowlist::any().allows(&hp("prefill-0.svc:8000")));
         // Glob syntax other than * is refused, and so is anything but host:port.
         let b = PrefillerAllowlist::parse("a?c:1").unwrap_err();
         assert!(b.contains("a?c:1"), "{b}");

@@ -63,7 +63,7 @@ impl KvRole {
 /// a vLLM command line works unchanged) and the side channel's address.
 #[derive(Clone, Debug)]
 pub struct KvTransferConfig {
-    /// The connector named (`NixlConnector`, `LlmdConnector`, …): logged; llmd has one.
+    /// The connector named: `NixlConnector` or `LlmdConnector` (the same transfer).
     pub connector: String,
     pub role: KvRole,
     /// Port of the KV side channel (vLLM's `VLLM_NIXL_SIDE_CHANNEL_PORT`, default 5600).
@@ -140,6 +140,21 @@ impl KvTransferConfig {
                     .into())
             }
         };
+        // llmd's transfer takes the place of vLLM's NIXL connector (the same kv_transfer_params
+        // between prefiller, sidecar and decoder); any other connector means a different way
+        // of moving KV that llmd does not have.
+        let connector = match raw.kv_connector.as_deref() {
+            None => "LlmdConnector".to_string(),
+            Some(c @ ("NixlConnector" | "LlmdConnector")) => c.to_string(),
+            Some(other) => {
+                return Err(format!(
+                    "--kv-transfer-config: kv_connector {other:?} has no equivalent in llmd, \
+                     whose own KV transfer takes NixlConnector's place (give NixlConnector or \
+                     LlmdConnector; host and disk offloading are --kv-offloading-size and \
+                     --kv-disk-path)"
+                ))
+            }
+        };
         let x = raw.kv_connector_extra_config;
         let transport = match x.transport.as_deref().unwrap_or("tcp") {
             "tcp" => TransportKind::Tcp,
@@ -159,7 +174,7 @@ impl KvTransferConfig {
             }
         };
         Ok(Self {
-            connector: raw.kv_connector.unwrap_or_else(|| "LlmdConnector".into()),
+            connector,
             role,
             port,
             advertise_host,
@@ -1040,6 +1055,12 @@ mod tests {
             parse(r#"{"kv_role":"kv_both","kv_connector_extra_config":{"transport":"shm"}}"#)
                 .unwrap_err()
                 .contains("\"shm\"")
+        );
+        assert_eq!(c.connector, "LlmdConnector");
+        let e = parse(r#"{"kv_connector":"LMCacheConnectorV1","kv_role":"kv_both"}"#).unwrap_err();
+        assert!(
+            e.contains("\"LMCacheConnectorV1\"") && e.contains("NixlConnector"),
+            "{e}"
         );
     }
 }

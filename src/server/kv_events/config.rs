@@ -117,7 +117,13 @@ impl TryFrom<RawKvEventsConfig> for KvEventsConfig {
 impl KvEventsConfig {
     /// Parses `--kv-events-config` JSON; the error names the offending field.
     pub fn parse(json: &str) -> Result<KvEventsConfig, String> {
-        serde_json::from_str(json).map_err(|e| format!("invalid --kv-events-config: {e}"))
+        // A JSON object, as vLLM's KVEventsConfig: serde would also take its fields as an array.
+        let v: serde_json::Value =
+            serde_json::from_str(json).map_err(|e| format!("invalid --kv-events-config: {e}"))?;
+        if !v.is_object() {
+            return Err("invalid --kv-events-config: expected a JSON object".into());
+        }
+        serde_json::from_value(v).map_err(|e| format!("invalid --kv-events-config: {e}"))
     }
 
     /// Whether events are published at all: vLLM's factory gives the null publisher unless
@@ -133,6 +139,9 @@ mod tests {
 
     #[test]
     fn config_defaults_are_vllms() {
+        assert!(KvEventsConfig::parse("[]")
+            .unwrap_err()
+            .contains("JSON object"));
         let cfg = KvEventsConfig::parse("{}").unwrap();
         assert_eq!(cfg, KvEventsConfig::default());
         assert!(!cfg.enable_kv_cache_events);
