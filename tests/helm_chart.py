@@ -88,15 +88,7 @@ def preset(name):
         return yaml.safe_load(f) or {}
 
 
-def merged(base, over):
-    """`base` with `over` merged in, dicts recursively (as Helm merges values)."""
-    out = copy.deepcopy(base)
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merged(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
+merged = k8s_manifests.merged
 
 
 def render(values):

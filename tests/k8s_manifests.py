@@ -4,6 +4,7 @@ llm-d's modelservice chart.
 """
 
 import base64
+import copy
 import os
 
 import yaml
@@ -23,6 +24,17 @@ def render(chart_dir, values, name="llmd", namespace="default"):
             if doc:
                 objs.append(doc)
     return objs
+
+
+def merged(base, over):
+    """`base` with `over` merged in, dicts recursively (as Helm merges values files)."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merged(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
 
 
 def pod_spec(obj):

@@ -18,7 +18,6 @@ volume a Hugging Face cache holding the shared SmolLM2 files):
 Usage: python3 tests/modelservice.py PATH/TO/llmd
 """
 
-import copy
 import os
 import pathlib
 import subprocess
@@ -28,7 +27,7 @@ import tempfile
 import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from k8s_manifests import containers, render  # noqa: E402
+from k8s_manifests import containers, merged, render  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 VENDOR = ROOT.parent / "shared" / "vendor" / "llm-d-modelservice"
@@ -67,14 +66,6 @@ ALL_PROXY_VALUES = {
 }
 
 
-def merged(base, overlay):
-    out = copy.deepcopy(base)
-    for k, v in overlay.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = merged(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 def fake_model_volume(root):
