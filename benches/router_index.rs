@@ -19,7 +19,7 @@
 //!   subscriber (`router::events::subscribe`) applying them to a `PrefixIndex` behind a mutex,
 //!   as `llmd route` does.
 //! - Each request is routed first, on the main thread, by the router's own scorer (prefix 3,
-//!   queue 1, KV usage 1: lock, a prefix lookup per worker, `scorers::pick`; then, untimed,
+//!   queue 1, KV usage 1: lock, the prefix lookup of every worker (`prefix_all`), `scorers::pick`; then, untimed,
 //!   `expect`),
 //!   with each worker's in-flight requests simulated in trace time (prefill 10k uncached
 //!   tokens/s, 15 ms per output token). Round robin is replayed on the same simulated workers
@@ -348,17 +348,15 @@ struct Router {
 }
 
 impl Router {
-    /// Route.rs's `pick`: lock, a prefix lookup per worker, score; (worker, predicted blocks).
+    /// Route.rs's `pick`: lock, every worker's prefix (`prefix_all`), score; (worker, predicted blocks).
     fn pick(&mut self, keys: &[u64], load: &[(usize, f64)]) -> (usize, usize) {
         let weights = self.cfg.tier_weights;
         let matches: Vec<_> = {
             let t = Instant::now();
             let ix = self.index.lock().unwrap_or_else(|e| e.into_inner());
             self.lock_waits.push(t.elapsed().as_secs_f64());
-            self.names
-                .iter()
-                .map(|w| ix.prefix(w, keys, &weights))
-                .collect()
+            let names: Vec<&str> = self.names.iter().map(String::as_str).collect();
+            ix.prefix_all(&names, keys, &weights)
         };
         let candidates: Vec<Candidate> = load
             .iter()

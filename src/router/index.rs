@@ -14,6 +14,7 @@ use crate::kv::block_hash::{block_extra, cbor};
 use crate::kv::{KvEvent, Medium};
 use lru::LruCache;
 use sha2::{Digest, Sha256};
+use smallvec::SmallVec;
 use std::collections::HashMap;
 
 /// How block keys are hashed.
@@ -187,23 +188,25 @@ struct WorkerBlocks {
     /// Keys of prompts the router sent here whose blocks no event has confirmed yet (their
     /// prefill may still be running), until when they count; oldest first.
     pending: LruCache<u64, std::time::Instant>,
+    /// This worker's number in [`Holders`].
+    slot: u32,
 }
 
-impl Default for WorkerBlocks {
-    fn default() -> Self {
+impl WorkerBlocks {
+    fn new(slot: u32) -> Self {
         Self {
             keys: HashMap::new(),
             // Bounded by hand, so that an evicted block's hashes leave `keys` with it.
             blocks: LruCache::unbounded(),
             pending: LruCache::unbounded(),
+            slot,
         }
     }
-}
 
-impl WorkerBlocks {
     /// Forgets the block of `key` and its hashes.
-    fn forget(&mut self, key: u64) {
+    fn forget(&mut self, key: u64, stored: &mut Holders<u8>) {
         if let Some(b) = self.blocks.pop(&key) {
+            stored.remove(key, self.slot);
             for h in b.hashes() {
                 if self.keys.get(&h) == Some(&key) {
                     self.keys.remove(&h);
@@ -213,16 +216,63 @@ impl WorkerBlocks {
     }
 
     /// Evicts least recently used blocks down to `cap`; how many went.
-    fn evict_to(&mut self, cap: usize) -> u64 {
+    fn evict_to(&mut self, cap: usize, stored: &mut Holders<u8>) -> u64 {
         let mut n = 0;
         while self.blocks.len() > cap {
             let Some((&key, _)) = self.blocks.peek_lru() else {
                 break;
             };
-            self.forget(key);
+            self.forget(key, stored);
             n += 1;
         }
         n
+    }
+
+    /// Drops the oldest pending key.
+    fn pop_pending(&mut self, pending: &mut Holders<()>) -> bool {
+        match self.pending.pop_lru() {
+            Some((k, _)) => {
+                pending.remove(k, self.slot);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Per key, the workers (by slot) whose [`WorkerBlocks`] have it, each with a value (the tiers
+/// holding the block; nothing for a pending key): one probe finds every worker holding a block
+/// and in which tiers, where asking each worker is one probe per worker and block. Kept exactly
+/// in step with the workers' own maps (every insertion, change and removal goes through both).
+struct Holders<V>(HashMap<u64, SmallVec<[(u32, V); 2]>, lru::DefaultHasher>);
+
+impl<V: Copy> Default for Holders<V> {
+    fn default() -> Self {
+        Self(HashMap::default())
+    }
+}
+
+impl<V: Copy> Holders<V> {
+    /// Records that `slot` holds `key` with `value` (replacing what it had).
+    fn set(&mut self, key: u64, slot: u32, value: V) {
+        let v = self.0.entry(key).or_default();
+        match v.iter_mut().find(|(s, _)| *s == slot) {
+            Some(e) => e.1 = value,
+            None => v.push((slot, value)),
+        }
+    }
+
+    fn remove(&mut self, key: u64, slot: u32) {
+        if let std::collections::hash_map::Entry::Occupied(mut e) = self.0.entry(key) {
+            e.get_mut().retain(|(s, _)| *s != slot);
+            if e.get().is_empty() {
+                e.remove();
+            }
+        }
+    }
+
+    fn get(&self, key: &u64) -> &[(u32, V)] {
+        self.0.get(key).map_or(&[], |v| v.as_slice())
     }
 }
 
@@ -265,6 +315,13 @@ pub struct PrefixIndex {
     keyer: Keyer,
     limits: IndexLimits,
     workers: HashMap<String, WorkerBlocks>,
+    /// Which workers hold each key (their `blocks`) and which expect it (their `pending`).
+    stored: Holders<u8>,
+    pending: Holders<()>,
+    /// The next worker's slot, and the slots of workers dropped (taken first: slots stay
+    /// below the most workers ever indexed at once).
+    next_slot: u32,
+    free_slots: Vec<u32>,
     /// `BlockStored` blocks whose parent the router had never seen (events missed): skipped.
     pub orphans: u64,
     /// Events whose block size is not the router's.
@@ -286,6 +343,10 @@ impl PrefixIndex {
                 ..limits
             },
             workers: HashMap::new(),
+            stored: Holders::default(),
+            pending: Holders::default(),
+            next_slot: 0,
+            free_slots: Vec::new(),
             orphans: 0,
             foreign_block_size: 0,
             evicted: 0,
@@ -322,7 +383,11 @@ impl PrefixIndex {
                         self.foreign_block_size += 1;
                         continue;
                     }
-                    let w = self.workers.entry(worker.to_string()).or_default();
+                    let w = Self::worker_entry(
+                        &mut self.workers,
+                        (&mut self.next_slot, &mut self.free_slots),
+                        worker,
+                    );
                     let mut parent = match parent_block_hash {
                         None => None,
                         Some(p) => match w.keys.get(p) {
@@ -340,7 +405,9 @@ impl PrefixIndex {
                     {
                         let extra = extra_keys.get(i).map_or(&[][..], Vec::as_slice);
                         let key = self.keyer.key_with(parent, chunk, extra);
-                        w.pending.pop(&key);
+                        if w.pending.pop(&key).is_some() {
+                            self.pending.remove(key, w.slot);
+                        }
                         w.keys.insert(*h, key);
                         let b = w.blocks.get_or_insert_mut(key, || Block {
                             media: 0,
@@ -351,8 +418,9 @@ impl PrefixIndex {
                             b.aliases.push(*h);
                         }
                         b.media |= bit(*medium);
+                        self.stored.set(key, w.slot, b.media);
                         parent = Some(key);
-                        self.evicted += w.evict_to(cap);
+                        self.evicted += w.evict_to(cap, &mut self.stored);
                     }
                 }
                 KvEvent::BlockRemoved {
@@ -367,19 +435,18 @@ impl PrefixIndex {
                         let gone = match w.blocks.peek_mut(&key) {
                             Some(b) => {
                                 b.media &= !bit(*medium);
+                                self.stored.set(key, w.slot, b.media);
                                 b.media == 0
                             }
                             None => true,
                         };
                         if gone {
                             w.keys.remove(h);
-                            w.forget(key);
+                            w.forget(key, &mut self.stored);
                         }
                     }
                 }
-                KvEvent::AllBlocksCleared => {
-                    self.workers.remove(worker);
-                }
+                KvEvent::AllBlocksCleared => self.drop_worker(worker),
             }
         }
     }
@@ -393,19 +460,24 @@ impl PrefixIndex {
         let now = std::time::Instant::now();
         let until = now + ttl;
         let per_worker = self.limits.max_pending_per_worker;
-        let w = self.workers.entry(worker.to_string()).or_default();
+        let w = Self::worker_entry(
+            &mut self.workers,
+            (&mut self.next_slot, &mut self.free_slots),
+            worker,
+        );
         for k in keys {
             // `get` moves a held block to the most recently used end.
             if w.blocks.get(k).is_none() {
                 w.pending.put(*k, until);
+                self.pending.set(*k, w.slot, ());
             }
         }
         // One TTL for all: the least recently put are the first to expire.
         while w.pending.peek_lru().is_some_and(|(_, t)| *t <= now) {
-            w.pending.pop_lru();
+            w.pop_pending(&mut self.pending);
         }
         while w.pending.len() > per_worker {
-            w.pending.pop_lru();
+            w.pop_pending(&mut self.pending);
         }
         let total: usize = self.workers.values().map(|w| w.pending.len()).sum();
         let mut excess = total.saturating_sub(self.limits.max_pending_total);
@@ -415,7 +487,7 @@ impl PrefixIndex {
             };
             let n = excess.min(largest.pending.len());
             for _ in 0..n {
-                largest.pending.pop_lru();
+                largest.pop_pending(&mut self.pending);
             }
             excess -= n;
         }
@@ -426,14 +498,41 @@ impl PrefixIndex {
     pub fn unexpect(&mut self, worker: &str, keys: &[u64]) {
         if let Some(w) = self.workers.get_mut(worker) {
             for k in keys {
-                w.pending.pop(k);
+                if w.pending.pop(k).is_some() {
+                    self.pending.remove(*k, w.slot);
+                }
             }
         }
     }
 
     /// Forgets everything `worker` held (it vanished, or restarted).
     pub fn drop_worker(&mut self, worker: &str) {
-        self.workers.remove(worker);
+        if let Some(w) = self.workers.remove(worker) {
+            for (k, _) in w.blocks.iter() {
+                self.stored.remove(*k, w.slot);
+            }
+            for (k, _) in w.pending.iter() {
+                self.pending.remove(*k, w.slot);
+            }
+            self.free_slots.push(w.slot);
+        }
+    }
+
+    /// `worker`'s blocks, made (with the next slot) when it has none.
+    fn worker_entry<'a>(
+        workers: &'a mut HashMap<String, WorkerBlocks>,
+        slots: (&mut u32, &mut Vec<u32>),
+        worker: &str,
+    ) -> &'a mut WorkerBlocks {
+        if !workers.contains_key(worker) {
+            let (next, free) = slots;
+            let slot = free.pop().unwrap_or_else(|| {
+                *next += 1;
+                *next - 1
+            });
+            workers.insert(worker.to_string(), WorkerBlocks::new(slot));
+        }
+        workers.get_mut(worker).expect("just made")
     }
 
     /// Blocks indexed for `worker`.
@@ -471,6 +570,59 @@ impl PrefixIndex {
             }
         }
         m
+    }
+
+    /// [`Self::prefix`] of every worker in `workers` at once: one probe of each key's holders
+    /// per prompt block, and a look at the workers that hold it (or expect it) only, instead of
+    /// one probe per worker and block.
+    pub fn prefix_all(
+        &self,
+        workers: &[&str],
+        keys: &[u64],
+        weights: &TierWeights,
+    ) -> Vec<PrefixMatch> {
+        let now = std::time::Instant::now();
+        let mut out = vec![PrefixMatch::default(); workers.len()];
+        // Each known worker's slot → its place in `workers`. A worker's run of blocks goes on
+        // at the `j`th key while it has matched all `j` before it (`blocks == j`).
+        let mut place: Vec<Option<(usize, &WorkerBlocks)>> = vec![None; self.next_slot as usize];
+        for (i, n) in workers.iter().enumerate() {
+            if let Some(w) = self.workers.get(*n) {
+                place[w.slot as usize] = Some((i, w));
+            }
+        }
+        // Workers whose run goes on.
+        let mut alive = place.iter().flatten().count();
+        for (j, k) in keys.iter().enumerate() {
+            let mut going = 0;
+            for &(slot, media) in self.stored.get(k) {
+                if let Some((i, _)) = place[slot as usize] {
+                    if out[i].blocks == j && media != 0 {
+                        out[i].blocks += 1;
+                        out[i].weighted += weights.of(media);
+                        going += 1;
+                    }
+                }
+            }
+            // The pending keys matter only to a worker not holding this block.
+            if going < alive {
+                for &(slot, ()) in self.pending.get(k) {
+                    if let Some((i, w)) = place[slot as usize] {
+                        if out[i].blocks == j && w.pending.peek(k).is_some_and(|t| *t > now) {
+                            // On its way into the device.
+                            out[i].blocks += 1;
+                            out[i].weighted += weights.gpu;
+                            going += 1;
+                        }
+                    }
+                }
+            }
+            if going == 0 {
+                break;
+            }
+            alive = going;
+        }
+        out
     }
 }
 
@@ -739,5 +891,93 @@ mod tests {
         let w = TierWeights::default();
         assert_eq!(ix.prefix("llmd", &keys, &w).blocks, 2);
         assert_eq!(ix.prefix("vllm", &keys, &w).blocks, 2);
+    }
+
+    /// The holders maps say exactly what the workers' own maps say.
+    fn assert_holders_in_step(ix: &PrefixIndex) {
+        let mut stored: HashMap<u64, Vec<(u32, u8)>> = HashMap::new();
+        let mut pending: HashMap<u64, Vec<(u32, ())>> = HashMap::new();
+        for w in ix.workers.values() {
+            for (k, b) in w.blocks.iter() {
+                stored.entry(*k).or_default().push((w.slot, b.media));
+            }
+            for (k, _) in w.pending.iter() {
+                pending.entry(*k).or_default().push((w.slot, ()));
+            }
+        }
+        fn same<V: Copy + Ord + std::fmt::Debug>(
+            mine: &Holders<V>,
+            theirs: HashMap<u64, Vec<(u32, V)>>,
+        ) {
+            assert_eq!(mine.0.len(), theirs.len());
+            for (k, mut held) in theirs {
+                let mut said = mine.get(&k).to_vec();
+                said.sort_unstable();
+                held.sort_unstable();
+                assert_eq!(said, held, "key {k:x}");
+            }
+        }
+        same(&ix.stored, stored);
+        same(&ix.pending, pending);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+        /// Whatever the workers store, evict, remove, clear and whatever the router expects and
+        /// takes back, every worker's match from `prefix_all` is its `prefix`, and the holders
+        /// stay in step with the workers' maps.
+        #[test]
+        fn prefix_all_is_every_workers_prefix(
+            ops in proptest::collection::vec((0u8..6, 0usize..3, 0usize..6, 1usize..5), 1..60),
+        ) {
+            let k = Keyer::new(KeyScheme::Fnv64a, "0", 2);
+            let limits = IndexLimits {
+                max_blocks_per_worker: 6,
+                max_pending_per_worker: 4,
+                max_pending_total: 7,
+            };
+            let mut ix = PrefixIndex::with_limits(k.clone(), limits);
+            let names = ["a", "b", "c"];
+            // Prompts sharing prefixes: prompt p is the first `len` blocks of one of two chains.
+            let tokens = |p: usize, len: usize| -> Vec<u32> {
+                (0..2 * len).map(|t| (p % 2 * 100 + t) as u32).collect()
+            };
+            let w = TierWeights::default();
+            let ttl = std::time::Duration::from_secs(60);
+            for (op, who, p, len) in ops {
+                let name = names[who];
+                let t = tokens(p, len);
+                let keys = k.keys(&t);
+                // A worker's own hashes for the prompt's blocks (any numbers, chained).
+                let hashes: Vec<u64> = keys.iter().map(|x| x ^ (who as u64 + 1)).collect();
+                match op {
+                    0 => ix.apply(name, &[KvEvent::BlockStored {
+                        block_hashes: hashes,
+                        parent_block_hash: None,
+                        token_ids: t,
+                        block_size: 2,
+                        medium: if p % 3 == 0 { Medium::Cpu } else { Medium::Gpu },
+                        extra_keys: vec![Vec::new(); keys.len()],
+                    }]),
+                    1 => ix.apply(name, &[KvEvent::BlockRemoved {
+                        block_hashes: hashes[len / 2..].to_vec(),
+                        medium: Medium::Gpu,
+                    }]),
+                    2 => ix.expect(name, &keys, ttl),
+                    3 => ix.unexpect(name, &keys[..len.div_ceil(2)]),
+                    4 => ix.apply(name, &[KvEvent::AllBlocksCleared]),
+                    _ => ix.drop_worker(name),
+                }
+                assert_holders_in_step(&ix);
+                for q in 0..4 {
+                    let keys = k.keys(&tokens(q, 5));
+                    let all = ix.prefix_all(&names, &keys, &w);
+                    for (n, m) in names.iter().zip(&all) {
+                        proptest::prop_assert_eq!(*m, ix.prefix(n, &keys, &w));
+                    }
+                }
+            }
+        }
     }
 }

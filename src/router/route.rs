@@ -655,13 +655,12 @@ impl RouterState {
         keys: &[u64],
     ) -> (Vec<super::index::PrefixMatch>, Vec<Candidate>) {
         let weights = self.cfg.routing.tier_weights;
-        let matches: Vec<_> = {
-            let ix = self.index.lock().unwrap_or_else(|e| e.into_inner());
-            cands
-                .iter()
-                .map(|w| ix.prefix(w.name(), keys, &weights))
-                .collect()
-        };
+        let names: Vec<&str> = cands.iter().map(|w| w.name()).collect();
+        let matches = self
+            .index
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .prefix_all(&names, keys, &weights);
         let candidates = cands
             .iter()
             .zip(&matches)
