@@ -18,6 +18,8 @@
 mod env;
 #[path = "../tests/common/process.rs"]
 mod process;
+#[path = "support/splitmix.rs"]
+mod splitmix;
 use env::env_or;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
@@ -161,15 +163,10 @@ fn main() {
     ];
     let text = |n: usize, seed: u64| -> String {
         let mut x = seed;
-        let mut out = Vec::with_capacity(n);
-        for _ in 0..n {
-            x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-            let mut z = x;
-            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-            out.push(words[((z ^ (z >> 31)) % words.len() as u64) as usize]);
-        }
-        out.join(" ")
+        (0..n)
+            .map(|_| words[(splitmix::next(&mut x) % words.len() as u64) as usize])
+            .collect::<Vec<_>>()
+            .join(" ")
     };
     let mut n_words = 2048;
     while tok.encode(&text(n_words, 7), false).unwrap().len() < 2048 {

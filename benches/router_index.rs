@@ -41,6 +41,8 @@
 //! ROUTER_INDEX_WORKERS, default 64; ROUTER_INDEX_BLOCKS_PER_WORKER, default 56320).
 #[path = "support/env.rs"]
 mod env;
+#[path = "support/splitmix.rs"]
+mod splitmix;
 use env::env_or;
 use llmd::kv::{KvEvent, KvEventSink, Medium};
 use llmd::router::events::{subscribe, SubStats, Update};
@@ -92,12 +94,9 @@ fn load_trace(path: &str, limit: usize) -> Vec<Req> {
         .collect()
 }
 
+/// `x` mixed: SplitMix64's number after `x`.
 fn mix(mut x: u64) -> u64 {
-    // splitmix64's finalizer.
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+    splitmix::next(&mut x)
 }
 
 /// A request's blocks: per full block of prompt + output, its content id (the trace id and

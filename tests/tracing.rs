@@ -78,6 +78,36 @@ impl Receiver {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+
+    /// The spans once one of each `(service, name)` in `expected` has come, every one of them
+    /// checked to be in the trace `trace_id` (probes and scrapes are not traced); `what` names
+    /// the request.
+    async fn trace(&self, what: &str, expected: &[(&str, &str)], trace_id: &str) -> Vec<Value> {
+        let spans = self
+            .until(&format!("{what}'s spans never all came"), |s| {
+                expected
+                    .iter()
+                    .all(|(svc, n)| s.iter().any(|x| x["service"] == *svc && x["name"] == *n))
+            })
+            .await;
+        for s in &spans {
+            assert_eq!(
+                s["trace_id"],
+                trace_id,
+                "a span outside the client's trace:\n{}",
+                summary(&spans)
+            );
+        }
+        spans
+    }
+}
+
+/// The span `name` from the service `svc`; panics, listing `spans`, when there is none.
+fn find<'a>(spans: &'a [Value], svc: &str, name: &str) -> &'a Value {
+    spans
+        .iter()
+        .find(|x| x["service"] == svc && x["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} span from {svc}:\n{}", summary(spans)))
 }
 
 impl Drop for Receiver {
@@ -308,28 +338,10 @@ async fn one_pd_request_through_router_sidecar_prefiller_and_decoder_is_one_trac
         ("test-decode", "prefill"),
         ("test-decode", "decode"),
     ];
-    let spans = rx
-        .until("the request's spans never all came", |s| {
-            expected
-                .iter()
-                .all(|(svc, name)| s.iter().any(|x| x["service"] == *svc && x["name"] == *name))
-        })
-        .await;
-    let all = summary(&spans);
-    let find = |svc: &str, name: &str| -> &Value {
-        spans
-            .iter()
-            .find(|x| x["service"] == svc && x["name"] == name)
-            .unwrap_or_else(|| panic!("no {name} span from {svc}:\n{all}"))
-    };
-
     // One request, one trace: the client's; no other spans (probes and scrapes are not traced).
-    for s in &spans {
-        assert_eq!(
-            s["trace_id"], trace_id,
-            "a span outside the client's trace:\n{all}"
-        );
-    }
+    let spans = rx.trace("the request", &expected, trace_id).await;
+    let all = summary(&spans);
+    let find = |svc: &str, name: &str| find(&spans, svc, name);
     let seen: HashSet<&str> = spans.iter().filter_map(|s| s["service"].as_str()).collect();
     for svc in services {
         assert!(seen.contains(svc), "no span from {svc}:\n{all}");
@@ -670,30 +682,14 @@ async fn in_epp_mode_the_ext_proc_headers_carry_the_trace_to_the_worker() {
     let res: Vec<Value> = serde_json::from_slice(&out.stdout).expect("its JSON");
     assert_eq!(res[0]["status"], 200, "{}", res[0]);
 
-    let spans = rx
-        .until("the EPP request's spans never all came", |s| {
-            [
-                ("test-epp", "ext_proc route"),
-                ("test-epp", "route_decision"),
-                ("test-epp-worker", "decode"),
-            ]
-            .iter()
-            .all(|(svc, n)| s.iter().any(|x| x["service"] == *svc && x["name"] == *n))
-        })
-        .await;
+    let expected = [
+        ("test-epp", "ext_proc route"),
+        ("test-epp", "route_decision"),
+        ("test-epp-worker", "decode"),
+    ];
+    let spans = rx.trace("the EPP request", &expected, trace_id).await;
     let all = summary(&spans);
-    let find = |svc: &str, name: &str| -> &Value {
-        spans
-            .iter()
-            .find(|x| x["service"] == svc && x["name"] == name)
-            .unwrap_or_else(|| panic!("no {name} span from {svc}:\n{all}"))
-    };
-    for s in &spans {
-        assert_eq!(
-            s["trace_id"], trace_id,
-            "a span outside the client's trace:\n{all}"
-        );
-    }
+    let find = |svc: &str, name: &str| find(&spans, svc, name);
     let root = find("test-epp", "ext_proc route");
     assert_eq!(root["parent_span_id"], client_span, "{all}");
     assert_eq!(root["kind"], 2, "a server span: {root}");

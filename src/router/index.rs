@@ -545,10 +545,8 @@ impl PrefixIndex {
         self.workers.get(worker).map_or(0, |w| w.pending.len())
     }
 
-    /// The leading run of `keys` that `worker` holds. Read-only: a router asks every worker,
-    /// and only the one the prompt is sent to uses its blocks ([`Self::expect`] marks them),
-    /// so a prefix every worker holds is not reordered in every worker's LRU list — at 64
-    /// workers those list moves were most of a decision's time, each a few cache misses.
+    /// The leading run of `keys` that one worker holds, read from that worker's own maps
+    /// (the router asks [`Self::prefix_all`], which the tests hold to this).
     pub fn prefix(&self, worker: &str, keys: &[u64], weights: &TierWeights) -> PrefixMatch {
         let Some(w) = self.workers.get(worker) else {
             return PrefixMatch::default();
@@ -572,9 +570,12 @@ impl PrefixIndex {
         m
     }
 
-    /// [`Self::prefix`] of every worker in `workers` at once: one probe of each key's holders
-    /// per prompt block, and a look at the workers that hold it (or expect it) only, instead of
-    /// one probe per worker and block.
+    /// The leading run of `keys` that each worker in `workers` holds (blocks in any tier, or
+    /// keys still pending there): one probe of each key's holders per prompt block, and a look
+    /// at the workers that hold it (or expect it) only, instead of one probe per worker and
+    /// block. Read-only: a router asks every worker, and only the one the prompt is sent to
+    /// uses its blocks ([`Self::expect`] marks them), so a prefix every worker holds is not
+    /// reordered in every worker's LRU list.
     pub fn prefix_all(
         &self,
         workers: &[&str],
