@@ -353,7 +353,11 @@ pub fn sequence_kv_tokens(
     block_size: usize,
 ) -> usize {
     match window {
-        Some(w) => max_model_len.min(w + max_step_tokens + 2 * block_size),
+        // Saturating: a window past any length (a config may say `u64::MAX`) is no window.
+        Some(w) => max_model_len.min(
+            w.saturating_add(max_step_tokens)
+                .saturating_add(block_size.saturating_mul(2)),
+        ),
         None => max_model_len,
     }
 }
@@ -1232,6 +1236,17 @@ mod tests {
     use super::*;
     use crate::backend::cuda::CudaBackend;
     use crate::config::CacheConfig;
+
+    #[test]
+    fn a_window_past_any_length_is_no_window() {
+        // Found by tests/fuzz.rs: `"sliding_window": 18446744073709551615` overflowed.
+        assert_eq!(sequence_kv_tokens(4096, Some(usize::MAX), 512, 16), 4096);
+        assert_eq!(
+            sequence_kv_tokens(4096, Some(1024), 512, 16),
+            1024 + 512 + 32
+        );
+        assert_eq!(sequence_kv_tokens(4096, None, 512, 16), 4096);
+    }
 
     /// SmolLM2-135M's geometry: 30 layers, 3 KV heads of 64.
     fn smollm2() -> ModelConfig {
