@@ -10,7 +10,9 @@
 //! - [`engine`]: the loop tying them together, with a streaming Rust API.
 //! - [`server`]: `llmd serve`, the OpenAI-compatible HTTP worker with vLLM-named metrics.
 //! - [`router`]: what routes in front of workers (`llmd sidecar`, llm-d's P/D sidecar).
+//! - [`autoscale`]: `llmd autoscale`, replica counts per variant from live telemetry and SLOs.
 //! - [`telemetry`]: OpenTelemetry traces across router, sidecar and workers (off by default).
+pub mod autoscale;
 pub mod backend;
 pub mod config;
 pub mod engine;
