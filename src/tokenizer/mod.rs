@@ -9,6 +9,7 @@
 //! Invariants: `eos_token_ids()` holds no duplicates; `encode(.., true)` never yields two
 //! leading BOS tokens of its own making; a broken chat template does not stop the model from
 //! loading (plain completions still work), it fails `apply_chat_template` instead.
+mod byte_level;
 mod chat_template;
 mod detokenizer;
 mod pieces;

@@ -30,6 +30,7 @@ use lru::LruCache;
 use rayon::prelude::*;
 use serde_json::Value;
 
+use super::byte_level::ByteLevel;
 use crate::request::TokenId;
 
 /// No piece is cut shorter than this (bytes)…
@@ -59,6 +60,8 @@ pub(super) struct Pieces {
     after: Vec<TokenId>,
     /// Encode a text's uncached pieces on rayon's threads.
     parallel: bool,
+    /// Byte-level BPE's words found fast, where the tokenizer is one (see `byte_level.rs`).
+    byte_level: Option<ByteLevel>,
     cache: Option<Mutex<Cache>>,
 }
 
@@ -104,10 +107,14 @@ impl Pieces {
         let form = serde_json::to_value(inner).map_err(|e| e.to_string())?;
         check(&form)?;
         let (before, after) = specials(inner)?;
+        let byte_level = ByteLevel::new(&form, &SPLIT_PATTERNS)
+            .map_err(|why| tracing::info!("byte-level fast path not used: {why}"))
+            .ok();
         Ok(Self {
             before,
             after,
             parallel,
+            byte_level,
             cache: (cache_bytes > 0).then(|| {
                 Mutex::new(Cache {
                     map: LruCache::unbounded(),
@@ -118,7 +125,8 @@ impl Pieces {
         })
     }
 
-    /// The ids of `text`, or None when it is too short to cut (the caller encodes it whole).
+    /// The ids of `text`, or None when it is too short to cut and there is no fast path for it
+    /// (the caller encodes it whole).
     pub(super) fn encode(
         &self,
         inner: &tokenizers::Tokenizer,
@@ -126,7 +134,7 @@ impl Pieces {
         add_special_tokens: bool,
     ) -> Option<tokenizers::Result<Vec<TokenId>>> {
         let pieces = cut(text);
-        if pieces.len() < 2 {
+        if pieces.len() < 2 && self.byte_level.is_none() {
             return None;
         }
         let mut found: Vec<Option<Arc<[TokenId]>>> = match &self.cache {
@@ -138,7 +146,11 @@ impl Pieces {
         };
         let missing: Vec<usize> = (0..pieces.len()).filter(|&i| found[i].is_none()).collect();
         let encode = |&i: &usize| -> tokenizers::Result<Arc<[TokenId]>> {
-            Ok(inner.encode_fast(pieces[i], false)?.get_ids().into())
+            let fast = self.byte_level.as_ref();
+            match fast.and_then(|b| b.encode(inner.get_model(), pieces[i])) {
+                Some(ids) => Ok(ids?.into()),
+                None => Ok(inner.encode_fast(pieces[i], false)?.get_ids().into()),
+            }
         };
         let encoded: tokenizers::Result<Vec<Arc<[TokenId]>>> = if self.parallel {
             missing.par_iter().map(encode).collect()

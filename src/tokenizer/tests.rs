@@ -514,3 +514,123 @@ fn tokenizers_that_cannot_be_cut_exactly_say_why_and_encode_whole() {
         }
     }
 }
+
+// --- Byte-level words, fast ---------------------------------------------------------------------
+
+/// Fragments of texts for the byte-level fast path: every class its split pattern tells apart
+/// (letters of several scripts, marks, digits and other numbers, whitespace of every kind with
+/// and without line breaks, contractions in both cases, punctuation, symbols, controls).
+const BYTE_LEVEL_FRAGMENTS: [&str; 40] = [
+    "a", "Zx", "é", "ſ", "\u{212a}", "中文", "e\u{301}", "\u{301}", "0", "42", "٣", "½", "Ⅻ", " ",
+    "  ", "   ", "\t", "\n", "\r\n", "\r", "\n\n", "\u{a0}", "\u{3000}", "\u{85}", "\u{2028}", "'",
+    "'s", "'S", "'ll", "'RE", "'t", ".", ",", "🙂", "-", "$", "!?", "\u{200b}", "\u{7f}", "\u{0}",
+];
+
+/// SmolLM2's tokenizer.json with `edit` applied, and its serialized form as the crate reads it.
+fn raw_byte_level(edit: impl FnOnce(&mut Value)) -> Option<(Value, tokenizers::Tokenizer)> {
+    let src = shared_models::shared_model("smollm2-135m-instruct")?;
+    let mut json: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("tokenizer.json")).unwrap())
+            .unwrap();
+    edit(&mut json);
+    let t: tokenizers::Tokenizer = json.to_string().parse().unwrap();
+    Some((serde_json::to_value(&t).unwrap(), t))
+}
+
+/// SmolLM2's own pre-tokenizer (digits apart, then GPT-2's pattern), GPT-2's pattern alone,
+/// and Llama 3's and Qwen 2's split patterns, all over SmolLM2's vocabulary.
+type ByteLevelCase = (String, tokenizers::Tokenizer, super::byte_level::ByteLevel);
+fn byte_level_tokenizers() -> Vec<ByteLevelCase> {
+    // Each case's pre-tokenizer (None: SmolLM2's own).
+    let mut cases: Vec<(String, Option<Value>)> = vec![
+        ("SmolLM2".into(), None),
+        (
+            "GPT-2".into(),
+            Some(serde_json::json!({"type": "ByteLevel",
+                "add_prefix_space": false, "trim_offsets": true, "use_regex": true})),
+        ),
+    ];
+    for (i, name) in super::pieces::SPLIT_PATTERN_NAMES.iter().enumerate() {
+        cases.push((
+            name.to_string(),
+            Some(serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": super::pieces::split_pattern(i)},
+                 "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                 "use_regex": false}]})),
+        ));
+    }
+    let patterns: Vec<&str> = (0..super::pieces::SPLIT_PATTERN_NAMES.len())
+        .map(super::pieces::split_pattern)
+        .collect();
+    cases
+        .into_iter()
+        .filter_map(|(name, pre)| {
+            let (form, t) = raw_byte_level(|j| {
+                if let Some(pre) = pre {
+                    j["pre_tokenizer"] = pre;
+                }
+            })?;
+            let fast = super::byte_level::ByteLevel::new(&form, &patterns)
+                .unwrap_or_else(|why| panic!("{name} qualifies: {why}"));
+            Some((name, t, fast))
+        })
+        .collect()
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1000))]
+
+    /// The fast path's ids are exactly the tokenizers crate's, on every tokenizer it takes.
+    #[test]
+    fn byte_level_fast_path_gives_exactly_the_crates_ids(
+        picks in proptest::collection::vec(0usize..BYTE_LEVEL_FRAGMENTS.len(), 0..40),
+    ) {
+        static TOKENIZERS: std::sync::LazyLock<Vec<ByteLevelCase>> =
+            std::sync::LazyLock::new(byte_level_tokenizers);
+        let text: String = picks.iter().map(|&i| BYTE_LEVEL_FRAGMENTS[i]).collect();
+        for (name, t, fast) in TOKENIZERS.iter() {
+            let want = t.encode_fast(text.as_str(), false).unwrap().get_ids().to_vec();
+            let got = fast.encode(t.get_model(), &text).expect("no added token").unwrap();
+            proptest::prop_assert_eq!(got, want, "{} on {:?}", name, text);
+        }
+    }
+}
+
+#[test]
+fn byte_level_fast_path_leaves_added_tokens_and_other_tokenizers_to_the_crate() {
+    let Some((form, t)) = raw_byte_level(|_| {}) else {
+        return;
+    };
+    let fast = super::byte_level::ByteLevel::new(&form, &[]).unwrap();
+    assert!(fast.encode(t.get_model(), "hi <|im_start|>user").is_none());
+    // A long real-looking text: the same ids as the crate's.
+    let text = std::fs::read_to_string("README.md").unwrap();
+    assert_eq!(
+        fast.encode(t.get_model(), &text).unwrap().unwrap(),
+        t.encode_fast(text.as_str(), false).unwrap().get_ids()
+    );
+    type Edit = fn(&mut Value);
+    let refused: [(&str, Edit); 4] = [
+        ("normalizes", |j| {
+            j["normalizer"] = serde_json::json!({"type": "NFC"})
+        }),
+        ("pre-tokenizer", |j| {
+            j["pre_tokenizer"] = serde_json::json!({"type": "ByteLevel",
+                "add_prefix_space": true, "trim_offsets": true, "use_regex": true})
+        }),
+        ("split pattern", |j| {
+            j["pre_tokenizer"] = serde_json::json!({"type": "Sequence", "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": "\\s+|\\S+"},
+                 "behavior": "Isolated", "invert": false},
+                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true,
+                 "use_regex": false}]})
+        }),
+        ("BPE", |j| j["model"]["dropout"] = serde_json::json!(0.1)),
+    ];
+    for (why, edit) in refused {
+        let (form, _) = raw_byte_level(edit).unwrap();
+        let e = super::byte_level::ByteLevel::new(&form, &[]).err().unwrap();
+        assert!(e.contains(why), "{e:?} should say {why:?}");
+    }
+}
