@@ -49,6 +49,10 @@ struct RouteArgs {
     /// A decode worker: its sidecar's URL (same form as --worker).
     #[arg(long = "decode-worker")]
     decode_workers: Vec<String>,
+    /// Read the workers from this file, one `[ROLE ]URL[,events=…]` a line, and again whenever
+    /// it changes (what `llmd autoscale run`'s local process pool writes).
+    #[arg(long)]
+    workers_file: Option<PathBuf>,
     /// Discover workers as Kubernetes pods labelled llm-d.ai/role in this namespace (in
     /// cluster: the API server and token from the pod's service account) instead of lists.
     #[arg(long)]
@@ -882,6 +886,11 @@ fn route(a: RouteArgs) -> Result<()> {
             specs.push(WorkerSpec::parse(w, role).map_err(|e| anyhow::anyhow!(e))?);
         }
     }
+    if a.workers_file.is_some()
+        && (a.pool_name.is_some() || a.k8s_namespace.is_some() || !specs.is_empty())
+    {
+        bail!("--workers-file lists the workers: give it or another source, not two");
+    }
     if a.pool_name.is_some() && (a.k8s_namespace.is_some() || !specs.is_empty()) {
         bail!(
             "--pool-name discovers the workers: give it, --k8s-namespace or worker lists, not two"
@@ -964,6 +973,15 @@ fn route(a: RouteArgs) -> Result<()> {
                 Box::new(k),
                 Some(secs(a.k8s_refresh_interval, "--k8s-refresh-interval")?),
             )
+        }
+        (None, None) if a.workers_file.is_some() => {
+            let path = a.workers_file.clone().unwrap_or_default();
+            std::fs::metadata(&path)
+                .with_context(|| format!("--workers-file {}", path.display()))?;
+            let f =
+                llmd::router::workers::FileSource::new(path, std::time::Duration::from_millis(200));
+            // Polled for a change by the source itself.
+            (Box::new(f), None)
         }
         (None, None) => {
             if specs.is_empty() {
@@ -1064,6 +1082,10 @@ fn route(a: RouteArgs) -> Result<()> {
         let workers = match (&a.pool_name, &a.k8s_namespace) {
             (Some(p), _) => format!("the InferencePool {p}"),
             (None, Some(ns)) => format!("pods labelled llm-d.ai/role in namespace {ns}"),
+            (None, None) if a.workers_file.is_some() => format!(
+                "the file {}",
+                a.workers_file.as_deref().unwrap_or(Path::new("")).display()
+            ),
             (None, None) => format!(
                 "{} aggregated, {} prefill, {} decode",
                 a.workers.len(),
