@@ -5,3 +5,5 @@
 //! Prometheus text into [`telemetry::Telemetry`], and the simulator produces the very same
 //! [`telemetry::Telemetry`] from its model of the fleet, so every policy runs unchanged in both.
 pub mod telemetry;
+pub mod scrape;
+pub mod target;
