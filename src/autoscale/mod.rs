@@ -7,3 +7,4 @@
 pub mod telemetry;
 pub mod scrape;
 pub mod target;
+pub mod live;
