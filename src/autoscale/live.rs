@@ -62,9 +62,21 @@ impl Outputs {
         let mut out = String::new();
         type Pick = fn(&VariantOutput) -> u32;
         let series: [(&str, &str, Pick); 3] = [
-            ("llmd:desired_replicas", "Replicas the autoscaler wants for the variant (its last decision).", |v| v.desired),
-            ("llmd:current_replicas", "Replicas the variant's scale target has asked for (starting ones included).", |v| v.current),
-            ("llmd:ready_replicas", "Replicas of the variant serving now.", |v| v.ready),
+            (
+                "llmd:desired_replicas",
+                "Replicas the autoscaler wants for the variant (its last decision).",
+                |v| v.desired,
+            ),
+            (
+                "llmd:current_replicas",
+                "Replicas the variant's scale target has asked for (starting ones included).",
+                |v| v.current,
+            ),
+            (
+                "llmd:ready_replicas",
+                "Replicas of the variant serving now.",
+                |v| v.ready,
+            ),
         ];
         for (name, help, pick) in series {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
@@ -94,7 +106,10 @@ pub async fn serve_metrics(
                 let o = outputs.clone();
                 async move {
                     (
-                        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
                         o.render(),
                     )
                 }
@@ -168,10 +183,9 @@ impl Loop {
                     .map(|(u, _)| u.clone())
                     .collect()
             });
-            let got = futures_util::future::join_all(
-                urls.iter().map(|u| scrape::fetch(&self.client, u)),
-            )
-            .await;
+            let got =
+                futures_util::future::join_all(urls.iter().map(|u| scrape::fetch(&self.client, u)))
+                    .await;
             let mut workers = Vec::new();
             for (url, g) in urls.into_iter().zip(got) {
                 match g {
@@ -314,9 +328,12 @@ mod tests {
         assert_eq!(get("llmd:desired_replicas", "prefill-h100"), Some(1.0));
         assert_eq!(get("llmd:current_replicas", "decode-h100"), Some(2.0));
         assert_eq!(get("llmd:ready_replicas", "prefill-h100"), Some(1.0));
-        assert_eq!(text.matches("# TYPE llmd:desired_replicas gauge").count(), 1);
-        assert!(s
-            .iter()
-            .any(|x| x.name == "llmd:autoscale_last_decision_timestamp_seconds" && x.value == 1.7e9));
+        assert_eq!(
+            text.matches("# TYPE llmd:desired_replicas gauge").count(),
+            1
+        );
+        assert!(s.iter().any(
+            |x| x.name == "llmd:autoscale_last_decision_timestamp_seconds" && x.value == 1.7e9
+        ));
     }
 }

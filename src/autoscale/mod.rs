@@ -4,7 +4,7 @@
 //! One decision core serves two worlds: the live loop scrapes the router's and workers'
 //! Prometheus text into [`telemetry::Telemetry`], and the simulator produces the very same
 //! [`telemetry::Telemetry`] from its model of the fleet, so every policy runs unchanged in both.
-pub mod telemetry;
+pub mod live;
 pub mod scrape;
 pub mod target;
-pub mod live;
+pub mod telemetry;

@@ -175,9 +175,8 @@ fn variant(before: Option<&VariantScrape>, now: &VariantScrape, secs: f64) -> Va
         let s = &w.samples;
         let prev = before.and_then(|b| b.workers.iter().find(|p| p.url == w.url));
         let prev_total = |name: &str| prev.and_then(|p| total(&p.samples, name, all));
-        let rate = |name: &str| {
-            total(s, name, all).map_or(0.0, |n| growth(prev_total(name), n)) / secs
-        };
+        let rate =
+            |name: &str| total(s, name, all).map_or(0.0, |n| growth(prev_total(name), n)) / secs;
         v.waiting += total(s, "vllm:num_requests_waiting", all).unwrap_or(0.0);
         v.running += total(s, "vllm:num_requests_running", all).unwrap_or(0.0);
         if let Some(u) = total(s, "vllm:kv_cache_usage_perc", all) {
@@ -198,7 +197,10 @@ fn variant(before: Option<&VariantScrape>, now: &VariantScrape, secs: f64) -> Va
             ("vllm:inter_token_latency_seconds", &mut v.itl),
         ] {
             let was = prev.map(|p| histogram(&p.samples, base, all));
-            merge(into, &histogram_growth(was.as_ref(), &histogram(s, base, all)));
+            merge(
+                into,
+                &histogram_growth(was.as_ref(), &histogram(s, base, all)),
+            );
         }
     }
     let mean = |v: &[f64]| {
@@ -221,7 +223,8 @@ fn bands(before: &[Sample], now: &[Sample], secs: f64) -> Vec<BandTelemetry> {
         .iter()
         .filter(|s| {
             s.name.starts_with("inference_objective_")
-                || s.name.starts_with("inference_extension_flow_control_queue_size")
+                || s.name
+                    .starts_with("inference_extension_flow_control_queue_size")
                 || s.name == "llmd_router:flow_control_requests_total"
                 || s.name.starts_with("llmd_router:band_")
         })
@@ -242,13 +245,15 @@ fn bands(before: &[Sample], now: &[Sample], secs: f64) -> Vec<BandTelemetry> {
                 0.0
             }
         };
-        let shed_of = |s: &Sample| band(s) && !s.label("outcome").is_some_and(|o| NOT_SHED.contains(&o));
-        let shed = total(now, "llmd_router:flow_control_requests_total", shed_of).map_or(0.0, |n| {
-            growth(
-                total(before, "llmd_router:flow_control_requests_total", shed_of),
-                n,
-            )
-        });
+        let shed_of =
+            |s: &Sample| band(s) && !s.label("outcome").is_some_and(|o| NOT_SHED.contains(&o));
+        let shed =
+            total(now, "llmd_router:flow_control_requests_total", shed_of).map_or(0.0, |n| {
+                growth(
+                    total(before, "llmd_router:flow_control_requests_total", shed_of),
+                    n,
+                )
+            });
         let ttft_base = "llmd_router:band_ttft_seconds";
         let was = histogram(before, ttft_base, band);
         out.push(BandTelemetry {
@@ -292,7 +297,14 @@ mod tests {
     use crate::prometheus::parse;
 
     /// A worker's /metrics as llmd serve writes it (trimmed to what is read, values made up).
-    fn worker(waiting: u32, running: u32, prompt: u64, gen: u64, steps: u64, ttft: [u64; 3]) -> Vec<Sample> {
+    fn worker(
+        waiting: u32,
+        running: u32,
+        prompt: u64,
+        gen: u64,
+        steps: u64,
+        ttft: [u64; 3],
+    ) -> Vec<Sample> {
         let [a, b, c] = ttft;
         parse(&format!(
             "# HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -319,7 +331,14 @@ vllm:time_to_first_token_seconds_count{{model_name=\"stories260K\",engine=\"0\"}
         .unwrap()
     }
 
-    fn router(requests: u64, prompt_sum: u64, out_sum: u64, answered: u64, queued: u32, shed: u64) -> Vec<Sample> {
+    fn router(
+        requests: u64,
+        prompt_sum: u64,
+        out_sum: u64,
+        answered: u64,
+        queued: u32,
+        shed: u64,
+    ) -> Vec<Sample> {
         parse(&format!(
             "llmd_router:worker_up{{worker=\"http://127.0.0.1:9001\",role=\"prefill-decode\"}} 1
 inference_extension_flow_control_queue_size{{priority=\"0\"}} {queued}
@@ -398,7 +417,13 @@ llmd_router:band_ttft_seconds_count{{priority=\"0\"}} {answered}
         assert_eq!(b.ttft.quantile(0.95), Some(0.095));
         // A sheddable band with only a queue gauge: no demand seen.
         assert_eq!(t.bands[0].arrivals_per_s, 0.0);
-        assert_eq!(router_workers(&now.router), [("http://127.0.0.1:9001".to_string(), "prefill-decode".to_string())]);
+        assert_eq!(
+            router_workers(&now.router),
+            [(
+                "http://127.0.0.1:9001".to_string(),
+                "prefill-decode".to_string()
+            )]
+        );
     }
 
     #[test]

@@ -43,6 +43,22 @@ pub trait ScaleTarget: Send + Sync {
     }
 }
 
+/// A shared target (the loop and its caller both hold the pool).
+impl<T: ScaleTarget> ScaleTarget for Arc<T> {
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    fn replicas(&self) -> BoxFuture<'_, Result<Replicas, String>> {
+        (**self).replicas()
+    }
+    fn scale(&self, n: u32) -> BoxFuture<'_, Result<(), String>> {
+        (**self).scale(n)
+    }
+    fn endpoints(&self) -> Option<Vec<String>> {
+        (**self).endpoints()
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kubernetes
 
@@ -72,7 +88,9 @@ impl Kubernetes {
     pub fn url(&self) -> String {
         let (group, plural) = match self.kind {
             WorkloadKind::Deployment => ("apis/apps/v1", "deployments"),
-            WorkloadKind::LeaderWorkerSet => ("apis/leaderworkerset.x-k8s.io/v1", "leaderworkersets"),
+            WorkloadKind::LeaderWorkerSet => {
+                ("apis/leaderworkerset.x-k8s.io/v1", "leaderworkersets")
+            }
         };
         format!(
             "{}/{group}/namespaces/{}/{plural}/{}/scale",
@@ -92,7 +110,12 @@ impl Kubernetes {
         let (status, body) = match tokio::time::timeout(self.api.timeout, call).await {
             Ok(Ok(got)) => got,
             Ok(Err(e)) => return Err(format!("{what}: Kubernetes API: {e}")),
-            Err(_) => return Err(format!("{what}: Kubernetes API: no answer within {:?}", self.api.timeout)),
+            Err(_) => {
+                return Err(format!(
+                    "{what}: Kubernetes API: no answer within {:?}",
+                    self.api.timeout
+                ))
+            }
         };
         let body = body.ok_or_else(|| format!("{what}: a Scale over {MAX_SCALE} bytes"))?;
         let text = String::from_utf8_lossy(&body);
@@ -105,7 +128,10 @@ impl Kubernetes {
         let v: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| format!("{what}: the Scale: {e}"))?;
         if v["kind"] != "Scale" {
-            return Err(format!("{what}: the answer's kind is {}, not Scale", v["kind"]));
+            return Err(format!(
+                "{what}: the answer's kind is {}, not Scale",
+                v["kind"]
+            ));
         }
         Ok(v)
     }
@@ -153,7 +179,10 @@ impl ScaleTarget for Kubernetes {
             let v = self.call(req).await?;
             let got = scale_replicas(&v).desired;
             if got != n {
-                return Err(format!("{}: asked for {n} replicas, the Scale says {got}", self.describe()));
+                return Err(format!(
+                    "{}: asked for {n} replicas, the Scale says {got}",
+                    self.describe()
+                ));
             }
             Ok(())
         })
@@ -225,8 +254,9 @@ pub struct LocalPoolConfig {
     pub start_timeout: Duration,
     /// Longest wait for a leaving worker to finish its requests before it is stopped anyway.
     pub drain_timeout: Duration,
-    /// `RUST_LOG` of the workers (their log goes to the autoscaler's stderr, tagged).
-    pub log: String,
+    /// Echo every line of the workers' logs (tagged) to the autoscaler's stderr; otherwise only
+    /// their warnings and errors.
+    pub verbose: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -255,6 +285,8 @@ pub struct LocalPool {
     file: Arc<WorkersFile>,
     state: Arc<Mutex<PoolState>>,
     client: reqwest::Client,
+    /// Workers drained that still had requests when the router stopped sending them any.
+    busy_drains: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// How often a leaving worker's queue is looked at.
@@ -283,6 +315,7 @@ impl LocalPool {
                 .timeout(Duration::from_secs(3))
                 .build()
                 .map_err(|e| e.to_string())?,
+            busy_drains: Arc::default(),
         })
     }
 
@@ -310,7 +343,8 @@ impl LocalPool {
             .arg("serve")
             .args(["--model", &cfg.model, "--host", "127.0.0.1", "--port", "0"])
             .args(&cfg.args)
-            .env("RUST_LOG", &cfg.log)
+            // Info: the line that says where it listens is read.
+            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -335,11 +369,14 @@ impl LocalPool {
         // The worker's log: echoed, tagged, and read for the address it listens on.
         let (tx, rx) = tokio::sync::oneshot::channel::<String>();
         let tag = format!("{}#{id}", cfg.name);
+        let verbose = cfg.verbose;
         if let Some(stderr) = stderr {
             std::thread::spawn(move || {
                 let mut tx = Some(tx);
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    eprintln!("[{tag}] {line}");
+                    if verbose || line.contains("WARN") || line.contains("ERROR") {
+                        eprintln!("[{tag}] {line}");
+                    }
                     if let Some(i) = line.find("addr=") {
                         let addr: String = line[i + 5..]
                             .chars()
@@ -361,7 +398,9 @@ impl LocalPool {
         tokio::spawn(async move {
             let started = Instant::now();
             let ready = async {
-                let addr = rx.await.map_err(|_| "exited before listening".to_string())?;
+                let addr = rx
+                    .await
+                    .map_err(|_| "exited before listening".to_string())?;
                 let url = format!("http://{addr}");
                 loop {
                     if let Ok(r) = client.get(format!("{url}/health")).send().await {
@@ -408,17 +447,19 @@ impl LocalPool {
     /// Takes one worker away: one still starting is stopped at once; a ready one is drained.
     fn stop_one(&self) {
         let mut st = self.lock();
-        let starting = st
-            .members
-            .iter()
-            .rposition(|m| m.phase == Phase::Starting);
+        let starting = st.members.iter().rposition(|m| m.phase == Phase::Starting);
         if let Some(i) = starting {
             let m = st.members.remove(i);
             drop(st);
             tokio::spawn(async move { stop(&m.child, Duration::from_secs(1)).await });
             return;
         }
-        let Some(m) = st.members.iter_mut().rev().find(|m| m.phase == Phase::Ready) else {
+        let Some(m) = st
+            .members
+            .iter_mut()
+            .rev()
+            .find(|m| m.phase == Phase::Ready)
+        else {
             return;
         };
         m.phase = Phase::Draining;
@@ -426,13 +467,22 @@ impl LocalPool {
         Self::publish(&self.cfg, &self.file, &st);
         drop(st);
         let (state, cfg, client) = (self.state.clone(), self.cfg.clone(), self.client.clone());
+        let busy_drains = self.busy_drains.clone();
         tracing::info!(variant = %cfg.name, worker = %url, "draining worker: unlisted for the router");
         tokio::spawn(async move {
             let t = Instant::now();
-            let drained = tokio::time::timeout(cfg.drain_timeout, drain(&client, &cfg.router, &url)).await;
+            let drained =
+                tokio::time::timeout(cfg.drain_timeout, drain(&client, &cfg.router, &url)).await;
             match drained {
-                Ok(()) => tracing::info!(variant = %cfg.name, worker = %url, secs = t.elapsed().as_secs_f64(), "worker drained; stopping it"),
-                Err(_) => tracing::warn!(variant = %cfg.name, worker = %url, "worker not drained within the drain timeout; stopping it anyway"),
+                Ok(busy) => {
+                    if busy {
+                        busy_drains.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tracing::info!(variant = %cfg.name, worker = %url, had_requests = busy, secs = t.elapsed().as_secs_f64(), "worker drained; stopping it")
+                }
+                Err(_) => {
+                    tracing::warn!(variant = %cfg.name, worker = %url, "worker not drained within the drain timeout; stopping it anyway")
+                }
             }
             stop(&child, cfg.drain_timeout).await;
             state
@@ -448,6 +498,12 @@ impl LocalPool {
         self.lock().members.iter().map(|m| m.pid).collect()
     }
 
+    /// Workers drained so far that still had requests running or waiting when the router
+    /// had stopped sending them more.
+    pub fn busy_drains(&self) -> u64 {
+        self.busy_drains.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Workers being drained now.
     pub fn draining(&self) -> usize {
         self.lock()
@@ -459,8 +515,8 @@ impl LocalPool {
 }
 
 /// Waits until the router no longer lists `url` and then until the worker has had no request
-/// running or waiting at two looks in a row.
-async fn drain(client: &reqwest::Client, router: &str, url: &str) {
+/// running or waiting at two looks in a row; true when it still had some at the first look.
+async fn drain(client: &reqwest::Client, router: &str, url: &str) -> bool {
     let listed = format!("worker=\"{url}\"");
     loop {
         match client.get(format!("{router}/metrics")).send().await {
@@ -473,7 +529,7 @@ async fn drain(client: &reqwest::Client, router: &str, url: &str) {
         }
         tokio::time::sleep(DRAIN_POLL).await;
     }
-    let mut idle = 0;
+    let (mut idle, mut first_busy) = (0, None);
     while idle < 2 {
         let busy = match client.get(format!("{url}/metrics")).send().await {
             Ok(r) => match r.text().await {
@@ -481,13 +537,15 @@ async fn drain(client: &reqwest::Client, router: &str, url: &str) {
                     crate::prometheus::sum(&t, "vllm:num_requests_running").unwrap_or(0.0)
                         + crate::prometheus::sum(&t, "vllm:num_requests_waiting").unwrap_or(0.0)
                 }
-                Err(_) => return,
+                Err(_) => break,
             },
-            Err(_) => return, // gone already
+            Err(_) => break, // gone already
         };
+        first_busy.get_or_insert(busy > 0.0);
         idle = if busy > 0.0 { 0 } else { idle + 1 };
         tokio::time::sleep(DRAIN_POLL).await;
     }
+    first_busy.unwrap_or(false)
 }
 
 /// SIGTERM, then SIGKILL if it has not exited within `grace`; reaps it.
@@ -535,7 +593,10 @@ impl ScaleTarget for LocalPool {
         Box::pin(async move {
             let alive = {
                 let st = self.lock();
-                st.members.iter().filter(|m| m.phase != Phase::Draining).count() as u32
+                st.members
+                    .iter()
+                    .filter(|m| m.phase != Phase::Draining)
+                    .count() as u32
             };
             for _ in alive..n {
                 self.start_one()?;
@@ -607,7 +668,11 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let f = WorkersFile::create(dir.join("workers")).unwrap();
         f.set("a", &["http://127.0.0.1:1".into()]).unwrap();
-        f.set("b", &["http://127.0.0.1:2".into(), "http://127.0.0.1:3".into()]).unwrap();
+        f.set(
+            "b",
+            &["http://127.0.0.1:2".into(), "http://127.0.0.1:3".into()],
+        )
+        .unwrap();
         f.set("a", &[]).unwrap();
         let text = std::fs::read_to_string(dir.join("workers")).unwrap();
         let got = crate::router::workers::parse_workers_file(&text).unwrap();
@@ -621,7 +686,7 @@ mod tests {
             router: "http://127.0.0.1:1".into(),
             start_timeout: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(1),
-            log: "info".into(),
+            verbose: false,
         };
         let e = LocalPool::new(cfg, f).err().unwrap();
         assert!(e.contains("--port") && e.contains("cpu"), "{e}");

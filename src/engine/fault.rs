@@ -120,7 +120,9 @@ impl std::str::FromStr for FaultInjector {
             };
             if step == "*" {
                 if !matches!(fault, Fault::Stall(_)) {
-                    return Err(format!("fault {item:?}: only a stall may hit every step (*)"));
+                    return Err(format!(
+                        "fault {item:?}: only a stall may hit every step (*)"
+                    ));
                 }
                 f.lock().every = Some(fault);
                 continue;
