@@ -31,6 +31,21 @@ enum Command {
     /// The KV-cache-aware, load-aware router in front of several workers (llm-d's endpoint
     /// picker): prefix index from the workers' KV events, weighted scorers, P/D selection.
     Route(RouteArgs),
+    /// Variant autoscaling: replica counts per variant from telemetry and SLOs.
+    Autoscale(AutoscaleArgs),
+}
+
+#[derive(Args)]
+struct AutoscaleArgs {
+    #[command(subcommand)]
+    command: AutoscaleCommand,
+}
+
+#[derive(Subcommand)]
+enum AutoscaleCommand {
+    /// Replays a trace against every policy in a model of the fleet and reports SLO
+    /// attainment, replica-hours and cost per policy.
+    Simulate(llmd::autoscale::simulate::SimulateArgs),
 }
 
 #[derive(Args)]
@@ -1165,5 +1180,8 @@ fn main() -> Result<()> {
         Command::Serve(a) => serve(a),
         Command::Sidecar(a) => sidecar(a),
         Command::Route(a) => route(a),
+        Command::Autoscale(a) => match a.command {
+            AutoscaleCommand::Simulate(a) => llmd::autoscale::simulate::main(a).map_err(anyhow::Error::msg),
+        },
     }
 }
