@@ -46,6 +46,9 @@ enum AutoscaleCommand {
     /// Replays a trace against every policy in a model of the fleet and reports SLO
     /// attainment, replica-hours and cost per policy.
     Simulate(llmd::autoscale::simulate::SimulateArgs),
+    /// The live loop: scrapes the router and workers, decides every interval, publishes
+    /// llmd:desired_replicas and scales the variants' targets (Kubernetes or a local pool).
+    Run(llmd::autoscale::live::RunArgs),
 }
 
 #[derive(Args)]
@@ -1182,6 +1185,7 @@ fn main() -> Result<()> {
         Command::Route(a) => route(a),
         Command::Autoscale(a) => match a.command {
             AutoscaleCommand::Simulate(a) => llmd::autoscale::simulate::main(a).map_err(anyhow::Error::msg),
+            AutoscaleCommand::Run(a) => llmd::autoscale::live::run(a).map_err(anyhow::Error::msg),
         },
     }
 }

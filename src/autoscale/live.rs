@@ -4,13 +4,211 @@
 //! always published on the autoscaler's own `/metrics` as `llmd:desired_replicas{variant}`
 //! (for a KEDA `ScaledObject` or an HPA external metric, as WVA publishes its own), and —
 //! unless `--dry-run` — written to each variant's scale target ([`super::target`]).
+use super::config::{self, AutoscaleConfig, Role};
 use super::scrape::{self, Scrape, VariantScrape, WorkerScrape};
-use super::target::{Replicas, ScaleTarget};
+use super::target::{
+    Kubernetes, LocalPool, LocalPoolConfig, Replicas, ScaleTarget, WorkersFile, WorkloadKind,
+};
 use super::telemetry::Telemetry;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
+
+/// `llmd autoscale run`.
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// The autoscaler's YAML config: variants (with their scale targets), bands and SLOs,
+    /// interval, GPU budget.
+    #[arg(long)]
+    pub config: PathBuf,
+    /// The router (`llmd route`) whose /metrics gives the demand per band and the workers.
+    #[arg(long)]
+    pub router: String,
+    /// The policy: llmd, wva-saturation, hpa-queue or static-peak.
+    #[arg(long, default_value = "llmd")]
+    pub policy: String,
+    /// Serve llmd:desired_replicas{variant} (for KEDA or an HPA external metric) on this port's
+    /// /metrics.
+    #[arg(long, default_value_t = 9090)]
+    pub metrics_port: u16,
+    #[arg(long, default_value = "0.0.0.0")]
+    pub metrics_host: String,
+    /// Decide and publish, but never write a scale target.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The router's --workers-file: where local pools list their workers (needed when a
+    /// variant's target is `local`).
+    #[arg(long)]
+    pub workers_file: Option<PathBuf>,
+    /// Seconds a leaving local worker may take to finish its requests before it is stopped.
+    #[arg(long, default_value_t = 120.0)]
+    pub drain_timeout: f64,
+    /// Echo every line of the local workers' logs (otherwise only warnings and errors).
+    #[arg(long)]
+    pub verbose_workers: bool,
+    /// The Kubernetes API server (default: from KUBERNETES_SERVICE_HOST/_PORT).
+    #[arg(long)]
+    pub k8s_api: Option<String>,
+    /// The service account token (default: the pod's), read again for every call.
+    #[arg(long)]
+    pub k8s_token_file: Option<PathBuf>,
+}
+
+const SA: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// The role a variant's workers have in the router's list.
+fn router_role(r: Role) -> &'static str {
+    match r {
+        Role::Both => "prefill-decode",
+        Role::Prefill => "prefill",
+        Role::Decode => "decode",
+    }
+}
+
+/// The loop's variants from the config: each with its scale target.
+pub fn variants(cfg: &AutoscaleConfig, a: &RunArgs) -> Result<Vec<LiveVariant>, String> {
+    let mut api: Option<Arc<crate::router::k8s::Api>> = None;
+    let mut file: Option<Arc<WorkersFile>> = None;
+    let mut out = Vec::new();
+    for (i, v) in cfg.variants.iter().enumerate() {
+        let target: Box<dyn ScaleTarget> = match &v.target {
+            config::ScaleTarget::Kubernetes {
+                kind,
+                name,
+                namespace,
+            } => {
+                let api = match &api {
+                    Some(a) => a.clone(),
+                    None => {
+                        let base = match &a.k8s_api {
+                            Some(u) => u.clone(),
+                            None => {
+                                let host = std::env::var("KUBERNETES_SERVICE_HOST").map_err(|_| {
+                                    format!("variants[{i}].target: kubernetes outside a pod needs --k8s-api (KUBERNETES_SERVICE_HOST is unset)")
+                                })?;
+                                let port = std::env::var("KUBERNETES_SERVICE_PORT")
+                                    .unwrap_or("443".into());
+                                format!("https://{host}:{port}")
+                            }
+                        };
+                        let token_file = a.k8s_token_file.clone().or_else(|| {
+                            Some(PathBuf::from(format!("{SA}/token"))).filter(|p| p.exists())
+                        });
+                        let ca = std::fs::read(format!("{SA}/ca.crt")).ok();
+                        let made = Arc::new(crate::router::k8s::Api {
+                            base,
+                            token_file,
+                            timeout: crate::router::workers::K8S_TIMEOUT,
+                            client: crate::router::k8s::Api::client(ca.as_deref())?,
+                        });
+                        api = Some(made.clone());
+                        made
+                    }
+                };
+                Box::new(Kubernetes {
+                    api,
+                    kind: match kind {
+                        config::WorkloadKind::Deployment => WorkloadKind::Deployment,
+                        config::WorkloadKind::LeaderWorkerSet => WorkloadKind::LeaderWorkerSet,
+                    },
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                })
+            }
+            config::ScaleTarget::Local { model, args } => {
+                if v.role != Role::Both {
+                    return Err(format!(
+                        "variants[{i}].target: a local pool serves aggregated workers only (role both)"
+                    ));
+                }
+                let f = match &file {
+                    Some(f) => f.clone(),
+                    None => {
+                        let path = a.workers_file.clone().ok_or_else(|| {
+                            format!("variants[{i}].target: a local pool needs --workers-file (the router's)")
+                        })?;
+                        let made = WorkersFile::create(path)?;
+                        file = Some(made.clone());
+                        made
+                    }
+                };
+                let exe = std::env::current_exe()
+                    .map_err(|e| format!("finding the llmd binary: {e}"))?;
+                Box::new(LocalPool::new(
+                    LocalPoolConfig {
+                        name: v.name.clone(),
+                        exe,
+                        model: model.clone(),
+                        args: args.clone(),
+                        router: a.router.trim_end_matches('/').to_string(),
+                        start_timeout: Duration::from_secs_f64(v.startup_s.max(1.0) * 4.0 + 30.0),
+                        drain_timeout: Duration::from_secs_f64(a.drain_timeout),
+                        verbose: a.verbose_workers,
+                    },
+                    f,
+                )?)
+            }
+        };
+        out.push(LiveVariant {
+            name: v.name.clone(),
+            role: router_role(v.role).to_string(),
+            min_replicas: v.min_replicas,
+            max_replicas: v.max_replicas,
+            target,
+        });
+    }
+    Ok(out)
+}
+
+/// Runs the loop until SIGINT/SIGTERM.
+pub fn run(a: RunArgs) -> Result<(), String> {
+    let cfg = AutoscaleConfig::load(&a.config)?;
+    if !(a.drain_timeout.is_finite() && a.drain_timeout > 0.0) {
+        return Err("--drain-timeout must be a positive number of seconds".into());
+    }
+    if !(a.router.starts_with("http://") || a.router.starts_with("https://")) {
+        return Err(format!("--router {:?}: an http:// URL", a.router));
+    }
+    let mut policy = super::policy::build_policy(&a.policy, &cfg)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    rt.block_on(async move {
+        // Local pools start their workers inside the runtime.
+        let mut lp = Loop::new(variants(&cfg, &a)?, a.router.clone(), a.dry_run)?;
+        let listener = tokio::net::TcpListener::bind((a.metrics_host.as_str(), a.metrics_port))
+            .await
+            .map_err(|e| format!("binding the metrics port {}:{}: {e}", a.metrics_host, a.metrics_port))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        tracing::info!(%addr, policy = policy.name(), dry_run = a.dry_run, variants = lp.variants.len(), "autoscaler: metrics listening");
+        tokio::spawn(serve_metrics(listener, lp.outputs.clone()));
+        // Local pools begin at their minimum (a workload already has its replicas).
+        if !a.dry_run {
+            for v in &lp.variants {
+                if v.target.endpoints().is_some() {
+                    v.target.scale(v.min_replicas.max(1)).await?;
+                }
+            }
+        }
+        let mut decide = move |t: &Telemetry| policy.decide(t);
+        lp.run(
+            Duration::from_secs_f64(cfg.interval_s),
+            &mut decide,
+            |s| {
+                for v in &s.telemetry.variants {
+                    tracing::debug!(variant = %v.variant, ready = v.ready_replicas, starting = v.starting_replicas, waiting = v.waiting, running = v.running, kv_usage = v.kv_usage, desired = s.desired.get(&v.variant).copied().unwrap_or(0), "decision");
+                }
+            },
+            crate::router::sidecar::shutdown_signal(),
+        )
+        .await;
+        tracing::info!("autoscaler: stopping (local workers are stopped with it)");
+        Ok(())
+    })
+}
 
 /// A variant as the loop drives it.
 pub struct LiveVariant {

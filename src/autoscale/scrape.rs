@@ -4,7 +4,8 @@
 //! Counters become rates over the interval (a worker that was not there at the first scrape
 //! counts from zero; a counter that went down was reset and counts from zero too); histograms
 //! become the interval's bucket deltas, all workers of a variant merged; gauges are read at the
-//! second scrape (queues summed over a variant's workers, KV usage averaged).
+//! second scrape (queues summed over a variant's workers, KV usage averaged; per replica, the
+//! higher of the two scrapes' KV usage and queue, WVA's peak over the interval).
 //!
 //! What is read, from each worker: `vllm:num_requests_waiting`, `vllm:num_requests_running`,
 //! `vllm:kv_cache_usage_perc`, `llmd:kv_total_blocks` × `vllm:cache_config_info{block_size}`,
@@ -14,7 +15,7 @@
 //! `inference_objective_output_tokens`, `llmd_router:band_ttft_seconds`,
 //! `inference_extension_flow_control_queue_size` and `llmd_router:flow_control_requests_total`
 //! (every outcome but `dispatched` and `cancelled` is a request shed).
-use super::telemetry::{BandTelemetry, Histogram, Telemetry, VariantTelemetry};
+use super::telemetry::{BandTelemetry, Histogram, ReplicaTelemetry, Telemetry, VariantTelemetry};
 use crate::prometheus::Sample;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -177,7 +178,15 @@ fn variant(before: Option<&VariantScrape>, now: &VariantScrape, secs: f64) -> Va
         let prev_total = |name: &str| prev.and_then(|p| total(&p.samples, name, all));
         let rate =
             |name: &str| total(s, name, all).map_or(0.0, |n| growth(prev_total(name), n)) / secs;
-        v.waiting += total(s, "vllm:num_requests_waiting", all).unwrap_or(0.0);
+        let waiting = total(s, "vllm:num_requests_waiting", all).unwrap_or(0.0);
+        let kv = total(s, "vllm:kv_cache_usage_perc", all).unwrap_or(0.0);
+        // The replica's peak of the interval as far as two looks tell: the higher of both.
+        let was = |name: &str| prev.and_then(|p| total(&p.samples, name, all)).unwrap_or(0.0);
+        v.replicas.push(ReplicaTelemetry {
+            kv_usage: kv.max(was("vllm:kv_cache_usage_perc")),
+            waiting: waiting.max(was("vllm:num_requests_waiting")),
+        });
+        v.waiting += waiting;
         v.running += total(s, "vllm:num_requests_running", all).unwrap_or(0.0);
         if let Some(u) = total(s, "vllm:kv_cache_usage_perc", all) {
             kv_usage.push(u);
@@ -398,6 +407,9 @@ llmd_router:band_ttft_seconds_count{{priority=\"0\"}} {answered}
         assert_eq!((v.waiting, v.running), (3.0, 4.0));
         assert!((v.kv_usage - 0.2).abs() < 1e-12, "mean of 0.3 and 0.1");
         assert_eq!(v.kv_capacity_tokens, 64.0 * 16.0);
+        // Per replica: the higher of both looks (a: 0.1 then 0.3 KV, 0 then 2 waiting).
+        let peaks: Vec<(f64, f64)> = v.replicas.iter().map(|r| (r.kv_usage, r.waiting)).collect();
+        assert_eq!(peaks, [(0.3, 2.0), (0.1, 1.0)]);
         assert_eq!(v.prompt_tokens_per_s, (400.0 + 200.0) / 2.0);
         assert_eq!(v.generation_tokens_per_s, (100.0 + 100.0) / 2.0);
         assert_eq!(v.steps_per_s, (50.0 + 50.0) / 2.0);
