@@ -1,7 +1,9 @@
 //! The autoscaler's loop for real: a local pool of `llmd serve` workers (stories260K, every
 //! model step stalled 20 ms — a slower device, so a worker's capacity is known whatever this
 //! machine's cores are doing), registered with a real `llmd route` through its workers file,
-//! driven by [`llmd::autoscale::live::Loop`] every second. A load step replayed from the Azure
+//! driven by [`llmd::autoscale::live::Loop`] every second with the `llmd` policy (its capacity
+//! model's prior a calibration of the stalled worker, learned on from the scraped metrics; the
+//! demand per band from the router's own metrics). A load step replayed from the Azure
 //! conversation trace (arrival times kept, sped up 3×; prompt and output lengths ÷ 8, capped)
 //! must scale the pool 1 → N while the router's TTFT p95 still meets the SLO, and back to 1
 //! once the load has ended, with every request answered in full: the workers taken away are
@@ -9,7 +11,9 @@
 mod common;
 
 use common::{stories, LlmdProcess};
+use llmd::autoscale::config::AutoscaleConfig;
 use llmd::autoscale::live::{LiveVariant, Loop};
+use llmd::autoscale::policy::build_policy;
 use llmd::autoscale::target::{LocalPool, LocalPoolConfig, ScaleTarget, WorkersFile};
 use llmd::autoscale::telemetry::Telemetry;
 use std::collections::BTreeMap;
@@ -18,6 +22,8 @@ use std::time::{Duration, Instant};
 
 /// The TTFT p95 the one band must meet (seconds, at the router: queueing included).
 const TTFT_SLO: f64 = 3.0;
+/// The policy deciding.
+const POLICY: &str = "llmd";
 /// The trace is replayed this many times faster than it happened.
 const SPEEDUP: f64 = 3.0;
 /// Trace seconds replayed: from 60 s into the hour, this long.
@@ -70,22 +76,43 @@ fn parse_ts(s: &str) -> f64 {
     h * 3600.0 + m * 60.0 + sec
 }
 
-/// The stand-in policy until the `llmd` policy lands here: the HPA formula on requests in the
-/// workers per replica (target 3), scale-down stabilised over 3 s (the highest
-/// recommendation of the window), as an HPA does.
-fn hpa(window: &mut Vec<(f64, u32)>, t: &Telemetry) -> BTreeMap<String, u32> {
-    let v = &t.variants[0];
-    let load = v.waiting + v.running;
-    let want = (load / 3.0).ceil().max(1.0) as u32;
-    window.push((t.at_s, want));
-    window.retain(|(at, _)| t.at_s - at <= 3.0);
-    let current = v.ready_replicas + v.starting_replicas;
-    let n = if want >= current {
-        want
-    } else {
-        window.iter().map(|w| w.1).max().unwrap_or(want)
-    };
-    BTreeMap::from([(v.variant.clone(), n)])
+/// The autoscaler's config for the test: one local variant of stalled workers; its
+/// calibration (the capacity model's prior, which the policy then learns from the scraped
+/// metrics) is what the flags make of a worker: 20 ms a step, 4 sequences a batch, 256 blocks
+/// of 16 tokens.
+fn config(dir: &std::path::Path) -> AutoscaleConfig {
+    std::fs::write(
+        dir.join("calibration-stall20.json"),
+        r#"{"source": "llmd serve stories260K --fault-injection stall@*:20 --max-num-seqs 4 --num-gpu-blocks-override 256",
+            "prefill_tokens_per_s": 20000.0, "step_base_s": 0.021, "step_per_seq_s": 0.0002,
+            "step_per_ctx_token_s": 0.0, "kv_capacity_tokens": 4096.0, "max_batch": 4,
+            "prefill_chunk_tokens": 512}"#,
+    )
+    .unwrap();
+    let yaml = format!(
+        "interval_s: 1
+scale_down_stabilization_s: 3
+gpu_budget: 4
+variants:
+  - name: cpu-stall20
+    role: both
+    accelerator: cpu
+    cost_per_replica_hour: 1.0
+    min_replicas: 1
+    max_replicas: 4
+    startup_s: 1
+    calibration: calibration-stall20.json
+    target:
+      local: {{model: {}, args: []}}
+bands:
+  - priority: 0
+    ttft_p95_s: {TTFT_SLO}
+    itl_p95_s: 0.5
+    share: 1.0
+",
+        stories()
+    );
+    AutoscaleConfig::parse(&yaml, Some(dir)).unwrap()
 }
 
 /// One streamed completion: Ok(time to first token) once it ended with `[DONE]`.
@@ -142,6 +169,7 @@ async fn a_load_step_scales_the_local_pool_up_and_back_down_with_no_request_fail
     let dir = std::env::temp_dir().join(format!("llmd-autoscale-live-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = WorkersFile::create(dir.join("workers")).unwrap();
+    let cfg = config(&dir);
     let router = LlmdProcess::start(
         "router",
         &common::args(&[
@@ -215,8 +243,8 @@ async fn a_load_step_scales_the_local_pool_up_and_back_down_with_no_request_fail
     let looped = {
         let steps = steps.clone();
         tokio::spawn(async move {
-            let mut window = Vec::new();
-            let mut decide = move |t: &Telemetry| hpa(&mut window, t);
+            let mut policy = build_policy(POLICY, &cfg).unwrap();
+            let mut decide = move |t: &Telemetry| policy.decide(t);
             lp.run(
                 Duration::from_secs(1),
                 &mut decide,

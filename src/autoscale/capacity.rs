@@ -158,8 +158,13 @@ impl Learner {
         if !self.samples.is_empty() {
             // Solve for φ = θ / θ_prior (so all unknowns are of one scale), with ridge terms
             // λ (φ_j − 1)² whose λ is prior_weight samples' worth of the features' energy.
-            let scale: [f64; 4] =
-                std::array::from_fn(|j| if prior_theta[j] > 0.0 { prior_theta[j] } else { 1e-9 });
+            let scale: [f64; 4] = std::array::from_fn(|j| {
+                if prior_theta[j] > 0.0 {
+                    prior_theta[j]
+                } else {
+                    1e-9
+                }
+            });
             let mut a = [[0.0f64; 4]; 4];
             let mut b = [0.0f64; 4];
             for s in &self.samples {
@@ -260,7 +265,12 @@ mod tests {
 
     /// What `replicas` synthetic workers with the true rates report over one interval at a
     /// given batch, context per sequence and prompt tokens per step.
-    fn interval(replicas: u32, batch: f64, ctx_per_seq: f64, prompt_per_step: f64) -> VariantTelemetry {
+    fn interval(
+        replicas: u32,
+        batch: f64,
+        ctx_per_seq: f64,
+        prompt_per_step: f64,
+    ) -> VariantTelemetry {
         let t = truth();
         let k = batch * ctx_per_seq;
         let step = t.decode_step_s(batch, k) + t.prefill_s(prompt_per_step);
@@ -304,8 +314,16 @@ mod tests {
         };
         close(m.step_base_s, t.step_base_s, "step_base_s");
         close(m.step_per_seq_s, t.step_per_seq_s, "step_per_seq_s");
-        close(m.step_per_ctx_token_s, t.step_per_ctx_token_s, "step_per_ctx_token_s");
-        close(m.prefill_tokens_per_s, t.prefill_tokens_per_s, "prefill_tokens_per_s");
+        close(
+            m.step_per_ctx_token_s,
+            t.step_per_ctx_token_s,
+            "step_per_ctx_token_s",
+        );
+        close(
+            m.prefill_tokens_per_s,
+            t.prefill_tokens_per_s,
+            "prefill_tokens_per_s",
+        );
         assert_eq!(m.kv_capacity_tokens, t.kv_capacity_tokens);
     }
 

@@ -134,8 +134,8 @@ pub fn variants(cfg: &AutoscaleConfig, a: &RunArgs) -> Result<Vec<LiveVariant>, 
                         made
                     }
                 };
-                let exe = std::env::current_exe()
-                    .map_err(|e| format!("finding the llmd binary: {e}"))?;
+                let exe =
+                    std::env::current_exe().map_err(|e| format!("finding the llmd binary: {e}"))?;
                 Box::new(LocalPool::new(
                     LocalPoolConfig {
                         name: v.name.clone(),

@@ -181,7 +181,10 @@ fn variant(before: Option<&VariantScrape>, now: &VariantScrape, secs: f64) -> Va
         let waiting = total(s, "vllm:num_requests_waiting", all).unwrap_or(0.0);
         let kv = total(s, "vllm:kv_cache_usage_perc", all).unwrap_or(0.0);
         // The replica's peak of the interval as far as two looks tell: the higher of both.
-        let was = |name: &str| prev.and_then(|p| total(&p.samples, name, all)).unwrap_or(0.0);
+        let was = |name: &str| {
+            prev.and_then(|p| total(&p.samples, name, all))
+                .unwrap_or(0.0)
+        };
         v.replicas.push(ReplicaTelemetry {
             kv_usage: kv.max(was("vllm:kv_cache_usage_perc")),
             waiting: waiting.max(was("vllm:num_requests_waiting")),
