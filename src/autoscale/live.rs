@@ -415,9 +415,7 @@ impl Loop {
         decide: &mut (dyn FnMut(&Telemetry) -> BTreeMap<String, u32> + Send),
     ) -> Option<Step> {
         let now = self.scrape().await;
-        let Some(before) = self.last.replace(now) else {
-            return None;
-        };
+        let before = self.last.replace(now)?;
         let now = self.last.as_ref()?;
         let t = scrape::telemetry(&before, now);
         let asked = decide(&t);
