@@ -260,3 +260,36 @@ async fn llmd_autoscale_run_publishes_desired_replicas_and_patches_only_without_
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn check_config_reads_everything_and_starts_nothing_and_bad_flags_are_named() {
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_llmd"))
+            .args(["autoscale", "run", "--config"])
+            .arg(format!(
+                "{}/deploy/autoscale/default.yaml",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .args(extra)
+            .arg("--check-config")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let (ok, text) = run(&["--router", "http://router:8000", "--dry-run"]);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("configuration OK")
+            && text.contains("Deployment default/llmd-8b")
+            && text.contains("dry run"),
+        "{text}"
+    );
+    let (ok, text) = run(&["--router", "router:8000"]);
+    assert!(!ok && text.contains("--router"), "{text}");
+    let (ok, text) = run(&["--router", "http://r", "--policy", "wva"]);
+    assert!(!ok && text.contains("unknown policy"), "{text}");
+}

@@ -51,6 +51,10 @@ pub struct RunArgs {
     /// The Kubernetes API server (default: from KUBERNETES_SERVICE_HOST/_PORT).
     #[arg(long)]
     pub k8s_api: Option<String>,
+    /// Read and check the config, the policy and the flags, print what would run, and exit
+    /// (nothing started, nothing scaled).
+    #[arg(long)]
+    pub check_config: bool,
     /// The service account token (default: the pod's), read again for every call.
     #[arg(long)]
     pub k8s_token_file: Option<PathBuf>,
@@ -172,6 +176,46 @@ pub fn run(a: RunArgs) -> Result<(), String> {
         return Err(format!("--router {:?}: an http:// URL", a.router));
     }
     let mut policy = super::policy::build_policy(&a.policy, &cfg)?;
+    if a.check_config {
+        println!("llmd autoscale run: configuration OK (nothing started)");
+        println!("policy: {}", policy.name());
+        println!("router: {}", a.router);
+        println!("metrics: {}:{}", a.metrics_host, a.metrics_port);
+        for v in &cfg.variants {
+            let target = match &v.target {
+                config::ScaleTarget::Kubernetes {
+                    kind,
+                    name,
+                    namespace,
+                } => {
+                    format!("{kind:?} {namespace}/{name}")
+                }
+                config::ScaleTarget::Local { model, .. } => {
+                    if a.workers_file.is_none() {
+                        return Err(format!(
+                            "variant {}: a local pool needs --workers-file",
+                            v.name
+                        ));
+                    }
+                    format!("local pool of {model}")
+                }
+            };
+            println!(
+                "variant {}: {} replicas {}..={}, {}{}",
+                v.name,
+                router_role(v.role),
+                v.min_replicas,
+                v.max_replicas,
+                target,
+                if a.dry_run {
+                    " (dry run: never written)"
+                } else {
+                    ""
+                }
+            );
+        }
+        return Ok(());
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
