@@ -376,3 +376,121 @@ async fn a_load_step_scales_the_local_pool_up_and_back_down_with_no_request_fail
     drop(pool);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `llmd autoscale run` as a process with a local variant: its pool starts the policy's count of
+/// real workers and lists them in the router's workers file (the router serves through them),
+/// and SIGTERM stops the autoscaler and every worker it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn llmd_autoscale_run_starts_a_local_pool_and_stops_it_on_sigterm() {
+    let dir = std::env::temp_dir().join(format!("llmd-autoscale-run-local-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let workers = dir.join("workers");
+    std::fs::write(&workers, "").unwrap();
+    let router = LlmdProcess::start(
+        "router",
+        &common::args(&[
+            "route",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--model",
+            &stories(),
+            "--workers-file",
+            workers.to_str().unwrap(),
+            "--scrape-interval",
+            "0.2",
+        ]),
+        "",
+    )
+    .await;
+    config(&dir); // the calibration file
+    std::fs::write(
+        dir.join("autoscale.yaml"),
+        format!(
+            "interval_s: 0.5
+scale_down_stabilization_s: 0
+gpu_budget: 4
+variants:
+  - name: tiny
+    role: both
+    accelerator: cpu
+    cost_per_replica_hour: 1.0
+    min_replicas: 1
+    max_replicas: 4
+    startup_s: 1
+    calibration: calibration-stall20.json
+    static_replicas: 2
+    target:
+      local: {{model: {}, args: [--num-gpu-blocks-override, '64']}}
+bands:
+  - {{priority: 0, ttft_p95_s: 3, itl_p95_s: 0.5, share: 1}}
+",
+            stories()
+        ),
+    )
+    .unwrap();
+    let mut scaler = LlmdProcess::start(
+        "autoscale",
+        &common::args(&[
+            "autoscale",
+            "run",
+            "--config",
+            dir.join("autoscale.yaml").to_str().unwrap(),
+            "--router",
+            &router.base,
+            "--policy",
+            "static-peak",
+            "--workers-file",
+            workers.to_str().unwrap(),
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            "0",
+        ]),
+        "/health",
+    )
+    .await;
+    // Two ready workers, listed, and the router serving through them.
+    let text = scaler
+        .metrics_until("two ready workers", |t| {
+            common::metric(t, "llmd:ready_replicas", "variant=\"tiny\"") == 2.0
+        })
+        .await;
+    assert_eq!(
+        common::metric(&text, "llmd:desired_replicas", "variant=\"tiny\""),
+        2.0
+    );
+    let listed =
+        llmd::router::workers::parse_workers_file(&std::fs::read_to_string(&workers).unwrap())
+            .unwrap();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    router
+        .wait_healthy("/health", Duration::from_secs(30))
+        .await;
+    let client = reqwest::Client::new();
+    for i in 0..4 {
+        assert_eq!(
+            one(&client, &router.url("/v1/completions"), i, 8, 4)
+                .await
+                .map(|_| ()),
+            Ok(())
+        );
+    }
+    // SIGTERM: the autoscaler exits and takes its workers with it.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(scaler.child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = tokio::task::spawn_blocking(move || scaler.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    for w in &listed {
+        assert!(
+            reqwest::get(format!("{}/health", w.url)).await.is_err(),
+            "{} still answers after the autoscaler stopped",
+            w.url
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
