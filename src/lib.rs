@@ -19,6 +19,7 @@ pub mod engine;
 pub mod error;
 pub mod kv;
 pub mod model;
+pub mod prometheus;
 pub mod request;
 pub mod router;
 pub mod sampling;

@@ -31,6 +31,24 @@ enum Command {
     /// The KV-cache-aware, load-aware router in front of several workers (llm-d's endpoint
     /// picker): prefix index from the workers' KV events, weighted scorers, P/D selection.
     Route(RouteArgs),
+    /// Variant autoscaling: replica counts per variant from telemetry and SLOs.
+    Autoscale(AutoscaleArgs),
+}
+
+#[derive(Args)]
+struct AutoscaleArgs {
+    #[command(subcommand)]
+    command: AutoscaleCommand,
+}
+
+#[derive(Subcommand)]
+enum AutoscaleCommand {
+    /// Replays a trace against every policy in a model of the fleet and reports SLO
+    /// attainment, replica-hours and cost per policy.
+    Simulate(llmd::autoscale::simulate::SimulateArgs),
+    /// The live loop: scrapes the router and workers, decides every interval, publishes
+    /// llmd:desired_replicas and scales the variants' targets (Kubernetes or a local pool).
+    Run(llmd::autoscale::live::RunArgs),
 }
 
 #[derive(Args)]
@@ -49,6 +67,10 @@ struct RouteArgs {
     /// A decode worker: its sidecar's URL (same form as --worker).
     #[arg(long = "decode-worker")]
     decode_workers: Vec<String>,
+    /// Read the workers from this file, one `[ROLE ]URL[,events=…]` a line, and again whenever
+    /// it changes (what `llmd autoscale run`'s local process pool writes).
+    #[arg(long)]
+    workers_file: Option<PathBuf>,
     /// Discover workers as Kubernetes pods labelled llm-d.ai/role in this namespace (in
     /// cluster: the API server and token from the pod's service account) instead of lists.
     #[arg(long)]
@@ -882,6 +904,11 @@ fn route(a: RouteArgs) -> Result<()> {
             specs.push(WorkerSpec::parse(w, role).map_err(|e| anyhow::anyhow!(e))?);
         }
     }
+    if a.workers_file.is_some()
+        && (a.pool_name.is_some() || a.k8s_namespace.is_some() || !specs.is_empty())
+    {
+        bail!("--workers-file lists the workers: give it or another source, not two");
+    }
     if a.pool_name.is_some() && (a.k8s_namespace.is_some() || !specs.is_empty()) {
         bail!(
             "--pool-name discovers the workers: give it, --k8s-namespace or worker lists, not two"
@@ -964,6 +991,15 @@ fn route(a: RouteArgs) -> Result<()> {
                 Box::new(k),
                 Some(secs(a.k8s_refresh_interval, "--k8s-refresh-interval")?),
             )
+        }
+        (None, None) if a.workers_file.is_some() => {
+            let path = a.workers_file.clone().unwrap_or_default();
+            std::fs::metadata(&path)
+                .with_context(|| format!("--workers-file {}", path.display()))?;
+            let f =
+                llmd::router::workers::FileSource::new(path, std::time::Duration::from_millis(200));
+            // Polled for a change by the source itself.
+            (Box::new(f), None)
         }
         (None, None) => {
             if specs.is_empty() {
@@ -1064,6 +1100,10 @@ fn route(a: RouteArgs) -> Result<()> {
         let workers = match (&a.pool_name, &a.k8s_namespace) {
             (Some(p), _) => format!("the InferencePool {p}"),
             (None, Some(ns)) => format!("pods labelled llm-d.ai/role in namespace {ns}"),
+            (None, None) if a.workers_file.is_some() => format!(
+                "the file {}",
+                a.workers_file.as_deref().unwrap_or(Path::new("")).display()
+            ),
             (None, None) => format!(
                 "{} aggregated, {} prefill, {} decode",
                 a.workers.len(),
@@ -1143,5 +1183,11 @@ fn main() -> Result<()> {
         Command::Serve(a) => serve(a),
         Command::Sidecar(a) => sidecar(a),
         Command::Route(a) => route(a),
+        Command::Autoscale(a) => match a.command {
+            AutoscaleCommand::Simulate(a) => {
+                llmd::autoscale::simulate::main(a).map_err(anyhow::Error::msg)
+            }
+            AutoscaleCommand::Run(a) => llmd::autoscale::live::run(a).map_err(anyhow::Error::msg),
+        },
     }
 }

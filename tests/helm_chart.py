@@ -183,6 +183,15 @@ def validate_all(objs):
                     assert m["path"]["type"] in ("Exact", "PathPrefix", "RegularExpression")
                     assert m["path"]["value"].startswith("/")
                 assert rule["backendRefs"], name
+        elif o["kind"] == "ScaledObject":
+            assert o["apiVersion"] == "keda.sh/v1alpha1", name
+            spec = o["spec"]
+            assert spec["scaleTargetRef"]["kind"] in ("Deployment", "LeaderWorkerSet"), name
+            assert 0 <= spec["minReplicaCount"] <= spec["maxReplicaCount"], name
+            for t in spec["triggers"]:
+                assert t["type"] == "prometheus" and t["metricType"] == "AverageValue", t
+                assert set(t["metadata"]) == {"serverAddress", "query", "threshold"}, t
+                assert all(isinstance(v, str) for v in t["metadata"].values()), t
         elif o["kind"] == "PodMonitor":
             assert o["apiVersion"] == "monitoring.coreos.com/v1", name
             assert o["spec"]["selector"]["matchLabels"], name
@@ -484,7 +493,70 @@ def check_preset(name, values):
         assert router(objs) is None and not by_kind(objs, "Role")
     if (values.get("monitoring") or {}).get("podMonitor", {}).get("enabled"):
         check_pod_monitor(objs, found)
+    if (values.get("autoscaler") or {}).get("enabled"):
+        check_autoscaler(objs, values)
+    else:
+        assert not by_kind(objs, "ScaledObject")
     return objs
+
+
+def check_autoscaler(objs, values):
+    """`llmd autoscale run` reads the release's router; the ScaledObject scales the decode
+    workload the autoscaler's config names, on the metric it publishes."""
+    (dep,) = [o for o in by_kind(objs, "Deployment") if o["metadata"]["name"] == f"{RELEASE}-autoscaler"]
+    assert dep["spec"]["replicas"] == 1, "one writer"
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    argv = llmd_argv(c)
+    assert argv[:3] == ["llmd", "autoscale", "run"], argv
+    rt = router(objs)
+    port = int(flag(llmd_argv(rt["spec"]["template"]["spec"]["containers"][0]), "--port"))
+    assert flag(argv, "--router") == f"http://{RELEASE}-router:{port}", argv
+    metrics = int(flag(argv, "--metrics-port"))
+    assert port_number(c, "metrics") == metrics
+    svc = [o for o in by_kind(objs, "Service") if o["metadata"]["name"] == f"{RELEASE}-autoscaler"][0]
+    assert matches(svc["spec"]["selector"], dep["spec"]["template"]["metadata"]["labels"])
+    dry = values["autoscaler"].get("dryRun", True)
+    assert ("--dry-run" in argv) == dry
+    if values["autoscaler"].get("keda", {}).get("enabled"):
+        assert dry, "KEDA and the autoscaler would both write the replicas"
+        so = one(objs, "ScaledObject")
+        decode = [o for o in objs if o["metadata"]["name"] == f"{RELEASE}-decode" and o["kind"] in ("Deployment", "LeaderWorkerSet")][0]
+        assert so["spec"]["scaleTargetRef"] == {"apiVersion": decode["apiVersion"], "kind": decode["kind"], "name": f"{RELEASE}-decode"}
+        variant = values["autoscaler"]["keda"]["variant"]
+        assert so["spec"]["triggers"][0]["metadata"]["query"] == f'max(llmd:desired_replicas{{variant="{variant}"}})'
+        names = [v["name"] for v in values["autoscaler"]["config"]["variants"]]
+        assert variant in names, (variant, names)
+
+
+def check_autoscaler_writes(base):
+    """Without dryRun (and no KEDA) the autoscaler patches the workloads itself: its own
+    ServiceAccount, allowed only get and patch on the scale subresources; without the router it
+    does not render."""
+    values = copy.deepcopy(base)
+    values["autoscaler"]["dryRun"] = False
+    values["autoscaler"]["keda"]["enabled"] = False
+    objs = render(values)
+    lint(values)
+    validate_all(objs)
+    check_autoscaler(objs, values)
+    assert not by_kind(objs, "ScaledObject")
+    name = f"{RELEASE}-autoscaler"
+    dep = [o for o in by_kind(objs, "Deployment") if o["metadata"]["name"] == name][0]
+    assert dep["spec"]["template"]["spec"]["serviceAccountName"] == name
+    (role,) = [o for o in by_kind(objs, "Role") if o["metadata"]["name"] == name]
+    got = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    assert got == {(g, r, v) for g, r in (("apps", "deployments/scale"), ("leaderworkerset.x-k8s.io", "leaderworkersets/scale")) for v in ("get", "patch")}, got
+    (binding,) = [o for o in by_kind(objs, "RoleBinding") if o["metadata"]["name"] == name]
+    assert binding["roleRef"]["name"] == name
+    assert {"kind": "ServiceAccount", "name": name, "namespace": NAMESPACE} in binding["subjects"]
+    alone = copy.deepcopy(base)
+    alone["router"]["enabled"] = False
+    try:
+        render(alone)
+    except Exception as e:  # Helm's fail
+        assert "router.enabled" in str(e), e
+    else:
+        raise AssertionError("an autoscaler without the router rendered")
 
 
 def check_disk_tier(base):
@@ -636,7 +708,7 @@ def check_readme_lists_every_value():
     with open(os.path.join(CHART, "README.md")) as f:
         readme = f.read()
     # Free-form maps are one value each.
-    whole = {"router.config", "podSecurityContext", "securityContext"}
+    whole = {"router.config", "podSecurityContext", "securityContext", "autoscaler.config", "autoscaler.calibrations"}
 
     def leaves(d, prefix=""):
         for k, v in d.items():
@@ -701,7 +773,7 @@ def main():
         os.path.basename(p)[: -len("-values.yaml")]
         for p in glob.glob(os.path.join(CHART, "ci", "*-values.yaml"))
     )
-    want = {"aggregated-cpu", "aggregated-gpu", "pd-gpu", "router-proxy", "router-epp", "disk-tier", "redis"}
+    want = {"aggregated-cpu", "aggregated-gpu", "pd-gpu", "router-proxy", "router-epp", "disk-tier", "redis", "autoscaler"}
 
     def every_preset():
         assert want <= set(presets), f"missing presets: {want - set(presets)}"
@@ -717,6 +789,7 @@ def main():
     rendered.append(render(preset("redis")))
     run("disk tier on hostPath, emptyDir and a PVC", check_disk_tier, preset("disk-tier"))
     run("decode and prefill as LeaderWorkerSets", check_lws, preset("pd-gpu"))
+    run("the autoscaler writing the scale subresource itself", check_autoscaler_writes, preset("autoscaler"))
     run("the defaults", check_preset, "defaults", {"model": {"name": "HuggingFaceTB/SmolLM2-135M-Instruct"}})
     run("the values schema refuses typos", check_schema_rejects_typos)
     run("the chart's README lists every value", check_readme_lists_every_value)

@@ -4,4 +4,13 @@
 //! One decision core serves two worlds: the live loop scrapes the router's and workers'
 //! Prometheus text into [`telemetry::Telemetry`], and the simulator produces the very same
 //! [`telemetry::Telemetry`] from its model of the fleet, so every policy runs unchanged in both.
+pub mod capacity;
+pub mod config;
+pub mod live;
+pub mod plot;
+pub mod policy;
+pub mod scrape;
+pub mod sim;
+pub mod simulate;
+pub mod target;
 pub mod telemetry;

@@ -68,6 +68,19 @@ pub struct VariantTelemetry {
     /// `vllm:inter_token_latency_seconds`), all replicas merged.
     pub ttft: Histogram,
     pub itl: Histogram,
+    /// Per ready replica, the highest KV usage and waiting count over the interval (WVA reads
+    /// `max_over_time(...[1m])` per pod); empty when unknown.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaTelemetry>,
+}
+
+/// One ready replica's peak load over the interval.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ReplicaTelemetry {
+    /// Highest `vllm:kv_cache_usage_perc` (0..=1).
+    pub kv_usage: f64,
+    /// Highest `vllm:num_requests_waiting`.
+    pub waiting: f64,
 }
 
 /// One priority band's demand over the last interval, seen at the router.

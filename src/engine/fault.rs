@@ -31,6 +31,8 @@ struct State {
     calls: u64,
     at_step: BTreeMap<u64, Fault>,
     next: VecDeque<Fault>,
+    /// Armed for every call with none of its own (`stall@*:MS`: a slower device).
+    every: Option<Fault>,
     injected: u64,
 }
 
@@ -74,7 +76,11 @@ impl FaultInjector {
         let mut s = self.lock();
         s.calls += 1;
         let calls = s.calls;
-        let f = s.at_step.remove(&calls).or_else(|| s.next.pop_front());
+        let f = s
+            .at_step
+            .remove(&calls)
+            .or_else(|| s.next.pop_front())
+            .or(s.every);
         if f.is_some() {
             s.injected += 1;
         }
@@ -93,7 +99,9 @@ impl FaultInjector {
 impl std::str::FromStr for FaultInjector {
     type Err = String;
 
-    /// A comma-separated list of `error@STEP`, `panic@STEP`, `stall@STEP:MILLISECONDS`.
+    /// A comma-separated list of `error@STEP`, `panic@STEP`, `stall@STEP:MILLISECONDS`;
+    /// `stall@*:MILLISECONDS` stalls every step (a device that slow: a known capacity per
+    /// worker whatever the host's cores, for tests of scaling).
     fn from_str(s: &str) -> Result<Self, String> {
         let mut f = FaultInjector::new();
         for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
@@ -110,6 +118,15 @@ impl std::str::FromStr for FaultInjector {
                 ("stall", Some(ms)) => Fault::Stall(std::time::Duration::from_millis(ms)),
                 _ => return Err(usage()),
             };
+            if step == "*" {
+                if !matches!(fault, Fault::Stall(_)) {
+                    return Err(format!(
+                        "fault {item:?}: only a stall may hit every step (*)"
+                    ));
+                }
+                f.lock().every = Some(fault);
+                continue;
+            }
             let step: u64 = step
                 .parse()
                 .ok()
@@ -213,8 +230,20 @@ mod tests {
             "error@x",
             "stall@1",
             "panic@1:5",
+            "error@*",
+            "stall@*",
         ] {
             assert!(bad.parse::<FaultInjector>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_stall_on_every_step_leaves_the_numbered_faults_first() {
+        let f: FaultInjector = "stall@*:7, error@2".parse().unwrap();
+        let stall = Some(Fault::Stall(std::time::Duration::from_millis(7)));
+        assert_eq!(f.take(), stall);
+        assert_eq!(f.take(), Some(Fault::Error));
+        assert_eq!(f.take(), stall);
+        assert_eq!(f.take(), stall);
     }
 }

@@ -10,6 +10,7 @@
 //!   control (priorities, fairness, queueing while the workers are saturated: [`flow`]).
 //! - [`epp`] serves the same decisions to a gateway as a Gateway API Endpoint Picker (Envoy's
 //!   ext_proc).
+pub mod bands;
 pub mod epp;
 pub mod events;
 pub mod flow;

@@ -25,6 +25,7 @@
 //! With `--epp-port` the same decision core (`prepare`, `decide`, the pending-prefix
 //! `expect`, the in-flight counts) also answers a gateway over Envoy's ext_proc
 //! ([`super::epp`]).
+use super::bands::BandStats;
 use super::events::central::CentralStats;
 use super::events::SubStats;
 use super::flow::{FlowConfig, FlowController, FlowRequest, Objectives, Shed};
@@ -163,6 +164,8 @@ pub(super) struct RouterState {
     /// The counters of the bound KV events socket (`--kv-events-bind`).
     central: Option<Arc<CentralStats>>,
     flow: Arc<FlowController>,
+    /// Demand per priority band ([`super::bands`]).
+    bands: Arc<BandStats>,
 }
 
 /// Default of `llmd route --max-body-bytes`.
@@ -208,6 +211,7 @@ pub async fn serve(
         rotation: AtomicUsize::new(0),
         counters: Counters::default(),
         central: central.as_ref().map(|_| Arc::new(CentralStats::default())),
+        bands: Arc::new(BandStats::default()),
     });
     state.sync_workers().await?;
     if let (Some((sub, endpoint)), Some(stats)) = (central, state.central.clone()) {
@@ -421,21 +425,9 @@ async fn scrape(state: &RouterState, w: &Worker) {
     }
 }
 
-/// The first sample of `name` (summed over label sets) in Prometheus text.
+/// The sum of `name`'s samples over its label sets in Prometheus text.
 fn sample(text: &str, name: &str) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines().filter(|l| !l.starts_with('#')) {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        if !(rest.starts_with('{') || rest.starts_with(' ')) {
-            continue;
-        }
-        if let Some(v) = line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
-            *found.get_or_insert(0.0) += v;
-        }
-    }
-    found
+    crate::prometheus::sum(text, name)
 }
 
 fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
@@ -877,6 +869,7 @@ impl Drop for InFlight {
 }
 
 async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
+    let arrived = Instant::now();
     let (parts, body) = req.into_parts();
     // Everything but /health and /metrics (their own routes) needs the key.
     if let Some(key) = &s.cfg.api_key {
@@ -925,7 +918,10 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
         .resolve(header(super::flow::OBJECTIVE_HEADER));
     let (body, prompt_len, keys) = if generation {
         match s.prepare_request(&path, body, priority).await {
-            Ok(p) => (p.body, p.prompt_len, p.keys),
+            Ok(p) => {
+                s.bands.arrived(priority, p.prompt_len);
+                (p.body, p.prompt_len, p.keys)
+            }
             Err((status, kind, why)) => return error(status, kind, why),
         }
     } else {
@@ -1025,8 +1021,19 @@ async fn route(State(s): State<Arc<RouterState>>, req: Request) -> Response {
         );
         let resp_headers = r.headers().clone();
         let admitted = admitted.take();
+        // A generation answer's first token and output tokens, for its band.
+        let mut watch = (generation && status.is_success()).then(|| {
+            let sse = resp_headers
+                .get(axum::http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|t| t.starts_with("text/event-stream"));
+            s.bands.watch(priority, arrived, sse)
+        });
         let stream = futures_util::StreamExt::map(r.bytes_stream(), move |c| {
             let _keep = (&guard, &admitted, &call);
+            if let (Some(w), Ok(bytes)) = (&mut watch, &c) {
+                w.chunk(bytes);
+            }
             c
         });
         let mut resp = Response::new(Body::from_stream(stream));
@@ -1211,6 +1218,7 @@ async fn metrics(State(s): State<Arc<RouterState>>) -> Response {
     let _ = writeln!(out, "# HELP llmd_router:retries_total Requests sent again to another worker after one failed.\n# TYPE llmd_router:retries_total counter\nllmd_router:retries_total {}", c.retries.load(Relaxed));
     let _ = writeln!(out, "# HELP llmd_router:failed_requests_total Requests no worker could answer.\n# TYPE llmd_router:failed_requests_total counter\nllmd_router:failed_requests_total {}", c.failed.load(Relaxed));
     s.flow.write_metrics(&mut out);
+    s.bands.write_metrics(&mut out);
     (
         [(
             axum::http::header::CONTENT_TYPE,
@@ -1224,14 +1232,6 @@ async fn metrics(State(s): State<Arc<RouterState>>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn samples_are_read_from_prometheus_text() {
-        let text = "# HELP vllm:num_requests_waiting x\nvllm:num_requests_waiting{model_name=\"m\"} 3\nvllm:num_requests_waiting_for_kv{model_name=\"m\"} 9\nvllm:kv_cache_usage_perc{model_name=\"m\"} 0.25\n";
-        assert_eq!(sample(text, "vllm:num_requests_waiting"), Some(3.0));
-        assert_eq!(sample(text, "vllm:kv_cache_usage_perc"), Some(0.25));
-        assert_eq!(sample(text, "vllm:num_requests_running"), None);
-    }
 
     fn tiny() -> Tokenizer {
         let dir =

@@ -101,6 +101,98 @@ impl WorkerSource for StaticSource {
     }
 }
 
+/// A file of workers, one per line, read again whenever its content changes (polled every
+/// [`FileSource::poll`]): what a local process pool (`llmd autoscale run`) writes to add and
+/// take away workers while the router runs. A line is `[ROLE ]URL[,events=…][,replay=…]`
+/// (ROLE `prefill-decode` — the default —, `prefill` or `decode`; the rest as `--worker`
+/// takes it); blank lines and lines starting with `#` are skipped. Writers replace the file
+/// by a rename, so the router never reads half of one.
+pub struct FileSource {
+    pub path: PathBuf,
+    /// How often the file is looked at for a change.
+    pub poll: Duration,
+    /// The content last listed.
+    last: std::sync::Mutex<Option<String>>,
+}
+
+impl FileSource {
+    pub fn new(path: PathBuf, poll: Duration) -> Self {
+        Self {
+            path,
+            poll,
+            last: std::sync::Mutex::new(None),
+        }
+    }
+
+    async fn read(&self) -> Result<String, String> {
+        tokio::fs::read_to_string(&self.path)
+            .await
+            .map_err(|e| format!("workers file {}: {e}", self.path.display()))
+    }
+}
+
+/// The workers of a workers file's text (see [`FileSource`]); a bad line is an error naming
+/// its number.
+pub fn parse_workers_file(text: &str) -> Result<Vec<WorkerSpec>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (role, rest) = match line.split_once(char::is_whitespace) {
+            Some((r, rest)) => {
+                let role = match r {
+                    "prefill-decode" | "both" => Role::Both,
+                    "prefill" => Role::Prefill,
+                    "decode" => Role::Decode,
+                    _ => {
+                        return Err(format!(
+                            "line {}: unknown role {r:?} (prefill-decode, prefill, decode)",
+                            i + 1
+                        ))
+                    }
+                };
+                (role, rest.trim())
+            }
+            None => (Role::Both, line),
+        };
+        let w = WorkerSpec::parse(rest, role).map_err(|e| format!("line {}: {e}", i + 1))?;
+        if !out.iter().any(|o: &WorkerSpec| o.url == w.url) {
+            out.push(w);
+        }
+    }
+    Ok(out)
+}
+
+impl WorkerSource for FileSource {
+    fn list(&self) -> BoxFuture<'_, Result<Vec<WorkerSpec>, String>> {
+        Box::pin(async move {
+            let text = self.read().await?;
+            // Remembered even when it does not parse: the next change is a new content.
+            *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(text.clone());
+            parse_workers_file(&text)
+                .map_err(|e| format!("workers file {}: {e}", self.path.display()))
+        })
+    }
+
+    fn changed(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            loop {
+                tokio::time::sleep(self.poll).await;
+                // A file missing for a moment (being replaced) is no change.
+                let Ok(now) = self.read().await else {
+                    continue;
+                };
+                let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+                if last.as_deref() != Some(now.as_str()) {
+                    return;
+                }
+            }
+        })
+    }
+}
+
 /// Kubernetes: the ready, running pods of a namespace that carry `llm-d.ai/role`.
 pub struct KubernetesSource {
     /// The API server, e.g. `https://kubernetes.default.svc` (in a pod: from
@@ -335,5 +427,52 @@ mod tests {
             k.url(),
             "https://k8s:6443/api/v1/namespaces/llm/pods?labelSelector=llm-d.ai%2Frole%20in%20%28prefill%2Cdecode%2Cprefill-decode%2Cboth%29%2Cllm-d.ai%2Fmodel%3Dsmollm2"
         );
+    }
+
+    #[test]
+    fn a_workers_file_gives_its_workers_with_roles_and_bad_lines_are_named() {
+        let w = parse_workers_file(
+            "# the local pool\nhttp://127.0.0.1:8001\n\nprefill http://127.0.0.1:8002/,events=tcp://127.0.0.1:5557\ndecode http://127.0.0.1:8003\nhttp://127.0.0.1:8001\n",
+        )
+        .unwrap();
+        let got: Vec<(&str, Role)> = w.iter().map(|w| (w.url.as_str(), w.role)).collect();
+        assert_eq!(
+            got,
+            [
+                ("http://127.0.0.1:8001", Role::Both),
+                ("http://127.0.0.1:8002", Role::Prefill),
+                ("http://127.0.0.1:8003", Role::Decode),
+            ],
+            "a URL listed twice is one worker"
+        );
+        assert_eq!(w[1].events.as_deref(), Some("tcp://127.0.0.1:5557"));
+        assert!(parse_workers_file("").unwrap().is_empty());
+        let e = parse_workers_file("http://a:1\nencode http://a:2\n").unwrap_err();
+        assert!(e.contains("line 2") && e.contains("encode"), "{e}");
+        let e = parse_workers_file("a:1\n").unwrap_err();
+        assert!(e.contains("line 1") && e.contains("http://"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_workers_file_source_sees_a_replaced_file() {
+        let dir = std::env::temp_dir().join(format!("llmd-workers-file-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("workers");
+        std::fs::write(&path, "http://127.0.0.1:9001\n").unwrap();
+        let src = FileSource::new(path.clone(), Duration::from_millis(10));
+        assert_eq!(src.list().await.unwrap().len(), 1);
+        // Unchanged: no change is reported.
+        let quiet = tokio::time::timeout(Duration::from_millis(100), src.changed()).await;
+        assert!(quiet.is_err());
+        let tmp = dir.join("workers.tmp");
+        std::fs::write(&tmp, "http://127.0.0.1:9001\nhttp://127.0.0.1:9002\n").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), src.changed())
+            .await
+            .expect("the change is seen");
+        assert_eq!(src.list().await.unwrap().len(), 2);
+        std::fs::write(&path, "nonsense\n").unwrap();
+        assert!(src.list().await.unwrap_err().contains("line 1"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
