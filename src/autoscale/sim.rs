@@ -826,17 +826,30 @@ impl<'a> Sim<'a> {
 /// The fleet every dynamic policy starts with: sized by the calibrated model for the replay's
 /// first minute of non-sheddable demand, as if the service had been running before the replay.
 pub fn initial_fleet(cfg: &AutoscaleConfig, reqs: &[SimRequest]) -> BTreeMap<String, u32> {
-    let window = 60.0f64.min(reqs.last().map_or(60.0, |r| r.at_s).max(1.0));
+    // The busiest minute of the first start-up time + one minute: what a policy that had been
+    // running would have had ready when the replay begins.
+    let startup = cfg.variants.iter().map(|v| v.startup_s).fold(0.0, f64::max);
+    let span = startup + 60.0;
     let mut d = Demand::default();
     let mut per_band = vec![0.0; cfg.bands.len()];
-    for r in reqs.iter().take_while(|r| r.at_s < window) {
-        if cfg.bands[r.band].sheddable() {
-            continue;
+    let mut from = 0.0;
+    while from < span {
+        let mut m = Demand::default();
+        let mut pb = vec![0.0; cfg.bands.len()];
+        for r in reqs.iter().filter(|r| r.at_s >= from && r.at_s < from + 60.0) {
+            if cfg.bands[r.band].sheddable() {
+                m.sheddable_prompt_tps += f64::from(r.prompt_tokens) / 60.0;
+                continue;
+            }
+            m.rate += 1.0 / 60.0;
+            m.prompt_tps += f64::from(r.prompt_tokens) / 60.0;
+            m.output_tps += f64::from(r.output_tokens) / 60.0;
+            pb[r.band] += 1.0;
         }
-        d.rate += 1.0 / window;
-        d.prompt_tps += f64::from(r.prompt_tokens) / window;
-        d.output_tps += f64::from(r.output_tokens) / window;
-        per_band[r.band] += 1.0;
+        if m.prompt_tps > d.prompt_tps {
+            (d, per_band) = (m, pb);
+        }
+        from += 60.0;
     }
     let total: f64 = per_band.iter().sum::<f64>().max(1.0);
     let bands: Vec<BandLoad> = cfg
