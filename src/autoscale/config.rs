@@ -16,10 +16,6 @@ const BUILTIN_CALIBRATIONS: &[(&str, &str)] = &[
         "calibration-h200.json",
         include_str!("../../deploy/autoscale/calibration-h200.json"),
     ),
-    (
-        "calibration-cpu.json",
-        include_str!("../../deploy/autoscale/calibration-cpu.json"),
-    ),
 ];
 
 /// What a variant's replicas do in a request's life.
