@@ -1159,7 +1159,9 @@ fn main() -> Result<()> {
         Command::Sidecar(a) => sidecar(a),
         Command::Route(a) => route(a),
         Command::Autoscale(a) => match a.command {
-            AutoscaleCommand::Simulate(a) => llmd::autoscale::simulate::main(a).map_err(anyhow::Error::msg),
+            AutoscaleCommand::Simulate(a) => {
+                llmd::autoscale::simulate::main(a).map_err(anyhow::Error::msg)
+            }
         },
     }
 }

@@ -91,7 +91,10 @@ fn every_policy_reports_through_the_json_interface_and_draws_its_png() {
     }
     assert_eq!(policy(&j, "static-peak")["scale_events"], 0);
     let fixed = j["static_peak_replicas"]["h200-8b"].as_u64().unwrap();
-    assert_eq!(policy(&j, "static-peak")["max_replicas"].as_u64().unwrap(), fixed);
+    assert_eq!(
+        policy(&j, "static-peak")["max_replicas"].as_u64().unwrap(),
+        fixed
+    );
     // The replay is the slice scaled by the default rate factor.
     assert_eq!(j["trace_requests"], 300);
     assert!(j["replayed_requests"].as_u64().unwrap() >= 300);
@@ -163,12 +166,7 @@ fn bad_input_is_refused_with_a_reason() {
     assert!(!ok);
     assert!(err.contains("variants[0].max_replicas"), "{err}");
 
-    let (ok, _, err) = simulate(&[
-        "--trace",
-        trace.to_str().unwrap(),
-        "--time-scale",
-        "0",
-    ]);
+    let (ok, _, err) = simulate(&["--trace", trace.to_str().unwrap(), "--time-scale", "0"]);
     assert!(!ok);
     assert!(err.contains("--time-scale"), "{err}");
 }

@@ -160,8 +160,13 @@ impl Learner {
             // λ (φ_j − 1)²: λ is prior_weight samples' worth of the feature's energy for one
             // sample and fades as 1/n (the fit's directions are ill-conditioned — base and
             // per-sequence cost move together — so a fixed-weight prior would bias them).
-            let scale: [f64; 4] =
-                std::array::from_fn(|j| if prior_theta[j] > 0.0 { prior_theta[j] } else { 1e-9 });
+            let scale: [f64; 4] = std::array::from_fn(|j| {
+                if prior_theta[j] > 0.0 {
+                    prior_theta[j]
+                } else {
+                    1e-9
+                }
+            });
             let mut a = [[0.0f64; 4]; 4];
             let mut b = [0.0f64; 4];
             for s in &self.samples {
@@ -216,8 +221,9 @@ fn solve4(mut a: [[f64; 4]; 4], mut b: [f64; 4]) -> Option<[f64; 4]> {
         b.swap(col, piv);
         for row in col + 1..4 {
             let f = a[row][col] / a[col][col];
-            for k in col..4 {
-                a[row][k] -= f * a[col][k];
+            let pivot_row = a[col];
+            for (x, p) in a[row][col..].iter_mut().zip(&pivot_row[col..]) {
+                *x -= f * p;
             }
             b[row] -= f * b[col];
         }
@@ -262,7 +268,12 @@ mod tests {
 
     /// What `replicas` synthetic workers with the true rates report over one interval at a
     /// given batch, context per sequence and prompt tokens per step.
-    fn interval(replicas: u32, batch: f64, ctx_per_seq: f64, prompt_per_step: f64) -> VariantTelemetry {
+    fn interval(
+        replicas: u32,
+        batch: f64,
+        ctx_per_seq: f64,
+        prompt_per_step: f64,
+    ) -> VariantTelemetry {
         let t = truth();
         let k = batch * ctx_per_seq;
         let step = t.decode_step_s(batch, k) + t.prefill_s(prompt_per_step);
@@ -306,8 +317,16 @@ mod tests {
         };
         close(m.step_base_s, t.step_base_s, "step_base_s");
         close(m.step_per_seq_s, t.step_per_seq_s, "step_per_seq_s");
-        close(m.step_per_ctx_token_s, t.step_per_ctx_token_s, "step_per_ctx_token_s");
-        close(m.prefill_tokens_per_s, t.prefill_tokens_per_s, "prefill_tokens_per_s");
+        close(
+            m.step_per_ctx_token_s,
+            t.step_per_ctx_token_s,
+            "step_per_ctx_token_s",
+        );
+        close(
+            m.prefill_tokens_per_s,
+            t.prefill_tokens_per_s,
+            "prefill_tokens_per_s",
+        );
         assert_eq!(m.kv_capacity_tokens, t.kv_capacity_tokens);
     }
 

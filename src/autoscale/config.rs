@@ -11,12 +11,10 @@ use std::path::Path;
 pub const DEFAULT_CONFIG: &str = include_str!("../../deploy/autoscale/default.yaml");
 /// The calibration files shipped in the repository, found by file name when a config's
 /// `calibration` cannot be read from disk (the compiled-in default config names them).
-const BUILTIN_CALIBRATIONS: &[(&str, &str)] = &[
-    (
-        "calibration-h200.json",
-        include_str!("../../deploy/autoscale/calibration-h200.json"),
-    ),
-];
+const BUILTIN_CALIBRATIONS: &[(&str, &str)] = &[(
+    "calibration-h200.json",
+    include_str!("../../deploy/autoscale/calibration-h200.json"),
+)];
 
 /// What a variant's replicas do in a request's life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,7 +238,10 @@ impl AutoscaleConfig {
             if v.min_replicas > v.max_replicas {
                 return f(
                     "min_replicas",
-                    &format!("{} is above max_replicas {}", v.min_replicas, v.max_replicas),
+                    &format!(
+                        "{} is above max_replicas {}",
+                        v.min_replicas, v.max_replicas
+                    ),
                 );
             }
             if !(v.startup_s.is_finite() && v.startup_s >= 0.0) {
@@ -268,7 +269,10 @@ impl AutoscaleConfig {
             }
             if let Some(s) = v.static_replicas {
                 if s < v.min_replicas || s > v.max_replicas {
-                    return f("static_replicas", "must lie within min_replicas..=max_replicas");
+                    return f(
+                        "static_replicas",
+                        "must lie within min_replicas..=max_replicas",
+                    );
                 }
             }
             min_gpus += u64::from(v.min_replicas) * u64::from(v.gpus_per_replica);
@@ -386,8 +390,16 @@ mod tests {
     fn bad_configs_are_refused_naming_the_field() {
         let cases = [
             ("interval_s: 15", "interval_s: -1", "interval_s"),
-            ("min_replicas: 1", "min_replicas: 99", "variants[0].min_replicas"),
-            ("max_replicas: 64", "max_replicas: 0", "variants[0].max_replicas"),
+            (
+                "min_replicas: 1",
+                "min_replicas: 99",
+                "variants[0].min_replicas",
+            ),
+            (
+                "max_replicas: 64",
+                "max_replicas: 0",
+                "variants[0].max_replicas",
+            ),
             ("startup_s: 120", "startup_s: .nan", "variants[0].startup_s"),
             ("gpu_budget: 64", "gpu_budget: 0", "gpu_budget"),
             ("ttft_p95_s: 2.0", "ttft_p95_s: 0", "bands[0].ttft_p95_s"),

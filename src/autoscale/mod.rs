@@ -6,8 +6,8 @@
 //! [`telemetry::Telemetry`] from its model of the fleet, so every policy runs unchanged in both.
 pub mod capacity;
 pub mod config;
-pub mod policy;
 pub mod plot;
+pub mod policy;
 pub mod sim;
 pub mod simulate;
 pub mod telemetry;

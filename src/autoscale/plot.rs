@@ -68,11 +68,17 @@ pub fn write_png(path: &Path, cfg: &AutoscaleConfig, r: &RunResult) -> Result<()
         .margin(10)
         .x_label_area_size(if text { 30 } else { 0 })
         .y_label_area_size(if text { 60 } else { 0 })
-        .caption(label("arrivals (requests/s, all bands)"), ("sans-serif", 18))
+        .caption(
+            label("arrivals (requests/s, all bands)"),
+            ("sans-serif", 18),
+        )
         .build_cartesian_2d(0.0..minutes, 0.0..max_load * 1.1)
         .map_err(|e| err(&e))?;
     if text {
-        c.configure_mesh().x_desc("minute").draw().map_err(|e| err(&e))?;
+        c.configure_mesh()
+            .x_desc("minute")
+            .draw()
+            .map_err(|e| err(&e))?;
     }
     c.draw_series(LineSeries::new(
         r.timeline.iter().map(|p| (p.at_s / 60.0, p.arrivals_per_s)),
@@ -92,11 +98,17 @@ pub fn write_png(path: &Path, cfg: &AutoscaleConfig, r: &RunResult) -> Result<()
         .margin(10)
         .x_label_area_size(if text { 30 } else { 0 })
         .y_label_area_size(if text { 60 } else { 0 })
-        .caption(label("replicas (ready + starting) per variant"), ("sans-serif", 18))
+        .caption(
+            label("replicas (ready + starting) per variant"),
+            ("sans-serif", 18),
+        )
         .build_cartesian_2d(0.0..minutes, 0.0..max_rep * 1.15)
         .map_err(|e| err(&e))?;
     if text {
-        c.configure_mesh().x_desc("minute").draw().map_err(|e| err(&e))?;
+        c.configure_mesh()
+            .x_desc("minute")
+            .draw()
+            .map_err(|e| err(&e))?;
     }
     for (vi, v) in cfg.variants.iter().enumerate() {
         let color = COLORS[(vi + 1) % COLORS.len()];
@@ -140,7 +152,10 @@ pub fn write_png(path: &Path, cfg: &AutoscaleConfig, r: &RunResult) -> Result<()
         .build_cartesian_2d(0.0..minutes, 0.0..top)
         .map_err(|e| err(&e))?;
     if text {
-        c.configure_mesh().x_desc("minute").draw().map_err(|e| err(&e))?;
+        c.configure_mesh()
+            .x_desc("minute")
+            .draw()
+            .map_err(|e| err(&e))?;
     }
     for (bi, b) in r.bands.iter().enumerate() {
         let Some(slo) = cfg.bands[bi].ttft_p95_s else {
@@ -158,10 +173,13 @@ pub fn write_png(path: &Path, cfg: &AutoscaleConfig, r: &RunResult) -> Result<()
             .map_err(|e| err(&e))?;
         if text {
             let att = b.attainment.unwrap_or(1.0) * 100.0;
-            s.label(format!("priority {} (SLO {slo} s, met {att:.1} % of minutes)", b.priority))
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-                });
+            s.label(format!(
+                "priority {} (SLO {slo} s, met {att:.1} % of minutes)",
+                b.priority
+            ))
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
         }
         c.draw_series(LineSeries::new(vec![(0.0, slo), (minutes, slo)], color))
             .map_err(|e| err(&e))?;

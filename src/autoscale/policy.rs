@@ -290,7 +290,11 @@ pub fn wva_verdict(th: &WvaThresholds, replicas: &[(f64, f64)]) -> WvaVerdict {
         return WvaVerdict::ScaleUp;
     }
     let n = free.len() as f64;
-    let spare_kv = free.iter().map(|r| th.kv_cache_threshold - r.0).sum::<f64>() / n;
+    let spare_kv = free
+        .iter()
+        .map(|r| th.kv_cache_threshold - r.0)
+        .sum::<f64>()
+        / n;
     let spare_q = free
         .iter()
         .map(|r| th.queue_length_threshold - r.1)
@@ -323,7 +327,12 @@ impl Policy for WvaSaturation {
             .map(|v| (v.name.clone(), current(t, v)))
             .collect();
         for role in [Role::Both, Role::Prefill, Role::Decode] {
-            let group: Vec<&Variant> = self.cfg.variants.iter().filter(|v| v.role == role).collect();
+            let group: Vec<&Variant> = self
+                .cfg
+                .variants
+                .iter()
+                .filter(|v| v.role == role)
+                .collect();
             if group.is_empty() {
                 continue;
             }
@@ -527,7 +536,12 @@ pub fn combined_latency(
     let chunk = f64::from(c.prefill_chunk_tokens);
     let decode = c.decode_step_s(batch, ctx);
     // A step carries a prefill chunk most of the time once prefill is a sizeable share.
-    let itl = decode + if rho_p > 0.05 { c.prefill_s(chunk) } else { 0.0 };
+    let itl = decode
+        + if rho_p > 0.05 {
+            c.prefill_s(chunk)
+        } else {
+            0.0
+        };
     // Prefill proceeds a chunk per step: its effective rate is a chunk per (decode + chunk).
     let p_eff = chunk / (decode + c.prefill_s(chunk));
     Some((ttft_p95(d, bands, p_eff, m)?, itl))
@@ -539,7 +553,10 @@ pub fn combined_ok(c: &Calibration, d: &Demand, bands: &[BandLoad], m: &Margins)
         return false;
     };
     bands.iter().all(|b| {
-        let ttft = ttfts.iter().find(|x| x.0 == b.priority).map_or(0.0, |x| x.1);
+        let ttft = ttfts
+            .iter()
+            .find(|x| x.0 == b.priority)
+            .map_or(0.0, |x| x.1);
         ttft <= m.slo_fraction * b.ttft_slo && itl <= m.slo_fraction * b.itl_slo
     })
 }
@@ -571,7 +588,10 @@ pub fn size_decode(
     m: &Margins,
     max: u32,
 ) -> Option<u32> {
-    let itl_slo = bands.iter().map(|b| b.itl_slo).fold(f64::INFINITY, f64::min);
+    let itl_slo = bands
+        .iter()
+        .map(|b| b.itl_slo)
+        .fold(f64::INFINITY, f64::min);
     (1..=max).find(|&n| {
         let r = per_replica(d, n);
         decode_point(c, &r, 0.0).is_some_and(|(batch, _)| {
@@ -850,8 +870,12 @@ impl Policy for LlmdPolicy {
                             .total_cmp(&(f64::from(b.1) * b.0.cost_per_replica_hour))
                     })
             };
-            let p = best(Role::Prefill, &|c, max| size_prefill(c, &demand, &bands, &m, max));
-            let d = best(Role::Decode, &|c, max| size_decode(c, &demand, &bands, &m, max));
+            let p = best(Role::Prefill, &|c, max| {
+                size_prefill(c, &demand, &bands, &m, max)
+            });
+            let d = best(Role::Decode, &|c, max| {
+                size_decode(c, &demand, &bands, &m, max)
+            });
             if let (Some((pv, np)), Some((dv, nd))) = (p, d) {
                 let (mut np, mut nd) = (scaled(np), scaled(nd));
                 if let Some((rp, rd)) = self.ratio {
@@ -926,18 +950,30 @@ mod tests {
     fn wva_verdicts_match_hand_computed_cases() {
         let th = WvaThresholds::default();
         // Spare KV (0.8−0.75 + 0.8−0.7)/2 = 0.075 < 0.1: up.
-        assert_eq!(wva_verdict(&th, &[(0.75, 0.0), (0.7, 0.0)]), WvaVerdict::ScaleUp);
+        assert_eq!(
+            wva_verdict(&th, &[(0.75, 0.0), (0.7, 0.0)]),
+            WvaVerdict::ScaleUp
+        );
         // Spare queue 5 − 2.5 = 2.5 < 3: up.
-        assert_eq!(wva_verdict(&th, &[(0.1, 2.0), (0.1, 3.0)]), WvaVerdict::ScaleUp);
+        assert_eq!(
+            wva_verdict(&th, &[(0.1, 2.0), (0.1, 3.0)]),
+            WvaVerdict::ScaleUp
+        );
         // Every replica saturated (kv 0.85; queue 6): up.
-        assert_eq!(wva_verdict(&th, &[(0.85, 0.0), (0.2, 6.0)]), WvaVerdict::ScaleUp);
+        assert_eq!(
+            wva_verdict(&th, &[(0.85, 0.0), (0.2, 6.0)]),
+            WvaVerdict::ScaleUp
+        );
         // Three at kv 0.2, queue 0: two would hold kv 0.3 (spare 0.5), queue 0: down.
         assert_eq!(
             wva_verdict(&th, &[(0.2, 0.0), (0.2, 0.0), (0.2, 0.0)]),
             WvaVerdict::ScaleDown
         );
         // Two at kv 0.4: one would hold 0.8 (spare 0 < 0.1): hold.
-        assert_eq!(wva_verdict(&th, &[(0.4, 0.0), (0.4, 0.0)]), WvaVerdict::Hold);
+        assert_eq!(
+            wva_verdict(&th, &[(0.4, 0.0), (0.4, 0.0)]),
+            WvaVerdict::Hold
+        );
         // One replica never scales down.
         assert_eq!(wva_verdict(&th, &[(0.0, 0.0)]), WvaVerdict::Hold);
     }
@@ -988,7 +1024,10 @@ mod tests {
             assert_eq!(p.decide(&fleet(n, 0, &[], 100.0))["h200-8b"], 7);
         }
         assert!(build_policy("nope", &c).is_err());
-        assert!(build_policy("llmd-ratio-1:3", &c).is_err(), "no P/D variants");
+        assert!(
+            build_policy("llmd-ratio-1:3", &c).is_err(),
+            "no P/D variants"
+        );
     }
 
     #[test]

@@ -49,9 +49,15 @@ pub fn parse_trace(text: &str, time_scale: f64) -> Result<Vec<TraceRequest>, Str
     let col = |name: &str| {
         cols.iter()
             .position(|c| c.eq_ignore_ascii_case(name))
-            .ok_or(format!("line 1: no {name} column (want TIMESTAMP,ContextTokens,GeneratedTokens)"))
+            .ok_or(format!(
+                "line 1: no {name} column (want TIMESTAMP,ContextTokens,GeneratedTokens)"
+            ))
     };
-    let (ct, cc, cg) = (col("TIMESTAMP")?, col("ContextTokens")?, col("GeneratedTokens")?);
+    let (ct, cc, cg) = (
+        col("TIMESTAMP")?,
+        col("ContextTokens")?,
+        col("GeneratedTokens")?,
+    );
     let mut out = Vec::new();
     for (i, line) in lines {
         if line.trim().is_empty() {
@@ -63,7 +69,8 @@ pub fn parse_trace(text: &str, time_scale: f64) -> Result<Vec<TraceRequest>, Str
                 .copied()
                 .ok_or(format!("line {}: too few fields", i + 1))
         };
-        let at = parse_time(get(ct)?).ok_or(format!("line {}: bad TIMESTAMP {:?}", i + 1, get(ct)?))?;
+        let at =
+            parse_time(get(ct)?).ok_or(format!("line {}: bad TIMESTAMP {:?}", i + 1, get(ct)?))?;
         let tok = |c: usize, what: &str| -> Result<u32, String> {
             get(c)?
                 .parse::<u32>()
@@ -95,9 +102,17 @@ fn parse_time(s: &str) -> Option<f64> {
     let mut d = date.split('-').map(|x| x.parse::<i64>().ok());
     let (y, m, dd) = (d.next()??, d.next()??, d.next()??);
     let mut t = time.trim_end_matches('Z').split(':');
-    let (h, mi) = (t.next()?.parse::<i64>().ok()?, t.next()?.parse::<i64>().ok()?);
+    let (h, mi) = (
+        t.next()?.parse::<i64>().ok()?,
+        t.next()?.parse::<i64>().ok()?,
+    );
     let sec = t.next()?.parse::<f64>().ok()?;
-    if !(1..=12).contains(&m) || !(1..=31).contains(&dd) || h > 23 || mi > 59 || !(0.0..61.0).contains(&sec) {
+    if !(1..=12).contains(&m)
+        || !(1..=31).contains(&dd)
+        || h > 23
+        || mi > 59
+        || !(0.0..61.0).contains(&sec)
+    {
         return None;
     }
     // Days from civil (Howard Hinnant's algorithm).
@@ -137,7 +152,11 @@ pub fn expand(trace: &[TraceRequest], cfg: &AutoscaleConfig) -> Vec<SimRequest> 
         let whole = scale.floor() as u32;
         let copies = whole + u32::from(uniform(&mut rng) < scale - f64::from(whole));
         for c in 0..copies {
-            let at = if c == 0 { r.at_s } else { r.at_s + uniform(&mut rng) };
+            let at = if c == 0 {
+                r.at_s
+            } else {
+                r.at_s + uniform(&mut rng)
+            };
             let mut x = uniform(&mut rng) * total;
             let mut band = cfg.bands.len() - 1;
             for (i, b) in cfg.bands.iter().enumerate() {
@@ -237,7 +256,11 @@ impl FineHist {
         for (&k, &c) in &self.counts {
             cum += c;
             if cum >= rank {
-                return Some(if k == i32::MIN { 0.0 } else { Self::RATIO.powi(k) });
+                return Some(if k == i32::MIN {
+                    0.0
+                } else {
+                    Self::RATIO.powi(k)
+                });
             }
         }
         None
@@ -695,7 +718,11 @@ impl<'a> Sim<'a> {
         let id = self.replicas.len();
         self.replicas.push(Replica {
             variant: v,
-            state: if ready_now { State::Ready } else { State::Starting },
+            state: if ready_now {
+                State::Ready
+            } else {
+                State::Starting
+            },
             started_at: self.now,
             ended_at: None,
             waiting: Vec::new(),
@@ -806,8 +833,16 @@ impl<'a> Sim<'a> {
             bands.push(BandTelemetry {
                 priority: b.priority,
                 arrivals_per_s: a.arrivals / interval,
-                mean_prompt_tokens: if a.arrivals > 0.0 { a.prompt / a.arrivals } else { 0.0 },
-                mean_output_tokens: if a.arrivals > 0.0 { a.output / a.arrivals } else { 0.0 },
+                mean_prompt_tokens: if a.arrivals > 0.0 {
+                    a.prompt / a.arrivals
+                } else {
+                    0.0
+                },
+                mean_output_tokens: if a.arrivals > 0.0 {
+                    a.output / a.arrivals
+                } else {
+                    0.0
+                },
                 queued,
                 shed: a.shed,
                 ttft: a.ttft.take(),
@@ -836,7 +871,10 @@ pub fn initial_fleet(cfg: &AutoscaleConfig, reqs: &[SimRequest]) -> BTreeMap<Str
     while from < span {
         let mut m = Demand::default();
         let mut pb = vec![0.0; cfg.bands.len()];
-        for r in reqs.iter().filter(|r| r.at_s >= from && r.at_s < from + 60.0) {
+        for r in reqs
+            .iter()
+            .filter(|r| r.at_s >= from && r.at_s < from + 60.0)
+        {
             if cfg.bands[r.band].sheddable() {
                 m.sheddable_prompt_tps += f64::from(r.prompt_tokens) / 60.0;
                 continue;
@@ -956,8 +994,8 @@ pub fn run(
             sim.add_replica(vi, true);
         }
     }
-    for i in 0..reqs.len() {
-        sim.push(reqs[i].at_s, Event::Arrival(i));
+    for (i, r) in reqs.iter().enumerate() {
+        sim.push(r.at_s, Event::Arrival(i));
     }
     sim.push(cfg.interval_s, Event::Decide);
     let mut timeline = Vec::new();
@@ -1048,9 +1086,9 @@ pub fn run(
         let mut met = 0;
         let mut ttft_p95 = Vec::new();
         let mut itl_p95 = Vec::new();
-        for m in 0..minutes {
+        for (m, &lost) in unserved[bi].iter().enumerate() {
             let mut xs = std::mem::take(&mut sim.minute_ttft[bi][m]);
-            xs.extend(std::iter::repeat_n(f64::INFINITY, unserved[bi][m]));
+            xs.extend(std::iter::repeat_n(f64::INFINITY, lost));
             let t = p95(&mut xs);
             let i = sim.minute_itl[bi][m].quantile(0.95);
             let ok_t = match (t, b.ttft_p95_s) {
