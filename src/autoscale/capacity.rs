@@ -157,7 +157,9 @@ impl Learner {
         ];
         if !self.samples.is_empty() {
             // Solve for φ = θ / θ_prior (so all unknowns are of one scale), with ridge terms
-            // λ (φ_j − 1)² whose λ is prior_weight samples' worth of the features' energy.
+            // λ (φ_j − 1)²: λ is prior_weight samples' worth of the feature's energy for one
+            // sample and fades as 1/n (the fit's directions are ill-conditioned — base and
+            // per-sequence cost move together — so a fixed-weight prior would bias them).
             let scale: [f64; 4] = std::array::from_fn(|j| {
                 if prior_theta[j] > 0.0 {
                     prior_theta[j]
@@ -179,7 +181,7 @@ impl Learner {
             let n = self.samples.len() as f64;
             for i in 0..4 {
                 let energy = (a[i][i] / n).max(1e-30);
-                let lambda = self.prior_weight * energy;
+                let lambda = self.prior_weight * energy / n;
                 a[i][i] += lambda;
                 b[i] += lambda;
             }
@@ -219,8 +221,9 @@ fn solve4(mut a: [[f64; 4]; 4], mut b: [f64; 4]) -> Option<[f64; 4]> {
         b.swap(col, piv);
         for row in col + 1..4 {
             let f = a[row][col] / a[col][col];
-            for k in col..4 {
-                a[row][k] -= f * a[col][k];
+            let pivot_row = a[col];
+            for (x, p) in a[row][col..].iter_mut().zip(&pivot_row[col..]) {
+                *x -= f * p;
             }
             b[row] -= f * b[col];
         }

@@ -11,16 +11,10 @@ use std::path::Path;
 pub const DEFAULT_CONFIG: &str = include_str!("../../deploy/autoscale/default.yaml");
 /// The calibration files shipped in the repository, found by file name when a config's
 /// `calibration` cannot be read from disk (the compiled-in default config names them).
-const BUILTIN_CALIBRATIONS: &[(&str, &str)] = &[
-    (
-        "calibration-h200.json",
-        include_str!("../../deploy/autoscale/calibration-h200.json"),
-    ),
-    (
-        "calibration-cpu.json",
-        include_str!("../../deploy/autoscale/calibration-cpu.json"),
-    ),
-];
+const BUILTIN_CALIBRATIONS: &[(&str, &str)] = &[(
+    "calibration-h200.json",
+    include_str!("../../deploy/autoscale/calibration-h200.json"),
+)];
 
 /// What a variant's replicas do in a request's life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

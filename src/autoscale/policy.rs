@@ -96,6 +96,13 @@ impl Stabilizer {
         }
     }
 
+    /// Counts that stand as if recommended at `at_s` (the fleet found at the first decision).
+    pub fn seed(&mut self, at_s: f64, counts: BTreeMap<String, u32>) {
+        if self.history.is_empty() {
+            self.history.push_back((at_s, counts));
+        }
+    }
+
     pub fn apply(&mut self, at_s: f64, rec: BTreeMap<String, u32>) -> BTreeMap<String, u32> {
         self.history.push_back((at_s, rec.clone()));
         while self
@@ -206,6 +213,13 @@ impl Policy for HpaQueue {
             };
             rec.insert(v.name.clone(), clamp(v, want));
         }
+        let found = self
+            .cfg
+            .variants
+            .iter()
+            .map(|v| (v.name.clone(), current(t, v)))
+            .collect();
+        self.stab.seed(t.at_s, found);
         let mut out = self.stab.apply(t.at_s, rec);
         fit_budget(&self.cfg, &mut out);
         out
@@ -382,6 +396,9 @@ pub struct Demand {
     pub rate: f64,
     pub prompt_tps: f64,
     pub output_tps: f64,
+    /// Sheddable prompt tokens/s: never sized for, but served when there is room, so their
+    /// prefills add to the residual wait of everyone else's (the `W0` of the queueing model).
+    pub sheddable_prompt_tps: f64,
 }
 
 /// One band's share of the load, for the priority queueing model.
@@ -434,7 +451,9 @@ pub fn ttft_p95(
     if u >= 1.0 {
         return None;
     }
-    let w0 = u * s;
+    // Sheddable prefills take what room is left (at most all of it).
+    let u_shed = (demand.sheddable_prompt_tps / p_eff).min(1.0 - u);
+    let w0 = (u + u_shed) * s;
     let mut sorted = bands.to_vec();
     sorted.sort_by_key(|b| std::cmp::Reverse(b.priority));
     let mut higher = 0.0;
@@ -466,6 +485,7 @@ fn per_replica(d: &Demand, n: u32) -> Demand {
         rate: d.rate / n,
         prompt_tps: d.prompt_tps / n,
         output_tps: d.output_tps / n,
+        sheddable_prompt_tps: d.sheddable_prompt_tps / n,
     }
 }
 
@@ -495,14 +515,18 @@ fn fits(c: &Calibration, d: &Demand, batch: f64, m: &Margins) -> bool {
     batch <= m.fill * f64::from(c.max_batch) && batch * per_req <= m.fill * c.kv_capacity_tokens
 }
 
-/// Does one combined replica meet every band's SLO at per-replica demand `d`?
-pub fn combined_ok(c: &Calibration, d: &Demand, bands: &[BandLoad], m: &Margins) -> bool {
+/// One combined replica at per-replica demand `d`: each band's predicted TTFT p95 and the ITL
+/// p95, `None` if it cannot keep up or overflows its batch or KV.
+pub fn combined_latency(
+    c: &Calibration,
+    d: &Demand,
+    bands: &[BandLoad],
+    m: &Margins,
+) -> Option<(Vec<(i32, f64)>, f64)> {
     let rho_p = c.prefill_s(d.prompt_tps);
-    let Some((batch, step)) = decode_point(c, d, rho_p) else {
-        return false;
-    };
+    let (batch, _) = decode_point(c, d, rho_p)?;
     if !fits(c, d, batch, m) {
-        return false;
+        return None;
     }
     let ctx = if d.rate > 0.0 {
         batch * (d.prompt_tps / d.rate + 0.5 * d.output_tps / d.rate)
@@ -520,8 +544,12 @@ pub fn combined_ok(c: &Calibration, d: &Demand, bands: &[BandLoad], m: &Margins)
         };
     // Prefill proceeds a chunk per step: its effective rate is a chunk per (decode + chunk).
     let p_eff = chunk / (decode + c.prefill_s(chunk));
-    let _ = step;
-    let Some(ttfts) = ttft_p95(d, bands, p_eff, m) else {
+    Some((ttft_p95(d, bands, p_eff, m)?, itl))
+}
+
+/// Does one combined replica meet every band's SLO at per-replica demand `d`?
+pub fn combined_ok(c: &Calibration, d: &Demand, bands: &[BandLoad], m: &Margins) -> bool {
+    let Some((ttfts, itl)) = combined_latency(c, d, bands, m) else {
         return false;
     };
     bands.iter().all(|b| {
@@ -577,6 +605,11 @@ pub fn size_decode(
     })
 }
 
+/// Seconds within which the llmd policy plans to clear a backlog.
+pub const BACKLOG_CLEAR_S: f64 = 60.0;
+/// The most the trend may add to the recent demand, as a fraction of it.
+pub const TREND_CAP: f64 = 0.3;
+
 /// The `llmd` policy.
 pub struct LlmdPolicy {
     name: String,
@@ -588,7 +621,12 @@ pub struct LlmdPolicy {
     headroom: f64,
     ratio: Option<(u32, u32)>,
     pub margins: Margins,
+    /// Observed ÷ predicted TTFT p95, smoothed: scales the queueing model's tail factor.
+    tail_scale: f64,
 }
+
+/// The queueing model's p95-to-mean factor before it has learned the fleet's own.
+pub const BASE_TAIL: f64 = 3.0;
 
 impl LlmdPolicy {
     pub fn new(cfg: &AutoscaleConfig, ratio: Option<(u32, u32)>) -> Self {
@@ -605,6 +643,7 @@ impl LlmdPolicy {
             headroom: 1.0,
             ratio,
             margins: Margins::default(),
+            tail_scale: 1.0,
         }
     }
 
@@ -613,13 +652,23 @@ impl LlmdPolicy {
         self.learners.get(variant).map(|l| l.model())
     }
 
-    /// Demand now and its forecast one start-up time ahead: the higher of the last two
-    /// intervals, plus the recent trend (least squares over the last 8 intervals, if rising)
-    /// times the horizon, plus the non-sheddable backlog cleared over the horizon.
-    fn forecast(&mut self, t: &Telemetry) -> (Demand, Vec<BandLoad>) {
+    /// Demand now and its forecast one start-up time ahead: the mean of the last four
+    /// intervals (a minute, the SLO's unit), plus the recent trend (least squares over the last 8 intervals, if rising)
+    /// times the horizon, plus the backlog of the bands that buy capacity at the router cleared
+    /// within a minute. (Replicas' waiting requests are not counted: they are mostly sheddable
+    /// ones, which each replica queues behind everything else.)
+    fn forecast(&mut self, t: &Telemetry) -> (Demand, Vec<BandLoad>, Demand) {
         let mut d = Demand::default();
         let mut bands = Vec::new();
         let mut queued = 0.0;
+        for b in &self.cfg.bands {
+            let Some(x) = t.bands.iter().find(|x| x.priority == b.priority) else {
+                continue;
+            };
+            if b.sheddable() {
+                d.sheddable_prompt_tps += x.arrivals_per_s * x.mean_prompt_tokens;
+            }
+        }
         for b in self.cfg.slo_bands() {
             let bt = t.bands.iter().find(|x| x.priority == b.priority);
             let rate = bt.map_or(0.0, |x| x.arrivals_per_s);
@@ -654,16 +703,14 @@ impl LlmdPolicy {
             .map(|v| v.startup_s)
             .fold(0.0, f64::max)
             + self.cfg.interval_s;
-        let recent = self
-            .history
-            .iter()
-            .rev()
-            .take(2)
-            .fold(Demand::default(), |a, (_, x)| Demand {
-                rate: a.rate.max(x.rate),
-                prompt_tps: a.prompt_tps.max(x.prompt_tps),
-                output_tps: a.output_tps.max(x.output_tps),
-            });
+        let last4: Vec<&Demand> = self.history.iter().rev().take(4).map(|x| &x.1).collect();
+        let n4 = last4.len() as f64;
+        let recent = Demand {
+            rate: last4.iter().map(|x| x.rate).sum::<f64>() / n4,
+            prompt_tps: last4.iter().map(|x| x.prompt_tps).sum::<f64>() / n4,
+            output_tps: last4.iter().map(|x| x.output_tps).sum::<f64>() / n4,
+            sheddable_prompt_tps: last4.iter().map(|x| x.sheddable_prompt_tps).sum::<f64>() / n4,
+        };
         let slope = |f: fn(&Demand) -> f64| -> f64 {
             let n = self.history.len() as f64;
             if n < 3.0 {
@@ -683,41 +730,97 @@ impl LlmdPolicy {
                 0.0
             }
         };
+        // The trend's contribution is capped at TREND_CAP of the recent level: a noisy slope
+        // over two minutes must not double the fleet.
+        let up = |level: f64, slope: f64| level + (slope * horizon).min(TREND_CAP * level);
         let mut f = Demand {
-            rate: recent.rate + slope(|d| d.rate) * horizon,
-            prompt_tps: recent.prompt_tps + slope(|d| d.prompt_tps) * horizon,
-            output_tps: recent.output_tps + slope(|d| d.output_tps) * horizon,
+            rate: up(recent.rate, slope(|d| d.rate)),
+            prompt_tps: up(recent.prompt_tps, slope(|d| d.prompt_tps)),
+            output_tps: up(recent.output_tps, slope(|d| d.output_tps)),
+            sheddable_prompt_tps: recent.sheddable_prompt_tps,
         };
         if d.rate > 0.0 && queued > 0.0 {
-            let extra = queued / horizon;
+            let extra = queued / BACKLOG_CLEAR_S;
             f.rate += extra;
             f.prompt_tps += extra * d.prompt_tps / d.rate;
             f.output_tps += extra * d.output_tps / d.rate;
         }
-        (f, bands)
+        (f, bands, d)
     }
 
-    /// Raises the headroom when a band's observed p95 nears its SLO, lowers it slowly when all
-    /// are far below.
-    fn feedback(&mut self, t: &Telemetry) {
+    /// Learns how the observed TTFT p95s compare with what the queueing model predicts for the
+    /// fleet and demand of the interval just past (their ratio, smoothed, scales the model's tail
+    /// factor within [0.35, 1.5]), and adds headroom while an SLO is being missed.
+    fn feedback(&mut self, t: &Telemetry, now: &Demand, bands: &[BandLoad]) {
         let mut worst: f64 = 0.0;
+        let mut ratio: Option<f64> = None;
+        let unit = Margins {
+            tail: BASE_TAIL,
+            ..self.margins
+        };
+        let predicted = self.predict_ttft(t, now, bands, &unit);
         for b in self.cfg.slo_bands() {
-            if let Some(bt) = t.bands.iter().find(|x| x.priority == b.priority) {
-                if let (Some(q), Some(slo)) = (bt.ttft.quantile(0.95), b.ttft_p95_s) {
-                    worst = worst.max(q / slo);
-                }
+            let Some(bt) = t.bands.iter().find(|x| x.priority == b.priority) else {
+                continue;
+            };
+            let Some(q) = bt.ttft.quantile(0.95) else {
+                continue;
+            };
+            if let Some(slo) = b.ttft_p95_s {
+                worst = worst.max(q / slo);
+            }
+            let pred = predicted
+                .as_ref()
+                .and_then(|p| p.iter().find(|x| x.0 == b.priority).map(|x| x.1));
+            if let Some(p) = pred.filter(|&p| p > 0.0 && bt.ttft.count >= 30.0) {
+                ratio = Some(ratio.map_or(q / p, |r: f64| r.max(q / p)));
             }
         }
+        if let Some(r) = ratio {
+            // One overloaded interval (observed far above any model) must not swing it.
+            let r = r.clamp(0.25, 1.5);
+            self.tail_scale = (0.9 * self.tail_scale + 0.1 * r).clamp(0.4, 1.25);
+        }
+        self.margins.tail = BASE_TAIL * self.tail_scale;
         let (_, itl_slo) = self.cfg.tightest_slo();
         for v in &t.variants {
             if let Some(q) = v.itl.quantile(0.95) {
                 worst = worst.max(q / itl_slo);
             }
         }
-        if worst > 0.9 {
-            self.headroom = (self.headroom * 1.15).min(3.0);
-        } else if worst < 0.5 {
-            self.headroom = (self.headroom * 0.97).max(1.0);
+        // Headroom only while an SLO is being missed now; gone as soon as it is met again
+        // (a lasting multiplier over-provisioned for minutes after each transient).
+        self.headroom = if worst > 1.0 { 1.2 } else { 1.0 };
+    }
+
+    /// The model's TTFT p95 per band for the ready fleet at demand `d`.
+    fn predict_ttft(
+        &self,
+        t: &Telemetry,
+        d: &Demand,
+        bands: &[BandLoad],
+        m: &Margins,
+    ) -> Option<Vec<(i32, f64)>> {
+        let pd = self.cfg.variants.iter().any(|v| v.role == Role::Prefill);
+        let role = if pd { Role::Prefill } else { Role::Both };
+        let v = self.cfg.variants.iter().find(|v| v.role == role)?;
+        let ready: u32 = self
+            .cfg
+            .variants
+            .iter()
+            .filter(|v| v.role == role)
+            .filter_map(|v| variant_t(t, &v.name))
+            .map(|x| x.ready_replicas)
+            .sum();
+        if ready == 0 || d.rate <= 0.0 {
+            return None;
+        }
+        let c = self.learners.get(&v.name)?.model();
+        let r = per_replica(d, ready);
+        if pd {
+            ttft_p95(&r, bands, c.prefill_tokens_per_s, m)
+        } else {
+            combined_latency(&c, &r, bands, m).map(|x| x.0)
         }
     }
 }
@@ -733,8 +836,8 @@ impl Policy for LlmdPolicy {
                 l.observe(v);
             }
         }
-        self.feedback(t);
-        let (demand, bands) = self.forecast(t);
+        let (demand, bands, now) = self.forecast(t);
+        self.feedback(t, &now, &bands);
         let m = self.margins;
         let h = self.headroom;
         let scaled = |n: u32| (f64::from(n) * h).ceil() as u32;
@@ -801,6 +904,14 @@ impl Policy for LlmdPolicy {
                 rec.insert(v.name.clone(), clamp(v, scaled(n)));
             }
         }
+        // The fleet found at the first decision stands for a window, as a recommendation.
+        let found = self
+            .cfg
+            .variants
+            .iter()
+            .map(|v| (v.name.clone(), current(t, v)))
+            .collect();
+        self.stab.seed(t.at_s, found);
         let mut out = self.stab.apply(t.at_s, rec);
         fit_budget(&self.cfg, &mut out);
         out
@@ -928,6 +1039,7 @@ mod tests {
             rate: 2.0,
             prompt_tps: 1000.0,
             output_tps: 0.0,
+            sheddable_prompt_tps: 0.0,
         };
         let b = |priority| BandLoad {
             priority,
@@ -977,6 +1089,7 @@ mod tests {
             rate: 60.0,
             prompt_tps: 60_000.0,
             output_tps: 6_000.0,
+            sheddable_prompt_tps: 0.0,
         };
         let bands = [BandLoad {
             priority: 0,

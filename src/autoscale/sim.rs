@@ -861,17 +861,33 @@ impl<'a> Sim<'a> {
 /// The fleet every dynamic policy starts with: sized by the calibrated model for the replay's
 /// first minute of non-sheddable demand, as if the service had been running before the replay.
 pub fn initial_fleet(cfg: &AutoscaleConfig, reqs: &[SimRequest]) -> BTreeMap<String, u32> {
-    let window = 60.0f64.min(reqs.last().map_or(60.0, |r| r.at_s).max(1.0));
+    // The busiest minute of the first start-up time + one minute: what a policy that had been
+    // running would have had ready when the replay begins.
+    let startup = cfg.variants.iter().map(|v| v.startup_s).fold(0.0, f64::max);
+    let span = startup + 60.0;
     let mut d = Demand::default();
     let mut per_band = vec![0.0; cfg.bands.len()];
-    for r in reqs.iter().take_while(|r| r.at_s < window) {
-        if cfg.bands[r.band].sheddable() {
-            continue;
+    let mut from = 0.0;
+    while from < span {
+        let mut m = Demand::default();
+        let mut pb = vec![0.0; cfg.bands.len()];
+        for r in reqs
+            .iter()
+            .filter(|r| r.at_s >= from && r.at_s < from + 60.0)
+        {
+            if cfg.bands[r.band].sheddable() {
+                m.sheddable_prompt_tps += f64::from(r.prompt_tokens) / 60.0;
+                continue;
+            }
+            m.rate += 1.0 / 60.0;
+            m.prompt_tps += f64::from(r.prompt_tokens) / 60.0;
+            m.output_tps += f64::from(r.output_tokens) / 60.0;
+            pb[r.band] += 1.0;
         }
-        d.rate += 1.0 / window;
-        d.prompt_tps += f64::from(r.prompt_tokens) / window;
-        d.output_tps += f64::from(r.output_tokens) / window;
-        per_band[r.band] += 1.0;
+        if m.prompt_tps > d.prompt_tps {
+            (d, per_band) = (m, pb);
+        }
+        from += 60.0;
     }
     let total: f64 = per_band.iter().sum::<f64>().max(1.0);
     let bands: Vec<BandLoad> = cfg
@@ -978,8 +994,8 @@ pub fn run(
             sim.add_replica(vi, true);
         }
     }
-    for i in 0..reqs.len() {
-        sim.push(reqs[i].at_s, Event::Arrival(i));
+    for (i, r) in reqs.iter().enumerate() {
+        sim.push(r.at_s, Event::Arrival(i));
     }
     sim.push(cfg.interval_s, Event::Decide);
     let mut timeline = Vec::new();
@@ -1070,9 +1086,9 @@ pub fn run(
         let mut met = 0;
         let mut ttft_p95 = Vec::new();
         let mut itl_p95 = Vec::new();
-        for m in 0..minutes {
+        for (m, &lost) in unserved[bi].iter().enumerate() {
             let mut xs = std::mem::take(&mut sim.minute_ttft[bi][m]);
-            xs.extend(std::iter::repeat_n(f64::INFINITY, unserved[bi][m]));
+            xs.extend(std::iter::repeat_n(f64::INFINITY, lost));
             let t = p95(&mut xs);
             let i = sim.minute_itl[bi][m].quantile(0.95);
             let ok_t = match (t, b.ttft_p95_s) {

@@ -108,6 +108,8 @@ pub fn main(a: SimulateArgs) -> Result<(), String> {
                     "variant_replica_hours": r.variant_replica_hours,
                     "requests": requests,
                     "minutes": r.minutes,
+                    "per_minute": r.bands.iter().map(|b| (b.priority.to_string(), json!({"ttft_p95": b.ttft_p95, "itl_p95": b.itl_p95}))).collect::<BTreeMap<_, _>>(),
+                    "timeline": r.timeline,
                     "max_replicas": r.timeline.iter().map(|p| p.replicas.iter().sum::<u32>()).max().unwrap_or(0),
                 })
             })
