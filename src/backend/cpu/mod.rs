@@ -1,4 +1,7 @@
-//! The CPU backend: f32 compute over rayon, weights converted to f32 at load.
+//! The CPU backend: f32 compute over rayon. Matrix weights keep their checkpoint's precision
+//! (bf16, f16 or f32), packed for `gemm` and widened in registers, so a bf16 model's weights take
+//! half the memory and half the bandwidth of f32; vectors (norms, biases) and tables (rotary
+//! cos/sin) are f32.
 //!
 //! Why our own kernels rather than candle-core tensors: the engine needs batch-invariant results
 //! (a request's tokens must not depend on what it was batched with — see `gemm`), ops that write
@@ -11,8 +14,8 @@ pub mod moe;
 pub mod sampling;
 
 use super::{
-    stacked_rows_shape, AttnDims, Backend, BackendError, BackendResult, BatchPlan, HostTensor,
-    KvCacheDims,
+    stacked_rows_shape, AttnDims, Backend, BackendError, BackendResult, BatchPlan, HostDType,
+    HostTensor, KvCacheDims,
 };
 use rayon::prelude::*;
 
@@ -29,10 +32,88 @@ pub struct CpuKvCache {
     pub v: Vec<f32>,
 }
 
-/// A parameter: f32 data and its shape.
+/// A parameter and its shape.
 pub struct CpuWeight {
     pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+    pub data: CpuData,
+}
+
+/// How a [`CpuWeight`] holds its elements.
+pub enum CpuData {
+    /// Row-major f32: vectors (norms, biases) and tables.
+    F32(Vec<f32>),
+    /// A matrix `[shape[0], rest]` in `gemm`'s panel layout, in the checkpoint's precision.
+    Packed(gemm::PackedMatrix),
+}
+
+impl CpuWeight {
+    /// A row-major f32 weight.
+    pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        Self {
+            shape,
+            data: CpuData::F32(data),
+        }
+    }
+
+    /// The elements of a vector or table. Panics on a packed matrix: the model hands only
+    /// vectors and tables to the ops that read them so.
+    pub fn values(&self) -> &[f32] {
+        match &self.data {
+            CpuData::F32(v) => v,
+            CpuData::Packed(_) => panic!(
+                "a {:?} matrix weight was used as a vector or table (load it with load_table)",
+                self.shape
+            ),
+        }
+    }
+
+    /// The matrix for `gemm`. Panics on a vector or table (row-major f32).
+    pub fn matrix(&self) -> &gemm::PackedMatrix {
+        match &self.data {
+            CpuData::Packed(p) => p,
+            CpuData::F32(_) => panic!("a {:?} vector was used as a matrix", self.shape),
+        }
+    }
+
+    /// Bytes of weight memory held.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            CpuData::F32(v) => v.len() * 4,
+            CpuData::Packed(p) => p.bytes(),
+        }
+    }
+}
+
+/// Packs row-major parts stacked along rows (`n` rows of `k` in all) in the parts' precision (f32
+/// when they disagree).
+fn pack_rows(parts: &[HostTensor<'_>], n: usize, k: usize) -> BackendResult<gemm::PackedMatrix> {
+    use gemm::{PackedMatrix, WeightDType};
+    let dtype = parts.first().map_or(HostDType::F32, |p| p.dtype);
+    let same = parts.iter().all(|p| p.dtype == dtype);
+    let packed = match dtype {
+        HostDType::BF16 | HostDType::F16 if same => {
+            let bits: Vec<u16> = parts
+                .iter()
+                .flat_map(|p| p.data.chunks_exact(2))
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            let d = if dtype == HostDType::BF16 {
+                WeightDType::Bf16
+            } else {
+                WeightDType::F16
+            };
+            PackedMatrix::from_half_bits(&bits, n, k, d)
+        }
+        _ => {
+            let rows: Vec<f32> = parts.iter().flat_map(|p| p.to_f32()).collect();
+            PackedMatrix::from_f32(&rows, n, k)
+        }
+    };
+    packed.ok_or(BackendError::OutOfMemory {
+        device: "cpu",
+        what: "weight",
+        bytes: n * k * dtype.size(),
+    })
 }
 
 fn try_vec(len: usize, what: &'static str) -> BackendResult<Vec<f32>> {
@@ -64,20 +145,26 @@ impl Backend for CpuBackend {
     }
 
     fn load_weight(&self, t: HostTensor<'_>) -> BackendResult<CpuWeight> {
+        if t.shape.len() < 2 {
+            return self.load_table(t);
+        }
+        let (n, k) = (t.shape[0], t.shape[1..].iter().product());
         Ok(CpuWeight {
             shape: t.shape.to_vec(),
-            data: t.to_f32(),
+            data: CpuData::Packed(pack_rows(&[t], n, k)?),
         })
     }
 
     fn load_table(&self, t: HostTensor<'_>) -> BackendResult<CpuWeight> {
-        self.load_weight(t)
+        Ok(CpuWeight::f32(t.shape.to_vec(), t.to_f32()))
     }
 
     fn load_weight_rows(&self, parts: &[HostTensor<'_>]) -> BackendResult<CpuWeight> {
+        let shape = stacked_rows_shape(parts)?;
+        let (n, k) = (shape[0], shape[1..].iter().product());
         Ok(CpuWeight {
-            shape: stacked_rows_shape(parts)?,
-            data: parts.iter().flat_map(|p| p.to_f32()).collect(),
+            data: CpuData::Packed(pack_rows(parts, n, k)?),
+            shape,
         })
     }
 
@@ -136,7 +223,10 @@ impl Backend for CpuBackend {
             .zip(step.token_ids.par_iter())
             .for_each(|(row, &id)| {
                 let id = id as usize;
-                row.copy_from_slice(&table.data[id * hidden..(id + 1) * hidden]);
+                match &table.data {
+                    CpuData::F32(t) => row.copy_from_slice(&t[id * hidden..(id + 1) * hidden]),
+                    CpuData::Packed(p) => p.row_into(id, row),
+                }
             });
     }
 
@@ -148,12 +238,14 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
         m: usize,
     ) {
-        let (n, k) = (w.shape[0], w.shape[1]);
+        let w = w.matrix();
+        let (n, k) = (w.n, w.k);
         let out = &mut out[..m * n];
-        gemm::matmul_nt(&x[..m * k], &w.data, out, m, k, n);
+        gemm::matmul(&x[..m * k], w, out, m);
         if let Some(b) = bias {
+            let b = b.values();
             out.par_chunks_mut(n).for_each(|row| {
-                for (o, b) in row.iter_mut().zip(&b.data) {
+                for (o, b) in row.iter_mut().zip(b) {
                     *o += b;
                 }
             });
@@ -168,13 +260,13 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
         rows: usize,
     ) {
-        let d = weight.data.len();
+        let (weight, d) = (weight.values(), weight.values().len());
         out[..rows * d]
             .par_chunks_mut(d * ROWS_PER_TASK)
             .zip(x[..rows * d].par_chunks(d * ROWS_PER_TASK))
             .for_each(|(o, x)| {
                 for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
-                    rms_norm_row(x, &weight.data, eps, o);
+                    rms_norm_row(x, weight, eps, o);
                 }
             });
     }
@@ -188,7 +280,7 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
         rows: usize,
     ) {
-        let d = weight.data.len();
+        let (weight, d) = (weight.values(), weight.values().len());
         out[..rows * d]
             .par_chunks_mut(d * ROWS_PER_TASK)
             .zip(residual[..rows * d].par_chunks_mut(d * ROWS_PER_TASK))
@@ -198,7 +290,7 @@ impl Backend for CpuBackend {
                     for (r, x) in r.iter_mut().zip(x) {
                         *r += x;
                     }
-                    rms_norm_row(r, &weight.data, eps, o);
+                    rms_norm_row(r, weight, eps, o);
                 }
             });
     }
@@ -212,7 +304,7 @@ impl Backend for CpuBackend {
             .par_chunks_mut(width)
             .zip(step.positions.par_iter())
             .for_each(|(row, &pos)| {
-                let table = &cos_sin.data[pos as usize * rot..(pos as usize + 1) * rot];
+                let table = &cos_sin.values()[pos as usize * rot..(pos as usize + 1) * rot];
                 let (cos, sin) = table.split_at(rot / 2);
                 for head in row[..rotated_heads * hd].chunks_mut(hd) {
                     rope_head(&mut head[..rot], cos, sin);
@@ -238,9 +330,9 @@ impl Backend for CpuBackend {
                 .enumerate()
             {
                 let w = if h < dims.num_heads {
-                    &q_weight.data
+                    q_weight.values()
                 } else {
-                    &k_weight.data
+                    k_weight.values()
                 };
                 tmp.copy_from_slice(head);
                 rms_norm_row(&tmp, w, eps, head);
@@ -424,10 +516,7 @@ mod tests {
     #[test]
     fn add_rms_norm_updates_residual_then_normalizes() {
         let b = CpuBackend;
-        let w = CpuWeight {
-            shape: vec![2],
-            data: vec![1.0, 1.0],
-        };
+        let w = CpuWeight::f32(vec![2], vec![1.0, 1.0]);
         let mut residual = vec![1.0, 2.0, 0.5, 0.5];
         let x = vec![2.0, 2.0, -0.5, 1.5];
         let mut out = vec![0.0; 4];
