@@ -161,6 +161,11 @@ impl Backend for CpuBackend {
 
     fn load_weight_rows(&self, parts: &[HostTensor<'_>]) -> BackendResult<CpuWeight> {
         let shape = stacked_rows_shape(parts)?;
+        if shape.len() < 2 {
+            // Stacked biases.
+            let v = parts.iter().flat_map(|p| p.to_f32()).collect();
+            return Ok(CpuWeight::f32(shape, v));
+        }
         let (n, k) = (shape[0], shape[1..].iter().product());
         Ok(CpuWeight {
             data: CpuData::Packed(pack_rows(parts, n, k)?),
