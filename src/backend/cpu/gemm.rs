@@ -703,7 +703,11 @@ mod tests {
                 // A few rows at once (below the widening threshold).
                 let mut three = vec![0f32; 3 * n];
                 matmul_with(isa, &x[7 * k..10 * k], &pw, &mut three, 3);
-                assert_eq!(bits(&full[7 * n..10 * n]), bits(&three), "{isa:?} {dtype:?}");
+                assert_eq!(
+                    bits(&full[7 * n..10 * n]),
+                    bits(&three),
+                    "{isa:?} {dtype:?}"
+                );
                 for threads in [1, 2, 3] {
                     let pool = rayon::ThreadPoolBuilder::new()
                         .num_threads(threads)

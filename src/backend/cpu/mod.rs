@@ -22,8 +22,12 @@ use rayon::prelude::*;
 /// Rows handed to one rayon task by the row-wise ops.
 const ROWS_PER_TASK: usize = 8;
 
-#[derive(Debug, Default)]
-pub struct CpuBackend;
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend {
+    /// Matrix weights of f32 checkpoints rounded to bf16 at load (half the memory and decode
+    /// bandwidth; bf16 and f16 checkpoints keep their own precision either way).
+    pub f32_matrices_to_bf16: bool,
+}
 
 /// One layer's K and V, each `[num_blocks, block_size, num_kv_heads, head_dim]`.
 pub struct CpuKvCache {
@@ -86,7 +90,12 @@ impl CpuWeight {
 
 /// Packs row-major parts stacked along rows (`n` rows of `k` in all) in the parts' precision (f32
 /// when they disagree).
-fn pack_rows(parts: &[HostTensor<'_>], n: usize, k: usize) -> BackendResult<gemm::PackedMatrix> {
+fn pack_rows(
+    parts: &[HostTensor<'_>],
+    n: usize,
+    k: usize,
+    f32_to_bf16: bool,
+) -> BackendResult<gemm::PackedMatrix> {
     use gemm::{PackedMatrix, WeightDType};
     let dtype = parts.first().map_or(HostDType::F32, |p| p.dtype);
     let same = parts.iter().all(|p| p.dtype == dtype);
@@ -103,6 +112,14 @@ fn pack_rows(parts: &[HostTensor<'_>], n: usize, k: usize) -> BackendResult<gemm
                 WeightDType::F16
             };
             PackedMatrix::from_half_bits(&bits, n, k, d)
+        }
+        _ if f32_to_bf16 => {
+            let bits: Vec<u16> = parts
+                .iter()
+                .flat_map(|p| p.to_f32())
+                .map(|v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            PackedMatrix::from_half_bits(&bits, n, k, WeightDType::Bf16)
         }
         _ => {
             let rows: Vec<f32> = parts.iter().flat_map(|p| p.to_f32()).collect();
@@ -151,7 +168,7 @@ impl Backend for CpuBackend {
         let (n, k) = (t.shape[0], t.shape[1..].iter().product());
         Ok(CpuWeight {
             shape: t.shape.to_vec(),
-            data: CpuData::Packed(pack_rows(&[t], n, k)?),
+            data: CpuData::Packed(pack_rows(&[t], n, k, self.f32_matrices_to_bf16)?),
         })
     }
 
@@ -168,7 +185,7 @@ impl Backend for CpuBackend {
         }
         let (n, k) = (shape[0], shape[1..].iter().product());
         Ok(CpuWeight {
-            data: CpuData::Packed(pack_rows(parts, n, k)?),
+            data: CpuData::Packed(pack_rows(parts, n, k, self.f32_matrices_to_bf16)?),
             shape,
         })
     }
@@ -479,19 +496,109 @@ mod tests {
             v: (0..n).map(|i| -(i as f32)).collect(),
         };
         let mut out = vec![0u8; 2 * 4 * 4];
-        CpuBackend.read_kv_block(&cache, 1, &mut out).unwrap();
+        CpuBackend::default()
+            .read_kv_block(&cache, 1, &mut out)
+            .unwrap();
         let vals: Vec<f32> = out
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
         // Block 1 is elements 4..8 of K, then of V.
         assert_eq!(vals, [4.0, 5.0, 6.0, 7.0, -4.0, -5.0, -6.0, -7.0]);
-        CpuBackend.write_kv_block(&mut cache, 2, &out).unwrap();
+        CpuBackend::default()
+            .write_kv_block(&mut cache, 2, &out)
+            .unwrap();
         assert_eq!(cache.k[8..12], [4.0, 5.0, 6.0, 7.0]);
         assert_eq!(cache.v[8..12], [-4.0, -5.0, -6.0, -7.0]);
         assert_eq!(cache.k[..4], [0.0, 1.0, 2.0, 3.0], "block 0 untouched");
-        assert!(CpuBackend.read_kv_block(&cache, 3, &mut out).is_err());
-        assert!(CpuBackend.write_kv_block(&mut cache, 0, &out[1..]).is_err());
+        assert!(CpuBackend::default()
+            .read_kv_block(&cache, 3, &mut out)
+            .is_err());
+        assert!(CpuBackend::default()
+            .write_kv_block(&mut cache, 0, &out[1..])
+            .is_err());
+    }
+
+    /// bf16/f16 matrices stay half precision (half the bytes of f32), vectors stay f32, and the
+    /// load flag rounds an f32 checkpoint's matrices to bf16; every element reads back as the
+    /// value it holds, through the embedding lookup too.
+    #[test]
+    fn weights_keep_the_checkpoint_precision() {
+        use super::gemm::WeightDType;
+        let vals: Vec<f32> = (0..40 * 3).map(|i| (i as f32 * 0.37).sin()).collect();
+        let shape = [40, 3];
+        let bf: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        let f16: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        let f32b: &[u8] = bytemuck::cast_slice(&vals);
+        let t = |dtype, data| HostTensor {
+            dtype,
+            shape: &shape,
+            data,
+        };
+        let plain = CpuBackend::default();
+        let convert = CpuBackend {
+            f32_matrices_to_bf16: true,
+        };
+        let round_bf = |v: f32| half::bf16::from_f32(v).to_f32();
+        let round_f16 = |v: f32| half::f16::from_f32(v).to_f32();
+        let ident = |v: f32| v;
+        let cases: [(CpuWeight, WeightDType, &dyn Fn(f32) -> f32); 4] = [
+            (
+                plain.load_weight(t(HostDType::BF16, &bf)).unwrap(),
+                WeightDType::Bf16,
+                &round_bf,
+            ),
+            (
+                plain.load_weight(t(HostDType::F16, &f16)).unwrap(),
+                WeightDType::F16,
+                &round_f16,
+            ),
+            (
+                plain.load_weight(t(HostDType::F32, f32b)).unwrap(),
+                WeightDType::F32,
+                &ident,
+            ),
+            (
+                convert.load_weight(t(HostDType::F32, f32b)).unwrap(),
+                WeightDType::Bf16,
+                &round_bf,
+            ),
+        ];
+        for (w, dtype, round) in cases {
+            let m = w.matrix();
+            assert_eq!((m.n, m.k, m.dtype), (40, 3, dtype));
+            // 40 rows pad to 48 (three 16-row panels).
+            assert_eq!(w.bytes(), 48 * 3 * dtype.size());
+            for j in 0..40 {
+                for c in 0..3 {
+                    assert_eq!(m.get(j, c), round(vals[j * 3 + c]), "{dtype:?} ({j}, {c})");
+                }
+            }
+            let mut p = BatchPlan::default();
+            p.token_ids = vec![39, 0];
+            let mut out = vec![0f32; 6];
+            plain.embedding(&w, &p, &mut out);
+            let want: Vec<f32> = [117, 118, 119, 0, 1, 2]
+                .iter()
+                .map(|&i| round(vals[i]))
+                .collect();
+            assert_eq!(out, want, "{dtype:?} embedding");
+        }
+        // Vectors stay f32, whatever the flag.
+        let v = convert
+            .load_weight(HostTensor {
+                dtype: HostDType::F32,
+                shape: &[3],
+                data: &f32b[..12],
+            })
+            .unwrap();
+        assert_eq!(v.values(), &vals[..3]);
     }
 
     #[test]
@@ -520,7 +627,7 @@ mod tests {
 
     #[test]
     fn add_rms_norm_updates_residual_then_normalizes() {
-        let b = CpuBackend;
+        let b = CpuBackend::default();
         let w = CpuWeight::f32(vec![2], vec![1.0, 1.0]);
         let mut residual = vec![1.0, 2.0, 0.5, 0.5];
         let x = vec![2.0, 2.0, -0.5, 1.5];

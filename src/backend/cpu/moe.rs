@@ -110,7 +110,7 @@ mod tests {
                 .collect()
         };
         let w = |shape: Vec<usize>, data: &[f32]| {
-            CpuBackend
+            CpuBackend::default()
                 .load_weight(crate::backend::HostTensor {
                     dtype: crate::backend::HostDType::F32,
                     shape: &shape,
@@ -132,7 +132,7 @@ mod tests {
         };
         let x = rnd(rows * h);
         let mut out = vec![0f32; rows * h];
-        moe(&CpuBackend, &x, &moe_w, rows, &mut out);
+        moe(&CpuBackend::default(), &x, &moe_w, rows, &mut out);
         let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
         for r in 0..rows {
             let xr = &x[r * h..(r + 1) * h];
