@@ -548,7 +548,8 @@ mod tests {
         let round_bf = |v: f32| half::bf16::from_f32(v).to_f32();
         let round_f16 = |v: f32| half::f16::from_f32(v).to_f32();
         let ident = |v: f32| v;
-        let cases: [(CpuWeight, WeightDType, &dyn Fn(f32) -> f32); 4] = [
+        type Case<'a> = (CpuWeight, WeightDType, &'a dyn Fn(f32) -> f32);
+        let cases: [Case; 4] = [
             (
                 plain.load_weight(t(HostDType::BF16, &bf)).unwrap(),
                 WeightDType::Bf16,
@@ -580,8 +581,10 @@ mod tests {
                     assert_eq!(m.get(j, c), round(vals[j * 3 + c]), "{dtype:?} ({j}, {c})");
                 }
             }
-            let mut p = BatchPlan::default();
-            p.token_ids = vec![39, 0];
+            let p = BatchPlan {
+                token_ids: vec![39, 0],
+                ..Default::default()
+            };
             let mut out = vec![0f32; 6];
             plain.embedding(&w, &p, &mut out);
             let want: Vec<f32> = [117, 118, 119, 0, 1, 2]
