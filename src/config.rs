@@ -142,6 +142,10 @@ pub struct EngineConfig {
     pub cache: CacheConfig,
     /// Worker threads for the CPU backend (None: rayon's default, one per core).
     pub num_threads: Option<usize>,
+    /// CPU backend: round an f32 checkpoint's matrix weights to bf16 at load (half the weight
+    /// memory and decode bandwidth, at bf16's rounding error). bf16 and f16 checkpoints keep
+    /// their precision on the CPU whatever this says.
+    pub cpu_bf16_weights: bool,
     /// Let the backend pick random (non-greedy) tokens too, under the rules of
     /// [`crate::backend::cpu::sampling`], so logits stay on the device. None: where the
     /// backend samples on the device itself (CUDA). Greedy rows always go to the backend.
@@ -175,6 +179,7 @@ impl EngineConfig {
             scheduler: SchedulerConfig::default(),
             cache: CacheConfig::default(),
             num_threads: None,
+            cpu_bf16_weights: false,
             device_sampling: None,
             fault_injection: None,
             kv_tiers: Default::default(),

@@ -72,7 +72,7 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
 #[test]
 #[ignore]
 fn norms_activation_matmul_match_cpu() {
-    let (cpu, g) = (CpuBackend, gpu());
+    let (cpu, g) = (CpuBackend::default(), gpu());
     for (rows, hidden) in [(1, 64), (3, 576), (17, 4096), (64, 896)] {
         let x = rand_vec(rows * hidden, 1, 2.0);
         let r = rand_vec(rows * hidden, 2, 2.0);
@@ -183,7 +183,7 @@ fn norms_activation_matmul_match_cpu() {
 #[test]
 #[ignore]
 fn skinny_gemm_matches_cpu_and_is_batch_invariant() {
-    let (cpu, g) = (CpuBackend, gpu());
+    let (cpu, g) = (CpuBackend::default(), gpu());
     let round = |v: Vec<f32>| -> Vec<f32> { v.into_iter().map(bf16).collect() };
     for (n, k) in [
         (16, 64),
@@ -306,7 +306,7 @@ fn attention_case(
     mma: bool,
     softcap: Option<f32>,
 ) {
-    let (cpu, g) = (CpuBackend, gpu());
+    let (cpu, g) = (CpuBackend::default(), gpu());
     g.set_decode_mma_min_group(if mma { 1 } else { usize::MAX });
     let bs = 16;
     let num_blocks: usize = seqs
@@ -479,7 +479,7 @@ fn attention_matches_cpu_on_edge_shapes() {
 #[test]
 #[ignore]
 fn embedding_rope_gather_match_cpu() {
-    let (cpu, g) = (CpuBackend, gpu());
+    let (cpu, g) = (CpuBackend::default(), gpu());
     let (vocab, hidden) = (1000, 256);
     let table = rand_vec(vocab * hidden, 21, 1.0);
     let shape = [vocab, hidden];
@@ -588,7 +588,7 @@ fn moe_case(
     hidden: usize,
     inter: usize,
 ) {
-    let (cpu, g) = (CpuBackend, gpu());
+    let (cpu, g) = (CpuBackend::default(), gpu());
     let seed = (rows * 131 + n_exp * 17 + top_k * 7 + hidden + inter) as u64;
     let mut x = rand_vec(rows * hidden, seed, 1.0);
     for r in 0..rows {
@@ -692,10 +692,16 @@ fn logits_both(dir: &std::path::Path, prompt: &[u32]) -> (Vec<f32>, Vec<f32>) {
     p.logits_indices = (0..n as u32).collect();
     let mut cpu_logits = Vec::new();
     let mut gpu_logits = Vec::new();
-    Model::load(CpuBackend, dir, cfg.clone(), limits, &mut |_, _| {})
-        .unwrap()
-        .execute(&p, &mut cpu_logits)
-        .unwrap();
+    Model::load(
+        CpuBackend::default(),
+        dir,
+        cfg.clone(),
+        limits,
+        &mut |_, _| {},
+    )
+    .unwrap()
+    .execute(&p, &mut cpu_logits)
+    .unwrap();
     Model::load(gpu(), dir, cfg, limits, &mut |_, _| {})
         .unwrap()
         .execute(&p, &mut gpu_logits)
@@ -845,7 +851,7 @@ fn graphs_give_the_eager_tokens(dir: &std::path::Path) {
 #[test]
 #[ignore]
 fn device_argmax_matches_host_argmax() {
-    let (cpu, g) = (CpuBackend, gpu());
+    let (cpu, g) = (CpuBackend::default(), gpu());
     for (rows, vocab) in [(1, 512), (7, 49152), (64, 151936)] {
         let mut logits = rand_vec(rows * vocab, 31, 8.0);
         // A tie in every row: the lowest id must win on both sides.
@@ -975,7 +981,7 @@ fn bf16_weights_upload_as_stored() {
 #[test]
 #[ignore = "needs a CUDA device"]
 fn kv_block_read_write_match_cpu() {
-    let (cpu, g) = (CpuBackend, gpu());
+    let (cpu, g) = (CpuBackend::default(), gpu());
     let kd = KvCacheDims {
         num_blocks: 9,
         block_size: 16,

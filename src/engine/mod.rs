@@ -475,7 +475,12 @@ impl EngineCore {
             num_blocks,
             kv_block_bytes,
         } = match config.device {
-            DeviceKind::Cpu => load_on(CpuBackend, &config, &model_cfg, max_model_len, progress)?,
+            DeviceKind::Cpu => {
+                let cpu = CpuBackend {
+                    f32_matrices_to_bf16: config.cpu_bf16_weights,
+                };
+                load_on(cpu, &config, &model_cfg, max_model_len, progress)?
+            }
             DeviceKind::Cuda(n) => load_on(
                 crate::backend::cuda::CudaBackend::with_graphs(n, !config.enforce_eager)
                     .map_err(ModelError::from)?,

@@ -1,57 +1,259 @@
-//! Batch-invariant f32 matrix multiply for `nn.Linear`-shaped weights: `out = x · wᵀ`.
+//! Batch-invariant matrix multiply for `nn.Linear`-shaped weights, `out = x · wᵀ`, with the
+//! weights kept in their checkpoint's precision (bf16, f16 or f32) and widened to f32 in
+//! registers; activations and accumulation are f32.
 //!
 //! Batch invariance is the contract: `out[i, j]` is bitwise the same whatever `m` is, whichever
-//! other rows are in `x`, and however many threads run. Each output element is one dot product
-//! of `x[i]` and `w[j]` accumulated in 8 fixed lanes (lane `l` sums the products at `k ≡ l mod
-//! 8`, in increasing `k`), combined by a fixed tree, then the tail `k % 8` elements in order.
-//! Tiling and threading only decide *when* each dot product runs, never its arithmetic.
+//! other rows are in `x`, however many threads run, and whichever kernel path computes it. Each
+//! output element is one chain of fused multiply-adds over `k` in increasing order, starting
+//! from 0: `s = fma(x[i, t], w[j, t], s)`. Widening bf16/f16 to f32 is exact, so every path
+//! (AVX-512, AVX2+FMA+F16C, the portable one, widened in registers or in a packed panel) does
+//! the same arithmetic and gets the same bits; tiling and threading only decide *when* each
+//! chain runs. The portable path uses `f32::mul_add`, a true fused multiply-add (a libm call on
+//! an x86 CPU without FMA: slow, but such CPUs predate AVX2).
 //!
-//! Speed: threads split the weight rows (so at `m = 1` every core streams its own part of `w`,
-//! the memory-bound decode case); inside a task a block of 4 weight rows stays in L1 while it is
-//! dotted with every row of an `x` tile, so weights are read from memory once per step. AVX2+FMA
-//! is used when the CPU has it (detected once); other CPUs run the portable path, which has the
-//! same lane structure (FMA and non-FMA results differ in rounding, so a process always uses one).
+//! Layout: weights are packed at load into panels of [`NR`] = 16 consecutive output rows,
+//! `[n / 16][k][16]` (the last panel zero-padded), so one 16-wide vector holds the 16 panel
+//! rows' elements at one `k`. A kernel broadcasts `x[i, t]` and multiplies it into a whole
+//! vector of outputs: no horizontal sums, and the decode product (`m = 1`, memory-bound) reads
+//! the weights as one contiguous stream. Threads split the panels, so at `m = 1` each core
+//! streams its own part of `w`. For larger `m` (prefill) the micro-kernel keeps an `MR × 4`
+//! panel tile of accumulators in registers (6 × 64 outputs with AVX-512), and a task's half
+//! precision panels are first widened once into an f32 scratch buffer that stays in L2, so the
+//! inner loop is loads, broadcasts and FMAs only.
 use rayon::prelude::*;
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
-/// Weight rows per parallel task.
-const ROWS_PER_TASK: usize = 16;
-/// Rows of `x` processed against one weight block before moving on (keeps the x tile in L2).
-const X_TILE: usize = 64;
+/// Output rows (weight rows) per panel: one AVX-512 vector, two AVX2 vectors.
+pub const NR: usize = 16;
+/// Most `x` rows a micro-kernel call handles.
+const MR_MAX: usize = 6;
+/// Most panels a micro-kernel call handles.
+const NP_MAX: usize = 4;
+/// From this many `x` rows on, half-precision panels are widened into an f32 scratch buffer
+/// once per task instead of in registers for every `x` row group. Below it, writing and
+/// re-reading the f32 copy costs more than it saves (measured: a batch of 16 decode rows ran
+/// 13 % slower with the scratch than the old f32 weights did).
+const WIDEN_MIN_M: usize = 32;
+/// Bytes of f32 scratch per task: about half of a 2 MiB L2, the rest for the `x` rows.
+const SCRATCH_BYTES: usize = 1 << 20;
 
-/// `out[m, n] = x[m, k] · w[n, k]ᵀ`, all row-major.
-pub fn matmul_nt(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: usize) {
+/// Element type of a packed weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightDType {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl WeightDType {
+    pub fn size(self) -> usize {
+        match self {
+            WeightDType::F32 => 4,
+            WeightDType::Bf16 | WeightDType::F16 => 2,
+        }
+    }
+}
+
+/// Packed elements: f32 values, or the raw bits of bf16/f16 ones.
+enum Panels {
+    F32(Vec<f32>),
+    Half(Vec<u16>),
+}
+
+/// A `[n, k]` weight in the panel layout described in the module docs.
+pub struct PackedMatrix {
+    pub n: usize,
+    pub k: usize,
+    pub dtype: WeightDType,
+    data: Panels,
+}
+
+impl PackedMatrix {
+    /// Packs row-major f32 rows (`rows.len() == n * k`).
+    pub fn from_f32(rows: &[f32], n: usize, k: usize) -> Option<Self> {
+        assert_eq!(rows.len(), n * k, "PackedMatrix::from_f32: {n}x{k}");
+        let data = pack(rows, n, k)?;
+        Some(Self {
+            n,
+            k,
+            dtype: WeightDType::F32,
+            data: Panels::F32(data),
+        })
+    }
+
+    /// Packs row-major bf16 or f16 bits (`rows.len() == n * k`).
+    pub fn from_half_bits(rows: &[u16], n: usize, k: usize, dtype: WeightDType) -> Option<Self> {
+        assert_eq!(rows.len(), n * k, "PackedMatrix::from_half_bits: {n}x{k}");
+        assert!(dtype != WeightDType::F32, "half bits need a half dtype");
+        let data = pack(rows, n, k)?;
+        Some(Self {
+            n,
+            k,
+            dtype,
+            data: Panels::Half(data),
+        })
+    }
+
+    /// Bytes held (panels included padding).
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            Panels::F32(v) => v.len() * 4,
+            Panels::Half(v) => v.len() * 2,
+        }
+    }
+
+    fn index(&self, j: usize, t: usize) -> usize {
+        (j / NR) * self.k * NR + t * NR + j % NR
+    }
+
+    /// Element `(j, t)` widened to f32 (exact).
+    pub fn get(&self, j: usize, t: usize) -> f32 {
+        let i = self.index(j, t);
+        match &self.data {
+            Panels::F32(v) => v[i],
+            Panels::Half(v) => widen(self.dtype, v[i]),
+        }
+    }
+
+    /// Row `j` widened to f32 into `out` (`out.len() == k`): an embedding lookup.
+    pub fn row_into(&self, j: usize, out: &mut [f32]) {
+        assert!(j < self.n && out.len() == self.k, "row_into: row {j}");
+        let base = self.index(j, 0);
+        match &self.data {
+            Panels::F32(v) => {
+                for (t, o) in out.iter_mut().enumerate() {
+                    *o = v[base + t * NR];
+                }
+            }
+            Panels::Half(v) => {
+                for (t, o) in out.iter_mut().enumerate() {
+                    *o = widen(self.dtype, v[base + t * NR]);
+                }
+            }
+        }
+    }
+
+    /// Panel data as bytes from panel `p` on.
+    fn panel_ptr(&self, p: usize) -> *const u8 {
+        let off = p * self.k * NR;
+        match &self.data {
+            Panels::F32(v) => v[off..].as_ptr().cast(),
+            Panels::Half(v) => v[off..].as_ptr().cast(),
+        }
+    }
+}
+
+#[inline]
+fn widen(dtype: WeightDType, bits: u16) -> f32 {
+    match dtype {
+        WeightDType::Bf16 => f32::from_bits((bits as u32) << 16),
+        WeightDType::F16 => half::f16::from_bits(bits).to_f32(),
+        WeightDType::F32 => unreachable!("f32 weights are not stored as bits"),
+    }
+}
+
+/// Row-major `[n, k]` to panels; None when the allocation fails.
+fn pack<T: Copy + Default>(rows: &[T], n: usize, k: usize) -> Option<Vec<T>> {
+    let panels = n.div_ceil(NR);
+    let mut data = Vec::new();
+    data.try_reserve_exact(panels * k * NR).ok()?;
+    data.resize(panels * k * NR, T::default());
+    if k == 0 {
+        return Some(data);
+    }
+    for (p, panel) in data.chunks_exact_mut(k * NR).enumerate() {
+        for c in 0..NR.min(n - p * NR) {
+            let row = &rows[(p * NR + c) * k..(p * NR + c + 1) * k];
+            for (t, &v) in row.iter().enumerate() {
+                panel[t * NR + c] = v;
+            }
+        }
+    }
+    Some(data)
+}
+
+/// The kernel families; [`detected_isa`] picks the best the CPU has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    /// `f32::mul_add` loops (auto-vectorized where the target has FMA, e.g. aarch64 NEON).
+    Portable,
+    /// AVX2 + FMA + F16C.
+    Avx2,
+    /// AVX-512F.
+    Avx512,
+}
+
+/// The paths this CPU can run, portable first.
+pub fn available_isas() -> Vec<Isa> {
+    let mut v = vec![Isa::Portable];
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx2") && has!("fma") && has!("f16c") {
+            v.push(Isa::Avx2);
+        }
+        if has!("avx512f") {
+            v.push(Isa::Avx512);
+        }
+    }
+    v
+}
+
+/// The best path of this CPU (detected once).
+pub fn detected_isa() -> Isa {
+    static I: OnceLock<Isa> = OnceLock::new();
+    *I.get_or_init(|| *available_isas().last().expect("portable is always there"))
+}
+
+/// `out[m, n] = x[m, k] · w[n, k]ᵀ`, row-major `x` and `out`.
+pub fn matmul(x: &[f32], w: &PackedMatrix, out: &mut [f32], m: usize) {
+    matmul_with(detected_isa(), x, w, out, m);
+}
+
+/// [`matmul`] on a chosen path (tests and benches force each one); panics if the CPU lacks it.
+pub fn matmul_with(isa: Isa, x: &[f32], w: &PackedMatrix, out: &mut [f32], m: usize) {
+    let (k, n) = (w.k, w.n);
     assert!(
-        x.len() >= m * k && w.len() >= n * k && out.len() >= m * n,
-        "matmul_nt: buffers too small for m={m} k={k} n={n}"
+        x.len() >= m * k && out.len() >= m * n,
+        "matmul: buffers too small for m={m} k={k} n={n}"
     );
+    assert!(available_isas().contains(&isa), "{isa:?} is not available");
     if m == 0 || n == 0 {
         return;
     }
     let out_ptr = SendPtr(out.as_mut_ptr());
-    let kernel = kernel();
-    let tasks = n.div_ceil(ROWS_PER_TASK);
-    let run = |t: usize| {
-        let j0 = t * ROWS_PER_TASK;
-        let j1 = (j0 + ROWS_PER_TASK).min(n);
-        for i0 in (0..m).step_by(X_TILE) {
-            let i1 = (i0 + X_TILE).min(m);
-            let mut j = j0;
-            while j < j1 {
-                let rows = (j1 - j).min(4);
-                for i in i0..i1 {
-                    let xi = &x[i * k..(i + 1) * k];
-                    let mut acc = [0f32; 4];
-                    kernel(xi, &w[j * k..(j + rows) * k], k, rows, &mut acc);
-                    // SAFETY: task t alone writes columns j0..j1 of every row, and
-                    // i < m, j + rows <= n keep the writes inside `out`.
-                    unsafe {
-                        let dst = out_ptr.get().add(i * n + j);
-                        std::ptr::copy_nonoverlapping(acc.as_ptr(), dst, rows);
-                    }
+    let panels = n.div_ceil(NR);
+    // Enough tasks to balance the threads; every split gives the same bits.
+    let per_task = panels
+        .div_ceil(rayon::current_num_threads() * 4)
+        .clamp(1, 64);
+    let widen = w.dtype != WeightDType::F32 && m >= WIDEN_MIN_M;
+    let per_task = if widen {
+        per_task.min((SCRATCH_BYTES / (k * NR * 4).max(1)).max(1))
+    } else {
+        per_task
+    };
+    let tasks = panels.div_ceil(per_task);
+    let run = |task: usize| {
+        let p0 = task * per_task;
+        let p1 = (p0 + per_task).min(panels);
+        if widen {
+            SCRATCH.with(|s| {
+                let mut s = s.borrow_mut();
+                let len = (p1 - p0) * k * NR;
+                if s.len() < len {
+                    s.resize(len, 0.0);
                 }
-                j += rows;
-            }
+                let Panels::Half(bits) = &w.data else {
+                    unreachable!()
+                };
+                widen_slice(w.dtype, &bits[p0 * k * NR..p1 * k * NR], &mut s[..len]);
+                let base = s.as_ptr().cast::<u8>();
+                block(isa, WeightDType::F32, x, m, k, n, base, p0, p1, out_ptr);
+            });
+        } else {
+            block(isa, w.dtype, x, m, k, n, w.panel_ptr(p0), p0, p1, out_ptr);
         }
     };
     // Small products are not worth a thread hand-off.
@@ -62,115 +264,304 @@ pub fn matmul_nt(x: &[f32], w: &[f32], out: &mut [f32], m: usize, k: usize, n: u
     }
 }
 
+thread_local! {
+    /// A task's panels widened to f32 (prefill).
+    static SCRATCH: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+fn widen_slice(dtype: WeightDType, bits: &[u16], out: &mut [f32]) {
+    match dtype {
+        WeightDType::Bf16 => {
+            for (o, &b) in out.iter_mut().zip(bits) {
+                *o = f32::from_bits((b as u32) << 16);
+            }
+        }
+        WeightDType::F16 => {
+            use half::slice::HalfFloatSliceExt;
+            let h: &[half::f16] = bytemuck::cast_slice(bits);
+            h.convert_to_f32_slice(out);
+        }
+        WeightDType::F32 => unreachable!(),
+    }
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
-// SAFETY: used only for the disjoint column ranges described in `matmul_nt`.
+// SAFETY: used only for the disjoint column ranges described in `matmul_with`.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
 
-/// Dot products of one `x` row with `rows` (1..=4) consecutive weight rows.
-type Kernel = fn(x: &[f32], w: &[f32], k: usize, rows: usize, out: &mut [f32; 4]);
+/// Accumulator tile handed back by a micro-kernel: `MR_MAX` rows of `NP_MAX` panels.
+type Tile = [[f32; NR * NP_MAX]; MR_MAX];
 
-fn kernel() -> Kernel {
-    static K: OnceLock<Kernel> = OnceLock::new();
-    *K.get_or_init(|| {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return dots_avx2_entry;
-        }
-        dots_portable
-    })
-}
-
-/// The fixed combination of the 8 lanes.
-#[inline(always)]
-fn reduce8(a: [f32; 8]) -> f32 {
-    ((a[0] + a[4]) + (a[1] + a[5])) + ((a[2] + a[6]) + (a[3] + a[7]))
-}
-
-fn dots_portable(x: &[f32], w: &[f32], k: usize, rows: usize, out: &mut [f32; 4]) {
-    let body = k / 8 * 8;
-    for r in 0..rows {
-        let wr = &w[r * k..(r + 1) * k];
-        let mut acc = [0f32; 8];
-        for (xc, wc) in x[..body].chunks_exact(8).zip(wr[..body].chunks_exact(8)) {
-            for l in 0..8 {
-                acc[l] += xc[l] * wc[l];
-            }
-        }
-        let mut s = reduce8(acc);
-        for t in body..k {
-            s += x[t] * wr[t];
-        }
-        out[r] = s;
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-fn dots_avx2_entry(x: &[f32], w: &[f32], k: usize, rows: usize, out: &mut [f32; 4]) {
-    // SAFETY: selected only when the CPU reports AVX2 and FMA.
-    unsafe { dots_avx2(x, w, k, rows, out) }
-}
-
-/// Same lanes as `dots_portable`, with FMA: four weight rows share each load of `x`.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dots_avx2(x: &[f32], w: &[f32], k: usize, rows: usize, out: &mut [f32; 4]) {
-    use std::arch::x86_64::*;
-    let body = k / 8 * 8;
-    let xp = x.as_ptr();
-    let wp = w.as_ptr();
-    let store = |v: __m256| {
-        let mut a = [0f32; 8];
-        _mm256_storeu_ps(a.as_mut_ptr(), v);
-        a
+/// Panels `p0..p1` (data at `wp`, panel `p0` first) against every row of `x`.
+#[allow(clippy::too_many_arguments)]
+fn block(
+    isa: Isa,
+    dtype: WeightDType,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    n: usize,
+    wp: *const u8,
+    p0: usize,
+    p1: usize,
+    out: SendPtr,
+) {
+    let esize = dtype.size();
+    let mut tile: Tile = [[0.0; NR * NP_MAX]; MR_MAX];
+    let mr_max = match isa {
+        Isa::Avx512 => 6,
+        Isa::Avx2 => 6,
+        Isa::Portable => 4,
     };
-    if rows == 4 {
-        let (mut a0, mut a1, mut a2, mut a3) = (
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-            _mm256_setzero_ps(),
-        );
-        let mut t = 0;
-        while t < body {
-            let xv = _mm256_loadu_ps(xp.add(t));
-            a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wp.add(t)), a0);
-            a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wp.add(k + t)), a1);
-            a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wp.add(2 * k + t)), a2);
-            a3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(wp.add(3 * k + t)), a3);
-            t += 8;
+    let mut i0 = 0;
+    while i0 < m {
+        let mr = (m - i0).min(mr_max);
+        let mut p = p0;
+        while p < p1 {
+            let np = match isa {
+                Isa::Avx2 if mr > 1 => 1,
+                _ => (p1 - p).min(NP_MAX),
+            };
+            let np = if np == NP_MAX { NP_MAX } else { 1 };
+            // SAFETY: rows i0..i0+mr of x and panels p..p+np exist (p + np <= p1 <= panels).
+            unsafe {
+                let w = wp.add((p - p0) * k * NR * esize);
+                let xs = x.as_ptr().add(i0 * k);
+                micro(isa, dtype, mr, np, xs, k, w, &mut tile);
+            }
+            for (r, row) in tile.iter().enumerate().take(mr) {
+                let j0 = p * NR;
+                let cols = (np * NR).min(n - j0);
+                // SAFETY: this task alone writes columns of panels p0..p1; i0 + r < m and
+                // j0 + cols <= n keep the write inside `out`.
+                unsafe {
+                    let dst = out.0.add((i0 + r) * n + j0);
+                    std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols);
+                }
+            }
+            p += np;
         }
-        for (r, a) in [a0, a1, a2, a3].into_iter().enumerate() {
-            let mut s = reduce8(store(a));
-            for t in body..k {
-                s = x[t].mul_add(w[r * k + t], s);
+        i0 += mr;
+    }
+}
+
+/// One micro-kernel call: `mr` rows of `x` (row stride `k`) times `np` panels at `w`.
+///
+/// # Safety
+/// `x` must hold `mr * k` floats, `w` `np` panels of `k * NR` elements of `dtype`, and the
+/// CPU must have `isa`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn micro(
+    isa: Isa,
+    dtype: WeightDType,
+    mr: usize,
+    np: usize,
+    x: *const f32,
+    k: usize,
+    w: *const u8,
+    tile: &mut Tile,
+) {
+    match isa {
+        Isa::Portable => portable(dtype, mr, np, x, k, w, tile),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => x86::avx512(dtype, mr, np, x, k, w, tile),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => x86::avx2(dtype, mr, np, x, k, w, tile),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("x86 paths are never available here"),
+    }
+}
+
+/// The portable kernel: the same FMA chains, `f32::mul_add`.
+unsafe fn portable(
+    dtype: WeightDType,
+    mr: usize,
+    np: usize,
+    x: *const f32,
+    k: usize,
+    w: *const u8,
+    tile: &mut Tile,
+) {
+    let cols = np * NR;
+    let mut wv = [0f32; NR * NP_MAX];
+    for row in tile.iter_mut().take(mr) {
+        row[..cols].fill(0.0);
+    }
+    for t in 0..k {
+        for p in 0..np {
+            let base = p * k * NR + t * NR;
+            for c in 0..NR {
+                wv[p * NR + c] = match dtype {
+                    WeightDType::F32 => *w.cast::<f32>().add(base + c),
+                    d => widen(d, *w.cast::<u16>().add(base + c)),
+                };
             }
-            out[r] = s;
         }
-    } else {
-        for r in 0..rows {
-            let mut a = _mm256_setzero_ps();
-            let mut t = 0;
-            while t < body {
-                a = _mm256_fmadd_ps(
-                    _mm256_loadu_ps(xp.add(t)),
-                    _mm256_loadu_ps(wp.add(r * k + t)),
-                    a,
-                );
-                t += 8;
+        for (i, row) in tile.iter_mut().enumerate().take(mr) {
+            let xv = *x.add(i * k + t);
+            for (acc, &wc) in row[..cols].iter_mut().zip(&wv[..cols]) {
+                *acc = xv.mul_add(wc, *acc);
             }
-            let mut s = reduce8(store(a));
-            for t in body..k {
-                s = x[t].mul_add(w[r * k + t], s);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{Tile, WeightDType, NR};
+    use std::arch::x86_64::*;
+
+    const F32: u8 = 0;
+    const BF16: u8 = 1;
+    const F16: u8 = 2;
+
+    fn code(d: WeightDType) -> u8 {
+        match d {
+            WeightDType::F32 => F32,
+            WeightDType::Bf16 => BF16,
+            WeightDType::F16 => F16,
+        }
+    }
+
+    /// Dispatches `(dtype, mr, np)` to a monomorphized kernel `$f::<DT, MR, NP>`.
+    macro_rules! dispatch {
+        ($f:ident, $dt:expr, $mr:expr, $np:expr, $args:tt) => {
+            match ($dt, $mr, $np) {
+                (F32, m, n) => dispatch!(@mr $f, F32, m, n, $args),
+                (BF16, m, n) => dispatch!(@mr $f, BF16, m, n, $args),
+                (_, m, n) => dispatch!(@mr $f, F16, m, n, $args),
             }
-            out[r] = s;
+        };
+        (@mr $f:ident, $d:ident, $mr:expr, $np:expr, ($($a:expr),*)) => {
+            match ($mr, $np) {
+                (1, 4) => $f::<$d, 1, 4>($($a),*),
+                (2, 4) => $f::<$d, 2, 4>($($a),*),
+                (3, 4) => $f::<$d, 3, 4>($($a),*),
+                (4, 4) => $f::<$d, 4, 4>($($a),*),
+                (5, 4) => $f::<$d, 5, 4>($($a),*),
+                (6, 4) => $f::<$d, 6, 4>($($a),*),
+                (1, 1) => $f::<$d, 1, 1>($($a),*),
+                (2, 1) => $f::<$d, 2, 1>($($a),*),
+                (3, 1) => $f::<$d, 3, 1>($($a),*),
+                (4, 1) => $f::<$d, 4, 1>($($a),*),
+                (5, 1) => $f::<$d, 5, 1>($($a),*),
+                (6, 1) => $f::<$d, 6, 1>($($a),*),
+                (m, n) => unreachable!("no kernel for {m}x{n}"),
+            }
+        };
+    }
+
+    pub(super) unsafe fn avx512(
+        dtype: WeightDType,
+        mr: usize,
+        np: usize,
+        x: *const f32,
+        k: usize,
+        w: *const u8,
+        tile: &mut Tile,
+    ) {
+        dispatch!(k512, code(dtype), mr, np, (x, k, w, tile))
+    }
+
+    pub(super) unsafe fn avx2(
+        dtype: WeightDType,
+        mr: usize,
+        np: usize,
+        x: *const f32,
+        k: usize,
+        w: *const u8,
+        tile: &mut Tile,
+    ) {
+        dispatch!(k256, code(dtype), mr, np, (x, k, w, tile))
+    }
+
+    /// 16 elements of type `DT` at element index `i` of `w`, widened.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load16<const DT: u8>(w: *const u8, i: usize) -> __m512 {
+        match DT {
+            F32 => _mm512_loadu_ps(w.cast::<f32>().add(i)),
+            BF16 => {
+                let h = _mm256_loadu_si256(w.cast::<u16>().add(i).cast());
+                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+            }
+            _ => _mm512_cvtph_ps(_mm256_loadu_si256(w.cast::<u16>().add(i).cast())),
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    unsafe fn k512<const DT: u8, const MR: usize, const NP: usize>(
+        x: *const f32,
+        k: usize,
+        w: *const u8,
+        tile: &mut Tile,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); NP]; MR];
+        for t in 0..k {
+            let mut wv = [_mm512_setzero_ps(); NP];
+            for (p, v) in wv.iter_mut().enumerate() {
+                *v = load16::<DT>(w, p * k * NR + t * NR);
+            }
+            for (i, a) in acc.iter_mut().enumerate() {
+                let xb = _mm512_set1_ps(*x.add(i * k + t));
+                for (a, v) in a.iter_mut().zip(&wv) {
+                    *a = _mm512_fmadd_ps(xb, *v, *a);
+                }
+            }
+        }
+        for (row, a) in tile.iter_mut().zip(&acc) {
+            for (p, a) in a.iter().enumerate() {
+                _mm512_storeu_ps(row.as_mut_ptr().add(p * NR), *a);
+            }
+        }
+    }
+
+    /// 8 elements of type `DT` at element index `i` of `w`, widened.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn load8<const DT: u8>(w: *const u8, i: usize) -> __m256 {
+        match DT {
+            F32 => _mm256_loadu_ps(w.cast::<f32>().add(i)),
+            BF16 => {
+                let h = _mm_loadu_si128(w.cast::<u16>().add(i).cast());
+                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+            }
+            _ => _mm256_cvtph_ps(_mm_loadu_si128(w.cast::<u16>().add(i).cast())),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn k256<const DT: u8, const MR: usize, const NP: usize>(
+        x: *const f32,
+        k: usize,
+        w: *const u8,
+        tile: &mut Tile,
+    ) {
+        let mut lo = [[_mm256_setzero_ps(); NP]; MR];
+        let mut hi = [[_mm256_setzero_ps(); NP]; MR];
+        for t in 0..k {
+            let mut wl = [_mm256_setzero_ps(); NP];
+            let mut wh = [_mm256_setzero_ps(); NP];
+            for p in 0..NP {
+                wl[p] = load8::<DT>(w, p * k * NR + t * NR);
+                wh[p] = load8::<DT>(w, p * k * NR + t * NR + 8);
+            }
+            for i in 0..MR {
+                let xb = _mm256_set1_ps(*x.add(i * k + t));
+                for p in 0..NP {
+                    lo[i][p] = _mm256_fmadd_ps(xb, wl[p], lo[i][p]);
+                    hi[i][p] = _mm256_fmadd_ps(xb, wh[p], hi[i][p]);
+                }
+            }
+        }
+        for i in 0..MR {
+            for p in 0..NP {
+                let dst = tile[i].as_mut_ptr().add(p * NR);
+                _mm256_storeu_ps(dst, lo[i][p]);
+                _mm256_storeu_ps(dst.add(8), hi[i][p]);
+            }
         }
     }
 }
@@ -190,6 +581,31 @@ mod tests {
             .collect()
     }
 
+    /// `w` packed as `dtype` (rounded to it first), and the f32 values actually held.
+    fn packed(w: &[f32], n: usize, k: usize, dtype: WeightDType) -> (PackedMatrix, Vec<f32>) {
+        match dtype {
+            WeightDType::F32 => (PackedMatrix::from_f32(w, n, k).unwrap(), w.to_vec()),
+            WeightDType::Bf16 => {
+                let b: Vec<u16> = w
+                    .iter()
+                    .map(|&v| half::bf16::from_f32(v).to_bits())
+                    .collect();
+                let held = b.iter().map(|&b| widen(dtype, b)).collect();
+                (PackedMatrix::from_half_bits(&b, n, k, dtype).unwrap(), held)
+            }
+            WeightDType::F16 => {
+                let b: Vec<u16> = w
+                    .iter()
+                    .map(|&v| half::f16::from_f32(v).to_bits())
+                    .collect();
+                let held = b.iter().map(|&b| widen(dtype, b)).collect();
+                (PackedMatrix::from_half_bits(&b, n, k, dtype).unwrap(), held)
+            }
+        }
+    }
+
+    const DTYPES: [WeightDType; 3] = [WeightDType::F32, WeightDType::Bf16, WeightDType::F16];
+
     fn reference(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f64> {
         let mut o = vec![0f64; m * n];
         for i in 0..m {
@@ -202,8 +618,15 @@ mod tests {
         o
     }
 
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// Every path and dtype against an f64 product of the values the weight holds, on shapes
+    /// with partial panels, partial row groups and tiny `k`; and every path bitwise equal to
+    /// the portable one.
     #[test]
-    fn matches_f64_reference_on_odd_shapes() {
+    fn matches_f64_reference_on_odd_shapes_on_every_path() {
         let mut seed = 1;
         for (m, k, n) in [
             (1, 64, 192),
@@ -212,15 +635,27 @@ mod tests {
             (37, 13, 5),
             (70, 200, 9),
             (1, 7, 1),
+            (9, 1, 129),
         ] {
             let x = rand_vec(m * k, &mut seed);
             let w = rand_vec(n * k, &mut seed);
-            let mut out = vec![0f32; m * n];
-            matmul_nt(&x, &w, &mut out, m, k, n);
-            let r = reference(&x, &w, m, k, n);
-            for (a, b) in out.iter().zip(&r) {
-                let tol = 1e-4 * (1.0 + b.abs()) * (k as f64).sqrt();
-                assert!((*a as f64 - b).abs() < tol, "m={m} k={k} n={n}: {a} vs {b}");
+            for dtype in DTYPES {
+                let (pw, held) = packed(&w, n, k, dtype);
+                let r = reference(&x, &held, m, k, n);
+                let mut first = None;
+                for isa in available_isas() {
+                    let mut out = vec![f32::NAN; m * n];
+                    matmul_with(isa, &x, &pw, &mut out, m);
+                    for (a, b) in out.iter().zip(&r) {
+                        let tol = 1e-5 * (1.0 + b.abs()) * k as f64;
+                        assert!(
+                            (*a as f64 - b).abs() < tol,
+                            "{isa:?} {dtype:?} m={m} k={k} n={n}: {a} vs {b}"
+                        );
+                    }
+                    let first = first.get_or_insert_with(|| out.clone());
+                    assert_eq!(bits(first), bits(&out), "{isa:?} {dtype:?} {m}x{k}x{n}");
+                }
             }
         }
     }
@@ -228,47 +663,71 @@ mod tests {
     #[test]
     fn hand_computed() {
         // x = [[1, 2], [3, 4]], w = [[1, 0], [0, 1], [1, 1]] → x·wᵀ = [[1, 2, 3], [3, 4, 7]]
-        let mut out = [0f32; 6];
-        matmul_nt(
-            &[1.0, 2.0, 3.0, 4.0],
-            &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0],
-            &mut out,
-            2,
-            2,
-            3,
-        );
-        assert_eq!(out, [1.0, 2.0, 3.0, 3.0, 4.0, 7.0]);
+        let w = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+        for dtype in DTYPES {
+            let (pw, _) = packed(&w, 3, 2, dtype);
+            let mut out = [0f32; 6];
+            matmul(&[1.0, 2.0, 3.0, 4.0], &pw, &mut out, 2);
+            assert_eq!(out, [1.0, 2.0, 3.0, 3.0, 4.0, 7.0], "{dtype:?}");
+        }
     }
 
+    #[test]
+    fn packed_rows_read_back() {
+        let mut seed = 5;
+        let (n, k) = (37, 11);
+        let w = rand_vec(n * k, &mut seed);
+        for dtype in DTYPES {
+            let (pw, held) = packed(&w, n, k, dtype);
+            let mut row = vec![0f32; k];
+            for j in 0..n {
+                pw.row_into(j, &mut row);
+                assert_eq!(bits(&row), bits(&held[j * k..(j + 1) * k]), "{dtype:?} {j}");
+                assert_eq!(pw.get(j, 3).to_bits(), held[j * k + 3].to_bits());
+            }
+        }
+    }
+
+    /// A row's result is the same bits alone (m = 1: weights widened in registers) and in a
+    /// batch (panels widened into scratch), with 1, 2 or 3 threads, on every path and dtype.
     #[test]
     fn batch_and_thread_invariant() {
         let mut seed = 9;
         let (m, k, n) = (150, 333, 131);
         let x = rand_vec(m * k, &mut seed);
         let w = rand_vec(n * k, &mut seed);
-        let mut full = vec![0f32; m * n];
-        matmul_nt(&x, &w, &mut full, m, k, n);
-        for i in [0, 1, 63, 64, 149] {
-            let mut one = vec![0f32; n];
-            matmul_nt(&x[i * k..(i + 1) * k], &w, &mut one, 1, k, n);
-            let row: Vec<u32> = full[i * n..(i + 1) * n]
-                .iter()
-                .map(|v| v.to_bits())
-                .collect();
-            let alone: Vec<u32> = one.iter().map(|v| v.to_bits()).collect();
-            assert_eq!(row, alone, "row {i} differs alone vs batched");
-        }
-        for threads in [1, 2, 3] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let mut o = vec![0f32; m * n];
-            pool.install(|| matmul_nt(&x, &w, &mut o, m, k, n));
-            assert!(
-                o.iter().zip(&full).all(|(a, b)| a.to_bits() == b.to_bits()),
-                "{threads} threads"
-            );
+        for dtype in DTYPES {
+            let (pw, _) = packed(&w, n, k, dtype);
+            for isa in available_isas() {
+                let mut full = vec![0f32; m * n];
+                matmul_with(isa, &x, &pw, &mut full, m);
+                for i in [0, 1, 5, 6, 63, 64, 149] {
+                    let mut one = vec![0f32; n];
+                    matmul_with(isa, &x[i * k..(i + 1) * k], &pw, &mut one, 1);
+                    assert_eq!(
+                        bits(&full[i * n..(i + 1) * n]),
+                        bits(&one),
+                        "{isa:?} {dtype:?}: row {i} differs alone vs batched"
+                    );
+                }
+                // A few rows at once (below the widening threshold).
+                let mut three = vec![0f32; 3 * n];
+                matmul_with(isa, &x[7 * k..10 * k], &pw, &mut three, 3);
+                assert_eq!(
+                    bits(&full[7 * n..10 * n]),
+                    bits(&three),
+                    "{isa:?} {dtype:?}"
+                );
+                for threads in [1, 2, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let mut o = vec![0f32; m * n];
+                    pool.install(|| matmul_with(isa, &x, &pw, &mut o, m));
+                    assert_eq!(bits(&o), bits(&full), "{isa:?} {dtype:?} {threads} threads");
+                }
+            }
         }
     }
 }

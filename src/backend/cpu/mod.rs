@@ -1,4 +1,7 @@
-//! The CPU backend: f32 compute over rayon, weights converted to f32 at load.
+//! The CPU backend: f32 compute over rayon. Matrix weights keep their checkpoint's precision
+//! (bf16, f16 or f32), packed for `gemm` and widened in registers, so a bf16 model's weights take
+//! half the memory and half the bandwidth of f32; vectors (norms, biases) and tables (rotary
+//! cos/sin) are f32.
 //!
 //! Why our own kernels rather than candle-core tensors: the engine needs batch-invariant results
 //! (a request's tokens must not depend on what it was batched with — see `gemm`), ops that write
@@ -11,16 +14,20 @@ pub mod moe;
 pub mod sampling;
 
 use super::{
-    stacked_rows_shape, AttnDims, Backend, BackendError, BackendResult, BatchPlan, HostTensor,
-    KvCacheDims,
+    stacked_rows_shape, AttnDims, Backend, BackendError, BackendResult, BatchPlan, HostDType,
+    HostTensor, KvCacheDims,
 };
 use rayon::prelude::*;
 
 /// Rows handed to one rayon task by the row-wise ops.
 const ROWS_PER_TASK: usize = 8;
 
-#[derive(Debug, Default)]
-pub struct CpuBackend;
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend {
+    /// Matrix weights of f32 checkpoints rounded to bf16 at load (half the memory and decode
+    /// bandwidth; bf16 and f16 checkpoints keep their own precision either way).
+    pub f32_matrices_to_bf16: bool,
+}
 
 /// One layer's K and V, each `[num_blocks, block_size, num_kv_heads, head_dim]`.
 pub struct CpuKvCache {
@@ -29,10 +36,101 @@ pub struct CpuKvCache {
     pub v: Vec<f32>,
 }
 
-/// A parameter: f32 data and its shape.
+/// A parameter and its shape.
 pub struct CpuWeight {
     pub shape: Vec<usize>,
-    pub data: Vec<f32>,
+    pub data: CpuData,
+}
+
+/// How a [`CpuWeight`] holds its elements.
+pub enum CpuData {
+    /// Row-major f32: vectors (norms, biases) and tables.
+    F32(Vec<f32>),
+    /// A matrix `[shape[0], rest]` in `gemm`'s panel layout, in the checkpoint's precision.
+    Packed(gemm::PackedMatrix),
+}
+
+impl CpuWeight {
+    /// A row-major f32 weight.
+    pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        Self {
+            shape,
+            data: CpuData::F32(data),
+        }
+    }
+
+    /// The elements of a vector or table. Panics on a packed matrix: the model hands only
+    /// vectors and tables to the ops that read them so.
+    pub fn values(&self) -> &[f32] {
+        match &self.data {
+            CpuData::F32(v) => v,
+            CpuData::Packed(_) => panic!(
+                "a {:?} matrix weight was used as a vector or table (load it with load_table)",
+                self.shape
+            ),
+        }
+    }
+
+    /// The matrix for `gemm`. Panics on a vector or table (row-major f32).
+    pub fn matrix(&self) -> &gemm::PackedMatrix {
+        match &self.data {
+            CpuData::Packed(p) => p,
+            CpuData::F32(_) => panic!("a {:?} vector was used as a matrix", self.shape),
+        }
+    }
+
+    /// Bytes of weight memory held.
+    pub fn bytes(&self) -> usize {
+        match &self.data {
+            CpuData::F32(v) => v.len() * 4,
+            CpuData::Packed(p) => p.bytes(),
+        }
+    }
+}
+
+/// Packs row-major parts stacked along rows (`n` rows of `k` in all) in the parts' precision (f32
+/// when they disagree).
+fn pack_rows(
+    parts: &[HostTensor<'_>],
+    n: usize,
+    k: usize,
+    f32_to_bf16: bool,
+) -> BackendResult<gemm::PackedMatrix> {
+    use gemm::{PackedMatrix, WeightDType};
+    let dtype = parts.first().map_or(HostDType::F32, |p| p.dtype);
+    let same = parts.iter().all(|p| p.dtype == dtype);
+    let packed = match dtype {
+        HostDType::BF16 | HostDType::F16 if same => {
+            let bits: Vec<u16> = parts
+                .iter()
+                .flat_map(|p| p.data.chunks_exact(2))
+                .map(|b| u16::from_le_bytes([b[0], b[1]]))
+                .collect();
+            let d = if dtype == HostDType::BF16 {
+                WeightDType::Bf16
+            } else {
+                WeightDType::F16
+            };
+            PackedMatrix::from_half_bits(&bits, n, k, d)
+        }
+        _ if f32_to_bf16 => {
+            let bits: Vec<u16> = parts
+                .iter()
+                .flat_map(|p| p.to_f32())
+                .map(|v| half::bf16::from_f32(v).to_bits())
+                .collect();
+            PackedMatrix::from_half_bits(&bits, n, k, WeightDType::Bf16)
+        }
+        _ => {
+            let rows: Vec<f32> = parts.iter().flat_map(|p| p.to_f32()).collect();
+            PackedMatrix::from_f32(&rows, n, k)
+        }
+    };
+    packed.ok_or(BackendError::OutOfMemory {
+        device: "cpu",
+        what: "weight",
+        bytes: n * k * dtype.size(),
+    })
 }
 
 fn try_vec(len: usize, what: &'static str) -> BackendResult<Vec<f32>> {
@@ -64,20 +162,31 @@ impl Backend for CpuBackend {
     }
 
     fn load_weight(&self, t: HostTensor<'_>) -> BackendResult<CpuWeight> {
+        if t.shape.len() < 2 {
+            return self.load_table(t);
+        }
+        let (n, k) = (t.shape[0], t.shape[1..].iter().product());
         Ok(CpuWeight {
             shape: t.shape.to_vec(),
-            data: t.to_f32(),
+            data: CpuData::Packed(pack_rows(&[t], n, k, self.f32_matrices_to_bf16)?),
         })
     }
 
     fn load_table(&self, t: HostTensor<'_>) -> BackendResult<CpuWeight> {
-        self.load_weight(t)
+        Ok(CpuWeight::f32(t.shape.to_vec(), t.to_f32()))
     }
 
     fn load_weight_rows(&self, parts: &[HostTensor<'_>]) -> BackendResult<CpuWeight> {
+        let shape = stacked_rows_shape(parts)?;
+        if shape.len() < 2 {
+            // Stacked biases.
+            let v = parts.iter().flat_map(|p| p.to_f32()).collect();
+            return Ok(CpuWeight::f32(shape, v));
+        }
+        let (n, k) = (shape[0], shape[1..].iter().product());
         Ok(CpuWeight {
-            shape: stacked_rows_shape(parts)?,
-            data: parts.iter().flat_map(|p| p.to_f32()).collect(),
+            data: CpuData::Packed(pack_rows(parts, n, k, self.f32_matrices_to_bf16)?),
+            shape,
         })
     }
 
@@ -136,7 +245,10 @@ impl Backend for CpuBackend {
             .zip(step.token_ids.par_iter())
             .for_each(|(row, &id)| {
                 let id = id as usize;
-                row.copy_from_slice(&table.data[id * hidden..(id + 1) * hidden]);
+                match &table.data {
+                    CpuData::F32(t) => row.copy_from_slice(&t[id * hidden..(id + 1) * hidden]),
+                    CpuData::Packed(p) => p.row_into(id, row),
+                }
             });
     }
 
@@ -148,12 +260,14 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
         m: usize,
     ) {
-        let (n, k) = (w.shape[0], w.shape[1]);
+        let w = w.matrix();
+        let (n, k) = (w.n, w.k);
         let out = &mut out[..m * n];
-        gemm::matmul_nt(&x[..m * k], &w.data, out, m, k, n);
+        gemm::matmul(&x[..m * k], w, out, m);
         if let Some(b) = bias {
+            let b = b.values();
             out.par_chunks_mut(n).for_each(|row| {
-                for (o, b) in row.iter_mut().zip(&b.data) {
+                for (o, b) in row.iter_mut().zip(b) {
                     *o += b;
                 }
             });
@@ -168,13 +282,13 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
         rows: usize,
     ) {
-        let d = weight.data.len();
+        let (weight, d) = (weight.values(), weight.values().len());
         out[..rows * d]
             .par_chunks_mut(d * ROWS_PER_TASK)
             .zip(x[..rows * d].par_chunks(d * ROWS_PER_TASK))
             .for_each(|(o, x)| {
                 for (o, x) in o.chunks_mut(d).zip(x.chunks(d)) {
-                    rms_norm_row(x, &weight.data, eps, o);
+                    rms_norm_row(x, weight, eps, o);
                 }
             });
     }
@@ -188,7 +302,7 @@ impl Backend for CpuBackend {
         out: &mut Vec<f32>,
         rows: usize,
     ) {
-        let d = weight.data.len();
+        let (weight, d) = (weight.values(), weight.values().len());
         out[..rows * d]
             .par_chunks_mut(d * ROWS_PER_TASK)
             .zip(residual[..rows * d].par_chunks_mut(d * ROWS_PER_TASK))
@@ -198,7 +312,7 @@ impl Backend for CpuBackend {
                     for (r, x) in r.iter_mut().zip(x) {
                         *r += x;
                     }
-                    rms_norm_row(r, &weight.data, eps, o);
+                    rms_norm_row(r, weight, eps, o);
                 }
             });
     }
@@ -212,7 +326,7 @@ impl Backend for CpuBackend {
             .par_chunks_mut(width)
             .zip(step.positions.par_iter())
             .for_each(|(row, &pos)| {
-                let table = &cos_sin.data[pos as usize * rot..(pos as usize + 1) * rot];
+                let table = &cos_sin.values()[pos as usize * rot..(pos as usize + 1) * rot];
                 let (cos, sin) = table.split_at(rot / 2);
                 for head in row[..rotated_heads * hd].chunks_mut(hd) {
                     rope_head(&mut head[..rot], cos, sin);
@@ -238,9 +352,9 @@ impl Backend for CpuBackend {
                 .enumerate()
             {
                 let w = if h < dims.num_heads {
-                    &q_weight.data
+                    q_weight.values()
                 } else {
-                    &k_weight.data
+                    k_weight.values()
                 };
                 tmp.copy_from_slice(head);
                 rms_norm_row(&tmp, w, eps, head);
@@ -382,19 +496,112 @@ mod tests {
             v: (0..n).map(|i| -(i as f32)).collect(),
         };
         let mut out = vec![0u8; 2 * 4 * 4];
-        CpuBackend.read_kv_block(&cache, 1, &mut out).unwrap();
+        CpuBackend::default()
+            .read_kv_block(&cache, 1, &mut out)
+            .unwrap();
         let vals: Vec<f32> = out
             .chunks_exact(4)
             .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             .collect();
         // Block 1 is elements 4..8 of K, then of V.
         assert_eq!(vals, [4.0, 5.0, 6.0, 7.0, -4.0, -5.0, -6.0, -7.0]);
-        CpuBackend.write_kv_block(&mut cache, 2, &out).unwrap();
+        CpuBackend::default()
+            .write_kv_block(&mut cache, 2, &out)
+            .unwrap();
         assert_eq!(cache.k[8..12], [4.0, 5.0, 6.0, 7.0]);
         assert_eq!(cache.v[8..12], [-4.0, -5.0, -6.0, -7.0]);
         assert_eq!(cache.k[..4], [0.0, 1.0, 2.0, 3.0], "block 0 untouched");
-        assert!(CpuBackend.read_kv_block(&cache, 3, &mut out).is_err());
-        assert!(CpuBackend.write_kv_block(&mut cache, 0, &out[1..]).is_err());
+        assert!(CpuBackend::default()
+            .read_kv_block(&cache, 3, &mut out)
+            .is_err());
+        assert!(CpuBackend::default()
+            .write_kv_block(&mut cache, 0, &out[1..])
+            .is_err());
+    }
+
+    /// bf16/f16 matrices stay half precision (half the bytes of f32), vectors stay f32, and the
+    /// load flag rounds an f32 checkpoint's matrices to bf16; every element reads back as the
+    /// value it holds, through the embedding lookup too.
+    #[test]
+    fn weights_keep_the_checkpoint_precision() {
+        use super::gemm::WeightDType;
+        let vals: Vec<f32> = (0..40 * 3).map(|i| (i as f32 * 0.37).sin()).collect();
+        let shape = [40, 3];
+        let bf: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+            .collect();
+        let f16: Vec<u8> = vals
+            .iter()
+            .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+            .collect();
+        let f32b: &[u8] = bytemuck::cast_slice(&vals);
+        let t = |dtype, data| HostTensor {
+            dtype,
+            shape: &shape,
+            data,
+        };
+        let plain = CpuBackend::default();
+        let convert = CpuBackend {
+            f32_matrices_to_bf16: true,
+        };
+        let round_bf = |v: f32| half::bf16::from_f32(v).to_f32();
+        let round_f16 = |v: f32| half::f16::from_f32(v).to_f32();
+        let ident = |v: f32| v;
+        type Case<'a> = (CpuWeight, WeightDType, &'a dyn Fn(f32) -> f32);
+        let cases: [Case; 4] = [
+            (
+                plain.load_weight(t(HostDType::BF16, &bf)).unwrap(),
+                WeightDType::Bf16,
+                &round_bf,
+            ),
+            (
+                plain.load_weight(t(HostDType::F16, &f16)).unwrap(),
+                WeightDType::F16,
+                &round_f16,
+            ),
+            (
+                plain.load_weight(t(HostDType::F32, f32b)).unwrap(),
+                WeightDType::F32,
+                &ident,
+            ),
+            (
+                convert.load_weight(t(HostDType::F32, f32b)).unwrap(),
+                WeightDType::Bf16,
+                &round_bf,
+            ),
+        ];
+        for (w, dtype, round) in cases {
+            let m = w.matrix();
+            assert_eq!((m.n, m.k, m.dtype), (40, 3, dtype));
+            // 40 rows pad to 48 (three 16-row panels).
+            assert_eq!(w.bytes(), 48 * 3 * dtype.size());
+            for j in 0..40 {
+                for c in 0..3 {
+                    assert_eq!(m.get(j, c), round(vals[j * 3 + c]), "{dtype:?} ({j}, {c})");
+                }
+            }
+            let p = BatchPlan {
+                token_ids: vec![39, 0],
+                ..Default::default()
+            };
+            let mut out = vec![0f32; 6];
+            plain.embedding(&w, &p, &mut out);
+            let want: Vec<f32> = [117, 118, 119, 0, 1, 2]
+                .iter()
+                .map(|&i| round(vals[i]))
+                .collect();
+            assert_eq!(out, want, "{dtype:?} embedding");
+        }
+        // Vectors stay f32, whatever the flag.
+        let v = convert
+            .load_weight(HostTensor {
+                dtype: HostDType::F32,
+                shape: &[3],
+                data: &f32b[..12],
+            })
+            .unwrap();
+        assert_eq!(v.values(), &vals[..3]);
     }
 
     #[test]
@@ -423,11 +630,8 @@ mod tests {
 
     #[test]
     fn add_rms_norm_updates_residual_then_normalizes() {
-        let b = CpuBackend;
-        let w = CpuWeight {
-            shape: vec![2],
-            data: vec![1.0, 1.0],
-        };
+        let b = CpuBackend::default();
+        let w = CpuWeight::f32(vec![2], vec![1.0, 1.0]);
         let mut residual = vec![1.0, 2.0, 0.5, 0.5];
         let x = vec![2.0, 2.0, -0.5, 1.5];
         let mut out = vec![0.0; 4];

@@ -5,7 +5,7 @@
 //! renormalized to sum to 1 when asked. The experts run as batched GEMMs: each expert's rows
 //! gathered, `gate_up`, SiLU-gate, `down`, then added into the output with the row's weight
 //! for that expert, experts in id order.
-use super::{gemm::matmul_nt, CpuBackend, CpuWeight};
+use super::{gemm::matmul, CpuBackend, CpuWeight};
 use crate::backend::{Backend, MoeWeights};
 
 /// The `top_k` experts of one row of router logits and their weights, most probable first.
@@ -62,11 +62,11 @@ pub fn moe(be: &CpuBackend, x: &[f32], moe: &MoeWeights<CpuWeight>, rows: usize,
             xe[i * h..(i + 1) * h].copy_from_slice(&x[r * h..(r + 1) * h]);
         }
         let mut gate_up = vec![0f32; m * 2 * inter];
-        matmul_nt(&xe, &moe.gate_up[e].data, &mut gate_up, m, h, 2 * inter);
+        matmul(&xe, moe.gate_up[e].matrix(), &mut gate_up, m);
         let mut act = vec![0f32; m * inter];
         be.silu_mul(&gate_up, &mut act, m, inter);
         let mut ye = vec![0f32; m * h];
-        matmul_nt(&act, &moe.down[e].data, &mut ye, m, inter, h);
+        matmul(&act, moe.down[e].matrix(), &mut ye, m);
         for (i, &(r, w)) in rows_e.iter().enumerate() {
             for (o, y) in out[r * h..(r + 1) * h]
                 .iter_mut()
@@ -109,15 +109,22 @@ mod tests {
                 })
                 .collect()
         };
-        let w = |shape: Vec<usize>, data: Vec<f32>| CpuWeight { shape, data };
+        let w = |shape: Vec<usize>, data: &[f32]| {
+            CpuBackend::default()
+                .load_weight(crate::backend::HostTensor {
+                    dtype: crate::backend::HostDType::F32,
+                    shape: &shape,
+                    data: bytemuck::cast_slice(data),
+                })
+                .unwrap()
+        };
+        let router = rnd(n_exp * h);
+        let gate_ups: Vec<Vec<f32>> = (0..n_exp).map(|_| rnd(2 * inter * h)).collect();
+        let downs: Vec<Vec<f32>> = (0..n_exp).map(|_| rnd(h * inter)).collect();
         let moe_w = MoeWeights {
-            router: w(vec![n_exp, h], rnd(n_exp * h)),
-            gate_up: (0..n_exp)
-                .map(|_| w(vec![2 * inter, h], rnd(2 * inter * h)))
-                .collect(),
-            down: (0..n_exp)
-                .map(|_| w(vec![h, inter], rnd(h * inter)))
-                .collect(),
+            router: w(vec![n_exp, h], &router),
+            gate_up: gate_ups.iter().map(|g| w(vec![2 * inter, h], g)).collect(),
+            down: downs.iter().map(|d| w(vec![h, inter], d)).collect(),
             top_k: 2,
             renormalize: true,
             hidden: h,
@@ -125,16 +132,16 @@ mod tests {
         };
         let x = rnd(rows * h);
         let mut out = vec![0f32; rows * h];
-        moe(&CpuBackend, &x, &moe_w, rows, &mut out);
+        moe(&CpuBackend::default(), &x, &moe_w, rows, &mut out);
         let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
         for r in 0..rows {
             let xr = &x[r * h..(r + 1) * h];
             let logits: Vec<f32> = (0..n_exp)
-                .map(|e| dot(&moe_w.router.data[e * h..(e + 1) * h], xr))
+                .map(|e| dot(&router[e * h..(e + 1) * h], xr))
                 .collect();
             let mut want = vec![0f32; h];
             for (e, p) in route(&logits, 2, true) {
-                let gu = &moe_w.gate_up[e].data;
+                let gu = &gate_ups[e];
                 let act: Vec<f32> = (0..inter)
                     .map(|i| {
                         let g = dot(&gu[i * h..(i + 1) * h], xr);
@@ -143,7 +150,7 @@ mod tests {
                     })
                     .collect();
                 for (o, want) in want.iter_mut().enumerate() {
-                    *want += p * dot(&moe_w.down[e].data[o * inter..(o + 1) * inter], &act);
+                    *want += p * dot(&downs[e][o * inter..(o + 1) * inter], &act);
                 }
             }
             for (got, want) in out[r * h..(r + 1) * h].iter().zip(&want) {
