@@ -163,13 +163,9 @@ async fn one(
     Ok(ttft.unwrap_or(0.0))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_load_step_scales_the_local_pool_up_and_back_down_with_no_request_failing() {
-    let dir = std::env::temp_dir().join(format!("llmd-autoscale-live-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = WorkersFile::create(dir.join("workers")).unwrap();
-    let cfg = config(&dir);
-    let router = LlmdProcess::start(
+/// `llmd route` over stories260K, its workers from `workers` (re-read every 0.2 s).
+async fn router(workers: &std::path::Path) -> LlmdProcess {
+    LlmdProcess::start(
         "router",
         &common::args(&[
             "route",
@@ -180,13 +176,22 @@ async fn a_load_step_scales_the_local_pool_up_and_back_down_with_no_request_fail
             "--model",
             &stories(),
             "--workers-file",
-            file.path.to_str().unwrap(),
+            workers.to_str().unwrap(),
             "--scrape-interval",
             "0.2",
         ]),
         "",
     )
-    .await;
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_load_step_scales_the_local_pool_up_and_back_down_with_no_request_failing() {
+    let dir = std::env::temp_dir().join(format!("llmd-autoscale-live-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = WorkersFile::create(dir.join("workers")).unwrap();
+    let cfg = config(&dir);
+    let router = router(&file.path).await;
     let pool = LocalPool::new(
         LocalPoolConfig {
             name: "cpu-stall20".into(),
@@ -386,24 +391,7 @@ async fn llmd_autoscale_run_starts_a_local_pool_and_stops_it_on_sigterm() {
     std::fs::create_dir_all(&dir).unwrap();
     let workers = dir.join("workers");
     std::fs::write(&workers, "").unwrap();
-    let router = LlmdProcess::start(
-        "router",
-        &common::args(&[
-            "route",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--model",
-            &stories(),
-            "--workers-file",
-            workers.to_str().unwrap(),
-            "--scrape-interval",
-            "0.2",
-        ]),
-        "",
-    )
-    .await;
+    let router = router(&workers).await;
     config(&dir); // the calibration file
     std::fs::write(
         dir.join("autoscale.yaml"),

@@ -56,7 +56,6 @@ pub fn write_png(path: &Path, cfg: &AutoscaleConfig, r: &RunResult) -> Result<()
     };
     let panels = root.split_evenly((3, 1));
     let minutes = r.minutes as f64;
-    let label = |s: &str| if text { s.to_string() } else { String::new() };
 
     // 1: load.
     let max_load = r
@@ -64,22 +63,14 @@ pub fn write_png(path: &Path, cfg: &AutoscaleConfig, r: &RunResult) -> Result<()
         .iter()
         .map(|p| p.arrivals_per_s)
         .fold(1.0, f64::max);
-    let mut c = ChartBuilder::on(&panels[0])
-        .margin(10)
-        .x_label_area_size(if text { 30 } else { 0 })
-        .y_label_area_size(if text { 60 } else { 0 })
-        .caption(
-            label("arrivals (requests/s, all bands)"),
-            ("sans-serif", 18),
-        )
-        .build_cartesian_2d(0.0..minutes, 0.0..max_load * 1.1)
-        .map_err(|e| err(&e))?;
-    if text {
-        c.configure_mesh()
-            .x_desc("minute")
-            .draw()
-            .map_err(|e| err(&e))?;
-    }
+    let mut c = panel(
+        &panels[0],
+        "arrivals (requests/s, all bands)",
+        minutes,
+        max_load * 1.1,
+        text,
+    )
+    .map_err(|e| err(&e))?;
     c.draw_series(LineSeries::new(
         r.timeline.iter().map(|p| (p.at_s / 60.0, p.arrivals_per_s)),
         &COLORS[0],
@@ -94,22 +85,14 @@ pub fn write_png(path: &Path, cfg: &AutoscaleConfig, r: &RunResult) -> Result<()
         .max()
         .unwrap_or(1)
         .max(1) as f64;
-    let mut c = ChartBuilder::on(&panels[1])
-        .margin(10)
-        .x_label_area_size(if text { 30 } else { 0 })
-        .y_label_area_size(if text { 60 } else { 0 })
-        .caption(
-            label("replicas (ready + starting) per variant"),
-            ("sans-serif", 18),
-        )
-        .build_cartesian_2d(0.0..minutes, 0.0..max_rep * 1.15)
-        .map_err(|e| err(&e))?;
-    if text {
-        c.configure_mesh()
-            .x_desc("minute")
-            .draw()
-            .map_err(|e| err(&e))?;
-    }
+    let mut c = panel(
+        &panels[1],
+        "replicas (ready + starting) per variant",
+        minutes,
+        max_rep * 1.15,
+        text,
+    )
+    .map_err(|e| err(&e))?;
     for (vi, v) in cfg.variants.iter().enumerate() {
         let color = COLORS[(vi + 1) % COLORS.len()];
         let s = c
@@ -127,11 +110,7 @@ pub fn write_png(path: &Path, cfg: &AutoscaleConfig, r: &RunResult) -> Result<()
         }
     }
     if text {
-        c.configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(&e))?;
+        legend(&mut c).map_err(|e| err(&e))?;
     }
 
     // 3: TTFT p95 per minute against the SLO, per band that has one.
@@ -141,22 +120,14 @@ pub fn write_png(path: &Path, cfg: &AutoscaleConfig, r: &RunResult) -> Result<()
         .filter_map(|b| b.ttft_p95_s)
         .fold(0.1, f64::max);
     let top = max_slo * 2.5;
-    let mut c = ChartBuilder::on(&panels[2])
-        .margin(10)
-        .x_label_area_size(if text { 30 } else { 0 })
-        .y_label_area_size(if text { 60 } else { 0 })
-        .caption(
-            label("TTFT p95 per minute (s, clipped) — flat lines: SLOs"),
-            ("sans-serif", 18),
-        )
-        .build_cartesian_2d(0.0..minutes, 0.0..top)
-        .map_err(|e| err(&e))?;
-    if text {
-        c.configure_mesh()
-            .x_desc("minute")
-            .draw()
-            .map_err(|e| err(&e))?;
-    }
+    let mut c = panel(
+        &panels[2],
+        "TTFT p95 per minute (s, clipped) — flat lines: SLOs",
+        minutes,
+        top,
+        text,
+    )
+    .map_err(|e| err(&e))?;
     for (bi, b) in r.bands.iter().enumerate() {
         let Some(slo) = cfg.bands[bi].ttft_p95_s else {
             continue;
@@ -185,12 +156,43 @@ pub fn write_png(path: &Path, cfg: &AutoscaleConfig, r: &RunResult) -> Result<()
             .map_err(|e| err(&e))?;
     }
     if text {
-        c.configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .draw()
-            .map_err(|e| err(&e))?;
+        legend(&mut c).map_err(|e| err(&e))?;
     }
     root.present().map_err(|e| err(&e))?;
     Ok(())
+}
+
+type Chart<'a, 'b> = ChartContext<
+    'a,
+    BitMapBackend<'b>,
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>,
+>;
+type PlotError = DrawingAreaErrorKind<<BitMapBackend<'static> as DrawingBackend>::ErrorType>;
+
+/// One panel over the replay's minutes, `0..y_max` high; captioned, with a mesh, when `text`.
+fn panel<'a, 'b>(
+    area: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    caption: &str,
+    minutes: f64,
+    y_max: f64,
+    text: bool,
+) -> Result<Chart<'a, 'b>, PlotError> {
+    let mut c = ChartBuilder::on(area)
+        .margin(10)
+        .x_label_area_size(if text { 30 } else { 0 })
+        .y_label_area_size(if text { 60 } else { 0 })
+        .caption(if text { caption } else { "" }, ("sans-serif", 18))
+        .build_cartesian_2d(0.0..minutes, 0.0..y_max)?;
+    if text {
+        c.configure_mesh().x_desc("minute").draw()?;
+    }
+    Ok(c)
+}
+
+/// The series' labels in a box.
+fn legend<'a, 'b: 'a>(c: &mut Chart<'a, 'b>) -> Result<(), PlotError> {
+    c.configure_series_labels()
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
 }

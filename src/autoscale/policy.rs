@@ -120,6 +120,24 @@ impl Stabilizer {
         }
         out
     }
+    /// A policy's last step: the fleet found at the first decision stands for a window as a
+    /// recommendation, scale-down takes the window's highest, then the GPU budget applies.
+    pub fn decide(
+        &mut self,
+        cfg: &AutoscaleConfig,
+        t: &Telemetry,
+        rec: BTreeMap<String, u32>,
+    ) -> BTreeMap<String, u32> {
+        let found = cfg
+            .variants
+            .iter()
+            .map(|v| (v.name.clone(), current(t, v)))
+            .collect();
+        self.seed(t.at_s, found);
+        let mut out = self.apply(t.at_s, rec);
+        fit_budget(cfg, &mut out);
+        out
+    }
 }
 
 fn variant_t<'a>(t: &'a Telemetry, name: &str) -> Option<&'a VariantTelemetry> {
@@ -213,16 +231,7 @@ impl Policy for HpaQueue {
             };
             rec.insert(v.name.clone(), clamp(v, want));
         }
-        let found = self
-            .cfg
-            .variants
-            .iter()
-            .map(|v| (v.name.clone(), current(t, v)))
-            .collect();
-        self.stab.seed(t.at_s, found);
-        let mut out = self.stab.apply(t.at_s, rec);
-        fit_budget(&self.cfg, &mut out);
-        out
+        self.stab.decide(&self.cfg, t, rec)
     }
 }
 
@@ -904,17 +913,7 @@ impl Policy for LlmdPolicy {
                 rec.insert(v.name.clone(), clamp(v, scaled(n)));
             }
         }
-        // The fleet found at the first decision stands for a window, as a recommendation.
-        let found = self
-            .cfg
-            .variants
-            .iter()
-            .map(|v| (v.name.clone(), current(t, v)))
-            .collect();
-        self.stab.seed(t.at_s, found);
-        let mut out = self.stab.apply(t.at_s, rec);
-        fit_budget(&self.cfg, &mut out);
-        out
+        self.stab.decide(&self.cfg, t, rec)
     }
 }
 
