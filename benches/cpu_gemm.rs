@@ -15,6 +15,8 @@
 //! prefill rows).
 #[path = "support/env.rs"]
 mod env;
+#[path = "support/splitmix.rs"]
+mod splitmix;
 use env::env_usize;
 
 use llmd::backend::cpu::gemm::WeightDType;
@@ -31,14 +33,10 @@ const HEADS: usize = 9;
 const KV_HEADS: usize = 3;
 const LAYERS: usize = 30;
 
+/// `n` values uniform in [-0.1, 0.1) from the benches' SplitMix64.
 fn rand_vec(n: usize, seed: &mut u64) -> Vec<f32> {
     (0..n)
-        .map(|_| {
-            *seed = seed
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 0.2 - 0.1
-        })
+        .map(|_| ((splitmix::next(seed) >> 40) as f32 / (1u64 << 24) as f32) * 0.2 - 0.1)
         .collect()
 }
 
