@@ -143,7 +143,7 @@ impl ByteLevel {
     }
 
     /// Calls `f` with each word of `text`, in order, as the crate's pre-tokenizer splits it.
-    pub(super) fn for_each_word<'a>(&self, text: &'a str, mut f: impl FnMut(&'a str)) {
+    fn for_each_word<'a>(&self, text: &'a str, mut f: impl FnMut(&'a str)) {
         if !self.digits {
             return self.split(text, &mut f);
         }
