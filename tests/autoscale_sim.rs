@@ -95,6 +95,20 @@ fn every_policy_reports_through_the_json_interface_and_draws_its_png() {
         policy(&j, "static-peak")["max_replicas"].as_u64().unwrap(),
         fixed
     );
+    // The hindsight bound: a fleet per minute, none above the static fleet that met them all,
+    // and no more replica-hours than static-peak spent.
+    let bound = &j["hindsight_bound"];
+    let minutes = policy(&j, "static-peak")["minutes"].as_u64().unwrap() as usize;
+    let per_minute = bound["per_minute"].as_array().unwrap();
+    assert_eq!(per_minute.len(), minutes);
+    assert!(per_minute
+        .iter()
+        .all(|m| m["h200-8b"].as_u64().unwrap() <= fixed));
+    let b = bound["replica_hours"].as_f64().unwrap();
+    assert!(
+        b > 0.0 && b <= policy(&j, "static-peak")["replica_hours"].as_f64().unwrap(),
+        "{bound}"
+    );
     // The replay is the slice scaled by the default rate factor.
     assert_eq!(j["trace_requests"], 300);
     assert!(j["replayed_requests"].as_u64().unwrap() >= 300);

@@ -1188,6 +1188,60 @@ pub fn size_static_peak(cfg: &AutoscaleConfig, reqs: &[SimRequest]) -> BTreeMap<
     counts
 }
 
+/// What no policy can beat on a replay, estimated with hindsight.
+#[derive(Clone, Debug, Serialize)]
+pub struct HindsightBound {
+    pub replica_hours: f64,
+    pub cost: f64,
+    /// The least fleet per minute (variant → replicas).
+    pub per_minute: Vec<BTreeMap<String, u32>>,
+}
+
+/// The least replica-hours any policy could spend meeting every minute's SLOs on this replay:
+/// each minute's requests are replayed alone on an idle fixed fleet (no backlog from the minute
+/// before, no start-up delay, perfect foresight of the minute), the least fleet that meets that
+/// minute is found as `size_static_peak` finds static-peak's, and the fleets are summed over the
+/// replay's length. It is optimistic (a real fleet carries queues across minutes and must start
+/// replicas a start-up time ahead), so a policy's ratio to it says how much room is left.
+pub fn hindsight_bound(cfg: &AutoscaleConfig, reqs: &[SimRequest]) -> HindsightBound {
+    let last = reqs.last().map_or(0.0, |r| r.at_s);
+    let minutes = ((last / 60.0).floor() as usize + 1).max(1);
+    let mut per_minute = Vec::with_capacity(minutes);
+    let (mut replica_hours, mut cost) = (0.0, 0.0);
+    for m in 0..minutes {
+        let from = 60.0 * m as f64;
+        let mine: Vec<SimRequest> = reqs
+            .iter()
+            .filter(|r| r.at_s >= from && r.at_s < from + 60.0)
+            .map(|r| SimRequest {
+                at_s: r.at_s - from,
+                ..r.clone()
+            })
+            .collect();
+        let counts: BTreeMap<String, u32> = if mine.iter().any(|r| !cfg.bands[r.band].sheddable()) {
+            size_static_peak(cfg, &mine)
+        } else {
+            cfg.variants
+                .iter()
+                .map(|v| (v.name.clone(), v.min_replicas))
+                .collect()
+        };
+        // Runs end at the last arrival, so the last minute counts only up to it.
+        let hours = (last - from).clamp(0.0, 60.0) / 3600.0;
+        for v in &cfg.variants {
+            let n = f64::from(counts[&v.name]);
+            replica_hours += n * hours;
+            cost += n * hours * v.cost_per_replica_hour;
+        }
+        per_minute.push(counts);
+    }
+    HindsightBound {
+        replica_hours,
+        cost,
+        per_minute,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1215,6 +1269,44 @@ mod tests {
             assert!(parse_trace(bad, 1.0).is_err(), "{bad:?}");
         }
         assert!(parse_trace("TIMESTAMP,ContextTokens,GeneratedTokens\n1,1,1\n", 0.0).is_err());
+    }
+
+    #[test]
+    fn the_hindsight_bound_sizes_each_minute_alone() {
+        let mut cfg = AutoscaleConfig::default_config().unwrap();
+        cfg.bands.retain(|b| b.priority == 0);
+        cfg.bands[0].share = 1.0;
+        cfg.replay.rate_scale = 1.0;
+        cfg.variants[0].min_replicas = 1;
+        let c = cfg.variants[0].capacity.clone();
+        // Minute 0: 1000-token prompts at three times one replica's prefill rate (two replicas
+        // would fall 30 s of work behind within the minute, far past the 5 s SLO); minute 1 (to
+        // 90 s): one request every 10 s, which one replica serves at once.
+        let every = 1000.0 / (3.0 * c.prefill_tokens_per_s);
+        let mut trace: Vec<TraceRequest> = (0..(60.0 / every) as usize)
+            .map(|i| TraceRequest {
+                at_s: i as f64 * every,
+                prompt_tokens: 1000,
+                output_tokens: 2,
+            })
+            .collect();
+        trace.extend((0..4).map(|i| TraceRequest {
+            at_s: 60.0 + 10.0 * f64::from(i),
+            prompt_tokens: 1000,
+            output_tokens: 2,
+        }));
+        let reqs = expand(&trace, &cfg);
+        let b = hindsight_bound(&cfg, &reqs);
+        assert_eq!(b.per_minute.len(), 2);
+        let (n0, n1) = (b.per_minute[0]["h200-8b"], b.per_minute[1]["h200-8b"]);
+        assert!(n0 >= 3, "three times one replica's rate needs three: {n0}");
+        assert_eq!(n1, 1);
+        // Minute 1 counts up to the last arrival (90 s).
+        let want = (f64::from(n0) * 60.0 + 30.0) / 3600.0;
+        assert!((b.replica_hours - want).abs() < 1e-9, "{}", b.replica_hours);
+        assert!((b.cost - want * cfg.variants[0].cost_per_replica_hour).abs() < 1e-9);
+        // The whole replay's static fleet must cover its busiest minute.
+        assert!(size_static_peak(&cfg, &reqs)["h200-8b"] >= n0);
     }
 
     #[test]

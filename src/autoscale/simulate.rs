@@ -85,6 +85,7 @@ pub fn main(a: SimulateArgs) -> Result<(), String> {
         }
         results.push(r);
     }
+    let bound = sim::hindsight_bound(&cfg, &reqs);
     if a.json {
         let policies: Vec<serde_json::Value> = results
             .iter()
@@ -121,6 +122,7 @@ pub fn main(a: SimulateArgs) -> Result<(), String> {
             "rate_scale": cfg.replay.rate_scale,
             "initial_fleet": start,
             "static_peak_replicas": static_counts,
+            "hindsight_bound": {"replica_hours": bound.replica_hours, "cost": bound.cost, "per_minute": bound.per_minute},
             "policies": policies,
         });
         println!("{out}");
@@ -153,6 +155,10 @@ pub fn main(a: SimulateArgs) -> Result<(), String> {
             }
             println!();
         }
+        println!(
+            "hindsight bound (each minute alone on the least idle fleet that meets it): {:.2} replica-hours, cost {:.2}",
+            bound.replica_hours, bound.cost
+        );
     }
     Ok(())
 }
