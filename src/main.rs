@@ -266,6 +266,11 @@ struct EngineArgs {
     /// On a GPU, run every step eagerly (no CUDA graphs for decode steps).
     #[arg(long)]
     enforce_eager: bool,
+    /// On the CPU, round an f32 checkpoint's matrix weights to bf16 at load: half the weight
+    /// memory and decode bandwidth, at bf16's rounding (bf16 and f16 checkpoints keep their own
+    /// precision whatever this says).
+    #[arg(long)]
+    cpu_bf16_weights: bool,
     /// Most requests waiting for a batch slot before new ones are refused with 429. Bounds
     /// the memory queued requests hold (each keeps its prompt's tokens).
     #[arg(long, default_value_t = llmd::config::DEFAULT_MAX_WAITING_REQUESTS)]
@@ -514,6 +519,7 @@ fn engine_config(a: &EngineArgs, model: PathBuf) -> Result<EngineConfig> {
     c.num_threads = a.threads;
     c.device = a.device;
     c.enforce_eager = a.enforce_eager;
+    c.cpu_bf16_weights = a.cpu_bf16_weights;
     c.scheduler.max_waiting_requests = Some(a.max_waiting_requests);
     c.fault_injection = a.fault_injection.clone();
     let gib = |g: f64, flag: &str| -> Result<f64> {
@@ -753,6 +759,14 @@ fn serve(mut a: ServeArgs) -> Result<()> {
                 .map_or("the model's".to_string(), |n| n.to_string())
         );
         println!("block size: {}", config.cache.block_size);
+        println!(
+            "cpu weights: {}",
+            if config.cpu_bf16_weights {
+                "bf16 (f32 checkpoints rounded at load)"
+            } else {
+                "the checkpoint's precision"
+            }
+        );
         println!("kv events: {events_line}");
         match &kv_transfer {
             None => println!("kv transfer: off"),

@@ -317,6 +317,13 @@ fn serve_takes_the_model_positionally_as_vllm_serve_does() {
     let (ok, out, err) = check_config(&["serve", model, "--model", model], &[]);
     assert!(ok, "{err}");
     assert!(out.contains("(a local directory)"), "{out}");
+    assert!(
+        out.contains("cpu weights: the checkpoint's precision"),
+        "{out}"
+    );
+    let (ok, out, err) = check_config(&["serve", model, "--cpu-bf16-weights"], &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("cpu weights: bf16"), "{out}");
     let (ok, _, err) = check_config(&["serve", model, "--model", "acme/other"], &[]);
     assert!(!ok);
     assert!(

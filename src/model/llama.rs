@@ -633,7 +633,9 @@ impl<B: Backend> Loader<'_, B> {
     fn one(&mut self, name: &str, shape: &[usize]) -> Result<B::Weight, ModelError> {
         let t = self.files.get_checked(name, shape)?;
         self.tick(t.data.len());
-        Ok(self.backend.load_weight(t)?)
+        let w = self.backend.load_weight(t)?;
+        self.files.release(name);
+        Ok(w)
     }
 
     /// A norm weight `[dim]`; with `offset`, stored as `1 + w` (Gemma's RMSNorm), so every
@@ -659,7 +661,11 @@ impl<B: Backend> Loader<'_, B> {
             .map(|(n, s)| self.files.get_checked(n, s))
             .collect::<Result<Vec<_>, _>>()?;
         self.tick(ts.iter().map(|t| t.data.len()).sum());
-        Ok(self.backend.load_weight_rows(&ts)?)
+        let w = self.backend.load_weight_rows(&ts)?;
+        for (n, _) in parts {
+            self.files.release(n);
+        }
+        Ok(w)
     }
 
     fn tick(&mut self, bytes: usize) {

@@ -139,6 +139,32 @@ impl WeightFiles {
             .sum()
     }
 
+    /// Drops the file pages wholly inside tensor `name` from this process's resident memory,
+    /// once a backend holds its own copy: without it, loading holds every weight twice (the
+    /// mapped file and the backend's copy) until the files close. The mapping is read-only and
+    /// private, so a later `get` faults the pages back in from the file: nothing is lost.
+    pub fn release(&self, name: &str) {
+        let Some(e) = self.tensors.get(name) else {
+            return;
+        };
+        let shard = &self.shards[e.shard];
+        let page = page_size();
+        let start = (shard.data_start + e.range.0).next_multiple_of(page);
+        let end = (shard.data_start + e.range.1) / page * page;
+        if end > start {
+            // SAFETY: DONTNEED on a read-only private file mapping only drops clean pages,
+            // which the kernel re-reads from the file on the next access; no reference into the
+            // mapping is invalidated.
+            let _ = unsafe {
+                shard.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
+    }
+
     /// The tensor `name`, which must have shape `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<HostTensor<'_>, ModelError> {
         let e = self
@@ -239,4 +265,58 @@ fn offsets_within(file: &[u8]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as usize
+    } else {
+        4096
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Released pages come back from the file: the bytes read after `release` are the same.
+    #[test]
+    fn a_released_tensor_reads_back_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        // Two tensors of several pages each, with distinct contents.
+        let a: Vec<f32> = (0..5000).map(|i| i as f32 * 0.25).collect();
+        let b: Vec<f32> = (0..3000).map(|i| -(i as f32)).collect();
+        let views = [
+            (
+                "a",
+                safetensors::tensor::TensorView::new(
+                    Dtype::F32,
+                    vec![5000],
+                    bytemuck::cast_slice(&a),
+                )
+                .unwrap(),
+            ),
+            (
+                "b",
+                safetensors::tensor::TensorView::new(
+                    Dtype::F32,
+                    vec![3000],
+                    bytemuck::cast_slice(&b),
+                )
+                .unwrap(),
+            ),
+        ];
+        safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+        let files = WeightFiles::open(dir.path()).unwrap();
+        let before = files.get("a", &[5000]).unwrap().data.to_vec();
+        files.release("a");
+        files.release("missing");
+        assert_eq!(files.get("a", &[5000]).unwrap().data, &before[..]);
+        assert_eq!(
+            files.get("b", &[3000]).unwrap().data,
+            bytemuck::cast_slice::<f32, u8>(&b)
+        );
+    }
 }

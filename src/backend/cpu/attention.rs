@@ -4,6 +4,7 @@
 //! function serves decode (query_len 1) and prefill chunks (causal over cached prefix + chunk).
 //! Each query row is computed independently with a fixed reduction order, so results do not
 //! depend on batching or chunking.
+use super::gemm::{available_isas, detected_isa, Isa};
 use super::CpuKvCache;
 use crate::backend::{AttnDims, BatchPlan};
 use rayon::prelude::*;
@@ -33,9 +34,25 @@ pub fn paged_attention(
     dims: AttnDims,
     out: &mut [f32],
 ) {
+    paged_attention_with(detected_isa(), qkv, cache, plan, seqs, dims, out);
+}
+
+/// [`paged_attention`] compiled for a chosen instruction set (tests force each one; panics if
+/// the CPU lacks it). Every path runs the same scalar code, only vectorised wider, with no
+/// contraction of multiply and add: the results are the same bits on every path.
+pub fn paged_attention_with(
+    isa: Isa,
+    qkv: &[f32],
+    cache: &CpuKvCache,
+    plan: &BatchPlan,
+    seqs: Range<usize>,
+    dims: AttnDims,
+    out: &mut [f32],
+) {
     if seqs.is_empty() {
         return;
     }
+    assert!(available_isas().contains(&isa), "{isa:?} is not available");
     let q_w = dims.q_width();
     let width = dims.qkv_width();
     let first_row = plan.seqs[seqs.start].query_start;
@@ -53,61 +70,233 @@ pub fn paged_attention(
         .enumerate()
         .for_each(|(i, (o, &(seq, pos)))| {
             let q = &qkv[(first_row + i) * width..(first_row + i) * width + q_w];
-            attend_one_token(q, cache, plan.block_table(seq), pos, dims, o);
+            let bs = cache.dims.block_size;
+            let table = plan.block_table(seq);
+            let lo = dims
+                .sliding_window
+                .map_or(0, |w| (pos + 1).saturating_sub(w));
+            // Each key's offset in the cache, found once for all heads.
+            let at: Vec<usize> = (lo..=pos)
+                .map(|t| (table[t / bs] as usize * bs + t % bs) * dims.kv_width())
+                .collect();
+            let mut scores = vec![0f32; at.len()];
+            let args = (q, cache, at.as_slice(), dims, o, scores.as_mut_slice());
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the CPU has the features (asserted above).
+                Isa::Avx512 => unsafe { attend_avx512(args) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above.
+                Isa::Avx2 => unsafe { attend_avx2(args) },
+                _ => attend_one_token(args, score_keys),
+            }
         });
 }
 
-/// All heads of one query token at absolute position `pos`, attending to positions
-/// `lo..=pos` (`lo` from the sliding window, else 0).
+type AttendArgs<'a> = (
+    &'a [f32],
+    &'a CpuKvCache,
+    &'a [usize],
+    AttnDims,
+    &'a mut [f32],
+    &'a mut [f32],
+);
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_avx512(a: AttendArgs) {
+    attend_one_token(a, |q, k, at, out| score_keys_avx(q, k, at, out))
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_avx2(a: AttendArgs) {
+    attend_one_token(a, |q, k, at, out| score_keys_avx(q, k, at, out))
+}
+
+/// All heads of one query token against the keys at cache offsets `at` (its positions
+/// `lo..=pos`, in order), `scores` one per key. Inlined into each instruction set's wrapper.
+#[inline(always)]
 fn attend_one_token(
-    q: &[f32],
-    cache: &CpuKvCache,
-    block_table: &[u32],
-    pos: usize,
-    dims: AttnDims,
-    out: &mut [f32],
+    (q, cache, at, dims, out, scores): AttendArgs,
+    score: impl Fn(&[f32], &[f32], &[usize], &mut [f32]),
 ) {
     let hd = dims.head_dim;
-    let bs = cache.dims.block_size;
-    let kv_w = dims.kv_width();
     let group = dims.num_heads / dims.num_kv_heads;
-    let lo = dims
-        .sliding_window
-        .map_or(0, |w| (pos + 1).saturating_sub(w));
-    let n = pos + 1 - lo;
-    let slot = |t: usize| block_table[t / bs] as usize * bs + t % bs;
-    let mut scores = vec![0f32; n];
     for h in 0..dims.num_heads {
         let kvh = h / group;
         let qh = &q[h * hd..(h + 1) * hd];
+        score(qh, &cache.k[kvh * hd..], at, scores);
         let mut max = f32::NEG_INFINITY;
-        for (j, s) in scores.iter_mut().enumerate() {
-            let base = slot(lo + j) * kv_w + kvh * hd;
-            let k = &cache.k[base..base + hd];
-            *s = dot(qh, k) * dims.scale;
+        for s in scores.iter_mut() {
+            *s *= dims.scale;
             if let Some(c) = dims.softcap {
                 *s = c * (*s / c).tanh();
             }
             max = max.max(*s);
         }
-        let mut sum = 0f32;
         for s in scores.iter_mut() {
-            *s = (*s - max).exp();
-            sum += *s;
+            *s = exp(*s - max);
         }
+        let sum = sum16(scores);
+        for s in scores.iter_mut() {
+            *s /= sum;
+        }
+        // Each output element sums w·v over the keys in order; blocks of 64 then 16 elements
+        // stay in registers across the keys (each element's order of summing is unchanged).
         let oh = &mut out[h * hd..(h + 1) * hd];
-        oh.fill(0.0);
-        for (j, &p) in scores.iter().enumerate() {
-            let base = slot(lo + j) * kv_w + kvh * hd;
-            let v = &cache.v[base..base + hd];
-            let w = p / sum;
-            for (o, &v) in oh.iter_mut().zip(v) {
-                *o += w * v;
+        let e = pv_blocks::<64>(oh, 0, scores, at, &cache.v, kvh * hd);
+        let e = pv_blocks::<16>(oh, e, scores, at, &cache.v, kvh * hd);
+        for (i, o) in oh.iter_mut().enumerate().skip(e) {
+            *o = 0.0;
+            for (&w, &base) in scores.iter().zip(at) {
+                *o += w * cache.v[base + kvh * hd + i];
             }
         }
     }
 }
 
+/// e^x in plain f32 arithmetic, so it vectorises and gives the same bits on every instruction
+/// set (no fused multiply-add): x = n·ln 2 + r with |r| ≤ ln 2 / 2 (ln 2 split in two parts so
+/// n·ln 2 is exact), e^r by Cephes' degree-6 polynomial (relative error ≈ 1e-7), times 2^n built
+/// from its bits. Inputs are clamped to [-87.3, 88.7], so it never returns 0 or infinity.
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    let x = x.clamp(-87.336_55, 88.722_83);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = x - n * 0.693_359_4 - n * -2.121_944_4e-4;
+    let z = r * r;
+    let p = ((((1.987_569_2e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
+        + 1.666_666_5e-1)
+        * r
+        + 0.5;
+    let y = p * z + r + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// The sum of `x` in 16 lanes (lane `l` sums elements `l`, `l + 16`, …, in order), then the
+/// lanes pairwise: a fixed order that vectorises.
+#[inline(always)]
+fn sum16(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(rest) {
+        *a += v;
+    }
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for l in 0..w {
+            acc[l] += acc[l + w];
+        }
+    }
+    acc[0]
+}
+
+/// `out[e..]` in blocks of `N` while they fit: each element the sum over the keys of weight ×
+/// V (keys at `at`, this head's V at `head` within a slot). Returns where it stopped.
+#[inline(always)]
+fn pv_blocks<const N: usize>(
+    out: &mut [f32],
+    mut e: usize,
+    weights: &[f32],
+    at: &[usize],
+    v: &[f32],
+    head: usize,
+) -> usize {
+    while e + N <= out.len() {
+        let mut acc = [0f32; N];
+        for (&w, &base) in weights.iter().zip(at) {
+            let v = &v[base + head + e..][..N];
+            for (a, &v) in acc.iter_mut().zip(v) {
+                *a += w * v;
+            }
+        }
+        out[e..e + N].copy_from_slice(&acc);
+        e += N;
+    }
+    e
+}
+
+/// `out[j]` = q · the key at `k[at[j]..]`.
+#[inline(always)]
+fn score_keys(q: &[f32], k: &[f32], at: &[usize], out: &mut [f32]) {
+    for (s, &base) in out.iter_mut().zip(at) {
+        *s = dot(q, &k[base..base + q.len()]);
+    }
+}
+
+/// [`score_keys`] on AVX, four keys at a time where the head size is a multiple of 8 (four
+/// independent chains, one horizontal reduction for the four): the same bits as [`dot`].
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn score_keys_avx(q: &[f32], k: &[f32], at: &[usize], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let hd = q.len();
+    let mut j = 0;
+    if hd.is_multiple_of(8) {
+        while j + 4 <= at.len() {
+            let keys: [&[f32]; 4] = std::array::from_fn(|i| &k[at[j + i]..at[j + i] + hd]);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for c in (0..hd).step_by(8) {
+                let qv = _mm256_loadu_ps(q.as_ptr().add(c));
+                for (a, key) in acc.iter_mut().zip(&keys) {
+                    *a = _mm256_add_ps(*a, _mm256_mul_ps(qv, _mm256_loadu_ps(key.as_ptr().add(c))));
+                }
+            }
+            // Per key: (a0 + a4, a1 + a5, a2 + a6, a3 + a7), then (b0 + b1) + (b2 + b3).
+            let h: [__m128; 4] = std::array::from_fn(|i| {
+                _mm_add_ps(
+                    _mm256_castps256_ps128(acc[i]),
+                    _mm256_extractf128_ps::<1>(acc[i]),
+                )
+            });
+            let s = _mm_hadd_ps(_mm_hadd_ps(h[0], h[1]), _mm_hadd_ps(h[2], h[3]));
+            _mm_storeu_ps(out.as_mut_ptr().add(j), s);
+            j += 4;
+        }
+    }
+    for (s, &base) in out[j..].iter_mut().zip(&at[j..]) {
+        *s = dot_avx(q, &k[base..base + hd]);
+    }
+}
+
+/// [`dot`] on AVX: the same eight lanes, products and sums (no fused multiply-add), and the
+/// same reduction tree, so the same bits.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn dot_avx(a: &[f32], b: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = a.len().min(b.len());
+    let c = n / 8 * 8;
+    let mut acc = _mm256_setzero_ps();
+    let mut i = 0;
+    while i < c {
+        let p = _mm256_mul_ps(
+            _mm256_loadu_ps(a.as_ptr().add(i)),
+            _mm256_loadu_ps(b.as_ptr().add(i)),
+        );
+        acc = _mm256_add_ps(acc, p);
+        i += 8;
+    }
+    // (a0 + a4, a1 + a5, a2 + a6, a3 + a7), then (b0 + b1) + (b2 + b3).
+    let h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps::<1>(acc));
+    let mut l = [0f32; 4];
+    _mm_storeu_ps(l.as_mut_ptr(), h);
+    let mut s = (l[0] + l[1]) + (l[2] + l[3]);
+    for j in c..n {
+        s += a[j] * b[j];
+    }
+    s
+}
+
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight fixed lanes: vectorizes and keeps one reduction order.
     let mut acc = [0f32; 8];
@@ -333,5 +522,78 @@ mod tests {
         let mut out = vec![0.0];
         paged_attention(&[1.0, 0.0, 0.0], &cache, &plan, 0..1, d, &mut out);
         assert!((out[0] - 1.5).abs() < 1e-6, "{}", out[0]);
+    }
+
+    /// Every instruction set's path gives the same bits as the portable one: prefill with GQA,
+    /// head sizes with and without a remainder past 16 and 8 lanes, softcap and a window.
+    #[test]
+    fn every_isa_path_gives_the_same_bits() {
+        for (h, kvh, hd, window, softcap) in [
+            (9usize, 3usize, 64usize, None, None),
+            (4, 2, 20, Some(5), None),
+            (2, 1, 35, None, Some(30.0f32)),
+        ] {
+            let d = AttnDims {
+                sliding_window: window,
+                softcap,
+                ..dims(h, kvh, hd)
+            };
+            let (bs, total) = (4usize, 19usize);
+            let nblocks = total.div_ceil(bs);
+            let kvd = KvCacheDims {
+                num_blocks: nblocks + 1,
+                block_size: bs,
+                num_kv_heads: kvh,
+                head_dim: hd,
+            };
+            let mut seed = 11u64;
+            let qkv: Vec<f32> = (0..total * d.qkv_width()).map(|_| lcg(&mut seed)).collect();
+            let table: Vec<u32> = (0..nblocks as u32).rev().collect();
+            let slots: Vec<u32> = (0..total)
+                .map(|t| table[t / bs] * bs as u32 + (t % bs) as u32)
+                .collect();
+            let mut cache = CpuKvCache {
+                dims: kvd,
+                k: vec![0.0; kvd.numel()],
+                v: vec![0.0; kvd.numel()],
+            };
+            write_kv(&qkv, &mut cache, &slots, d);
+            let plan = BatchPlan {
+                seqs: vec![SeqPlan {
+                    query_start: 0,
+                    query_len: total,
+                    context_len: total,
+                }],
+                num_decode_seqs: 0,
+                block_tables: table.clone(),
+                max_blocks_per_seq: nblocks,
+                ..Default::default()
+            };
+            let run = |isa| {
+                let mut out = vec![0.0; total * d.q_width()];
+                paged_attention_with(isa, &qkv, &cache, &plan, 0..1, d, &mut out);
+                out.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
+            };
+            let want = run(Isa::Portable);
+            for isa in available_isas() {
+                assert_eq!(run(isa), want, "{isa:?}, heads {h}/{kvh}, head_dim {hd}");
+            }
+        }
+    }
+
+    /// The vectorisable e^x against the standard library's over softmax's range and beyond.
+    #[test]
+    fn exp_is_within_a_few_ulps_of_the_standard_library() {
+        let mut worst = 0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (got, want) = (exp(x) as f64, (x as f64).exp());
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) > 0.0 && exp(-1000.0) < 1e-37);
+        assert!(exp(f32::NEG_INFINITY) > 0.0);
     }
 }
