@@ -37,9 +37,16 @@ pub fn paged_attention(
     paged_attention_with(detected_isa(), qkv, cache, plan, seqs, dims, out);
 }
 
+/// Query tokens of one sequence taken together: each key and value row read from the cache
+/// serves all their heads before the next is read.
+const TILE_TOKENS: usize = 16;
+/// Keys visited per pass over a tile's query rows (their K or V rows stay in cache meanwhile).
+const KEY_BLOCK: usize = 128;
+
 /// [`paged_attention`] compiled for a chosen instruction set (tests force each one; panics if
 /// the CPU lacks it). Every path runs the same scalar code, only vectorised wider, with no
-/// contraction of multiply and add: the results are the same bits on every path.
+/// contraction of multiply and add, and each query row's arithmetic is the same whatever tile
+/// or batch it is in: the results are the same bits on every path and in every batch.
 pub fn paged_attention_with(
     isa: Isa,
     qkv: &[f32],
@@ -56,101 +63,176 @@ pub fn paged_attention_with(
     let q_w = dims.q_width();
     let width = dims.qkv_width();
     let first_row = plan.seqs[seqs.start].query_start;
-    // row -> (seq index, position of the query token)
-    let rows: Vec<(usize, usize)> = seqs
-        .clone()
-        .flat_map(|s| {
-            let sp = plan.seqs[s];
-            (0..sp.query_len).map(move |i| (s, sp.context_len - sp.query_len + i))
-        })
-        .collect();
-    let out = &mut out[first_row * q_w..(first_row + rows.len()) * q_w];
-    out.par_chunks_mut(q_w)
-        .zip(rows.par_iter())
-        .enumerate()
-        .for_each(|(i, (o, &(seq, pos)))| {
-            let q = &qkv[(first_row + i) * width..(first_row + i) * width + q_w];
-            let bs = cache.dims.block_size;
-            let table = plan.block_table(seq);
-            let lo = dims
-                .sliding_window
-                .map_or(0, |w| (pos + 1).saturating_sub(w));
-            // Each key's offset in the cache, found once for all heads.
-            let at: Vec<usize> = (lo..=pos)
-                .map(|t| (table[t / bs] as usize * bs + t % bs) * dims.kv_width())
-                .collect();
-            let mut scores = vec![0f32; at.len()];
-            let args = (q, cache, at.as_slice(), dims, o, scores.as_mut_slice());
+    // Tiles: (sequence, first row after first_row, position of its first token, tokens).
+    let mut tiles = Vec::new();
+    let mut row = 0;
+    for s in seqs {
+        let sp = plan.seqs[s];
+        let first_pos = sp.context_len - sp.query_len;
+        for i in (0..sp.query_len).step_by(TILE_TOKENS) {
+            let n = (sp.query_len - i).min(TILE_TOKENS);
+            tiles.push((s, row + i, first_pos + i, n));
+        }
+        row += sp.query_len;
+    }
+    let mut rest = &mut out[first_row * q_w..(first_row + row) * q_w];
+    let mut outs = Vec::with_capacity(tiles.len());
+    for t in &tiles {
+        let (o, r) = std::mem::take(&mut rest).split_at_mut(t.3 * q_w);
+        outs.push(o);
+        rest = r;
+    }
+    tiles
+        .par_iter()
+        .zip(outs)
+        .for_each(|(&(seq, row, first_pos, tokens), out)| {
+            let rows = (first_row + row) * width..(first_row + row + tokens) * width;
+            let tile = Tile {
+                q: &qkv[rows],
+                cache,
+                table: plan.block_table(seq),
+                first_pos,
+                tokens,
+                dims,
+                out,
+            };
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: the CPU has the features (asserted above).
-                Isa::Avx512 => unsafe { attend_avx512(args) },
+                Isa::Avx512 => unsafe { attend_avx512(tile) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above.
-                Isa::Avx2 => unsafe { attend_avx2(args) },
-                _ => attend_one_token(args, score_keys),
+                Isa::Avx2 => unsafe { attend_avx2(tile) },
+                _ => attend_tile(tile, score_keys),
             }
         });
 }
 
-type AttendArgs<'a> = (
-    &'a [f32],
-    &'a CpuKvCache,
-    &'a [usize],
-    AttnDims,
-    &'a mut [f32],
-    &'a mut [f32],
-);
+/// Consecutive query tokens of one sequence: their q/k/v rows, where their keys live, and
+/// their output rows.
+struct Tile<'a> {
+    q: &'a [f32],
+    cache: &'a CpuKvCache,
+    table: &'a [u32],
+    first_pos: usize,
+    tokens: usize,
+    dims: AttnDims,
+    out: &'a mut [f32],
+}
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_avx512(a: AttendArgs) {
-    attend_one_token(a, |q, k, at, out| score_keys_avx(q, k, at, out))
+unsafe fn attend_avx512(t: Tile) {
+    attend_tile(t, |q, k, at, out| score_keys_avx(q, k, at, out))
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(a: AttendArgs) {
-    attend_one_token(a, |q, k, at, out| score_keys_avx(q, k, at, out))
+unsafe fn attend_avx2(t: Tile) {
+    attend_tile(t, |q, k, at, out| score_keys_avx(q, k, at, out))
 }
 
-/// All heads of one query token against the keys at cache offsets `at` (its positions
-/// `lo..=pos`, in order), `scores` one per key. Inlined into each instruction set's wrapper.
+/// All heads of a tile's query tokens, each attending to its positions `lo..=pos` (`lo` from
+/// the sliding window, else 0). Per query row and head, in key order: scores (q·k × scale, then
+/// the softcap), their maximum, e^(s − max), their [`sum16`], weights = e / sum, and each output
+/// element the sum of weight × v. Keys are visited in blocks shared by the tile's rows, which
+/// changes where the work happens but not any row's order of operations. Inlined into each
+/// instruction set's wrapper.
 #[inline(always)]
-fn attend_one_token(
-    (q, cache, at, dims, out, scores): AttendArgs,
-    score: impl Fn(&[f32], &[f32], &[usize], &mut [f32]),
-) {
-    let hd = dims.head_dim;
-    let group = dims.num_heads / dims.num_kv_heads;
-    for h in 0..dims.num_heads {
-        let kvh = h / group;
-        let qh = &q[h * hd..(h + 1) * hd];
-        score(qh, &cache.k[kvh * hd..], at, scores);
-        let mut max = f32::NEG_INFINITY;
-        for s in scores.iter_mut() {
-            *s *= dims.scale;
-            if let Some(c) = dims.softcap {
-                *s = c * (*s / c).tanh();
+fn attend_tile(t: Tile, score: impl Fn(&[f32], &[f32], &[usize], &mut [f32])) {
+    let d = t.dims;
+    let (hd, heads) = (d.head_dim, d.num_heads);
+    let group = heads / d.num_kv_heads;
+    let (width, q_w, bs) = (d.qkv_width(), d.q_width(), t.cache.dims.block_size);
+    let lo = |pos: usize| d.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    let base = lo(t.first_pos);
+    let last = t.first_pos + t.tokens - 1;
+    // Each key's offset in the cache (keys base..=last), found once for the tile.
+    let at: Vec<usize> = (base..=last)
+        .map(|p| (t.table[p / bs] as usize * bs + p % bs) * d.kv_width())
+        .collect();
+    let keys = at.len();
+    // Token i's keys, as indices into `at`.
+    let span = |i: usize| {
+        let pos = t.first_pos + i;
+        (lo(pos) - base, pos + 1 - base)
+    };
+    let mut scores = vec![0f32; t.tokens * heads * keys];
+    let row_of = |i: usize, h: usize| (i * heads + h) * keys;
+    for kvh in 0..d.num_kv_heads {
+        let k = &t.cache.k[kvh * hd..];
+        for b in (0..keys).step_by(KEY_BLOCK) {
+            let b_end = (b + KEY_BLOCK).min(keys);
+            for i in 0..t.tokens {
+                let (l, r) = span(i);
+                let (j0, j1) = (b.max(l), b_end.min(r));
+                if j0 >= j1 {
+                    continue;
+                }
+                for h in kvh * group..(kvh + 1) * group {
+                    let qh = &t.q[i * width + h * hd..][..hd];
+                    let s = &mut scores[row_of(i, h)..][j0 - l..j1 - l];
+                    score(qh, k, &at[j0..j1], s);
+                }
             }
-            max = max.max(*s);
         }
-        for s in scores.iter_mut() {
-            *s = exp(*s - max);
+    }
+    for i in 0..t.tokens {
+        let (l, r) = span(i);
+        for h in 0..heads {
+            let s = &mut scores[row_of(i, h)..][..r - l];
+            for s in s.iter_mut() {
+                *s *= d.scale;
+            }
+            if let Some(c) = d.softcap {
+                for s in s.iter_mut() {
+                    *s = c * (*s / c).tanh();
+                }
+            }
+            let max = max16(s);
+            for s in s.iter_mut() {
+                *s = exp(*s - max);
+            }
+            let sum = sum16(s);
+            for s in s.iter_mut() {
+                *s /= sum;
+            }
         }
-        let sum = sum16(scores);
-        for s in scores.iter_mut() {
-            *s /= sum;
-        }
-        // Each output element sums w·v over the keys in order; blocks of 64 then 16 elements
-        // stay in registers across the keys (each element's order of summing is unchanged).
-        let oh = &mut out[h * hd..(h + 1) * hd];
-        let e = pv_blocks::<64>(oh, 0, scores, at, &cache.v, kvh * hd);
-        let e = pv_blocks::<16>(oh, e, scores, at, &cache.v, kvh * hd);
-        for (i, o) in oh.iter_mut().enumerate().skip(e) {
-            *o = 0.0;
-            for (&w, &base) in scores.iter().zip(at) {
-                *o += w * cache.v[base + kvh * hd + i];
+    }
+    t.out.fill(0.0);
+    for kvh in 0..d.num_kv_heads {
+        let v = &t.cache.v[kvh * hd..];
+        for b in (0..keys).step_by(KEY_BLOCK) {
+            let b_end = (b + KEY_BLOCK).min(keys);
+            for i in 0..t.tokens {
+                let (l, r) = span(i);
+                let (j0, j1) = (b.max(l), b_end.min(r));
+                if j0 >= j1 {
+                    continue;
+                }
+                // The group's heads together: each V row loaded serves all of them.
+                let h0 = kvh * group;
+                let o = &mut t.out[i * q_w + h0 * hd..][..group * hd];
+                let w = &scores[row_of(i, h0) + j0 - l..];
+                let rows = PvRows {
+                    w,
+                    stride: keys,
+                    at: &at[j0..j1],
+                    v,
+                    hd,
+                };
+                match group {
+                    1 => pv_group::<1>(o, rows),
+                    2 => pv_group::<2>(o, rows),
+                    3 => pv_group::<3>(o, rows),
+                    4 => pv_group::<4>(o, rows),
+                    _ => {
+                        for (g, o) in o.chunks_exact_mut(hd).enumerate() {
+                            let w = &w[g * keys..];
+                            pv_group::<1>(o, PvRows { w, ..rows });
+                        }
+                    }
+                }
             }
         }
     }
@@ -172,6 +254,24 @@ pub fn exp(x: f32) -> f32 {
         + 0.5;
     let y = p * z + r + 1.0;
     y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// The largest of `x` (NaNs ignored, as `f32::max` does), in 16 lanes: a maximum is exact in
+/// any order, so this is the sequential maximum's value, vectorised.
+#[inline(always)]
+fn max16(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (a, &v) in acc.iter_mut().zip(c) {
+            *a = a.max(v);
+        }
+    }
+    for (a, &v) in acc.iter_mut().zip(rest) {
+        *a = a.max(v);
+    }
+    acc.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v))
 }
 
 /// The sum of `x` in 16 lanes (lane `l` sums elements `l`, `l + 16`, …, in order), then the
@@ -199,26 +299,53 @@ fn sum16(x: &[f32]) -> f32 {
     acc[0]
 }
 
-/// `out[e..]` in blocks of `N` while they fit: each element the sum over the keys of weight ×
-/// V (keys at `at`, this head's V at `head` within a slot). Returns where it stopped.
+/// The weights and values one group of heads sums over: head `g`'s weight for key `j` is
+/// `w[g * stride + j]`, the key's V row starts at `v[at[j]]`, `hd` elements a head.
+#[derive(Clone, Copy)]
+struct PvRows<'a> {
+    w: &'a [f32],
+    stride: usize,
+    at: &'a [usize],
+    v: &'a [f32],
+    hd: usize,
+}
+
+/// `out` (`G` heads of `hd`) += Σ over the keys, in order, weight × V: every element adds key
+/// by key in order, blocks of 32 then 16 elements of all `G` heads kept in registers between
+/// one load and one store.
 #[inline(always)]
-fn pv_blocks<const N: usize>(
-    out: &mut [f32],
-    mut e: usize,
-    weights: &[f32],
-    at: &[usize],
-    v: &[f32],
-    head: usize,
-) -> usize {
-    while e + N <= out.len() {
-        let mut acc = [0f32; N];
-        for (&w, &base) in weights.iter().zip(at) {
-            let v = &v[base + head + e..][..N];
-            for (a, &v) in acc.iter_mut().zip(v) {
-                *a += w * v;
+fn pv_group<const G: usize>(out: &mut [f32], r: PvRows) {
+    let e = pv_blocks::<G, 32>(out, 0, r);
+    let e = pv_blocks::<G, 16>(out, e, r);
+    for g in 0..G {
+        for x in e..r.hd {
+            let o = &mut out[g * r.hd + x];
+            for (&w, &a) in r.w[g * r.stride..].iter().zip(r.at) {
+                *o += w * r.v[a + x];
             }
         }
-        out[e..e + N].copy_from_slice(&acc);
+    }
+}
+
+#[inline(always)]
+fn pv_blocks<const G: usize, const N: usize>(out: &mut [f32], mut e: usize, r: PvRows) -> usize {
+    while e + N <= r.hd {
+        let mut acc = [[0f32; N]; G];
+        for (g, acc) in acc.iter_mut().enumerate() {
+            acc.copy_from_slice(&out[g * r.hd + e..][..N]);
+        }
+        for (j, &base) in r.at.iter().enumerate() {
+            let v = &r.v[base + e..][..N];
+            for (g, acc) in acc.iter_mut().enumerate() {
+                let w = r.w[g * r.stride + j];
+                for (a, &v) in acc.iter_mut().zip(v) {
+                    *a += w * v;
+                }
+            }
+        }
+        for (g, acc) in acc.iter().enumerate() {
+            out[g * r.hd + e..][..N].copy_from_slice(acc);
+        }
         e += N;
     }
     e
@@ -525,20 +652,27 @@ mod tests {
     }
 
     /// Every instruction set's path gives the same bits as the portable one: prefill with GQA,
-    /// head sizes with and without a remainder past 16 and 8 lanes, softcap and a window.
+    /// groups of 1 to 8 heads, head sizes with and without a remainder past 32, 16 and 8 lanes,
+    /// softcap and a window, and prompts long enough for several tiles and key blocks. A chunk
+    /// of the prompt's last rows (tiled differently) gives the same bits as those rows of the
+    /// whole prompt, and the long prompt without a window matches dense attention in f64.
     #[test]
     fn every_isa_path_gives_the_same_bits() {
-        for (h, kvh, hd, window, softcap) in [
-            (9usize, 3usize, 64usize, None, None),
-            (4, 2, 20, Some(5), None),
-            (2, 1, 35, None, Some(30.0f32)),
+        for (h, kvh, hd, window, softcap, total) in [
+            (9usize, 3usize, 64usize, None, None, 19usize),
+            (4, 2, 20, Some(5), None, 19),
+            (2, 1, 35, None, Some(30.0f32), 19),
+            (8, 1, 16, None, None, 19),
+            (3, 3, 48, None, None, 40),
+            (4, 2, 64, None, None, 300),
+            (4, 2, 64, Some(150), None, 300),
         ] {
             let d = AttnDims {
                 sliding_window: window,
                 softcap,
                 ..dims(h, kvh, hd)
             };
-            let (bs, total) = (4usize, 19usize);
+            let bs = 4usize;
             let nblocks = total.div_ceil(bs);
             let kvd = KvCacheDims {
                 num_blocks: nblocks + 1,
@@ -558,10 +692,10 @@ mod tests {
                 v: vec![0.0; kvd.numel()],
             };
             write_kv(&qkv, &mut cache, &slots, d);
-            let plan = BatchPlan {
+            let plan = |query: usize| BatchPlan {
                 seqs: vec![SeqPlan {
                     query_start: 0,
-                    query_len: total,
+                    query_len: query,
                     context_len: total,
                 }],
                 num_decode_seqs: 0,
@@ -569,14 +703,43 @@ mod tests {
                 max_blocks_per_seq: nblocks,
                 ..Default::default()
             };
-            let run = |isa| {
-                let mut out = vec![0.0; total * d.q_width()];
-                paged_attention_with(isa, &qkv, &cache, &plan, 0..1, d, &mut out);
+            let run = |isa, query: usize| {
+                let mut out = vec![0.0; query * d.q_width()];
+                let rows = &qkv[(total - query) * d.qkv_width()..];
+                paged_attention_with(isa, rows, &cache, &plan(query), 0..1, d, &mut out);
                 out.iter().map(|x| x.to_bits()).collect::<Vec<u32>>()
             };
-            let want = run(Isa::Portable);
+            let want = run(Isa::Portable, total);
+            let tail = 37.min(total - 1);
             for isa in available_isas() {
-                assert_eq!(run(isa), want, "{isa:?}, heads {h}/{kvh}, head_dim {hd}");
+                assert_eq!(
+                    run(isa, total),
+                    want,
+                    "{isa:?}, heads {h}/{kvh}, head_dim {hd}"
+                );
+                assert_eq!(
+                    run(isa, tail)[..],
+                    want[(total - tail) * d.q_width()..],
+                    "{isa:?}: the last {tail} rows alone"
+                );
+            }
+            if window.is_none() && softcap.is_none() && total > 100 {
+                let row =
+                    |t: usize, at: usize, n: usize| qkv[t * d.qkv_width() + at..][..n].to_vec();
+                let q: Vec<Vec<f32>> = (0..total).map(|t| row(t, 0, d.q_width())).collect();
+                let k: Vec<Vec<f32>> = (0..total)
+                    .map(|t| row(t, d.q_width(), d.kv_width()))
+                    .collect();
+                let v: Vec<Vec<f32>> = (0..total)
+                    .map(|t| row(t, d.q_width() + d.kv_width(), d.kv_width()))
+                    .collect();
+                let dense = dense(&q, &k, &v, d, 0);
+                let err = want
+                    .iter()
+                    .zip(&dense)
+                    .map(|(&a, b)| (f32::from_bits(a) - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(err < 1e-5, "long prompt against dense: max err {err}");
             }
         }
     }
