@@ -1271,13 +1271,19 @@ mod tests {
         assert!(parse_trace("TIMESTAMP,ContextTokens,GeneratedTokens\n1,1,1\n", 0.0).is_err());
     }
 
-    #[test]
-    fn the_hindsight_bound_sizes_each_minute_alone() {
+    /// The default fleet with one band (priority 0, all the traffic) and each request once.
+    fn one_band() -> AutoscaleConfig {
         let mut cfg = AutoscaleConfig::default_config().unwrap();
         cfg.bands.retain(|b| b.priority == 0);
         cfg.bands[0].share = 1.0;
         cfg.replay.rate_scale = 1.0;
         cfg.variants[0].min_replicas = 1;
+        cfg
+    }
+
+    #[test]
+    fn the_hindsight_bound_sizes_each_minute_alone() {
+        let cfg = one_band();
         let c = cfg.variants[0].capacity.clone();
         // Minute 0: 1000-token prompts at three times one replica's prefill rate (two replicas
         // would fall 30 s of work behind within the minute, far past the 5 s SLO); minute 1 (to
@@ -1311,11 +1317,7 @@ mod tests {
 
     #[test]
     fn a_lone_request_takes_the_calibrated_time() {
-        let mut cfg = AutoscaleConfig::default_config().unwrap();
-        cfg.bands.retain(|b| b.priority == 0);
-        cfg.bands[0].share = 1.0;
-        cfg.replay.rate_scale = 1.0;
-        cfg.variants[0].min_replicas = 1;
+        let cfg = one_band();
         let c = cfg.variants[0].capacity.clone();
         let reqs = expand(
             &[TraceRequest {

@@ -161,21 +161,13 @@ fn attend_tile(t: Tile, score: impl Fn(&[f32], &[f32], &[usize], &mut [f32])) {
     let row_of = |i: usize, h: usize| (i * heads + h) * keys;
     for kvh in 0..d.num_kv_heads {
         let k = &t.cache.k[kvh * hd..];
-        for b in (0..keys).step_by(KEY_BLOCK) {
-            let b_end = (b + KEY_BLOCK).min(keys);
-            for i in 0..t.tokens {
-                let (l, r) = span(i);
-                let (j0, j1) = (b.max(l), b_end.min(r));
-                if j0 >= j1 {
-                    continue;
-                }
-                for h in kvh * group..(kvh + 1) * group {
-                    let qh = &t.q[i * width + h * hd..][..hd];
-                    let s = &mut scores[row_of(i, h)..][j0 - l..j1 - l];
-                    score(qh, k, &at[j0..j1], s);
-                }
+        each_block(keys, t.tokens, span, |i, l, j0, j1| {
+            for h in kvh * group..(kvh + 1) * group {
+                let qh = &t.q[i * width + h * hd..][..hd];
+                let s = &mut scores[row_of(i, h)..][j0 - l..j1 - l];
+                score(qh, k, &at[j0..j1], s);
             }
-        }
+        });
     }
     for i in 0..t.tokens {
         let (l, r) = span(i);
@@ -202,37 +194,51 @@ fn attend_tile(t: Tile, score: impl Fn(&[f32], &[f32], &[usize], &mut [f32])) {
     t.out.fill(0.0);
     for kvh in 0..d.num_kv_heads {
         let v = &t.cache.v[kvh * hd..];
-        for b in (0..keys).step_by(KEY_BLOCK) {
-            let b_end = (b + KEY_BLOCK).min(keys);
-            for i in 0..t.tokens {
-                let (l, r) = span(i);
-                let (j0, j1) = (b.max(l), b_end.min(r));
-                if j0 >= j1 {
-                    continue;
-                }
-                // The group's heads together: each V row loaded serves all of them.
-                let h0 = kvh * group;
-                let o = &mut t.out[i * q_w + h0 * hd..][..group * hd];
-                let w = &scores[row_of(i, h0) + j0 - l..];
-                let rows = PvRows {
-                    w,
-                    stride: keys,
-                    at: &at[j0..j1],
-                    v,
-                    hd,
-                };
-                match group {
-                    1 => pv_group::<1>(o, rows),
-                    2 => pv_group::<2>(o, rows),
-                    3 => pv_group::<3>(o, rows),
-                    4 => pv_group::<4>(o, rows),
-                    _ => {
-                        for (g, o) in o.chunks_exact_mut(hd).enumerate() {
-                            let w = &w[g * keys..];
-                            pv_group::<1>(o, PvRows { w, ..rows });
-                        }
+        each_block(keys, t.tokens, span, |i, l, j0, j1| {
+            // The group's heads together: each V row loaded serves all of them.
+            let h0 = kvh * group;
+            let o = &mut t.out[i * q_w + h0 * hd..][..group * hd];
+            let w = &scores[row_of(i, h0) + j0 - l..];
+            let rows = PvRows {
+                w,
+                stride: keys,
+                at: &at[j0..j1],
+                v,
+                hd,
+            };
+            match group {
+                1 => pv_group::<1>(o, rows),
+                2 => pv_group::<2>(o, rows),
+                3 => pv_group::<3>(o, rows),
+                4 => pv_group::<4>(o, rows),
+                _ => {
+                    for (g, o) in o.chunks_exact_mut(hd).enumerate() {
+                        let w = &w[g * keys..];
+                        pv_group::<1>(o, PvRows { w, ..rows });
                     }
                 }
+            }
+        });
+    }
+}
+
+/// For each block of `KEY_BLOCK` keys in order, and each of the `tokens` whose keys (`span(i)`:
+/// `l..r`, indices into the tile's keys) meet it: `f(i, l, j0, j1)` with `j0..j1` the keys of the
+/// block that token attends to.
+#[inline(always)]
+fn each_block(
+    keys: usize,
+    tokens: usize,
+    span: impl Fn(usize) -> (usize, usize),
+    mut f: impl FnMut(usize, usize, usize, usize),
+) {
+    for b in (0..keys).step_by(KEY_BLOCK) {
+        let b_end = (b + KEY_BLOCK).min(keys);
+        for i in 0..tokens {
+            let (l, r) = span(i);
+            let (j0, j1) = (b.max(l), b_end.min(r));
+            if j0 < j1 {
+                f(i, l, j0, j1);
             }
         }
     }
