@@ -143,6 +143,11 @@ impl Scheduler {
         }
     }
 
+    /// The limits it schedules under (batch size, token budget, queue bound).
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.config
+    }
+
     /// Loads prefixes from the tiers below the device through `connector`.
     pub fn set_connector(&mut self, connector: KvConnector) {
         self.kv.record_changes();

@@ -184,3 +184,34 @@ fn bad_input_is_refused_with_a_reason() {
     assert!(!ok);
     assert!(err.contains("--time-scale"), "{err}");
 }
+
+#[test]
+fn the_cpu_fleet_config_replays_through_the_real_binary() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = trace_slice(dir.path(), 300);
+    let cfg = repo().join("deploy/autoscale/cpu-smollm2.yaml");
+    let (ok, out, err) = simulate(&[
+        "--trace",
+        trace.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let j: Value = serde_json::from_str(out.trim()).expect("one JSON object");
+    // The slice is scaled down (rate_scale < 1), never up.
+    let replayed = j["replayed_requests"].as_u64().unwrap();
+    assert!(replayed > 0 && replayed < 300, "{replayed} replayed");
+    for want in ["llmd", "wva-saturation", "hpa-queue", "static-peak"] {
+        let p = policy(&j, want);
+        assert!(p["replica_hours"].as_f64().unwrap() > 0.0, "{p}");
+        let att = p["slo_attainment"].as_object().unwrap();
+        for band in ["2", "0"] {
+            let x = att[band].as_f64().unwrap();
+            assert!((0.0..=1.0).contains(&x), "{want} attainment {x}");
+        }
+        assert_eq!(p["shed"]["0"], 0);
+        assert_eq!(p["shed"]["2"], 0);
+    }
+    assert!(j["static_peak_replicas"]["cpu-smollm2"].as_u64().unwrap() >= 1);
+}

@@ -210,6 +210,104 @@ fn push<T>(v: &mut Vec<T>, x: T, window: usize) {
     v.push(x);
 }
 
+/// One measured decode step: `batch` sequences holding `ctx_tokens` of context in all, taking
+/// `step_s` seconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepPoint {
+    pub batch: f64,
+    pub ctx_tokens: f64,
+    pub step_s: f64,
+}
+
+/// Fits `step = base + per_seq·B + per_ctx·K` to measured decode steps by least squares on the
+/// relative error (each point weighted by 1/step², so a 10 ms step counts as much as a 500 ms
+/// one), and returns `(base, per_seq, per_ctx)`. A slope the fit would make negative (noise on
+/// a cost too small to see) is pinned at 0 and the others refitted, since a [`Calibration`]
+/// refuses negative rates. `None` when the points cannot pin the coefficients (fewer than
+/// three, a step that is not positive, or batches and contexts that do not vary
+/// independently).
+pub fn fit_step_model(points: &[StepPoint]) -> Option<(f64, f64, f64)> {
+    if points.len() < 3
+        || points.iter().any(|p| {
+            !(p.step_s.is_finite()
+                && p.step_s > 0.0
+                && p.batch.is_finite()
+                && p.ctx_tokens.is_finite())
+        })
+    {
+        return None;
+    }
+    let features = |p: &StepPoint| [1.0, p.batch, p.ctx_tokens];
+    // Columns scaled to unit weighted RMS, so the normal equations are well conditioned even
+    // though K is thousands of times B.
+    let mut scale = [0.0f64; 3];
+    for p in points {
+        let w = 1.0 / (p.step_s * p.step_s);
+        for (s, x) in scale.iter_mut().zip(features(p)) {
+            *s += w * x * x;
+        }
+    }
+    let n = points.len() as f64;
+    let scale = scale.map(|s| (s / n).sqrt());
+    if scale.iter().any(|&s| !(s.is_finite() && s > 0.0)) {
+        return None;
+    }
+    let mut pinned = [false; 3];
+    loop {
+        // The fourth unknown of the shared 4×4 solver, and any pinned slope, is held at 0 by a
+        // row of its own (n on the diagonal, like an active column's).
+        let mut a = [[0.0f64; 4]; 4];
+        let mut b = [0.0f64; 4];
+        for p in points {
+            let w = 1.0 / (p.step_s * p.step_s);
+            let x = features(p);
+            let z: [f64; 3] =
+                std::array::from_fn(|j| if pinned[j] { 0.0 } else { x[j] / scale[j] });
+            for i in 0..3 {
+                b[i] += w * z[i] * p.step_s;
+                for j in 0..3 {
+                    a[i][j] += w * z[i] * z[j];
+                }
+            }
+        }
+        for (j, row) in a.iter_mut().enumerate() {
+            if j == 3 || pinned[j] {
+                *row = [0.0; 4];
+                row[j] = n;
+            }
+        }
+        for (j, bj) in b.iter_mut().enumerate().take(3) {
+            if pinned[j] {
+                *bj = 0.0;
+            }
+        }
+        // With unit-RMS columns the active block of a/n has a unit diagonal, so its
+        // determinant lies in [0, 1] and a tiny one means two columns move together (e.g. one
+        // context per sequence throughout, so K is a multiple of B): nothing pins them apart.
+        let g = |i: usize, j: usize| a[i][j] / n;
+        let det = g(0, 0) * (g(1, 1) * g(2, 2) - g(1, 2) * g(2, 1))
+            - g(0, 1) * (g(1, 0) * g(2, 2) - g(1, 2) * g(2, 0))
+            + g(0, 2) * (g(1, 0) * g(2, 1) - g(1, 1) * g(2, 0));
+        if det.abs() < 1e-9 {
+            return None;
+        }
+        let phi = solve4(a, b)?;
+        if phi.iter().any(|x| !x.is_finite()) {
+            return None;
+        }
+        let theta: [f64; 3] =
+            std::array::from_fn(|j| if pinned[j] { 0.0 } else { phi[j] / scale[j] });
+        // Pin the most negative slope (the intercept is never pinned) and refit.
+        match (1..3)
+            .filter(|&j| theta[j] < 0.0)
+            .min_by(|&i, &j| (theta[i] * scale[i]).total_cmp(&(theta[j] * scale[j])))
+        {
+            Some(j) => pinned[j] = true,
+            None => return Some((theta[0], theta[1], theta[2])),
+        }
+    }
+}
+
 /// Gaussian elimination with partial pivoting; `None` when singular.
 fn solve4(mut a: [[f64; 4]; 4], mut b: [f64; 4]) -> Option<[f64; 4]> {
     for col in 0..4 {
@@ -354,6 +452,123 @@ mod tests {
         }
         let p = l.model().prefill_tokens_per_s;
         assert!((p - 8000.0).abs() < 0.05 * 8000.0, "{p}");
+    }
+
+    /// The calibration bench's grid: batches × contexts per sequence, steps from `truth`
+    /// times `1 + noise(i)`.
+    fn grid(known: (f64, f64, f64), noise: impl Fn(usize) -> f64) -> Vec<StepPoint> {
+        let mut out = Vec::new();
+        for ctx in [64.0, 256.0, 1024.0] {
+            for batch in [1.0, 2.0, 4.0, 8.0, 16.0] {
+                let k = batch * ctx;
+                let step = known.0 + known.1 * batch + known.2 * k;
+                out.push(StepPoint {
+                    batch,
+                    ctx_tokens: k,
+                    step_s: step * (1.0 + noise(out.len())),
+                });
+            }
+        }
+        out
+    }
+
+    /// Reproducible noise in [-amp, amp] (SplitMix64 of the index).
+    fn jitter(amp: f64) -> impl Fn(usize) -> f64 {
+        move |i| {
+            let mut z = (i as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            amp * (2.0 * (z >> 11) as f64 / (1u64 << 53) as f64 - 1.0)
+        }
+    }
+
+    #[test]
+    fn the_step_fit_recovers_known_coefficients_exactly_without_noise() {
+        // A CPU-like replica (20 ms base, 3 ms a sequence, 1.5 µs a context token) and the
+        // H200 calibration's figures (context cost 10⁵ times smaller than a sequence's).
+        for known in [(0.02, 0.003, 1.5e-6), (0.005563, 0.00001976, 4.34e-8)] {
+            let (b, s, c) = fit_step_model(&grid(known, |_| 0.0)).unwrap();
+            for (got, want, what) in [
+                (b, known.0, "base"),
+                (s, known.1, "per_seq"),
+                (c, known.2, "per_ctx"),
+            ] {
+                assert!(
+                    ((got - want) / want).abs() < 1e-9,
+                    "{what}: fitted {got}, true {want}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_step_fit_with_noise_stays_close_and_never_goes_negative() {
+        let known = (0.02, 0.003, 1.5e-6);
+        let points = grid(known, jitter(0.03));
+        let (b, s, c) = fit_step_model(&points).unwrap();
+        // ±3 % noise on 15 points: each coefficient within 15 %, every step predicted within
+        // the noise plus a little.
+        for (got, want, what) in [
+            (b, known.0, "base"),
+            (s, known.1, "per_seq"),
+            (c, known.2, "per_ctx"),
+        ] {
+            assert!(
+                ((got - want) / want).abs() < 0.15,
+                "{what}: fitted {got}, true {want}"
+            );
+        }
+        for p in &points {
+            let want = known.0 + known.1 * p.batch + known.2 * p.ctx_tokens;
+            let got = b + s * p.batch + c * p.ctx_tokens;
+            assert!(((got - want) / want).abs() < 0.04, "{p:?}: {got} vs {want}");
+        }
+        // No context cost at all: noise would fit a negative one, which is pinned at 0 and the
+        // rest refitted.
+        let flat = (0.02, 0.003, 0.0);
+        let (b, s, c) = fit_step_model(&grid(flat, jitter(0.03))).unwrap();
+        assert!(
+            c >= 0.0 && s >= 0.0,
+            "negative slope: per_seq {s}, per_ctx {c}"
+        );
+        assert!(((b - flat.0) / flat.0).abs() < 0.15, "base {b}");
+        assert!(((s - flat.1) / flat.1).abs() < 0.15, "per_seq {s}");
+        let cal = Calibration {
+            step_base_s: b,
+            step_per_seq_s: s,
+            step_per_ctx_token_s: c,
+            ..truth()
+        };
+        cal.validate().unwrap();
+        // A context cost that is truly negative (no worker has one; it forces the pinning):
+        // the fit holds it at exactly 0 and still returns positive base and per-sequence cost.
+        let (b, s, c) = fit_step_model(&grid((0.05, 0.003, -1e-6), |_| 0.0)).unwrap();
+        assert_eq!(c, 0.0);
+        assert!(b > 0.0 && s > 0.0, "base {b}, per_seq {s}");
+    }
+
+    #[test]
+    fn the_step_fit_refuses_points_that_cannot_pin_it() {
+        let good = grid((0.02, 0.003, 1.5e-6), |_| 0.0);
+        assert_eq!(
+            fit_step_model(&good[..2]),
+            None,
+            "two points, three unknowns"
+        );
+        // One context per sequence throughout: K = 256·B, so B and K cannot be told apart.
+        let collinear: Vec<StepPoint> = good
+            .iter()
+            .filter(|p| p.ctx_tokens == 256.0 * p.batch)
+            .copied()
+            .collect();
+        assert_eq!(collinear.len(), 5);
+        assert_eq!(fit_step_model(&collinear), None);
+        let mut bad = good.clone();
+        bad[3].step_s = 0.0;
+        assert_eq!(fit_step_model(&bad), None, "a zero step");
+        bad[3].step_s = f64::NAN;
+        assert_eq!(fit_step_model(&bad), None, "a NaN step");
     }
 
     #[test]

@@ -62,7 +62,8 @@ pub struct Variant {
     pub name: String,
     pub role: Role,
     pub accelerator: String,
-    /// GPUs one replica takes (counted against `gpu_budget`).
+    /// GPUs one replica takes (counted against `gpu_budget`); 0 for a CPU replica
+    /// (`accelerator: cpu`), which takes none of the budget.
     #[serde(default = "one")]
     pub gpus_per_replica: u32,
     pub cost_per_replica_hour: f64,
@@ -82,6 +83,13 @@ pub struct Variant {
     /// Filled by [`AutoscaleConfig::load`]/[`AutoscaleConfig::parse`] from `calibration`.
     #[serde(skip)]
     pub capacity: Calibration,
+}
+
+impl Variant {
+    /// A CPU replica (`accelerator: cpu`, any case): the only kind that may take 0 GPUs.
+    pub fn is_cpu(&self) -> bool {
+        self.accelerator.eq_ignore_ascii_case("cpu")
+    }
 }
 
 fn one() -> u32 {
@@ -160,7 +168,7 @@ pub struct AutoscaleConfig {
     pub interval_s: f64,
     /// Scale-down takes the highest recommendation over this window (scale-up is immediate).
     pub scale_down_stabilization_s: f64,
-    /// GPUs the whole fleet may take.
+    /// GPUs the whole fleet may take (0 only when every variant is a CPU one taking none).
     pub gpu_budget: u32,
     pub variants: Vec<Variant>,
     pub bands: Vec<Band>,
@@ -208,8 +216,10 @@ impl AutoscaleConfig {
         {
             return Err("scale_down_stabilization_s: must be ≥ 0 seconds".into());
         }
-        if self.gpu_budget == 0 {
-            return Err("gpu_budget: must be at least 1".into());
+        if self.gpu_budget == 0 && self.variants.iter().any(|v| v.gpus_per_replica > 0) {
+            return Err(
+                "gpu_budget: must be at least 1 (0 only for a fleet of CPU replicas)".into(),
+            );
         }
         if self.variants.is_empty() {
             return Err("variants: at least one variant is needed".into());
@@ -226,8 +236,11 @@ impl AutoscaleConfig {
             if v.accelerator.is_empty() {
                 return f("accelerator", "must not be empty");
             }
-            if v.gpus_per_replica == 0 {
-                return f("gpus_per_replica", "must be at least 1");
+            if v.gpus_per_replica == 0 && !v.is_cpu() {
+                return f(
+                    "gpus_per_replica",
+                    "must be at least 1 (0 only with accelerator cpu)",
+                );
             }
             if !(v.cost_per_replica_hour.is_finite() && v.cost_per_replica_hour >= 0.0) {
                 return f("cost_per_replica_hour", "must be ≥ 0");
@@ -410,6 +423,11 @@ mod tests {
                 "variants[0].calibration",
             ),
             ("rate_scale: 8", "rate_scale: 0", "replay.rate_scale"),
+            (
+                "gpus_per_replica: 1",
+                "gpus_per_replica: 0",
+                "variants[0].gpus_per_replica",
+            ),
             ("kind: Deployment", "kind: StatefulSet", "kind"),
             ("role: both", "role: sideways", "role"),
         ];
@@ -425,5 +443,48 @@ mod tests {
         // A sheddable band may go without an SLO; a priority-0 one may not.
         let err = refused(&base().replacen("    ttft_p95_s: 5.0\n", "", 1));
         assert!(err.contains("bands[1].ttft_p95_s"), "{err}");
+    }
+
+    #[test]
+    fn the_cpu_fleet_loads_with_the_calibration_the_bench_measured() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/autoscale");
+        let c = AutoscaleConfig::load(&dir.join("cpu-smollm2.yaml")).unwrap();
+        let measured: Calibration = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("calibration-cpu-smollm2.json")).unwrap(),
+        )
+        .unwrap();
+        assert!(
+            measured.source.contains("benches/autoscale_calibrate.rs"),
+            "{}",
+            measured.source
+        );
+        assert_eq!(c.variants.len(), 1);
+        let v = &c.variants[0];
+        assert_eq!(v.capacity, measured);
+        assert_eq!(
+            (v.role, v.gpus_per_replica, c.gpu_budget),
+            (Role::Both, 0, 0)
+        );
+        assert!(v.is_cpu());
+        // A local pool serves with the step budget the calibration was measured under.
+        let ScaleTarget::Local { args, .. } = &v.target else {
+            panic!("{:?}", v.target)
+        };
+        let chunk = measured.prefill_chunk_tokens.to_string();
+        assert!(
+            args.windows(2)
+                .any(|w| w[0] == "--max-num-batched-tokens" && w[1] == chunk),
+            "{args:?}"
+        );
+        // The trace's ~5 requests/s are scaled down to a CPU fleet's size.
+        assert!(c.replay.rate_scale < 1.0);
+        // A GPU variant may not take 0 GPUs, nor a fleet with one a 0 GPU budget.
+        let text = std::fs::read_to_string(dir.join("cpu-smollm2.yaml")).unwrap();
+        let gpu = text.replacen("accelerator: cpu", "accelerator: H200", 1);
+        let err = AutoscaleConfig::parse(&gpu, Some(&dir)).unwrap_err();
+        assert!(err.contains("variants[0].gpus_per_replica"), "{err}");
+        let gpu = gpu.replacen("gpus_per_replica: 0", "gpus_per_replica: 1", 1);
+        let err = AutoscaleConfig::parse(&gpu, Some(&dir)).unwrap_err();
+        assert!(err.starts_with("gpu_budget"), "{err}");
     }
 }
