@@ -377,11 +377,7 @@ impl LocalPool {
                     if verbose || line.contains("WARN") || line.contains("ERROR") {
                         eprintln!("[{tag}] {line}");
                     }
-                    if let Some(i) = line.find("addr=") {
-                        let addr: String = line[i + 5..]
-                            .chars()
-                            .take_while(|c| !c.is_whitespace())
-                            .collect();
+                    if let Some(addr) = crate::server::logged_addr(&line) {
                         if let Some(tx) = tx.take() {
                             let _ = tx.send(addr);
                         }

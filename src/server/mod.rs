@@ -313,6 +313,18 @@ async fn shutdown_signal() {
     }
 }
 
+/// The address a log line's `addr=` field names (the "listening" line every llmd server logs
+/// at start, with its bound port): how a parent that started `--port 0` learns where it listens.
+pub fn logged_addr(line: &str) -> Option<String> {
+    let i = line.find("addr=")?;
+    Some(
+        line[i + 5..]
+            .chars()
+            .take_while(|c| !c.is_whitespace())
+            .collect(),
+    )
+}
+
 /// Runs the server until a signal; `load` builds the engine on its own thread (it may take
 /// minutes and shows its own progress).
 pub async fn serve<L>(cfg: ServerConfig, load: L) -> anyhow::Result<()>

@@ -61,11 +61,7 @@ impl LlmdProcess {
                     Echo::Errors if line.contains("ERROR") => eprintln!("{line}"),
                     _ => {}
                 }
-                if let Some(i) = line.find("addr=") {
-                    let addr: String = line[i + 5..]
-                        .chars()
-                        .take_while(|c| !c.is_whitespace())
-                        .collect();
+                if let Some(addr) = llmd::server::logged_addr(&line) {
                     if let Some(tx) = tx.take() {
                         let _ = tx.send(addr);
                     }
