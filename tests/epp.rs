@@ -6,8 +6,9 @@
 //! back. Checked: a shared prefix lands on the worker holding it (the workers' own
 //! `vllm:prefix_cache_hits_total`), the subset hint, 503 for an empty or foreign subset, the
 //! ordered distinct fallback list equal in header and metadata, the served endpoint moving the
-//! in-flight count, gRPC health for its three names, P/D's prefiller header, the model names,
-//! and malformed streams answered with a clear ImmediateResponse while the router stays up.
+//! in-flight count, the band metrics read from the response bodies, gRPC health for its three
+//! names, P/D's prefiller header, the model names, and malformed streams answered with a clear
+//! ImmediateResponse while the router stays up.
 mod common;
 
 use common::{args, free_port, metric, python_imports, stories, LlmdProcess};
@@ -230,8 +231,15 @@ async fn an_envoy_client_is_routed_by_the_endpoint_picker() {
             // read while the response is still streaming.
             {"name": "fallback", "body": completion("In the evening"), "served": "second",
              "metrics_url": r.url("/metrics")},
+            // Streamed: the router reads its first token, gaps and usage in the response
+            // body the gateway passes it.
+            {"name": "stream", "body": {"model": "stories", "prompt": format!("{prefix}At night"),
+             "max_tokens": 8, "temperature": 0, "stream": true,
+             "stream_options": {"include_usage": true}}, "chunks": 2},
         ]),
     );
+    assert_eq!(res[9]["status"], 200, "{}", res[9]);
+    assert!(res[9]["response"].as_str().unwrap().contains("data: [DONE]"));
     for (i, name) in ["then", "later", "soon"].iter().enumerate() {
         let list = endpoints(&res[i]);
         assert_eq!(list[0], holder, "{name} went elsewhere: {}", res[i]);
@@ -285,6 +293,17 @@ async fn an_envoy_client_is_routed_by_the_endpoint_picker() {
     // And once every stream ended, nothing is in flight.
     let m = r.metrics().await;
     assert_eq!(metric(&m, "llmd_router:in_flight_requests", ""), 0.0, "{m}");
+    // The band's demand as an autoscaler reads it: 11 generation requests of the default
+    // band (the two refused for their subset included), the output tokens of the 9 answered
+    // (8 JSON answers' usage, the stream's), one first token and its gaps (the stream's).
+    let band = |name: &str| metric(&m, name, "priority=\"0\"");
+    assert_eq!(band("inference_objective_request_total"), 11.0, "{m}");
+    assert_eq!(band("inference_objective_input_tokens_count"), 11.0, "{m}");
+    assert!(band("inference_objective_input_tokens_sum") > 11.0 * 100.0, "{m}");
+    assert_eq!(band("inference_objective_output_tokens_count"), 9.0, "{m}");
+    assert!(band("inference_objective_output_tokens_sum") >= 9.0, "{m}");
+    assert_eq!(band("llmd_router:band_ttft_seconds_count"), 1.0, "{m}");
+    assert!(band("llmd_router:band_itl_seconds_count") >= 1.0, "{m}");
     assert!(
         metric(
             &m,

@@ -228,14 +228,16 @@ async def scenario(channel, s):
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:
             status, payload = resp.status, resp.read()
+            content_type = resp.headers.get("content-type", "application/json")
     except urllib.error.HTTPError as e:
         status, payload = e.code, e.read()
+        content_type = e.headers.get("content-type", "application/json")
     out["status"] = status
     out["response"] = payload.decode(errors="replace")
     queue.put_nowait(
         ProcessingRequest(
             response_headers=HttpHeaders(
-                headers=headers([(":status", str(status)), ("content-type", "application/json")])
+                headers=headers([(":status", str(status)), ("content-type", content_type)])
             ),
             metadata_context=Metadata(
                 filter_metadata={

@@ -791,11 +791,25 @@ impl LlmdPolicy {
             self.tail_scale = (0.9 * self.tail_scale + 0.1 * r).clamp(0.4, 1.25);
         }
         self.margins.tail = BASE_TAIL * self.tail_scale;
-        let (_, itl_slo) = self.cfg.tightest_slo();
-        for v in &t.variants {
-            if let Some(q) = v.itl.quantile(0.95) {
-                worst = worst.max(q / itl_slo);
+        // ITL against each band's own SLO where the router measures it per band; otherwise
+        // each variant's (all bands mixed, sheddable ones included) against the tightest.
+        let per_band: Vec<f64> = self
+            .cfg
+            .slo_bands()
+            .filter_map(|b| {
+                let bt = t.bands.iter().find(|x| x.priority == b.priority)?;
+                Some(bt.itl.quantile(0.95)? / b.itl_p95_s?)
+            })
+            .collect();
+        if per_band.is_empty() {
+            let (_, itl_slo) = self.cfg.tightest_slo();
+            for v in &t.variants {
+                if let Some(q) = v.itl.quantile(0.95) {
+                    worst = worst.max(q / itl_slo);
+                }
             }
+        } else {
+            worst = per_band.into_iter().fold(worst, f64::max);
         }
         // Headroom only while an SLO is being missed now; gone as soon as it is met again
         // (a lasting multiplier over-provisioned for minutes after each transient).
@@ -920,7 +934,7 @@ impl Policy for LlmdPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::autoscale::telemetry::{BandTelemetry, ReplicaTelemetry};
+    use crate::autoscale::telemetry::{BandTelemetry, Histogram, ReplicaTelemetry};
 
     fn cfg() -> AutoscaleConfig {
         AutoscaleConfig::default_config().unwrap()
@@ -1110,6 +1124,37 @@ mod tests {
             let t = demand_telemetry(15.0 * f64::from(i), 500.0, 3000.0, 300.0, -1);
             assert_eq!(p.decide(&t)["h200-8b"], c.variants[0].min_replicas);
         }
+    }
+
+    #[test]
+    fn itl_is_judged_per_band_against_its_own_slo_when_the_router_measures_it() {
+        let c = cfg();
+        // ITL p95 of 0.22 s: over the tightest band's 0.2 s, under priority 0's 0.25 s.
+        let slow = Histogram {
+            buckets: vec![(0.2, 0.0), (0.225, 100.0), (f64::INFINITY, 100.0)],
+            count: 100.0,
+            sum: 22.0,
+        };
+        let base = demand_telemetry(15.0, 30.0, 1000.0, 100.0, 0);
+        let decide = |t: &Telemetry| build_policy("llmd", &c).unwrap().decide(t)["h200-8b"];
+        let calm = decide(&base);
+        // Only the variant's ITL (all bands mixed): judged against the tightest SLO, so the
+        // policy adds headroom.
+        let mut mixed = base.clone();
+        mixed.variants[0].itl = slow.clone();
+        assert!(decide(&mixed) > calm, "{} vs {calm}", decide(&mixed));
+        // The router's per-band ITL says priority 0 (the only band with traffic) meets its own.
+        let mut banded = mixed.clone();
+        banded.bands[0].itl = slow.clone();
+        assert_eq!(decide(&banded), calm);
+        // And a band over its own SLO does add headroom.
+        let mut over = mixed.clone();
+        over.bands[0].itl = Histogram {
+            buckets: vec![(0.25, 0.0), (0.3, 100.0), (f64::INFINITY, 100.0)],
+            count: 100.0,
+            sum: 28.0,
+        };
+        assert!(decide(&over) > calm);
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! `vllm:time_to_first_token_seconds`, `vllm:inter_token_latency_seconds`; from the router, per
 //! `priority`: `inference_objective_request_total`, `inference_objective_input_tokens`,
 //! `inference_objective_output_tokens`, `llmd_router:band_ttft_seconds`,
-//! `inference_extension_flow_control_queue_size` and `llmd_router:flow_control_requests_total`
+//! `llmd_router:band_itl_seconds`, `inference_extension_flow_control_queue_size` and `llmd_router:flow_control_requests_total`
 //! (every outcome but `dispatched` and `cancelled` is a request shed).
 use super::telemetry::{BandTelemetry, Histogram, ReplicaTelemetry, Telemetry, VariantTelemetry};
 use crate::prometheus::Sample;
@@ -266,8 +266,13 @@ fn bands(before: &[Sample], now: &[Sample], secs: f64) -> Vec<BandTelemetry> {
                     n,
                 )
             });
-        let ttft_base = "llmd_router:band_ttft_seconds";
-        let was = histogram(before, ttft_base, band);
+        let grown_histogram = |base: &str| {
+            let was = histogram(before, base, band);
+            histogram_growth(
+                Some(&was).filter(|h| !h.buckets.is_empty()),
+                &histogram(now, base, band),
+            )
+        };
         out.push(BandTelemetry {
             priority: p,
             arrivals_per_s: grown("inference_objective_request_total") / secs,
@@ -275,10 +280,8 @@ fn bands(before: &[Sample], now: &[Sample], secs: f64) -> Vec<BandTelemetry> {
             mean_output_tokens: mean("inference_objective_output_tokens"),
             queued: total(now, "inference_extension_flow_control_queue_size", band).unwrap_or(0.0),
             shed,
-            ttft: histogram_growth(
-                Some(&was).filter(|h| !h.buckets.is_empty()),
-                &histogram(now, ttft_base, band),
-            ),
+            ttft: grown_histogram("llmd_router:band_ttft_seconds"),
+            itl: grown_histogram("llmd_router:band_itl_seconds"),
         });
     }
     out
@@ -367,6 +370,10 @@ llmd_router:band_ttft_seconds_bucket{{priority=\"0\",le=\"0.1\"}} {answered}
 llmd_router:band_ttft_seconds_bucket{{priority=\"0\",le=\"+Inf\"}} {answered}
 llmd_router:band_ttft_seconds_sum{{priority=\"0\"}} 0.5
 llmd_router:band_ttft_seconds_count{{priority=\"0\"}} {answered}
+llmd_router:band_itl_seconds_bucket{{priority=\"0\",le=\"0.05\"}} {out_sum}
+llmd_router:band_itl_seconds_bucket{{priority=\"0\",le=\"+Inf\"}} {out_sum}
+llmd_router:band_itl_seconds_sum{{priority=\"0\"}} 1.0
+llmd_router:band_itl_seconds_count{{priority=\"0\"}} {out_sum}
 "
         ))
         .unwrap()
@@ -430,6 +437,9 @@ llmd_router:band_ttft_seconds_count{{priority=\"0\"}} {answered}
         assert_eq!((b.queued, b.shed), (3.0, 2.0));
         assert_eq!(b.ttft.count, 30.0);
         assert_eq!(b.ttft.quantile(0.95), Some(0.095));
+        // 600 gaps in the interval, all ≤ 50 ms.
+        assert_eq!(b.itl.count, 600.0);
+        assert_eq!(b.itl.quantile(0.95), Some(0.0475));
         // A sheddable band with only a queue gauge: no demand seen.
         assert_eq!(t.bands[0].arrivals_per_s, 0.0);
         assert_eq!(

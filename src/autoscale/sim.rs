@@ -369,6 +369,7 @@ struct BandAcc {
     output: f64,
     shed: f64,
     ttft: HistAcc,
+    itl: HistAcc,
 }
 
 /// One point of a run's timeline (one per decision).
@@ -649,6 +650,7 @@ impl<'a> Sim<'a> {
         for (b, &n) in per_band.iter().enumerate() {
             if n > 0.0 {
                 self.minute_itl[b][minute].add(dur, n);
+                self.bacc[b].itl.add(dur, n);
             }
         }
         self.vacc[v].itl.add(dur, n_dec);
@@ -846,6 +848,7 @@ impl<'a> Sim<'a> {
                 queued,
                 shed: a.shed,
                 ttft: a.ttft.take(),
+                itl: a.itl.take(),
             });
             (a.arrivals, a.prompt, a.output, a.shed) = (0.0, 0.0, 0.0, 0.0);
         }
@@ -981,6 +984,7 @@ pub fn run(
                 output: 0.0,
                 shed: 0.0,
                 ttft: HistAcc::new(TTFT_BOUNDS),
+                itl: HistAcc::new(ITL_BOUNDS),
             };
             nb
         ],

@@ -98,6 +98,10 @@ pub struct BandTelemetry {
     pub shed: f64,
     /// TTFT seen by this band's requests over the interval, when the router measures it.
     pub ttft: Histogram,
+    /// Inter-token latency of this band's streamed answers over the interval, when the router
+    /// measures it.
+    #[serde(default)]
+    pub itl: Histogram,
 }
 
 /// Everything a policy sees at one decision.

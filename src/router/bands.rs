@@ -6,13 +6,17 @@
 //! (`inference_objective_request_total`, `inference_objective_input_tokens`,
 //! `inference_objective_output_tokens`), labelled by `priority` (the band of the request's
 //! `InferenceObjective`) where the EPP labels by model name, plus
-//! `llmd_router:band_ttft_seconds`. Prompt tokens are the router's own count (it tokenizes
+//! `llmd_router:band_ttft_seconds` and `llmd_router:band_itl_seconds`. Prompt tokens are the router's own count (it tokenizes
 //! every prompt); output tokens come from the worker's answer: its `usage.completion_tokens`
 //! when it has one (a JSON answer; a stream asked with `include_usage`), otherwise the streamed
 //! events that carry text. The time to first token is measured on streamed answers only (from
 //! the request's arrival at the router — queueing included — to the first event with text); a
-//! JSON answer shows no first token.
-use crate::server::metrics::{Histogram, TTFT_BUCKETS};
+//! JSON answer shows no first token. The inter-token latency is each gap between two streamed
+//! events with text (an event holding several tokens counts as one gap, as the client sees
+//! it). The proxy mode sees the answer as it streams; in EPP mode the router sees what the
+//! gateway sends it of the response body (ext_proc's streamed response body mode: all of it);
+//! a gateway that sends no response body gives requests and prompt tokens only.
+use crate::server::metrics::{Histogram, TPOT_BUCKETS, TTFT_BUCKETS};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -35,6 +39,7 @@ struct Band {
     input: Histogram,
     output: Histogram,
     ttft: Histogram,
+    itl: Histogram,
 }
 
 impl Default for Band {
@@ -44,6 +49,7 @@ impl Default for Band {
             input: Histogram::new(TOKEN_BUCKETS),
             output: Histogram::new(TOKEN_BUCKETS),
             ttft: Histogram::new(TTFT_BUCKETS),
+            itl: Histogram::new(TPOT_BUCKETS),
         }
     }
 }
@@ -83,7 +89,7 @@ impl BandStats {
             buf: Vec::new(),
             usage: None,
             events: 0,
-            first: false,
+            last: None,
         }
     }
 
@@ -98,10 +104,11 @@ impl BandStats {
             );
         }
         type Pick = fn(&Band) -> &Histogram;
-        let families: [(&str, &str, Pick); 3] = [
+        let families: [(&str, &str, Pick); 4] = [
             ("inference_objective_input_tokens", "Prompt tokens of the generation requests that reached the router (its own tokenization), by priority band.", |b| &b.input),
             ("inference_objective_output_tokens", "Output tokens of the answered generation requests (the worker's usage, or its streamed events with text), by priority band.", |b| &b.output),
             ("llmd_router:band_ttft_seconds", "Time from a streamed request's arrival at the router (queueing included) to its first event with text, by priority band.", |b| &b.ttft),
+            ("llmd_router:band_itl_seconds", "Time between two events with text of a streamed answer, as the router sees them, by priority band.", |b| &b.itl),
         ];
         for (name, help, pick) in families {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
@@ -124,7 +131,8 @@ pub struct ResponseWatch {
     usage: Option<u64>,
     /// SSE events with text.
     events: u64,
-    first: bool,
+    /// When the last event with text came.
+    last: Option<Instant>,
 }
 
 impl ResponseWatch {
@@ -147,11 +155,13 @@ impl ResponseWatch {
             self.buf.clear();
             if text {
                 self.events += 1;
-                if !self.first {
-                    self.first = true;
-                    let s = self.arrived.elapsed().as_secs_f64();
-                    self.stats.with(self.priority, |b| b.ttft.observe(s));
-                }
+                let now = Instant::now();
+                let since = (now - self.last.unwrap_or(self.arrived)).as_secs_f64();
+                let first = self.last.is_none();
+                self.stats.with(self.priority, |b| {
+                    if first { &mut b.ttft } else { &mut b.itl }.observe(since)
+                });
+                self.last = Some(now);
             }
             if usage.is_some() {
                 self.usage = usage;
@@ -243,6 +253,22 @@ mod tests {
         assert_eq!(v("inference_objective_output_tokens_sum", "-1"), Some(4.0));
         assert_eq!(v("llmd_router:band_ttft_seconds_count", "10"), Some(2.0));
         assert_eq!(v("llmd_router:band_ttft_seconds_count", "-1"), Some(0.0));
+        // One gap between the two events with text of the first stream, none in the others.
+        assert_eq!(v("llmd_router:band_itl_seconds_count", "10"), Some(1.0));
+        assert_eq!(v("llmd_router:band_itl_seconds_count", "-1"), Some(0.0));
+        // Each gap is timed: events 30 ms apart.
+        let mut g = s.watch(2, Instant::now(), true);
+        g.chunk(b"data: {\"choices\":[{\"text\":\"a\"}]}\n\n");
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        g.chunk(b"data: {\"choices\":[{\"text\":\"b\"}]}\n\n");
+        drop(g);
+        let got = crate::prometheus::parse(&text(&s)).unwrap();
+        let gap = got
+            .iter()
+            .find(|s| s.name == "llmd_router:band_itl_seconds_sum" && s.label("priority") == Some("2"))
+            .map(|s| s.value)
+            .unwrap();
+        assert!((0.03..1.0).contains(&gap), "{gap}");
         assert_eq!(
             t.matches("# TYPE inference_objective_output_tokens histogram")
                 .count(),

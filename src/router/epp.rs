@@ -126,6 +126,12 @@ struct Exchange {
     echo_response_body: bool,
     /// Where the request went, once routed.
     routed: Option<Routed>,
+    /// When the request headers came (the request's arrival at the router).
+    arrived: Option<Instant>,
+    /// A generation request's priority band, once it is counted.
+    band: Option<i32>,
+    /// The answer's first token, gaps and output tokens, watched in the response body.
+    watch: Option<super::bands::ResponseWatch>,
 }
 
 struct Routed {
@@ -267,6 +273,7 @@ async fn step(
                     "request headers twice on one ext_proc stream",
                 ));
             }
+            ex.arrived = Some(Instant::now());
             request_headers(state, ex, &h, msg.metadata_context.as_ref())?;
             if h.end_of_stream {
                 // No body (e.g. GET /v1/models): routed by load alone.
@@ -324,17 +331,24 @@ async fn step(
         }
         Some(Msg::ResponseHeaders(h)) => {
             served(state, ex, msg.metadata_context.as_ref());
+            watch_response(state, ex, &h);
             if h.end_of_stream {
                 ex.routed = None;
+                ex.watch = None;
             }
             Ok(vec![reply(Reply::ResponseHeaders(HeadersResponse {
                 response: Some(CommonResponse::default()),
             }))])
         }
         Some(Msg::ResponseBody(b)) => {
+            if let Some(w) = &mut ex.watch {
+                w.chunk(&b.body);
+            }
             if b.end_of_stream {
-                // The response is done: the worker's in-flight count drops.
+                // The response is done: the worker's in-flight count drops, the band's
+                // output tokens are counted.
                 ex.routed = None;
+                ex.watch = None;
             }
             let common = if ex.echo_response_body {
                 CommonResponse {
@@ -356,6 +370,7 @@ async fn step(
         }
         Some(Msg::ResponseTrailers(_)) => {
             ex.routed = None;
+            ex.watch = None;
             Ok(vec![reply(Reply::ResponseTrailers(
                 TrailersResponse::default(),
             ))])
@@ -376,6 +391,15 @@ fn reply(r: Reply) -> ProcessingResponse {
 }
 
 /// Reads the request headers: the path, the method, the API key and the subset hint.
+/// A header's value: Envoy sends it in `raw_value` (bytes) or, older, in `value`.
+fn header_value(hv: &EnvoyHeader) -> &[u8] {
+    if hv.raw_value.is_empty() {
+        hv.value.as_bytes()
+    } else {
+        &hv.raw_value
+    }
+}
+
 fn request_headers(
     state: &RouterState,
     ex: &mut Exchange,
@@ -384,11 +408,7 @@ fn request_headers(
 ) -> Result<(), Refusal> {
     let mut map = axum::http::HeaderMap::new();
     for hv in h.headers.iter().flat_map(|m| &m.headers) {
-        let value = if hv.raw_value.is_empty() {
-            hv.value.as_bytes()
-        } else {
-            &hv.raw_value
-        };
+        let value = header_value(hv);
         match hv.key.as_str() {
             ":path" => ex.path = String::from_utf8_lossy(value).into_owned(),
             ":method" => ex.method = String::from_utf8_lossy(value).into_owned(),
@@ -460,6 +480,27 @@ fn served_endpoint(
     {
         Some(Kind::StringValue(s)) => Some(s.trim().to_string()),
         _ => None,
+    }
+}
+
+/// A successful generation answer's body is watched for its band's first token, inter-token
+/// gaps and output tokens (as the proxy mode does), from the request's arrival at the router.
+fn watch_response(state: &Arc<RouterState>, ex: &mut Exchange, h: &HttpHeaders) {
+    let (Some(band), Some(arrived)) = (ex.band, ex.arrived) else {
+        return;
+    };
+    let mut status = None;
+    let mut sse = false;
+    for hv in h.headers.iter().flat_map(|m| &m.headers) {
+        let value = header_value(hv);
+        match hv.key.as_str() {
+            ":status" => status = std::str::from_utf8(value).ok().and_then(|v| v.parse::<u16>().ok()),
+            "content-type" => sse = value.starts_with(b"text/event-stream"),
+            _ => {}
+        }
+    }
+    if status.is_some_and(|s| (200..300).contains(&s)) {
+        ex.watch = Some(state.bands.watch(band, arrived, sse));
     }
 }
 
@@ -565,6 +606,8 @@ async fn route_request(
             .prepare_request(&path, body.into(), priority)
             .await
             .map_err(|(status, kind, message)| Refusal::new(status.as_u16(), kind, message))?;
+        state.bands.arrived(priority, p.prompt_len);
+        ex.band = Some(priority);
         (Some(p.body), p.prompt_len, p.keys)
     } else {
         (None, 0, Vec::new())

@@ -165,7 +165,7 @@ pub(super) struct RouterState {
     central: Option<Arc<CentralStats>>,
     flow: Arc<FlowController>,
     /// Demand per priority band ([`super::bands`]).
-    bands: Arc<BandStats>,
+    pub(super) bands: Arc<BandStats>,
 }
 
 /// Default of `llmd route --max-body-bytes`.
