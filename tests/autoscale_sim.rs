@@ -109,6 +109,15 @@ fn every_policy_reports_through_the_json_interface_and_draws_its_png() {
         b > 0.0 && b <= policy(&j, "static-peak")["replica_hours"].as_f64().unwrap(),
         "{bound}"
     );
+    // The causal reference asks a start-up ahead, so it spends at least the bound.
+    let causal = &j["causal_reference"];
+    let c = causal["replica_hours"].as_f64().unwrap();
+    assert!(c >= b - 1e-9, "{causal} vs {bound}");
+    assert!(
+        (1..=10).contains(&causal["window_minutes"].as_u64().unwrap()),
+        "{causal}"
+    );
+    assert!(causal["margin"]["h200-8b"].is_u64(), "{causal}");
     // The replay is the slice scaled by the default rate factor.
     assert_eq!(j["trace_requests"], 300);
     assert!(j["replayed_requests"].as_u64().unwrap() >= 300);

@@ -239,7 +239,10 @@ async fn an_envoy_client_is_routed_by_the_endpoint_picker() {
         ]),
     );
     assert_eq!(res[9]["status"], 200, "{}", res[9]);
-    assert!(res[9]["response"].as_str().unwrap().contains("data: [DONE]"));
+    assert!(res[9]["response"]
+        .as_str()
+        .unwrap()
+        .contains("data: [DONE]"));
     for (i, name) in ["then", "later", "soon"].iter().enumerate() {
         let list = endpoints(&res[i]);
         assert_eq!(list[0], holder, "{name} went elsewhere: {}", res[i]);
@@ -299,7 +302,10 @@ async fn an_envoy_client_is_routed_by_the_endpoint_picker() {
     let band = |name: &str| metric(&m, name, "priority=\"0\"");
     assert_eq!(band("inference_objective_request_total"), 11.0, "{m}");
     assert_eq!(band("inference_objective_input_tokens_count"), 11.0, "{m}");
-    assert!(band("inference_objective_input_tokens_sum") > 11.0 * 100.0, "{m}");
+    assert!(
+        band("inference_objective_input_tokens_sum") > 11.0 * 100.0,
+        "{m}"
+    );
     assert_eq!(band("inference_objective_output_tokens_count"), 9.0, "{m}");
     assert!(band("inference_objective_output_tokens_sum") >= 9.0, "{m}");
     assert_eq!(band("llmd_router:band_ttft_seconds_count"), 1.0, "{m}");

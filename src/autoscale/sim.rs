@@ -1199,6 +1199,70 @@ pub struct HindsightBound {
     pub cost: f64,
     /// The least fleet per minute (variant → replicas).
     pub per_minute: Vec<BTreeMap<String, u32>>,
+    /// Hours each minute counts for (the last one only up to the last arrival).
+    #[serde(skip)]
+    pub minute_hours: Vec<f64>,
+}
+
+/// What a policy that must ask for replicas a start-up time ahead could reach if it knew the
+/// hindsight bound of every minute already begun: see [`causal_reference`].
+#[derive(Clone, Debug, Serialize)]
+pub struct CausalReference {
+    pub replica_hours: f64,
+    pub cost: f64,
+    /// Minutes of the bound's past it provisions for (their highest).
+    pub window_minutes: usize,
+    /// The constant margin per variant (replicas) that meets every minute.
+    pub margin: BTreeMap<String, u32>,
+}
+
+/// A reference for causal policies, built on the hindsight bound: minute `m`'s fleet must be
+/// asked for one start-up time and one decision interval before the minute begins (the
+/// slowest variant's), when the bound of every minute begun by then is known exactly (even the
+/// one only partly seen: generous); the fleet is the highest bound of the last `w` known
+/// minutes plus the least constant margin that makes it reach every minute's bound (the first
+/// minutes, before anything is known, get their own bound). The best `w` of 1–10 is kept. No
+/// real policy knows a minute's bound, so a policy far above this has room to gain, and a goal
+/// below it is out of reach of this whole family of forecasts.
+pub fn causal_reference(cfg: &AutoscaleConfig, bound: &HindsightBound) -> CausalReference {
+    let lead = cfg.variants.iter().map(|v| v.startup_s).fold(0.0, f64::max) + cfg.interval_s;
+    let known = |m: usize| {
+        let at = 60.0 * m as f64 - lead;
+        (at >= 0.0).then(|| (at / 60.0).floor() as usize)
+    };
+    let mut best: Option<CausalReference> = None;
+    for w in 1..=10usize {
+        let (mut replica_hours, mut cost) = (0.0, 0.0);
+        let mut margin = BTreeMap::new();
+        for v in &cfg.variants {
+            let need = |m: usize| bound.per_minute[m][&v.name];
+            let base = |m: usize| {
+                known(m).map(|k| (k + 1 - w.min(k + 1)..=k).map(need).max().unwrap_or(0))
+            };
+            let h = (0..bound.per_minute.len())
+                .filter_map(|m| base(m).map(|b| need(m).saturating_sub(b)))
+                .max()
+                .unwrap_or(0);
+            for (m, hours) in bound.minute_hours.iter().enumerate() {
+                let n = f64::from(base(m).map_or(need(m), |b| b + h));
+                replica_hours += n * hours;
+                cost += n * hours * v.cost_per_replica_hour;
+            }
+            margin.insert(v.name.clone(), h);
+        }
+        if best
+            .as_ref()
+            .is_none_or(|b| replica_hours < b.replica_hours)
+        {
+            best = Some(CausalReference {
+                replica_hours,
+                cost,
+                window_minutes: w,
+                margin,
+            });
+        }
+    }
+    best.expect("ten windows tried")
 }
 
 /// The least replica-hours any policy could spend meeting every minute's SLOs on this replay:
@@ -1211,6 +1275,7 @@ pub fn hindsight_bound(cfg: &AutoscaleConfig, reqs: &[SimRequest]) -> HindsightB
     let last = reqs.last().map_or(0.0, |r| r.at_s);
     let minutes = ((last / 60.0).floor() as usize + 1).max(1);
     let mut per_minute = Vec::with_capacity(minutes);
+    let mut minute_hours = Vec::with_capacity(minutes);
     let (mut replica_hours, mut cost) = (0.0, 0.0);
     for m in 0..minutes {
         let from = 60.0 * m as f64;
@@ -1238,11 +1303,13 @@ pub fn hindsight_bound(cfg: &AutoscaleConfig, reqs: &[SimRequest]) -> HindsightB
             cost += n * hours * v.cost_per_replica_hour;
         }
         per_minute.push(counts);
+        minute_hours.push(hours);
     }
     HindsightBound {
         replica_hours,
         cost,
         per_minute,
+        minute_hours,
     }
 }
 
@@ -1317,6 +1384,33 @@ mod tests {
         assert!((b.cost - want * cfg.variants[0].cost_per_replica_hour).abs() < 1e-9);
         // The whole replay's static fleet must cover its busiest minute.
         assert!(size_static_peak(&cfg, &reqs)["h200-8b"] >= n0);
+    }
+
+    #[test]
+    fn the_causal_reference_asks_a_start_up_ahead_with_the_least_margin() {
+        // Start-up 60 s + a 15 s interval: minute m is asked for at 60m − 75 s, when minutes
+        // up to m − 2 have begun. Bound 2, 2, 5, 2, 2: minute 2's jump is seen only from
+        // minute 4 on, so the margin is 3 whatever the window.
+        let mut cfg = one_band();
+        cfg.variants[0].startup_s = 60.0;
+        cfg.interval_s = 15.0;
+        let name = cfg.variants[0].name.clone();
+        let bound = HindsightBound {
+            replica_hours: 0.0,
+            cost: 0.0,
+            per_minute: [2, 2, 5, 2, 2]
+                .iter()
+                .map(|&n| BTreeMap::from([(name.clone(), n)]))
+                .collect(),
+            minute_hours: vec![1.0 / 60.0; 5],
+        };
+        let r = causal_reference(&cfg, &bound);
+        assert_eq!(r.margin[&name], 3);
+        // Minutes 0, 1 at their own bound (2 + 2), then 2 + 3, 2 + 3, 5 + 3.
+        assert!((r.replica_hours - 22.0 / 60.0).abs() < 1e-12, "{r:?}");
+        assert_eq!(r.window_minutes, 1);
+        let per_hour = cfg.variants[0].cost_per_replica_hour;
+        assert!((r.cost - per_hour * 22.0 / 60.0).abs() < 1e-9);
     }
 
     #[test]

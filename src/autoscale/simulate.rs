@@ -86,6 +86,7 @@ pub fn main(a: SimulateArgs) -> Result<(), String> {
         results.push(r);
     }
     let bound = sim::hindsight_bound(&cfg, &reqs);
+    let causal = sim::causal_reference(&cfg, &bound);
     if a.json {
         let policies: Vec<serde_json::Value> = results
             .iter()
@@ -123,6 +124,7 @@ pub fn main(a: SimulateArgs) -> Result<(), String> {
             "initial_fleet": start,
             "static_peak_replicas": static_counts,
             "hindsight_bound": {"replica_hours": bound.replica_hours, "cost": bound.cost, "per_minute": bound.per_minute},
+            "causal_reference": causal,
             "policies": policies,
         });
         println!("{out}");
@@ -158,6 +160,10 @@ pub fn main(a: SimulateArgs) -> Result<(), String> {
         println!(
             "hindsight bound (each minute alone on the least idle fleet that meets it): {:.2} replica-hours, cost {:.2}",
             bound.replica_hours, bound.cost
+        );
+        println!(
+            "causal reference (knows the bound of each minute begun when it must ask, a start-up ahead; the highest of the last {} plus the least margin {:?} that meets every minute): {:.2} replica-hours, cost {:.2}",
+            causal.window_minutes, causal.margin, causal.replica_hours, causal.cost
         );
     }
     Ok(())

@@ -265,7 +265,9 @@ mod tests {
         let got = crate::prometheus::parse(&text(&s)).unwrap();
         let gap = got
             .iter()
-            .find(|s| s.name == "llmd_router:band_itl_seconds_sum" && s.label("priority") == Some("2"))
+            .find(|s| {
+                s.name == "llmd_router:band_itl_seconds_sum" && s.label("priority") == Some("2")
+            })
             .map(|s| s.value)
             .unwrap();
         assert!((0.03..1.0).contains(&gap), "{gap}");

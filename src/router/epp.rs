@@ -494,7 +494,11 @@ fn watch_response(state: &Arc<RouterState>, ex: &mut Exchange, h: &HttpHeaders) 
     for hv in h.headers.iter().flat_map(|m| &m.headers) {
         let value = header_value(hv);
         match hv.key.as_str() {
-            ":status" => status = std::str::from_utf8(value).ok().and_then(|v| v.parse::<u16>().ok()),
+            ":status" => {
+                status = std::str::from_utf8(value)
+                    .ok()
+                    .and_then(|v| v.parse::<u16>().ok())
+            }
             "content-type" => sse = value.starts_with(b"text/event-stream"),
             _ => {}
         }
