@@ -211,6 +211,8 @@ async fn a_load_step_scales_the_local_pool_up_and_back_down_with_no_request_fail
             start_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(30),
             verbose: false,
+            role: llmd::autoscale::config::Role::Both,
+            sidecar_args: Vec::new(),
         },
         file.clone(),
     )
@@ -478,6 +480,191 @@ bands:
             reqwest::get(format!("{}/health", w.url)).await.is_err(),
             "{} still answers after the autoscaler stopped",
             w.url
+        );
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The process ids whose parent is `pid` (from `/proc/*/stat`).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …: comm may hold spaces, so read after its closing paren.
+        let Some(rest) = stat.rsplit_once(')').map(|x| x.1) else {
+            continue;
+        };
+        let ppid = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) {
+            if let Ok(child) = e.file_name().to_string_lossy().parse() {
+                out.push(child);
+            }
+        }
+    }
+    out
+}
+
+/// Prefill and decode variants on local pools: the prefill pool's worker is a KV producer on a
+/// side-channel port the pool picked, the decode pool's worker a KV consumer behind its own
+/// `llmd sidecar`; both are listed with their roles in the router's workers file, a long prompt
+/// through the router is prefilled on one and decoded from the pulled KV on the other, and
+/// SIGTERM stops the autoscaler with every worker and sidecar it started.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefill_and_decode_local_pools_serve_disaggregated() {
+    let dir = std::env::temp_dir().join(format!("llmd-autoscale-run-pd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let workers = dir.join("workers");
+    std::fs::write(&workers, "").unwrap();
+    let router = router(&workers).await;
+    config(&dir); // the calibration file
+    let secret = common::secret_file().display().to_string();
+    let variant = |name: &str, sidecar: &str| {
+        format!(
+            "  - name: {name}
+    role: {name}
+    accelerator: cpu
+    cost_per_replica_hour: 1.0
+    min_replicas: 1
+    max_replicas: 2
+    startup_s: 1
+    calibration: calibration-stall20.json
+    static_replicas: 1
+    target:
+      local: {{model: {}, args: [--num-gpu-blocks-override, '64', --kv-transfer-secret-file, {secret}]{sidecar}}}
+",
+            stories()
+        )
+    };
+    let sidecar = format!(
+        ", sidecar_args: [--prefiller-allowlist, '127.0.0.1:*', --kv-transfer-secret-file, {secret}]"
+    );
+    std::fs::write(
+        dir.join("autoscale.yaml"),
+        format!(
+            "interval_s: 0.5
+scale_down_stabilization_s: 0
+gpu_budget: 4
+variants:
+{}{}bands:
+  - {{priority: 0, ttft_p95_s: 3, itl_p95_s: 0.5, share: 1}}
+",
+            variant("prefill", ""),
+            variant("decode", &sidecar)
+        ),
+    )
+    .unwrap();
+    let mut scaler = LlmdProcess::start(
+        "autoscale",
+        &common::args(&[
+            "autoscale",
+            "run",
+            "--config",
+            dir.join("autoscale.yaml").to_str().unwrap(),
+            "--router",
+            &router.base,
+            "--policy",
+            "static-peak",
+            "--workers-file",
+            workers.to_str().unwrap(),
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            "0",
+        ]),
+        "/health",
+    )
+    .await;
+    scaler
+        .metrics_until("a ready replica of each", |t| {
+            common::metric(t, "llmd:ready_replicas", "variant=\"prefill\"") == 1.0
+                && common::metric(t, "llmd:ready_replicas", "variant=\"decode\"") == 1.0
+        })
+        .await;
+    let listed =
+        llmd::router::workers::parse_workers_file(&std::fs::read_to_string(&workers).unwrap())
+            .unwrap();
+    use llmd::router::workers::Role as R;
+    let with_role = |r: R| {
+        let of: Vec<&str> = listed
+            .iter()
+            .filter(|w| w.role == r)
+            .map(|w| w.url.as_str())
+            .collect();
+        assert_eq!(of.len(), 1, "one {r:?} worker listed: {listed:?}");
+        of[0].to_string()
+    };
+    let (_prefill, decode) = (with_role(R::Prefill), with_role(R::Decode));
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    // Three processes: the two workers and the decode worker's sidecar.
+    let started = children(scaler.child.id());
+    assert_eq!(started.len(), 3, "{started:?}");
+    router
+        .metrics_until("the router lists both", |m| {
+            common::metric(m, "llmd_router:worker_up", "") == 2.0
+        })
+        .await;
+    let long = serde_json::json!({"prompt": "Once upon a time, there was a little girl named Lily. She loved to play outside. ".repeat(4),
+                                  "max_tokens": 8, "temperature": 0});
+    let r = reqwest::Client::new()
+        .post(router.url("/v1/completions"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let served_by = r.headers()["x-llmd-worker"].to_str().unwrap().to_string();
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(!v["choices"][0]["text"].as_str().unwrap().is_empty(), "{v}");
+    assert_eq!(
+        served_by, decode,
+        "decoded behind the decode pool's sidecar"
+    );
+    let m = router.metrics().await;
+    assert_eq!(
+        common::metric(
+            &m,
+            "llmd_router:pd_decisions_total",
+            "mode=\"disaggregated\""
+        ),
+        1.0,
+        "{m}"
+    );
+    // The sidecar passes /metrics to its worker: the prompt's KV was pulled, not recomputed.
+    let dm = reqwest::get(format!("{decode}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        common::metric(&dm, "llmd:kv_transfer_pulls_total", "") >= 1.0,
+        "{dm}"
+    );
+    assert_eq!(
+        common::metric(&dm, "llmd:prompt_tokens_computed_total", ""),
+        0.0,
+        "{dm}"
+    );
+    // SIGTERM: the autoscaler exits and takes the workers and the sidecar with it.
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(scaler.child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = tokio::task::spawn_blocking(move || scaler.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    for pid in started {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists()
+                || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s
+                    .rsplit_once(')')
+                    .is_some_and(|x| x.1.trim_start().starts_with('Z'))),
+            "process {pid} outlived the autoscaler"
         );
     }
     std::fs::remove_dir_all(&dir).ok();

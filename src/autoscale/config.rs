@@ -43,11 +43,14 @@ pub enum ScaleTarget {
         #[serde(default = "default_namespace")]
         namespace: String,
     },
-    /// A pool of local `llmd serve` processes on this machine.
+    /// A pool of local `llmd serve` processes on this machine (a decode variant's each behind
+    /// an `llmd sidecar`, given `sidecar_args`).
     Local {
         model: String,
         #[serde(default)]
         args: Vec<String>,
+        #[serde(default)]
+        sidecar_args: Vec<String>,
     },
 }
 
@@ -274,9 +277,19 @@ impl AutoscaleConfig {
                         return f("target.kubernetes.namespace", "must not be empty");
                     }
                 }
-                ScaleTarget::Local { model, .. } => {
+                ScaleTarget::Local {
+                    model,
+                    sidecar_args,
+                    ..
+                } => {
                     if model.is_empty() {
                         return f("target.local.model", "must not be empty");
+                    }
+                    if !sidecar_args.is_empty() && v.role != Role::Decode {
+                        return f(
+                            "target.local.sidecar_args",
+                            "only a decode variant's workers have sidecars",
+                        );
                     }
                 }
             }
@@ -443,6 +456,24 @@ mod tests {
         // A sheddable band may go without an SLO; a priority-0 one may not.
         let err = refused(&base().replacen("    ttft_p95_s: 5.0\n", "", 1));
         assert!(err.contains("bands[1].ttft_p95_s"), "{err}");
+        // Only a decode variant's local workers have sidecars.
+        let local = "local: {model: m, sidecar_args: [--prefiller-allowlist, '*']}";
+        let text = base().replacen(
+            "kubernetes: {kind: Deployment, name: llmd-8b, namespace: default}",
+            local,
+            1,
+        );
+        assert!(text.contains(local));
+        let err = refused(&text);
+        assert!(
+            err.contains("variants[0].target.local.sidecar_args"),
+            "{err}"
+        );
+        let decode = AutoscaleConfig::parse(&text.replacen("role: both", "role: decode", 1), None);
+        assert!(
+            decode.as_ref().is_ok() || !decode.as_ref().unwrap_err().contains("sidecar_args"),
+            "{decode:?}"
+        );
     }
 
     #[test]

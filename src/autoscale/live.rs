@@ -121,12 +121,11 @@ pub fn variants(cfg: &AutoscaleConfig, a: &RunArgs) -> Result<Vec<LiveVariant>, 
                     name: name.clone(),
                 })
             }
-            config::ScaleTarget::Local { model, args } => {
-                if v.role != Role::Both {
-                    return Err(format!(
-                        "variants[{i}].target: a local pool serves aggregated workers only (role both)"
-                    ));
-                }
+            config::ScaleTarget::Local {
+                model,
+                args,
+                sidecar_args,
+            } => {
                 let f = match &file {
                     Some(f) => f.clone(),
                     None => {
@@ -150,6 +149,8 @@ pub fn variants(cfg: &AutoscaleConfig, a: &RunArgs) -> Result<Vec<LiveVariant>, 
                         start_timeout: Duration::from_secs_f64(v.startup_s.max(1.0) * 4.0 + 30.0),
                         drain_timeout: Duration::from_secs_f64(a.drain_timeout),
                         verbose: a.verbose_workers,
+                        role: v.role,
+                        sidecar_args: sidecar_args.clone(),
                     },
                     f,
                 )?)

@@ -10,6 +10,14 @@
 //! `/metrics` shows no request running or waiting (twice in a row), and only then sends it
 //! SIGTERM (`llmd serve` finishes what it still has before it exits). Workers still starting
 //! go first on a scale-down: nothing was sent to them.
+//!
+//! A prefill or decode variant's pool serves disaggregated, as llm-d's pods do: a prefill
+//! worker is a KV producer on a side-channel port of its own (the pool picks a free one), listed
+//! as `prefill URL`; a decode replica is a KV consumer behind its own `llmd sidecar` (started
+//! once the worker is healthy, pointed at it with `--decoder-port`), the sidecar listed as
+//! `decode URL`. The autoscaler scrapes the workers themselves; a decode replica drains as
+//! above (the sidecar leaves the router's list, the worker's queue empties) and its sidecar
+//! stops before its worker.
 use futures_util::future::BoxFuture;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
@@ -257,6 +265,28 @@ pub struct LocalPoolConfig {
     /// Echo every line of the workers' logs (tagged) to the autoscaler's stderr; otherwise only
     /// their warnings and errors.
     pub verbose: bool,
+    /// What the workers do: both (aggregated), prefill (KV producers) or decode (KV consumers,
+    /// each behind a sidecar).
+    pub role: Role,
+    /// More `llmd sidecar` arguments for a decode pool (never `--host`/`--port`/
+    /// `--decoder-port`).
+    pub sidecar_args: Vec<String>,
+}
+
+pub use super::config::Role;
+
+/// The KV connector config a disaggregated pool's workers get unless their args set one.
+fn kv_transfer_config(role: Role) -> Option<&'static str> {
+    match role {
+        Role::Both => None,
+        Role::Prefill => Some(r#"{"kv_connector": "NixlConnector", "kv_role": "kv_producer"}"#),
+        Role::Decode => Some(r#"{"kv_connector": "NixlConnector", "kv_role": "kv_consumer"}"#),
+    }
+}
+
+/// A flag's name, whether given as `--flag value` or `--flag=value`.
+fn flag_name(arg: &str) -> Option<&str> {
+    arg.split('=').next()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -266,12 +296,30 @@ enum Phase {
     Draining,
 }
 
+type Proc = Arc<Mutex<Option<Child>>>;
+
 struct Member {
     id: u64,
     phase: Phase,
+    /// What the router lists: the worker's base URL, or its sidecar's for a decode replica.
     url: Option<String>,
+    /// The worker's own base URL (its `/metrics`).
+    worker_url: Option<String>,
     pid: u32,
-    child: Arc<Mutex<Option<Child>>>,
+    child: Proc,
+    /// A decode replica's sidecar, once started.
+    sidecar: Option<(u32, Proc)>,
+}
+
+impl Member {
+    /// The processes, sidecar first (the order they stop in).
+    fn procs(&self) -> Vec<Proc> {
+        self.sidecar
+            .iter()
+            .map(|s| s.1.clone())
+            .chain([self.child.clone()])
+            .collect()
+    }
 }
 
 struct PoolState {
@@ -294,13 +342,34 @@ const DRAIN_POLL: Duration = Duration::from_millis(200);
 
 impl LocalPool {
     pub fn new(cfg: LocalPoolConfig, file: Arc<WorkersFile>) -> Result<Self, String> {
+        let mut own = vec!["--host", "--port", "--model"];
+        if cfg.role == Role::Prefill {
+            own.push("--kv-transfer-port");
+        }
         if let Some(bad) = cfg
             .args
             .iter()
-            .find(|a| matches!(a.split('=').next(), Some("--host" | "--port" | "--model")))
+            .find(|a| flag_name(a).is_some_and(|f| own.contains(&f)))
         {
             return Err(format!(
                 "variant {}: the local pool sets {bad} itself; leave it out of args",
+                cfg.name
+            ));
+        }
+        if cfg.role != Role::Decode && !cfg.sidecar_args.is_empty() {
+            return Err(format!(
+                "variant {}: sidecar_args are for a decode pool (its workers' sidecars)",
+                cfg.name
+            ));
+        }
+        if let Some(bad) = cfg.sidecar_args.iter().find(|a| {
+            matches!(
+                flag_name(a),
+                Some("--host" | "--port" | "--decoder-port" | "--vllm-port" | "--decoder-host")
+            )
+        }) {
+            return Err(format!(
+                "variant {}: the local pool sets the sidecar's {bad} itself; leave it out of sidecar_args",
                 cfg.name
             ));
         }
@@ -323,68 +392,74 @@ impl LocalPool {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Rewrites the pool's lines of the workers file: its ready workers.
+    /// Rewrites the pool's lines of the workers file: its ready workers, with their role.
     fn publish(cfg: &LocalPoolConfig, file: &WorkersFile, st: &PoolState) {
+        let prefix = match cfg.role {
+            Role::Both => "",
+            Role::Prefill => "prefill ",
+            Role::Decode => "decode ",
+        };
         let urls: Vec<String> = st
             .members
             .iter()
             .filter(|m| m.phase == Phase::Ready)
-            .filter_map(|m| m.url.clone())
+            .filter_map(|m| m.url.as_ref().map(|u| format!("{prefix}{u}")))
             .collect();
         if let Err(e) = file.set(&cfg.name, &urls) {
             tracing::error!(error = %e, "could not write the workers file");
         }
     }
 
-    /// Starts one worker; a task waits for its health and lists it.
+    /// Starts one replica; a task waits for its health (and then starts a decode replica's
+    /// sidecar and waits for its) and lists it.
     fn start_one(&self) -> Result<(), String> {
         let cfg = &self.cfg;
-        let mut child = Command::new(&cfg.exe)
-            .arg("serve")
-            .args(["--model", &cfg.model, "--host", "127.0.0.1", "--port", "0"])
-            .args(&cfg.args)
-            // Info: the line that says where it listens is read.
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| format!("starting {} serve: {e}", cfg.exe.display()))?;
-        let pid = child.id();
-        let stderr = child.stderr.take();
-        let child = Arc::new(Mutex::new(Some(child)));
+        let mut args: Vec<String> = [
+            "serve",
+            "--model",
+            &cfg.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+        ]
+        .map(str::to_string)
+        .to_vec();
+        args.extend(cfg.args.iter().cloned());
+        if let Some(kv) = kv_transfer_config(cfg.role) {
+            if !cfg
+                .args
+                .iter()
+                .any(|a| flag_name(a) == Some("--kv-transfer-config"))
+            {
+                args.extend(["--kv-transfer-config".to_string(), kv.to_string()]);
+            }
+        }
+        if cfg.role == Role::Prefill {
+            // The side channel decoders pull from: a free port now (another process could take
+            // it before the worker binds it; the worker then fails to start and is replaced).
+            let port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("finding a free port: {e}"))?
+                .port();
+            args.extend(["--kv-transfer-port".to_string(), port.to_string()]);
+        }
         let id = {
             let mut st = self.lock();
             st.next_id += 1;
-            let id = st.next_id;
-            st.members.push(Member {
-                id,
-                phase: Phase::Starting,
-                url: None,
-                pid,
-                child: child.clone(),
-            });
-            id
+            st.next_id
         };
-        // The worker's log: echoed, tagged, and read for the address it listens on.
-        let (tx, rx) = tokio::sync::oneshot::channel::<String>();
         let tag = format!("{}#{id}", cfg.name);
-        let verbose = cfg.verbose;
-        if let Some(stderr) = stderr {
-            std::thread::spawn(move || {
-                let mut tx = Some(tx);
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if verbose || line.contains("WARN") || line.contains("ERROR") {
-                        eprintln!("[{tag}] {line}");
-                    }
-                    if let Some(addr) = crate::server::logged_addr(&line) {
-                        if let Some(tx) = tx.take() {
-                            let _ = tx.send(addr);
-                        }
-                    }
-                }
-            });
-        }
+        let (child, pid, listening) = spawn_logged(&cfg.exe, &args, tag.clone(), cfg.verbose)?;
+        self.lock().members.push(Member {
+            id,
+            phase: Phase::Starting,
+            url: None,
+            worker_url: None,
+            pid,
+            child,
+            sidecar: None,
+        });
         let (state, file, cfg, client) = (
             self.state.clone(),
             self.file.clone(),
@@ -394,18 +469,40 @@ impl LocalPool {
         tokio::spawn(async move {
             let started = Instant::now();
             let ready = async {
-                let addr = rx
-                    .await
-                    .map_err(|_| "exited before listening".to_string())?;
-                let url = format!("http://{addr}");
-                loop {
-                    if let Ok(r) = client.get(format!("{url}/health")).send().await {
-                        if r.status().is_success() {
-                            return Ok::<_, String>(url);
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                let worker = healthy(&client, listening, "worker").await?;
+                if cfg.role != Role::Decode {
+                    return Ok::<_, String>((worker.clone(), worker));
                 }
+                let port = worker.rsplit(':').next().unwrap_or_default().to_string();
+                let mut args: Vec<String> = [
+                    "sidecar",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    "0",
+                    "--decoder-port",
+                    &port,
+                ]
+                .map(str::to_string)
+                .to_vec();
+                args.extend(cfg.sidecar_args.iter().cloned());
+                let (sidecar, spid, listening) =
+                    spawn_logged(&cfg.exe, &args, format!("{tag}/sidecar"), cfg.verbose)?;
+                let gone = {
+                    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                    match st.members.iter_mut().find(|m| m.id == id) {
+                        Some(m) => {
+                            m.sidecar = Some((spid, sidecar.clone()));
+                            false
+                        }
+                        None => true,
+                    }
+                };
+                if gone {
+                    stop(&sidecar, Duration::from_secs(1)).await;
+                    return Err("stopped while starting".to_string());
+                }
+                Ok((healthy(&client, listening, "sidecar").await?, worker))
             };
             let got = match tokio::time::timeout(cfg.start_timeout, ready).await {
                 Ok(r) => r,
@@ -417,24 +514,25 @@ impl LocalPool {
                     return; // stopped while starting
                 };
                 match got {
-                    Ok(url) if m.phase == Phase::Starting => {
+                    Ok((url, worker)) if m.phase == Phase::Starting => {
                         tracing::info!(variant = %cfg.name, worker = %url, secs = started.elapsed().as_secs_f64(), "worker ready; listed for the router");
                         m.url = Some(url);
+                        m.worker_url = Some(worker);
                         m.phase = Phase::Ready;
                         Self::publish(&cfg, &file, &st);
-                        None
+                        Vec::new()
                     }
-                    Ok(_) => None,
+                    Ok(_) => Vec::new(),
                     Err(e) => {
                         tracing::error!(variant = %cfg.name, error = %e, "worker did not start");
-                        let child = m.child.clone();
+                        let procs = m.procs();
                         st.members.retain(|m| m.id != id);
-                        Some(child)
+                        procs
                     }
                 }
             };
-            if let Some(child) = failed {
-                stop(&child, Duration::from_secs(1)).await;
+            for p in failed {
+                stop(&p, Duration::from_secs(1)).await;
             }
         });
         Ok(())
@@ -447,7 +545,11 @@ impl LocalPool {
         if let Some(i) = starting {
             let m = st.members.remove(i);
             drop(st);
-            tokio::spawn(async move { stop(&m.child, Duration::from_secs(1)).await });
+            tokio::spawn(async move {
+                for p in m.procs() {
+                    stop(&p, Duration::from_secs(1)).await;
+                }
+            });
             return;
         }
         let Some(m) = st
@@ -459,7 +561,12 @@ impl LocalPool {
             return;
         };
         m.phase = Phase::Draining;
-        let (id, url, child) = (m.id, m.url.clone().unwrap_or_default(), m.child.clone());
+        let (id, url, worker, procs) = (
+            m.id,
+            m.url.clone().unwrap_or_default(),
+            m.worker_url.clone().unwrap_or_default(),
+            m.procs(),
+        );
         Self::publish(&self.cfg, &self.file, &st);
         drop(st);
         let (state, cfg, client) = (self.state.clone(), self.cfg.clone(), self.client.clone());
@@ -467,8 +574,11 @@ impl LocalPool {
         tracing::info!(variant = %cfg.name, worker = %url, "draining worker: unlisted for the router");
         tokio::spawn(async move {
             let t = Instant::now();
-            let drained =
-                tokio::time::timeout(cfg.drain_timeout, drain(&client, &cfg.router, &url)).await;
+            let drained = tokio::time::timeout(
+                cfg.drain_timeout,
+                drain(&client, &cfg.router, &url, &worker),
+            )
+            .await;
             match drained {
                 Ok(busy) => {
                     if busy {
@@ -480,7 +590,9 @@ impl LocalPool {
                     tracing::warn!(variant = %cfg.name, worker = %url, "worker not drained within the drain timeout; stopping it anyway")
                 }
             }
-            stop(&child, cfg.drain_timeout).await;
+            for p in procs {
+                stop(&p, cfg.drain_timeout).await;
+            }
             state
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -489,9 +601,13 @@ impl LocalPool {
         });
     }
 
-    /// The process ids of the workers (starting, ready and draining).
+    /// The process ids of the workers and their sidecars (starting, ready and draining).
     pub fn pids(&self) -> Vec<u32> {
-        self.lock().members.iter().map(|m| m.pid).collect()
+        self.lock()
+            .members
+            .iter()
+            .flat_map(|m| [m.pid].into_iter().chain(m.sidecar.as_ref().map(|s| s.0)))
+            .collect()
     }
 
     /// Workers drained so far that still had requests running or waiting when the router
@@ -510,9 +626,67 @@ impl LocalPool {
     }
 }
 
-/// Waits until the router no longer lists `url` and then until the worker has had no request
-/// running or waiting at two looks in a row; true when it still had some at the first look.
-async fn drain(client: &reqwest::Client, router: &str, url: &str) -> bool {
+/// Starts `exe args`, its log echoed to stderr (tagged; all of it when `verbose`, otherwise
+/// its warnings and errors) and read for the address it listens on (sent once).
+fn spawn_logged(
+    exe: &std::path::Path,
+    args: &[String],
+    tag: String,
+    verbose: bool,
+) -> Result<(Proc, u32, tokio::sync::oneshot::Receiver<String>), String> {
+    let mut child = Command::new(exe)
+        .args(args)
+        // Info: the line that says where it listens is read.
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting {} {}: {e}", exe.display(), args[0]))?;
+    let pid = child.id();
+    let (tx, rx) = tokio::sync::oneshot::channel::<String>();
+    if let Some(stderr) = child.stderr.take() {
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if verbose || line.contains("WARN") || line.contains("ERROR") {
+                    eprintln!("[{tag}] {line}");
+                }
+                if let Some(addr) = crate::server::logged_addr(&line) {
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr);
+                    }
+                }
+            }
+        });
+    }
+    Ok((Arc::new(Mutex::new(Some(child))), pid, rx))
+}
+
+/// The base URL of a process once it listens and its `/health` answers 2xx.
+async fn healthy(
+    client: &reqwest::Client,
+    listening: tokio::sync::oneshot::Receiver<String>,
+    what: &str,
+) -> Result<String, String> {
+    let addr = listening
+        .await
+        .map_err(|_| format!("the {what} exited before listening"))?;
+    let url = format!("http://{addr}");
+    loop {
+        if let Ok(r) = client.get(format!("{url}/health")).send().await {
+            if r.status().is_success() {
+                return Ok(url);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the router no longer lists `url` and then until the worker at `worker` (the
+/// same URL, or the one behind a decode replica's sidecar) has had no request running or
+/// waiting at two looks in a row; true when it still had some at the first look.
+async fn drain(client: &reqwest::Client, router: &str, url: &str, worker: &str) -> bool {
     let listed = format!("worker=\"{url}\"");
     loop {
         match client.get(format!("{router}/metrics")).send().await {
@@ -527,7 +701,7 @@ async fn drain(client: &reqwest::Client, router: &str, url: &str) -> bool {
     }
     let (mut idle, mut first_busy) = (0, None);
     while idle < 2 {
-        let busy = match client.get(format!("{url}/metrics")).send().await {
+        let busy = match client.get(format!("{worker}/metrics")).send().await {
             Ok(r) => match r.text().await {
                 Ok(t) => {
                     crate::prometheus::sum(&t, "vllm:num_requests_running").unwrap_or(0.0)
@@ -610,7 +784,7 @@ impl ScaleTarget for LocalPool {
                 .members
                 .iter()
                 .filter(|m| m.phase == Phase::Ready)
-                .filter_map(|m| m.url.clone())
+                .filter_map(|m| m.worker_url.clone())
                 .collect(),
         )
     }
@@ -619,7 +793,12 @@ impl ScaleTarget for LocalPool {
 impl Drop for LocalPool {
     /// Its workers go with it (SIGTERM, then SIGKILL after a second).
     fn drop(&mut self) {
-        let children: Vec<_> = self.lock().members.drain(..).map(|m| m.child).collect();
+        let children: Vec<_> = self
+            .lock()
+            .members
+            .drain(..)
+            .flat_map(|m| m.procs())
+            .collect();
         for c in &children {
             if let Some(c) = c.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
                 // SAFETY: kill(2) on our own, not yet reaped child.
@@ -683,9 +862,29 @@ mod tests {
             start_timeout: Duration::from_secs(1),
             drain_timeout: Duration::from_secs(1),
             verbose: false,
+            role: Role::Both,
+            sidecar_args: Vec::new(),
         };
-        let e = LocalPool::new(cfg, f).err().unwrap();
+        let e = LocalPool::new(cfg.clone(), f.clone()).err().unwrap();
         assert!(e.contains("--port") && e.contains("cpu"), "{e}");
+        // A prefill pool picks each worker's side-channel port; sidecar args are a decode
+        // pool's, and never the address the pool sets.
+        let refused = |role, args: &[&str], sidecar: &[&str]| {
+            let c = LocalPoolConfig {
+                role,
+                args: args.iter().map(|a| a.to_string()).collect(),
+                sidecar_args: sidecar.iter().map(|a| a.to_string()).collect(),
+                ..cfg.clone()
+            };
+            LocalPool::new(c, f.clone()).err()
+        };
+        let e = refused(Role::Prefill, &["--kv-transfer-port=5600"], &[]).unwrap();
+        assert!(e.contains("--kv-transfer-port"), "{e}");
+        assert!(refused(Role::Decode, &["--kv-transfer-port=5600"], &[]).is_none());
+        let e = refused(Role::Both, &[], &["--prefiller-allowlist"]).unwrap();
+        assert!(e.contains("sidecar_args") && e.contains("decode"), "{e}");
+        let e = refused(Role::Decode, &[], &["--decoder-port", "1"]).unwrap();
+        assert!(e.contains("--decoder-port"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
