@@ -616,6 +616,13 @@ pub fn size_decode(
 
 /// Seconds within which the llmd policy plans to clear a backlog.
 pub const BACKLOG_CLEAR_S: f64 = 60.0;
+/// Requests the token mix (prompt and output tokens per request) is estimated over, at least:
+/// the latest intervals holding this many, a minute at least and [`MIX_MAX_INTERVALS`] at most.
+/// A fleet seeing hundreds of requests a minute estimates it over the minute; a small one over
+/// minutes, so that a few long prompts do not read as a lasting surge.
+pub const MIX_MIN_REQUESTS: f64 = 200.0;
+/// The most decision intervals the token mix looks back over.
+pub const MIX_MAX_INTERVALS: usize = 40;
 /// The most the trend may add to the recent demand, as a fraction of it.
 pub const TREND_CAP: f64 = 0.3;
 
@@ -625,6 +632,9 @@ pub struct LlmdPolicy {
     cfg: AutoscaleConfig,
     learners: BTreeMap<String, Learner>,
     history: VecDeque<(f64, Demand)>,
+    /// Requests, prompt tokens and output tokens of the bands that buy capacity, per interval
+    /// (the latest [`MIX_MAX_INTERVALS`]).
+    mix: VecDeque<(f64, f64, f64)>,
     stab: Stabilizer,
     /// Multiplies the model's counts; grows when an SLO is seen at risk, decays back.
     headroom: f64,
@@ -648,6 +658,7 @@ impl LlmdPolicy {
                 .map(|v| (v.name.clone(), Learner::new(v.capacity.clone())))
                 .collect(),
             history: VecDeque::new(),
+            mix: VecDeque::new(),
             stab: Stabilizer::new(cfg.scale_down_stabilization_s),
             headroom: 1.0,
             ratio,
@@ -664,8 +675,10 @@ impl LlmdPolicy {
     /// Demand now and its forecast one start-up time ahead: the mean of the last four
     /// intervals (a minute, the SLO's unit), plus the recent trend (least squares over the last 8 intervals, if rising)
     /// times the horizon, plus the backlog of the bands that buy capacity at the router cleared
-    /// within a minute. (Replicas' waiting requests are not counted: they are mostly sheddable
-    /// ones, which each replica queues behind everything else.)
+    /// within a minute. The tokens per request are those of the latest intervals holding at
+    /// least [`MIX_MIN_REQUESTS`] requests (the minute's on a busy fleet). (Replicas' waiting
+    /// requests are not counted: they are mostly sheddable ones, which each replica queues
+    /// behind everything else.)
     fn forecast(&mut self, t: &Telemetry) -> (Demand, Vec<BandLoad>, Demand) {
         let mut d = Demand::default();
         let mut bands = Vec::new();
@@ -704,6 +717,12 @@ impl LlmdPolicy {
         self.history.push_back((t.at_s, d));
         while self.history.len() > 8 {
             self.history.pop_front();
+        }
+        let secs = t.interval_s;
+        self.mix
+            .push_back((d.rate * secs, d.prompt_tps * secs, d.output_tps * secs));
+        while self.mix.len() > MIX_MAX_INTERVALS {
+            self.mix.pop_front();
         }
         let horizon = self
             .cfg
@@ -748,6 +767,27 @@ impl LlmdPolicy {
             output_tps: up(recent.output_tps, slope(|d| d.output_tps)),
             sheddable_prompt_tps: recent.sheddable_prompt_tps,
         };
+        // The token mix over enough requests: the forecast's tokens per request scaled from the
+        // last minute's to that of the latest intervals holding MIX_MIN_REQUESTS.
+        let sum = |n: usize| {
+            self.mix.iter().rev().take(n).fold((0.0, 0.0, 0.0), |a, x| {
+                (a.0 + x.0, a.1 + x.1, a.2 + x.2)
+            })
+        };
+        let minute = sum(4);
+        let mut n = 4;
+        while n < self.mix.len() && sum(n).0 < MIX_MIN_REQUESTS {
+            n += 1;
+        }
+        let long = sum(n);
+        if minute.0 > 0.0 && long.0 > 0.0 {
+            if minute.1 > 0.0 {
+                f.prompt_tps *= (long.1 / long.0) / (minute.1 / minute.0);
+            }
+            if minute.2 > 0.0 {
+                f.output_tps *= (long.2 / long.0) / (minute.2 / minute.0);
+            }
+        }
         if d.rate > 0.0 && queued > 0.0 {
             let extra = queued / BACKLOG_CLEAR_S;
             f.rate += extra;
@@ -1155,6 +1195,31 @@ mod tests {
             sum: 28.0,
         };
         assert!(decide(&over) > calm);
+    }
+
+    #[test]
+    fn the_token_mix_is_read_over_enough_requests() {
+        let c = cfg();
+        // A small fleet: 0.5 requests/s of 500-token prompts (7.5 requests an interval), then
+        // an interval whose requests are all 8,000 tokens long.
+        let feed = |rate: f64| {
+            let mut p = LlmdPolicy::new(&c, None);
+            for i in 0..39 {
+                p.forecast(&demand_telemetry(15.0 * f64::from(i), rate, 500.0, 100.0, 0));
+            }
+            p.forecast(&demand_telemetry(15.0 * 39.0, rate, 8000.0, 100.0, 0)).0
+        };
+        let f = feed(0.5);
+        // The last minute's mix is (3 × 500 + 8000) / 4 = 2375 tokens a request, its prompt
+        // tokens/s 1187.5, raised by the (capped) trend to 1.3 × 1187.5. The mix over the
+        // latest 27 intervals (≥ 200 requests) is (26 × 500 + 8000) / 27.
+        let want = 1.3 * 1187.5 * (21_000.0 / 27.0) / 2375.0;
+        assert!((f.prompt_tps - want).abs() < 1e-6, "{} vs {want}", f.prompt_tps);
+        assert!((f.output_tps - 0.5 * 100.0).abs() < 1e-9, "{}", f.output_tps);
+        // A large fleet has ≥ 200 requests in its last minute: the minute's mix stands.
+        let f = feed(100.0);
+        let minute = 100.0 * (3.0 * 500.0 + 8000.0) / 4.0;
+        assert!((f.prompt_tps - 1.3 * minute).abs() < 1e-6, "{}", f.prompt_tps);
     }
 
     #[test]
