@@ -451,7 +451,8 @@ fn main() {
              fitted step base. Decode: median of {steps} steps at batches {batches:?} x contexts \
              {contexts:?} tokens a sequence, fitted by least squares on relative error, worst error \
              {:.1}%; {mixed_summary}. kv_capacity_tokens: the engine's {num_blocks} blocks x \
-             {block_size} (its 2 GiB CPU KV default); max_batch: its max_num_seqs.",
+             {block_size} (its 2 GiB CPU KV default); max_batch: its max_num_seqs; max_model_len: \
+             the engine's.",
             utc_now(),
             worst * 1e2
         ),
@@ -462,6 +463,7 @@ fn main() {
         kv_capacity_tokens,
         max_batch: max_batch as u32,
         prefill_chunk_tokens: chunk as u32,
+        max_model_len: Some(max_model_len as u32),
     };
     cal.validate()
         .unwrap_or_else(|e| panic!("the measured calibration is not valid: {e}"));

@@ -26,6 +26,10 @@ pub struct Calibration {
     pub kv_capacity_tokens: f64,
     pub max_batch: u32,
     pub prefill_chunk_tokens: u32,
+    /// The longest sequence (prompt + output tokens) a replica serves, as `--max-model-len`; a
+    /// longer request is refused (400) before it reaches the fleet. None: no limit known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_model_len: Option<u32>,
 }
 
 impl Calibration {
@@ -349,6 +353,7 @@ mod tests {
             kv_capacity_tokens: 500_000.0,
             max_batch: 256,
             prefill_chunk_tokens: 512,
+            max_model_len: None,
         }
     }
 

@@ -770,9 +770,11 @@ impl LlmdPolicy {
         // The token mix over enough requests: the forecast's tokens per request scaled from the
         // last minute's to that of the latest intervals holding MIX_MIN_REQUESTS.
         let sum = |n: usize| {
-            self.mix.iter().rev().take(n).fold((0.0, 0.0, 0.0), |a, x| {
-                (a.0 + x.0, a.1 + x.1, a.2 + x.2)
-            })
+            self.mix
+                .iter()
+                .rev()
+                .take(n)
+                .fold((0.0, 0.0, 0.0), |a, x| (a.0 + x.0, a.1 + x.1, a.2 + x.2))
         };
         let minute = sum(4);
         let mut n = 4;
@@ -1205,21 +1207,40 @@ mod tests {
         let feed = |rate: f64| {
             let mut p = LlmdPolicy::new(&c, None);
             for i in 0..39 {
-                p.forecast(&demand_telemetry(15.0 * f64::from(i), rate, 500.0, 100.0, 0));
+                p.forecast(&demand_telemetry(
+                    15.0 * f64::from(i),
+                    rate,
+                    500.0,
+                    100.0,
+                    0,
+                ));
             }
-            p.forecast(&demand_telemetry(15.0 * 39.0, rate, 8000.0, 100.0, 0)).0
+            p.forecast(&demand_telemetry(15.0 * 39.0, rate, 8000.0, 100.0, 0))
+                .0
         };
         let f = feed(0.5);
         // The last minute's mix is (3 × 500 + 8000) / 4 = 2375 tokens a request, its prompt
         // tokens/s 1187.5, raised by the (capped) trend to 1.3 × 1187.5. The mix over the
         // latest 27 intervals (≥ 200 requests) is (26 × 500 + 8000) / 27.
         let want = 1.3 * 1187.5 * (21_000.0 / 27.0) / 2375.0;
-        assert!((f.prompt_tps - want).abs() < 1e-6, "{} vs {want}", f.prompt_tps);
-        assert!((f.output_tps - 0.5 * 100.0).abs() < 1e-9, "{}", f.output_tps);
+        assert!(
+            (f.prompt_tps - want).abs() < 1e-6,
+            "{} vs {want}",
+            f.prompt_tps
+        );
+        assert!(
+            (f.output_tps - 0.5 * 100.0).abs() < 1e-9,
+            "{}",
+            f.output_tps
+        );
         // A large fleet has ≥ 200 requests in its last minute: the minute's mix stands.
         let f = feed(100.0);
         let minute = 100.0 * (3.0 * 500.0 + 8000.0) / 4.0;
-        assert!((f.prompt_tps - 1.3 * minute).abs() < 1e-6, "{}", f.prompt_tps);
+        assert!(
+            (f.prompt_tps - 1.3 * minute).abs() < 1e-6,
+            "{}",
+            f.prompt_tps
+        );
     }
 
     #[test]

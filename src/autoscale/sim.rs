@@ -178,6 +178,30 @@ pub fn expand(trace: &[TraceRequest], cfg: &AutoscaleConfig) -> Vec<SimRequest> 
     out
 }
 
+/// The requests a fleet serves and how many it refuses: a request whose prompt and output
+/// together exceed the shortest `max_model_len` of the variants' calibrations gets a 400 from
+/// the worker (as vLLM's) and never reaches a queue, so it is left out of the replay.
+pub fn refuse_over_model_len(
+    cfg: &AutoscaleConfig,
+    reqs: Vec<SimRequest>,
+) -> (Vec<SimRequest>, usize) {
+    let Some(max) = cfg
+        .variants
+        .iter()
+        .filter_map(|v| v.capacity.max_model_len)
+        .min()
+    else {
+        return (reqs, 0);
+    };
+    let n = reqs.len();
+    let kept: Vec<SimRequest> = reqs
+        .into_iter()
+        .filter(|r| u64::from(r.prompt_tokens) + u64::from(r.output_tokens) <= u64::from(max))
+        .collect();
+    let refused = n - kept.len();
+    (kept, refused)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Histograms
 
@@ -1411,6 +1435,25 @@ mod tests {
         assert_eq!(r.window_minutes, 1);
         let per_hour = cfg.variants[0].cost_per_replica_hour;
         assert!((r.cost - per_hour * 22.0 / 60.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn requests_over_the_model_length_are_refused() {
+        let mut cfg = one_band();
+        let req = |p, o| SimRequest {
+            at_s: 0.0,
+            prompt_tokens: p,
+            output_tokens: o,
+            band: 0,
+        };
+        let reqs = vec![req(100, 28), req(100, 29), req(8000, 1)];
+        let (kept, refused) = refuse_over_model_len(&cfg, reqs.clone());
+        assert_eq!((kept.len(), refused), (3, 0), "no limit known");
+        cfg.variants[0].capacity.max_model_len = Some(128);
+        let (kept, refused) = refuse_over_model_len(&cfg, reqs);
+        assert_eq!(refused, 2);
+        assert_eq!(kept.len(), 1);
+        assert_eq!(kept[0].output_tokens, 28, "128 tokens in all fit");
     }
 
     #[test]

@@ -43,7 +43,7 @@ pub fn main(a: SimulateArgs) -> Result<(), String> {
         cfg.validate().map_err(|e| format!("--rate-scale: {e}"))?;
     }
     let trace = sim::read_trace(&a.trace, a.time_scale)?;
-    let reqs = sim::expand(&trace, &cfg);
+    let (reqs, refused) = sim::refuse_over_model_len(&cfg, sim::expand(&trace, &cfg));
     let pd = cfg.variants.iter().any(|v| v.role == Role::Prefill);
     let names: Vec<String> = match &a.policies {
         Some(p) => p.clone(),
@@ -119,6 +119,7 @@ pub fn main(a: SimulateArgs) -> Result<(), String> {
         let out = json!({
             "trace_requests": trace.len(),
             "replayed_requests": reqs.len(),
+            "refused_over_max_model_len": refused,
             "time_scale": a.time_scale,
             "rate_scale": cfg.replay.rate_scale,
             "initial_fleet": start,
@@ -130,7 +131,7 @@ pub fn main(a: SimulateArgs) -> Result<(), String> {
         println!("{out}");
     } else {
         println!(
-            "{} trace requests, {} replayed (time scale {}, rate scale {}), {} minutes",
+            "{} trace requests, {} replayed (time scale {}, rate scale {}; {refused} refused: prompt + output over max_model_len), {} minutes",
             trace.len(),
             reqs.len(),
             a.time_scale,
