@@ -384,6 +384,47 @@ async fn a_load_step_scales_the_local_pool_up_and_back_down_with_no_request_fail
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// `llmd autoscale run` with `config` and the static-peak policy, writing the router's workers
+/// file, its metrics on a free loopback port.
+async fn autoscale_run(
+    config: &std::path::Path,
+    router: &LlmdProcess,
+    workers: &std::path::Path,
+) -> LlmdProcess {
+    LlmdProcess::start(
+        "autoscale",
+        &common::args(&[
+            "autoscale",
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--router",
+            &router.base,
+            "--policy",
+            "static-peak",
+            "--workers-file",
+            workers.to_str().unwrap(),
+            "--metrics-host",
+            "127.0.0.1",
+            "--metrics-port",
+            "0",
+        ]),
+        "/health",
+    )
+    .await
+}
+
+/// SIGTERMs the autoscaler and waits for it to exit cleanly.
+async fn sigterm_and_wait(mut scaler: LlmdProcess) {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(scaler.child.id() as libc::pid_t, libc::SIGTERM) };
+    let status = tokio::task::spawn_blocking(move || scaler.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+}
+
 /// `llmd autoscale run` as a process with a local variant: its pool starts the policy's count of
 /// real workers and lists them in the router's workers file (the router serves through them),
 /// and SIGTERM stops the autoscaler and every worker it started.
@@ -420,27 +461,7 @@ bands:
         ),
     )
     .unwrap();
-    let mut scaler = LlmdProcess::start(
-        "autoscale",
-        &common::args(&[
-            "autoscale",
-            "run",
-            "--config",
-            dir.join("autoscale.yaml").to_str().unwrap(),
-            "--router",
-            &router.base,
-            "--policy",
-            "static-peak",
-            "--workers-file",
-            workers.to_str().unwrap(),
-            "--metrics-host",
-            "127.0.0.1",
-            "--metrics-port",
-            "0",
-        ]),
-        "/health",
-    )
-    .await;
+    let scaler = autoscale_run(&dir.join("autoscale.yaml"), &router, &workers).await;
     // Two ready workers, listed, and the router serving through them.
     let text = scaler
         .metrics_until("two ready workers", |t| {
@@ -468,13 +489,7 @@ bands:
         );
     }
     // SIGTERM: the autoscaler exits and takes its workers with it.
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(scaler.child.id() as libc::pid_t, libc::SIGTERM) };
-    let status = tokio::task::spawn_blocking(move || scaler.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    sigterm_and_wait(scaler).await;
     for w in &listed {
         assert!(
             reqwest::get(format!("{}/health", w.url)).await.is_err(),
@@ -558,27 +573,7 @@ variants:
         ),
     )
     .unwrap();
-    let mut scaler = LlmdProcess::start(
-        "autoscale",
-        &common::args(&[
-            "autoscale",
-            "run",
-            "--config",
-            dir.join("autoscale.yaml").to_str().unwrap(),
-            "--router",
-            &router.base,
-            "--policy",
-            "static-peak",
-            "--workers-file",
-            workers.to_str().unwrap(),
-            "--metrics-host",
-            "127.0.0.1",
-            "--metrics-port",
-            "0",
-        ]),
-        "/health",
-    )
-    .await;
+    let scaler = autoscale_run(&dir.join("autoscale.yaml"), &router, &workers).await;
     scaler
         .metrics_until("a ready replica of each", |t| {
             common::metric(t, "llmd:ready_replicas", "variant=\"prefill\"") == 1.0
@@ -651,13 +646,7 @@ variants:
         "{dm}"
     );
     // SIGTERM: the autoscaler exits and takes the workers and the sidecar with it.
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(scaler.child.id() as libc::pid_t, libc::SIGTERM) };
-    let status = tokio::task::spawn_blocking(move || scaler.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    sigterm_and_wait(scaler).await;
     for pid in started {
         assert!(
             !std::path::Path::new(&format!("/proc/{pid}")).exists()
