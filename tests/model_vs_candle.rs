@@ -317,7 +317,12 @@ fn mean_nll(logits: &[Vec<f32>], tokens: &[u32]) -> f64 {
         .map(|p| {
             let row = &logits[p];
             let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-            let lse = row.iter().map(|&v| (v as f64 - max).exp()).sum::<f64>().ln() + max;
+            let lse = row
+                .iter()
+                .map(|&v| (v as f64 - max).exp())
+                .sum::<f64>()
+                .ln()
+                + max;
             lse - row[tokens[p + 1] as usize] as f64
         })
         .sum();
@@ -382,7 +387,10 @@ takes longer in the mountains, and why climbers carry pressure cookers.";
         nll_bf16.exp(),
         nll_int8.exp()
     );
-    assert!(max_abs > 0.0, "int8 gave the bf16 logits bit for bit: not quantized?");
+    assert!(
+        max_abs > 0.0,
+        "int8 gave the bf16 logits bit for bit: not quantized?"
+    );
     assert!(
         max_abs < 2.5 && max_rel < 0.12 && mean_max < 1.0,
         "logits moved too far"

@@ -36,14 +36,7 @@ pub fn llmd_logits_all_positions_on(
         num_blocks: blocks + 2,
         block_size: BLOCK,
     };
-    let mut model = Model::load(
-        backend,
-        dir,
-        cfg.clone(),
-        limits,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let mut model = Model::load(backend, dir, cfg.clone(), limits, &mut |_, _| {}).unwrap();
     // Blocks in reverse physical order, so the block table really is followed.
     let table: Vec<u32> = (0..blocks as u32).rev().map(|b| b + 2).collect();
     let plan = BatchPlan {

@@ -104,7 +104,9 @@ impl PackedMatrix {
     /// Quantizes row-major f32 rows (`rows.len() == n * k`) to Q8_0.
     pub fn from_f32_q8(rows: &[f32], n: usize, k: usize) -> Option<Self> {
         assert_eq!(rows.len(), n * k, "PackedMatrix::from_f32_q8: {n}x{k}");
-        Self::q8_with(n, k, |j, out| out.copy_from_slice(&rows[j * k..(j + 1) * k]))
+        Self::q8_with(n, k, |j, out| {
+            out.copy_from_slice(&rows[j * k..(j + 1) * k])
+        })
     }
 
     /// Quantizes `n` rows of `k` to Q8_0, row `j` written into the buffer by `row(j, buf)`.

@@ -347,7 +347,10 @@ mod x86 {
                     corr[p] = _mm512_dpbusd_epi32(corr[p], c80, *v);
                 }
                 for (i, a) in iacc.iter_mut().enumerate() {
-                    let xv = x.add((i * kb + b) * QK + g * 4).cast::<i32>().read_unaligned();
+                    let xv = x
+                        .add((i * kb + b) * QK + g * 4)
+                        .cast::<i32>()
+                        .read_unaligned();
                     let xb = _mm512_set1_epi32(xv);
                     for (a, v) in a.iter_mut().zip(&wv) {
                         *a = _mm512_dpbusd_epi32(*a, xb, *v);
@@ -415,7 +418,10 @@ mod x86 {
                 let wh = _mm256_loadu_si256(w.add(at + 32).cast());
                 let (al, ah) = (_mm256_abs_epi8(wl), _mm256_abs_epi8(wh));
                 for i in 0..MR {
-                    let xv = x.add((i * kb + b) * QK + g * 4).cast::<i32>().read_unaligned();
+                    let xv = x
+                        .add((i * kb + b) * QK + g * 4)
+                        .cast::<i32>()
+                        .read_unaligned();
                     let xb = _mm256_set1_epi32(xv);
                     let pl = _mm256_maddubs_epi16(al, _mm256_sign_epi8(xb, wl));
                     let ph = _mm256_maddubs_epi16(ah, _mm256_sign_epi8(xb, wh));
@@ -540,12 +546,13 @@ mod tests {
                         }
                     }
                     for j in 0..n {
-                        let r: f64 = (0..k)
-                            .map(|t| xr[t] as f64 * pw.get(j, t) as f64)
-                            .sum();
+                        let r: f64 = (0..k).map(|t| xr[t] as f64 * pw.get(j, t) as f64).sum();
                         let a = out[i * n + j] as f64;
                         let tol = 1e-5 * (1.0 + r.abs()) * k as f64;
-                        assert!((a - r).abs() < tol, "{isa:?} {m}x{k}x{n} ({i}, {j}): {a} vs {r}");
+                        assert!(
+                            (a - r).abs() < tol,
+                            "{isa:?} {m}x{k}x{n} ({i}, {j}): {a} vs {r}"
+                        );
                     }
                 }
                 let first = first.get_or_insert_with(|| out.clone());
