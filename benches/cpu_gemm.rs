@@ -235,8 +235,11 @@ fn main() {
         }
     }
 
-    // Prefill.
+    // Prefill (LLMD_BENCH_M=0: decode only).
     let m = env_usize("LLMD_BENCH_M", 512);
+    if m == 0 {
+        return;
+    }
     let x = rand_vec(m * INTER, &mut seed);
     for (name, n, k) in layer_shapes() {
         let w = rand_vec(n * k, &mut seed);

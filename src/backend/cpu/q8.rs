@@ -19,10 +19,12 @@
 //! as `[8 groups][16 rows][4 bytes]` (512 bytes), so one 64-byte vector holds 4 consecutive `k`
 //! of all 16 rows and a 4-way dot instruction (`vpdpbusd`, or `pmaddubsw` + `pmaddwd`) sums them
 //! into one 32-bit lane per row: no horizontal sums, and at `m = 1` the weights stream as one
-//! contiguous read. `vpdpbusd` multiplies unsigned by signed bytes, so the VNNI path feeds the
-//! activation as `q + 128` and subtracts `128 · Σ w` (one more `vpdpbusd` per weight vector,
-//! shared by all rows); the AVX2 path uses the sign trick (`|w|` times `x · sign(w)`, which
-//! cannot saturate `pmaddubsw` as `|q| <= 127`).
+//! contiguous read. The values are stored offset by 128 (`q + 128` as an unsigned byte), because
+//! `vpdpbusd` multiplies unsigned by signed bytes: the VNNI path takes the weight as the unsigned
+//! operand and the activation as the signed one, and subtracts `128 · Σ x` over the block (a
+//! per-row number the activation quantizer computes once), so the correction costs no
+//! instruction per weight vector. The AVX2 path flips the offset back (`xor 0x80`) and uses the
+//! sign trick (`|w|` times `x · sign(w)`, which cannot saturate `pmaddubsw` as `|q| <= 127`).
 use super::gemm::{Isa, NR};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -51,9 +53,18 @@ fn quantize_block(v: &[f32], q: &mut [i8; QK]) -> f32 {
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     for (t, q) in q.iter_mut().enumerate() {
         let x = v.get(t).copied().unwrap_or(0.0);
-        *q = (x * id).round().clamp(-127.0, 127.0) as i8;
+        *q = round_away(x * id).clamp(-127, 127) as i8;
     }
     d
+}
+
+/// `v` rounded half away from zero (`f32::round`, without its libm call on baseline x86-64):
+/// exact, as `v - trunc(v)` is exact for |v| < 2²³.
+#[inline]
+fn round_away(v: f32) -> i32 {
+    let t = v as i32;
+    let f = v - t as f32;
+    t + i32::from(f >= 0.5) - i32::from(f <= -0.5)
 }
 
 /// Packs `n` rows of `k` (row `j` written by `row(j, buf)`) as Q8_0 panels; None when the
@@ -80,7 +91,7 @@ pub fn pack(n: usize, k: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Optio
                     let d = half::f16::from_f32(d).to_le_bytes();
                     chunk[2 * c..2 * c + 2].copy_from_slice(&d);
                     for (t, &v) in q.iter().enumerate() {
-                        chunk[val_index(c, t)] = v as u8;
+                        chunk[val_index(c, t)] = (v as u8) ^ 0x80;
                     }
                 }
             }
@@ -104,7 +115,7 @@ fn scale(data: &[u8], k: usize, j: usize, b: usize) -> f32 {
 pub fn get(data: &[u8], k: usize, j: usize, t: usize) -> f32 {
     let (b, r) = (t / QK, t % QK);
     let at = (j / NR) * blocks(k) * CHUNK + b * CHUNK + val_index(j % NR, r);
-    scale(data, k, j, b) * data[at] as i8 as f32
+    scale(data, k, j, b) * (data[at] ^ 0x80) as i8 as f32
 }
 
 /// Row `j` dequantized into `out` (`out.len() == k`): an embedding lookup.
@@ -113,16 +124,18 @@ pub fn row_into(data: &[u8], k: usize, j: usize, out: &mut [f32]) {
         let d = scale(data, k, j, b);
         let base = (j / NR) * blocks(k) * CHUNK + b * CHUNK;
         for (r, o) in o.iter_mut().enumerate() {
-            *o = d * data[base + val_index(j % NR, r)] as i8 as f32;
+            *o = d * (data[base + val_index(j % NR, r)] ^ 0x80) as i8 as f32;
         }
     }
 }
 
-/// Quantized activation rows: `m` rows of `kb * 32` bytes and `kb` f32 scales each.
+/// Quantized activation rows: `m` rows of `kb * 32` signed bytes, `kb` f32 scales and `kb`
+/// offset corrections `128 · Σ q` (one per block) each.
 #[derive(Default)]
 struct QRows {
-    q: Vec<u8>,
+    q: Vec<i8>,
     d: Vec<f32>,
+    c: Vec<i32>,
 }
 
 thread_local! {
@@ -131,45 +144,50 @@ thread_local! {
     static XQ: RefCell<QRows> = RefCell::new(QRows::default());
 }
 
-/// Quantizes the `m` rows of `x` (row length `k`) into `xq`. With `offset` the values are stored
-/// as `q + 128` (unsigned, for `vpdpbusd`), else as two's complement `q`.
-fn quantize_rows(x: &[f32], m: usize, k: usize, offset: bool, xq: &mut QRows) {
+/// Quantizes the `m` rows of `x` (row length `k`) into `xq`.
+fn quantize_rows(x: &[f32], m: usize, k: usize, xq: &mut QRows) {
     let kb = blocks(k);
     xq.q.resize(m * kb * QK, 0);
     xq.d.resize(m * kb, 0.0);
-    let one = |((xr, qr), dr): ((&[f32], &mut [u8]), &mut [f32])| {
+    xq.c.resize(m * kb, 0);
+    let one = |(((xr, qr), dr), cr): (((&[f32], &mut [i8]), &mut [f32]), &mut [i32])| {
         let mut q = [0i8; QK];
         for b in 0..kb {
             dr[b] = quantize_block(&xr[b * QK..((b + 1) * QK).min(k)], &mut q);
-            for (o, &v) in qr[b * QK..(b + 1) * QK].iter_mut().zip(&q) {
-                *o = if offset { (v as u8) ^ 0x80 } else { v as u8 };
-            }
+            qr[b * QK..(b + 1) * QK].copy_from_slice(&q);
+            cr[b] = 128 * q.iter().map(|&v| v as i32).sum::<i32>();
         }
     };
-    let (x, q, d) = (&x[..m * k], &mut xq.q[..], &mut xq.d[..]);
+    let (x, q, d, c) = (&x[..m * k], &mut xq.q[..], &mut xq.d[..], &mut xq.c[..]);
     if m >= 16 {
         x.par_chunks(k)
             .zip(q.par_chunks_mut(kb * QK))
             .zip(d.par_chunks_mut(kb))
+            .zip(c.par_chunks_mut(kb))
             .for_each(one);
     } else {
         x.chunks(k)
             .zip(q.chunks_mut(kb * QK))
             .zip(d.chunks_mut(kb))
+            .zip(c.chunks_mut(kb))
             .for_each(one);
     }
 }
 
-/// Whether `isa`'s int8 kernel is the VNNI one (else AVX2's or the portable one).
-fn vnni(isa: Isa) -> bool {
+/// Whether `isa`'s int8 kernel for `m` rows is the VNNI one (else AVX2's or the portable one).
+/// A single row (decode) takes the AVX2 kernel even where VNNI is there: measured on this
+/// project's AMD EPYC VM (cpu_gemm, m = 1), it streams the weights faster (5.6 against 6.3-6.9
+/// ms per SmolLM2 token on 2 threads, 11 against 13-17 on one), while VNNI is 1.5-2.4× faster
+/// from a few rows on. Both give the same bits, so the choice changes no result.
+fn vnni(isa: Isa, m: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::is_x86_feature_detected as has;
-        isa == Isa::Avx512 && has!("avx512bw") && has!("avx512vnni")
+        m > 1 && isa == Isa::Avx512 && has!("avx512bw") && has!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = isa;
+        let _ = (isa, m);
         false
     }
 }
@@ -193,9 +211,9 @@ pub fn matmul(isa: Isa, x: &[f32], w: &[u8], n: usize, k: usize, out: &mut [f32]
         out[..m * n].fill(0.0);
         return;
     }
-    let vnni = vnni(isa);
+    let vnni = vnni(isa, m);
     let mut xq = XQ.with(|c| c.take());
-    quantize_rows(x, m, k, vnni, &mut xq);
+    quantize_rows(x, m, k, &mut xq);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let panels = n.div_ceil(NR);
     let per_task = panels
@@ -246,11 +264,12 @@ fn block(
             let wp = &w[p * panel_bytes..(p + np) * panel_bytes];
             let xs = &xq.q[i0 * kb * QK..(i0 + mr) * kb * QK];
             let ds = &xq.d[i0 * kb..(i0 + mr) * kb];
+            let cs = &xq.c[i0 * kb..(i0 + mr) * kb];
             match isa {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `vnni` says the CPU has AVX-512 BW and VNNI; the slices hold `mr` rows
                 // of `kb` blocks and `np` panels.
-                Isa::Avx512 if vnni => unsafe { x86::vnni(mr, np, xs, ds, kb, wp, &mut tile) },
+                Isa::Avx512 if vnni => unsafe { x86::vnni(mr, np, xs, ds, cs, kb, wp, &mut tile) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: both of these paths are only offered on CPUs with AVX2.
                 Isa::Avx512 | Isa::Avx2 => unsafe { x86::avx2(mr, xs, ds, kb, wp, &mut tile) },
@@ -273,7 +292,7 @@ fn block(
 }
 
 /// The portable kernel, and the reference the others must equal bit for bit.
-fn portable(mr: usize, np: usize, xq: &[u8], xd: &[f32], kb: usize, w: &[u8], tile: &mut Tile) {
+fn portable(mr: usize, np: usize, xq: &[i8], xd: &[f32], kb: usize, w: &[u8], tile: &mut Tile) {
     for (i, row) in tile.iter_mut().enumerate().take(mr) {
         for p in 0..np {
             for c in 0..NR {
@@ -282,7 +301,7 @@ fn portable(mr: usize, np: usize, xq: &[u8], xd: &[f32], kb: usize, w: &[u8], ti
                     let chunk = &w[(p * kb + b) * CHUNK..(p * kb + b + 1) * CHUNK];
                     let x = &xq[(i * kb + b) * QK..(i * kb + b + 1) * QK];
                     let idot: i32 = (0..QK)
-                        .map(|t| x[t] as i8 as i32 * chunk[val_index(c, t)] as i8 as i32)
+                        .map(|t| x[t] as i32 * (chunk[val_index(c, t)] ^ 0x80) as i8 as i32)
                         .sum();
                     let sw = half::f16::from_le_bytes([chunk[2 * c], chunk[2 * c + 1]]).to_f32();
                     s = (xd[i * kb + b] * sw).mul_add(idot as f32, s);
@@ -298,62 +317,65 @@ mod x86 {
     use super::{Tile, CHUNK, NR, QK, VALS};
     use std::arch::x86_64::*;
 
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn vnni(
         mr: usize,
         np: usize,
-        xq: &[u8],
+        xq: &[i8],
         xd: &[f32],
+        xc: &[i32],
         kb: usize,
         w: &[u8],
         tile: &mut Tile,
     ) {
-        let (x, d, w) = (xq.as_ptr(), xd.as_ptr(), w.as_ptr());
+        let (x, d, c, w) = (xq.as_ptr(), xd.as_ptr(), xc.as_ptr(), w.as_ptr());
         match (mr, np) {
-            (1, 1) => kvnni::<1, 1>(x, d, kb, w, tile),
-            (2, 1) => kvnni::<2, 1>(x, d, kb, w, tile),
-            (3, 1) => kvnni::<3, 1>(x, d, kb, w, tile),
-            (4, 1) => kvnni::<4, 1>(x, d, kb, w, tile),
-            (5, 1) => kvnni::<5, 1>(x, d, kb, w, tile),
-            (6, 1) => kvnni::<6, 1>(x, d, kb, w, tile),
-            (1, 2) => kvnni::<1, 2>(x, d, kb, w, tile),
-            (2, 2) => kvnni::<2, 2>(x, d, kb, w, tile),
-            (3, 2) => kvnni::<3, 2>(x, d, kb, w, tile),
-            (4, 2) => kvnni::<4, 2>(x, d, kb, w, tile),
-            (5, 2) => kvnni::<5, 2>(x, d, kb, w, tile),
-            (6, 2) => kvnni::<6, 2>(x, d, kb, w, tile),
+            (1, 1) => kvnni::<1, 1>(x, d, c, kb, w, tile),
+            (2, 1) => kvnni::<2, 1>(x, d, c, kb, w, tile),
+            (3, 1) => kvnni::<3, 1>(x, d, c, kb, w, tile),
+            (4, 1) => kvnni::<4, 1>(x, d, c, kb, w, tile),
+            (5, 1) => kvnni::<5, 1>(x, d, c, kb, w, tile),
+            (6, 1) => kvnni::<6, 1>(x, d, c, kb, w, tile),
+            (1, 2) => kvnni::<1, 2>(x, d, c, kb, w, tile),
+            (2, 2) => kvnni::<2, 2>(x, d, c, kb, w, tile),
+            (3, 2) => kvnni::<3, 2>(x, d, c, kb, w, tile),
+            (4, 2) => kvnni::<4, 2>(x, d, c, kb, w, tile),
+            (5, 2) => kvnni::<5, 2>(x, d, c, kb, w, tile),
+            (6, 2) => kvnni::<6, 2>(x, d, c, kb, w, tile),
             (m, n) => unreachable!("no int8 kernel for {m}x{n}"),
         }
     }
 
-    /// `MR` rows of offset (`q + 128`) activations times `NP` panels, with `vpdpbusd`.
+    /// `MR` rows of signed activations times `NP` panels of offset (`q + 128`) weights, with
+    /// `vpdpbusd` (weights unsigned, activations signed), less `128 · Σ x` per block.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni,f16c")]
     unsafe fn kvnni<const MR: usize, const NP: usize>(
-        x: *const u8,
+        x: *const i8,
         xd: *const f32,
+        xc: *const i32,
         kb: usize,
         w: *const u8,
         tile: &mut Tile,
     ) {
-        let c80 = _mm512_set1_epi8(-128);
         let mut acc = [[_mm512_setzero_ps(); NP]; MR];
         for b in 0..kb {
-            let mut iacc = [[_mm512_setzero_si512(); NP]; MR];
-            let mut corr = [_mm512_setzero_si512(); NP];
+            // Two accumulator sets (even and odd groups of 4) halve the dependency chains; the
+            // integer sums are exact, so how they are split changes no bit.
+            let mut iacc = [[[_mm512_setzero_si512(); NP]; MR]; 2];
             for g in 0..QK / 4 {
                 let mut wv = [_mm512_setzero_si512(); NP];
                 for (p, v) in wv.iter_mut().enumerate() {
                     let at = (p * kb + b) * CHUNK + VALS + g * NR * 4;
                     *v = _mm512_loadu_si512(w.add(at).cast());
-                    corr[p] = _mm512_dpbusd_epi32(corr[p], c80, *v);
                 }
-                for (i, a) in iacc.iter_mut().enumerate() {
+                for (i, a) in iacc[g % 2].iter_mut().enumerate() {
                     let xv = x
                         .add((i * kb + b) * QK + g * 4)
                         .cast::<i32>()
                         .read_unaligned();
                     let xb = _mm512_set1_epi32(xv);
                     for (a, v) in a.iter_mut().zip(&wv) {
-                        *a = _mm512_dpbusd_epi32(*a, xb, *v);
+                        *a = _mm512_dpbusd_epi32(*a, *v, xb);
                     }
                 }
             }
@@ -364,9 +386,11 @@ mod x86 {
             }
             for i in 0..MR {
                 let sx = _mm512_set1_ps(*xd.add(i * kb + b));
+                let corr = _mm512_set1_epi32(*xc.add(i * kb + b));
                 for p in 0..NP {
                     let dd = _mm512_mul_ps(sx, sw[p]);
-                    let idot = _mm512_cvtepi32_ps(_mm512_sub_epi32(iacc[i][p], corr[p]));
+                    let sum = _mm512_add_epi32(iacc[0][i][p], iacc[1][i][p]);
+                    let idot = _mm512_cvtepi32_ps(_mm512_sub_epi32(sum, corr));
                     acc[i][p] = _mm512_fmadd_ps(dd, idot, acc[i][p]);
                 }
             }
@@ -380,7 +404,7 @@ mod x86 {
 
     pub(super) unsafe fn avx2(
         mr: usize,
-        xq: &[u8],
+        xq: &[i8],
         xd: &[f32],
         kb: usize,
         w: &[u8],
@@ -400,13 +424,14 @@ mod x86 {
     /// `pmaddubsw`, pairs summed to 32 bits with `pmaddwd`.
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn k256<const MR: usize>(
-        x: *const u8,
+        x: *const i8,
         xd: *const f32,
         kb: usize,
         w: *const u8,
         tile: &mut Tile,
     ) {
         let ones = _mm256_set1_epi16(1);
+        let flip = _mm256_set1_epi8(-128);
         let mut lo = [_mm256_setzero_ps(); MR];
         let mut hi = [_mm256_setzero_ps(); MR];
         for b in 0..kb {
@@ -414,8 +439,8 @@ mod x86 {
             let mut ihi = [_mm256_setzero_si256(); MR];
             for g in 0..QK / 4 {
                 let at = b * CHUNK + VALS + g * NR * 4;
-                let wl = _mm256_loadu_si256(w.add(at).cast());
-                let wh = _mm256_loadu_si256(w.add(at + 32).cast());
+                let wl = _mm256_xor_si256(_mm256_loadu_si256(w.add(at).cast()), flip);
+                let wh = _mm256_xor_si256(_mm256_loadu_si256(w.add(at + 32).cast()), flip);
                 let (al, ah) = (_mm256_abs_epi8(wl), _mm256_abs_epi8(wh));
                 for i in 0..MR {
                     let xv = x
