@@ -144,13 +144,16 @@ thread_local! {
     static XQ: RefCell<QRows> = RefCell::new(QRows::default());
 }
 
+/// One row's input, values, scales and corrections, as `quantize_rows`' zipped iterators give them.
+type RowParts<'a> = (((&'a [f32], &'a mut [i8]), &'a mut [f32]), &'a mut [i32]);
+
 /// Quantizes the `m` rows of `x` (row length `k`) into `xq`.
 fn quantize_rows(x: &[f32], m: usize, k: usize, xq: &mut QRows) {
     let kb = blocks(k);
     xq.q.resize(m * kb * QK, 0);
     xq.d.resize(m * kb, 0.0);
     xq.c.resize(m * kb, 0);
-    let one = |(((xr, qr), dr), cr): (((&[f32], &mut [i8]), &mut [f32]), &mut [i32])| {
+    let one = |(((xr, qr), dr), cr): RowParts| {
         let mut q = [0i8; QK];
         for b in 0..kb {
             dr[b] = quantize_block(&xr[b * QK..((b + 1) * QK).min(k)], &mut q);
