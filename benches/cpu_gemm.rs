@@ -7,7 +7,7 @@
 //! - decode (`m = 1`): one token's worth of products through 30 layers of distinct weights
 //!   (qkv 960×576, o 576×576, gate_up 3072×576, down 576×1536) plus the 49152×576 lm_head, so
 //!   the working set (bf16 ≈ 270 MB) is far beyond the caches: weight bytes read per second,
-//!   bf16 and f32 weights, every kernel path, and the ratio to the read bandwidth;
+//!   int8 (Q8_0), bf16 and f32 weights, every kernel path, and the ratio to the read bandwidth;
 //! - prefill (`m` = 512): GFLOP/s per shape and the fraction of the FMA peak, for our kernels and
 //!   for the `gemm` crate (f32, on the same weights widened; not batch invariant) as a yardstick.
 //!
@@ -57,6 +57,7 @@ fn pack(w: &[f32], n: usize, k: usize, dtype: WeightDType) -> PackedMatrix {
                 .collect();
             PackedMatrix::from_half_bits(&b, n, k, dtype).unwrap()
         }
+        WeightDType::Q8_0 => PackedMatrix::from_f32_q8(w, n, k).unwrap(),
     }
 }
 
@@ -198,7 +199,7 @@ fn main() {
 
     // Decode: a whole model's distinct weights, one token.
     let mut seed = 7;
-    for dtype in [WeightDType::Bf16, WeightDType::F32] {
+    for dtype in [WeightDType::Q8_0, WeightDType::Bf16, WeightDType::F32] {
         let mut mats = Vec::new();
         for _ in 0..LAYERS {
             for (_, n, k) in layer_shapes() {
@@ -234,14 +235,17 @@ fn main() {
         }
     }
 
-    // Prefill.
+    // Prefill (LLMD_BENCH_M=0: decode only).
     let m = env_usize("LLMD_BENCH_M", 512);
+    if m == 0 {
+        return;
+    }
     let x = rand_vec(m * INTER, &mut seed);
     for (name, n, k) in layer_shapes() {
         let w = rand_vec(n * k, &mut seed);
         let flops = 2.0 * (m * n * k) as f64;
         let mut out = vec![0f32; m * n];
-        for dtype in [WeightDType::Bf16, WeightDType::F32] {
+        for dtype in [WeightDType::Q8_0, WeightDType::Bf16, WeightDType::F32] {
             let pw = pack(&w, n, k, dtype);
             for isa in available_isas() {
                 if isa == Isa::Portable && best != Isa::Portable {

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes a Llama-architecture Hugging Face checkpoint as an F16 GGUF for llama.cpp.
+"""Writes a Llama-architecture Hugging Face checkpoint as an F16 (or Q8_0) GGUF for llama.cpp.
 
 Used by `cargo bench --bench cpu_vs_llamacpp` to give llama.cpp the same weights llmd loads.
 Only numpy and the `gguf` package's writer (pip install gguf); safetensors files are read
@@ -8,7 +8,11 @@ converter does). Matrices are stored f16, norms f32; q/k projections are permute
 Hugging Face rotate-half layout to the interleaved pairs llama.cpp's RoPE expects. The tokenizer
 goes in as a byte-level BPE ("gpt2") vocabulary with its merges.
 
-usage: hf_to_gguf.py MODEL_DIR OUT.gguf
+With `q8_0` every matrix (the token embedding too, as llama.cpp's own converter does for
+MOSTLY_Q8_0) is quantized with the `gguf` package's Q8_0 quantizer (blocks of 32, f16 scales)
+from the f32 values; norms stay f32.
+
+usage: hf_to_gguf.py MODEL_DIR OUT.gguf [f16|q8_0]
 """
 import json
 import struct
@@ -52,9 +56,10 @@ def permute(w, heads):
 
 
 def main():
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4) or (len(sys.argv) == 4 and sys.argv[3] not in ("f16", "q8_0")):
         sys.exit(__doc__)
     src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+    q8 = len(sys.argv) == 4 and sys.argv[3] == "q8_0"
     cfg = json.loads((src / "config.json").read_text())
     if cfg.get("model_type") != "llama":
         sys.exit(f"{src}: model_type {cfg.get('model_type')!r}: only llama is handled")
@@ -79,7 +84,7 @@ def main():
     w.add_rope_freq_base(float(cfg.get("rope_theta", 10000.0)))
     w.add_layer_norm_rms_eps(float(cfg["rms_norm_eps"]))
     w.add_vocab_size(cfg["vocab_size"])
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if q8 else gguf.LlamaFileType.MOSTLY_F16)
 
     tok = json.loads((src / "tokenizer.json").read_text())
     vocab = tok["model"]["vocab"]
@@ -107,7 +112,11 @@ def main():
         w.add_eos_token_id(cfg["eos_token_id"])
 
     def put(name, x, half=True):
-        w.add_tensor(name, x.astype(np.float16 if half else np.float32))
+        if half and q8:
+            qt = gguf.GGMLQuantizationType.Q8_0
+            w.add_tensor(name, gguf.quants.quantize(x.astype(np.float32), qt), raw_dtype=qt)
+        else:
+            w.add_tensor(name, x.astype(np.float16 if half else np.float32))
 
     put("token_embd.weight", tensors["model.embed_tokens.weight"])
     for i in range(cfg["num_hidden_layers"]):

@@ -119,6 +119,35 @@ impl std::str::FromStr for DeviceKind {
     }
 }
 
+/// Weight quantization at load (vLLM's `--quantization`; here a CPU-backend feature).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quantization {
+    /// Q8_0: int8 weights in blocks of 32 along the input dimension, one f16 scale per block;
+    /// activations quantized the same way per product ([`crate::backend::cpu::q8`]).
+    Int8,
+}
+
+impl std::str::FromStr for Quantization {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "int8" => Ok(Quantization::Int8),
+            _ => Err(format!(
+                "unknown quantization {s:?}: the accepted value is int8 (Q8_0 weights, CPU only)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Quantization {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Quantization::Int8 => f.write_str("int8"),
+        }
+    }
+}
+
 impl std::fmt::Display for DeviceKind {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -146,6 +175,8 @@ pub struct EngineConfig {
     /// memory and decode bandwidth, at bf16's rounding error). bf16 and f16 checkpoints keep
     /// their precision on the CPU whatever this says.
     pub cpu_bf16_weights: bool,
+    /// Quantize the weights at load (CPU backend only; None: unquantized).
+    pub quantization: Option<Quantization>,
     /// Let the backend pick random (non-greedy) tokens too, under the rules of
     /// [`crate::backend::cpu::sampling`], so logits stay on the device. None: where the
     /// backend samples on the device itself (CUDA). Greedy rows always go to the backend.
@@ -180,6 +211,7 @@ impl EngineConfig {
             cache: CacheConfig::default(),
             num_threads: None,
             cpu_bf16_weights: false,
+            quantization: None,
             device_sampling: None,
             fault_injection: None,
             kv_tiers: Default::default(),
@@ -213,6 +245,12 @@ impl EngineConfig {
         }
         if self.scheduler.max_num_batched_tokens == 0 {
             return bad("max_num_batched_tokens", "must be at least 1");
+        }
+        if let (Some(q), DeviceKind::Cuda(_)) = (self.quantization, self.device) {
+            return bad(
+                "quantization",
+                &format!("{q} weights are implemented on the CPU backend only (use --device cpu)"),
+            );
         }
         if self.max_model_len == Some(0) {
             return bad("max_model_len", "must be at least 1");
@@ -270,6 +308,22 @@ mod tests {
         for bad in ["gpu", "cuda:", "cuda:-1", "cuda:x", ""] {
             assert!(bad.parse::<DeviceKind>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn quantization_parses_and_is_cpu_only() {
+        assert_eq!("int8".parse::<Quantization>().unwrap(), Quantization::Int8);
+        assert_eq!(Quantization::Int8.to_string(), "int8");
+        for bad in ["int4", "INT8", "q8_0", ""] {
+            let e = bad.parse::<Quantization>().unwrap_err();
+            assert!(e.contains("int8"), "{bad}: {e}");
+        }
+        let mut c = EngineConfig::new("m");
+        c.quantization = Some(Quantization::Int8);
+        assert!(c.validate().is_ok());
+        c.device = DeviceKind::Cuda(0);
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("quantization") && e.contains("CPU"), "{e}");
     }
 
     #[test]

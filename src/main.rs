@@ -271,6 +271,10 @@ struct EngineArgs {
     /// precision whatever this says).
     #[arg(long)]
     cpu_bf16_weights: bool,
+    /// Quantize the weights at load: `int8` (Q8_0: int8 in blocks of 32 with an f16 scale each,
+    /// ~1.06 byte per weight; CPU backend only).
+    #[arg(long)]
+    quantization: Option<llmd::config::Quantization>,
     /// Most requests waiting for a batch slot before new ones are refused with 429. Bounds
     /// the memory queued requests hold (each keeps its prompt's tokens).
     #[arg(long, default_value_t = llmd::config::DEFAULT_MAX_WAITING_REQUESTS)]
@@ -520,6 +524,7 @@ fn engine_config(a: &EngineArgs, model: PathBuf) -> Result<EngineConfig> {
     c.device = a.device;
     c.enforce_eager = a.enforce_eager;
     c.cpu_bf16_weights = a.cpu_bf16_weights;
+    c.quantization = a.quantization;
     c.scheduler.max_waiting_requests = Some(a.max_waiting_requests);
     c.fault_injection = a.fault_injection.clone();
     let gib = |g: f64, flag: &str| -> Result<f64> {
@@ -761,7 +766,9 @@ fn serve(mut a: ServeArgs) -> Result<()> {
         println!("block size: {}", config.cache.block_size);
         println!(
             "cpu weights: {}",
-            if config.cpu_bf16_weights {
+            if config.quantization.is_some() {
+                "int8 (Q8_0: blocks of 32, f16 scales, quantized at load)"
+            } else if config.cpu_bf16_weights {
                 "bf16 (f32 checkpoints rounded at load)"
             } else {
                 "the checkpoint's precision"

@@ -324,6 +324,19 @@ fn serve_takes_the_model_positionally_as_vllm_serve_does() {
     let (ok, out, err) = check_config(&["serve", model, "--cpu-bf16-weights"], &[]);
     assert!(ok, "{err}");
     assert!(out.contains("cpu weights: bf16"), "{out}");
+    // int8 weights: reported; another value or the CUDA backend refused, naming what is accepted.
+    let (ok, out, err) = check_config(&["serve", model, "--quantization", "int8"], &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("cpu weights: int8"), "{out}");
+    let (ok, _, err) = check_config(&["serve", model, "--quantization", "int4"], &[]);
+    assert!(!ok);
+    assert!(err.contains("int4") && err.contains("int8"), "{err}");
+    let (ok, _, err) = check_config(
+        &["serve", model, "--quantization", "int8", "--device", "cuda"],
+        &[],
+    );
+    assert!(!ok);
+    assert!(err.contains("quantization") && err.contains("CPU"), "{err}");
     let (ok, _, err) = check_config(&["serve", model, "--model", "acme/other"], &[]);
     assert!(!ok);
     assert!(

@@ -478,6 +478,7 @@ impl EngineCore {
             DeviceKind::Cpu => {
                 let cpu = CpuBackend {
                     f32_matrices_to_bf16: config.cpu_bf16_weights,
+                    int8_weights: config.quantization == Some(crate::config::Quantization::Int8),
                 };
                 load_on(cpu, &config, &model_cfg, max_model_len, progress)?
             }

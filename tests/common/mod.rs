@@ -34,7 +34,9 @@ pub use oracle::{
     candle_logits_all_positions, candle_logits_last, clear_margin_prompt, max_abs_diff,
     top1_margin,
 };
-pub use ours::{llmd_greedy, llmd_logits_all_positions};
+pub use ours::{
+    llmd_greedy, llmd_greedy_with, llmd_logits_all_positions, llmd_logits_all_positions_on,
+};
 pub use process::{args, free_port, metric, stories, LlmdProcess};
 pub use python::{python_has_zmq, python_imports};
 pub use redis::{RedisOptions, RedisServer};

@@ -16,6 +16,16 @@ pub fn llmd_logits_all_positions(
     tokens: &[u32],
     max_positions: usize,
 ) -> Vec<Vec<f32>> {
+    llmd_logits_all_positions_on(CpuBackend::default(), dir, tokens, max_positions)
+}
+
+/// [`llmd_logits_all_positions`] on a CPU backend configured by the caller (e.g. int8 weights).
+pub fn llmd_logits_all_positions_on(
+    backend: CpuBackend,
+    dir: &Path,
+    tokens: &[u32],
+    max_positions: usize,
+) -> Vec<Vec<f32>> {
     let cfg = ModelConfig::from_dir(dir).unwrap();
     let n = tokens.len();
     let blocks = n.div_ceil(BLOCK);
@@ -26,14 +36,7 @@ pub fn llmd_logits_all_positions(
         num_blocks: blocks + 2,
         block_size: BLOCK,
     };
-    let mut model = Model::load(
-        CpuBackend::default(),
-        dir,
-        cfg.clone(),
-        limits,
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let mut model = Model::load(backend, dir, cfg.clone(), limits, &mut |_, _| {}).unwrap();
     // Blocks in reverse physical order, so the block table really is followed.
     let table: Vec<u32> = (0..blocks as u32).rev().map(|b| b + 2).collect();
     let plan = BatchPlan {
@@ -59,7 +62,16 @@ pub fn llmd_logits_all_positions(
 
 /// `n` greedy tokens after `prompt` from the engine (EOS ignored) with `max_model_len`.
 pub fn llmd_greedy(dir: &Path, prompt: &[u32], n: usize, max_model_len: usize) -> Vec<u32> {
-    let mut c = EngineConfig::new(dir);
+    llmd_greedy_with(EngineConfig::new(dir), prompt, n, max_model_len)
+}
+
+/// [`llmd_greedy`] from a config the caller set up (`c.model` the model).
+pub fn llmd_greedy_with(
+    mut c: EngineConfig,
+    prompt: &[u32],
+    n: usize,
+    max_model_len: usize,
+) -> Vec<u32> {
     c.cache.num_blocks = Some(max_model_len.div_ceil(BLOCK) + 4);
     c.max_model_len = Some(max_model_len);
     let mut core = EngineCore::new(c).unwrap();

@@ -44,13 +44,17 @@ pub enum WeightDType {
     F32,
     Bf16,
     F16,
+    /// int8 in blocks of 32 along `k`, one f16 scale each (`--quantization int8`; see `q8`).
+    Q8_0,
 }
 
 impl WeightDType {
+    /// Bytes per element (Q8_0: its int8 value; the block scales add 1/16 byte more).
     pub fn size(self) -> usize {
         match self {
             WeightDType::F32 => 4,
             WeightDType::Bf16 | WeightDType::F16 => 2,
+            WeightDType::Q8_0 => 1,
         }
     }
 }
@@ -59,6 +63,8 @@ impl WeightDType {
 enum Panels {
     F32(Vec<f32>),
     Half(Vec<u16>),
+    /// Q8_0 panels, `q8`'s layout.
+    Q8(Vec<u8>),
 }
 
 /// A `[n, k]` weight in the panel layout described in the module docs.
@@ -95,11 +101,30 @@ impl PackedMatrix {
         })
     }
 
+    /// Quantizes row-major f32 rows (`rows.len() == n * k`) to Q8_0.
+    pub fn from_f32_q8(rows: &[f32], n: usize, k: usize) -> Option<Self> {
+        assert_eq!(rows.len(), n * k, "PackedMatrix::from_f32_q8: {n}x{k}");
+        Self::q8_with(n, k, |j, out| {
+            out.copy_from_slice(&rows[j * k..(j + 1) * k])
+        })
+    }
+
+    /// Quantizes `n` rows of `k` to Q8_0, row `j` written into the buffer by `row(j, buf)`.
+    pub fn q8_with(n: usize, k: usize, row: impl Fn(usize, &mut [f32]) + Sync) -> Option<Self> {
+        Some(Self {
+            n,
+            k,
+            dtype: WeightDType::Q8_0,
+            data: Panels::Q8(super::q8::pack(n, k, row)?),
+        })
+    }
+
     /// Bytes held (panels included padding).
     pub fn bytes(&self) -> usize {
         match &self.data {
             Panels::F32(v) => v.len() * 4,
             Panels::Half(v) => v.len() * 2,
+            Panels::Q8(v) => v.len(),
         }
     }
 
@@ -107,12 +132,13 @@ impl PackedMatrix {
         (j / NR) * self.k * NR + t * NR + j % NR
     }
 
-    /// Element `(j, t)` widened to f32 (exact).
+    /// Element `(j, t)` widened to f32 (exact; Q8_0: dequantized).
     pub fn get(&self, j: usize, t: usize) -> f32 {
         let i = self.index(j, t);
         match &self.data {
             Panels::F32(v) => v[i],
             Panels::Half(v) => widen(self.dtype, v[i]),
+            Panels::Q8(v) => super::q8::get(v, self.k, j, t),
         }
     }
 
@@ -131,6 +157,7 @@ impl PackedMatrix {
                     *o = widen(self.dtype, v[base + t * NR]);
                 }
             }
+            Panels::Q8(v) => super::q8::row_into(v, self.k, j, out),
         }
     }
 
@@ -140,6 +167,7 @@ impl PackedMatrix {
         match &self.data {
             Panels::F32(v) => v[off..].as_ptr().cast(),
             Panels::Half(v) => v[off..].as_ptr().cast(),
+            Panels::Q8(_) => unreachable!("Q8_0 panels go through q8::matmul"),
         }
     }
 }
@@ -149,7 +177,7 @@ fn widen(dtype: WeightDType, bits: u16) -> f32 {
     match dtype {
         WeightDType::Bf16 => f32::from_bits((bits as u32) << 16),
         WeightDType::F16 => half::f16::from_bits(bits).to_f32(),
-        WeightDType::F32 => unreachable!("f32 weights are not stored as bits"),
+        WeightDType::F32 | WeightDType::Q8_0 => unreachable!("not stored as half bits"),
     }
 }
 
@@ -222,6 +250,9 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: &PackedMatrix, out: &mut [f32], m: us
     if m == 0 || n == 0 {
         return;
     }
+    if let Panels::Q8(data) = &w.data {
+        return super::q8::matmul(isa, x, data, n, k, out, m);
+    }
     let out_ptr = SendPtr(out.as_mut_ptr());
     let panels = n.div_ceil(NR);
     // Enough tasks to balance the threads; every split gives the same bits.
@@ -281,7 +312,7 @@ fn widen_slice(dtype: WeightDType, bits: &[u16], out: &mut [f32]) {
             let h: &[half::f16] = bytemuck::cast_slice(bits);
             h.convert_to_f32_slice(out);
         }
-        WeightDType::F32 => unreachable!(),
+        WeightDType::F32 | WeightDType::Q8_0 => unreachable!(),
     }
 }
 
@@ -421,7 +452,7 @@ mod x86 {
         match d {
             WeightDType::F32 => F32,
             WeightDType::Bf16 => BF16,
-            WeightDType::F16 => F16,
+            WeightDType::F16 | WeightDType::Q8_0 => F16,
         }
     }
 
@@ -601,6 +632,7 @@ mod tests {
                 let held = b.iter().map(|&b| widen(dtype, b)).collect();
                 (PackedMatrix::from_half_bits(&b, n, k, dtype).unwrap(), held)
             }
+            WeightDType::Q8_0 => unreachable!("q8's own tests"),
         }
     }
 

@@ -11,6 +11,7 @@
 pub mod attention;
 pub mod gemm;
 pub mod moe;
+pub mod q8;
 pub mod sampling;
 
 use super::{
@@ -27,6 +28,9 @@ pub struct CpuBackend {
     /// Matrix weights of f32 checkpoints rounded to bf16 at load (half the memory and decode
     /// bandwidth; bf16 and f16 checkpoints keep their own precision either way).
     pub f32_matrices_to_bf16: bool,
+    /// Every matrix quantized to Q8_0 at load (`--quantization int8`, see `q8`): ~1.06 byte per
+    /// weight, whatever the checkpoint's precision. Overrides `f32_matrices_to_bf16`.
+    pub int8_weights: bool,
 }
 
 /// One layer's K and V, each `[num_blocks, block_size, num_kv_heads, head_dim]`.
@@ -89,17 +93,39 @@ impl CpuWeight {
 }
 
 /// Packs row-major parts stacked along rows (`n` rows of `k` in all) in the parts' precision (f32
-/// when they disagree).
+/// when they disagree), or quantized to Q8_0.
 fn pack_rows(
     parts: &[HostTensor<'_>],
     n: usize,
     k: usize,
     f32_to_bf16: bool,
+    int8: bool,
 ) -> BackendResult<gemm::PackedMatrix> {
     use gemm::{PackedMatrix, WeightDType};
     let dtype = parts.first().map_or(HostDType::F32, |p| p.dtype);
     let same = parts.iter().all(|p| p.dtype == dtype);
     let packed = match dtype {
+        _ if int8 => {
+            // Row j's part and its row there (parts are whole rows of `k`).
+            let mut starts = Vec::with_capacity(parts.len());
+            let mut rows = 0;
+            for p in parts {
+                starts.push(rows);
+                rows += p.numel() / k.max(1);
+            }
+            PackedMatrix::q8_with(n, k, |j, out| {
+                let i = starts.partition_point(|&s| s <= j) - 1;
+                let (p, r) = (&parts[i], j - starts[i]);
+                let es = p.dtype.size();
+                let bytes = &p.data[r * k * es..(r + 1) * k * es];
+                let row = HostTensor {
+                    dtype: p.dtype,
+                    shape: &[k],
+                    data: bytes,
+                };
+                out.copy_from_slice(&row.to_f32());
+            })
+        }
         HostDType::BF16 | HostDType::F16 if same => {
             let bits: Vec<u16> = parts
                 .iter()
@@ -168,7 +194,13 @@ impl Backend for CpuBackend {
         let (n, k) = (t.shape[0], t.shape[1..].iter().product());
         Ok(CpuWeight {
             shape: t.shape.to_vec(),
-            data: CpuData::Packed(pack_rows(&[t], n, k, self.f32_matrices_to_bf16)?),
+            data: CpuData::Packed(pack_rows(
+                &[t],
+                n,
+                k,
+                self.f32_matrices_to_bf16,
+                self.int8_weights,
+            )?),
         })
     }
 
@@ -185,7 +217,13 @@ impl Backend for CpuBackend {
         }
         let (n, k) = (shape[0], shape[1..].iter().product());
         Ok(CpuWeight {
-            data: CpuData::Packed(pack_rows(parts, n, k, self.f32_matrices_to_bf16)?),
+            data: CpuData::Packed(pack_rows(
+                parts,
+                n,
+                k,
+                self.f32_matrices_to_bf16,
+                self.int8_weights,
+            )?),
             shape,
         })
     }
@@ -544,6 +582,7 @@ mod tests {
         let plain = CpuBackend::default();
         let convert = CpuBackend {
             f32_matrices_to_bf16: true,
+            ..Default::default()
         };
         let round_bf = |v: f32| half::bf16::from_f32(v).to_f32();
         let round_f16 = |v: f32| half::f16::from_f32(v).to_f32();
