@@ -332,7 +332,7 @@ fn mean_nll(logits: &[Vec<f32>], tokens: &[u32]) -> f64 {
 /// `--quantization int8` on the real SmolLM2 against its own (bf16) weights, which the test above
 /// holds to candle: logits at every position of ~270 tokens of real text from one prefill each,
 /// the top-1 token per position, and the text's mean NLL (perplexity = exp). Tolerances from Q8_0's
-/// error, with margin over what this model measures (notes/issue24-int8.md: max |diff| 1.40, i.e.
+/// error, with margin over what this model measures (BENCHMARKS.md, issue 24: max |diff| 1.40, i.e.
 /// 7.1 % of the row's largest logit, mean per-position max 0.72, top-1 94.8 %, NLL -0.01 %): int8
 /// rounds each weight and activation to 1/254 of its block's range (an outlier in an activation
 /// block coarsens its 31 neighbours), so logits move by tenths, which flips the argmax only where

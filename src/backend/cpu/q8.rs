@@ -186,7 +186,7 @@ fn quantize_rows(x: &[f32], m: usize, k: usize, xq: &mut QRows) {
 /// A single row (decode) takes the AVX2 kernel even where VNNI is there: measured on this
 /// project's AMD EPYC VM (cpu_gemm, m = 1), it streams the weights faster (5.6 against 6.3-6.9
 /// ms per SmolLM2 token on 2 threads, 11 against 13-17 on one), while VNNI is the faster one
-/// from a few rows on (notes/issue24-int8.md). Both give the same bits, so the choice changes no
+/// from a few rows on (BENCHMARKS.md, issue 24). Both give the same bits, so the choice changes no
 /// result.
 fn vnni(isa: Isa, m: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
