@@ -598,10 +598,11 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn rand_vec(n: usize, seed: &mut u64) -> Vec<f32> {
+    /// `n` pseudo-random values in [-1, 1) from `seed` (shared with the other kernels' tests).
+    pub(in crate::backend::cpu) fn rand_vec(n: usize, seed: &mut u64) -> Vec<f32> {
         (0..n)
             .map(|_| {
                 *seed = seed
@@ -650,7 +651,7 @@ mod tests {
         o
     }
 
-    fn bits(v: &[f32]) -> Vec<u32> {
+    pub(in crate::backend::cpu) fn bits(v: &[f32]) -> Vec<u32> {
         v.iter().map(|v| v.to_bits()).collect()
     }
 

@@ -482,23 +482,9 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::gemm::tests::{bits, rand_vec};
     use super::super::gemm::{available_isas, matmul_with, PackedMatrix};
     use super::*;
-
-    fn rand_vec(n: usize, seed: &mut u64) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                *seed = seed
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn bits(v: &[f32]) -> Vec<u32> {
-        v.iter().map(|v| v.to_bits()).collect()
-    }
 
     fn q8(w: &[f32], n: usize, k: usize) -> PackedMatrix {
         PackedMatrix::from_f32_q8(w, n, k).unwrap()
