@@ -255,20 +255,13 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: &PackedMatrix, out: &mut [f32], m: us
     }
     let out_ptr = SendPtr(out.as_mut_ptr());
     let panels = n.div_ceil(NR);
-    // Enough tasks to balance the threads; every split gives the same bits.
-    let per_task = panels
-        .div_ceil(rayon::current_num_threads() * 4)
-        .clamp(1, 64);
     let widen = w.dtype != WeightDType::F32 && m >= WIDEN_MIN_M;
     let per_task = if widen {
-        per_task.min((SCRATCH_BYTES / (k * NR * 4).max(1)).max(1))
+        panels_per_task(panels).min((SCRATCH_BYTES / (k * NR * 4).max(1)).max(1))
     } else {
-        per_task
+        panels_per_task(panels)
     };
-    let tasks = panels.div_ceil(per_task);
-    let run = |task: usize| {
-        let p0 = task * per_task;
-        let p1 = (p0 + per_task).min(panels);
+    for_panel_tasks(panels, per_task, m * n * k, |p0, p1| {
         if widen {
             SCRATCH.with(|s| {
                 let mut s = s.borrow_mut();
@@ -286,12 +279,33 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: &PackedMatrix, out: &mut [f32], m: us
         } else {
             block(isa, w.dtype, x, m, k, n, w.panel_ptr(p0), p0, p1, out_ptr);
         }
+    });
+}
+
+/// Panels a task takes: enough tasks to balance the threads (every split gives the same bits).
+pub(super) fn panels_per_task(panels: usize) -> usize {
+    panels
+        .div_ceil(rayon::current_num_threads() * 4)
+        .clamp(1, 64)
+}
+
+/// Runs `run(p0, p1)` over `0..panels` in tasks of `per_task` panels: on the thread pool, or
+/// on this thread when the product (`work` multiply-adds) is too small to be worth a hand-off.
+pub(super) fn for_panel_tasks(
+    panels: usize,
+    per_task: usize,
+    work: usize,
+    run: impl Fn(usize, usize) + Sync,
+) {
+    let task = |t: usize| {
+        let p0 = t * per_task;
+        run(p0, (p0 + per_task).min(panels));
     };
-    // Small products are not worth a thread hand-off.
-    if m * n * k < 1 << 15 {
-        (0..tasks).for_each(run);
+    let tasks = panels.div_ceil(per_task);
+    if work < 1 << 15 {
+        (0..tasks).for_each(task);
     } else {
-        (0..tasks).into_par_iter().for_each(run);
+        (0..tasks).into_par_iter().for_each(task);
     }
 }
 
@@ -316,9 +330,10 @@ fn widen_slice(dtype: WeightDType, bits: &[u16], out: &mut [f32]) {
     }
 }
 
+/// The output buffer, shared by a product's tasks.
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only for the disjoint column ranges described in `matmul_with`.
+pub(super) struct SendPtr(pub(super) *mut f32);
+// SAFETY: used only for the disjoint column ranges of a product's tasks (`for_panel_tasks`).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 

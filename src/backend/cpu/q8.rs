@@ -25,7 +25,7 @@
 //! per-row number the activation quantizer computes once), so the correction costs no
 //! instruction per weight vector. The AVX2 path flips the offset back (`xor 0x80`) and uses the
 //! sign trick (`|w|` times `x · sign(w)`, which cannot saturate `pmaddubsw` as `|q| <= 127`).
-use super::gemm::{Isa, NR};
+use super::gemm::{for_panel_tasks, panels_per_task, Isa, SendPtr, NR};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -201,12 +201,6 @@ fn vnni(isa: Isa, m: usize) -> bool {
     }
 }
 
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: used only for the disjoint column ranges of `matmul`'s tasks.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
 /// Accumulator tile of a micro-kernel: `MR_MAX` rows of `NP_MAX` panels.
 type Tile = [[f32; NR * NP_MAX]; MR_MAX];
 
@@ -225,21 +219,10 @@ pub fn matmul(isa: Isa, x: &[f32], w: &[u8], n: usize, k: usize, out: &mut [f32]
     quantize_rows(x, m, k, &mut xq);
     let out_ptr = SendPtr(out.as_mut_ptr());
     let panels = n.div_ceil(NR);
-    let per_task = panels
-        .div_ceil(rayon::current_num_threads() * 4)
-        .clamp(1, 64);
-    let tasks = panels.div_ceil(per_task);
     let xr = &xq;
-    let run = |task: usize| {
-        let p0 = task * per_task;
-        let p1 = (p0 + per_task).min(panels);
-        block(isa, vnni, xr, m, kb, n, w, p0, p1, out_ptr);
-    };
-    if m * n * k < 1 << 15 {
-        (0..tasks).for_each(run);
-    } else {
-        (0..tasks).into_par_iter().for_each(run);
-    }
+    for_panel_tasks(panels, panels_per_task(panels), m * n * k, |p0, p1| {
+        block(isa, vnni, xr, m, kb, n, w, p0, p1, out_ptr)
+    });
     XQ.with(|c| c.replace(xq));
 }
 
