@@ -277,17 +277,32 @@ fn main() {
             .map(|x| x.as_u64().unwrap())
             .collect()
     };
+    // Greedy tokens equal from the start, and of how many.
+    let agree = |x: &[u64], y: &[u64]| {
+        let same = x.iter().zip(y).take_while(|(x, y)| x == y).count();
+        (same, x.len().min(y.len()))
+    };
+    let header = |ours: &str, theirs: &str| {
+        println!(
+            "{:<34} {:>12} {:>12} {:>8} {:>8}",
+            "", ours, theirs, "ratio", "target"
+        );
+    };
+    let peak = |o: &Value, t: &Value| {
+        println!(
+            "{:<34} {:>12.1} {:>12.1}",
+            "peak resident (whole process), MiB",
+            f(o, "rss_peak_kb") / 1024.0,
+            f(t, "rss_peak_kb") / 1024.0
+        );
+    };
     let (a, b) = (ids(ours), ids(theirs));
-    let agree = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
     println!(
         "SmolLM2-135M on the CPU, {threads} threads, llama-cpp-python {} (F16 GGUF) vs llmd \
          (the checkpoint's bf16), best of {repeat}",
         theirs["llama_cpp_python"].as_str().unwrap_or("?")
     );
-    println!(
-        "{:<34} {:>12} {:>12} {:>8} {:>8}",
-        "", "llmd", "llama.cpp", "ratio", "target"
-    );
+    header("llmd", "llama.cpp");
     let row = |name: &str, x: f64, y: f64, target: &str| {
         println!("{name:<34} {x:>12.1} {y:>12.1} {:>7.2}x {target:>8}", x / y);
     };
@@ -315,26 +330,16 @@ fn main() {
         mem(theirs),
         "<= 1.1",
     );
-    println!(
-        "{:<34} {:>12.1} {:>12.1}",
-        "peak resident (whole process), MiB",
-        f(ours, "rss_peak_kb") / 1024.0,
-        f(theirs, "rss_peak_kb") / 1024.0
-    );
-    println!(
-        "greedy tokens equal from the start: {agree} of {}",
-        a.len().min(b.len())
-    );
+    peak(ours, theirs);
+    let (same, of) = agree(&a, &b);
+    println!("greedy tokens equal from the start: {same} of {of}");
 
     println!();
     println!(
         "int8: llmd --quantization int8 (Q8_0 at load) vs llama.cpp Q8_0 GGUF, same run, best of \
          {repeat}"
     );
-    println!(
-        "{:<34} {:>12} {:>12} {:>8} {:>8}",
-        "", "llmd int8", "llama Q8_0", "ratio", "target"
-    );
+    header("llmd int8", "llama Q8_0");
     row(
         &format!("decode batch 1, tok/s ({gen} tokens)"),
         f(q_ours, "decode_tok_s"),
@@ -348,30 +353,19 @@ fn main() {
         "",
     );
     row("resident memory added, MiB", mem(q_ours), mem(q_theirs), "");
-    println!(
-        "{:<34} {:>12.1} {:>12.1}",
-        "peak resident (whole process), MiB",
-        f(q_ours, "rss_peak_kb") / 1024.0,
-        f(q_theirs, "rss_peak_kb") / 1024.0
-    );
-    println!(
-        "{:<34} {:>12} {:>12} {:>8} {:>8}",
-        "", "llmd int8", "llama F16", "ratio", "target"
-    );
+    peak(q_ours, q_theirs);
+    header("llmd int8", "llama F16");
     row(
         "decode batch 1, tok/s",
         f(q_ours, "decode_tok_s"),
         f(theirs, "decode_tok_s"),
         ">= 1.2",
     );
-    let (qa, qb) = (ids(q_ours), ids(q_theirs));
-    let eq = |x: &[u64], y: &[u64]| x.iter().zip(y).take_while(|(x, y)| x == y).count();
+    let qa = ids(q_ours);
+    let (q_same, q_of) = agree(&qa, &ids(q_theirs));
+    let (b_same, b_of) = agree(&qa, &a);
     println!(
-        "greedy tokens equal from the start: llmd int8 vs llama.cpp Q8_0 {} of {}, llmd int8 vs \
-         llmd bf16 {} of {}",
-        eq(&qa, &qb),
-        qa.len().min(qb.len()),
-        eq(&qa, &a),
-        qa.len().min(a.len())
+        "greedy tokens equal from the start: llmd int8 vs llama.cpp Q8_0 {q_same} of {q_of}, \
+         llmd int8 vs llmd bf16 {b_same} of {b_of}"
     );
 }
