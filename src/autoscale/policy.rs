@@ -769,19 +769,17 @@ impl LlmdPolicy {
         };
         // The token mix over enough requests: the forecast's tokens per request scaled from the
         // last minute's to that of the latest intervals holding MIX_MIN_REQUESTS.
-        let sum = |n: usize| {
-            self.mix
-                .iter()
-                .rev()
-                .take(n)
-                .fold((0.0, 0.0, 0.0), |a, x| (a.0 + x.0, a.1 + x.1, a.2 + x.2))
-        };
-        let minute = sum(4);
-        let mut n = 4;
-        while n < self.mix.len() && sum(n).0 < MIX_MIN_REQUESTS {
-            n += 1;
+        // One walk back: the last four intervals, then more until MIX_MIN_REQUESTS.
+        let (mut minute, mut long) = ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0));
+        for (i, x) in self.mix.iter().rev().enumerate() {
+            if i >= 4 && long.0 >= MIX_MIN_REQUESTS {
+                break;
+            }
+            long = (long.0 + x.0, long.1 + x.1, long.2 + x.2);
+            if i < 4 {
+                minute = long;
+            }
         }
-        let long = sum(n);
         if minute.0 > 0.0 && long.0 > 0.0 {
             if minute.1 > 0.0 {
                 f.prompt_tps *= (long.1 / long.0) / (minute.1 / minute.0);
