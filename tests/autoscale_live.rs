@@ -384,6 +384,18 @@ async fn a_load_step_scales_the_local_pool_up_and_back_down_with_no_request_fail
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A fresh directory for an `llmd autoscale run` test, with the calibration file and an empty
+/// workers file, and a router reading that file.
+async fn run_dir(tag: &str) -> (std::path::PathBuf, std::path::PathBuf, LlmdProcess) {
+    let dir = std::env::temp_dir().join(format!("llmd-autoscale-run-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let workers = dir.join("workers");
+    std::fs::write(&workers, "").unwrap();
+    let router = router(&workers).await;
+    config(&dir); // the calibration file
+    (dir, workers, router)
+}
+
 /// `llmd autoscale run` with `config` and the static-peak policy, writing the router's workers
 /// file, its metrics on a free loopback port.
 async fn autoscale_run(
@@ -430,12 +442,7 @@ async fn sigterm_and_wait(mut scaler: LlmdProcess) {
 /// and SIGTERM stops the autoscaler and every worker it started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn llmd_autoscale_run_starts_a_local_pool_and_stops_it_on_sigterm() {
-    let dir = std::env::temp_dir().join(format!("llmd-autoscale-run-local-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let workers = dir.join("workers");
-    std::fs::write(&workers, "").unwrap();
-    let router = router(&workers).await;
-    config(&dir); // the calibration file
+    let (dir, workers, router) = run_dir("local").await;
     std::fs::write(
         dir.join("autoscale.yaml"),
         format!(
@@ -531,12 +538,7 @@ fn children(pid: u32) -> Vec<u32> {
 /// SIGTERM stops the autoscaler with every worker and sidecar it started.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prefill_and_decode_local_pools_serve_disaggregated() {
-    let dir = std::env::temp_dir().join(format!("llmd-autoscale-run-pd-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let workers = dir.join("workers");
-    std::fs::write(&workers, "").unwrap();
-    let router = router(&workers).await;
-    config(&dir); // the calibration file
+    let (dir, workers, router) = run_dir("pd").await;
     let secret = common::secret_file().display().to_string();
     let variant = |name: &str, sidecar: &str| {
         format!(
