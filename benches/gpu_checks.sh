@@ -28,16 +28,31 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$LOG/env
 mkdir -p "$M" && cp -r "${STORIES:-../shared/models/stories260K}" "$M/"
 step models 120 python3 benches/mk_models.py "$M" "${SHAPES:-smollm2-135m-shape,smol-1.7b-shape,llama3-8b-shape}" "${SMOL_CFG:-../shared/models/smollm2-135m-instruct}"
 export LLMD_SHARED_MODELS=$M LLMD_GPU_MODELS=stories260K
+# First what has never run on hardware (issue 25, "Run first"), then the figures.
 step gpu_tests 280 "$B/gpu" --ignored --test-threads=1
-step cuda_attention 60 "$B/cuda_attention"
-step decode_135m 90 python3 benches/decode_vs_transformers.py "$B/gpu_decode" "$M/smollm2-135m-shape"
-step decode_1p7b 60 env LLMD_BENCH_MODEL="$M/smol-1.7b-shape" "$B/gpu_decode"
-step decode_8b 150 python3 benches/decode_vs_transformers.py "$B/gpu_decode" "$M/llama3-8b-shape"
-# The same without the transformers side (llmd's figures only, a third of the time).
-step decode_8b_llmd 60 env LLMD_BENCH_MODEL="$M/llama3-8b-shape" "$B/gpu_decode"
+# KV tier offload: the tiers' path (GPU -> host) vs one pinned cudaMemcpy of the same bytes.
+step kv_offload 60 "$B/kv_offload_gpu"
+# P/D between `llmd serve --device cuda` processes on this one GPU (prefiller, decoder and a
+# sidecar) against a single worker, greedy, with the official openai client
+# (tests/disagg_openai.py); its wheels travel in $WHEELS when this machine lacks them.
+python3 -c "import openai, pytest" 2>/dev/null ||
+  python3 -m pip install -q --no-index --find-links "${WHEELS:-.gpu/wheels}" openai pytest > "$LOG/wheels.log" 2>&1
+for m in stories260K smollm2-135m-shape; do
+  step "pd_cuda_$m" 90 env LLMD_BIN="$B/llmd" LLMD_MODEL="$M/$m" \
+    LLMD_SERVE_ARGS="--device cuda --max-model-len 512 --kv-cache-memory-gb 0.05" python3 -m pytest -q tests/disagg_openai.py
+done
+# Both prefill kernels (tiled, pipelined) against torch's flash SDPA.
+step cuda_prefill 90 python3 benches/prefill_vs_sdpa.py "$B/cuda_prefill"
 # The skinny decode GEMM (opt-in until measured): its matmuls vs cuBLAS, then end to end.
 step cuda_gemm 90 "$B/cuda_gemm"
 step decode_8b_skinny 60 env LLMD_DECODE_GEMM=skinny LLMD_BENCH_MODEL="$M/llama3-8b-shape" "$B/gpu_decode"
+step cuda_attention 60 "$B/cuda_attention"
+step decode_135m 90 python3 benches/decode_vs_transformers.py "$B/gpu_decode" "$M/smollm2-135m-shape"
+step decode_8b 150 python3 benches/decode_vs_transformers.py "$B/gpu_decode" "$M/llama3-8b-shape"
+step decode_1p7b 60 env LLMD_BENCH_MODEL="$M/smol-1.7b-shape" "$B/gpu_decode"
+# The same without the transformers side (llmd's figures only, a third of the time).
+step decode_8b_llmd 60 env LLMD_BENCH_MODEL="$M/llama3-8b-shape" "$B/gpu_decode"
+step cuda_sampling 45 "$B/cuda_sampling"
 # Where a decode step's device time goes, kernel by kernel (Nsight Systems, when installed).
 NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
 if [ -n "$NSYS" ]; then
@@ -56,7 +71,4 @@ if [ -n "$NCU" ]; then
 else
   echo "ncu: not installed" | tee -a "$LOG/summary.txt"
 fi
-# Both prefill kernels (tiled, pipelined) against torch's flash SDPA.
-step cuda_prefill 90 python3 benches/prefill_vs_sdpa.py "$B/cuda_prefill"
-step cuda_sampling 45 "$B/cuda_sampling"
 echo "total $(( $(date +%s) - T0 ))s" | tee -a "$LOG/summary.txt"
