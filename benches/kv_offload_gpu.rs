@@ -1,7 +1,9 @@
-//! Offload bandwidth, GPU → host: the path the KV tiers take (`Backend::read_kv_block` of each
-//! layer of each block, as `ModelRunner::read_kv_block` calls it after a step) against one
-//! plain `cudaMemcpy` of the same number of bytes into pinned host memory, measured in the same
-//! run. Target (issue 8): ≥ 0.8.
+//! Offload bandwidth, GPU → host: the path the KV tiers take (`Backend::read_kv_blocks` of a
+//! step's committed blocks: one gather kernel and one copy through a pinned staging buffer, as
+//! the engine calls it after a step), and the one-block path it replaced
+//! (`Backend::read_kv_block` of each layer of each block), against one plain `cudaMemcpy` of
+//! the same number of bytes into pinned host memory, measured in the same run. Target (issue
+//! 25): ≥ 0.8.
 //!
 //! Geometry: SmolLM2-135M's (30 layers, 3 KV heads of 64, blocks of 16 tokens, bf16 cache) and
 //! a Llama-3-8B-like one (32 layers, 8 KV heads of 128). Without a CUDA device it says so and
@@ -21,8 +23,15 @@ fn main() {
         g.arch()
     );
     println!(
-        "{:<28} {:>7} {:>10} {:>12} {:>12} {:>7}",
-        "geometry", "blocks", "MB", "tier GB/s", "pinned GB/s", "ratio"
+        "{:<14} {:>7} {:>8} {:>13} {:>13} {:>12} {:>7} {:>10}",
+        "geometry",
+        "blocks",
+        "MB",
+        "batched GB/s",
+        "per-block GB/s",
+        "pinned GB/s",
+        "ratio",
+        "per-block"
     );
     for (name, layers, kv_heads, head_dim) in
         [("SmolLM2-135M", 30, 3, 64), ("Llama-3-8B", 32, 8, 128)]
@@ -41,7 +50,14 @@ fn main() {
             * dims.block_numel()
             * <llmd::backend::cuda::CudaBackend as Backend>::KV_ELEMENT_BYTES;
         let bytes = blocks * layers * per_layer;
-        // What the engine does for each committed block.
+        // What the engine does with a step's committed blocks: every block at once.
+        let ids: Vec<usize> = (0..blocks).collect();
+        let mut packed = vec![0u8; bytes];
+        let batched = gpu::best_secs(&g, repeat, || {
+            g.read_kv_blocks(&caches, &ids, &mut packed)
+                .expect("read_kv_blocks");
+        });
+        // What it did before: each layer of each block on its own.
         let mut out = vec![0u8; layers * per_layer];
         let tier = gpu::best_secs(&g, repeat, || {
             for b in 0..blocks {
@@ -60,10 +76,12 @@ fn main() {
         });
         let gbs = |s: f64| bytes as f64 / s / 1e9;
         println!(
-            "{name:<28} {blocks:>7} {:>10.1} {:>12.2} {:>12.2} {:>7.3}",
+            "{name:<14} {blocks:>7} {:>8.1} {:>13.2} {:>13.2} {:>12.2} {:>7.3} {:>10.3}",
             bytes as f64 / 1e6,
+            gbs(batched),
             gbs(tier),
             gbs(plain),
+            plain / batched,
             plain / tier
         );
     }

@@ -14,7 +14,7 @@ mod common;
 
 use llmd::backend::cpu::{CpuBackend, CpuKvCache};
 use llmd::backend::cuda::device::{
-    CudaKvCache, DecodeGemm, KernelChoice, PrefillKernel, WeightData,
+    CudaKvCache, DecodeGemm, KernelChoice, PrefillKernel, WeightData, KV_STAGING_BYTES,
 };
 use llmd::backend::cuda::CudaBackend;
 use llmd::backend::{
@@ -1037,6 +1037,89 @@ fn kv_block_read_write_match_cpu() {
         g.read_kv_block(&gcache, 0, &mut b[1..]).is_err(),
         "wrong size"
     );
+
+    // Many blocks of several layers at once (the gather and scatter kernels, through the
+    // pinned staging buffer): the bytes of the one-block path, block after block and layer
+    // after layer, and more blocks than one round of the staging buffer holds.
+    let layers: Vec<CudaKvCache> = (0..3u64)
+        .map(|l| CudaKvCache {
+            dims: kd,
+            k: g.stream()
+                .clone_htod(&bits(&rand_vec(kd.numel(), 30 + l, 1.0)))
+                .unwrap(),
+            v: g.stream()
+                .clone_htod(&bits(&rand_vec(kd.numel(), 40 + l, 1.0)))
+                .unwrap(),
+        })
+        .collect();
+    let blocks = [8, 0, 3, 3, 5];
+    let piece = 2 * n * 2;
+    let mut packed = vec![0u8; blocks.len() * layers.len() * piece];
+    g.read_kv_blocks(&layers, &blocks, &mut packed).unwrap();
+    let mut want = Vec::new();
+    for &blk in &blocks {
+        for c in &layers {
+            g.read_kv_block(c, blk, &mut b).unwrap();
+            want.extend_from_slice(&b);
+        }
+    }
+    assert_eq!(packed, want, "gathered blocks");
+    let mut fresh: Vec<CudaKvCache> = (0..3).map(|_| g.alloc_kv_cache(kd).unwrap()).collect();
+    let to = [1, 2, 4, 6, 7];
+    g.write_kv_blocks(&mut fresh, &to, &packed).unwrap();
+    let mut back = vec![0u8; packed.len()];
+    g.read_kv_blocks(&fresh, &to, &mut back).unwrap();
+    assert_eq!(back, packed, "scattered blocks read back");
+    let mut zero = vec![0u8; layers.len() * piece];
+    g.read_kv_blocks(&fresh, &[0], &mut zero).unwrap();
+    assert!(zero.iter().all(|&x| x == 0), "block 0 untouched");
+    assert!(
+        g.read_kv_blocks(&layers, &[9], &mut zero).is_err(),
+        "out of range"
+    );
+    assert!(
+        g.read_kv_blocks(&layers, &[0], &mut zero[2..]).is_err(),
+        "wrong size"
+    );
+    // Rounds: a geometry whose blocks are 1/3 of the staging buffer, 7 blocks of it.
+    let big = KvCacheDims {
+        num_blocks: 8,
+        block_size: 64,
+        num_kv_heads: 8,
+        head_dim: 128,
+    };
+    let per_layer = 2 * big.block_numel() * 2;
+    let nl = (KV_STAGING_BYTES / 3 / per_layer).max(1);
+    let caches: Vec<CudaKvCache> = (0..nl as u64)
+        .map(|l| CudaKvCache {
+            dims: big,
+            k: g.stream()
+                .clone_htod(&bits(&rand_vec(big.numel(), 50 + l, 1.0)))
+                .unwrap(),
+            v: g.stream()
+                .clone_htod(&bits(&rand_vec(big.numel(), 60 + l, 1.0)))
+                .unwrap(),
+        })
+        .collect();
+    let blocks = [7, 6, 5, 4, 3, 2, 1];
+    let mut packed = vec![0u8; blocks.len() * nl * per_layer];
+    g.read_kv_blocks(&caches, &blocks, &mut packed).unwrap();
+    let mut one = vec![0u8; per_layer];
+    for (i, &blk) in blocks.iter().enumerate() {
+        for (l, c) in caches.iter().enumerate() {
+            g.read_kv_block(c, blk, &mut one).unwrap();
+            let at = (i * nl + l) * per_layer;
+            assert!(
+                packed[at..at + per_layer] == one[..],
+                "block {blk} layer {l}"
+            );
+        }
+    }
+    let mut fresh: Vec<CudaKvCache> = (0..nl).map(|_| g.alloc_kv_cache(big).unwrap()).collect();
+    g.write_kv_blocks(&mut fresh, &blocks, &packed).unwrap();
+    let mut back = vec![0u8; packed.len()];
+    g.read_kv_blocks(&fresh, &blocks, &mut back).unwrap();
+    assert!(back == packed, "rounds of the staging buffer");
 }
 
 /// With defaults the KV cache takes what `--gpu-memory-utilization` (0.9) leaves once the

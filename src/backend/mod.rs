@@ -205,6 +205,30 @@ impl KvCacheDims {
     }
 }
 
+/// The bytes of one layer's piece of one block in a buffer of `bytes` holding `blocks` ×
+/// `layers` pieces ([`Backend::read_kv_blocks`]' layout); `None` when there is nothing to copy,
+/// an error when the buffer does not split evenly (each piece's own size is checked where it
+/// is copied).
+pub fn kv_piece_bytes(
+    op: &'static str,
+    layers: usize,
+    blocks: &[usize],
+    bytes: usize,
+) -> BackendResult<Option<usize>> {
+    let pieces = layers * blocks.len();
+    if pieces == 0 && bytes == 0 {
+        return Ok(None);
+    }
+    if pieces == 0 || bytes == 0 || !bytes.is_multiple_of(pieces) {
+        return Err(BackendError::Shape {
+            op,
+            expected: format!("{} blocks × {layers} layers of equal pieces", blocks.len()),
+            got: format!("{bytes} bytes"),
+        });
+    }
+    Ok(Some(bytes / pieces))
+}
+
 /// One sequence's slice of the step's token batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SeqPlan {
@@ -350,6 +374,52 @@ pub trait Backend: Send + Sync + 'static {
         block: usize,
         data: &[u8],
     ) -> BackendResult<()>;
+    /// Copies `blocks` of every layer of `caches` to the host in one go: block after block,
+    /// each block's layers in order, each layer as [`Backend::read_kv_block`] lays it out (so
+    /// `out` holds one tier payload per block, back to back). Devices with their own memory
+    /// gather on the device and copy once; this default reads block by block and layer by layer.
+    fn read_kv_blocks(
+        &self,
+        caches: &[Self::KvCache],
+        blocks: &[usize],
+        out: &mut [u8],
+    ) -> BackendResult<()> {
+        let Some(per_layer) = kv_piece_bytes("read_kv_blocks", caches.len(), blocks, out.len())?
+        else {
+            return Ok(());
+        };
+        for (&b, chunk) in blocks
+            .iter()
+            .zip(out.chunks_exact_mut(per_layer * caches.len()))
+        {
+            for (c, piece) in caches.iter().zip(chunk.chunks_exact_mut(per_layer)) {
+                self.read_kv_block(c, b, piece)?;
+            }
+        }
+        Ok(())
+    }
+    /// Overwrites `blocks` of every layer of `caches` from bytes laid out as
+    /// [`Backend::read_kv_blocks`] gives them.
+    fn write_kv_blocks(
+        &self,
+        caches: &mut [Self::KvCache],
+        blocks: &[usize],
+        data: &[u8],
+    ) -> BackendResult<()> {
+        let Some(per_layer) = kv_piece_bytes("write_kv_blocks", caches.len(), blocks, data.len())?
+        else {
+            return Ok(());
+        };
+        for (&b, chunk) in blocks
+            .iter()
+            .zip(data.chunks_exact(per_layer * caches.len()))
+        {
+            for (c, piece) in caches.iter_mut().zip(chunk.chunks_exact(per_layer)) {
+                self.write_kv_block(c, b, piece)?;
+            }
+        }
+        Ok(())
+    }
     /// Copies the first `out.len()` elements of `buf` to the host as f32.
     fn to_host(&self, buf: &Self::Buffer, out: &mut [f32]) -> BackendResult<()>;
     /// Prepares the step's metadata (uploads it on devices with their own memory).

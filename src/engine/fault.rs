@@ -203,6 +203,14 @@ impl ModelRunner for FaultyRunner {
     fn write_kv_block(&mut self, block: usize, data: &[u8]) -> Result<(), ModelError> {
         self.inner.write_kv_block(block, data)
     }
+
+    fn read_kv_blocks(&self, blocks: &[usize], out: &mut [u8]) -> Result<(), ModelError> {
+        self.inner.read_kv_blocks(blocks, out)
+    }
+
+    fn write_kv_blocks(&mut self, blocks: &[usize], data: &[u8]) -> Result<(), ModelError> {
+        self.inner.write_kv_blocks(blocks, data)
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@ pub use output::{EngineOutput, RequestOutput, TokenLogprob};
 
 use crate::backend::cpu::sampling::RowSampling;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::{Backend, BatchPlan, SeqPlan};
+use crate::backend::{Backend, BackendError, BatchPlan, SeqPlan};
 use crate::config::{DeviceKind, EngineConfig};
 use crate::error::{Error, Result};
 use crate::kv::block_record::KvIdentity;
@@ -650,15 +650,19 @@ impl EngineCore {
         }))
     }
 
-    /// The K/V of each of `blocks` (all layers, as a tier record's payload).
+    /// The K/V of each of `blocks` (all layers, as a tier record's payload), read in one go
+    /// (one gather and one copy on a GPU).
     fn read_blocks(&self, blocks: &[crate::kv::BlockId]) -> Result<Vec<Vec<u8>>> {
-        blocks.iter().map(|&b| self.read_block(b)).collect()
-    }
-
-    fn read_block(&self, b: crate::kv::BlockId) -> Result<Vec<u8>> {
-        let mut payload = vec![0u8; self.kv_block_bytes];
-        self.model.read_kv_block(b.0 as usize, &mut payload)?;
-        Ok(payload)
+        if blocks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<usize> = blocks.iter().map(|b| b.0 as usize).collect();
+        let mut packed = vec![0u8; self.kv_block_bytes * ids.len()];
+        self.model.read_kv_blocks(&ids, &mut packed)?;
+        Ok(packed
+            .chunks_exact(self.kv_block_bytes)
+            .map(<[u8]>::to_vec)
+            .collect())
     }
 
     /// The K/V of the leading run of `hashes` this engine has cached (a peer pulling a
@@ -910,9 +914,22 @@ impl EngineCore {
 
     /// [`Self::step`] once the scheduler gave it a batch.
     fn run_scheduled(&mut self, sched: SchedulerOutput) -> Result<Vec<EngineOutput>> {
-        // Loaded blocks land before the step that attends to them.
-        for (block, payload) in &sched.kv_writes {
-            if let Err(e) = self.model.write_kv_block(block.0 as usize, payload) {
+        // Loaded blocks land before the step that attends to them, in one copy.
+        if !sched.kv_writes.is_empty() {
+            let ids: Vec<usize> = sched.kv_writes.iter().map(|(b, _)| b.0 as usize).collect();
+            let mut packed = Vec::with_capacity(self.kv_block_bytes * ids.len());
+            let mut sized = Ok(());
+            for (b, p) in &sched.kv_writes {
+                if p.len() != self.kv_block_bytes {
+                    sized = Err(ModelError::Backend(BackendError::Shape {
+                        op: "write_kv_blocks",
+                        expected: format!("{} bytes for block {}", self.kv_block_bytes, b.0),
+                        got: format!("{} bytes", p.len()),
+                    }));
+                }
+                packed.extend_from_slice(p);
+            }
+            if let Err(e) = sized.and_then(|()| self.model.write_kv_blocks(&ids, &packed)) {
                 self.counters.failed_steps += 1;
                 for s in &sched.seqs {
                     self.abort_request(&s.id);
@@ -1076,20 +1093,23 @@ impl EngineCore {
             return;
         }
         if let Some(c) = self.scheduler.connector() {
-            let mut records = Vec::new();
-            for b in committed.iter().filter(|b| !c.holds(&b.hash)) {
-                match self.read_block(b.block) {
-                    Ok(payload) => records.push(StoreBlock {
-                        hash: b.hash,
-                        parent: b.parent,
-                        tokens: b.tokens.clone(),
-                        extra_keys: b.extra_keys.clone(),
-                        payload,
-                    }),
-                    Err(e) => tracing::warn!(error = %e, "reading a KV block for the tiers failed"),
-                }
+            let new: Vec<_> = committed.iter().filter(|b| !c.holds(&b.hash)).collect();
+            let ids: Vec<_> = new.iter().map(|b| b.block).collect();
+            match self.read_blocks(&ids) {
+                Ok(payloads) => c.store(
+                    new.iter()
+                        .zip(payloads)
+                        .map(|(b, payload)| StoreBlock {
+                            hash: b.hash,
+                            parent: b.parent,
+                            tokens: b.tokens.clone(),
+                            extra_keys: b.extra_keys.clone(),
+                            payload,
+                        })
+                        .collect(),
+                ),
+                Err(e) => tracing::warn!(error = %e, "reading KV blocks for the tiers failed"),
             }
-            c.store(records);
         }
         if let Some(sink) = &self.kv_events {
             let mut events = Vec::new();

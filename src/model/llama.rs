@@ -725,4 +725,12 @@ impl<B: Backend> ModelRunner for Model<B> {
         }
         Ok(())
     }
+
+    fn read_kv_blocks(&self, blocks: &[usize], out: &mut [u8]) -> Result<(), ModelError> {
+        Ok(self.backend.read_kv_blocks(&self.kv, blocks, out)?)
+    }
+
+    fn write_kv_blocks(&mut self, blocks: &[usize], data: &[u8]) -> Result<(), ModelError> {
+        Ok(self.backend.write_kv_blocks(&mut self.kv, blocks, data)?)
+    }
 }

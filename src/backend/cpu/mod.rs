@@ -557,6 +557,75 @@ mod tests {
             .is_err());
     }
 
+    /// Many blocks of many layers in one call: block after block, each block's layers in order,
+    /// each as `read_kv_block` gives it; the write puts them back where they came from; a
+    /// buffer that does not split into the blocks' pieces, a wrong piece size or a block out
+    /// of range is an error.
+    #[test]
+    fn batched_kv_block_copies_lay_out_blocks_then_layers() {
+        let dims = KvCacheDims {
+            num_blocks: 4,
+            block_size: 2,
+            num_kv_heads: 1,
+            head_dim: 2,
+        };
+        let n = dims.numel();
+        let layer = |l: usize| CpuKvCache {
+            dims,
+            k: (0..n).map(|i| (100 * l + i) as f32).collect(),
+            v: (0..n).map(|i| -((100 * l + i) as f32)).collect(),
+        };
+        let caches = [layer(0), layer(1), layer(2)];
+        let cpu = CpuBackend::default();
+        let piece = 2 * dims.block_numel() * 4;
+        let blocks = [3, 0, 2];
+        let mut packed = vec![0u8; blocks.len() * caches.len() * piece];
+        cpu.read_kv_blocks(&caches, &blocks, &mut packed).unwrap();
+        let mut want = Vec::new();
+        for &b in &blocks {
+            for c in &caches {
+                let mut one = vec![0u8; piece];
+                cpu.read_kv_block(c, b, &mut one).unwrap();
+                want.extend(one);
+            }
+        }
+        assert_eq!(packed, want);
+        // Back into blocks 1, 2 and 3 of fresh caches: each lands in its own block and layer.
+        let zero = || CpuKvCache {
+            dims,
+            k: vec![0.0; n],
+            v: vec![0.0; n],
+        };
+        let mut fresh = [zero(), zero(), zero()];
+        cpu.write_kv_blocks(&mut fresh, &[1, 2, 3], &packed)
+            .unwrap();
+        let bn = dims.block_numel();
+        for (l, c) in fresh.iter().enumerate() {
+            for (to, from) in [(1, 3), (2, 0), (3, 2)] {
+                assert_eq!(
+                    c.k[to * bn..(to + 1) * bn],
+                    caches[l].k[from * bn..(from + 1) * bn]
+                );
+                assert_eq!(
+                    c.v[to * bn..(to + 1) * bn],
+                    caches[l].v[from * bn..(from + 1) * bn]
+                );
+            }
+            assert!(c.k[..bn].iter().all(|&x| x == 0.0), "block 0 untouched");
+        }
+        let mut none: [u8; 0] = [];
+        cpu.read_kv_blocks(&caches, &[], &mut none).unwrap();
+        assert!(cpu
+            .read_kv_blocks(&caches, &blocks, &mut packed[1..])
+            .is_err());
+        let mut short = vec![0u8; blocks.len() * caches.len() * (piece - 4)];
+        assert!(cpu.read_kv_blocks(&caches, &blocks, &mut short).is_err());
+        assert!(cpu
+            .read_kv_blocks(&caches, &[0, 4, 1], &mut packed)
+            .is_err());
+        assert!(cpu.write_kv_blocks(&mut fresh, &[0], &packed).is_err());
+    }
+
     /// bf16/f16 matrices stay half precision (half the bytes of f32), vectors stay f32, and the
     /// load flag rounds an f32 checkpoint's matrices to bf16; every element reads back as the
     /// value it holds, through the embedding lookup too.

@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 mod attention;
 mod gemm;
 mod graphs;
+mod kv;
 mod moe;
 mod step;
 
@@ -68,6 +69,8 @@ pub trait KernelChoice: Copy + 'static {
 use gemm::SKINNY_THREADS;
 pub use gemm::{DecodeGemm, SKINNY_MAX_ROWS};
 use graphs::{Graphs, StepTiming};
+use kv::KvStaging;
+pub use kv::KV_STAGING_BYTES;
 use moe::MoeState;
 use step::{is_pure_decode, Queries};
 pub use step::{CudaStep, StepBufs};
@@ -124,6 +127,8 @@ pub struct CudaBackend {
     timing: Mutex<StepTiming>,
     /// Mixture-of-experts scratch (sized at `reserve`) and expert address tables.
     moe: Mutex<MoeState>,
+    /// Staging buffers of batched KV block copies (tiers, P/D).
+    kv_staging: Mutex<KvStaging>,
 }
 
 fn driver_err(what: &str, e: impl std::fmt::Debug) -> BackendError {
@@ -242,6 +247,7 @@ impl CudaBackend {
             decode_gemm: std::sync::atomic::AtomicU8::new(DecodeGemm::from_env()? as u8),
             timing: Mutex::new(timing),
             moe: Mutex::new(MoeState::default()),
+            kv_staging: Mutex::new(KvStaging::default()),
         })
     }
 
@@ -559,6 +565,24 @@ impl Backend for CudaBackend {
                 .map_err(|e| driver_err("copying a KV block to the device", e))?;
         }
         Ok(())
+    }
+
+    fn read_kv_blocks(
+        &self,
+        caches: &[CudaKvCache],
+        blocks: &[usize],
+        out: &mut [u8],
+    ) -> BackendResult<()> {
+        self.read_kv_blocks_packed(caches, blocks, out)
+    }
+
+    fn write_kv_blocks(
+        &self,
+        caches: &mut [CudaKvCache],
+        blocks: &[usize],
+        data: &[u8],
+    ) -> BackendResult<()> {
+        self.write_kv_blocks_packed(caches, blocks, data)
     }
 
     fn to_host(&self, buf: &CudaBuffer, out: &mut [f32]) -> BackendResult<()> {

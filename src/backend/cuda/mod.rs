@@ -105,7 +105,14 @@ pub const KERNEL_ENTRIES: &[(&str, &[&str])] = &[
     ),
     ("embedding.cu", &["embedding_bf16", "gather_rows_bf16"]),
     ("gemm.cu", &["gemm_skinny_m8_bf16", "gemm_skinny_m16_bf16"]),
-    ("kv_cache.cu", &["write_kv_bf16"]),
+    (
+        "kv_cache.cu",
+        &[
+            "write_kv_bf16",
+            "gather_kv_blocks_bf16",
+            "scatter_kv_blocks_bf16",
+        ],
+    ),
     (
         "moe.cu",
         &[
