@@ -1039,7 +1039,7 @@ fn kv_block_read_write_match_cpu() {
     );
 
     // Many blocks of several layers at once (the gather and scatter kernels, through the
-    // pinned staging buffer): the bytes of the one-block path, block after block and layer
+    // device staging buffer): the bytes of the one-block path, block after block and layer
     // after layer, and more blocks than one round of the staging buffer holds.
     let layers: Vec<CudaKvCache> = (0..3u64)
         .map(|l| CudaKvCache {

@@ -1,23 +1,25 @@
 //! Whole KV blocks between the device's caches and the host, many at once (the tiers' offload
 //! and loads, P/D sends): a gather kernel packs every layer's K and V of the blocks into one
-//! device staging buffer and one copy moves it through a page-locked host buffer (a scatter
-//! kernel the other way), instead of two small pageable copies per block and layer.
+//! device staging buffer and one copy moves it to the caller's buffer (a scatter kernel the
+//! other way), instead of two small copies per block and layer. The copy goes straight to the
+//! caller's (pageable) memory, which the driver pipelines through its own page-locked buffers;
+//! a page-locked slab owned by the host tier, copied into asynchronously, is the next step.
 //!
-//! Both staging buffers are allocated on first use at [`KV_STAGING_BYTES`] (or one block, if
+//! The staging buffer is allocated on first use at [`KV_STAGING_BYTES`] (or one block, if
 //! larger) and kept; more blocks than fit go in several rounds.
 
 use super::{driver_err, CudaBackend, CudaKvCache};
 use crate::backend::{kv_piece_bytes, Backend, BackendError, BackendResult};
-use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PinnedHostSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, LaunchConfig, PushKernelArg};
 
-/// Bytes of each staging buffer (device and host): 64 MiB, a few dozen blocks of an 8B model,
-/// inside the headroom the KV cache's sizing leaves (`--gpu-memory-utilization`).
+/// Bytes of the device staging buffer: 64 MiB, 32 blocks of an 8B model, inside the headroom
+/// the KV cache's sizing leaves (`--gpu-memory-utilization`).
 pub const KV_STAGING_BYTES: usize = 64 << 20;
 
-/// The staging buffers, allocated on first use.
+/// The staging buffer, allocated on first use.
 #[derive(Default)]
 pub(super) struct KvStaging {
-    buffers: Option<(CudaSlice<u16>, PinnedHostSlice<u16>)>,
+    buffer: Option<CudaSlice<u8>>,
 }
 
 impl CudaBackend {
@@ -69,8 +71,8 @@ impl CudaBackend {
         }
         self.take_error()?;
         let n = dims.block_numel();
-        let block_elems = caches.len() * 2 * n;
-        let per_round = (KV_STAGING_BYTES / 2 / block_elems).max(1);
+        let block_bytes = caches.len() * piece;
+        let per_round = (KV_STAGING_BYTES / block_bytes).max(1);
         let mut addrs = Vec::with_capacity(2 * caches.len());
         for c in caches {
             addrs.push(c.k.device_ptr(&self.stream).0);
@@ -82,29 +84,23 @@ impl CudaBackend {
             .lock()
             .map_err(|_| driver_err(op, "staging lock poisoned"))?;
         if staging
-            .buffers
+            .buffer
             .as_ref()
-            .is_none_or(|(d, _)| d.len() < per_round * block_elems)
+            .is_none_or(|d| d.len() < per_round * block_bytes)
         {
-            staging.buffers = None;
-            let len = per_round * block_elems;
-            let dev = self
-                .stream
-                .alloc_zeros::<u16>(len)
-                .map_err(|e| driver_err("allocating the KV staging buffer", e))?;
-            // SAFETY: the buffer is only read where a copy has written it. Plain page-locked
-            // memory (cached): the host reads it back, which write-combined memory makes slow.
-            let pinned = unsafe { self.stream.context().alloc_pinned_with_flags::<u16>(len, 0) }
-                .map_err(|e| driver_err("allocating the pinned KV staging buffer", e))?;
-            staging.buffers = Some((dev, pinned));
+            staging.buffer = None;
+            staging.buffer = Some(
+                self.stream
+                    .alloc_zeros::<u8>(per_round * block_bytes)
+                    .map_err(|e| driver_err("allocating the KV staging buffer", e))?,
+            );
         }
-        let (dev, pinned) = staging.buffers.as_mut().expect("allocated above");
+        let dev = staging.buffer.as_mut().expect("allocated above");
         let layers = caches.len() as i32;
         let n_arg = n as i64;
         for (round, ids) in blocks.chunks(per_round).enumerate() {
-            let elems = ids.len() * block_elems;
-            let bytes = 2 * elems;
-            let at = round * per_round * block_elems * 2;
+            let bytes = ids.len() * block_bytes;
+            let at = round * per_round * block_bytes;
             let ids32: Vec<i32> = ids.iter().map(|&b| b as i32).collect();
             let ids_dev = self.htod(&ids32)?;
             let cfg = LaunchConfig {
@@ -112,10 +108,6 @@ impl CudaBackend {
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let host_buf = pinned
-                .as_mut_slice()
-                .map_err(|e| driver_err("waiting for the pinned KV buffer", e))?;
-            let host_buf = &mut host_buf[..elems];
             match &mut host {
                 HostBytes::Out(out) => {
                     let mut b = self
@@ -127,19 +119,18 @@ impl CudaBackend {
                         .arg(&n_arg)
                         .arg(&mut *dev);
                     // SAFETY: matches `gather_kv_blocks_bf16`; the table holds each layer's K and V
-                    // addresses, every block was checked in range and `dev` holds `elems`.
+                    // addresses, every block was checked in range and `dev` holds `bytes`.
                     unsafe { b.launch(cfg) }.map_err(|e| driver_err("gathering KV blocks", e))?;
+                    // To pageable memory the copy returns once it is done.
                     self.stream
-                        .memcpy_dtoh(&dev.slice(..elems), host_buf)
+                        .memcpy_dtoh(&dev.slice(..bytes), &mut out[at..at + bytes])
                         .map_err(|e| driver_err("copying KV blocks to the host", e))?;
-                    self.synchronize()?;
-                    out[at..at + bytes].copy_from_slice(bytemuck::cast_slice(host_buf));
                 }
                 HostBytes::In(data) => {
-                    bytemuck::cast_slice_mut::<u16, u8>(host_buf)
-                        .copy_from_slice(&data[at..at + bytes]);
+                    // From pageable memory the copy returns once the source is read; the
+                    // scatter is ordered after it on the stream.
                     self.stream
-                        .memcpy_htod(host_buf, &mut dev.slice_mut(..elems))
+                        .memcpy_htod(&data[at..at + bytes], &mut dev.slice_mut(..bytes))
                         .map_err(|e| driver_err("copying KV blocks to the device", e))?;
                     let mut b = self
                         .stream
@@ -151,12 +142,10 @@ impl CudaBackend {
                         .arg(&table);
                     // SAFETY: matches `scatter_kv_blocks_bf16`, as the gather above.
                     unsafe { b.launch(cfg) }.map_err(|e| driver_err("scattering KV blocks", e))?;
-                    // The pinned buffer is rewritten by the next round: the copy must be done.
-                    self.synchronize()?;
                 }
             }
         }
-        Ok(())
+        self.synchronize()
     }
 }
 
