@@ -50,8 +50,10 @@ step cuda_attention 60 "$B/cuda_attention"
 step decode_135m 90 python3 benches/decode_vs_transformers.py "$B/gpu_decode" "$M/smollm2-135m-shape"
 step decode_8b 150 python3 benches/decode_vs_transformers.py "$B/gpu_decode" "$M/llama3-8b-shape"
 step decode_1p7b 60 env LLMD_BENCH_MODEL="$M/smol-1.7b-shape" "$B/gpu_decode"
-# The same without the transformers side (llmd's figures only, a third of the time).
+# The same without the transformers side (llmd's figures only, a third of the time), then with
+# a host KV tier taking every committed block after its step (target: steps ≤ 3 % slower).
 step decode_8b_llmd 60 env LLMD_BENCH_MODEL="$M/llama3-8b-shape" "$B/gpu_decode"
+step decode_8b_offload 60 env LLMD_BENCH_KV_OFFLOAD_GB=16 LLMD_BENCH_MODEL="$M/llama3-8b-shape" "$B/gpu_decode"
 step cuda_sampling 45 "$B/cuda_sampling"
 # Where a decode step's device time goes, kernel by kernel (Nsight Systems, when installed).
 NSYS=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)

@@ -8,7 +8,9 @@
 //! Knobs (environment): `LLMD_BENCH_MODEL` (default: the first complete shared model),
 //! `LLMD_BENCH_BATCH` (64), `LLMD_BENCH_GEN` (128 new tokens), `LLMD_BENCH_KV_GB` (KV cache
 //! GiB; default: sized from GPU memory), `LLMD_BENCH_MAX_MODEL_LEN`, `LLMD_BENCH_EAGER=1` (no
-//! CUDA graphs). `benches/mk_models.py` writes random-weight models of the shapes in
+//! CUDA graphs), `LLMD_BENCH_KV_OFFLOAD_GB` (a host KV tier of that many GiB: every committed
+//! block is copied out after its step, as `--kv-offloading-size`; compare the step times with
+//! a run without it). `benches/mk_models.py` writes random-weight models of the shapes in
 //! BENCHMARKS.md. Without a CUDA device it says so and exits 0.
 //! Run: `cargo bench --bench gpu_decode`.
 #[path = "support/env.rs"]
@@ -96,6 +98,10 @@ fn main() {
     if let Ok(g) = std::env::var("LLMD_BENCH_KV_GB") {
         let g: f64 = g.parse().expect("LLMD_BENCH_KV_GB: GiB");
         cfg.cache.kv_cache_memory_bytes = Some((g * (1u64 << 30) as f64) as usize);
+    }
+    if let Ok(g) = std::env::var("LLMD_BENCH_KV_OFFLOAD_GB") {
+        let g: f64 = g.parse().expect("LLMD_BENCH_KV_OFFLOAD_GB: GiB");
+        cfg.kv_tiers.host_bytes = (g * (1u64 << 30) as f64) as usize;
     }
     if let Ok(n) = std::env::var("LLMD_BENCH_MAX_MODEL_LEN") {
         cfg.max_model_len = Some(n.parse().expect("LLMD_BENCH_MAX_MODEL_LEN: tokens"));

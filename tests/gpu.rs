@@ -14,7 +14,8 @@ mod common;
 
 use llmd::backend::cpu::{CpuBackend, CpuKvCache};
 use llmd::backend::cuda::device::{
-    CudaKvCache, DecodeGemm, KernelChoice, PrefillKernel, WeightData, KV_STAGING_BYTES,
+    CudaKvCache, DecodeGemm, KernelChoice, PrefillKernel, WeightData, KV_PINNED_SLOTS,
+    KV_STAGING_BYTES,
 };
 use llmd::backend::cuda::CudaBackend;
 use llmd::backend::{
@@ -1120,6 +1121,38 @@ fn kv_block_read_write_match_cpu() {
     let mut back = vec![0u8; packed.len()];
     g.read_kv_blocks(&fresh, &blocks, &mut back).unwrap();
     assert!(back == packed, "rounds of the staging buffer");
+    // Asynchronously (the tiers' offload): more than one slot holds reads at once too.
+    let got = g
+        .read_kv_blocks_async(&caches, &blocks, packed.len())
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert!(got == packed, "an async read larger than a slot");
+    let two = &blocks[..2];
+    let want2 = &packed[..2 * nl * per_layer];
+    let inflight: Vec<_> = (0..KV_PINNED_SLOTS + 2)
+        .map(|_| g.read_kv_blocks_async(&caches, two, want2.len()).unwrap())
+        .collect();
+    // The staging buffer written again while the copies run: they still give what was read.
+    g.write_kv_blocks(
+        &mut fresh,
+        &[0, 1],
+        &packed[2 * nl * per_layer..4 * nl * per_layer],
+    )
+    .unwrap();
+    for (i, p) in inflight.into_iter().enumerate() {
+        assert!(p.wait().unwrap() == want2, "async read {i}");
+    }
+    drop(g.read_kv_blocks_async(&caches, two, want2.len()).unwrap());
+    let got = g
+        .read_kv_blocks_async(&fresh, &[0, 1], want2.len())
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert!(
+        got[..] == packed[2 * nl * per_layer..4 * nl * per_layer],
+        "after a dropped read"
+    );
 }
 
 /// With defaults the KV cache takes what `--gpu-memory-utilization` (0.9) leaves once the

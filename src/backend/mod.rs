@@ -205,6 +205,21 @@ impl KvCacheDims {
     }
 }
 
+/// A batched KV read in flight ([`Backend::read_kv_blocks_async`]).
+pub trait PendingKvRead: Send {
+    /// Waits for the copy and gives its bytes, laid out as [`Backend::read_kv_blocks`]' `out`.
+    fn wait(self: Box<Self>) -> BackendResult<Vec<u8>>;
+}
+
+/// A read that was done when it was asked for.
+pub struct ReadyKvRead(pub Vec<u8>);
+
+impl PendingKvRead for ReadyKvRead {
+    fn wait(self: Box<Self>) -> BackendResult<Vec<u8>> {
+        Ok(self.0)
+    }
+}
+
 /// The bytes of one layer's piece of one block in a buffer of `bytes` holding `blocks` ×
 /// `layers` pieces ([`Backend::read_kv_blocks`]' layout); `None` when there is nothing to copy,
 /// an error when the buffer does not split evenly (each piece's own size is checked where it
@@ -397,6 +412,20 @@ pub trait Backend: Send + Sync + 'static {
             }
         }
         Ok(())
+    }
+    /// [`Backend::read_kv_blocks`] (of `bytes` in all) without waiting for the copy where the
+    /// device copies asynchronously: the bytes come from the handle's
+    /// [`PendingKvRead::wait`], which another thread may call (the tiers' offload: the engine
+    /// thread only starts the copy). This default reads at once.
+    fn read_kv_blocks_async(
+        &self,
+        caches: &[Self::KvCache],
+        blocks: &[usize],
+        bytes: usize,
+    ) -> BackendResult<Box<dyn PendingKvRead>> {
+        let mut out = vec![0u8; bytes];
+        self.read_kv_blocks(caches, blocks, &mut out)?;
+        Ok(Box::new(ReadyKvRead(out)))
     }
     /// Overwrites `blocks` of every layer of `caches` from bytes laid out as
     /// [`Backend::read_kv_blocks`] gives them.

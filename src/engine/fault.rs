@@ -211,6 +211,14 @@ impl ModelRunner for FaultyRunner {
     fn write_kv_blocks(&mut self, blocks: &[usize], data: &[u8]) -> Result<(), ModelError> {
         self.inner.write_kv_blocks(blocks, data)
     }
+
+    fn read_kv_blocks_async(
+        &self,
+        blocks: &[usize],
+        bytes: usize,
+    ) -> Result<Box<dyn crate::backend::PendingKvRead>, ModelError> {
+        self.inner.read_kv_blocks_async(blocks, bytes)
+    }
 }
 
 #[cfg(test)]

@@ -1093,22 +1093,30 @@ impl EngineCore {
             return;
         }
         if let Some(c) = self.scheduler.connector() {
-            let new: Vec<_> = committed.iter().filter(|b| !c.holds(&b.hash)).collect();
-            let ids: Vec<_> = new.iter().map(|b| b.block).collect();
-            match self.read_blocks(&ids) {
-                Ok(payloads) => c.store(
-                    new.iter()
-                        .zip(payloads)
-                        .map(|(b, payload)| StoreBlock {
-                            hash: b.hash,
-                            parent: b.parent,
-                            tokens: b.tokens.clone(),
-                            extra_keys: b.extra_keys.clone(),
-                            payload,
-                        })
-                        .collect(),
-                ),
-                Err(e) => tracing::warn!(error = %e, "reading KV blocks for the tiers failed"),
+            // The copy is only started here (on a GPU: a gather and an async copy into
+            // page-locked memory); the tier thread waits for it.
+            let (mut new, mut ids) = (Vec::new(), Vec::new());
+            for b in committed.iter().filter(|b| !c.holds(&b.hash)) {
+                ids.push(b.block.0 as usize);
+                new.push(StoreBlock {
+                    hash: b.hash,
+                    parent: b.parent,
+                    tokens: b.tokens.clone(),
+                    extra_keys: b.extra_keys.clone(),
+                    payload: Vec::new(),
+                });
+            }
+            if !new.is_empty() {
+                // What the tier queue has no room for is dropped (and counted) by the
+                // connector: not copied.
+                ids.truncate(c.room());
+                match self
+                    .model
+                    .read_kv_blocks_async(&ids, ids.len() * self.kv_block_bytes)
+                {
+                    Ok(pending) => c.store_pending(new, pending),
+                    Err(e) => tracing::warn!(error = %e, "reading KV blocks for the tiers failed"),
+                }
             }
         }
         if let Some(sink) = &self.kv_events {

@@ -31,6 +31,7 @@ use super::events::{KvEvent, KvEventSink};
 use super::tiers::remote::Fetched;
 use super::tiers::{DiskStore, HostStore, RemoteStore, Storage, Tier, TierConfig, TierError};
 use super::BlockHash;
+use crate::backend::PendingKvRead;
 use crate::request::RequestId;
 use std::collections::HashMap;
 use std::path::Path;
@@ -144,7 +145,12 @@ pub struct StoreBlock {
 }
 
 enum Job {
-    Store(Vec<StoreBlock>),
+    /// Blocks to store, with their payloads or, where `pending` is set, with the copy that
+    /// gives them (one payload per block, in order).
+    Store {
+        blocks: Vec<StoreBlock>,
+        pending: Option<Box<dyn PendingKvRead>>,
+    },
     Load {
         ticket: u64,
         hashes: Vec<BlockHash>,
@@ -396,7 +402,24 @@ impl KvConnector {
 
     /// Hands newly committed device blocks to the tiers, as many as the queue has room for;
     /// the rest are dropped and counted (never waits).
-    pub fn store(&self, mut blocks: Vec<StoreBlock>) {
+    pub fn store(&self, blocks: Vec<StoreBlock>) {
+        self.enqueue(blocks, None);
+    }
+
+    /// Blocks the queue has room for now: a copy for the tiers need not read more.
+    pub fn room(&self) -> usize {
+        let queued = self.shared.queued_blocks.load(Ordering::Acquire);
+        self.queue_blocks.saturating_sub(queued)
+    }
+
+    /// [`Self::store`] of blocks whose payloads `pending` is still copying out of the device
+    /// (one per block, in order; it may hold only the first [`Self::room`] of them). The tier
+    /// thread waits for it; a copy that fails drops its blocks, logged.
+    pub fn store_pending(&self, blocks: Vec<StoreBlock>, pending: Box<dyn PendingKvRead>) {
+        self.enqueue(blocks, Some(pending));
+    }
+
+    fn enqueue(&self, mut blocks: Vec<StoreBlock>, pending: Option<Box<dyn PendingKvRead>>) {
         if blocks.is_empty() {
             return;
         }
@@ -411,7 +434,7 @@ impl KvConnector {
             let n = blocks.len();
             self.shared.queued_blocks.fetch_add(n, Ordering::AcqRel);
             // Encoded (copied and checksummed) on the tier thread, off the step's path.
-            if let Err(e) = j.try_send(Job::Store(blocks)) {
+            if let Err(e) = j.try_send(Job::Store { blocks, pending }) {
                 self.shared.queued_blocks.fetch_sub(n, Ordering::AcqRel);
                 if matches!(e, mpsc::TrySendError::Full(_)) {
                     dropped += n;
@@ -533,10 +556,30 @@ impl TierWorker {
         while let Ok(job) = jobs.recv() {
             let mut events = Vec::new();
             match job {
-                Job::Store(blocks) => {
+                Job::Store {
+                    mut blocks,
+                    pending,
+                } => {
                     self.shared
                         .queued_blocks
                         .fetch_sub(blocks.len(), Ordering::AcqRel);
+                    if let Some(p) = pending {
+                        match p.wait() {
+                            Ok(bytes) => {
+                                blocks.truncate(bytes.len() / self.payload_len.max(1));
+                                for (b, payload) in
+                                    blocks.iter_mut().zip(bytes.chunks_exact(self.payload_len))
+                                {
+                                    b.payload = payload.to_vec();
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, blocks = blocks.len(),
+                                    "copying KV blocks out of the device for the tiers failed");
+                                blocks.clear();
+                            }
+                        }
+                    }
                     let records = blocks
                         .into_iter()
                         .map(|b| {
@@ -872,4 +915,87 @@ pub fn model_fingerprint(dir: &Path) -> std::io::Result<String> {
         }
     }
     Ok(format!("xxh3:{:016x}", h.digest()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{BackendError, BackendResult, ReadyKvRead};
+
+    struct Failed;
+
+    impl PendingKvRead for Failed {
+        fn wait(self: Box<Self>) -> BackendResult<Vec<u8>> {
+            Err(BackendError::Shape {
+                op: "test",
+                expected: "a copy".into(),
+                got: "a failure".into(),
+            })
+        }
+    }
+
+    fn block(i: u8) -> StoreBlock {
+        StoreBlock {
+            hash: BlockHash([i; 32]),
+            parent: None,
+            tokens: vec![u32::from(i); 4],
+            extra_keys: Vec::new(),
+            payload: Vec::new(),
+        }
+    }
+
+    /// Blocks handed over with a copy still running get the copy's payloads, in order; a copy
+    /// that covers only the first blocks stores those; a failed copy stores nothing.
+    #[test]
+    fn pending_copies_give_their_blocks_payloads() {
+        let layout = BlockLayout {
+            identity: KvIdentity {
+                model: "test".into(),
+                num_layers: 2,
+                num_kv_heads: 1,
+                head_dim: 4,
+                block_size: 4,
+                dtype: "f32",
+            },
+            payload_len: 64,
+        };
+        let config = TierConfig {
+            host_bytes: 1 << 20,
+            ..TierConfig::default()
+        };
+        let c = KvConnector::start(&config, &layout, Arc::default(), None).unwrap();
+        let bytes: Vec<u8> = (0..128).map(|i| i as u8).collect();
+        c.store_pending(
+            vec![block(1), block(2)],
+            Box::new(ReadyKvRead(bytes.clone())),
+        );
+        c.store_pending(
+            vec![block(3), block(4)],
+            Box::new(ReadyKvRead(bytes[..64].to_vec())),
+        );
+        c.store_pending(vec![block(5)], Box::new(Failed));
+        // Jobs run in order: once block 6 is in, the failed copy was handled.
+        c.store_pending(vec![block(6)], Box::new(ReadyKvRead(bytes[64..].to_vec())));
+        let stored = |n: usize| lock(&c.shared.stats).blocks[0] == n;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !stored(4) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(stored(4), "{:?}", lock(&c.shared.stats).blocks);
+        for (i, held) in [
+            (1, true),
+            (2, true),
+            (3, true),
+            (4, false),
+            (5, false),
+            (6, true),
+        ] {
+            assert_eq!(c.holds(&BlockHash([i; 32])), held, "block {i}");
+        }
+        let rx = c
+            .read_run(&[BlockHash([1; 32]), BlockHash([2; 32]), BlockHash([3; 32])])
+            .unwrap();
+        let payloads = rx.blocking_recv().unwrap();
+        assert_eq!(payloads, [&bytes[..64], &bytes[64..], &bytes[..64]]);
+    }
 }

@@ -733,4 +733,12 @@ impl<B: Backend> ModelRunner for Model<B> {
     fn write_kv_blocks(&mut self, blocks: &[usize], data: &[u8]) -> Result<(), ModelError> {
         Ok(self.backend.write_kv_blocks(&mut self.kv, blocks, data)?)
     }
+
+    fn read_kv_blocks_async(
+        &self,
+        blocks: &[usize],
+        bytes: usize,
+    ) -> Result<Box<dyn crate::backend::PendingKvRead>, ModelError> {
+        Ok(self.backend.read_kv_blocks_async(&self.kv, blocks, bytes)?)
+    }
 }

@@ -92,6 +92,17 @@ pub trait ModelRunner: Send {
         }
         Ok(())
     }
+    /// [`Model::read_kv_blocks`] (of `bytes` in all) without waiting where the backend copies
+    /// asynchronously ([`crate::backend::Backend::read_kv_blocks_async`]).
+    fn read_kv_blocks_async(
+        &self,
+        blocks: &[usize],
+        bytes: usize,
+    ) -> Result<Box<dyn crate::backend::PendingKvRead>, ModelError> {
+        let mut out = vec![0u8; bytes];
+        self.read_kv_blocks(blocks, &mut out)?;
+        Ok(Box::new(crate::backend::ReadyKvRead(out)))
+    }
     /// [`Model::write_kv_block`] of each of `blocks` from `data` laid out as
     /// [`Model::read_kv_blocks`] gives it.
     fn write_kv_blocks(&mut self, blocks: &[usize], data: &[u8]) -> Result<(), ModelError> {

@@ -70,7 +70,7 @@ use gemm::SKINNY_THREADS;
 pub use gemm::{DecodeGemm, SKINNY_MAX_ROWS};
 use graphs::{Graphs, StepTiming};
 use kv::KvStaging;
-pub use kv::KV_STAGING_BYTES;
+pub use kv::{KV_PINNED_SLOTS, KV_STAGING_BYTES};
 use moe::MoeState;
 use step::{is_pure_decode, Queries};
 pub use step::{CudaStep, StepBufs};
@@ -583,6 +583,15 @@ impl Backend for CudaBackend {
         data: &[u8],
     ) -> BackendResult<()> {
         self.write_kv_blocks_packed(caches, blocks, data)
+    }
+
+    fn read_kv_blocks_async(
+        &self,
+        caches: &[CudaKvCache],
+        blocks: &[usize],
+        bytes: usize,
+    ) -> BackendResult<Box<dyn crate::backend::PendingKvRead>> {
+        self.read_kv_blocks_started(caches, blocks, bytes)
     }
 
     fn to_host(&self, buf: &CudaBuffer, out: &mut [f32]) -> BackendResult<()> {
