@@ -1042,17 +1042,21 @@ fn kv_block_read_write_match_cpu() {
     // Many blocks of several layers at once (the gather and scatter kernels, through the
     // device staging buffer): the bytes of the one-block path, block after block and layer
     // after layer, and more blocks than one round of the staging buffer holds.
-    let layers: Vec<CudaKvCache> = (0..3u64)
-        .map(|l| CudaKvCache {
-            dims: kd,
-            k: g.stream()
-                .clone_htod(&bits(&rand_vec(kd.numel(), 30 + l, 1.0)))
-                .unwrap(),
-            v: g.stream()
-                .clone_htod(&bits(&rand_vec(kd.numel(), 40 + l, 1.0)))
-                .unwrap(),
-        })
-        .collect();
+    let random_layers = |dims: KvCacheDims, layers: usize, seed: u64| -> Vec<CudaKvCache> {
+        let upload = |s: u64| {
+            g.stream()
+                .clone_htod(&bits(&rand_vec(dims.numel(), s, 1.0)))
+                .unwrap()
+        };
+        (0..layers as u64)
+            .map(|l| CudaKvCache {
+                dims,
+                k: upload(seed + 2 * l),
+                v: upload(seed + 2 * l + 1),
+            })
+            .collect()
+    };
+    let layers = random_layers(kd, 3, 30);
     let blocks = [8, 0, 3, 3, 5];
     let piece = 2 * n * 2;
     let mut packed = vec![0u8; blocks.len() * layers.len() * piece];
@@ -1091,17 +1095,7 @@ fn kv_block_read_write_match_cpu() {
     };
     let per_layer = 2 * big.block_numel() * 2;
     let nl = (KV_STAGING_BYTES / 3 / per_layer).max(1);
-    let caches: Vec<CudaKvCache> = (0..nl as u64)
-        .map(|l| CudaKvCache {
-            dims: big,
-            k: g.stream()
-                .clone_htod(&bits(&rand_vec(big.numel(), 50 + l, 1.0)))
-                .unwrap(),
-            v: g.stream()
-                .clone_htod(&bits(&rand_vec(big.numel(), 60 + l, 1.0)))
-                .unwrap(),
-        })
-        .collect();
+    let caches = random_layers(big, nl, 50);
     let blocks = [7, 6, 5, 4, 3, 2, 1];
     let mut packed = vec![0u8; blocks.len() * nl * per_layer];
     g.read_kv_blocks(&caches, &blocks, &mut packed).unwrap();

@@ -80,41 +80,19 @@ pub trait ModelRunner: Send {
     fn read_kv_block(&self, block: usize, out: &mut [u8]) -> Result<(), ModelError>;
     /// Overwrites KV block `block` of every layer from bytes laid out as `read_kv_block`'s.
     fn write_kv_block(&mut self, block: usize, data: &[u8]) -> Result<(), ModelError>;
-    /// [`Model::read_kv_block`] of each of `blocks`, back to back in `out`, in one go where the
-    /// backend can (one gather and one copy on a GPU).
-    fn read_kv_blocks(&self, blocks: &[usize], out: &mut [u8]) -> Result<(), ModelError> {
-        let Some(per) = crate::backend::kv_piece_bytes("read_kv_blocks", 1, blocks, out.len())?
-        else {
-            return Ok(());
-        };
-        for (&b, chunk) in blocks.iter().zip(out.chunks_exact_mut(per)) {
-            self.read_kv_block(b, chunk)?;
-        }
-        Ok(())
-    }
-    /// [`Model::read_kv_blocks`] (of `bytes` in all) without waiting where the backend copies
-    /// asynchronously ([`crate::backend::Backend::read_kv_blocks_async`]).
+    /// [`ModelRunner::read_kv_block`] of each of `blocks`, back to back in `out`, in one go
+    /// ([`crate::backend::Backend::read_kv_blocks`]: one gather and one copy on a GPU).
+    fn read_kv_blocks(&self, blocks: &[usize], out: &mut [u8]) -> Result<(), ModelError>;
+    /// [`ModelRunner::read_kv_blocks`] (of `bytes` in all) without waiting where the backend
+    /// copies asynchronously ([`crate::backend::Backend::read_kv_blocks_async`]).
     fn read_kv_blocks_async(
         &self,
         blocks: &[usize],
         bytes: usize,
-    ) -> Result<Box<dyn crate::backend::PendingKvRead>, ModelError> {
-        let mut out = vec![0u8; bytes];
-        self.read_kv_blocks(blocks, &mut out)?;
-        Ok(Box::new(crate::backend::ReadyKvRead(out)))
-    }
-    /// [`Model::write_kv_block`] of each of `blocks` from `data` laid out as
-    /// [`Model::read_kv_blocks`] gives it.
-    fn write_kv_blocks(&mut self, blocks: &[usize], data: &[u8]) -> Result<(), ModelError> {
-        let Some(per) = crate::backend::kv_piece_bytes("write_kv_blocks", 1, blocks, data.len())?
-        else {
-            return Ok(());
-        };
-        for (&b, chunk) in blocks.iter().zip(data.chunks_exact(per)) {
-            self.write_kv_block(b, chunk)?;
-        }
-        Ok(())
-    }
+    ) -> Result<Box<dyn crate::backend::PendingKvRead>, ModelError>;
+    /// [`ModelRunner::write_kv_block`] of each of `blocks` from `data` laid out as
+    /// [`ModelRunner::read_kv_blocks`] gives it.
+    fn write_kv_blocks(&mut self, blocks: &[usize], data: &[u8]) -> Result<(), ModelError>;
     /// Nanoseconds the device spent running steps so far (0 where the backend cannot tell):
     /// with the engine's wall time per step, what the host adds.
     fn device_time_ns(&self) -> u64 {
