@@ -140,16 +140,16 @@ pub struct StoreBlock {
     pub tokens: Vec<u32>,
     /// The extra keys of its hash (a first block's cache salt).
     pub extra_keys: Vec<String>,
-    /// Its K and V over all layers.
+    /// Its K and V over all layers: left empty by the engine, filled on the tier thread from
+    /// the copy [`KvConnector::store_pending`] was given.
     pub payload: Vec<u8>,
 }
 
 enum Job {
-    /// Blocks to store, with their payloads or, where `pending` is set, with the copy that
-    /// gives them (one payload per block, in order).
+    /// Blocks to store and the copy that gives their payloads (one per block, in order).
     Store {
         blocks: Vec<StoreBlock>,
-        pending: Option<Box<dyn PendingKvRead>>,
+        pending: Box<dyn PendingKvRead>,
     },
     Load {
         ticket: u64,
@@ -400,26 +400,18 @@ impl KvConnector {
         Some(rx)
     }
 
-    /// Hands newly committed device blocks to the tiers, as many as the queue has room for;
-    /// the rest are dropped and counted (never waits).
-    pub fn store(&self, blocks: Vec<StoreBlock>) {
-        self.enqueue(blocks, None);
-    }
-
     /// Blocks the queue has room for now: a copy for the tiers need not read more.
     pub fn room(&self) -> usize {
         let queued = self.shared.queued_blocks.load(Ordering::Acquire);
         self.queue_blocks.saturating_sub(queued)
     }
 
-    /// [`Self::store`] of blocks whose payloads `pending` is still copying out of the device
-    /// (one per block, in order; it may hold only the first [`Self::room`] of them). The tier
-    /// thread waits for it; a copy that fails drops its blocks, logged.
-    pub fn store_pending(&self, blocks: Vec<StoreBlock>, pending: Box<dyn PendingKvRead>) {
-        self.enqueue(blocks, Some(pending));
-    }
-
-    fn enqueue(&self, mut blocks: Vec<StoreBlock>, pending: Option<Box<dyn PendingKvRead>>) {
+    /// Hands newly committed device blocks to the tiers, as many as the queue has room for;
+    /// the rest are dropped and counted (never waits). Their payloads come from `pending`, a
+    /// copy out of the device that may still run (one payload per block, in order; it may hold
+    /// only the first [`Self::room`] of them): the tier thread waits for it, and a copy that
+    /// fails drops its blocks, logged.
+    pub fn store_pending(&self, mut blocks: Vec<StoreBlock>, pending: Box<dyn PendingKvRead>) {
         if blocks.is_empty() {
             return;
         }
@@ -563,21 +555,25 @@ impl TierWorker {
                     self.shared
                         .queued_blocks
                         .fetch_sub(blocks.len(), Ordering::AcqRel);
-                    if let Some(p) = pending {
-                        match p.wait() {
-                            Ok(bytes) => {
-                                blocks.truncate(bytes.len() / self.payload_len.max(1));
-                                for (b, payload) in
-                                    blocks.iter_mut().zip(bytes.chunks_exact(self.payload_len))
-                                {
-                                    b.payload = payload.to_vec();
-                                }
+                    match pending.wait() {
+                        Ok(bytes) => {
+                            // Blocks the copy left out (no room when it started): dropped.
+                            let copied = bytes.len() / self.payload_len.max(1);
+                            if copied < blocks.len() {
+                                lock(&self.shared.stats).dropped_blocks +=
+                                    (blocks.len() - copied) as u64;
                             }
-                            Err(e) => {
-                                tracing::warn!(error = %e, blocks = blocks.len(),
-                                    "copying KV blocks out of the device for the tiers failed");
-                                blocks.clear();
+                            blocks.truncate(copied);
+                            for (b, payload) in
+                                blocks.iter_mut().zip(bytes.chunks_exact(self.payload_len))
+                            {
+                                b.payload = payload.to_vec();
                             }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, blocks = blocks.len(),
+                                "copying KV blocks out of the device for the tiers failed");
+                            blocks.clear();
                         }
                     }
                     let records = blocks
