@@ -9,6 +9,10 @@ set -u
 LOG=${LOG:-gpu-logs}; mkdir -p "$LOG"
 T0=$(date +%s); BUDGET=${BUDGET:-540}; ONLY=${1:-all}
 B=${BUNDLE:-target/gpu-bundle}; M=${MODELS:-/tmp/models}
+# The bundle travels compressed (the device tool carries 64 MiB): unpack it once.
+if [ ! -x "$B/gpu" ] && [ -f .gpu/bundle.tar.xz ]; then
+  python3 -c "import tarfile; tarfile.open('.gpu/bundle.tar.xz').extractall('target')" && B=target/gpu-bundle
+fi
 export PYTHONUNBUFFERED=1 LLMD_KERNEL_CACHE=${LLMD_KERNEL_CACHE:-/tmp/kcache} RUST_BACKTRACE=1
 SP=$(python3 -c "import site;print(site.getsitepackages()[0])")
 export LD_LIBRARY_PATH=$SP/nvidia/cu13/lib:${LD_LIBRARY_PATH:-}

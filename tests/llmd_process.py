@@ -2,6 +2,7 @@
 keeps draining its log (so it never blocks on a full pipe), reads the address it logs, and
 returns once `/health` answers 200."""
 
+import collections
 import os
 import re
 import socket
@@ -32,9 +33,11 @@ def start(args):
     )
     found = {}
     ready = threading.Event()
+    tail = collections.deque(maxlen=20)
 
     def drain():
         for line in proc.stderr:
+            tail.append(line)
             m = re.search(r"addr=(\S+)", line)
             if m and "addr" not in found:
                 found["addr"] = m.group(1)
@@ -51,6 +54,10 @@ def start(args):
                     break
         except Exception:
             pass
+        # A worker that failed to load (its error is on its stderr) is not waited for.
+        if proc.poll() is not None:
+            time.sleep(0.2)  # the rest of its stderr
+            raise AssertionError(f"llmd {args[0]} exited with {proc.returncode}:\n{''.join(tail)}")
         assert time.time() < deadline, f"llmd {args[0]} not ready"
         time.sleep(0.05)
     return proc, base
