@@ -4,7 +4,10 @@
 # Run from the project root on the GPU machine, with the bundle (README "On a GPU") in
 # target/gpu-bundle and stories260K plus SmolLM2's config/tokenizer files staged:
 #   STORIES=<dir> SMOL_CFG=<dir> LOG=<dir> BUDGET=<seconds> bash benches/gpu_checks.sh [steps]
-# `steps` (default: all) is a comma-separated subset of the step names below.
+# `steps` (default: all) is a comma-separated subset of the step names below. What never ran on
+# hardware comes first; a step that would start with under 15 s of BUDGET left is skipped and
+# listed in summary.txt, so a second call naming the skipped steps (with `models` if the machine
+# is fresh: the random-weight models live in $MODELS) finishes the set.
 set -u
 LOG=${LOG:-gpu-logs}; mkdir -p "$LOG"
 T0=$(date +%s); BUDGET=${BUDGET:-540}; ONLY=${1:-all}
