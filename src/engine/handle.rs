@@ -52,7 +52,7 @@ enum Command {
         id: RequestId,
         token: crate::kv::auth::TransferToken,
         blocks: std::ops::Range<usize>,
-        reply: tokio::sync::oneshot::Sender<Result<Option<crate::kv::transfer::HeldKv>>>,
+        reply: tokio::sync::oneshot::Sender<Result<Option<super::PendingHeldKv>>>,
     },
     ReleaseHeld(RequestId),
     /// The K/V of a cached prefix, by block hash (a peer's pull).
@@ -346,13 +346,26 @@ impl Engine {
         token: &crate::kv::auth::TransferToken,
         blocks: std::ops::Range<usize>,
     ) -> Result<Option<crate::kv::transfer::HeldKv>> {
-        self.ask(|reply| Command::ReadHeld {
-            id: id.clone(),
-            token: *token,
-            blocks,
-            reply,
-        })
-        .await
+        let pending = self
+            .ask(|reply| Command::ReadHeld {
+                id: id.clone(),
+                token: *token,
+                blocks,
+                reply,
+            })
+            .await?;
+        // The engine thread only started the copy out of the device: it is waited for here,
+        // on a blocking thread.
+        match pending {
+            None => Ok(None),
+            Some(p) => match tokio::task::spawn_blocking(move || p.wait()).await {
+                Ok(held) => held.map(Some),
+                Err(e) => match e.try_into_panic() {
+                    Ok(panic) => std::panic::resume_unwind(panic),
+                    Err(_) => Err(Error::EngineStopped),
+                },
+            },
+        }
     }
 
     /// The K/V of the leading run of `hashes` this engine has cached, in its device or in
@@ -664,7 +677,7 @@ fn step_loop(
                     blocks,
                     reply,
                 } => {
-                    let _ = reply.send(core.read_held(&id, &token, blocks));
+                    let _ = reply.send(core.start_read_held(&id, &token, blocks));
                 }
                 Command::ReleaseHeld(id) => {
                     core.release_held(&id);

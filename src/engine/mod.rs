@@ -131,6 +131,34 @@ pub struct EngineLimits {
     pub prefill_cost: Arc<PrefillCost>,
 }
 
+/// A held request's K/V on its way out of the device ([`EngineCore::start_read_held`]).
+pub struct PendingHeldKv {
+    copy: Box<dyn crate::backend::PendingKvRead>,
+    block_bytes: usize,
+    prompt_len: usize,
+    hashes: Vec<crate::kv::BlockHash>,
+}
+
+impl PendingHeldKv {
+    /// Waits for the copy (blocking: call it off the async runtime's workers).
+    pub fn wait(self) -> Result<HeldKv> {
+        let bytes = self.copy.wait()?;
+        Ok(HeldKv {
+            payloads: split_payloads(&bytes, self.block_bytes),
+            prompt_len: self.prompt_len,
+            hashes: self.hashes,
+        })
+    }
+}
+
+/// Blocks' payloads, back to back in `packed`, one `Vec` each.
+fn split_payloads(packed: &[u8], block_bytes: usize) -> Vec<Vec<u8>> {
+    packed
+        .chunks_exact(block_bytes.max(1))
+        .map(<[u8]>::to_vec)
+        .collect()
+}
+
 /// A cached prefix being read for a peer: the device's part, and the tiers' part on its way.
 #[derive(Debug)]
 pub struct PrefixRead {
@@ -639,12 +667,33 @@ impl EngineCore {
         token: &crate::kv::auth::TransferToken,
         blocks: std::ops::Range<usize>,
     ) -> Result<Option<HeldKv>> {
+        self.start_read_held(id, token, blocks)?
+            .map(PendingHeldKv::wait)
+            .transpose()
+    }
+
+    /// [`Self::read_held`] that only starts the copy out of the device (on a GPU: a gather
+    /// and an asynchronous copy), for the caller to wait for off the engine thread. The held
+    /// blocks stay the request's until it is released, so nothing overwrites them meanwhile.
+    pub fn start_read_held(
+        &self,
+        id: &RequestId,
+        token: &crate::kv::auth::TransferToken,
+        blocks: std::ops::Range<usize>,
+    ) -> Result<Option<PendingHeldKv>> {
         let Some(h) = self.held.get(id).filter(|h| h.token.matches(token)) else {
             return Ok(None);
         };
         let n = h.blocks.len();
-        Ok(Some(HeldKv {
-            payloads: self.read_blocks(&h.blocks[blocks.start.min(n)..blocks.end.min(n)])?,
+        let ids: Vec<usize> = h.blocks[blocks.start.min(n)..blocks.end.min(n)]
+            .iter()
+            .map(|b| b.0 as usize)
+            .collect();
+        Ok(Some(PendingHeldKv {
+            copy: self
+                .model
+                .read_kv_blocks_async(&ids, ids.len() * self.kv_block_bytes)?,
+            block_bytes: self.kv_block_bytes,
             prompt_len: h.prompt_len,
             hashes: h.hashes.clone(),
         }))
@@ -659,10 +708,7 @@ impl EngineCore {
         let ids: Vec<usize> = blocks.iter().map(|b| b.0 as usize).collect();
         let mut packed = vec![0u8; self.kv_block_bytes * ids.len()];
         self.model.read_kv_blocks(&ids, &mut packed)?;
-        Ok(packed
-            .chunks_exact(self.kv_block_bytes)
-            .map(<[u8]>::to_vec)
-            .collect())
+        Ok(split_payloads(&packed, self.kv_block_bytes))
     }
 
     /// The K/V of the leading run of `hashes` this engine has cached (a peer pulling a
