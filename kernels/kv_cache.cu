@@ -52,10 +52,11 @@ extern "C" __global__ void gather_kv_blocks_bf16(const unsigned long long* __res
     copy_piece(src, packed + p * n, n);
 }
 
-// The inverse of gather_kv_blocks_bf16: pieces of `packed` into their blocks.
-extern "C" __global__ void scatter_kv_blocks_bf16(const bf16* __restrict__ packed,
+// The inverse of gather_kv_blocks_bf16 (the same arguments): pieces of `packed` into their
+// blocks.
+extern "C" __global__ void scatter_kv_blocks_bf16(const unsigned long long* __restrict__ caches,
                                                   const int* __restrict__ blocks, int layers,
-                                                  long n, const unsigned long long* __restrict__ caches) {
+                                                  long n, const bf16* __restrict__ packed) {
     const long p = blockIdx.x;
     const int i = (int)(p / (2 * layers));
     const int lk = (int)(p % (2 * layers));

@@ -192,16 +192,8 @@ impl ModelRunner for FaultyRunner {
         self.inner.kv_dtype()
     }
 
-    fn read_kv_block(&self, block: usize, out: &mut [u8]) -> Result<(), ModelError> {
-        self.inner.read_kv_block(block, out)
-    }
-
     fn device_time_ns(&self) -> u64 {
         self.inner.device_time_ns()
-    }
-
-    fn write_kv_block(&mut self, block: usize, data: &[u8]) -> Result<(), ModelError> {
-        self.inner.write_kv_block(block, data)
     }
 
     fn read_kv_blocks(&self, blocks: &[usize], out: &mut [u8]) -> Result<(), ModelError> {

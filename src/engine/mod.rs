@@ -962,20 +962,30 @@ impl EngineCore {
     fn run_scheduled(&mut self, sched: SchedulerOutput) -> Result<Vec<EngineOutput>> {
         // Loaded blocks land before the step that attends to them, in one copy.
         if !sched.kv_writes.is_empty() {
-            let ids: Vec<usize> = sched.kv_writes.iter().map(|(b, _)| b.0 as usize).collect();
-            let mut packed = Vec::with_capacity(self.kv_block_bytes * ids.len());
-            let mut sized = Ok(());
-            for (b, p) in &sched.kv_writes {
-                if p.len() != self.kv_block_bytes {
-                    sized = Err(ModelError::Backend(BackendError::Shape {
-                        op: "write_kv_blocks",
-                        expected: format!("{} bytes for block {}", self.kv_block_bytes, b.0),
-                        got: format!("{} bytes", p.len()),
-                    }));
+            // Each payload must be one block: a short one would shift every later block.
+            let written = match sched
+                .kv_writes
+                .iter()
+                .find(|(_, p)| p.len() != self.kv_block_bytes)
+            {
+                Some((b, p)) => Err(ModelError::Backend(BackendError::Shape {
+                    op: "write_kv_blocks",
+                    expected: format!("{} bytes for block {}", self.kv_block_bytes, b.0),
+                    got: format!("{} bytes", p.len()),
+                })),
+                None => {
+                    let ids: Vec<usize> =
+                        sched.kv_writes.iter().map(|(b, _)| b.0 as usize).collect();
+                    let packed = sched
+                        .kv_writes
+                        .iter()
+                        .map(|(_, p)| &p[..])
+                        .collect::<Vec<_>>()
+                        .concat();
+                    self.model.write_kv_blocks(&ids, &packed)
                 }
-                packed.extend_from_slice(p);
-            }
-            if let Err(e) = sized.and_then(|()| self.model.write_kv_blocks(&ids, &packed)) {
+            };
+            if let Err(e) = written {
                 self.counters.failed_steps += 1;
                 for s in &sched.seqs {
                     self.abort_request(&s.id);

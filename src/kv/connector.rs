@@ -418,8 +418,7 @@ impl KvConnector {
         let Some(j) = &self.jobs else { return };
         // Only this thread adds to the count (the tier thread takes away), so the room seen
         // here is at least the room there is.
-        let queued = self.shared.queued_blocks.load(Ordering::Acquire);
-        let room = self.queue_blocks.saturating_sub(queued);
+        let room = self.room();
         let mut dropped = blocks.len().saturating_sub(room);
         blocks.truncate(room);
         if !blocks.is_empty() {

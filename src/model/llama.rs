@@ -710,22 +710,6 @@ impl<B: Backend> ModelRunner for Model<B> {
         }
     }
 
-    fn read_kv_block(&self, block: usize, out: &mut [u8]) -> Result<(), ModelError> {
-        let per_layer = out.len() / self.kv.len().max(1);
-        for (cache, chunk) in self.kv.iter().zip(out.chunks_exact_mut(per_layer.max(1))) {
-            self.backend.read_kv_block(cache, block, chunk)?;
-        }
-        Ok(())
-    }
-
-    fn write_kv_block(&mut self, block: usize, data: &[u8]) -> Result<(), ModelError> {
-        let per_layer = data.len() / self.kv.len().max(1);
-        for (cache, chunk) in self.kv.iter_mut().zip(data.chunks_exact(per_layer.max(1))) {
-            self.backend.write_kv_block(cache, block, chunk)?;
-        }
-        Ok(())
-    }
-
     fn read_kv_blocks(&self, blocks: &[usize], out: &mut [u8]) -> Result<(), ModelError> {
         Ok(self.backend.read_kv_blocks(&self.kv, blocks, out)?)
     }

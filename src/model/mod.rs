@@ -75,12 +75,9 @@ pub trait ModelRunner: Send {
     ) -> Result<(), ModelError>;
     /// The cached element type's name (`f32`, `bf16`): part of a KV block's identity.
     fn kv_dtype(&self) -> &'static str;
-    /// Copies KV block `block` of every layer to `out` (`[layers][K, V][block_size, kv_heads,
-    /// head_dim]` in the cache's dtype, [`crate::engine::kv_bytes_per_block`] bytes).
-    fn read_kv_block(&self, block: usize, out: &mut [u8]) -> Result<(), ModelError>;
-    /// Overwrites KV block `block` of every layer from bytes laid out as `read_kv_block`'s.
-    fn write_kv_block(&mut self, block: usize, data: &[u8]) -> Result<(), ModelError>;
-    /// [`ModelRunner::read_kv_block`] of each of `blocks`, back to back in `out`, in one go
+    /// Copies KV blocks `blocks` to `out`, back to back, each block all its layers
+    /// (`[layers][K, V][block_size, kv_heads, head_dim]` in the cache's dtype,
+    /// [`crate::engine::kv_bytes_per_block`] bytes a block), in one go
     /// ([`crate::backend::Backend::read_kv_blocks`]: one gather and one copy on a GPU).
     fn read_kv_blocks(&self, blocks: &[usize], out: &mut [u8]) -> Result<(), ModelError>;
     /// [`ModelRunner::read_kv_blocks`] (of `bytes` in all) without waiting where the backend
@@ -90,7 +87,7 @@ pub trait ModelRunner: Send {
         blocks: &[usize],
         bytes: usize,
     ) -> Result<Box<dyn crate::backend::PendingKvRead>, ModelError>;
-    /// [`ModelRunner::write_kv_block`] of each of `blocks` from `data` laid out as
+    /// Overwrites KV blocks `blocks` of every layer from `data` laid out as
     /// [`ModelRunner::read_kv_blocks`] gives it.
     fn write_kv_blocks(&mut self, blocks: &[usize], data: &[u8]) -> Result<(), ModelError>;
     /// Nanoseconds the device spent running steps so far (0 where the backend cannot tell):

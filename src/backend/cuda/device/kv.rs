@@ -259,14 +259,9 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         let mut b = self.stream.launch_builder(self.func(kernel));
-        if kernel.starts_with("gather") {
-            b.arg(&plan.table).arg(&ids).arg(&layers).arg(&n).arg(dev);
-        } else {
-            b.arg(&*dev).arg(&ids).arg(&layers).arg(&n).arg(&plan.table);
-        }
-        // SAFETY: matches both kernels' signatures (packed buffer first for the scatter, last
-        // for the gather); the table holds each layer's K and V addresses, every block was
-        // checked in range by `kv_plan`, and `dev` holds a round.
+        b.arg(&plan.table).arg(&ids).arg(&layers).arg(&n).arg(dev);
+        // SAFETY: matches both kernels' signature; the table holds each layer's K and V
+        // addresses, every block was checked in range by `kv_plan`, and `dev` holds a round.
         unsafe { b.launch(cfg) }.map_err(|e| driver_err(kernel, e))?;
         Ok(())
     }
