@@ -670,21 +670,25 @@ pub(super) mod tests {
         v.iter().map(|v| v.to_bits()).collect()
     }
 
+    /// `(m, k, n)` products with partial panels, partial row groups, `k` not a multiple of the
+    /// block or panel, tiny `k` and `n`: every product kernel's test shapes.
+    pub(in crate::backend::cpu) const ODD_SHAPES: [(usize, usize, usize); 7] = [
+        (1, 64, 192),
+        (3, 61, 37),
+        (16, 576, 67),
+        (37, 13, 5),
+        (70, 200, 9),
+        (1, 7, 1),
+        (9, 1, 129),
+    ];
+
     /// Every path and dtype against an f64 product of the values the weight holds, on shapes
     /// with partial panels, partial row groups and tiny `k`; and every path bitwise equal to
     /// the portable one.
     #[test]
     fn matches_f64_reference_on_odd_shapes_on_every_path() {
         let mut seed = 1;
-        for (m, k, n) in [
-            (1, 64, 192),
-            (3, 61, 37),
-            (16, 576, 67),
-            (37, 13, 5),
-            (70, 200, 9),
-            (1, 7, 1),
-            (9, 1, 129),
-        ] {
+        for (m, k, n) in ODD_SHAPES {
             let x = rand_vec(m * k, &mut seed);
             let w = rand_vec(n * k, &mut seed);
             for dtype in DTYPES {
