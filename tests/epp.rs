@@ -213,6 +213,7 @@ async fn an_envoy_client_is_routed_by_the_endpoint_picker() {
         .map(|w| w.host_port())
         .filter(|hp| *hp != holder)
         .collect();
+    let unshared = |prompt: &str| json!({"model": "stories", "prompt": prompt, "max_tokens": 4, "temperature": 0});
     let chat = json!({"model": "stories", "messages": [{"role": "user", "content": format!("{prefix}Tell me more.")}],
                       "max_tokens": 4, "temperature": 0});
     let res = envoy(
@@ -222,9 +223,10 @@ async fn an_envoy_client_is_routed_by_the_endpoint_picker() {
             {"name": "later", "body": completion("Later that day"), "chunks": 5},
             {"name": "soon", "body": completion("Soon"), "chunks": 4},
             {"name": "chat", "path": "/v1/chat/completions", "body": chat, "chunks": 4},
-            // Subset hint: only those endpoints, the holder excluded.
-            {"name": "subset", "body": completion("Soon after"), "subset": [others[0], others[1]]},
-            {"name": "subset-one", "body": completion("At last"), "subset": [others[1]]},
+            // Subset hint: only those endpoints, the holder excluded. Their prompts lack the
+            // shared prefix, so the holder stays its only holder for the requests after them.
+            {"name": "subset", "body": unshared("Soon after the rain"), "subset": [others[0], others[1]]},
+            {"name": "subset-one", "body": unshared("At last the sun came out"), "subset": [others[1]]},
             {"name": "subset-empty", "body": completion("x"), "subset": []},
             {"name": "subset-foreign", "body": completion("x"), "subset": ["10.9.9.9:8000"]},
             // Served by the second endpoint (as after Envoy's fallback), the in-flight count
