@@ -69,7 +69,7 @@ pub trait KernelChoice: Copy + 'static {
 use gemm::SKINNY_THREADS;
 pub use gemm::{DecodeGemm, SKINNY_MAX_ROWS};
 use graphs::{Graphs, StepTiming};
-use kv::KvStaging;
+use kv::{HostBytes, KvStaging};
 pub use kv::{KV_PINNED_SLOTS, KV_STAGING_BYTES};
 use moe::MoeState;
 use step::{is_pure_decode, Queries};
@@ -573,7 +573,7 @@ impl Backend for CudaBackend {
         blocks: &[usize],
         out: &mut [u8],
     ) -> BackendResult<()> {
-        self.read_kv_blocks_packed(caches, blocks, out)
+        self.copy_kv_blocks(caches, blocks, HostBytes::Out(out))
     }
 
     fn write_kv_blocks(
@@ -582,7 +582,7 @@ impl Backend for CudaBackend {
         blocks: &[usize],
         data: &[u8],
     ) -> BackendResult<()> {
-        self.write_kv_blocks_packed(caches, blocks, data)
+        self.copy_kv_blocks(caches, blocks, HostBytes::In(data))
     }
 
     fn read_kv_blocks_async(

@@ -62,26 +62,6 @@ struct Plan {
 }
 
 impl CudaBackend {
-    /// [`Backend::read_kv_blocks`] on the device.
-    pub(super) fn read_kv_blocks_packed(
-        &self,
-        caches: &[CudaKvCache],
-        blocks: &[usize],
-        out: &mut [u8],
-    ) -> BackendResult<()> {
-        self.copy_kv_blocks(caches, blocks, HostBytes::Out(out))
-    }
-
-    /// [`Backend::write_kv_blocks`] on the device.
-    pub(super) fn write_kv_blocks_packed(
-        &self,
-        caches: &[CudaKvCache],
-        blocks: &[usize],
-        data: &[u8],
-    ) -> BackendResult<()> {
-        self.copy_kv_blocks(caches, blocks, HostBytes::In(data))
-    }
-
     /// [`Backend::read_kv_blocks_async`] on the device.
     pub(super) fn read_kv_blocks_started(
         &self,
@@ -91,7 +71,7 @@ impl CudaBackend {
     ) -> BackendResult<Box<dyn PendingKvRead>> {
         let at_once = || -> BackendResult<Box<dyn PendingKvRead>> {
             let mut out = vec![0u8; bytes];
-            self.read_kv_blocks_packed(caches, blocks, &mut out)?;
+            self.copy_kv_blocks(caches, blocks, HostBytes::Out(&mut out))?;
             Ok(Box::new(ReadyKvRead(out)))
         };
         if bytes > KV_STAGING_BYTES {
@@ -266,7 +246,9 @@ impl CudaBackend {
         Ok(())
     }
 
-    fn copy_kv_blocks(
+    /// [`Backend::read_kv_blocks`] (`host` the bytes out) or [`Backend::write_kv_blocks`]
+    /// (the bytes in) on the device, synchronously.
+    pub(super) fn copy_kv_blocks(
         &self,
         caches: &[CudaKvCache],
         blocks: &[usize],
@@ -358,7 +340,7 @@ impl Drop for CudaKvRead {
 }
 
 /// The host side of a synchronous batched copy.
-enum HostBytes<'a> {
+pub(super) enum HostBytes<'a> {
     Out(&'a mut [u8]),
     In(&'a [u8]),
 }
